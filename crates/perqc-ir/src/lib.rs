@@ -1,0 +1,22 @@
+//! perqc's intermediate representation.
+//!
+//! One IR for every pass: a [`Model`] owns a [`Graph`], an arena of [`Node`]s and
+//! [`Value`]s with typed ids. Values are first-class (producer, consumers, type, constant
+//! data); node order and names are kept so output is deterministic. Tensor payloads stay in
+//! the memory map they were read from until a pass rewrites them.
+
+pub mod dtype;
+pub mod graph;
+pub mod model;
+pub mod tensor;
+mod topo;
+pub mod types;
+
+pub use dtype::DType;
+pub use graph::{
+    AttrValue, Attribute, Graph, GraphError, InfoExtra, Node, NodeExtra, NodeId, NodeSpec,
+    Operand, Use, Value, ValueDef, ValueId,
+};
+pub use model::{Model, OpsetImport};
+pub use tensor::{Tensor, TensorData, TensorError, TypedData};
+pub use types::{DeclaredDim, Dim, Shape, Type};
