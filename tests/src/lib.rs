@@ -1,1 +1,1 @@
-//! End-to-end tests live in `tests/tests/`.
+//! End-to-end tests over the fixtures live in `tests/tests/`; shared helpers in `tests/tests/common/`.

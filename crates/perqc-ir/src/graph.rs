@@ -472,10 +472,19 @@ impl Graph {
 
     /// Adds an initializer holding `tensor` (its name is set to `name`). If `name` is already
     /// a graph input, the tensor becomes that input's default instead.
-    pub fn add_initializer(&mut self, name: &str, mut tensor: Tensor) -> Result<ValueId, GraphError> {
+    pub fn add_initializer(
+        &mut self,
+        name: &str,
+        mut tensor: Tensor,
+    ) -> Result<ValueId, GraphError> {
         tensor.name = name.to_string();
         let id = match self.find(name) {
-            Some(id) if self.values[id.index()].def == ValueDef::Input && self.values[id.index()].tensor.is_none() => id,
+            Some(id)
+                if self.values[id.index()].def == ValueDef::Input
+                    && self.values[id.index()].tensor.is_none() =>
+            {
+                id
+            }
             _ => self.define(name, ValueDef::Initializer, "initializer")?,
         };
         self.values[id.index()].tensor = Some(tensor);
@@ -516,7 +525,14 @@ impl Graph {
                 continue;
             }
             let what = format!("output of node `{}` ({})", spec.name, spec.op_type);
-            let v = self.define(name, ValueDef::Node { node: id, slot: slot as u32 }, &what);
+            let v = self.define(
+                name,
+                ValueDef::Node {
+                    node: id,
+                    slot: slot as u32,
+                },
+                &what,
+            );
             match v {
                 Ok(v) => outs.push(Some(v)),
                 Err(e) => {
@@ -574,7 +590,10 @@ impl Graph {
         let operand = Operand::Input(slot as u32);
         if let Some(o) = old {
             let uses = &mut self.values[o.index()].uses;
-            if let Some(pos) = uses.iter().position(|u| u.node == node && u.operand == operand) {
+            if let Some(pos) = uses
+                .iter()
+                .position(|u| u.node == node && u.operand == operand)
+            {
                 uses.remove(pos);
             }
         }

@@ -8,15 +8,28 @@
 pub mod dtype;
 pub mod graph;
 pub mod model;
+pub mod ops;
+pub mod parse;
+pub mod pass;
+pub mod print;
 pub mod tensor;
 mod topo;
 pub mod types;
+pub mod verify;
 
 pub use dtype::DType;
 pub use graph::{
-    AttrValue, Attribute, Graph, GraphError, InfoExtra, Node, NodeExtra, NodeId, NodeSpec,
-    Operand, Use, Value, ValueDef, ValueId,
+    AttrValue, Attribute, Graph, GraphError, InfoExtra, Node, NodeExtra, NodeId, NodeSpec, Operand,
+    Use, Value, ValueDef, ValueId,
 };
 pub use model::{Model, OpsetImport};
+pub use parse::{ParseError, parse_graph, parse_model};
+pub use pass::{
+    OptionError, Pass, PassContext, PassError, PassFactory, PassInfo, PassManager, PassOptions,
+    PassOutcome, PassRecord, PassRegistry, PassSpec, Pipeline, PipelineError, Property, Report,
+    RunError, RunOptions, parse_pipeline,
+};
+pub use print::{print_graph, print_model};
 pub use tensor::{Tensor, TensorData, TensorError, TypedData};
 pub use types::{DeclaredDim, Dim, Shape, Type};
+pub use verify::{VerifyError, VerifyErrorKind, verify, verify_graph};

@@ -31,7 +31,10 @@ pub enum TensorData {
     Typed(TypedData),
     /// Elements in an external file; `bytes` is the mapped slice, `entries` the
     /// `external_data` key/value pairs as read (location, offset, length, checksum, ...).
-    External { entries: Vec<(String, String)>, bytes: Bytes },
+    External {
+        entries: Vec<(String, String)>,
+        bytes: Bytes,
+    },
 }
 
 /// The typed repeated fields of `TensorProto`, following its storage rules: `I32` carries
@@ -49,7 +52,7 @@ pub enum TypedData {
 }
 
 /// Why a tensor's payload does not fit its declared type and shape.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum TensorError {
     #[error("negative or overflowing dims {0:?}")]
     BadDims(Vec<i64>),
@@ -106,7 +109,9 @@ impl Tensor {
 
     /// Checks that the payload holds exactly the elements the dtype and dims call for.
     pub fn validate(&self) -> Result<(), TensorError> {
-        let numel = self.numel().ok_or_else(|| TensorError::BadDims(self.dims.clone()))?;
+        let numel = self
+            .numel()
+            .ok_or_else(|| TensorError::BadDims(self.dims.clone()))?;
         let raw_want = |got: usize| -> Result<(), TensorError> {
             let want = self
                 .dtype
@@ -160,21 +165,31 @@ impl Tensor {
     /// All elements converted to f32 (floats by value, integers and bools by cast).
     pub fn to_f32(&self) -> Result<Vec<f32>, TensorError> {
         let raw = self.raw_bytes()?;
-        decode_elements(self.dtype, &raw, self.numel().unwrap_or(0) as usize, |e| match e {
-            Elem::F(v) => v as f32,
-            Elem::I(v) => v as f32,
-            Elem::U(v) => v as f32,
-        })
+        decode_elements(
+            self.dtype,
+            &raw,
+            self.numel().unwrap_or(0) as usize,
+            |e| match e {
+                Elem::F(v) => v as f32,
+                Elem::I(v) => v as f32,
+                Elem::U(v) => v as f32,
+            },
+        )
     }
 
     /// All elements converted to i64 (floats truncate toward zero).
     pub fn to_i64(&self) -> Result<Vec<i64>, TensorError> {
         let raw = self.raw_bytes()?;
-        decode_elements(self.dtype, &raw, self.numel().unwrap_or(0) as usize, |e| match e {
-            Elem::F(v) => v as i64,
-            Elem::I(v) => v,
-            Elem::U(v) => v as i64,
-        })
+        decode_elements(
+            self.dtype,
+            &raw,
+            self.numel().unwrap_or(0) as usize,
+            |e| match e {
+                Elem::F(v) => v as i64,
+                Elem::I(v) => v,
+                Elem::U(v) => v as i64,
+            },
+        )
     }
 
     /// Payload size in bytes in raw layout (what an external-data file would hold).
@@ -270,7 +285,9 @@ fn typed_to_raw(dtype: DType, t: &TypedData) -> Result<Vec<u8>, TensorError> {
         TypedData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TypedData::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TypedData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        TypedData::U64(v) if bits == 32 => v.iter().flat_map(|x| (*x as u32).to_le_bytes()).collect(),
+        TypedData::U64(v) if bits == 32 => {
+            v.iter().flat_map(|x| (*x as u32).to_le_bytes()).collect()
+        }
         TypedData::U64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TypedData::I32(v) => match bits {
             32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -298,7 +315,11 @@ mod tests {
         let t = typed(DType::F16, vec![2], TypedData::I32(vec![0x3c00, 0xc000]));
         t.validate().unwrap();
         assert_eq!(t.to_f32().unwrap(), vec![1.0, -2.0]);
-        let raw = Tensor::from_raw(DType::F16, vec![2], t.raw_bytes().unwrap().into_owned().into());
+        let raw = Tensor::from_raw(
+            DType::F16,
+            vec![2],
+            t.raw_bytes().unwrap().into_owned().into(),
+        );
         assert_eq!(raw.to_f32().unwrap(), vec![1.0, -2.0]);
     }
 
@@ -315,9 +336,19 @@ mod tests {
     #[test]
     fn length_mismatch_is_reported() {
         let t = Tensor::from_raw(DType::F32, vec![2, 3], Bytes::from_static(&[0; 20]));
-        assert!(matches!(t.validate(), Err(TensorError::RawLength { got: 20, want: 24, .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(TensorError::RawLength {
+                got: 20,
+                want: 24,
+                ..
+            })
+        ));
         let t = typed(DType::I64, vec![2], TypedData::F32(vec![1.0, 2.0]));
-        assert_eq!(t.validate(), Err(TensorError::TypedField { dtype: DType::I64 }));
+        assert_eq!(
+            t.validate(),
+            Err(TensorError::TypedField { dtype: DType::I64 })
+        );
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
         if data_file.is_none() {
             let tmp = tempfile::Builder::new()
                 .prefix(&format!(".{data_name}."))
+                .permissions(new_file_permissions())
                 .tempfile_in(&dir)?;
             let w = BufWriter::new(tmp.as_file().try_clone()?);
             data_file = Some((tmp, StreamBuf::new(w)));
@@ -130,6 +131,7 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
 
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{file_name}."))
+        .permissions(new_file_permissions())
         .tempfile_in(&dir)
         .map_err(io_err(path))?;
     let mut stream = StreamBuf::new(BufWriter::new(
@@ -161,6 +163,12 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
         data,
         forced_external,
     })
+}
+
+/// Temporary files are private (0600); the renamed result gets what a plain create would
+/// (0666 less the umask, which `open` applies).
+fn new_file_permissions() -> std::fs::Permissions {
+    std::os::unix::fs::PermissionsExt::from_mode(0o666)
 }
 
 /// Encodes `model` in memory with every tensor inline (external ones included). For tests

@@ -76,10 +76,11 @@ fn scan(
                         ),
                     ));
                 }
-                if depth == 0 && descend.contains(&field) {
-                    if let Some(f) = scan(buf, body, stop, &[], depth + 1) {
-                        return Some(f);
-                    }
+                if depth == 0
+                    && descend.contains(&field)
+                    && let Some(f) = scan(buf, body, stop, &[], depth + 1)
+                {
+                    return Some(f);
                 }
                 pos = stop;
             }

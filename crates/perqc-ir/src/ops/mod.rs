@@ -1,0 +1,129 @@
+//! The op-semantics table: one entry per (domain, op type, opset range).
+//!
+//! Every per-op fact a pass needs lives in an [`OpDef`] row of the single static table in
+//! [`table`]; passes look rows up with [`lookup`] instead of matching on `op_type`
+//! themselves. Today a row holds the shape/type rule; the channel-flow rule and the native
+//! kernel join the same rows later.
+//!
+//! - [`infer_graph`] runs the rules over a graph (symbolic shapes, element types, and the
+//!   values of small integer tensors such as shape vectors), and [`apply`] writes the result
+//!   into `Value::ty`.
+//! - See `docs/op-semantics.md` for how to add an op.
+
+mod constprop;
+pub mod facts;
+pub mod infer;
+pub mod rules;
+mod table;
+
+pub use facts::{Facts, MAX_VALUE_ELEMS};
+pub use infer::{
+    ApplyStats, InferCtx, InferError, ShapeError, ShapeMap, UnknownOp, apply, compatible,
+    infer_graph, infer_model, lookup_node,
+};
+pub use table::OPS;
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+/// A shape/type rule: the facts of a node's outputs from those of its inputs.
+pub type InferFn = fn(&InferCtx<'_>) -> Result<Vec<Facts>, ShapeError>;
+
+/// One row of the op table: an op's semantics over a range of opset versions.
+#[derive(Clone, Copy, Debug)]
+pub struct OpDef {
+    /// `""` for the default ONNX domain (`"ai.onnx"` in a model means the same).
+    pub domain: &'static str,
+    pub op_type: &'static str,
+    /// First opset version the row covers.
+    pub since_version: i64,
+    /// First version it no longer covers (exclusive); `None` = still current.
+    pub until: Option<i64>,
+    /// Shape and type inference.
+    pub infer: InferFn,
+    // Later rows grow, with neutral defaults set by the constructors below so table rows
+    // only spell out what differs:
+    //   pub channel: ChannelRule,      // how a channel axis flows through the op:
+    //                                  // transparent to permutations / rotations /
+    //                                  // positive scales, or a barrier
+    //   pub kernel: Option<KernelFn>,  // native kernel for calibration and the runtime
+}
+
+impl OpDef {
+    /// A default-domain op from `since_version` on.
+    pub const fn onnx(op_type: &'static str, since_version: i64, infer: InferFn) -> OpDef {
+        OpDef {
+            domain: "",
+            op_type,
+            since_version,
+            until: None,
+            infer,
+        }
+    }
+
+    /// An op of another domain (`com.microsoft`, ...).
+    pub const fn custom(
+        domain: &'static str,
+        op_type: &'static str,
+        since_version: i64,
+        infer: InferFn,
+    ) -> OpDef {
+        OpDef {
+            domain,
+            op_type,
+            since_version,
+            until: None,
+            infer,
+        }
+    }
+
+    /// Ends the row's range before `version`.
+    pub const fn until(mut self, version: i64) -> OpDef {
+        self.until = Some(version);
+        self
+    }
+
+    /// Whether the row covers opset `version`.
+    pub fn covers(&self, version: i64) -> bool {
+        self.since_version <= version && self.until.is_none_or(|u| version < u)
+    }
+}
+
+/// The canonical spelling of a domain (`"ai.onnx"` -> `""`).
+pub fn canonical_domain(domain: &str) -> &str {
+    if domain == "ai.onnx" { "" } else { domain }
+}
+
+/// Rows by op type (domains are few; they are filtered on lookup).
+type Index = HashMap<&'static str, Vec<&'static OpDef>>;
+
+fn index() -> &'static Index {
+    static INDEX: OnceLock<Index> = OnceLock::new();
+    INDEX.get_or_init(|| {
+        let mut m: Index = HashMap::new();
+        for def in OPS {
+            m.entry(def.op_type).or_default().push(def);
+        }
+        m
+    })
+}
+
+/// All rows for an op in a domain, in table order (for diagnostics such as "known, but
+/// not at this opset").
+pub fn versions<'a>(domain: &'a str, op_type: &str) -> impl Iterator<Item = &'static OpDef> + 'a {
+    let domain = canonical_domain(domain);
+    index()
+        .get(op_type)
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .copied()
+        .filter(move |d| d.domain == domain)
+}
+
+/// The row for `op_type` in `domain` whose range contains `opset_version`.
+pub fn lookup(domain: &str, op_type: &str, opset_version: i64) -> Option<&'static OpDef> {
+    versions(domain, op_type).find(|d| d.covers(opset_version))
+}
+
+#[cfg(test)]
+mod tests;

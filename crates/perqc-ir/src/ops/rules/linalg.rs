@@ -1,0 +1,258 @@
+//! Contractions: MatMul (numpy batched, 1-D promotion), Gemm, MatMulInteger,
+//! com.microsoft MatMulNBits, Einsum.
+
+use super::{RuleResult, same_dtype};
+use crate::ops::facts::{Facts, broadcast_shapes, fmt_shape, unify_dim};
+use crate::ops::infer::{InferCtx, ShapeError};
+use crate::{DType, Dim, Shape};
+use std::collections::HashMap;
+
+/// The shape of `a @ b` under numpy rules, `None` if a rank is unknown.
+fn matmul_shape(a: Option<&Shape>, b: Option<&Shape>) -> Result<Option<Shape>, ShapeError> {
+    let (Some(a), Some(b)) = (a, b) else {
+        return Ok(None);
+    };
+    if a.is_empty() || b.is_empty() {
+        return Err(ShapeError::Invalid(format!(
+            "MatMul operands must have rank >= 1, got {} and {}",
+            fmt_shape(a),
+            fmt_shape(b)
+        )));
+    }
+    let one = Dim::Known(1);
+    // 1-D operands are promoted ([k] -> [1, k] on the left, [k, 1] on the right) and the
+    // added dim is dropped from the result.
+    let a2: Shape = if a.len() == 1 {
+        vec![one.clone(), a[0].clone()]
+    } else {
+        a.clone()
+    };
+    let b2: Shape = if b.len() == 1 {
+        vec![b[0].clone(), one.clone()]
+    } else {
+        b.clone()
+    };
+    let (ka, kb) = (&a2[a2.len() - 1], &b2[b2.len() - 2]);
+    unify_dim(ka, kb).ok_or_else(|| ShapeError::InnerDims {
+        a: ka.clone(),
+        b: kb.clone(),
+        sa: fmt_shape(a),
+        sb: fmt_shape(b),
+    })?;
+    let batch = broadcast_shapes(&a2[..a2.len() - 2], &b2[..b2.len() - 2]).ok_or_else(|| {
+        ShapeError::Broadcast {
+            a: fmt_shape(a),
+            b: fmt_shape(b),
+        }
+    })?;
+    let mut out = batch;
+    if a.len() > 1 {
+        out.push(a2[a2.len() - 2].clone());
+    }
+    if b.len() > 1 {
+        out.push(b2[b2.len() - 1].clone());
+    }
+    Ok(Some(out))
+}
+
+pub fn matmul(ctx: &InferCtx<'_>) -> RuleResult {
+    let (a, b) = (ctx.req(0)?, ctx.req(1)?);
+    let dtype = same_dtype([a, b])?;
+    let shape = matmul_shape(a.shape.as_ref(), b.shape.as_ref())?;
+    Ok(vec![Facts::new(dtype, shape)])
+}
+
+/// MatMulInteger: the MatMul shape, i32 result.
+pub fn matmul_integer(ctx: &InferCtx<'_>) -> RuleResult {
+    let (a, b) = (ctx.req(0)?, ctx.req(1)?);
+    let shape = matmul_shape(a.shape.as_ref(), b.shape.as_ref())?;
+    Ok(vec![Facts::new(Some(DType::I32), shape)])
+}
+
+/// Gemm: `[M, K] x [K, N] -> [M, N]` with `transA` / `transB`.
+pub fn gemm(ctx: &InferCtx<'_>) -> RuleResult {
+    let (a, b) = (ctx.req(0)?, ctx.req(1)?);
+    let dtype = same_dtype([a, b])?;
+    let (Some(sa), Some(sb)) = (&a.shape, &b.shape) else {
+        return Ok(vec![Facts::new(dtype, Some(vec![Dim::Unknown; 2]))]);
+    };
+    for (what, s) in [("A", sa), ("B", sb)] {
+        if s.len() != 2 {
+            return Err(ShapeError::Rank {
+                what,
+                expected: "2".into(),
+                got: s.len(),
+            });
+        }
+    }
+    let ta = ctx.attr_int("transA", 0) != 0;
+    let tb = ctx.attr_int("transB", 0) != 0;
+    let (m, ka) = if ta {
+        (&sa[1], &sa[0])
+    } else {
+        (&sa[0], &sa[1])
+    };
+    let (kb, n) = if tb {
+        (&sb[1], &sb[0])
+    } else {
+        (&sb[0], &sb[1])
+    };
+    unify_dim(ka, kb).ok_or_else(|| ShapeError::InnerDims {
+        a: ka.clone(),
+        b: kb.clone(),
+        sa: fmt_shape(sa),
+        sb: fmt_shape(sb),
+    })?;
+    Ok(vec![Facts::new(dtype, Some(vec![m.clone(), n.clone()]))])
+}
+
+/// com.microsoft MatMulNBits: `A[.., K] -> [.., N]` (N from the attribute), A's type.
+pub fn matmul_nbits(ctx: &InferCtx<'_>) -> RuleResult {
+    let a = ctx.req(0)?;
+    let n = ctx
+        .node
+        .attr_int("N")
+        .ok_or(ShapeError::MissingAttr { name: "N" })?;
+    let shape = a.shape.as_ref().map(|s| {
+        let mut o = s.clone();
+        match o.last_mut() {
+            Some(d) => *d = Dim::Known(n),
+            None => o.push(Dim::Known(n)),
+        }
+        o
+    });
+    if let (Some(s), Some(k)) = (&a.shape, ctx.node.attr_int("K"))
+        && let Some(Dim::Known(got)) = s.last()
+        && *got != k
+    {
+        return Err(ShapeError::InnerDims {
+            a: Dim::Known(*got),
+            b: Dim::Known(k),
+            sa: fmt_shape(s),
+            sb: format!("K = {k}"),
+        });
+    }
+    Ok(vec![Facts::new(a.dtype, shape)])
+}
+
+/// Einsum: labels bound to dims across operands; the output from the explicit or implicit
+/// (sorted labels used once) form. Ellipses broadcast. Unknown rank anywhere: unknown.
+pub fn einsum(ctx: &InferCtx<'_>) -> RuleResult {
+    let inputs = ctx.present_inputs();
+    let dtype = same_dtype(inputs.iter().copied())?;
+    let eq = ctx
+        .node
+        .attr_str("equation")
+        .ok_or(ShapeError::MissingAttr { name: "equation" })?;
+    let eq: String = String::from_utf8_lossy(eq)
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let bad = |why: &str| ShapeError::BadAttr {
+        name: "equation",
+        reason: format!("`{eq}`: {why}"),
+    };
+    let (lhs, rhs) = match eq.split_once("->") {
+        Some((l, r)) => (l, Some(r)),
+        None => (eq.as_str(), None),
+    };
+    let terms: Vec<&str> = lhs.split(',').collect();
+    if terms.len() != inputs.len() {
+        return Err(bad(&format!(
+            "{} operands for {} inputs",
+            terms.len(),
+            inputs.len()
+        )));
+    }
+    let mut dims: HashMap<char, Dim> = HashMap::new();
+    let mut counts: HashMap<char, usize> = HashMap::new();
+    let mut ellipsis: Option<Shape> = None;
+    for (term, f) in terms.iter().zip(&inputs) {
+        let Some(s) = &f.shape else {
+            return Ok(vec![Facts::new(dtype, None)]);
+        };
+        let (pre, post) = match term.split_once("...") {
+            Some((p, q)) => (p, Some(q)),
+            None => (*term, None),
+        };
+        let labels: Vec<char> = pre.chars().chain(post.unwrap_or("").chars()).collect();
+        if labels.iter().any(|c| !c.is_ascii_alphabetic()) {
+            return Err(bad("labels must be letters"));
+        }
+        let ell_rank = match post {
+            Some(_) if s.len() >= labels.len() => s.len() - labels.len(),
+            None if s.len() == labels.len() => 0,
+            _ => {
+                return Err(bad(&format!(
+                    "term `{term}` does not match rank {}",
+                    s.len()
+                )));
+            }
+        };
+        let npre = pre.len();
+        if post.is_some() {
+            let e = &s[npre..npre + ell_rank];
+            ellipsis = Some(match &ellipsis {
+                None => e.to_vec(),
+                Some(prev) => broadcast_shapes(prev, e).ok_or_else(|| ShapeError::Broadcast {
+                    a: fmt_shape(prev),
+                    b: fmt_shape(e),
+                })?,
+            });
+        }
+        for (i, c) in labels.iter().enumerate() {
+            let d = if i < npre { &s[i] } else { &s[i + ell_rank] };
+            *counts.entry(*c).or_default() += 1;
+            let merged = match dims.get(c) {
+                None => d.clone(),
+                // A label bound to 1 in one operand may broadcast against another.
+                Some(prev) => match (prev, d) {
+                    (Dim::Known(1), x) | (x, Dim::Known(1)) => x.clone(),
+                    _ => unify_dim(prev, d).ok_or_else(|| {
+                        bad(&format!(
+                            "label `{c}` is {prev} in one operand and {d} in another"
+                        ))
+                    })?,
+                },
+            };
+            dims.insert(*c, merged);
+        }
+    }
+    let out_labels: String = match rhs {
+        Some(r) => r.to_string(),
+        None => {
+            let mut once: Vec<char> = counts
+                .iter()
+                .filter(|(_, n)| **n == 1)
+                .map(|(c, _)| *c)
+                .collect();
+            once.sort_unstable();
+            let body: String = once.into_iter().collect();
+            if ellipsis.is_some() {
+                format!("...{body}")
+            } else {
+                body
+            }
+        }
+    };
+    let mut out = Vec::new();
+    let (pre, post) = match out_labels.split_once("...") {
+        Some((p, q)) => (p, Some(q)),
+        None => (out_labels.as_str(), None),
+    };
+    let label = |c: char| {
+        dims.get(&c)
+            .cloned()
+            .ok_or_else(|| bad(&format!("output label `{c}` is not in any input")))
+    };
+    for c in pre.chars() {
+        out.push(label(c)?);
+    }
+    if let Some(q) = post {
+        out.extend(ellipsis.clone().unwrap_or_default());
+        for c in q.chars() {
+            out.push(label(c)?);
+        }
+    }
+    Ok(vec![Facts::new(dtype, Some(out))])
+}

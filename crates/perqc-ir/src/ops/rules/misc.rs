@@ -1,0 +1,246 @@
+//! Constants and generators (Constant, ConstantOfShape, Range), casts, normalizations,
+//! Dropout, quantization ops, and control flow.
+
+use super::elementwise::with_value;
+use super::{RuleResult, axis, dtype_attr, like_input0};
+use crate::graph::{AttrValue, Graph};
+use crate::ops::constprop::cast as cast_elem;
+use crate::ops::facts::{Facts, MAX_VALUE_ELEMS, float_dim, known_numel};
+use crate::ops::infer::{InferCtx, ShapeError};
+use crate::{DType, Dim, Shape};
+
+use Dim::{Known, Unknown};
+
+/// Constant: the facts of whichever `value*` attribute is set.
+pub fn constant(ctx: &InferCtx<'_>) -> RuleResult {
+    let n = ctx.node;
+    let f = match n.attrs.first().map(|a| (a.name.as_str(), &a.value)) {
+        Some(("value", AttrValue::Tensor(t))) => Facts::of_tensor(t),
+        Some(("value_float", AttrValue::Float(x))) => {
+            Facts::with_value(Some(DType::F32), Vec::new(), vec![float_dim(*x as f64)])
+        }
+        Some(("value_floats", AttrValue::Floats(v))) => Facts::with_value(
+            Some(DType::F32),
+            vec![Known(v.len() as i64)],
+            v.iter().map(|x| float_dim(*x as f64)).collect(),
+        ),
+        Some(("value_int", AttrValue::Int(x))) => {
+            Facts::with_value(Some(DType::I64), Vec::new(), vec![Known(*x)])
+        }
+        Some(("value_ints", AttrValue::Ints(v))) => Facts::with_value(
+            Some(DType::I64),
+            vec![Known(v.len() as i64)],
+            v.iter().map(|&x| Known(x)).collect(),
+        ),
+        Some(("value_string", _)) => Facts::new(Some(DType::String), Some(Vec::new())),
+        Some(("value_strings", AttrValue::Strings(v))) => {
+            Facts::new(Some(DType::String), Some(vec![Known(v.len() as i64)]))
+        }
+        // sparse_value: the dense shape is inside the encoded proto; left unknown.
+        Some(("sparse_value", _)) => Facts::default(),
+        _ => {
+            return Err(ShapeError::Invalid(
+                "Constant needs exactly one value attribute (value, value_float, ...)".into(),
+            ));
+        }
+    };
+    Ok(vec![f])
+}
+
+/// ConstantOfShape: shape from input 0's value, type and fill from the `value` tensor
+/// attribute (default f32 0).
+pub fn constant_of_shape(ctx: &InferCtx<'_>) -> RuleResult {
+    let s = ctx.req(0)?;
+    let (dtype, fill) = match ctx.node.attr("value") {
+        Some(AttrValue::Tensor(t)) => {
+            let fill = Facts::of_tensor(t)
+                .value
+                .and_then(|v| v.first().cloned())
+                .unwrap_or(Unknown);
+            (t.dtype, fill)
+        }
+        _ => (DType::F32, Known(0)),
+    };
+    let shape: Option<Shape> = s.dims_value().or_else(|| {
+        let n = s.shape.as_ref()?.first()?;
+        n.known().map(|n| vec![Unknown; n as usize])
+    });
+    if let Some(bad) = shape
+        .iter()
+        .flatten()
+        .find(|d| matches!(d, Known(n) if *n < 0))
+    {
+        return Err(ShapeError::Invalid(format!("negative dimension {bad}")));
+    }
+    let value = shape
+        .as_deref()
+        .and_then(known_numel)
+        .filter(|&n| n <= MAX_VALUE_ELEMS)
+        .map(|n| vec![fill.clone(); n]);
+    Ok(vec![with_value(Some(dtype), shape, value)])
+}
+
+/// Range(start, limit, delta): length `max(ceil((limit - start) / delta), 0)`.
+pub fn range(ctx: &InferCtx<'_>) -> RuleResult {
+    let (start, limit, delta) = (ctx.req(0)?, ctx.req(1)?, ctx.req(2)?);
+    for (i, f) in [start, limit, delta].into_iter().enumerate() {
+        if let Some(s) = &f.shape
+            && known_numel(s).is_some_and(|n| n != 1)
+        {
+            return Err(ShapeError::Invalid(format!(
+                "input {i} has shape {}; Range takes scalars",
+                crate::ops::facts::fmt_shape(s)
+            )));
+        }
+    }
+    let scalar = |f: &Facts| {
+        f.value
+            .as_ref()
+            .and_then(|v| v.first().cloned())
+            .unwrap_or(Unknown)
+    };
+    let (s, l, d) = (scalar(start), scalar(limit), scalar(delta));
+    let (len, value) = match (&s, &l, &d) {
+        (Known(s), Known(l), Known(d)) if *d != 0 => {
+            let n = ((l - s) as f64 / *d as f64).ceil().max(0.0) as i64;
+            let v =
+                (n as usize <= MAX_VALUE_ELEMS).then(|| (0..n).map(|i| Known(s + i * d)).collect());
+            (Known(n), v)
+        }
+        (Known(0), l @ Dim::Sym(_), Known(1)) => (l.clone(), None),
+        _ => (Unknown, None),
+    };
+    Ok(vec![with_value(start.dtype, Some(vec![len]), value)])
+}
+
+/// Cast: the `to` type; integer values carried over where exact.
+pub fn cast(ctx: &InferCtx<'_>) -> RuleResult {
+    let x = ctx.req(0)?;
+    let to = dtype_attr(ctx, "to")?.ok_or(ShapeError::MissingAttr { name: "to" })?;
+    Ok(vec![cast_to(x, to)])
+}
+
+/// CastLike: the type of input 1.
+pub fn cast_like(ctx: &InferCtx<'_>) -> RuleResult {
+    let (x, like) = (ctx.req(0)?, ctx.req(1)?);
+    Ok(vec![match like.dtype {
+        Some(to) => cast_to(x, to),
+        None => Facts::new(None, x.shape.clone()),
+    }])
+}
+
+fn cast_to(x: &Facts, to: DType) -> Facts {
+    let value = x
+        .value
+        .as_ref()
+        .map(|v| v.iter().map(|d| cast_elem(d, to)).collect());
+    with_value(Some(to), x.shape.clone(), value)
+}
+
+/// Dropout: output like the input, optional bool mask of the same shape.
+pub fn dropout(ctx: &InferCtx<'_>) -> RuleResult {
+    let y = like_input0(ctx)?;
+    let mask = Facts::new(Some(DType::Bool), y.shape.clone());
+    Ok(vec![y, mask])
+}
+
+/// LayerNormalization: Y like X; Mean and InvStdDev keep the dims before `axis` and are 1
+/// from there, in the `stash_type` element type (default f32).
+pub fn layer_norm(ctx: &InferCtx<'_>) -> RuleResult {
+    let y = like_input0(ctx)?;
+    let stash = dtype_attr(ctx, "stash_type")?.unwrap_or(DType::F32);
+    let stats = match &y.shape {
+        Some(s) => {
+            let a = axis(ctx.attr_int("axis", -1), s.len())?;
+            let mut o = s.clone();
+            o[a..].fill(Known(1));
+            Some(o)
+        }
+        None => None,
+    };
+    Ok(vec![
+        y,
+        Facts::new(Some(stash), stats.clone()),
+        Facts::new(Some(stash), stats),
+    ])
+}
+
+/// BatchNormalization and friends: Y like X; running statistics (training) unknown.
+pub fn batch_norm(ctx: &InferCtx<'_>) -> RuleResult {
+    Ok(vec![like_input0(ctx)?])
+}
+
+/// QuantizeLinear: x's shape; element type from the zero point, else `output_dtype`
+/// (opset 21), else u8.
+pub fn quantize_linear(ctx: &InferCtx<'_>) -> RuleResult {
+    let x = ctx.req(0)?;
+    let dtype = match ctx.input(2).and_then(|z| z.dtype) {
+        Some(d) => d,
+        None => dtype_attr(ctx, "output_dtype")?.unwrap_or(DType::U8),
+    };
+    Ok(vec![Facts::new(Some(dtype), x.shape.clone())])
+}
+
+/// DequantizeLinear: x's shape; element type from `output_dtype` (opset 25), else the
+/// scale's type (f32 before opset 19).
+pub fn dequantize_linear(ctx: &InferCtx<'_>) -> RuleResult {
+    let x = ctx.req(0)?;
+    let scale = ctx.req(1)?;
+    let dtype = match dtype_attr(ctx, "output_dtype")? {
+        Some(d) => Some(d),
+        None if ctx.opset < 19 => Some(DType::F32),
+        None => scale.dtype,
+    };
+    Ok(vec![Facts::new(dtype, x.shape.clone())])
+}
+
+/// DynamicQuantizeLinear: y (u8, x's shape), scalar f32 scale and u8 zero point.
+pub fn dynamic_quantize_linear(ctx: &InferCtx<'_>) -> RuleResult {
+    let x = ctx.req(0)?;
+    Ok(vec![
+        Facts::new(Some(DType::U8), x.shape.clone()),
+        Facts::new(Some(DType::F32), Some(Vec::new())),
+        Facts::new(Some(DType::U8), Some(Vec::new())),
+    ])
+}
+
+/// If: an output's facts are what both branches declare for it (dims that differ become
+/// unknown); nothing if a branch leaves it undeclared.
+pub fn if_(ctx: &InferCtx<'_>) -> RuleResult {
+    let branch = |name: &str| match ctx.node.attr(name) {
+        Some(AttrValue::Graph(g)) => Some(g.as_ref()),
+        _ => None,
+    };
+    let (Some(then_g), Some(else_g)) = (branch("then_branch"), branch("else_branch")) else {
+        return Ok(Vec::new());
+    };
+    let declared = |g: &Graph, i: usize| -> Option<Facts> {
+        let v = *g.outputs.get(i)?;
+        g.value(v).ty.as_ref().map(Facts::of_type)
+    };
+    Ok((0..ctx.num_outputs())
+        .map(|i| match (declared(then_g, i), declared(else_g, i)) {
+            (Some(a), Some(b)) => merge_branches(a, b),
+            _ => Facts::default(),
+        })
+        .collect())
+}
+
+fn merge_branches(a: Facts, b: Facts) -> Facts {
+    let dtype = if a.dtype == b.dtype { a.dtype } else { None };
+    let shape = match (a.shape, b.shape) {
+        (Some(x), Some(y)) if x.len() == y.len() => Some(
+            x.into_iter()
+                .zip(y)
+                .map(|(p, q)| if p == q { p } else { Unknown })
+                .collect(),
+        ),
+        _ => None,
+    };
+    Facts::new(dtype, shape)
+}
+
+/// Loop, Scan and other subgraph ops: outputs unknown (declared types still apply).
+pub fn opaque(_ctx: &InferCtx<'_>) -> RuleResult {
+    Ok(Vec::new())
+}

@@ -1,0 +1,77 @@
+//! perqc's passes and their registry.
+//!
+//! One module per pass; each pass type carries its registry name (`NAME`), a one-line
+//! `DESCRIPTION` and a `from_options` factory, and [`registry`] lists them all, so
+//! `--list-passes` and pipeline validation come from a single static list.
+
+pub mod dce;
+pub mod topo_sort;
+
+pub use dce::Dce;
+pub use topo_sort::TopoSort;
+
+use perqc_ir::PassRegistry;
+
+/// Every pass, by name, in the order `--list-passes` shows them.
+pub fn registry() -> PassRegistry {
+    let mut r = PassRegistry::new();
+    r.register(Dce::NAME, Dce::DESCRIPTION, Dce::from_options)
+        .register(
+            TopoSort::NAME,
+            TopoSort::DESCRIPTION,
+            TopoSort::from_options,
+        );
+    // `infer-shapes` (guaranteeing `Property::SHAPES_INFERRED`) registers here once the
+    // op-semantics table lands.
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use perqc_ir::PassOptions;
+
+    #[test]
+    fn registered_names_match_the_passes() {
+        let r = registry();
+        assert!(!r.list().is_empty());
+        for info in r.list() {
+            let pass = (info.factory)(&PassOptions::none(info.name)).unwrap();
+            assert_eq!(pass.name(), info.name);
+            assert_eq!(pass.description(), info.description);
+            assert!(
+                info.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "pass names are kebab-case: {}",
+                info.name
+            );
+        }
+    }
+
+    #[test]
+    fn list_passes() {
+        insta::assert_snapshot!(registry().help(), @r"
+        dce        remove nodes and initializers whose results nothing reads
+        topo-sort  order every graph's nodes topologically (stable)
+        ");
+    }
+
+    #[test]
+    fn pipeline_errors() {
+        let r = registry();
+        assert_eq!(
+            r.build("topo-sort,dec").unwrap_err().to_string(),
+            "pipeline `topo-sort,dec`, column 11: unknown pass `dec`; did you mean `dce`?"
+        );
+        assert_eq!(
+            r.build("dce(agressive=1)").unwrap_err().to_string(),
+            "pipeline `dce(agressive=1)`, column 5: pass `dce` has no option `agressive` \
+             (valid options: initializers)"
+        );
+        assert_eq!(
+            r.build("dce,topo-sort").unwrap().to_string(),
+            "dce,topo-sort"
+        );
+    }
+}

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Checks models perqc emitted against a reference, with ONNX Runtime as the client.
+
+usage: ort_compare.py DIR
+Every DIR/*.json (written by the Rust test suite, one per case) lists cases:
+  {"cases": [{"name": ..., "reference": path, "candidate": path, "mode": "bitwise" | "close",
+              "rtol": 1e-4, "check": true, "run": true}]}
+For each case: onnx.checker accepts the candidate (full_check, when "check"), and both models
+run in ONNX Runtime on the same seeded inputs (two input sets: batch 1 and batch 2 where the
+batch is symbolic) with outputs equal bit for bit ("bitwise") or within rtol of the max |ref|
+("close"). Prints one line per case and exits non-zero if any fails.
+"""
+import glob, json, os, sys
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+NP = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def make_inputs(sess, seed, batch, seq):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in sess.get_inputs():
+        dims = []
+        for d in i.shape:
+            if isinstance(d, int):
+                dims.append(d)
+            elif d and "batch" in d.lower():
+                dims.append(batch)
+            else:
+                dims.append(seq)
+        dt = NP.get(i.type)
+        if dt is None:
+            raise SystemExit(f"input {i.name}: unsupported type {i.type}")
+        if np.issubdtype(dt, np.integer):
+            feeds[i.name] = rng.integers(0, 200, size=dims).astype(dt)
+        elif dt == np.bool_:
+            feeds[i.name] = rng.integers(0, 2, size=dims).astype(dt)
+        else:
+            feeds[i.name] = rng.standard_normal(dims).astype(dt)
+    return feeds
+
+
+def session(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    # Graph optimizations may fuse differently for different (equivalent) spellings; compare
+    # the models as written.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def run_case(c):
+    if c.get("check", True):
+        onnx.checker.check_model(c["candidate"], full_check=True)
+    if not c.get("run", True):
+        return "checked"
+    ref, cand = session(c["reference"]), session(c["candidate"])
+    worst = 0.0
+    for seed, (batch, seq) in enumerate([(1, 7), (2, 5)]):
+        feeds = make_inputs(ref, seed, batch, seq)
+        r = ref.run(None, feeds)
+        o = cand.run(None, feeds)
+        if len(r) != len(o):
+            raise AssertionError(f"{len(r)} reference outputs, {len(o)} candidate outputs")
+        for k, (a, b) in enumerate(zip(r, o)):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise AssertionError(f"output {k}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}")
+            if c.get("mode", "bitwise") == "bitwise":
+                if a.tobytes() != b.tobytes():
+                    raise AssertionError(f"output {k} differs bitwise (seed {seed})")
+            else:
+                scale = float(np.max(np.abs(a))) or 1.0
+                err = float(np.max(np.abs(a.astype(np.float64) - b))) / scale
+                worst = max(worst, err)
+                if err > c.get("rtol", 1e-4):
+                    raise AssertionError(f"output {k}: relative error {err:.3g} > {c['rtol']}")
+    return "bitwise equal" if c.get("mode", "bitwise") == "bitwise" else f"max rel err {worst:.3g}"
+
+
+def main():
+    files = sorted(glob.glob(os.path.join(sys.argv[1], "*.json")))
+    cases = [c for f in files for c in json.load(open(f))["cases"]]
+    if not cases:
+        sys.exit(f"no conformance cases in {sys.argv[1]}: did the Rust tests run?")
+    failed = 0
+    for c in cases:
+        try:
+            print(f"ok   {c['name']}: {run_case(c)}", flush=True)
+        except Exception as e:  # report every case, then fail
+            failed += 1
+            print(f"FAIL {c['name']}: {type(e).__name__}: {e}", flush=True)
+    print(f"{len(cases) - failed}/{len(cases)} conformance cases passed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+//! Shared helpers for the end-to-end tests in `tests/tests/`.
+//!
+//! Tests that emit models register them as ONNX Runtime conformance cases: a small JSON file
+//! per case under `target/tmp/conformance/`, which `tests/conformance/ort_compare.py` (run by
+//! `scripts/check` after `cargo test`) loads to check the emitted model against its reference.
+
+use std::path::{Path, PathBuf};
+
+/// The repository's `fixtures/` folder.
+#[allow(dead_code)]
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures_dir().join(name)
+}
+
+/// A fresh folder for one test's outputs under the target dir.
+pub fn out_dir(test: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("emitted")
+        .join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating the test output folder");
+    dir
+}
+
+/// How the conformance runner compares a candidate with its reference.
+pub enum Compare {
+    /// Outputs equal bit for bit.
+    Bitwise,
+    /// Only `onnx.checker` (the model cannot run in ONNX Runtime, e.g. a custom domain).
+    CheckOnly,
+}
+
+/// Registers `candidate` for the ONNX Runtime conformance run.
+pub fn conformance_case(name: &str, reference: &Path, candidate: &Path, compare: Compare) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance");
+    std::fs::create_dir_all(&dir).expect("creating the conformance folder");
+    let abs = |p: &Path| std::fs::canonicalize(p).expect("emitted model exists");
+    let (mode, rtol, run) = match compare {
+        Compare::Bitwise => ("bitwise", 0.0, true),
+        Compare::CheckOnly => ("bitwise", 0.0, false),
+    };
+    let json = format!(
+        "{{\"cases\": [{{\"name\": {name:?}, \"reference\": {:?}, \"candidate\": {:?}, \"mode\": \"{mode}\", \"rtol\": {rtol}, \"check\": true, \"run\": {run}}}]}}\n",
+        abs(reference),
+        abs(candidate),
+    );
+    std::fs::write(dir.join(format!("{name}.json")), json).expect("writing the conformance case");
+}

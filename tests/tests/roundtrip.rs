@@ -1,0 +1,147 @@
+//! Lossless round trip: every fixture loads, verifies, and saves back to the same model.
+//!
+//! Fixtures written by the `onnx` Python package are canonical protobuf, so the round trip
+//! is checked byte for byte; the emitted files are also registered for the ONNX Runtime
+//! conformance run (bit-identical outputs, `onnx.checker` full check).
+
+use perqc_onnx::{ExternalPolicy, SaveOptions};
+mod common;
+
+use common::{Compare, conformance_case, fixture, out_dir};
+use std::path::Path;
+
+const FIXTURES: [&str; 5] = [
+    "llama_ts.onnx",
+    "llama_dynamo.onnx",
+    "encoder_ln_gelu.onnx",
+    "control_flow.onnx",
+    "custom_domain.onnx",
+];
+
+fn load(path: &Path) -> perqc_ir::Model {
+    let loaded = perqc_onnx::load(path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    perqc_ir::verify::verify(&loaded.model).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    loaded.model
+}
+
+fn runs_in_ort(name: &str) -> Compare {
+    if name == "custom_domain.onnx" {
+        Compare::CheckOnly
+    } else {
+        Compare::Bitwise
+    }
+}
+
+#[test]
+fn fixtures_round_trip_byte_for_byte() {
+    let out = out_dir("roundtrip");
+    for name in FIXTURES {
+        let src = fixture(name);
+        let model = load(&src);
+        let dst = out.join(name);
+        perqc_onnx::save(&model, &dst, &SaveOptions::default()).unwrap();
+        let data_src = src.with_extension("onnx.data");
+        if data_src.exists() {
+            // The data file is named after the output, so the model bytes differ in the
+            // location string; the tensors must be the same.
+            let again = load(&dst);
+            assert_eq!(
+                perqc_onnx::to_bytes(&again),
+                perqc_onnx::to_bytes(&model),
+                "{name}"
+            );
+        } else {
+            let a = std::fs::read(&src).unwrap();
+            let b = std::fs::read(&dst).unwrap();
+            assert!(
+                a == b,
+                "{name}: round trip is not byte-identical ({} vs {} bytes)",
+                a.len(),
+                b.len()
+            );
+        }
+        // A second round trip is a fixed point.
+        let dst2 = out.join(format!("again_{name}"));
+        perqc_onnx::save(&load(&dst), &dst2, &SaveOptions::default()).unwrap();
+        assert_eq!(
+            perqc_onnx::to_bytes(&load(&dst2)),
+            perqc_onnx::to_bytes(&load(&dst)),
+            "{name}: second round trip changed the model"
+        );
+        conformance_case(&format!("roundtrip_{name}"), &src, &dst, runs_in_ort(name));
+    }
+}
+
+#[test]
+fn external_data_on_request_and_back_inline() {
+    let out = out_dir("external");
+    let src = fixture("llama_ts.onnx");
+    let model = load(&src);
+    let dst = out.join("llama_ts_ext.onnx");
+    let opts = SaveOptions {
+        external: ExternalPolicy::All,
+        threshold: 1024,
+    };
+    let saved = perqc_onnx::save(&model, &dst, &opts).unwrap();
+    let (data_path, data_len) = saved.data.clone().expect("weights moved to external data");
+    assert_eq!(data_path, out.join("llama_ts_ext.onnx.data"));
+    assert!(data_len > 0 && saved.model_bytes < data_len, "{saved:?}");
+    let external = load(&dst);
+    let moved = external
+        .graph
+        .initializers
+        .iter()
+        .filter(|&&v| {
+            matches!(
+                external.graph.value(v).tensor.as_ref().unwrap().data,
+                perqc_ir::TensorData::External { .. }
+            )
+        })
+        .count();
+    assert!(moved > 0, "no initializer was written externally");
+    // Loading the external form and encoding it inline gives back the original bytes.
+    assert!(perqc_onnx::to_bytes(&external) == std::fs::read(&src).unwrap());
+    conformance_case("external_llama_ts", &src, &dst, Compare::Bitwise);
+
+    // The dynamo fixture is external already; inline it on request.
+    let dyn_src = fixture("llama_dynamo.onnx");
+    let dyn_model = load(&dyn_src);
+    let inline = out.join("llama_dynamo_inline.onnx");
+    let opts = SaveOptions {
+        external: ExternalPolicy::All,
+        threshold: u64::MAX,
+    };
+    let saved = perqc_onnx::save(&dyn_model, &inline, &opts).unwrap();
+    assert!(saved.data.is_none(), "{saved:?}");
+    conformance_case("inline_llama_dynamo", &dyn_src, &inline, Compare::Bitwise);
+}
+
+#[test]
+fn weights_are_slices_of_the_file_buffer() {
+    // Decoding must not copy raw payloads: each one points into the buffer the model was
+    // decoded from (for `load`, the file's memory map).
+    let path = fixture("llama_ts.onnx");
+    let buf = bytes::Bytes::from(std::fs::read(&path).unwrap());
+    let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+    let model = perqc_onnx::load_bytes(buf.clone(), &path, path.parent().unwrap())
+        .unwrap()
+        .model;
+    let g = &model.graph;
+    let mut raw = 0;
+    for &v in &g.initializers {
+        if let perqc_ir::TensorData::Raw(b) = &g.value(v).tensor.as_ref().unwrap().data {
+            let p = b.as_ptr() as usize;
+            assert!(
+                b.is_empty() || (range.contains(&p) && p + b.len() <= range.end),
+                "{} was copied",
+                g.value(v).name
+            );
+            raw += 1;
+        }
+    }
+    assert!(
+        raw >= 4,
+        "expected raw initializers in the fixture, found {raw}"
+    );
+}
