@@ -81,7 +81,7 @@ fn external_data_on_request_and_back_inline() {
     let dst = out.join("llama_ts_ext.onnx");
     let opts = SaveOptions {
         external: ExternalPolicy::All,
-        threshold: 1024,
+        ..SaveOptions::default()
     };
     let saved = perqc_onnx::save(&model, &dst, &opts).unwrap();
     let (data_path, data_len) = saved.data.clone().expect("weights moved to external data");
@@ -109,12 +109,31 @@ fn external_data_on_request_and_back_inline() {
     let dyn_model = load(&dyn_src);
     let inline = out.join("llama_dynamo_inline.onnx");
     let opts = SaveOptions {
-        external: ExternalPolicy::All,
-        threshold: u64::MAX,
+        external: ExternalPolicy::Inline,
+        ..SaveOptions::default()
     };
     let saved = perqc_onnx::save(&dyn_model, &inline, &opts).unwrap();
     assert!(saved.data.is_none(), "{saved:?}");
     conformance_case("inline_llama_dynamo", &dyn_src, &inline, Compare::Bitwise);
+}
+
+#[test]
+fn external_data_is_automatic_past_the_inline_limit() {
+    // The real limit is protobuf's 2 GiB; a small limit shows the switch on a fixture.
+    let out = out_dir("forced_external");
+    let src = fixture("llama_ts.onnx");
+    let dst = out.join("big.onnx");
+    let opts = SaveOptions {
+        inline_limit: 64 << 10,
+        ..SaveOptions::default()
+    };
+    let saved = perqc_onnx::save(&load(&src), &dst, &opts).unwrap();
+    assert!(saved.forced_external, "{saved:?}");
+    // What stays inline is the graph and the small Constant-node tensors.
+    let (_, data_len) = saved.data.clone().expect("data file written");
+    assert!(saved.model_bytes * 4 < data_len, "{saved:?}");
+    assert!(perqc_onnx::to_bytes(&load(&dst)) == std::fs::read(&src).unwrap());
+    conformance_case("forced_external_llama_ts", &src, &dst, Compare::Bitwise);
 }
 
 #[test]

@@ -50,8 +50,12 @@ struct CompileArgs {
     /// Write initializers of at least --external-threshold bytes to `<OUT>.data`. Without it,
     /// tensors that were external stay external, and everything goes external when the
     /// model would pass protobuf's 2 GiB limit.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "inline_data")]
     external_data: bool,
+    /// Write every tensor inline, also those that were external (unless the model would
+    /// pass 2 GiB).
+    #[arg(long)]
+    inline_data: bool,
     /// Smallest initializer (bytes) that --external-data moves out.
     #[arg(long, default_value_t = 1024, value_name = "BYTES")]
     external_threshold: u64,

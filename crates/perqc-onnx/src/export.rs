@@ -26,6 +26,8 @@ pub enum ExternalPolicy {
     Keep,
     /// Every initializer of at least `SaveOptions::threshold` bytes goes external.
     All,
+    /// Every tensor inline (unless the model would pass `SaveOptions::inline_limit`).
+    Inline,
 }
 
 #[derive(Clone, Debug)]
@@ -33,6 +35,9 @@ pub struct SaveOptions {
     pub external: ExternalPolicy,
     /// Smallest initializer (bytes) moved to external data under [`ExternalPolicy::All`].
     pub threshold: u64,
+    /// Largest total of inline tensor bytes; past it, `Keep` and `Inline` switch to `All`.
+    /// Protobuf messages cannot pass 2 GiB, hence the default [`PROTOBUF_LIMIT`].
+    pub inline_limit: u64,
 }
 
 impl Default for SaveOptions {
@@ -40,6 +45,7 @@ impl Default for SaveOptions {
         SaveOptions {
             external: ExternalPolicy::Keep,
             threshold: 1024,
+            inline_limit: PROTOBUF_LIMIT,
         }
     }
 }
@@ -76,7 +82,7 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
     let mut policy = opts.external;
     let mut threshold = opts.threshold;
     let forced_external =
-        policy == ExternalPolicy::Keep && inline_bytes(&model.graph) > PROTOBUF_LIMIT;
+        policy != ExternalPolicy::All && inline_bytes(&model.graph) > opts.inline_limit;
     if forced_external {
         policy = ExternalPolicy::All;
         threshold = threshold.min(1024);
@@ -84,6 +90,7 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
     let goes_external = |t: &Tensor| match policy {
         ExternalPolicy::Keep => matches!(t.data, TensorData::External { .. }),
         ExternalPolicy::All => t.byte_len() >= threshold,
+        ExternalPolicy::Inline => false,
     };
 
     let data_name = format!("{file_name}.data");
