@@ -140,12 +140,13 @@ fn compile(args: CompileArgs) -> Result<()> {
         .with_context(|| input.display().to_string())?;
 
     let save = SaveOptions {
-        external: if args.external_data {
-            ExternalPolicy::All
-        } else {
-            ExternalPolicy::Keep
+        external: match (args.external_data, args.inline_data) {
+            (true, _) => ExternalPolicy::All,
+            (_, true) => ExternalPolicy::Inline,
+            _ => ExternalPolicy::Keep,
         },
         threshold: args.external_threshold,
+        ..SaveOptions::default()
     };
     let t = Instant::now();
     let saved = perqc_onnx::save(&model, &output, &save)?;
