@@ -5,9 +5,11 @@
 //! `--list-passes` and pipeline validation come from a single static list.
 
 pub mod dce;
+pub mod infer_shapes;
 pub mod topo_sort;
 
 pub use dce::Dce;
+pub use infer_shapes::InferShapes;
 pub use topo_sort::TopoSort;
 
 use perqc_ir::PassRegistry;
@@ -17,12 +19,15 @@ pub fn registry() -> PassRegistry {
     let mut r = PassRegistry::new();
     r.register(Dce::NAME, Dce::DESCRIPTION, Dce::from_options)
         .register(
+            InferShapes::NAME,
+            InferShapes::DESCRIPTION,
+            InferShapes::from_options,
+        )
+        .register(
             TopoSort::NAME,
             TopoSort::DESCRIPTION,
             TopoSort::from_options,
         );
-    // `infer-shapes` (guaranteeing `Property::SHAPES_INFERRED`) registers here once the
-    // op-semantics table lands.
     r
 }
 
@@ -52,8 +57,9 @@ mod tests {
     #[test]
     fn list_passes() {
         insta::assert_snapshot!(registry().help(), @r"
-        dce        remove nodes and initializers whose results nothing reads
-        topo-sort  order every graph's nodes topologically (stable)
+        dce           remove nodes and initializers whose results nothing reads
+        infer-shapes  infer symbolic shapes and element types of every value from the op table
+        topo-sort     order every graph's nodes topologically (stable)
         ");
     }
 

@@ -9,6 +9,12 @@ For each case: onnx.checker accepts the candidate (full_check, when "check"), an
 run in ONNX Runtime on the same seeded inputs (two input sets: batch 1 and batch 2 where the
 batch is symbolic) with outputs equal bit for bit ("bitwise") or within rtol of the max |ref|
 ("close"). Prints one line per case and exits non-zero if any fails.
+
+Mode "native" checks perqc's native runtime against ONNX Runtime instead:
+  {"name": ..., "mode": "native", "model": path, "inputs": {name: npy}, "outputs": {name: npy},
+   "rtol": 1e-4}
+runs "model" in ONNX Runtime on the saved inputs and requires, per output,
+max |ort - native| / max |ort| <= rtol (exact equality for non-float outputs).
 """
 import glob, json, os, sys
 import numpy as np
@@ -55,7 +61,53 @@ def session(path):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def run_native(c):
+    sess = session(c["model"])
+    feeds = {k: np.load(v) for k, v in c["inputs"].items()}
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(None, feeds)))
+    worst = 0.0
+    for name, path in c["outputs"].items():
+        a, b = np.asarray(got[name]), np.load(path)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise AssertionError(f"{name}: ort {a.dtype}{a.shape} vs native {b.dtype}{b.shape}")
+        if not np.issubdtype(a.dtype, np.floating):
+            if not np.array_equal(a, b):
+                raise AssertionError(f"{name}: integer outputs differ")
+            continue
+        scale = float(np.max(np.abs(a))) or 1.0
+        err = float(np.max(np.abs(a.astype(np.float64) - b))) / scale
+        worst = max(worst, err)
+        if err > c.get("rtol", 1e-4):
+            raise AssertionError(f"{name}: relative error {err:.3g} > {c['rtol']}")
+    return f"native vs ort max rel err {worst:.3g}"
+
+
+def ppl_case(c):
+    """Perplexity of `ids` windows under ONNX Runtime, as ../shared/bench/ppl_ort.py scores it."""
+    ids = np.load(c["ids"]).reshape(-1)
+    s = session(c["model"])
+    name = s.get_inputs()[0].name
+    seq, nll, count = c["seq"], 0.0, 0
+    for w in range(min(c["windows"], len(ids) // seq)):
+        x = ids[w * seq:(w + 1) * seq].astype(np.int64)[None, :]
+        logits = s.run(None, {name: x})[0][0].astype(np.float64)[:-1]
+        m = logits.max(-1, keepdims=True)
+        lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        nll -= lp[np.arange(seq - 1), x[0, 1:]].sum()
+        count += seq - 1
+    ref = float(np.exp(nll / count))
+    err = abs(ref - c["ppl"]) / ref
+    if err > c["rtol"]:
+        raise AssertionError(f"perqc ppl {c['ppl']} vs ONNX Runtime {ref:.6f} (rel err {err:.3g})")
+    return f"ppl {c['ppl']} vs ONNX Runtime {ref:.4f}"
+
+
 def run_case(c):
+    if c.get("mode") == "ppl":
+        return ppl_case(c)
+    if c.get("mode") == "native":
+        return run_native(c)
     if c.get("check", True):
         onnx.checker.check_model(c["candidate"], full_check=True)
     if not c.get("run", True):

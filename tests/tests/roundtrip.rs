@@ -164,3 +164,30 @@ fn weights_are_slices_of_the_file_buffer() {
         "expected raw initializers in the fixture, found {raw}"
     );
 }
+
+#[test]
+fn every_registered_pass_keeps_outputs_bit_identical() {
+    // Passes before quantization are exact; these ones do not even reorder arithmetic, so
+    // ONNX Runtime must give the same bits.
+    let out = out_dir("all_passes");
+    let registry = perqc_passes::registry();
+    let all: Vec<&str> = registry.list().iter().map(|p| p.name).collect();
+    let pipeline_src = all.join(",");
+    for name in FIXTURES {
+        let src = fixture(name);
+        let mut model = load(&src);
+        let mut pipeline = registry.build(&pipeline_src).unwrap();
+        let mut opts = perqc_ir::RunOptions {
+            verify_each: true,
+            print_ir_after: vec![],
+            print_sink: None,
+            rewrite_budget: None,
+        };
+        perqc_ir::PassManager::new()
+            .run(&mut model, &mut pipeline, &mut opts)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let dst = out.join(name);
+        perqc_onnx::save(&model, &dst, &SaveOptions::default()).unwrap();
+        conformance_case(&format!("passes_{name}"), &src, &dst, runs_in_ort(name));
+    }
+}

@@ -3,6 +3,9 @@
 //! Every failure is one line on stderr, `error: <file>: <where>: <what>`, and a non-zero exit;
 //! the output file is written to a temporary name and renamed only on success.
 
+mod eval;
+mod ppl;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use perqc_ir::{PassManager, RunOptions};
@@ -34,6 +37,8 @@ enum Command {
         /// The ONNX model to print.
         model: PathBuf,
     },
+    /// Perplexity of a causal LM on a text, run natively (prints `ppl=<value>` last).
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -80,6 +85,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Print { model }) => print(model),
+        Some(Command::Eval(args)) => eval::run(args),
         None => compile(cli.compile),
     };
     match result {

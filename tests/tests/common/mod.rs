@@ -27,6 +27,7 @@ pub fn out_dir(test: &str) -> PathBuf {
 }
 
 /// How the conformance runner compares a candidate with its reference.
+#[allow(dead_code)]
 pub enum Compare {
     /// Outputs equal bit for bit.
     Bitwise,
@@ -35,6 +36,7 @@ pub enum Compare {
 }
 
 /// Registers `candidate` for the ONNX Runtime conformance run.
+#[allow(dead_code)]
 pub fn conformance_case(name: &str, reference: &Path, candidate: &Path, compare: Compare) {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance");
     std::fs::create_dir_all(&dir).expect("creating the conformance folder");
@@ -49,4 +51,41 @@ pub fn conformance_case(name: &str, reference: &Path, candidate: &Path, compare:
         abs(candidate),
     );
     std::fs::write(dir.join(format!("{name}.json")), json).expect("writing the conformance case");
+}
+
+/// Registers a `"native"` conformance case: the runner feeds `inputs` to `model` in ONNX
+/// Runtime and checks its outputs against `outputs` (perqc's native results) within
+/// `rtol` of the max |reference|. Tensors are written as `.npy` files next to the case.
+#[allow(dead_code)]
+pub fn native_case(
+    name: &str,
+    dir: &Path,
+    model: &Path,
+    inputs: &[(&str, &perqc_runtime::RtTensor)],
+    outputs: &[(String, perqc_runtime::RtTensor)],
+    rtol: f64,
+) {
+    let conf = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance");
+    std::fs::create_dir_all(&conf).expect("creating the conformance folder");
+    let write = |kind: &str, items: Vec<(&str, &perqc_runtime::RtTensor)>| -> String {
+        let mut parts = Vec::new();
+        for (i, (n, t)) in items.into_iter().enumerate() {
+            let p = dir.join(format!("{name}.{kind}{i}.npy"));
+            perqc_runtime::write_npy(&p, t).expect("writing .npy");
+            let p = std::fs::canonicalize(&p).expect("written");
+            parts.push(format!("{n:?}: {:?}", p.display().to_string()));
+        }
+        format!("{{{}}}", parts.join(", "))
+    };
+    let ins = write("in", inputs.to_vec());
+    let outs = write(
+        "out",
+        outputs.iter().map(|(n, t)| (n.as_str(), t)).collect(),
+    );
+    let model = std::fs::canonicalize(model).expect("model exists");
+    let json = format!(
+        "{{\"cases\": [{{\"name\": {name:?}, \"mode\": \"native\", \"model\": {:?}, \"inputs\": {ins}, \"outputs\": {outs}, \"rtol\": {rtol}}}]}}\n",
+        model.display().to_string()
+    );
+    std::fs::write(conf.join(format!("{name}.json")), json).expect("writing the conformance case");
 }

@@ -66,7 +66,16 @@ pub fn zip_broadcast(
     let mut cols = Vec::with_capacity(inputs.len());
     for i in inputs {
         let vals = values_or_unknown(i)?;
-        let map = broadcast_map(&out_dims, &known_dims(i.shape.as_ref()?)?);
+        let dims = known_dims(i.shape.as_ref()?)?;
+        let off = out_dims.len().checked_sub(dims.len())?;
+        if dims
+            .iter()
+            .zip(&out_dims[off..])
+            .any(|(&d, &o)| d != 1 && d != o)
+        {
+            return None;
+        }
+        let map = broadcast_map(&out_dims, &dims);
         cols.push((vals, map));
     }
     let n: usize = out_dims.iter().product();
@@ -132,7 +141,9 @@ pub fn arith(op: Arith, num: Num, a: &Dim, b: &Dim) -> Dim {
             (_, Known(0)) => Unknown,
             (Known(x), Known(y)) => match num {
                 Num::Int => x.checked_div(*y).map_or(Unknown, Known),
-                Num::Float if x % y == 0 => Known(x / y),
+                Num::Float if x.checked_rem(*y) == Some(0) => {
+                    x.checked_div(*y).map_or(Unknown, Known)
+                }
                 Num::Float => Unknown,
             },
             (d, Known(1)) => d.clone(),
@@ -140,7 +151,16 @@ pub fn arith(op: Arith, num: Num, a: &Dim, b: &Dim) -> Dim {
         },
         Arith::Mod => match (a, b) {
             // Integer Mod takes the sign of the divisor (fmod = 0), like Python's `%`.
-            (Known(x), Known(y)) if *y != 0 && num == Num::Int => Known(((x % y) + y) % y),
+            (Known(x), Known(y)) if num == Num::Int => x
+                .checked_rem(*y)
+                .and_then(|r| {
+                    if r != 0 && (r < 0) != (*y < 0) {
+                        r.checked_add(*y)
+                    } else {
+                        Some(r)
+                    }
+                })
+                .map_or(Unknown, Known),
             _ => Unknown,
         },
         Arith::Pow => match (a, b) {

@@ -156,7 +156,7 @@ pub fn known_dims(s: &[Dim]) -> Option<Vec<usize>> {
 /// The integer element values of a small constant tensor (floats only when all integral).
 fn small_tensor_values(t: &crate::Tensor) -> Option<Vec<Dim>> {
     let numel = usize::try_from(t.numel()?).ok()?;
-    if numel > MAX_VALUE_ELEMS || t.dtype == DType::String {
+    if numel > MAX_VALUE_ELEMS || t.dtype == DType::String || t.validate().is_err() {
         return None;
     }
     if t.dtype.is_float() {
@@ -269,11 +269,11 @@ impl Mono {
             let pos = syms.iter().position(|x| x == s)?;
             syms.remove(pos);
         }
-        if other.coef == 0 || self.coef % other.coef != 0 {
+        if self.coef.checked_rem(other.coef)? != 0 {
             return None;
         }
         Some(Mono {
-            coef: self.coef / other.coef,
+            coef: self.coef.checked_div(other.coef)?,
             syms,
         })
     }

@@ -44,6 +44,11 @@ pub enum ShapeError {
     },
     #[error("element types differ: {a} vs {b}")]
     DTypeMismatch { a: DType, b: DType },
+    #[error("in subgraph `{graph}`: {error}")]
+    Subgraph {
+        graph: String,
+        error: Box<InferError>,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -88,6 +93,9 @@ pub struct InferCtx<'a> {
     /// The opset version selected for the node's domain.
     pub opset: i64,
     inputs: Vec<Option<&'a Facts>>,
+    /// What is known so far in the node's graph (for subgraph captures).
+    scope: &'a ShapeMap,
+    opsets: &'a dyn Fn(&str) -> Option<i64>,
 }
 
 static UNKNOWN: Facts = Facts {
@@ -127,6 +135,27 @@ impl<'a> InferCtx<'a> {
     /// The fully known integer values of input `i` (absent input: `None`).
     pub fn input_ints(&self, i: usize) -> Option<Vec<i64>> {
         self.input(i)?.known_ints()
+    }
+
+    /// Infers a subgraph of the node (a branch or loop body) and returns the facts of its
+    /// outputs. `inputs` refine the body's declared graph inputs, in order; values the body
+    /// reads from this graph get their facts from the scope inferred so far.
+    pub fn infer_subgraph(&self, body: &Graph, inputs: &[Facts]) -> Result<Vec<Facts>, ShapeError> {
+        let outer = |name: &str| {
+            self.graph
+                .find(name)
+                .and_then(|v| self.scope.get(v).cloned())
+        };
+        let map =
+            infer_scope(body, self.opsets, &outer, inputs).map_err(|e| ShapeError::Subgraph {
+                graph: body.name.clone(),
+                error: Box::new(e),
+            })?;
+        Ok(body
+            .outputs
+            .iter()
+            .map(|&o| map.get(o).cloned().unwrap_or_default())
+            .collect())
     }
 }
 
@@ -189,6 +218,17 @@ pub fn infer_graph(
     graph: &Graph,
     opset: &dyn Fn(&str) -> Option<i64>,
 ) -> Result<ShapeMap, InferError> {
+    infer_scope(graph, opset, &|_| None, &[])
+}
+
+/// [`infer_graph`] for a graph nested in another: `outer` gives the facts of captured
+/// values by name, `inputs` refine the graph inputs' declared types, in order.
+fn infer_scope(
+    graph: &Graph,
+    opset: &dyn Fn(&str) -> Option<i64>,
+    outer: &dyn Fn(&str) -> Option<Facts>,
+    inputs: &[Facts],
+) -> Result<ShapeMap, InferError> {
     let mut map = ShapeMap {
         facts: vec![None; graph.value_capacity()],
         unknown_ops: Vec::new(),
@@ -196,7 +236,8 @@ pub fn infer_graph(
     for (id, v) in graph.values() {
         let f = match v.def() {
             ValueDef::Initializer => v.tensor.as_ref().map(Facts::of_tensor),
-            ValueDef::Input | ValueDef::Outer => match (&v.ty, &v.tensor) {
+            ValueDef::Outer => outer(&v.name).or_else(|| v.ty.as_ref().map(Facts::of_type)),
+            ValueDef::Input => match (&v.ty, &v.tensor) {
                 (Some(ty), _) => Some(Facts::of_type(ty)),
                 (None, Some(t)) => Some(Facts::new(
                     Some(t.dtype),
@@ -209,6 +250,11 @@ pub fn infer_graph(
         if let Some(f) = f {
             map.set(id, f);
         }
+    }
+    for (&v, given) in graph.inputs.iter().zip(inputs) {
+        let mut f = map.get(v).cloned().unwrap_or_default();
+        f.refine_with(given);
+        map.set(v, f);
     }
     for (id, node) in graph.nodes() {
         let outs = match lookup_node(node, opset) {
@@ -223,6 +269,8 @@ pub fn infer_graph(
                     node,
                     opset: opset(&node.domain).unwrap_or(def.since_version),
                     inputs,
+                    scope: &map,
+                    opsets: opset,
                 };
                 (def.infer)(&ctx).map_err(|error| InferError::Node {
                     node: node_label(id, node),

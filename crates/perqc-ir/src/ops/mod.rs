@@ -13,6 +13,8 @@
 mod constprop;
 pub mod facts;
 pub mod infer;
+pub mod kernel;
+pub mod kernels;
 pub mod rules;
 mod table;
 
@@ -21,6 +23,7 @@ pub use infer::{
     ApplyStats, InferCtx, InferError, ShapeError, ShapeMap, UnknownOp, apply, compatible,
     infer_graph, infer_model, lookup_node,
 };
+pub use kernel::{KernelCtx, KernelError, KernelFn, RtTensor};
 pub use table::OPS;
 
 use std::collections::HashMap;
@@ -41,12 +44,13 @@ pub struct OpDef {
     pub until: Option<i64>,
     /// Shape and type inference.
     pub infer: InferFn,
+    /// Native f32 kernel for calibration and the runtime (`None`: not executable natively).
+    pub kernel: Option<KernelFn>,
     // Later rows grow, with neutral defaults set by the constructors below so table rows
     // only spell out what differs:
     //   pub channel: ChannelRule,      // how a channel axis flows through the op:
     //                                  // transparent to permutations / rotations /
     //                                  // positive scales, or a barrier
-    //   pub kernel: Option<KernelFn>,  // native kernel for calibration and the runtime
 }
 
 impl OpDef {
@@ -58,6 +62,7 @@ impl OpDef {
             since_version,
             until: None,
             infer,
+            kernel: None,
         }
     }
 
@@ -74,12 +79,19 @@ impl OpDef {
             since_version,
             until: None,
             infer,
+            kernel: None,
         }
     }
 
     /// Ends the row's range before `version`.
     pub const fn until(mut self, version: i64) -> OpDef {
         self.until = Some(version);
+        self
+    }
+
+    /// Sets the native kernel.
+    pub const fn kernel(mut self, kernel: KernelFn) -> OpDef {
+        self.kernel = Some(kernel);
         self
     }
 

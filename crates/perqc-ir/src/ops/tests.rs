@@ -879,31 +879,178 @@ fn apply_sets_refines_and_reports_conflicts() {
 }
 
 #[test]
-fn if_uses_branch_declarations() {
+fn control_flow_infers_subgraphs() {
     let mut b = B::new();
     let c = b.input("c", DType::Bool, &[]);
-    let branch = |name: &str, dims: &[&str]| {
+    let x = b.input("x", DType::F32, &["batch", "4"]);
+    // Branches read `x` from the enclosing graph; they agree on all but the last dim.
+    let branch = |name: &str, op: &str, extra: Option<i64>| {
         let mut g = Graph::new(name);
-        let o = g.add_input(&format!("{name}_o"), None).unwrap();
-        g.value_mut(o).ty = Some(Type::tensor(DType::F32, Some(shape(dims))));
-        g.outputs.push(o);
+        let xo = g.add_outer("x").unwrap();
+        let out = format!("{name}_y");
+        let y = match extra {
+            None => {
+                g.add_node(NodeSpec::new(op).named(name), &[Some(xo)], &[&out])
+                    .unwrap();
+                g.find(&out).unwrap()
+            }
+            Some(n) => {
+                let p = g
+                    .add_initializer("p", Tensor::from_i64(vec![4], &[0, 0, 0, n]))
+                    .unwrap();
+                g.add_node(NodeSpec::new(op).named(name), &[Some(xo), Some(p)], &[&out])
+                    .unwrap();
+                g.find(&out).unwrap()
+            }
+        };
+        g.outputs.push(y);
         g
     };
     let spec = NodeSpec::new("If")
         .attr(
             "then_branch",
-            AttrValue::Graph(Box::new(branch("t", &["batch", "4"]))),
+            AttrValue::Graph(Box::new(branch("t", "Neg", None))),
         )
         .attr(
             "else_branch",
-            AttrValue::Graph(Box::new(branch("e", &["batch", "5"]))),
+            AttrValue::Graph(Box::new(branch("e", "Pad", Some(1)))),
         );
     let y = b.node(spec, &[c], "y");
-    let spec = NodeSpec::new("Loop");
-    let l = b.node(spec, &[], "l");
+
+    // Loop with 3 trips, no condition: one carried value and one scan output.
+    let mut body = Graph::new("body");
+    body.add_input("i", Some(Type::tensor(DType::I64, Some(vec![]))))
+        .unwrap();
+    body.add_input("cond", None).unwrap();
+    let acc = body.add_input("acc", None).unwrap();
+    let ax = body
+        .add_initializer("ax", Tensor::from_i64(vec![1], &[1]))
+        .unwrap();
+    body.add_node(
+        NodeSpec::new("Identity"),
+        &[body.find("cond")],
+        &["cond_out"],
+    )
+    .unwrap();
+    body.add_node(NodeSpec::new("Sigmoid"), &[Some(acc)], &["acc_out"])
+        .unwrap();
+    body.add_node(
+        NodeSpec::new("ReduceSum").attr("keepdims", AttrValue::Int(0)),
+        &[body.find("acc_out"), Some(ax)],
+        &["rows"],
+    )
+    .unwrap();
+    body.outputs = vec![
+        body.find("cond_out").unwrap(),
+        body.find("acc_out").unwrap(),
+        body.find("rows").unwrap(),
+    ];
+    let trips = b.ints("trips", vec![], &[3]);
+    let spec = NodeSpec::new("Loop")
+        .named("loop")
+        .attr("body", AttrValue::Graph(Box::new(body)));
+    b.g.add_node(
+        spec,
+        &[Some(trips), None, Some(x)],
+        &["acc_final", "rows_stacked"],
+    )
+    .unwrap();
+
+    // Scan over the rows of a [5, 4] input with a [4] state.
+    let mut body = Graph::new("scan_body");
+    let s = body.add_input("s", None).unwrap();
+    let r = body.add_input("r", None).unwrap();
+    body.add_node(NodeSpec::new("Add"), &[Some(s), Some(r)], &["s_out"])
+        .unwrap();
+    body.add_node(
+        NodeSpec::new("Mul"),
+        &[body.find("s_out"), Some(r)],
+        &["y_row"],
+    )
+    .unwrap();
+    body.outputs = vec![body.find("s_out").unwrap(), body.find("y_row").unwrap()];
+    let init = b.input("init", DType::F32, &["4"]);
+    let seq = b.input("seq", DType::F32, &["5", "4"]);
+    let spec = NodeSpec::new("Scan")
+        .named("scan")
+        .attr("num_scan_inputs", AttrValue::Int(1))
+        .attr("scan_output_axes", ints_attr(&[-1]))
+        .attr("body", AttrValue::Graph(Box::new(body)));
+    b.g.add_node(spec, &[Some(init), Some(seq)], &["s_final", "ys"])
+        .unwrap();
+
     let map = b.infer().unwrap();
+    let sh = |n: &str| b.shape_of(&map, b.g.find(n).unwrap());
     assert_eq!(b.shape_of(&map, y), Some(shape(&["batch", "?"])));
     assert_eq!(map.dtype(y), Some(DType::F32));
-    assert_eq!(map.get(l), Some(&Facts::default()));
+    assert_eq!(sh("acc_final"), Some(shape(&["batch", "4"])));
+    assert_eq!(sh("rows_stacked"), Some(shape(&["3", "batch"])));
+    assert_eq!(sh("s_final"), Some(shape(&["4"])));
+    assert_eq!(sh("ys"), Some(shape(&["4", "5"])));
     assert!(map.unknown_ops.is_empty());
+}
+
+#[test]
+fn subgraph_errors_name_the_inner_node() {
+    let mut b = B::new();
+    let c = b.input("c", DType::Bool, &[]);
+    b.input("x", DType::F32, &["batch", "4"]);
+    let mut g = Graph::new("then");
+    let xo = g.add_outer("x").unwrap();
+    let w = g
+        .add_initializer("w", Tensor::from_f32(vec![3, 2], &[0.0; 6]))
+        .unwrap();
+    g.add_node(
+        NodeSpec::new("MatMul").named("inner_mm"),
+        &[Some(xo), Some(w)],
+        &["o"],
+    )
+    .unwrap();
+    g.outputs.push(g.find("o").unwrap());
+    let spec = NodeSpec::new("If")
+        .named("branchy")
+        .attr("then_branch", AttrValue::Graph(Box::new(g.clone())))
+        .attr("else_branch", AttrValue::Graph(Box::new(g)));
+    b.node(spec, &[c], "y");
+    let msg = b.infer().unwrap_err().to_string();
+    assert!(
+        msg.starts_with("node `branchy` (If): in subgraph `then`: node `inner_mm` (MatMul): inner dimensions differ: 4 vs 3"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn malformed_values_do_not_panic() {
+    let mut b = B::new();
+    let x = b.input("x", DType::F32, &["-3", "5", "batch"]);
+    let big = b.ints("big", vec![1], &[i64::MAX]);
+    let min = b.ints("min", vec![1], &[i64::MIN]);
+    let m1 = b.ints("m1", vec![1], &[-1]);
+    let ax = b.ints("ax", vec![1], &[1]);
+    b.op("Slice", &[x, min, big, ax, big], "s1");
+    b.op("Slice", &[x, big, min, ax, min], "s2");
+    let ax0 = b.ints("ax0", vec![1], &[0]);
+    b.op("Slice", &[x, min, big, ax0, m1], "s3");
+    b.op("Mod", &[min, m1], "md");
+    b.op("Div", &[min, m1], "dv");
+    b.op("Mul", &[big, big], "ml");
+    b.op("Neg", &[min], "ng");
+    b.op("Abs", &[min], "ab");
+    b.op("Pow", &[big, big], "pw");
+    let s0 = b.ints("s0", vec![], &[i64::MIN]);
+    let s1 = b.ints("s1s", vec![], &[i64::MAX]);
+    let one = b.ints("one", vec![], &[1]);
+    b.op("Range", &[s0, s1, one], "r");
+    let t = b.ints("t", vec![2], &[-1, 5]);
+    b.op("Reshape", &[x, t], "rs");
+    b.op("Flatten", &[x], "fl");
+    let huge = b.input("huge", DType::I64, &["1000000000000"]);
+    b.op("ConstantOfShape", &[huge], "cs");
+    b.op("Unsqueeze", &[x, huge], "us");
+    let spec = NodeSpec::new("Split")
+        .attr("axis", AttrValue::Int(0))
+        .named("sp");
+    b.g.add_node(spec, &[Some(x)], &["a", "c"]).unwrap();
+    // Errors are fine; panics are not.
+    let _ = b.infer();
 }

@@ -63,7 +63,8 @@ pub fn constant_of_shape(ctx: &InferCtx<'_>) -> RuleResult {
     };
     let shape: Option<Shape> = s.dims_value().or_else(|| {
         let n = s.shape.as_ref()?.first()?;
-        n.known().map(|n| vec![Unknown; n as usize])
+        let n = usize::try_from(n.known()?).ok()?;
+        (n <= MAX_VALUE_ELEMS).then(|| vec![Unknown; n])
     });
     if let Some(bad) = shape
         .iter()
@@ -102,9 +103,16 @@ pub fn range(ctx: &InferCtx<'_>) -> RuleResult {
     let (s, l, d) = (scalar(start), scalar(limit), scalar(delta));
     let (len, value) = match (&s, &l, &d) {
         (Known(s), Known(l), Known(d)) if *d != 0 => {
-            let n = ((l - s) as f64 / *d as f64).ceil().max(0.0) as i64;
-            let v =
-                (n as usize <= MAX_VALUE_ELEMS).then(|| (0..n).map(|i| Known(s + i * d)).collect());
+            let n = ((*l as f64 - *s as f64) / *d as f64).ceil().max(0.0) as i64;
+            let v = (n as usize <= MAX_VALUE_ELEMS).then(|| {
+                (0..n)
+                    .map(|i| {
+                        i.checked_mul(*d)
+                            .and_then(|x| x.checked_add(*s))
+                            .map_or(Unknown, Known)
+                    })
+                    .collect()
+            });
             (Known(n), v)
         }
         (Known(0), l @ Dim::Sym(_), Known(1)) => (l.clone(), None),
@@ -204,35 +212,34 @@ pub fn dynamic_quantize_linear(ctx: &InferCtx<'_>) -> RuleResult {
     ])
 }
 
-/// If: an output's facts are what both branches declare for it (dims that differ become
-/// unknown); nothing if a branch leaves it undeclared.
-pub fn if_(ctx: &InferCtx<'_>) -> RuleResult {
-    let branch = |name: &str| match ctx.node.attr(name) {
+fn graph_attr<'a>(ctx: &InferCtx<'a>, name: &str) -> Option<&'a Graph> {
+    match ctx.node.attr(name) {
         Some(AttrValue::Graph(g)) => Some(g.as_ref()),
         _ => None,
-    };
-    let (Some(then_g), Some(else_g)) = (branch("then_branch"), branch("else_branch")) else {
-        return Ok(Vec::new());
-    };
-    let declared = |g: &Graph, i: usize| -> Option<Facts> {
-        let v = *g.outputs.get(i)?;
-        g.value(v).ty.as_ref().map(Facts::of_type)
-    };
-    Ok((0..ctx.num_outputs())
-        .map(|i| match (declared(then_g, i), declared(else_g, i)) {
-            (Some(a), Some(b)) => merge_branches(a, b),
-            _ => Facts::default(),
-        })
-        .collect())
+    }
 }
 
-fn merge_branches(a: Facts, b: Facts) -> Facts {
+/// If: both branches are inferred; an output keeps what they agree on.
+pub fn if_(ctx: &InferCtx<'_>) -> RuleResult {
+    let (Some(then_g), Some(else_g)) = (
+        graph_attr(ctx, "then_branch"),
+        graph_attr(ctx, "else_branch"),
+    ) else {
+        return Ok(Vec::new());
+    };
+    let a = ctx.infer_subgraph(then_g, &[])?;
+    let b = ctx.infer_subgraph(else_g, &[])?;
+    Ok(a.into_iter().zip(b).map(|(x, y)| merge(&x, &y)).collect())
+}
+
+/// What two facts agree on (dims that differ become unknown; values are dropped).
+fn merge(a: &Facts, b: &Facts) -> Facts {
     let dtype = if a.dtype == b.dtype { a.dtype } else { None };
-    let shape = match (a.shape, b.shape) {
+    let shape = match (&a.shape, &b.shape) {
         (Some(x), Some(y)) if x.len() == y.len() => Some(
-            x.into_iter()
+            x.iter()
                 .zip(y)
-                .map(|(p, q)| if p == q { p } else { Unknown })
+                .map(|(p, q)| if p == q { p.clone() } else { Unknown })
                 .collect(),
         ),
         _ => None,
@@ -240,7 +247,123 @@ fn merge_branches(a: Facts, b: Facts) -> Facts {
     Facts::new(dtype, shape)
 }
 
-/// Loop, Scan and other subgraph ops: outputs unknown (declared types still apply).
+/// A loop-carried value: what the initial value and the body's result agree on (if the
+/// body maps the initial shape to itself, every iteration keeps it).
+fn carried(init: &Facts, body_out: &Facts) -> Facts {
+    merge(init, body_out)
+}
+
+fn without_value(f: Option<&Facts>) -> Facts {
+    f.map(|f| Facts::new(f.dtype, f.shape.clone()))
+        .unwrap_or_default()
+}
+
+/// Loop(M, cond, v_initial...): carried values, then scan outputs stacked along a new
+/// leading axis (length M when there is no condition input, else unknown).
+pub fn loop_(ctx: &InferCtx<'_>) -> RuleResult {
+    let Some(body) = graph_attr(ctx, "body") else {
+        return Ok(Vec::new());
+    };
+    let n = ctx.num_inputs().saturating_sub(2);
+    let mut body_in = vec![
+        Facts::new(Some(DType::I64), Some(Vec::new())),
+        Facts::new(Some(DType::Bool), Some(Vec::new())),
+    ];
+    body_in.extend((0..n).map(|i| without_value(ctx.input(2 + i))));
+    let outs = ctx.infer_subgraph(body, &body_in)?;
+    let trips = match (ctx.input(0), ctx.node.input(1)) {
+        (Some(m), None) => m
+            .value
+            .as_ref()
+            .and_then(|v| v.first().cloned())
+            .unwrap_or(Unknown),
+        _ => Unknown,
+    };
+    let mut res: Vec<Facts> = (0..n)
+        .map(|i| {
+            carried(
+                &body_in[2 + i],
+                outs.get(1 + i).unwrap_or(&Facts::default()),
+            )
+        })
+        .collect();
+    res.extend(
+        outs.iter()
+            .skip(1 + n)
+            .map(|f| stacked(f, 0, trips.clone())),
+    );
+    Ok(res)
+}
+
+/// `f` with a dim of length `len` inserted at `axis` (of the result).
+fn stacked(f: &Facts, axis_attr: i64, len: Dim) -> Facts {
+    let shape = f.shape.as_ref().and_then(|s| {
+        let a = crate::ops::facts::norm_axis(axis_attr, s.len() + 1)?;
+        let mut o = s.clone();
+        o.insert(a, len);
+        Some(o)
+    });
+    Facts::new(f.dtype, shape)
+}
+
+/// Scan (opset 9+): states, then scan inputs sliced along their scan axes; outputs the
+/// final states and the per-iteration outputs stacked along `scan_output_axes`.
+pub fn scan(ctx: &InferCtx<'_>) -> RuleResult {
+    let Some(body) = graph_attr(ctx, "body") else {
+        return Ok(Vec::new());
+    };
+    let k = ctx
+        .node
+        .attr_int("num_scan_inputs")
+        .ok_or(ShapeError::MissingAttr {
+            name: "num_scan_inputs",
+        })? as usize;
+    let n = ctx.num_inputs().checked_sub(k).ok_or_else(|| {
+        ShapeError::Invalid(format!(
+            "num_scan_inputs is {k} but the node has {} inputs",
+            ctx.num_inputs()
+        ))
+    })?;
+    let in_axes = ctx
+        .node
+        .attr_ints("scan_input_axes")
+        .map(<[i64]>::to_vec)
+        .unwrap_or_else(|| vec![0; k]);
+    let out_axes = ctx.node.attr_ints("scan_output_axes").map(<[i64]>::to_vec);
+    let mut body_in: Vec<Facts> = (0..n).map(|i| without_value(ctx.input(i))).collect();
+    let mut len = Unknown;
+    for j in 0..k {
+        let x = without_value(ctx.input(n + j));
+        let a = in_axes.get(j).copied().unwrap_or(0);
+        let slice = match &x.shape {
+            Some(s) => {
+                let ax = axis(a, s.len())?;
+                if j == 0 {
+                    len = s[ax].clone();
+                }
+                let mut o = s.clone();
+                o.remove(ax);
+                Some(o)
+            }
+            None => None,
+        };
+        body_in.push(Facts::new(x.dtype, slice));
+    }
+    let outs = ctx.infer_subgraph(body, &body_in)?;
+    let mut res: Vec<Facts> = (0..n)
+        .map(|i| carried(&body_in[i], outs.get(i).unwrap_or(&Facts::default())))
+        .collect();
+    for (j, f) in outs.iter().skip(n).enumerate() {
+        let a = out_axes
+            .as_ref()
+            .and_then(|v| v.get(j).copied())
+            .unwrap_or(0);
+        res.push(stacked(f, a, len.clone()));
+    }
+    Ok(res)
+}
+
+/// Subgraph ops not modelled (Scan-8): outputs unknown (declared types still apply).
 pub fn opaque(_ctx: &InferCtx<'_>) -> RuleResult {
     Ok(Vec::new())
 }

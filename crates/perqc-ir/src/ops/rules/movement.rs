@@ -208,7 +208,8 @@ pub(crate) fn axes_input(ctx: &InferCtx<'_>, i: usize) -> AxesArg {
                 f.shape
                     .as_ref()
                     .and_then(|s| s.first()?.known())
-                    .map(|n| n as usize),
+                    .and_then(|n| usize::try_from(n).ok())
+                    .filter(|&n| n <= crate::ops::facts::MAX_VALUE_ELEMS),
             ),
         },
     }
@@ -411,10 +412,10 @@ fn split(ctx: &InferCtx<'_>, sizes: Option<Vec<Dim>>, uneven: bool) -> RuleResul
         }
         Some(_) => unknown_dims(n),
         None => match d {
-            Known(d) => {
+            Known(d) if *d >= 0 => {
                 let parts = ctx.node.attr_int("num_outputs").unwrap_or(n as i64).max(1);
-                let chunk = (d + parts - 1) / parts;
-                let last = d - chunk * (parts - 1);
+                let chunk = d / parts + i64::from(d % parts != 0);
+                let last = chunk.checked_mul(parts - 1).map_or(-1, |used| d - used);
                 if (!uneven && d % parts != 0) || last < 0 {
                     return Err(ShapeError::Invalid(format!(
                         "axis {ax} of {} does not split into {parts} parts",
@@ -482,6 +483,12 @@ fn slice_axis(d: &Dim, start: &Dim, end: &Dim, step: &Dim) -> AxisSlice {
         e => step == 1 && e == d,
     };
     match (d, start.known()) {
+        (Known(d), _) if *d < 0 => unknown,
+        (Known(0), Some(_)) => AxisSlice {
+            start: Some(0),
+            step,
+            len: Known(0),
+        },
         (Known(d), Some(s)) => {
             let e = match end {
                 Known(e) => *e,
@@ -500,15 +507,16 @@ fn slice_axis(d: &Dim, start: &Dim, end: &Dim, step: &Dim) -> AxisSlice {
             } else {
                 (s.clamp(0, d - 1), e.clamp(-1, d - 1))
             };
-            let len = if step > 0 {
-                (e - s + step - 1) / step
+            let (s, e, st) = (s as i128, e as i128, step as i128);
+            let len = if st > 0 {
+                (e - s + st - 1) / st
             } else {
-                (s - e + (-step) - 1) / -step
+                (s - e - st - 1) / -st
             };
             AxisSlice {
-                start: Some(s),
+                start: Some(s as i64),
                 step,
-                len: Known(len.max(0)),
+                len: Known(len.max(0) as i64),
             }
         }
         // A symbolic axis taken whole.

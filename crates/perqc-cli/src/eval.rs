@@ -1,0 +1,175 @@
+//! `perqc eval`: perplexity of a causal LM under the native runtime, by the bench protocol.
+
+use crate::ppl;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ndarray::{Array2, Ix3};
+use perqc_runtime::{RtTensor, Session, SessionOptions};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The ONNX model: input `input_ids` [batch, seq] int64, first output logits [batch, seq, vocab].
+    model: PathBuf,
+    /// Hugging Face tokenizer.json for --text.
+    #[arg(long, requires = "text")]
+    tokenizer: Option<PathBuf>,
+    /// UTF-8 text to score (tokenized whole, from --skip-chars on).
+    #[arg(long, requires = "tokenizer", conflicts_with = "ids")]
+    text: Option<PathBuf>,
+    /// Pre-tokenized ids instead of text: a .npy of int64 or int32.
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    /// Windows to score (fewer if the text is shorter).
+    #[arg(long, default_value_t = 16)]
+    windows: usize,
+    /// Characters of --text to skip before tokenizing (the calibration part).
+    #[arg(long, default_value_t = 0)]
+    skip_chars: usize,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn tokenize(tokenizer: &Path, text: &Path, skip_chars: usize) -> Result<Vec<u32>> {
+    let tok = tokenizers::Tokenizer::from_file(tokenizer).map_err(|e| {
+        anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", tokenizer.display())
+    })?;
+    let raw = std::fs::read(text).with_context(|| format!("{}: cannot read", text.display()))?;
+    let text_str = std::str::from_utf8(&raw).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 text: invalid byte at offset {}",
+            text.display(),
+            e.valid_up_to()
+        )
+    })?;
+    let body = match text_str.char_indices().nth(skip_chars) {
+        Some((at, _)) => &text_str[at..],
+        None => bail!(
+            "{}: --skip-chars {skip_chars} skips the whole text ({} characters)",
+            text.display(),
+            text_str.chars().count()
+        ),
+    };
+    let enc = tok.encode(body, true).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: tokenizing {}: {e}",
+            tokenizer.display(),
+            text.display()
+        )
+    })?;
+    Ok(enc.get_ids().to_vec())
+}
+
+fn read_ids(path: &Path) -> Result<Vec<u32>> {
+    let t = perqc_runtime::read_npy(path)?;
+    let as_u32 = |v: i64, i: usize| {
+        u32::try_from(v).map_err(|_| {
+            anyhow::anyhow!(
+                "{}: id {v} at index {i} is negative or too large",
+                path.display()
+            )
+        })
+    };
+    match t {
+        RtTensor::I64(a) => a.iter().enumerate().map(|(i, &v)| as_u32(v, i)).collect(),
+        RtTensor::I32(a) => a
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| as_u32(v as i64, i))
+            .collect(),
+        other => bail!(
+            "{}: ids must be int64 or int32, not {:?}",
+            path.display(),
+            other.dtype()
+        ),
+    }
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    if args.seq < 2 {
+        bail!("--seq must be at least 2");
+    }
+    let ids = match (&args.tokenizer, &args.text, &args.ids) {
+        (Some(tok), Some(text), None) => tokenize(tok, text, args.skip_chars)?,
+        (None, None, Some(ids)) => read_ids(ids)?,
+        _ => bail!("give --tokenizer and --text, or --ids"),
+    };
+    let windows: Vec<&[u32]> = ppl::windows(&ids, args.seq, args.windows).collect();
+    if windows.is_empty() {
+        bail!(
+            "{} tokens make no complete window of --seq {}",
+            ids.len(),
+            args.seq
+        );
+    }
+    let model = perqc_onnx::load(&args.model)?.model;
+    let opts = SessionOptions {
+        threads: args
+            .threads
+            .unwrap_or_else(|| SessionOptions::default().threads),
+    };
+    let session =
+        Session::with_options(&model, &opts).with_context(|| args.model.display().to_string())?;
+    let input = session
+        .input_names()
+        .next()
+        .map(str::to_string)
+        .context("the model has no inputs")?;
+    drop(model);
+
+    let bar = ProgressBar::new(windows.len() as u64);
+    if args.quiet || !std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} windows  {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let start = Instant::now();
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    for w in &windows {
+        let x = Array2::from_shape_fn((1, args.seq), |(_, t)| w[t] as i64)
+            .into_dyn()
+            .into_shared();
+        let out = session.run(&[(input.as_str(), RtTensor::I64(x))])?;
+        let logits = match out.into_iter().next() {
+            Some((_, RtTensor::F32(a))) => a.into_dimensionality::<Ix3>().map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: logits must be [batch, seq, vocab]",
+                    args.model.display()
+                )
+            })?,
+            _ => bail!(
+                "{}: the first output is not float logits",
+                args.model.display()
+            ),
+        };
+        let vocab = logits.dim().2;
+        if let Some(&bad) = w.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+        }
+        let logits = logits.as_standard_layout();
+        nll += ppl::window_nll(logits.as_slice().expect("standard layout"), vocab, w);
+        count += args.seq - 1;
+        bar.inc(1);
+        bar.set_message(format!("ppl {:.4}", (nll / count as f64).exp()));
+    }
+    bar.finish_and_clear();
+    println!(
+        "tokens={count} seconds={:.1}",
+        start.elapsed().as_secs_f64()
+    );
+    println!("ppl={:.4}", (nll / count as f64).exp());
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! Perplexity scoring: the bench protocol (../shared/bench/README.md).
+//!
+//! The text is tokenized whole and cut into non-overlapping windows of `seq` tokens; each
+//! window's logits score its `seq - 1` next tokens. ppl = exp(mean NLL), accumulated in f64.
+
+/// Sum over positions t < seq-1 of -log softmax(logits[t])[ids[t+1]], in f64.
+/// `logits` is `[seq, vocab]` row-major.
+pub fn window_nll(logits: &[f32], vocab: usize, ids: &[u32]) -> f64 {
+    let seq = ids.len();
+    debug_assert_eq!(logits.len(), seq * vocab);
+    (0..seq.saturating_sub(1))
+        .map(|t| {
+            let row = &logits[t * vocab..(t + 1) * vocab];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            let logp = row[ids[t + 1] as usize] as f64 - max - sum.ln();
+            -logp
+        })
+        .sum()
+}
+
+/// The first `windows` complete windows of `seq` tokens.
+pub fn windows(ids: &[u32], seq: usize, windows: usize) -> impl Iterator<Item = &[u32]> {
+    ids.chunks_exact(seq).take(windows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_logits_give_vocab_perplexity() {
+        let vocab = 7;
+        let ids = [1u32, 4, 2, 6];
+        let logits = vec![0.25f32; ids.len() * vocab];
+        let nll = window_nll(&logits, vocab, &ids);
+        let ppl = (nll / 3.0).exp();
+        assert!((ppl - 7.0).abs() < 1e-9, "{ppl}");
+    }
+
+    #[test]
+    fn confident_correct_prediction_costs_little() {
+        let vocab = 3;
+        let ids = [0u32, 2];
+        let logits = [0.0, 0.0, 30.0, 0.0, 0.0, 0.0];
+        assert!(window_nll(&logits, vocab, &ids) < 1e-12);
+    }
+
+    #[test]
+    fn windows_drop_the_tail() {
+        let ids: Vec<u32> = (0..10).collect();
+        let w: Vec<_> = windows(&ids, 4, 16).collect();
+        assert_eq!(w, vec![&[0, 1, 2, 3][..], &[4, 5, 6, 7][..]]);
+    }
+}

@@ -1,0 +1,219 @@
+//! `perqc eval`: perplexity by the bench protocol, its agreement across exports and with
+//! ONNX Runtime, and its one-line errors for bad tokenizer, text and id files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+}
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("eval")
+        .join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn perqc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_perqc"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The `ppl=` value a successful run prints as its last line.
+fn ppl(o: &Output) -> f64 {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    last.strip_prefix("ppl=")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("last line is not ppl=<value>: {last}"))
+}
+
+fn eval_text(model: &str, text: &Path) -> Output {
+    let tok = fixture("tiny_tokenizer.json");
+    perqc(&[
+        "eval",
+        fixture(model).to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--seq",
+        "32",
+        "--windows",
+        "4",
+        "--skip-chars",
+        "100",
+        "--quiet",
+    ])
+}
+
+/// A .npy of int64 ids, 1-d.
+fn write_ids(path: &Path, ids: &[i64]) {
+    let mut header = format!(
+        "{{'descr': '<i8', 'fortran_order': False, 'shape': ({},), }}",
+        ids.len()
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend((header.len() as u16).to_le_bytes());
+    b.extend(header.as_bytes());
+    b.extend(ids.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn text_and_exports_agree() {
+    let text = fixture("tiny_text.txt");
+    let a = ppl(&eval_text("llama_ts.onnx", &text));
+    let b = ppl(&eval_text("llama_dynamo.onnx", &text));
+    assert!(a.is_finite() && a > 1.0, "{a}");
+    assert!((a - b).abs() <= 1e-4 * a, "torchscript {a} vs dynamo {b}");
+}
+
+#[test]
+fn ids_agree_with_onnx_runtime() {
+    // Register a case for the conformance runner: ONNX Runtime scores the same windows of
+    // the same ids and must reach the same perplexity.
+    let dir = scratch("ids");
+    let ids: Vec<i64> = (0..100).map(|i| (i * 37 + 11) % 256).collect();
+    let npy = dir.join("ids.npy");
+    write_ids(&npy, &ids);
+    let model = fixture("llama_ts.onnx");
+    let o = perqc(&[
+        "eval",
+        model.to_str().unwrap(),
+        "--ids",
+        npy.to_str().unwrap(),
+        "--seq",
+        "24",
+        "--windows",
+        "3",
+        "--quiet",
+    ]);
+    let value = ppl(&o);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("tokens=69"),
+        "3 windows of 23 predictions: {stdout}"
+    );
+    let cases = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance");
+    std::fs::create_dir_all(&cases).unwrap();
+    let json = format!(
+        "{{\"cases\": [{{\"name\": \"eval_ppl_llama_ts\", \"mode\": \"ppl\", \"model\": {:?}, \"ids\": {:?}, \"seq\": 24, \"windows\": 3, \"ppl\": {value}, \"rtol\": 1e-4}}]}}\n",
+        std::fs::canonicalize(&model).unwrap(),
+        std::fs::canonicalize(&npy).unwrap(),
+    );
+    std::fs::write(cases.join("eval_ppl_llama_ts.json"), json).unwrap();
+}
+
+/// A failed eval: non-zero exit, one error line naming `names`.
+fn fails(o: &Output, names: &[&str]) {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "succeeded: {stderr}");
+    assert_ne!(o.status.code(), Some(101), "panicked: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for n in names {
+        assert!(stderr.contains(n), "error lacks `{n}`: {stderr}");
+    }
+}
+
+#[test]
+fn bad_inputs_name_the_file() {
+    let dir = scratch("bad");
+    let model = fixture("llama_ts.onnx");
+    let m = model.to_str().unwrap();
+    let text = fixture("tiny_text.txt");
+    let t = text.to_str().unwrap();
+
+    let bad_tok = dir.join("tok.json");
+    std::fs::write(&bad_tok, "{ not json").unwrap();
+    fails(
+        &perqc(&[
+            "eval",
+            m,
+            "--tokenizer",
+            bad_tok.to_str().unwrap(),
+            "--text",
+            t,
+        ]),
+        &["tok.json", "tokenizer"],
+    );
+
+    let tok = fixture("tiny_tokenizer.json");
+    let tk = tok.to_str().unwrap();
+    fails(
+        &perqc(&[
+            "eval",
+            m,
+            "--tokenizer",
+            tk,
+            "--text",
+            "/nonexistent/text.txt",
+        ]),
+        &["text.txt", "cannot read"],
+    );
+
+    let latin1 = dir.join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9 au lait").unwrap();
+    fails(
+        &perqc(&[
+            "eval",
+            m,
+            "--tokenizer",
+            tk,
+            "--text",
+            latin1.to_str().unwrap(),
+        ]),
+        &["latin1.txt", "not UTF-8", "offset 3"],
+    );
+
+    fails(
+        &perqc(&[
+            "eval",
+            m,
+            "--tokenizer",
+            tk,
+            "--text",
+            t,
+            "--skip-chars",
+            "99999999",
+        ]),
+        &["tiny_text.txt", "--skip-chars"],
+    );
+
+    let floats = dir.join("floats.npy");
+    std::fs::write(&floats, b"\x93NUMPY\x01\x00\x76\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }                                                                           \n\x00\x00\x80\x3f\x00\x00\x00\x40").unwrap();
+    fails(
+        &perqc(&["eval", m, "--ids", floats.to_str().unwrap()]),
+        &["floats.npy"],
+    );
+
+    let short = dir.join("short.npy");
+    write_ids(&short, &[1, 2, 3]);
+    fails(
+        &perqc(&["eval", m, "--ids", short.to_str().unwrap(), "--seq", "16"]),
+        &["3 tokens", "no complete window"],
+    );
+
+    let big = dir.join("big.npy");
+    write_ids(&big, &[1, 2, 300, 4]);
+    fails(
+        &perqc(&["eval", m, "--ids", big.to_str().unwrap(), "--seq", "4"]),
+        &["300", "Gather", "out of range"],
+    );
+}

@@ -1,0 +1,304 @@
+//! Elementwise kernels: unary maps, numpy-broadcast binary arithmetic, comparisons, logic,
+//! variadic Max/Min and Where.
+//!
+//! Broadcasting: operands are viewed (never copied) at the broadcast shape and combined in
+//! one `Zip` pass that allocates only the result.
+
+use crate::ops::kernel::{Arr, KernelCtx, KernelError, RtTensor, broadcast_shape, req, req_f32};
+use ndarray::{ArrayD, IxDyn, Zip};
+
+type In<'a, 'b> = &'a [Option<&'b RtTensor>];
+type Out = Result<Vec<RtTensor>, KernelError>;
+
+/// `f(a, b)` over the broadcast of `a` and `b`.
+pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Send>(
+    a: &Arr<A>,
+    b: &Arr<B>,
+    f: impl Fn(A, B) -> C + Sync + Send,
+) -> Result<ArrayD<C>, KernelError> {
+    let par = a.len().max(b.len()) >= PAR_MIN_ELEMS;
+    if a.shape() == b.shape() {
+        return Ok(if par {
+            Zip::from(a).and(b).par_map_collect(|&x, &y| f(x, y))
+        } else {
+            Zip::from(a).and(b).map_collect(|&x, &y| f(x, y))
+        });
+    }
+    let shape = IxDyn(&broadcast_shape(a.shape(), b.shape())?);
+    let bad = || KernelError::Broadcast {
+        a: a.shape().to_vec(),
+        b: b.shape().to_vec(),
+    };
+    let av = a.broadcast(shape.clone()).ok_or_else(bad)?;
+    let bv = b.broadcast(shape).ok_or_else(bad)?;
+    Ok(if par {
+        Zip::from(&av).and(&bv).par_map_collect(|&x, &y| f(x, y))
+    } else {
+        Zip::from(&av).and(&bv).map_collect(|&x, &y| f(x, y))
+    })
+}
+
+/// Elementwise ops on at least this many elements split the work over the session's
+/// threads (rayon); below it the split costs more than it saves.
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 16;
+
+fn type_err(i: usize, t: &RtTensor) -> KernelError {
+    KernelError::InputType {
+        index: i,
+        dtype: t.dtype(),
+    }
+}
+
+// ---- unary -------------------------------------------------------------------------------
+
+fn map_f32(inputs: In, f: impl Fn(f32) -> f32 + Sync + Send) -> Out {
+    let a = req_f32(inputs, 0)?;
+    Ok(vec![RtTensor::f32(if a.len() >= PAR_MIN_ELEMS {
+        Zip::from(a).par_map_collect(|&x| f(x))
+    } else {
+        a.map(|&x| f(x))
+    })])
+}
+
+macro_rules! unary_f32 {
+    ($($name:ident => $f:expr;)*) => {$(
+        pub fn $name(_: &KernelCtx<'_>, inputs: In) -> Out {
+            map_f32(inputs, $f)
+        }
+    )*};
+}
+
+unary_f32! {
+    sqrt => f32::sqrt;
+    reciprocal => |x: f32| 1.0 / x;
+    exp => f32::exp;
+    erf => libm::erff;
+    tanh => f32::tanh;
+    // 1 / (1 + e^-x), written to stay finite for large |x|.
+    sigmoid => |x: f32| if x >= 0.0 { 1.0 / (1.0 + (-x).exp()) } else { let e = x.exp(); e / (1.0 + e) };
+    relu => |x: f32| x.max(0.0);
+    cos => f32::cos;
+    sin => f32::sin;
+}
+
+/// Gelu: `x/2 (1 + erf(x/sqrt 2))`, or with `approximate="tanh"`
+/// `x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+pub fn gelu(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    if ctx.string("approximate") == Some(b"tanh") {
+        let c = (2.0f32 / std::f32::consts::PI).sqrt();
+        map_f32(inputs, move |x| {
+            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+        })
+    } else {
+        map_f32(inputs, |x| {
+            0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+        })
+    }
+}
+
+pub fn neg(_: &KernelCtx<'_>, inputs: In) -> Out {
+    let a = req(inputs, 0)?;
+    Ok(vec![match a {
+        RtTensor::F32(a) => RtTensor::f32(a.map(|&x| -x)),
+        RtTensor::I64(a) => RtTensor::i64(a.map(|&x| x.wrapping_neg())),
+        RtTensor::I32(a) => RtTensor::I32(a.map(|&x| x.wrapping_neg()).into_shared()),
+        RtTensor::I8(a) => RtTensor::I8(a.map(|&x| x.wrapping_neg()).into_shared()),
+        other => return Err(type_err(0, other)),
+    }])
+}
+
+pub fn not(_: &KernelCtx<'_>, inputs: In) -> Out {
+    match req(inputs, 0)? {
+        RtTensor::Bool(a) => Ok(vec![RtTensor::bool(a.map(|&x| !x))]),
+        other => Err(type_err(0, other)),
+    }
+}
+
+// ---- binary arithmetic ---------------------------------------------------------------------
+
+macro_rules! arith {
+    ($name:ident, $ff:expr, $fi:expr) => {
+        pub fn $name(_: &KernelCtx<'_>, inputs: In) -> Out {
+            let (a, b) = (req(inputs, 0)?, req(inputs, 1)?);
+            Ok(vec![match (a, b) {
+                (RtTensor::F32(a), RtTensor::F32(b)) => RtTensor::f32(zip2(a, b, $ff)?),
+                (RtTensor::I64(a), RtTensor::I64(b)) => RtTensor::i64(zip2(a, b, $fi)?),
+                (RtTensor::I32(a), RtTensor::I32(b)) => RtTensor::I32(
+                    zip2(a, b, |x: i32, y: i32| $fi(x as i64, y as i64) as i32)?.into_shared(),
+                ),
+                (a, b) if a.dtype() != b.dtype() => return Err(type_err(1, b)),
+                (a, _) => return Err(type_err(0, a)),
+            }])
+        }
+    };
+}
+
+arith!(add, |x: f32, y: f32| x + y, |x: i64, y: i64| x
+    .wrapping_add(y));
+arith!(sub, |x: f32, y: f32| x - y, |x: i64, y: i64| x
+    .wrapping_sub(y));
+arith!(mul, |x: f32, y: f32| x * y, |x: i64, y: i64| x
+    .wrapping_mul(y));
+// Integer division truncates toward zero (C semantics, as ONNX Runtime); a zero divisor is
+// reported before dividing.
+arith!(div_inner, |x: f32, y: f32| x / y, |x: i64, y: i64| x
+    .wrapping_div(y));
+
+pub fn div(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let b = req(inputs, 1)?;
+    if !matches!(b, RtTensor::F32(_)) && b.to_i64_vec().is_some_and(|v| v.contains(&0)) {
+        return Err(KernelError::Invalid("integer division by zero".into()));
+    }
+    div_inner(ctx, inputs)
+}
+
+/// Pow: f32 base; f32 or integer exponent. Scalar exponents 2 and 0.5 take exact fast paths
+/// (`x*x`, `sqrt x`), which `powf` also returns exactly.
+pub fn pow(_: &KernelCtx<'_>, inputs: In) -> Out {
+    let a = req_f32(inputs, 0)?;
+    let e = req(inputs, 1)?;
+    let ef: Arr<f32> = match e {
+        RtTensor::F32(e) => e.clone(),
+        other => match other.to_i64_vec() {
+            Some(v) => {
+                ArrayD::from_shape_vec(IxDyn(other.shape()), v.iter().map(|&x| x as f32).collect())?
+                    .into_shared()
+            }
+            None => return Err(type_err(1, other)),
+        },
+    };
+    if ef.len() == 1 && ef.ndim() <= a.ndim() {
+        let p = *ef.iter().next().expect("one element");
+        let out = if p == 2.0 {
+            a.map(|&x| x * x)
+        } else if p == 0.5 {
+            a.map(|&x| x.sqrt())
+        } else {
+            a.map(|&x| x.powf(p))
+        };
+        return Ok(vec![RtTensor::f32(out)]);
+    }
+    Ok(vec![RtTensor::f32(zip2(a, &ef, f32::powf)?)])
+}
+
+// ---- comparisons and logic --------------------------------------------------------------
+
+macro_rules! compare {
+    ($name:ident, $op:tt) => {
+        pub fn $name(_: &KernelCtx<'_>, inputs: In) -> Out {
+            let (a, b) = (req(inputs, 0)?, req(inputs, 1)?);
+            let out = match (a, b) {
+                (RtTensor::F32(a), RtTensor::F32(b)) => zip2(a, b, |x, y| x $op y)?,
+                (RtTensor::I64(a), RtTensor::I64(b)) => zip2(a, b, |x, y| x $op y)?,
+                (RtTensor::I32(a), RtTensor::I32(b)) => zip2(a, b, |x, y| x $op y)?,
+                (RtTensor::Bool(a), RtTensor::Bool(b)) => zip2(a, b, |x, y| x $op y)?,
+                (RtTensor::U8(a), RtTensor::U8(b)) => zip2(a, b, |x, y| x $op y)?,
+                (RtTensor::I8(a), RtTensor::I8(b)) => zip2(a, b, |x, y| x $op y)?,
+                (a, b) if a.dtype() != b.dtype() => return Err(type_err(1, b)),
+                (a, _) => return Err(type_err(0, a)),
+            };
+            Ok(vec![RtTensor::bool(out)])
+        }
+    };
+}
+
+compare!(equal, ==);
+compare!(less, <);
+compare!(less_or_equal, <=);
+compare!(greater, >);
+compare!(greater_or_equal, >=);
+
+macro_rules! logic {
+    ($name:ident, $f:expr) => {
+        pub fn $name(_: &KernelCtx<'_>, inputs: In) -> Out {
+            match (req(inputs, 0)?, req(inputs, 1)?) {
+                (RtTensor::Bool(a), RtTensor::Bool(b)) => Ok(vec![RtTensor::bool(zip2(a, b, $f)?)]),
+                (RtTensor::Bool(_), b) => Err(type_err(1, b)),
+                (a, _) => Err(type_err(0, a)),
+            }
+        }
+    };
+}
+
+logic!(and, |x: bool, y: bool| x && y);
+logic!(or, |x: bool, y: bool| x || y);
+logic!(xor, |x: bool, y: bool| x ^ y);
+
+// ---- variadic ----------------------------------------------------------------------------
+
+macro_rules! variadic {
+    ($name:ident, $ff:expr, $fi:expr) => {
+        /// Folds the inputs left to right with broadcasting. NaN propagates (as in ONNX
+        /// Runtime) for floats.
+        pub fn $name(_: &KernelCtx<'_>, inputs: In) -> Out {
+            let mut acc = req(inputs, 0)?.clone();
+            for (i, t) in inputs.iter().enumerate().skip(1) {
+                let Some(t) = t else { continue };
+                acc = match (&acc, *t) {
+                    (RtTensor::F32(a), RtTensor::F32(b)) => RtTensor::f32(zip2(a, b, $ff)?),
+                    (RtTensor::I64(a), RtTensor::I64(b)) => RtTensor::i64(zip2(a, b, $fi)?),
+                    (_, b) => return Err(type_err(i, b)),
+                };
+            }
+            if let RtTensor::F32(_) | RtTensor::I64(_) = acc {
+                Ok(vec![acc])
+            } else {
+                Err(type_err(0, &acc))
+            }
+        }
+    };
+}
+
+variadic!(
+    max,
+    |x: f32, y: f32| if x.is_nan() || y.is_nan() {
+        f32::NAN
+    } else {
+        x.max(y)
+    },
+    |x: i64, y: i64| x.max(y)
+);
+variadic!(
+    min,
+    |x: f32, y: f32| if x.is_nan() || y.is_nan() {
+        f32::NAN
+    } else {
+        x.min(y)
+    },
+    |x: i64, y: i64| x.min(y)
+);
+
+/// `Where(c, x, y)`: `x` where `c`, else `y`, with three-way broadcasting.
+pub fn where_(_: &KernelCtx<'_>, inputs: In) -> Out {
+    let RtTensor::Bool(c) = req(inputs, 0)? else {
+        return Err(type_err(0, req(inputs, 0)?));
+    };
+    let (x, y) = (req(inputs, 1)?, req(inputs, 2)?);
+    let shape = broadcast_shape(&broadcast_shape(c.shape(), x.shape())?, y.shape())?;
+    let ix = IxDyn(&shape);
+    let bad = || KernelError::Broadcast {
+        a: c.shape().to_vec(),
+        b: shape.clone(),
+    };
+    let cv = c.broadcast(ix.clone()).ok_or_else(bad)?;
+    macro_rules! sel {
+        ($x:expr, $y:expr) => {{
+            let xv = $x.broadcast(ix.clone()).ok_or_else(bad)?;
+            let yv = $y.broadcast(ix.clone()).ok_or_else(bad)?;
+            Zip::from(&cv)
+                .and(&xv)
+                .and(&yv)
+                .map_collect(|&c, &x, &y| if c { x } else { y })
+                .into_shared()
+        }};
+    }
+    Ok(vec![match (x, y) {
+        (RtTensor::F32(x), RtTensor::F32(y)) => RtTensor::F32(sel!(x, y)),
+        (RtTensor::I64(x), RtTensor::I64(y)) => RtTensor::I64(sel!(x, y)),
+        (RtTensor::I32(x), RtTensor::I32(y)) => RtTensor::I32(sel!(x, y)),
+        (RtTensor::Bool(x), RtTensor::Bool(y)) => RtTensor::Bool(sel!(x, y)),
+        (RtTensor::U8(x), RtTensor::U8(y)) => RtTensor::U8(sel!(x, y)),
+        (RtTensor::I8(x), RtTensor::I8(y)) => RtTensor::I8(sel!(x, y)),
+        (_, y) => return Err(type_err(2, y)),
+    }])
+}

@@ -1,0 +1,245 @@
+//! MatMul (numpy-broadcast batched) and Gemm on the `gemm` crate.
+//!
+//! Operands are passed to `gemm` with their element strides, so transposed or sliced views
+//! (zero-copy Transpose/Slice results) need no copy. The result is always a fresh
+//! row-major array.
+
+use crate::ops::kernel::{KernelCtx, KernelError, RtTensor, broadcast_shape, opt, req_f32};
+use gemm::Parallelism;
+use ndarray::{ArrayD, ArrayView2, IxDyn, Zip};
+use rayon::prelude::*;
+
+type In<'a, 'b> = &'a [Option<&'b RtTensor>];
+type Out = Result<Vec<RtTensor>, KernelError>;
+
+/// Products smaller than this many multiply-adds run single-threaded per matrix; batches
+/// of them are spread over threads instead.
+const PAR_MIN_FLOPS: usize = 1 << 21;
+
+/// A raw f32 pointer that may cross threads; each task writes a disjoint block.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+/// One matrix operand: base pointer and (row, column) element strides.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+/// `dst (m x n, row-major, contiguous) = beta_dst * dst + lhs (m x k) * rhs (k x n)` with
+/// `read_dst = beta_dst != 0`.
+///
+/// Safety: `lhs`/`rhs` address valid `m x k` / `k x n` matrices; `dst` an `m x n` buffer.
+#[allow(clippy::too_many_arguments)] // mirrors `gemm::gemm`
+unsafe fn gemm_one(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    lhs: Mat,
+    rhs: Mat,
+    dst_scale: f32,
+    prod_scale: f32,
+    par: Parallelism,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            dst_scale != 0.0,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            dst_scale,
+            prod_scale,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+fn parallelism(threads: usize) -> Parallelism {
+    if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// MatMul with numpy semantics: 1-d operands are promoted (and the added axis removed from
+/// the result); leading (batch) axes broadcast.
+pub fn matmul(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let (a, b) = (req_f32(inputs, 0)?, req_f32(inputs, 1)?);
+    let (a1, b1) = (a.ndim() == 1, b.ndim() == 1);
+    let a = if a1 {
+        a.view().insert_axis(ndarray::Axis(0))
+    } else {
+        a.view()
+    };
+    let b = if b1 {
+        b.view().insert_axis(ndarray::Axis(1))
+    } else {
+        b.view()
+    };
+    if a.ndim() == 0 || b.ndim() == 0 {
+        return Err(KernelError::Invalid("MatMul of a scalar".into()));
+    }
+    let (ra, rb) = (a.ndim(), b.ndim());
+    let (m, k) = (a.shape()[ra - 2], a.shape()[ra - 1]);
+    let (k2, n) = (b.shape()[rb - 2], b.shape()[rb - 1]);
+    if k != k2 {
+        return Err(KernelError::Invalid(format!(
+            "MatMul inner dimensions differ: {:?} x {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let batch = broadcast_shape(&a.shape()[..ra - 2], &b.shape()[..rb - 2])?;
+    let bcast = |v: &ndarray::ArrayViewD<'_, f32>, r: usize, inner: [usize; 2]| {
+        let mut s = batch.clone();
+        s.extend_from_slice(&inner);
+        v.broadcast(IxDyn(&s))
+            .map(|x| x.strides().to_vec())
+            .ok_or_else(|| KernelError::Broadcast {
+                a: v.shape()[..r - 2].to_vec(),
+                b: batch.clone(),
+            })
+    };
+    let sa = bcast(&a, ra, [m, k])?;
+    let sb = bcast(&b, rb, [k, n])?;
+    let nb: usize = batch.iter().product();
+    let mut out = vec![0f32; nb * m * n];
+    // Element offset of batch `i` in an operand with broadcast strides `s`.
+    let offset = |mut i: usize, s: &[isize]| -> isize {
+        let mut off = 0isize;
+        for d in (0..batch.len()).rev() {
+            off += (i % batch[d]) as isize * s[d];
+            i /= batch[d];
+        }
+        off
+    };
+    let nd = batch.len();
+    let mat = |base: *const f32, s: &[isize], i: usize| Mat {
+        ptr: base.wrapping_offset(offset(i, s)),
+        rs: s[nd],
+        cs: s[nd + 1],
+    };
+    let dst = Ptr(out.as_mut_ptr());
+    let (pa, pb) = (Ptr(a.as_ptr() as *mut f32), Ptr(b.as_ptr() as *mut f32));
+    let work = |i: usize, par: Parallelism| {
+        // Capture the whole Send wrappers, not their raw-pointer fields.
+        let (pa, pb, d) = (pa, pb, dst);
+        let (lhs, rhs) = (mat(pa.0, &sa, i), mat(pb.0, &sb, i));
+        // Safety: offsets come from `broadcast` strides of live views, and batch `i` writes
+        // only its own `m x n` block of `out`.
+        unsafe { gemm_one(m, n, k, d.0.add(i * m * n), lhs, rhs, 0.0, 1.0, par) }
+    };
+    if m * n > 0 {
+        if nb > 1 && m * n * k < PAR_MIN_FLOPS && ctx.threads > 1 {
+            (0..nb)
+                .into_par_iter()
+                .for_each(|i| work(i, Parallelism::None));
+        } else {
+            for i in 0..nb {
+                work(i, parallelism(ctx.threads));
+            }
+        }
+    }
+    let mut shape = batch;
+    if !a1 {
+        shape.push(m);
+    }
+    if !b1 {
+        shape.push(n);
+    }
+    Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
+        IxDyn(&shape),
+        out,
+    )?)])
+}
+
+/// Gemm: `Y = alpha * A' B' + beta * C`, `A' = transA ? A^T : A`, C unidirectionally
+/// broadcast to `[M, N]`.
+pub fn gemm(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let (a, b) = (req_f32(inputs, 0)?, req_f32(inputs, 1)?);
+    fn two(
+        x: &ndarray::ArcArray<f32, IxDyn>,
+        i: usize,
+    ) -> Result<ArrayView2<'_, f32>, KernelError> {
+        x.view()
+            .into_dimensionality()
+            .map_err(|_| KernelError::Invalid(format!("Gemm input {i} must be 2-d")))
+    }
+    let (mut a2, mut b2) = (two(a, 0)?, two(b, 1)?);
+    if ctx.int("transA", 0) != 0 {
+        a2 = a2.reversed_axes();
+    }
+    if ctx.int("transB", 0) != 0 {
+        b2 = b2.reversed_axes();
+    }
+    let ((m, k), (k2, n)) = (a2.dim(), b2.dim());
+    if k != k2 {
+        return Err(KernelError::Invalid(format!(
+            "Gemm inner dimensions differ: {m}x{k} x {k2}x{n}"
+        )));
+    }
+    let (alpha, beta) = (ctx.float("alpha", 1.0), ctx.float("beta", 1.0));
+    let mut out = ndarray::Array2::<f32>::zeros((m, n));
+    let mut dst_scale = 0.0;
+    if let (Some(c), true) = (opt(inputs, 2), beta != 0.0) {
+        let c = c.as_f32().ok_or(KernelError::InputType {
+            index: 2,
+            dtype: c.dtype(),
+        })?;
+        let cv = c.broadcast((m, n)).ok_or_else(|| KernelError::Broadcast {
+            a: c.shape().to_vec(),
+            b: vec![m, n],
+        })?;
+        Zip::from(&mut out).and(&cv).for_each(|o, &c| *o = beta * c);
+        dst_scale = 1.0;
+    }
+    let sa = a2.strides();
+    let sb = b2.strides();
+    let lhs = Mat {
+        ptr: a2.as_ptr(),
+        rs: sa[0],
+        cs: sa[1],
+    };
+    let rhs = Mat {
+        ptr: b2.as_ptr(),
+        rs: sb[0],
+        cs: sb[1],
+    };
+    if m * n > 0 {
+        // Safety: views of live arrays; `out` is a contiguous m x n buffer.
+        unsafe {
+            gemm_one(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                lhs,
+                rhs,
+                dst_scale,
+                alpha,
+                parallelism(ctx.threads),
+            )
+        }
+    }
+    Ok(vec![RtTensor::f32(out.into_dyn())])
+}

@@ -1,0 +1,320 @@
+//! Constants and generators (Constant, ConstantOfShape, Range), casts, Trilu, and
+//! QuantizeLinear / DequantizeLinear (per-tensor, per-axis and blocked).
+
+use crate::ops::kernel::{
+    Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints,
+};
+use crate::{AttrValue, DType, Tensor};
+use ndarray::{ArrayD, Axis, IxDyn, Zip};
+
+type In<'a, 'b> = &'a [Option<&'b RtTensor>];
+type Out = Result<Vec<RtTensor>, KernelError>;
+
+/// The node's value attribute (`value`, `value_float(s)`, `value_int(s)`).
+pub fn constant(ctx: &KernelCtx<'_>, _: In) -> Out {
+    let node = ctx.node;
+    let t = match node.attrs.first().map(|a| (a.name.as_str(), &a.value)) {
+        Some(("value", AttrValue::Tensor(t))) => RtTensor::from_tensor(t)?,
+        Some(("value_float", AttrValue::Float(v))) => {
+            RtTensor::f32(ArrayD::from_elem(IxDyn(&[]), *v))
+        }
+        Some(("value_floats", AttrValue::Floats(v))) => {
+            RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.clone())?)
+        }
+        Some(("value_int", AttrValue::Int(v))) => RtTensor::i64(ArrayD::from_elem(IxDyn(&[]), *v)),
+        Some(("value_ints", AttrValue::Ints(v))) => RtTensor::i64_vec(v.clone()),
+        other => {
+            return Err(KernelError::Invalid(format!(
+                "Constant: unsupported value attribute {:?}",
+                other.map(|o| o.0)
+            )));
+        }
+    };
+    Ok(vec![t])
+}
+
+/// A tensor of the given shape filled with the `value` attribute (default f32 0).
+pub fn constant_of_shape(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let shape: Vec<usize> = req_ints(inputs, 0)?
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| KernelError::Invalid("negative dim".into())))
+        .collect::<Result<_, _>>()?;
+    let ix = IxDyn(&shape);
+    let value = match ctx.tensor("value") {
+        Some(t) => RtTensor::from_tensor(t)?,
+        None => RtTensor::from_tensor(&Tensor::from_f32(vec![1], &[0.0]))?,
+    };
+    if value.len() != 1 {
+        return Err(KernelError::Invalid(
+            "ConstantOfShape value must have one element".into(),
+        ));
+    }
+    Ok(vec![crate::rt_map!(&value, a => {
+        let v = a.iter().next().cloned().expect("one element");
+        ArrayD::from_elem(ix, v).into_shared()
+    })])
+}
+
+/// `start, start + delta, ...` while before `limit`: `max(ceil((limit - start) / delta), 0)`
+/// elements.
+pub fn range(_: &KernelCtx<'_>, inputs: In) -> Out {
+    let (s, l, d) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
+    let scalar = |t: &RtTensor| -> Result<f64, KernelError> {
+        match t {
+            RtTensor::F32(a) if a.len() == 1 => Ok(a.iter().next().copied().unwrap_or(0.0) as f64),
+            t if t.len() == 1 => {
+                Ok(t.to_i64_vec().and_then(|v| v.first().copied()).unwrap_or(0) as f64)
+            }
+            _ => Err(KernelError::Invalid(
+                "Range operands must be scalars".into(),
+            )),
+        }
+    };
+    let (fs, fl, fd) = (scalar(s)?, scalar(l)?, scalar(d)?);
+    if fd == 0.0 {
+        return Err(KernelError::Invalid("Range delta is 0".into()));
+    }
+    let n = ((fl - fs) / fd).ceil().max(0.0) as usize;
+    Ok(vec![match s {
+        RtTensor::F32(_) => {
+            let (s, d) = (fs as f32, fd as f32);
+            RtTensor::f32(ArrayD::from_shape_fn(IxDyn(&[n]), |i| s + i[0] as f32 * d))
+        }
+        RtTensor::I64(_) | RtTensor::I32(_) => {
+            let (st, d) = (fs as i64, fd as i64);
+            let v = ArrayD::from_shape_fn(IxDyn(&[n]), |i| st + i[0] as i64 * d);
+            if let RtTensor::I32(_) = s {
+                RtTensor::I32(v.mapv(|x| x as i32).into_shared())
+            } else {
+                RtTensor::i64(v)
+            }
+        }
+        other => {
+            return Err(KernelError::InputType {
+                index: 0,
+                dtype: other.dtype(),
+            });
+        }
+    }])
+}
+
+/// Any tensor's values as f32 (bools as 0/1).
+fn to_f32(t: &RtTensor) -> Arr<f32> {
+    match t {
+        RtTensor::F32(a) => a.clone(),
+        RtTensor::I64(a) => a.mapv(|v| v as f32).into_shared(),
+        RtTensor::I32(a) => a.mapv(|v| v as f32).into_shared(),
+        RtTensor::Bool(a) => a.mapv(|v| v as u8 as f32).into_shared(),
+        RtTensor::U8(a) | RtTensor::U4(a) => a.mapv(|v| v as f32).into_shared(),
+        RtTensor::I8(a) | RtTensor::I4(a) => a.mapv(|v| v as f32).into_shared(),
+    }
+}
+
+/// Converts to `to`. Float to integer truncates toward zero (saturating); integer to
+/// narrower integer wraps (two's complement), as C casts do in ONNX Runtime.
+pub fn cast_to(t: &RtTensor, to: DType) -> Result<RtTensor, KernelError> {
+    if t.dtype() == to {
+        return Ok(t.clone());
+    }
+    macro_rules! int_to {
+        ($ty:ty, $v:ident) => {
+            match t {
+                RtTensor::F32(a) => a.mapv(|x| x as $ty).into_shared(),
+                RtTensor::Bool(a) => a.mapv(|x| x as $ty).into_shared(),
+                other => {
+                    let v = other.to_i64_vec().expect("integer tensor");
+                    ArrayD::from_shape_vec(
+                        IxDyn(other.shape()),
+                        v.into_iter().map(|x| x as $ty).collect(),
+                    )?
+                    .into_shared()
+                }
+            }
+        };
+    }
+    Ok(match to {
+        DType::F32 => RtTensor::F32(to_f32(t)),
+        DType::Bool => RtTensor::Bool(match t {
+            RtTensor::F32(a) => a.mapv(|x| x != 0.0).into_shared(),
+            other => {
+                let v = other.to_i64_vec().expect("integer tensor");
+                ArrayD::from_shape_vec(
+                    IxDyn(other.shape()),
+                    v.into_iter().map(|x| x != 0).collect(),
+                )?
+                .into_shared()
+            }
+        }),
+        DType::I64 => RtTensor::I64(int_to!(i64, I64)),
+        DType::I32 => RtTensor::I32(int_to!(i32, I32)),
+        DType::U8 => RtTensor::U8(int_to!(u8, U8)),
+        DType::I8 => RtTensor::I8(int_to!(i8, I8)),
+        other => return Err(KernelError::UnsupportedType(other)),
+    })
+}
+
+pub fn cast(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let to = DType::from_code(ctx.int("to", 0) as i32)
+        .ok_or_else(|| KernelError::Invalid("Cast: missing or unknown `to`".into()))?;
+    Ok(vec![cast_to(req(inputs, 0)?, to)?])
+}
+
+pub fn cast_like(_: &KernelCtx<'_>, inputs: In) -> Out {
+    Ok(vec![cast_to(req(inputs, 0)?, req(inputs, 1)?.dtype())?])
+}
+
+/// Trilu: keeps `j - i >= k` (upper, default) or `j - i <= k` (lower) of the last two axes
+/// and zeroes the rest.
+pub fn trilu(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let x = req(inputs, 0)?;
+    let k = match opt(inputs, 1) {
+        Some(_) => req_ints(inputs, 1)?.first().copied().unwrap_or(0),
+        None => 0,
+    };
+    let upper = ctx.int("upper", 1) != 0;
+    let r = x.shape().len();
+    if r < 2 {
+        return Err(KernelError::Invalid("Trilu needs rank >= 2".into()));
+    }
+    let keep = move |i: usize, j: usize| {
+        let d = j as i64 - i as i64;
+        if upper { d >= k } else { d <= k }
+    };
+    macro_rules! tri {
+        ($a:expr, $zero:expr) => {{
+            let mut o = $a.to_owned();
+            for mut m in o
+                .lanes_mut(Axis(r - 1))
+                .into_iter()
+                .enumerate()
+                .map(|(n, l)| (n, l))
+            {
+                let i = m.0 % x.shape()[r - 2];
+                for (j, v) in m.1.iter_mut().enumerate() {
+                    if !keep(i, j) {
+                        *v = $zero;
+                    }
+                }
+            }
+            o.into_shared()
+        }};
+    }
+    Ok(vec![match x {
+        RtTensor::F32(a) => RtTensor::F32(tri!(a, 0.0)),
+        RtTensor::I64(a) => RtTensor::I64(tri!(a, 0)),
+        RtTensor::I32(a) => RtTensor::I32(tri!(a, 0)),
+        RtTensor::Bool(a) => RtTensor::Bool(tri!(a, false)),
+        RtTensor::U8(a) | RtTensor::U4(a) => RtTensor::U8(tri!(a, 0)),
+        RtTensor::I8(a) | RtTensor::I4(a) => RtTensor::I8(tri!(a, 0)),
+    }])
+}
+
+/// The scale (or zero point) `p` expanded to `shape`: per-tensor (one element), per-axis
+/// (1-d of `shape[axis]`), or blocked (same rank, `ceil(shape[axis] / block)` along `axis`:
+/// element `j` uses entry `j / block`).
+fn expand_param(
+    p: &Arr<f32>,
+    shape: &[usize],
+    ax: usize,
+    block: usize,
+) -> Result<Arr<f32>, KernelError> {
+    let bad = || {
+        KernelError::Invalid(format!(
+            "quantization parameter {:?} does not fit {shape:?} (axis {ax}, block {block})",
+            p.shape()
+        ))
+    };
+    let ix = IxDyn(shape);
+    if p.len() == 1 && block == 0 {
+        let v = *p.iter().next().expect("one element");
+        return Ok(ArrayD::from_elem(ix, v).into_shared());
+    }
+    if block == 0 {
+        if p.ndim() != 1 || p.len() != shape[ax] {
+            return Err(bad());
+        }
+        let mut s = vec![1; shape.len()];
+        s[ax] = shape[ax];
+        let r = p.clone().into_shape_with_order(IxDyn(&s))?;
+        return Ok(r.broadcast(ix).ok_or_else(bad)?.to_owned().into_shared());
+    }
+    if p.ndim() != shape.len() || p.shape()[ax] != shape[ax].div_ceil(block) {
+        return Err(bad());
+    }
+    let idx: Vec<usize> = (0..shape[ax]).map(|j| j / block).collect();
+    let r = p.select(Axis(ax), &idx);
+    Ok(r.broadcast(ix).ok_or_else(bad)?.to_owned().into_shared())
+}
+
+fn q_axis(ctx: &KernelCtx<'_>, rank: usize) -> Result<(usize, usize), KernelError> {
+    let ax = if rank == 0 {
+        0
+    } else {
+        axis(ctx.int("axis", 1), rank)?
+    };
+    let block = usize::try_from(ctx.int("block_size", 0))
+        .map_err(|_| KernelError::Invalid("negative block_size".into()))?;
+    Ok((ax, block))
+}
+
+/// `y = (x - zero_point) * scale`.
+pub fn dequantize_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let x = req(inputs, 0)?;
+    if let RtTensor::F32(_) = x {
+        return Err(KernelError::InputType {
+            index: 0,
+            dtype: x.dtype(),
+        });
+    }
+    let xf = to_f32(x);
+    let (ax, block) = q_axis(ctx, xf.ndim())?;
+    let s = expand_param(req_f32(inputs, 1)?, xf.shape(), ax, block)?;
+    let mut y = Zip::from(&xf).and(&s).map_collect(|&v, &s| v * s);
+    if let Some(zp) = opt(inputs, 2) {
+        let z = expand_param(&to_f32(zp), xf.shape(), ax, block)?;
+        Zip::from(&mut y)
+            .and(&xf)
+            .and(&s)
+            .and(&z)
+            .for_each(|y, &v, &s, &z| *y = (v - z) * s);
+    }
+    Ok(vec![RtTensor::f32(y)])
+}
+
+/// `y = saturate(round_half_even(x / scale) + zero_point)` into the zero point's type, else
+/// `output_dtype` (opset 21), else u8.
+pub fn quantize_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let x = req_f32(inputs, 0)?;
+    let (ax, block) = q_axis(ctx, x.ndim())?;
+    let s = expand_param(req_f32(inputs, 1)?, x.shape(), ax, block)?;
+    let zp = opt(inputs, 2);
+    let to = match zp {
+        Some(z) => z.dtype(),
+        None => match ctx.int("output_dtype", 0) {
+            0 => DType::U8,
+            c => DType::from_code(c as i32)
+                .ok_or(KernelError::Invalid(format!("unknown output_dtype {c}")))?,
+        },
+    };
+    let (lo, hi) = match to {
+        DType::U8 => (0.0, 255.0),
+        DType::I8 => (-128.0, 127.0),
+        DType::U4 => (0.0, 15.0),
+        DType::I4 => (-8.0, 7.0),
+        other => return Err(KernelError::UnsupportedType(other)),
+    };
+    let z = match zp {
+        Some(z) => expand_param(&to_f32(z), x.shape(), ax, block)?,
+        None => ArrayD::zeros(IxDyn(x.shape())).into_shared(),
+    };
+    let q = Zip::from(x)
+        .and(&s)
+        .and(&z)
+        .map_collect(|&v, &s, &z| ((v / s).round_ties_even() + z).clamp(lo, hi));
+    Ok(vec![match to {
+        DType::U8 => RtTensor::U8(q.mapv(|v| v as u8).into_shared()),
+        DType::U4 => RtTensor::U4(q.mapv(|v| v as u8).into_shared()),
+        DType::I8 => RtTensor::I8(q.mapv(|v| v as i8).into_shared()),
+        _ => RtTensor::I4(q.mapv(|v| v as i8).into_shared()),
+    }])
+}

@@ -1,0 +1,247 @@
+//! Reductions (ReduceMean/Sum/Max, axes as attribute or input), Softmax and
+//! LayerNormalization.
+
+use crate::ops::kernel::{
+    Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints,
+};
+use ndarray::{ArrayD, Axis, IxDyn, Zip};
+
+type In<'a, 'b> = &'a [Option<&'b RtTensor>];
+type Out = Result<Vec<RtTensor>, KernelError>;
+
+/// The axes to reduce, sorted and deduplicated. `attr_form`: axes come from the attribute
+/// (older opsets), else from optional input 1. Empty axes mean all axes unless
+/// `noop_with_empty_axes` is set (then `None`: the op is the identity).
+fn reduce_axes(
+    ctx: &KernelCtx<'_>,
+    inputs: In,
+    rank: usize,
+    attr_form: bool,
+) -> Result<Option<Vec<usize>>, KernelError> {
+    let given: Vec<i64> = if attr_form {
+        ctx.ints("axes").map(<[i64]>::to_vec).unwrap_or_default()
+    } else if opt(inputs, 1).is_some() {
+        req_ints(inputs, 1)?
+    } else {
+        Vec::new()
+    };
+    if given.is_empty() {
+        if !attr_form && ctx.int("noop_with_empty_axes", 0) != 0 {
+            return Ok(None);
+        }
+        return Ok(Some((0..rank).collect()));
+    }
+    let mut ax = given
+        .iter()
+        .map(|&a| axis(a, rank))
+        .collect::<Result<Vec<_>, _>>()?;
+    ax.sort_unstable();
+    ax.dedup();
+    Ok(Some(ax))
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// Reduces f32 (and i64 for Sum/Max) over the axes; `keepdims` (default 1) keeps them as 1.
+fn reduce(ctx: &KernelCtx<'_>, inputs: In, kind: Kind, attr_until: i64) -> Out {
+    let x = req(inputs, 0)?;
+    let attr_form = ctx.opset < attr_until;
+    let Some(axes) = reduce_axes(ctx, inputs, x.shape().len(), attr_form)? else {
+        return Ok(vec![x.clone()]);
+    };
+    let keep = ctx.int("keepdims", 1) != 0;
+    macro_rules! run {
+        ($a:expr, $zero:expr, $fold:expr, $finish:expr) => {{
+            let mut r: ArrayD<_> = $a.to_owned();
+            let mut count = 1usize;
+            for &ax in axes.iter().rev() {
+                count *= r.shape()[ax];
+                if r.shape()[ax] == 0 && matches!(kind, Kind::Max) {
+                    return Err(KernelError::Invalid("ReduceMax over an empty axis".into()));
+                }
+                r = r.fold_axis(Axis(ax), $zero, $fold);
+                if keep {
+                    r = r.insert_axis(Axis(ax));
+                }
+            }
+            $finish(r, count)
+        }};
+    }
+    Ok(vec![match (x, kind) {
+        (RtTensor::F32(a), Kind::Sum) => RtTensor::f32(run!(a, 0.0f32, |&s, &v| s + v, |r, _| r)),
+        (RtTensor::F32(a), Kind::Mean) => RtTensor::f32(run!(
+            a,
+            0.0f32,
+            |&s, &v| s + v,
+            |r: ArrayD<f32>, n: usize| r.mapv_into(|s| s / n as f32)
+        )),
+        (RtTensor::F32(a), Kind::Max) => RtTensor::f32(run!(
+            a,
+            f32::NEG_INFINITY,
+            |&s: &f32, &v: &f32| if v.is_nan() || v > s { v } else { s },
+            |r, _| r
+        )),
+        (RtTensor::I64(a), Kind::Sum) => RtTensor::i64(run!(
+            a,
+            0i64,
+            |&s: &i64, &v: &i64| s.wrapping_add(v),
+            |r, _| r
+        )),
+        (RtTensor::I64(a), Kind::Max) => {
+            RtTensor::i64(run!(a, i64::MIN, |&s: &i64, &v: &i64| s.max(v), |r, _| r))
+        }
+        (other, _) => {
+            return Err(KernelError::InputType {
+                index: 0,
+                dtype: other.dtype(),
+            });
+        }
+    }])
+}
+
+pub fn reduce_sum(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    reduce(ctx, inputs, Kind::Sum, 13)
+}
+
+pub fn reduce_mean(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    reduce(ctx, inputs, Kind::Mean, 18)
+}
+
+pub fn reduce_max(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    reduce(ctx, inputs, Kind::Max, 18)
+}
+
+/// `softmax(x)_i = exp(x_i - max x) / sum_j exp(x_j - max x)` over each row of `rows`
+/// (a 2-d row-major buffer, one softmax per row).
+fn softmax_rows(data: &mut [f32], row: usize) {
+    if row == 0 {
+        return;
+    }
+    let one = |r: &mut [f32]| {
+        let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0.0f32;
+        for v in r.iter_mut() {
+            *v = (*v - m).exp();
+            s += *v;
+        }
+        let inv = 1.0 / s;
+        r.iter_mut().for_each(|v| *v *= inv);
+    };
+    if data.len() >= super::elementwise::PAR_MIN_ELEMS {
+        use rayon::prelude::*;
+        data.par_chunks_exact_mut(row).for_each(one);
+    } else {
+        data.chunks_exact_mut(row).for_each(one);
+    }
+}
+
+/// Softmax. From opset 13 along one axis (default -1); before, over the flattened
+/// `[prod(shape[..axis]), prod(shape[axis..])]` matrix (default axis 1).
+pub fn softmax(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let x = req_f32(inputs, 0)?;
+    let rank = x.ndim();
+    if rank == 0 {
+        return Ok(vec![RtTensor::f32(x.map(|_| 1.0))]);
+    }
+    if ctx.opset < 13 {
+        let ax = axis(ctx.int("axis", 1), rank)?;
+        let row: usize = x.shape()[ax..].iter().product();
+        let mut out = x.as_standard_layout().into_owned();
+        softmax_rows(out.as_slice_mut().expect("standard layout"), row);
+        return Ok(vec![RtTensor::f32(out)]);
+    }
+    let ax = axis(ctx.int("axis", -1), rank)?;
+    // Move the axis last, softmax contiguous rows, move it back.
+    let mut perm: Vec<usize> = (0..rank).filter(|&i| i != ax).collect();
+    perm.push(ax);
+    let moved = x.view().permuted_axes(IxDyn(&perm));
+    let mut out = moved.as_standard_layout().into_owned();
+    softmax_rows(out.as_slice_mut().expect("standard layout"), x.shape()[ax]);
+    let mut inv = vec![0; rank];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p] = i;
+    }
+    let out = out.permuted_axes(IxDyn(&inv));
+    Ok(vec![RtTensor::f32(if ax == rank - 1 {
+        out
+    } else {
+        out.as_standard_layout().into_owned()
+    })])
+}
+
+/// LayerNormalization over axes `axis..`: `y = (x - mean) / sqrt(var + eps) * scale + bias`
+/// (population variance). Also returns Mean and InvStdDev (shape `[d0..d_{axis-1}, 1...]`).
+pub fn layer_norm(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let x = req_f32(inputs, 0)?;
+    let scale = req_f32(inputs, 1)?;
+    let bias: Option<&Arr<f32>> = match opt(inputs, 2) {
+        Some(b) => Some(req_f32(inputs, 2).map_err(|_| KernelError::InputType {
+            index: 2,
+            dtype: b.dtype(),
+        })?),
+        None => None,
+    };
+    let rank = x.ndim();
+    let ax = axis(ctx.int("axis", -1), rank)?;
+    let eps = ctx.float("epsilon", 1e-5);
+    let row: usize = x.shape()[ax..].iter().product();
+    let rows: usize = x.shape()[..ax].iter().product();
+    let norm_shape = &x.shape()[ax..];
+    let sv = scale
+        .broadcast(IxDyn(norm_shape))
+        .ok_or_else(|| KernelError::Broadcast {
+            a: scale.shape().to_vec(),
+            b: norm_shape.to_vec(),
+        })?
+        .as_standard_layout()
+        .into_owned();
+    let bv = match bias {
+        Some(b) => Some(
+            b.broadcast(IxDyn(norm_shape))
+                .ok_or_else(|| KernelError::Broadcast {
+                    a: b.shape().to_vec(),
+                    b: norm_shape.to_vec(),
+                })?
+                .as_standard_layout()
+                .into_owned(),
+        ),
+        None => None,
+    };
+    let s = sv.as_slice().expect("standard layout");
+    let bsl = bv.as_ref().map(|b| b.as_slice().expect("standard layout"));
+    let mut y = x.as_standard_layout().into_owned();
+    let mut means = vec![0f32; rows];
+    let mut invs = vec![0f32; rows];
+    if row > 0 {
+        let data = y.as_slice_mut().expect("standard layout");
+        for (r, chunk) in data.chunks_exact_mut(row).enumerate() {
+            let mean = chunk.iter().sum::<f32>() / row as f32;
+            let var = chunk.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / row as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            means[r] = mean;
+            invs[r] = inv;
+            match bsl {
+                Some(b) => Zip::from(&mut *chunk).and(s).and(b).for_each(|v, &g, &b| {
+                    *v = (*v - mean) * inv * g + b;
+                }),
+                None => Zip::from(&mut *chunk)
+                    .and(s)
+                    .for_each(|v, &g| *v = (*v - mean) * inv * g),
+            }
+        }
+    }
+    let mut stat_shape = x.shape()[..ax].to_vec();
+    stat_shape.resize(rank, 1);
+    let mean = ArrayD::from_shape_vec(IxDyn(&stat_shape), means)?;
+    let inv = ArrayD::from_shape_vec(IxDyn(&stat_shape), invs)?;
+    Ok(vec![
+        RtTensor::f32(y),
+        RtTensor::f32(mean),
+        RtTensor::f32(inv),
+    ])
+}

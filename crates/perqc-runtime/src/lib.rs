@@ -1,0 +1,17 @@
+//! perqc's native float32 executor.
+//!
+//! [`Session::new`] checks that every node has a kernel in the op table for the model's
+//! opset (reporting every unsupported node before anything runs), folds constant
+//! subgraphs once, and plans memory: each intermediate is dropped right after its last
+//! consumer. [`Session::run`] feeds the graph inputs and returns the graph outputs in order.
+//!
+//! Control-flow ops (If/Loop/Scan) have no kernel in this version and are reported as
+//! unsupported.
+
+mod npy;
+pub mod observe;
+mod session;
+
+pub use npy::{NpyError, read_npy, write_npy};
+pub use perqc_ir::ops::RtTensor;
+pub use session::{Profile, RuntimeError, Session, SessionOptions, Unsupported};

@@ -1,0 +1,468 @@
+//! The execution plan and its interpreter.
+//!
+//! Plan invariants:
+//! - `steps` are the non-constant nodes in the graph's (topological) node order; each input
+//!   is a slot (the value's arena index) filled either by a graph input, an earlier step,
+//!   or `consts`.
+//! - `consts` holds initializers, Constant results and every node whose inputs are all
+//!   constant, computed once in [`Session::new`]; entries no step or output reads are
+//!   dropped.
+//! - `steps[k].free` lists the slots whose last reader is step `k` (or which step `k`
+//!   produces and nobody reads); they are dropped right after step `k`, so peak memory is the
+//!   live set, not the sum of all intermediates. Graph outputs are never freed.
+
+use perqc_ir::ops::{self, KernelCtx, KernelError, KernelFn, RtTensor};
+use perqc_ir::{DType, Dim, Model, Node, ValueDef};
+use std::fmt;
+
+/// Executor settings.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Threads for GEMM and batched kernels (default: all available cores).
+    pub threads: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// A node the runtime cannot execute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unsupported {
+    pub node: String,
+    pub op_type: String,
+    pub domain: String,
+    pub opset: Option<i64>,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dom = if self.domain.is_empty() {
+            "ai.onnx"
+        } else {
+            &self.domain
+        };
+        write!(f, "node `{}`: {}::{}", self.node, dom, self.op_type)?;
+        match self.opset {
+            Some(v) => write!(f, " (opset {v})"),
+            None => write!(f, " (domain not imported)"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "{} node(s) have no native kernel: {}; run them in ONNX Runtime or add a kernel to the op table",
+        .0.len(),
+        .0.iter().map(|u| u.to_string()).collect::<Vec<_>>().join("; ")
+    )]
+    Unsupported(Vec<Unsupported>),
+    #[error("node `{node}` ({op_type}): {source}")]
+    Kernel {
+        node: String,
+        op_type: String,
+        source: KernelError,
+    },
+    #[error("node `{node}` ({op_type}) returned {got} result(s), the graph uses {want}")]
+    ResultCount {
+        node: String,
+        op_type: String,
+        got: usize,
+        want: usize,
+    },
+    #[error("initializer `{name}`: {source}")]
+    Constant { name: String, source: KernelError },
+    #[error("graph input `{0}` was not given")]
+    MissingInput(String),
+    #[error("`{0}` is not a graph input")]
+    UnknownInput(String),
+    #[error("graph input `{name}`: expected {want}, got {got}")]
+    InputType {
+        name: String,
+        want: String,
+        got: String,
+    },
+    #[error("value `{0}` is read before anything defines it")]
+    Undefined(String),
+    #[error("cannot start the thread pool: {0}")]
+    ThreadPool(String),
+}
+
+/// Wall time per op type: (seconds, calls), summed over profiled runs.
+#[derive(Debug, Default, Clone)]
+pub struct Profile {
+    pub by_op: std::collections::BTreeMap<String, (f64, usize)>,
+}
+
+impl Profile {
+    /// Op types by total time, slowest first.
+    pub fn sorted(&self) -> Vec<(&str, f64, usize)> {
+        let mut v: Vec<_> = self
+            .by_op
+            .iter()
+            .map(|(k, &(t, n))| (k.as_str(), t, n))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+}
+
+struct Step {
+    node: Node,
+    opset: i64,
+    kernel: KernelFn,
+    inputs: Vec<Option<usize>>,
+    outputs: Vec<Option<usize>>,
+    free: Vec<usize>,
+}
+
+struct InputSpec {
+    name: String,
+    slot: usize,
+    dtype: Option<DType>,
+    /// Declared dims (`None` for a symbolic or unknown dim); `None` if the rank is unknown.
+    dims: Option<Vec<Option<usize>>>,
+}
+
+/// A planned model, ready to run any number of times.
+pub struct Session {
+    steps: Vec<Step>,
+    consts: Vec<Option<RtTensor>>,
+    /// Names of the slots (for errors).
+    names: Vec<String>,
+    inputs: Vec<InputSpec>,
+    outputs: Vec<(String, usize)>,
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+impl Session {
+    pub fn new(model: &Model) -> Result<Session, RuntimeError> {
+        Session::with_options(model, &SessionOptions::default())
+    }
+
+    pub fn with_options(model: &Model, opts: &SessionOptions) -> Result<Session, RuntimeError> {
+        let g = &model.graph;
+        let threads = opts.threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| RuntimeError::ThreadPool(e.to_string()))?;
+        let n = g.value_capacity();
+        let names: Vec<String> = (0..n)
+            .map(|i| g.value(perqc_ir::ValueId::from_index(i)).name.clone())
+            .collect();
+
+        // 1. Every node needs a kernel; report them all before doing any work.
+        let mut missing = Vec::new();
+        let mut kernels = Vec::with_capacity(g.node_order().len());
+        for &id in g.node_order() {
+            let node = g.node(id);
+            let opset = model.opset(&node.domain);
+            let k = opset
+                .and_then(|v| ops::lookup(&node.domain, &node.op_type, v))
+                .and_then(|d| d.kernel);
+            match (k, opset) {
+                (Some(k), Some(v)) => kernels.push((id, k, v)),
+                _ => missing.push(Unsupported {
+                    node: node.name.clone(),
+                    op_type: node.op_type.clone(),
+                    domain: node.domain.clone(),
+                    opset,
+                }),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(RuntimeError::Unsupported(missing));
+        }
+
+        // 2. Constants: initializers (graph inputs with defaults stay overridable, so they
+        //    are not folded through), then fold every node whose inputs are all constant.
+        let mut consts: Vec<Option<RtTensor>> = vec![None; n];
+        let mut foldable = vec![false; n];
+        for (vid, v) in g.values() {
+            if let (ValueDef::Initializer, Some(t)) = (v.def(), v.tensor.as_ref()) {
+                let rt = RtTensor::from_tensor(t).map_err(|source| RuntimeError::Constant {
+                    name: v.name.clone(),
+                    source,
+                })?;
+                consts[vid.index()] = Some(rt);
+                foldable[vid.index()] = true;
+            }
+        }
+        let mut inputs = Vec::new();
+        for &vid in &g.inputs {
+            let v = g.value(vid);
+            if let Some(t) = &v.tensor {
+                // An overridable default: used when the caller does not feed the input.
+                consts[vid.index()] =
+                    Some(
+                        RtTensor::from_tensor(t).map_err(|source| RuntimeError::Constant {
+                            name: v.name.clone(),
+                            source,
+                        })?,
+                    );
+                foldable[vid.index()] = false;
+            }
+            let ty = v.ty.as_ref();
+            inputs.push(InputSpec {
+                name: v.name.clone(),
+                slot: vid.index(),
+                dtype: ty.and_then(|t| t.elem()),
+                dims: ty.and_then(|t| t.shape()).map(|s| {
+                    s.iter()
+                        .map(|d| match d {
+                            Dim::Known(k) => usize::try_from(*k).ok(),
+                            _ => None,
+                        })
+                        .collect()
+                }),
+            });
+        }
+        let mut steps = Vec::new();
+        pool.install(|| -> Result<(), RuntimeError> {
+            for (id, kernel, opset) in kernels {
+                let node = g.node(id);
+                let ins: Vec<Option<usize>> =
+                    node.inputs().iter().map(|v| v.map(|v| v.index())).collect();
+                let outs: Vec<Option<usize>> = node
+                    .outputs()
+                    .iter()
+                    .map(|v| v.map(|v| v.index()))
+                    .collect();
+                let all_const =
+                    node.captures().is_empty() && ins.iter().flatten().all(|&s| foldable[s]);
+                if all_const {
+                    let args: Vec<Option<&RtTensor>> = ins
+                        .iter()
+                        .map(|s| s.and_then(|s| consts[s].as_ref()))
+                        .collect();
+                    let ctx = KernelCtx {
+                        node,
+                        opset,
+                        threads,
+                    };
+                    let res = run_kernel(kernel, &ctx, &args, &outs)?;
+                    for (slot, t) in outs.iter().zip(res) {
+                        if let Some(s) = slot {
+                            consts[*s] = Some(t);
+                            foldable[*s] = true;
+                        }
+                    }
+                } else {
+                    steps.push(Step {
+                        node: node.clone(),
+                        opset,
+                        kernel,
+                        inputs: ins,
+                        outputs: outs,
+                        free: Vec::new(),
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        let outputs: Vec<(String, usize)> = g
+            .outputs
+            .iter()
+            .map(|&v| (g.value(v).name.clone(), v.index()))
+            .collect();
+
+        // 3. Memory plan. `last[s]` = index of the last step reading slot `s`.
+        let mut is_output = vec![false; n];
+        for &(_, s) in &outputs {
+            is_output[s] = true;
+        }
+        let mut needed_const = is_output.clone();
+        let mut last: Vec<Option<usize>> = vec![None; n];
+        for (k, st) in steps.iter().enumerate() {
+            for &s in st.inputs.iter().flatten() {
+                last[s] = Some(k);
+                needed_const[s] = true;
+            }
+        }
+        for (k, st) in steps.iter_mut().enumerate() {
+            let produced = st.outputs.iter().flatten().filter(|&&s| last[s].is_none());
+            let mut free: Vec<usize> = produced.copied().collect();
+            free.extend(
+                st.inputs
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .filter(|&s| last[s] == Some(k)),
+            );
+            free.retain(|&s| !is_output[s] && !foldable[s]);
+            free.sort_unstable();
+            free.dedup();
+            st.free = free;
+        }
+        // Unread constants are dropped; folded view-like results (a transposed weight) are
+        // made row-major once so kernels such as MatMul read contiguous memory per call.
+        let input_slots: Vec<usize> = inputs.iter().map(|i| i.slot).collect();
+        for (s, c) in consts.iter_mut().enumerate() {
+            if !needed_const[s] && !input_slots.contains(&s) {
+                *c = None;
+            } else if let Some(t) = c.as_mut() {
+                *t = perqc_ir::rt_map!(&*t, a => if a.is_standard_layout() {
+                    a.clone()
+                } else {
+                    a.as_standard_layout().into_owned().into_shared()
+                });
+            }
+        }
+        Ok(Session {
+            steps,
+            consts,
+            names,
+            inputs,
+            outputs,
+            pool,
+            threads,
+        })
+    }
+
+    /// Graph input names, in order.
+    pub fn input_names(&self) -> impl Iterator<Item = &str> {
+        self.inputs.iter().map(|i| i.name.as_str())
+    }
+
+    /// Nodes left to run per call after constant folding.
+    pub fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Runs the graph. Every graph input without a default must be given; the result lists
+    /// the graph outputs in order.
+    pub fn run(&self, feeds: &[(&str, RtTensor)]) -> Result<Vec<(String, RtTensor)>, RuntimeError> {
+        self.run_profiled(feeds, None)
+    }
+
+    /// [`Session::run`], adding each step's wall time to `profile` (by op type) if given.
+    pub fn run_profiled(
+        &self,
+        feeds: &[(&str, RtTensor)],
+        mut profile: Option<&mut Profile>,
+    ) -> Result<Vec<(String, RtTensor)>, RuntimeError> {
+        let mut vals: Vec<Option<RtTensor>> = vec![None; self.consts.len()];
+        for (name, t) in feeds {
+            let spec = self
+                .inputs
+                .iter()
+                .find(|i| i.name == *name)
+                .ok_or_else(|| RuntimeError::UnknownInput(name.to_string()))?;
+            check_input(spec, t)?;
+            vals[spec.slot] = Some(t.clone());
+        }
+        for spec in &self.inputs {
+            if vals[spec.slot].is_none() && self.consts[spec.slot].is_none() {
+                return Err(RuntimeError::MissingInput(spec.name.clone()));
+            }
+        }
+        self.pool.install(|| -> Result<(), RuntimeError> {
+            for st in &self.steps {
+                let mut args = Vec::with_capacity(st.inputs.len());
+                for s in &st.inputs {
+                    args.push(match s {
+                        None => None,
+                        Some(s) => Some(
+                            vals[*s]
+                                .as_ref()
+                                .or(self.consts[*s].as_ref())
+                                .ok_or_else(|| RuntimeError::Undefined(self.names[*s].clone()))?,
+                        ),
+                    });
+                }
+                let ctx = KernelCtx {
+                    node: &st.node,
+                    opset: st.opset,
+                    threads: self.threads,
+                };
+                let t0 = profile.as_ref().map(|_| std::time::Instant::now());
+                let res = run_kernel(st.kernel, &ctx, &args, &st.outputs)?;
+                if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
+                    let e = p.by_op.entry(st.node.op_type.clone()).or_default();
+                    e.0 += t0.elapsed().as_secs_f64();
+                    e.1 += 1;
+                }
+                drop(args);
+                for (slot, t) in st.outputs.iter().zip(res) {
+                    if let Some(s) = slot {
+                        vals[*s] = Some(t);
+                    }
+                }
+                for &s in &st.free {
+                    vals[s] = None;
+                }
+            }
+            Ok(())
+        })?;
+        self.outputs
+            .iter()
+            .map(|(name, s)| {
+                vals[*s]
+                    .clone()
+                    .or_else(|| self.consts[*s].clone())
+                    .map(|t| (name.clone(), t))
+                    .ok_or_else(|| RuntimeError::Undefined(name.clone()))
+            })
+            .collect()
+    }
+}
+
+/// Runs one kernel and checks it returned every result the graph reads.
+fn run_kernel(
+    kernel: KernelFn,
+    ctx: &KernelCtx<'_>,
+    args: &[Option<&RtTensor>],
+    outs: &[Option<usize>],
+) -> Result<Vec<RtTensor>, RuntimeError> {
+    let node = ctx.node;
+    let res = kernel(ctx, args).map_err(|source| RuntimeError::Kernel {
+        node: node.name.clone(),
+        op_type: node.op_type.clone(),
+        source,
+    })?;
+    let want = outs.iter().rposition(Option::is_some).map_or(0, |p| p + 1);
+    if res.len() < want {
+        return Err(RuntimeError::ResultCount {
+            node: node.name.clone(),
+            op_type: node.op_type.clone(),
+            got: res.len(),
+            want,
+        });
+    }
+    Ok(res)
+}
+
+fn check_input(spec: &InputSpec, t: &RtTensor) -> Result<(), RuntimeError> {
+    let bad = |want: String| RuntimeError::InputType {
+        name: spec.name.clone(),
+        want,
+        got: format!("{}{:?}", t.dtype(), t.shape()),
+    };
+    if let Some(d) = spec.dtype
+        && d != t.dtype()
+    {
+        return Err(bad(d.to_string()));
+    }
+    if let Some(dims) = &spec.dims {
+        let fits = dims.len() == t.shape().len()
+            && dims
+                .iter()
+                .zip(t.shape())
+                .all(|(d, &s)| d.is_none_or(|d| d == s));
+        if !fits {
+            let want: Vec<String> = dims
+                .iter()
+                .map(|d| d.map_or("?".into(), |d| d.to_string()))
+                .collect();
+            return Err(bad(format!("shape [{}]", want.join(", "))));
+        }
+    }
+    Ok(())
+}

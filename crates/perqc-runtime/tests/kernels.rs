@@ -1,0 +1,208 @@
+//! Kernels the fixtures do not reach, checked against hand-computed (numpy-style) results.
+
+use ndarray::{ArrayD, IxDyn};
+use perqc_ir::ops::{KernelCtx, RtTensor, lookup};
+use perqc_ir::{AttrValue, Graph, NodeSpec};
+
+fn f32t(shape: &[usize], v: &[f32]) -> RtTensor {
+    RtTensor::f32(ArrayD::from_shape_vec(IxDyn(shape), v.to_vec()).unwrap())
+}
+
+fn i64t(shape: &[usize], v: &[i64]) -> RtTensor {
+    RtTensor::i64(ArrayD::from_shape_vec(IxDyn(shape), v.to_vec()).unwrap())
+}
+
+/// Runs `op` at `opset` with `attrs` on `inputs` through the op table.
+fn run(
+    op: &str,
+    opset: i64,
+    attrs: Vec<(&str, AttrValue)>,
+    inputs: &[Option<&RtTensor>],
+) -> Vec<RtTensor> {
+    let mut g = Graph::new("t");
+    let mut spec = NodeSpec::new(op).named("n");
+    for (k, v) in attrs {
+        spec = spec.attr(k, v);
+    }
+    let id = g.add_node(spec, &[], &["y"]).unwrap();
+    let k = lookup("", op, opset)
+        .and_then(|d| d.kernel)
+        .expect("kernel");
+    let ctx = KernelCtx {
+        node: g.node(id),
+        opset,
+        threads: 1,
+    };
+    k(&ctx, inputs).unwrap()
+}
+
+fn vals(t: &RtTensor) -> Vec<f32> {
+    match t {
+        RtTensor::F32(a) => a.iter().copied().collect(),
+        other => other
+            .to_i64_vec()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f32)
+            .collect(),
+    }
+}
+
+#[test]
+fn slice_negative_step_and_clamping() {
+    let x = i64t(&[5], &[0, 1, 2, 3, 4]);
+    let (s, e, a, st) = (
+        i64t(&[1], &[10]),
+        i64t(&[1], &[-10]),
+        i64t(&[1], &[0]),
+        i64t(&[1], &[-2]),
+    );
+    let y = run(
+        "Slice",
+        13,
+        vec![],
+        &[Some(&x), Some(&s), Some(&e), Some(&a), Some(&st)],
+    );
+    assert_eq!(vals(&y[0]), vec![4.0, 2.0, 0.0]);
+    let (s, e) = (i64t(&[1], &[1]), i64t(&[1], &[i64::MAX]));
+    let y = run("Slice", 13, vec![], &[Some(&x), Some(&s), Some(&e)]);
+    assert_eq!(vals(&y[0]), vec![1.0, 2.0, 3.0, 4.0]);
+}
+
+#[test]
+fn matmul_broadcasts_and_promotes_vectors() {
+    // [2, 1, 2, 3] x [3] -> [2, 1, 2]
+    let a = f32t(
+        &[2, 1, 2, 3],
+        &[1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12.],
+    );
+    let b = f32t(&[3], &[1., 0., -1.]);
+    let y = run("MatMul", 13, vec![], &[Some(&a), Some(&b)]);
+    assert_eq!(y[0].shape(), &[2, 1, 2]);
+    assert_eq!(vals(&y[0]), vec![-2., -2., -2., -2.]);
+}
+
+#[test]
+fn gemm_trans_b_alpha_beta() {
+    let a = f32t(&[1, 2], &[1., 2.]);
+    let b = f32t(&[2, 2], &[1., 2., 3., 4.]); // B^T = [[1, 3], [2, 4]]
+    let c = f32t(&[2], &[10., 20.]);
+    let y = run(
+        "Gemm",
+        13,
+        vec![
+            ("transB", AttrValue::Int(1)),
+            ("alpha", AttrValue::Float(2.0)),
+            ("beta", AttrValue::Float(0.5)),
+        ],
+        &[Some(&a), Some(&b), Some(&c)],
+    );
+    assert_eq!(vals(&y[0]), vec![2. * 5. + 5., 2. * 11. + 10.]);
+}
+
+#[test]
+fn blocked_int4_quantize_round_trip() {
+    // Blocks of 2 along axis 1; scales [1, 2].
+    let x = f32t(&[1, 4], &[1.4, -2.6, 30.0, -3.0]);
+    let s = f32t(&[1, 2], &[1.0, 2.0]);
+    let zp = RtTensor::I4(ArrayD::from_elem(IxDyn(&[1, 2]), 0i8).into_shared());
+    let attrs = || {
+        vec![
+            ("axis", AttrValue::Int(1)),
+            ("block_size", AttrValue::Int(2)),
+        ]
+    };
+    let q = run(
+        "QuantizeLinear",
+        21,
+        attrs(),
+        &[Some(&x), Some(&s), Some(&zp)],
+    );
+    assert_eq!(q[0].dtype(), perqc_ir::DType::I4);
+    // round_half_even(-1.5) = -2; 15 saturates to 7.
+    assert_eq!(vals(&q[0]), vec![1., -3., 7., -2.]);
+    let d = run(
+        "DequantizeLinear",
+        21,
+        attrs(),
+        &[Some(&q[0]), Some(&s), Some(&zp)],
+    );
+    assert_eq!(vals(&d[0]), vec![1., -3., 14., -4.]);
+}
+
+#[test]
+fn per_axis_dequantize_u8() {
+    let x = RtTensor::U8(
+        ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![0u8, 10, 20, 30])
+            .unwrap()
+            .into_shared(),
+    );
+    let s = f32t(&[2], &[0.5, 2.0]);
+    let zp = RtTensor::U8(
+        ArrayD::from_shape_vec(IxDyn(&[2]), vec![10u8, 0])
+            .unwrap()
+            .into_shared(),
+    );
+    let d = run(
+        "DequantizeLinear",
+        13,
+        vec![("axis", AttrValue::Int(0))],
+        &[Some(&x), Some(&s), Some(&zp)],
+    );
+    assert_eq!(vals(&d[0]), vec![-5., 0., 40., 60.]);
+}
+
+#[test]
+fn gather_nd_trilu_range_split() {
+    let x = f32t(&[2, 2], &[1., 2., 3., 4.]);
+    let idx = i64t(&[2, 2], &[0, 1, 1, 0]);
+    assert_eq!(
+        vals(&run("GatherND", 13, vec![], &[Some(&x), Some(&idx)])[0]),
+        vec![2., 3.]
+    );
+    let t = run("Trilu", 14, vec![("upper", AttrValue::Int(0))], &[Some(&x)]);
+    assert_eq!(vals(&t[0]), vec![1., 0., 3., 4.]);
+    let r = run(
+        "Range",
+        11,
+        vec![],
+        &[
+            Some(&i64t(&[], &[5])),
+            Some(&i64t(&[], &[0])),
+            Some(&i64t(&[], &[-2])),
+        ],
+    );
+    assert_eq!(vals(&r[0]), vec![5., 3., 1.]);
+    let mut g = Graph::new("t");
+    let id = g
+        .add_node(NodeSpec::new("Split").named("s"), &[], &["a", "b"])
+        .unwrap();
+    let k = lookup("", "Split", 18).and_then(|d| d.kernel).unwrap();
+    let ctx = KernelCtx {
+        node: g.node(id),
+        opset: 18,
+        threads: 1,
+    };
+    let parts = k(&ctx, &[Some(&f32t(&[3], &[1., 2., 3.]))]).unwrap();
+    assert_eq!((vals(&parts[0]), vals(&parts[1])), (vec![1., 2.], vec![3.]));
+}
+
+#[test]
+fn errors_not_panics() {
+    let a = f32t(&[2, 3], &[0.; 6]);
+    let b = f32t(&[2, 3], &[0.; 6]);
+    let mut g = Graph::new("t");
+    let id = g
+        .add_node(NodeSpec::new("MatMul").named("m"), &[], &["y"])
+        .unwrap();
+    let k = lookup("", "MatMul", 13).and_then(|d| d.kernel).unwrap();
+    let ctx = KernelCtx {
+        node: g.node(id),
+        opset: 13,
+        threads: 1,
+    };
+    assert!(k(&ctx, &[Some(&a), Some(&b)]).is_err());
+    let k = lookup("", "Add", 13).and_then(|d| d.kernel).unwrap();
+    assert!(k(&ctx, &[Some(&a), Some(&f32t(&[4], &[0.; 4]))]).is_err());
+    assert!(k(&ctx, &[Some(&a), None]).is_err());
+}

@@ -1,0 +1,128 @@
+//! The native executor against ONNX Runtime and against itself.
+//!
+//! Each fixture runs natively on fixed inputs; the inputs and native outputs are written as
+//! `.npy` files with a `"native"` conformance case, which `tests/conformance/ort_compare.py`
+//! checks by running the model in ONNX Runtime on the same inputs (no Python at
+//! `cargo test` time). The torchscript and dynamo exports of the same Llama must also agree
+//! with each other natively.
+
+mod common;
+
+use common::{fixture, native_case, out_dir};
+use ndarray::{ArrayD, IxDyn};
+use perqc_runtime::{RtTensor, Session, SessionOptions};
+
+/// Deterministic pseudo-random numbers (64-bit LCG, top bits).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    fn normal_ish(&mut self) -> f32 {
+        // Sum of 4 uniforms, centred and scaled to unit variance.
+        let s: f32 = (0..4)
+            .map(|_| self.next() as f32 / (1u64 << 31) as f32)
+            .sum();
+        (s - 2.0) * 3f32.sqrt()
+    }
+}
+
+fn ids(batch: usize, seq: usize, seed: u64) -> RtTensor {
+    let mut r = Lcg(seed);
+    let v: Vec<i64> = (0..batch * seq).map(|_| (r.next() % 256) as i64).collect();
+    RtTensor::i64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), v).unwrap())
+}
+
+fn hidden(batch: usize, seq: usize, seed: u64) -> RtTensor {
+    let mut r = Lcg(seed);
+    let v: Vec<f32> = (0..batch * seq * 64).map(|_| r.normal_ish()).collect();
+    RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[batch, seq, 64]), v).unwrap())
+}
+
+/// Builds a fixture input of `[batch, seq, ..]` from a seed.
+type MakeInput = fn(usize, usize, u64) -> RtTensor;
+
+fn session(name: &str, threads: usize) -> Session {
+    let loaded = perqc_onnx::load(&fixture(name)).unwrap_or_else(|e| panic!("{e}"));
+    Session::with_options(&loaded.model, &SessionOptions { threads })
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn fixtures_agree_with_onnx_runtime() {
+    let out = out_dir("runtime_agreement");
+    let cases: [(&str, &str, MakeInput); 3] = [
+        ("llama_ts.onnx", "input_ids", ids),
+        ("llama_dynamo.onnx", "input_ids", ids),
+        ("encoder_ln_gelu.onnx", "hidden", hidden),
+    ];
+    for (model, input, make) in cases {
+        let sess = session(model, 2);
+        for (k, (batch, seq)) in [(1, 7), (2, 5)].into_iter().enumerate() {
+            let x = make(batch, seq, 17 + k as u64);
+            let outs = sess
+                .run(&[(input, x.clone())])
+                .unwrap_or_else(|e| panic!("{model}: {e}"));
+            assert_eq!(outs.len(), 1);
+            let want = if model.starts_with("llama") { 256 } else { 64 };
+            assert_eq!(outs[0].1.shape(), &[batch, seq, want], "{model}");
+            let stem = model.trim_end_matches(".onnx");
+            native_case(
+                &format!("native_{stem}_{k}"),
+                &out,
+                &fixture(model),
+                &[(input, &x)],
+                &outs,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn torchscript_and_dynamo_llama_agree_natively() {
+    let ts = session("llama_ts.onnx", 1);
+    let dy = session("llama_dynamo.onnx", 2);
+    for (k, (batch, seq)) in [(1, 9), (3, 4)].into_iter().enumerate() {
+        let x = ids(batch, seq, 99 + k as u64);
+        let a = ts.run(&[("input_ids", x.clone())]).unwrap();
+        let b = dy.run(&[("input_ids", x)]).unwrap();
+        let (a, b) = (a[0].1.as_f32().unwrap(), b[0].1.as_f32().unwrap());
+        assert_eq!(a.shape(), b.shape());
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        let err = a
+            .iter()
+            .zip(b.iter())
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err / scale <= 1e-5, "relative error {}", err / scale);
+    }
+}
+
+#[test]
+fn control_flow_is_reported_before_running() {
+    let loaded = perqc_onnx::load(&fixture("control_flow.onnx")).unwrap();
+    let err = Session::new(&loaded.model)
+        .err()
+        .expect("If/Loop/Scan are not supported yet");
+    let msg = err.to_string();
+    for op in ["If", "Loop", "Scan"] {
+        assert!(msg.contains(op), "{msg}");
+    }
+}
+
+#[test]
+fn bad_feeds_are_errors() {
+    let sess = session("llama_ts.onnx", 1);
+    let f = RtTensor::f32(ArrayD::zeros(IxDyn(&[1, 3])));
+    assert!(sess.run(&[("input_ids", f)]).is_err());
+    assert!(sess.run(&[]).is_err());
+    let big = RtTensor::i64(ArrayD::from_elem(IxDyn(&[1, 3]), 100_000));
+    let err = sess.run(&[("input_ids", big)]).unwrap_err().to_string();
+    assert!(err.contains("Gather"), "{err}");
+}
