@@ -13,5 +13,6 @@ pub mod observe;
 mod session;
 
 pub use npy::{NpyError, read_npy, write_npy};
+pub use observe::{ChannelObserver, ChannelStats, StatsOptions};
 pub use perqc_ir::ops::RtTensor;
-pub use session::{Profile, RuntimeError, Session, SessionOptions, Unsupported};
+pub use session::{Observer, Profile, RuntimeError, Session, SessionOptions, Unsupported};

@@ -8,7 +8,9 @@
 //! |x|. On request: per-block second moments M_k = sum_r x_{r,B_k} x_{r,B_k}^T (b x b, for
 //! blocks B_k of `b` consecutive channels) and the full Gram matrix G = X^T X (for GPTQ).
 
+use crate::session::{Observer, RuntimeError};
 use ndarray::{Array2, ArrayView2, Axis};
+use perqc_ir::ops::RtTensor;
 
 /// The |x| histogram: log-spaced bins, `SUB` per octave, covering [2^MIN_EXP, 2^MAX_EXP).
 /// A quantile read from it is exact up to one bin: a relative error of 2^(1/SUB) - 1
@@ -177,6 +179,67 @@ impl ChannelStats {
     /// The Gram matrix X^T X, if requested.
     pub fn gram(&self) -> Option<&Array2<f64>> {
         self.gram.as_ref()
+    }
+}
+
+/// An [`Observer`] that keeps [`ChannelStats`] for each watched value (over its last axis),
+/// across any number of runs.
+pub struct ChannelObserver {
+    names: Vec<String>,
+    opts: StatsOptions,
+    stats: Vec<Option<ChannelStats>>,
+}
+
+impl ChannelObserver {
+    pub fn new(names: Vec<String>, opts: StatsOptions) -> ChannelObserver {
+        let stats = vec![None; names.len()];
+        ChannelObserver { names, opts, stats }
+    }
+
+    /// The statistics of `name`, once it has been seen.
+    pub fn stats(&self, name: &str) -> Option<&ChannelStats> {
+        let i = self.names.iter().position(|n| n == name)?;
+        self.stats[i].as_ref()
+    }
+}
+
+impl Observer for ChannelObserver {
+    fn watched(&self) -> &[String] {
+        &self.names
+    }
+
+    fn observe(&mut self, name: &str, value: &RtTensor) -> Result<(), RuntimeError> {
+        let fail = |detail: String| RuntimeError::Observe {
+            name: name.to_string(),
+            detail,
+        };
+        let RtTensor::F32(a) = value else {
+            return Err(fail(format!(
+                "{} values have no channel statistics",
+                value.dtype()
+            )));
+        };
+        let channels = *a
+            .shape()
+            .last()
+            .ok_or_else(|| fail("a scalar has no channels".into()))?;
+        let rows = a.len() / channels.max(1);
+        let a = a.as_standard_layout();
+        let x = a
+            .view()
+            .into_shape_with_order((rows, channels))
+            .map_err(|e| fail(e.to_string()))?;
+        let i = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| fail("not watched".into()))?;
+        if self.stats[i].is_none() {
+            self.stats[i] =
+                Some(ChannelStats::new(channels, &self.opts).map_err(|e| fail(e.to_string()))?);
+        }
+        let s = self.stats[i].as_mut().expect("just set");
+        s.update(x).map_err(|e| fail(e.to_string()))
     }
 }
 

@@ -77,6 +77,10 @@ pub enum RuntimeError {
     },
     #[error("initializer `{name}`: {source}")]
     Constant { name: String, source: KernelError },
+    #[error("no value `{0}` to observe")]
+    UnknownValue(String),
+    #[error("observing `{name}`: {detail}")]
+    Observe { name: String, detail: String },
     #[error("graph input `{0}` was not given")]
     MissingInput(String),
     #[error("`{0}` is not a graph input")]
@@ -91,6 +95,14 @@ pub enum RuntimeError {
     Undefined(String),
     #[error("cannot start the thread pool: {0}")]
     ThreadPool(String),
+}
+
+/// Sees chosen values while a session runs (calibration statistics, debugging).
+pub trait Observer: Send {
+    /// Names of the values to watch.
+    fn watched(&self) -> &[String];
+    /// Called once per run for each watched value, with its full tensor.
+    fn observe(&mut self, name: &str, value: &RtTensor) -> Result<(), RuntimeError>;
 }
 
 /// Wall time per op type: (seconds, calls), summed over profiled runs.
@@ -346,8 +358,40 @@ impl Session {
     pub fn run_profiled(
         &self,
         feeds: &[(&str, RtTensor)],
-        mut profile: Option<&mut Profile>,
+        profile: Option<&mut Profile>,
     ) -> Result<Vec<(String, RtTensor)>, RuntimeError> {
+        self.run_inner(feeds, profile, None)
+    }
+
+    /// [`Session::run`], showing `observer` every value it watches as soon as it exists
+    /// (inputs and constants first, then each node result). Values are not kept beyond
+    /// their planned lifetime, so streaming observers add no activation memory.
+    pub fn run_observed(
+        &self,
+        feeds: &[(&str, RtTensor)],
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<(String, RtTensor)>, RuntimeError> {
+        self.run_inner(feeds, None, Some(observer))
+    }
+
+    fn run_inner(
+        &self,
+        feeds: &[(&str, RtTensor)],
+        mut profile: Option<&mut Profile>,
+        mut observer: Option<&mut dyn Observer>,
+    ) -> Result<Vec<(String, RtTensor)>, RuntimeError> {
+        // watched[slot]: the observer wants this value.
+        let mut watched = vec![false; self.consts.len()];
+        if let Some(o) = observer.as_deref() {
+            for name in o.watched() {
+                let slot = self
+                    .names
+                    .iter()
+                    .position(|n| n == name)
+                    .ok_or_else(|| RuntimeError::UnknownValue(name.clone()))?;
+                watched[slot] = true;
+            }
+        }
         let mut vals: Vec<Option<RtTensor>> = vec![None; self.consts.len()];
         for (name, t) in feeds {
             let spec = self
@@ -361,6 +405,13 @@ impl Session {
         for spec in &self.inputs {
             if vals[spec.slot].is_none() && self.consts[spec.slot].is_none() {
                 return Err(RuntimeError::MissingInput(spec.name.clone()));
+            }
+        }
+        if let Some(o) = observer.as_deref_mut() {
+            for (slot, _) in watched.iter().enumerate().filter(|(_, w)| **w) {
+                if let Some(t) = vals[slot].as_ref().or(self.consts[slot].as_ref()) {
+                    o.observe(&self.names[slot], t)?;
+                }
             }
         }
         self.pool.install(|| -> Result<(), RuntimeError> {
@@ -392,6 +443,11 @@ impl Session {
                 drop(args);
                 for (slot, t) in st.outputs.iter().zip(res) {
                     if let Some(s) = slot {
+                        if watched[*s]
+                            && let Some(o) = observer.as_deref_mut()
+                        {
+                            o.observe(&self.names[*s], &t)?;
+                        }
                         vals[*s] = Some(t);
                     }
                 }
