@@ -10,33 +10,129 @@ use ndarray::{ArrayD, IxDyn, Zip};
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
 type Out = Result<Vec<RtTensor>, KernelError>;
 
-/// `f(a, b)` over the broadcast of `a` and `b`.
-pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Send>(
+/// `f(a, b)` over the broadcast of `a` and `b`, written to a fresh row-major array.
+///
+/// The broadcast views' axes are merged where both operands step through them uniformly,
+/// leaving an inner run walked with raw strides (unit and zero strides get their own,
+/// vectorizable loops); large outputs are split into element ranges over the threads.
+pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>(
     a: &Arr<A>,
     b: &Arr<B>,
     f: impl Fn(A, B) -> C + Sync + Send,
 ) -> Result<ArrayD<C>, KernelError> {
-    let par = a.len().max(b.len()) >= PAR_MIN_ELEMS;
-    if a.shape() == b.shape() {
-        return Ok(if par {
-            Zip::from(a).and(b).par_map_collect(|&x, &y| f(x, y))
-        } else {
-            Zip::from(a).and(b).map_collect(|&x, &y| f(x, y))
-        });
-    }
-    let shape = IxDyn(&broadcast_shape(a.shape(), b.shape())?);
+    let shape = if a.shape() == b.shape() {
+        a.shape().to_vec()
+    } else {
+        broadcast_shape(a.shape(), b.shape())?
+    };
     let bad = || KernelError::Broadcast {
         a: a.shape().to_vec(),
         b: b.shape().to_vec(),
     };
-    let av = a.broadcast(shape.clone()).ok_or_else(bad)?;
-    let bv = b.broadcast(shape).ok_or_else(bad)?;
-    Ok(if par {
-        Zip::from(&av).and(&bv).par_map_collect(|&x, &y| f(x, y))
-    } else {
-        Zip::from(&av).and(&bv).map_collect(|&x, &y| f(x, y))
-    })
+    let av = a.broadcast(IxDyn(&shape)).ok_or_else(bad)?;
+    let bv = b.broadcast(IxDyn(&shape)).ok_or_else(bad)?;
+    let n: usize = shape.iter().product();
+    // (len, stride in a, stride in b), outermost first, unit axes dropped, mergeable
+    // neighbours merged.
+    let mut dims: Vec<(usize, isize, isize)> = Vec::with_capacity(shape.len());
+    for (i, &len) in shape.iter().enumerate() {
+        if len == 1 {
+            continue;
+        }
+        let (sa, sb) = (av.strides()[i], bv.strides()[i]);
+        if let Some(last) = dims.last_mut()
+            && last.1 == sa * len as isize
+            && last.2 == sb * len as isize
+        {
+            *last = (last.0 * len, sa, sb);
+            continue;
+        }
+        dims.push((len, sa, sb));
+    }
+    let (inner, isa, isb) = dims.pop().unwrap_or((1, 0, 0));
+    let outer = dims;
+    let mut out: Vec<C> = Vec::with_capacity(n);
+    if n > 0 {
+        let (pa, pb) = (SendPtr(av.as_ptr()), SendPtr(bv.as_ptr()));
+        // Fills `dst` = output elements `e0..e0 + dst.len()`.
+        let fill = |e0: usize, dst: &mut [std::mem::MaybeUninit<C>]| {
+            let (pa, pb) = (pa, pb);
+            let mut row = e0 / inner;
+            let mut j = e0 % inner;
+            let mut done = 0;
+            while done < dst.len() {
+                // Offsets of output row `row`.
+                let (mut oa, mut ob) = (0isize, 0isize);
+                let mut r = row;
+                for &(len, sa, sb) in outer.iter().rev() {
+                    let i = (r % len) as isize;
+                    r /= len;
+                    oa += i * sa;
+                    ob += i * sb;
+                }
+                let take = (inner - j).min(dst.len() - done);
+                let seg = &mut dst[done..done + take];
+                // Safety: the offsets index the broadcast views of live arrays (strides
+                // from `broadcast`), staying inside the row `row`.
+                unsafe {
+                    let xa = pa.0.offset(oa + j as isize * isa);
+                    let xb = pb.0.offset(ob + j as isize * isb);
+                    match (isa, isb) {
+                        (1, 1) => {
+                            let (sa, sb) = (
+                                std::slice::from_raw_parts(xa, take),
+                                std::slice::from_raw_parts(xb, take),
+                            );
+                            for ((d, &x), &y) in seg.iter_mut().zip(sa).zip(sb) {
+                                d.write(f(x, y));
+                            }
+                        }
+                        (1, 0) => {
+                            let (sa, y) = (std::slice::from_raw_parts(xa, take), *xb);
+                            for (d, &x) in seg.iter_mut().zip(sa) {
+                                d.write(f(x, y));
+                            }
+                        }
+                        (0, 1) => {
+                            let (x, sb) = (*xa, std::slice::from_raw_parts(xb, take));
+                            for (d, &y) in seg.iter_mut().zip(sb) {
+                                d.write(f(x, y));
+                            }
+                        }
+                        _ => {
+                            for (t, d) in seg.iter_mut().enumerate() {
+                                let t = t as isize;
+                                d.write(f(*xa.offset(t * isa), *xb.offset(t * isb)));
+                            }
+                        }
+                    }
+                }
+                done += take;
+                row += 1;
+                j = 0;
+            }
+        };
+        let dst = &mut out.spare_capacity_mut()[..n];
+        if n >= PAR_MIN_ELEMS {
+            use rayon::prelude::*;
+            let chunk = (n / (4 * rayon::current_num_threads().max(1))).max(4096);
+            dst.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(c, d)| fill(c * chunk, d));
+        } else {
+            fill(0, dst);
+        }
+        // Safety: `fill` wrote all `n` elements.
+        unsafe { out.set_len(n) };
+    }
+    Ok(ArrayD::from_shape_vec(IxDyn(&shape), out)?)
 }
+
+/// A raw element pointer shared by the threads of one kernel (read-only).
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*const T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 /// Elementwise ops on at least this many elements split the work over the session's
 /// threads (rayon); below it the split costs more than it saves.
@@ -60,6 +156,43 @@ fn map_f32(inputs: In, f: impl Fn(f32) -> f32 + Sync + Send) -> Out {
     })])
 }
 
+/// `f` (a slice-to-slice map) over a row-major copy of input 0, split over threads for large
+/// tensors.
+fn map_f32_slices(inputs: In, f: fn(&[f32], &mut [f32])) -> Out {
+    let a = req_f32(inputs, 0)?;
+    let src = a.as_standard_layout();
+    let src = src.as_slice().expect("standard layout");
+    let mut out = vec![0f32; src.len()];
+    par_slices(src, &mut out, f);
+    Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
+        IxDyn(a.shape()),
+        out,
+    )?)])
+}
+
+/// `f(src, dst)` on matching chunks, in parallel when the slices are large.
+pub(crate) fn par_slices(src: &[f32], dst: &mut [f32], f: fn(&[f32], &mut [f32])) {
+    if src.len() >= PAR_MIN_ELEMS {
+        use rayon::prelude::*;
+        let chunk = (src.len() / (4 * rayon::current_num_threads().max(1))).max(4096);
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| f(s, d));
+    } else {
+        f(src, dst);
+    }
+}
+
+/// Exp (vectorized, see `vmath::exp`).
+pub fn exp(_: &KernelCtx<'_>, inputs: In) -> Out {
+    map_f32_slices(inputs, super::vmath::exp_slice)
+}
+
+/// Sigmoid `1 / (1 + e^-x)`, finite for large |x| (vectorized).
+pub fn sigmoid(_: &KernelCtx<'_>, inputs: In) -> Out {
+    map_f32_slices(inputs, super::vmath::sigmoid_slice)
+}
+
 macro_rules! unary_f32 {
     ($($name:ident => $f:expr;)*) => {$(
         pub fn $name(_: &KernelCtx<'_>, inputs: In) -> Out {
@@ -71,11 +204,9 @@ macro_rules! unary_f32 {
 unary_f32! {
     sqrt => f32::sqrt;
     reciprocal => |x: f32| 1.0 / x;
-    exp => f32::exp;
+
     erf => libm::erff;
     tanh => f32::tanh;
-    // 1 / (1 + e^-x), written to stay finite for large |x|.
-    sigmoid => |x: f32| if x >= 0.0 { 1.0 / (1.0 + (-x).exp()) } else { let e = x.exp(); e / (1.0 + e) };
     relu => |x: f32| x.max(0.0);
     cos => f32::cos;
     sin => f32::sin;

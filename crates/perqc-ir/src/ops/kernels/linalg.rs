@@ -123,7 +123,9 @@ pub fn matmul(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let sa = bcast(&a, ra, [m, k])?;
     let sb = bcast(&b, rb, [k, n])?;
     let nb: usize = batch.iter().product();
-    let mut out = vec![0f32; nb * m * n];
+    // Not zeroed: `gemm` with `read_dst = false` writes every element without reading it.
+    let total = nb * m * n;
+    let mut out: Vec<f32> = Vec::with_capacity(total);
     // Element offset of batch `i` in an operand with broadcast strides `s`.
     let offset = |mut i: usize, s: &[isize]| -> isize {
         let mut off = 0isize;
@@ -139,7 +141,7 @@ pub fn matmul(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         rs: s[nd],
         cs: s[nd + 1],
     };
-    let dst = Ptr(out.as_mut_ptr());
+    let dst = Ptr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let (pa, pb) = (Ptr(a.as_ptr() as *mut f32), Ptr(b.as_ptr() as *mut f32));
     let work = |i: usize, par: Parallelism| {
         // Capture the whole Send wrappers, not their raw-pointer fields.
@@ -150,7 +152,14 @@ pub fn matmul(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         unsafe { gemm_one(m, n, k, d.0.add(i * m * n), lhs, rhs, 0.0, 1.0, par) }
     };
     if m * n > 0 {
-        if nb > 1 && m * n * k < PAR_MIN_FLOPS && ctx.threads > 1 {
+        if k == 0 {
+            // Empty sums: gemm may not touch the destination.
+            // Safety: in-capacity writes before `set_len`.
+            unsafe { std::ptr::write_bytes(dst.0, 0, total) };
+        } else if ctx.threads > 1 && nb > 1 && (m * n * k < PAR_MIN_FLOPS || nb >= 2 * ctx.threads)
+        {
+            // Attention-sized batches: one whole matrix per task beats splitting each
+            // small product over the threads.
             (0..nb)
                 .into_par_iter()
                 .for_each(|i| work(i, Parallelism::None));
@@ -160,6 +169,8 @@ pub fn matmul(ctx: &KernelCtx<'_>, inputs: In) -> Out {
             }
         }
     }
+    // Safety: every one of the `total` elements was written above (or `total` is 0).
+    unsafe { out.set_len(total) };
     let mut shape = batch;
     if !a1 {
         shape.push(m);

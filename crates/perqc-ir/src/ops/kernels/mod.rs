@@ -7,3 +7,4 @@ pub mod linalg;
 pub mod misc;
 pub mod movement;
 pub mod reduce;
+pub(crate) mod vmath;

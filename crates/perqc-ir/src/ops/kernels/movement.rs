@@ -187,7 +187,7 @@ pub fn concat(ctx: &KernelCtx<'_>, inputs: In) -> Out {
                     }
                 }
             }
-            RtTensor::$v(ndarray::concatenate(Axis(ax), &views)?.into_shared())
+            RtTensor::$v(cat_rows(ax, &views)?.into_shared())
         }};
     }
     Ok(vec![match first {
@@ -200,6 +200,58 @@ pub fn concat(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         RtTensor::U4(_) => cat!(U4),
         RtTensor::I4(_) => cat!(I4),
     }])
+}
+
+/// Concatenation along `ax` as block copies: the result is `outer = prod(shape[..ax])` rows,
+/// each the parts' row-major blocks side by side (parts not in row-major order are made so
+/// first).
+fn cat_rows<T: Clone>(
+    ax: usize,
+    views: &[ndarray::ArrayViewD<'_, T>],
+) -> Result<ndarray::ArrayD<T>, KernelError> {
+    let first = views
+        .first()
+        .ok_or_else(|| KernelError::Invalid("Concat of nothing".into()))?;
+    let mut shape = first.shape().to_vec();
+    if ax >= shape.len() {
+        // Rank 0: let ndarray report it.
+        return Ok(ndarray::concatenate(Axis(ax), views)?);
+    }
+    shape[ax] = 0;
+    for v in views {
+        let ok = v.ndim() == shape.len()
+            && v.shape()
+                .iter()
+                .zip(first.shape())
+                .enumerate()
+                .all(|(i, (a, b))| i == ax || a == b);
+        if !ok {
+            return Err(KernelError::Invalid(format!(
+                "Concat inputs {:?} and {:?} differ off axis {ax}",
+                first.shape(),
+                v.shape()
+            )));
+        }
+        shape[ax] += v.shape()[ax];
+    }
+    let outer: usize = shape[..ax].iter().product();
+    let parts: Vec<ndarray::CowArray<'_, T, IxDyn>> =
+        views.iter().map(|v| v.as_standard_layout()).collect();
+    let blocks: Vec<(&[T], usize)> = parts
+        .iter()
+        .map(|p| {
+            let inner: usize = p.shape()[ax..].iter().product();
+            (p.as_slice().expect("standard layout"), inner)
+        })
+        .collect();
+    let total: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(total);
+    for o in 0..outer {
+        for &(data, inner) in &blocks {
+            out.extend_from_slice(&data[o * inner..(o + 1) * inner]);
+        }
+    }
+    Ok(ndarray::ArrayD::from_shape_vec(IxDyn(&shape), out)?)
 }
 
 /// ONNX slice bounds for one axis of size `dim` as an ndarray `Slice`.

@@ -122,16 +122,7 @@ fn softmax_rows(data: &mut [f32], row: usize) {
     if row == 0 {
         return;
     }
-    let one = |r: &mut [f32]| {
-        let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut s = 0.0f32;
-        for v in r.iter_mut() {
-            *v = (*v - m).exp();
-            s += *v;
-        }
-        let inv = 1.0 / s;
-        r.iter_mut().for_each(|v| *v *= inv);
-    };
+    let one = super::vmath::softmax_row;
     if data.len() >= super::elementwise::PAR_MIN_ELEMS {
         use rayon::prelude::*;
         data.par_chunks_exact_mut(row).for_each(one);
