@@ -105,15 +105,47 @@ fn torchscript_and_dynamo_llama_agree_natively() {
 }
 
 #[test]
-fn control_flow_is_reported_before_running() {
-    let loaded = perqc_onnx::load(&fixture("control_flow.onnx")).unwrap();
+fn control_flow_agrees_with_onnx_runtime() {
+    // If (both branches), Loop with a scan output, Scan, and f16/bf16/int casts.
+    let model = fixture("control_flow.onnx");
+    let loaded = perqc_onnx::load(&model).unwrap();
+    let s = Session::new(&loaded.model).unwrap();
+    let dir = out_dir("native_control_flow");
+    let x = RtTensor::F32(
+        ndarray::ArrayD::from_shape_vec(
+            ndarray::IxDyn(&[2, 3]),
+            vec![0.5, -1.0, 2.0, 3.0, -0.25, 1.5],
+        )
+        .unwrap()
+        .into_shared(),
+    );
+    for flag in [true, false] {
+        let f = RtTensor::Bool(ndarray::arr0(flag).into_dyn().into_shared());
+        let feeds = [("x", x.clone()), ("flag", f.clone())];
+        let out = s.run(&feeds).unwrap();
+        assert_eq!(out.len(), 3);
+        native_case(
+            &format!("native_control_flow_{flag}"),
+            &dir,
+            &model,
+            &[("x", &x), ("flag", &f)],
+            &out,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn unsupported_ops_are_reported_before_running() {
+    let loaded = perqc_onnx::load(&fixture("custom_domain.onnx")).unwrap();
     let err = Session::new(&loaded.model)
         .err()
-        .expect("If/Loop/Scan are not supported yet");
+        .expect("the custom-domain op has no kernel");
     let msg = err.to_string();
-    for op in ["If", "Loop", "Scan"] {
-        assert!(msg.contains(op), "{msg}");
-    }
+    assert!(
+        msg.contains("Mystery") && msg.contains("perqc.test"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -9,11 +9,15 @@
 //!   dropped.
 //! - `steps[k].free` lists the slots whose last reader is step `k` (or which step `k`
 //!   produces and nobody reads); they are dropped right after step `k`, so peak memory is the
-//!   live set, not the sum of all intermediates. Graph outputs are never freed.
+//!   live set, not the sum of all intermediates. Graph outputs are never freed. Values a
+//!   node's subgraphs capture count as read by that node.
+//! - A subgraph (If/Loop/Scan body) is planned as a session of its own whose inputs are the
+//!   body's inputs plus the values it reads from enclosing graphs.
 
-use perqc_ir::ops::{self, KernelCtx, KernelError, KernelFn, RtTensor};
-use perqc_ir::{DType, Dim, Model, Node, ValueDef};
+use perqc_ir::ops::{self, KernelCtx, KernelError, KernelFn, RtTensor, SubgraphRunner};
+use perqc_ir::{DType, Dim, Graph, Model, Node, ValueDef};
 use std::fmt;
+use std::sync::Arc;
 
 /// Executor settings.
 #[derive(Clone, Debug)]
@@ -131,6 +135,8 @@ struct Step {
     kernel: KernelFn,
     inputs: Vec<Option<usize>>,
     outputs: Vec<Option<usize>>,
+    /// Slots the node's subgraphs read by name.
+    captures: Vec<usize>,
     free: Vec<usize>,
 }
 
@@ -150,8 +156,10 @@ pub struct Session {
     names: Vec<String>,
     inputs: Vec<InputSpec>,
     outputs: Vec<(String, usize)>,
-    pool: rayon::ThreadPool,
+    pool: Arc<rayon::ThreadPool>,
     threads: usize,
+    /// Opset per (canonical) domain, to plan subgraphs.
+    opsets: Vec<(String, i64)>,
 }
 
 impl Session {
@@ -161,36 +169,73 @@ impl Session {
 
     pub fn with_options(model: &Model, opts: &SessionOptions) -> Result<Session, RuntimeError> {
         tune_allocator();
-        let g = &model.graph;
         let threads = opts.threads.max(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .map_err(|e| RuntimeError::ThreadPool(e.to_string()))?;
+        let opsets: Vec<(String, i64)> = model
+            .opset_imports
+            .iter()
+            .filter_map(|o| {
+                let d = ops::canonical_domain(o.domain.as_deref().unwrap_or(""));
+                Some((d.to_string(), o.version?))
+            })
+            .collect();
+        Session::build(&model.graph, opsets, threads, Arc::new(pool))
+    }
+
+    /// Plans `g`. Values `g` reads from enclosing graphs (`Outer`) become inputs, fed by name.
+    fn build(
+        g: &Graph,
+        opsets: Vec<(String, i64)>,
+        threads: usize,
+        pool: Arc<rayon::ThreadPool>,
+    ) -> Result<Session, RuntimeError> {
+        let opset_of = |domain: &str| {
+            let d = ops::canonical_domain(domain);
+            opsets.iter().find(|(k, _)| k == d).map(|&(_, v)| v)
+        };
         let n = g.value_capacity();
         let names: Vec<String> = (0..n)
             .map(|i| g.value(perqc_ir::ValueId::from_index(i)).name.clone())
             .collect();
 
-        // 1. Every node needs a kernel; report them all before doing any work.
+        // 1. Every node, subgraphs included, needs a kernel; report them all before doing
+        //    any work.
         let mut missing = Vec::new();
         let mut kernels = Vec::with_capacity(g.node_order().len());
-        for &id in g.node_order() {
-            let node = g.node(id);
-            let opset = model.opset(&node.domain);
-            let k = opset
-                .and_then(|v| ops::lookup(&node.domain, &node.op_type, v))
-                .and_then(|d| d.kernel);
-            match (k, opset) {
-                (Some(k), Some(v)) => kernels.push((id, k, v)),
-                _ => missing.push(Unsupported {
-                    node: node.name.clone(),
-                    op_type: node.op_type.clone(),
-                    domain: node.domain.clone(),
-                    opset,
-                }),
+        fn check(
+            g: &Graph,
+            opset_of: &dyn Fn(&str) -> Option<i64>,
+            missing: &mut Vec<Unsupported>,
+            mut found: Option<&mut Vec<(perqc_ir::NodeId, KernelFn, i64)>>,
+        ) {
+            for &id in g.node_order() {
+                let node = g.node(id);
+                let opset = opset_of(&node.domain);
+                let k = opset
+                    .and_then(|v| ops::lookup(&node.domain, &node.op_type, v))
+                    .and_then(|d| d.kernel);
+                match (k, opset) {
+                    (Some(k), Some(v)) => {
+                        if let Some(f) = found.as_deref_mut() {
+                            f.push((id, k, v));
+                        }
+                    }
+                    _ => missing.push(Unsupported {
+                        node: node.name.clone(),
+                        op_type: node.op_type.clone(),
+                        domain: node.domain.clone(),
+                        opset,
+                    }),
+                }
+                for sub in node.subgraphs() {
+                    check(sub, opset_of, missing, None);
+                }
             }
         }
+        check(g, &opset_of, &mut missing, Some(&mut kernels));
         if !missing.is_empty() {
             return Err(RuntimeError::Unsupported(missing));
         }
@@ -238,6 +283,16 @@ impl Session {
                 }),
             });
         }
+        for (vid, v) in g.values() {
+            if v.def() == ValueDef::Outer {
+                inputs.push(InputSpec {
+                    name: v.name.clone(),
+                    slot: vid.index(),
+                    dtype: None,
+                    dims: None,
+                });
+            }
+        }
         let mut steps = Vec::new();
         pool.install(|| -> Result<(), RuntimeError> {
             for (id, kernel, opset) in kernels {
@@ -250,7 +305,7 @@ impl Session {
                     .map(|v| v.map(|v| v.index()))
                     .collect();
                 let all_const =
-                    node.captures().is_empty() && ins.iter().flatten().all(|&s| foldable[s]);
+                    node.subgraphs().next().is_none() && ins.iter().flatten().all(|&s| foldable[s]);
                 if all_const {
                     let args: Vec<Option<&RtTensor>> = ins
                         .iter()
@@ -260,6 +315,7 @@ impl Session {
                         node,
                         opset,
                         threads,
+                        subgraphs: None,
                     };
                     let res = run_kernel(kernel, &ctx, &args, &outs)?;
                     for (slot, t) in outs.iter().zip(res) {
@@ -275,6 +331,7 @@ impl Session {
                         kernel,
                         inputs: ins,
                         outputs: outs,
+                        captures: node.captures().iter().map(|v| v.index()).collect(),
                         free: Vec::new(),
                     });
                 }
@@ -295,7 +352,7 @@ impl Session {
         let mut needed_const = is_output.clone();
         let mut last: Vec<Option<usize>> = vec![None; n];
         for (k, st) in steps.iter().enumerate() {
-            for &s in st.inputs.iter().flatten() {
+            for &s in st.inputs.iter().flatten().chain(&st.captures) {
                 last[s] = Some(k);
                 needed_const[s] = true;
             }
@@ -307,6 +364,7 @@ impl Session {
                 st.inputs
                     .iter()
                     .flatten()
+                    .chain(&st.captures)
                     .copied()
                     .filter(|&s| last[s] == Some(k)),
             );
@@ -337,6 +395,7 @@ impl Session {
             outputs,
             pool,
             threads,
+            opsets,
         })
     }
 
@@ -430,10 +489,25 @@ impl Session {
                         ),
                     });
                 }
+                let runner = Bodies {
+                    session: self,
+                    captured: st
+                        .captures
+                        .iter()
+                        .map(|&s| {
+                            vals[s]
+                                .as_ref()
+                                .or(self.consts[s].as_ref())
+                                .map(|t| (self.names[s].as_str(), t))
+                                .ok_or_else(|| RuntimeError::Undefined(self.names[s].clone()))
+                        })
+                        .collect::<Result<_, _>>()?,
+                };
                 let ctx = KernelCtx {
                     node: &st.node,
                     opset: st.opset,
                     threads: self.threads,
+                    subgraphs: Some(&runner),
                 };
                 let t0 = profile.as_ref().map(|_| std::time::Instant::now());
                 let res = run_kernel(st.kernel, &ctx, &args, &st.outputs)?;
@@ -502,6 +576,43 @@ fn tune_allocator() {
                 libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
             }
         });
+    }
+}
+
+/// Runs a node's body graphs: plans each body as a session sharing this one's thread pool,
+/// and feeds it the body's inputs plus the values it captures from the running graph.
+/// (Bodies are planned per call; caching the plan across Loop iterations is future work.)
+struct Bodies<'a> {
+    session: &'a Session,
+    captured: Vec<(&'a str, &'a RtTensor)>,
+}
+
+impl SubgraphRunner for Bodies<'_> {
+    fn run(&self, g: &Graph, inputs: &[RtTensor]) -> Result<Vec<RtTensor>, KernelError> {
+        let s = self.session;
+        let fail = |e: RuntimeError| KernelError::Invalid(format!("in body `{}`: {e}", g.name));
+        let body = Session::build(g, s.opsets.clone(), s.threads, s.pool.clone()).map_err(fail)?;
+        if inputs.len() != g.inputs.len() {
+            return Err(KernelError::Invalid(format!(
+                "body `{}` takes {} inputs, got {}",
+                g.name,
+                g.inputs.len(),
+                inputs.len()
+            )));
+        }
+        let mut feeds: Vec<(&str, RtTensor)> = g
+            .inputs
+            .iter()
+            .zip(inputs)
+            .map(|(&v, t)| (g.value(v).name.as_str(), t.clone()))
+            .collect();
+        for spec in &body.inputs {
+            if let Some(&(name, t)) = self.captured.iter().find(|(n, _)| *n == spec.name) {
+                feeds.push((name, t.clone()));
+            }
+        }
+        let out = body.run(&feeds).map_err(fail)?;
+        Ok(out.into_iter().map(|(_, t)| t).collect())
     }
 }
 

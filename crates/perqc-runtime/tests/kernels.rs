@@ -32,6 +32,7 @@ fn run(
         node: g.node(id),
         opset,
         threads: 1,
+        subgraphs: None,
     };
     k(&ctx, inputs).unwrap()
 }
@@ -182,6 +183,7 @@ fn gather_nd_trilu_range_split() {
         node: g.node(id),
         opset: 18,
         threads: 1,
+        subgraphs: None,
     };
     let parts = k(&ctx, &[Some(&f32t(&[3], &[1., 2., 3.]))]).unwrap();
     assert_eq!((vals(&parts[0]), vals(&parts[1])), (vec![1., 2.], vec![3.]));
@@ -200,6 +202,7 @@ fn errors_not_panics() {
         node: g.node(id),
         opset: 13,
         threads: 1,
+        subgraphs: None,
     };
     assert!(k(&ctx, &[Some(&a), Some(&b)]).is_err());
     let k = lookup("", "Add", 13).and_then(|d| d.kernel).unwrap();

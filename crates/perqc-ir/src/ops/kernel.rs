@@ -27,6 +27,9 @@ pub enum RtTensor {
     I8(Arr<i8>),
     U4(Arr<u8>),
     I4(Arr<i8>),
+    /// Half-precision floats are carried and cast; arithmetic kernels take f32.
+    F16(Arr<half::f16>),
+    BF16(Arr<half::bf16>),
 }
 
 /// Applies `$body` to the array inside any variant, rewrapping with the same variant.
@@ -44,6 +47,8 @@ macro_rules! rt_map {
             R::I8($a) => R::I8($body),
             R::U4($a) => R::U4($body),
             R::I4($a) => R::I4($body),
+            R::F16($a) => R::F16($body),
+            R::BF16($a) => R::BF16($body),
         }
     }};
 }
@@ -63,6 +68,8 @@ macro_rules! rt_with {
             R::I8($a) => $body,
             R::U4($a) => $body,
             R::I4($a) => $body,
+            R::F16($a) => $body,
+            R::BF16($a) => $body,
         }
     }};
 }
@@ -78,6 +85,8 @@ impl RtTensor {
             RtTensor::I8(_) => DType::I8,
             RtTensor::U4(_) => DType::U4,
             RtTensor::I4(_) => DType::I4,
+            RtTensor::F16(_) => DType::F16,
+            RtTensor::BF16(_) => DType::BF16,
         }
     }
 
@@ -126,7 +135,7 @@ impl RtTensor {
             RtTensor::U8(a) | RtTensor::U4(a) => a.iter().map(|&v| v as i64).collect(),
             RtTensor::I8(a) | RtTensor::I4(a) => a.iter().map(|&v| v as i64).collect(),
             RtTensor::Bool(a) => a.iter().map(|&v| v as i64).collect(),
-            RtTensor::F32(_) => return None,
+            RtTensor::F32(_) | RtTensor::F16(_) | RtTensor::BF16(_) => return None,
         })
     }
 
@@ -161,6 +170,8 @@ impl RtTensor {
             DType::I32 => RtTensor::I32(le!(i32, 4)),
             DType::U8 => RtTensor::U8(le!(u8, 1)),
             DType::I8 => RtTensor::I8(le!(i8, 1)),
+            DType::F16 => RtTensor::F16(le!(half::f16, 2)),
+            DType::BF16 => RtTensor::BF16(le!(half::bf16, 2)),
             DType::Bool => RtTensor::Bool(
                 ArrayD::from_shape_vec(ix, raw.iter().map(|&b| b != 0).collect())
                     .map_err(bad)?
@@ -194,6 +205,15 @@ pub struct KernelCtx<'a> {
     pub opset: i64,
     /// Threads the kernel may use (inside the executor's rayon pool).
     pub threads: usize,
+    /// Runs the node's subgraphs (If/Loop/Scan bodies); `None` where none can run.
+    pub subgraphs: Option<&'a dyn SubgraphRunner>,
+}
+
+/// Runs a body graph of the current node: `inputs` bind the body's inputs in order, and the
+/// values the body reads from enclosing graphs are bound by the executor. Returns the body's
+/// outputs in order.
+pub trait SubgraphRunner: Sync {
+    fn run(&self, graph: &crate::Graph, inputs: &[RtTensor]) -> Result<Vec<RtTensor>, KernelError>;
 }
 
 impl KernelCtx<'_> {

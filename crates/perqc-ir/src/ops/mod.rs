@@ -23,7 +23,7 @@ pub use infer::{
     ApplyStats, InferCtx, InferError, ShapeError, ShapeMap, UnknownOp, apply, compatible,
     infer_graph, infer_model, lookup_node,
 };
-pub use kernel::{KernelCtx, KernelError, KernelFn, RtTensor};
+pub use kernel::{KernelCtx, KernelError, KernelFn, RtTensor, SubgraphRunner};
 pub use table::OPS;
 
 use std::collections::HashMap;

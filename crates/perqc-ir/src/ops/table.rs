@@ -3,6 +3,7 @@
 //! the rule sees (an attribute became an input, broadcasting semantics changed, ...).
 
 use super::OpDef;
+use super::kernels::control as kc;
 use super::kernels::{
     elementwise as kew, index as kix, linalg as kla, misc as kmisc, movement as kmv, reduce as krd,
 };
@@ -222,10 +223,10 @@ pub static OPS: &[OpDef] = &[
     op("DequantizeLinear", 25, misc::dequantize_linear).kernel(kmisc::dequantize_linear), // output_dtype
     op("DynamicQuantizeLinear", 11, misc::dynamic_quantize_linear),
     // ---- control flow: subgraphs inferred with the node's inputs ----
-    op("If", 1, misc::if_),
-    op("Loop", 1, misc::loop_),
+    op("If", 1, misc::if_).kernel(kc::if_),
+    op("Loop", 1, misc::loop_).kernel(kc::loop_),
     op("Scan", 8, misc::opaque).until(9), // batch axis and sequence_lens
-    op("Scan", 9, misc::scan),
+    op("Scan", 9, misc::scan).kernel(kc::scan),
     // ---- com.microsoft ----
     OpDef::custom(MS, "Gelu", 1, ew::unary),
     OpDef::custom(MS, "FastGelu", 1, ew::unary),

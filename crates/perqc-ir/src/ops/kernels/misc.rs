@@ -107,6 +107,8 @@ fn to_f32(t: &RtTensor) -> Arr<f32> {
         RtTensor::Bool(a) => a.mapv(|v| v as u8 as f32).into_shared(),
         RtTensor::U8(a) | RtTensor::U4(a) => a.mapv(|v| v as f32).into_shared(),
         RtTensor::I8(a) | RtTensor::I4(a) => a.mapv(|v| v as f32).into_shared(),
+        RtTensor::F16(a) => a.mapv(f32::from).into_shared(),
+        RtTensor::BF16(a) => a.mapv(f32::from).into_shared(),
     }
 }
 
@@ -120,6 +122,8 @@ pub fn cast_to(t: &RtTensor, to: DType) -> Result<RtTensor, KernelError> {
         ($ty:ty, $v:ident) => {
             match t {
                 RtTensor::F32(a) => a.mapv(|x| x as $ty).into_shared(),
+                RtTensor::F16(a) => a.mapv(|x| f32::from(x) as $ty).into_shared(),
+                RtTensor::BF16(a) => a.mapv(|x| f32::from(x) as $ty).into_shared(),
                 RtTensor::Bool(a) => a.mapv(|x| x as $ty).into_shared(),
                 other => {
                     let v = other.to_i64_vec().expect("integer tensor");
@@ -134,8 +138,12 @@ pub fn cast_to(t: &RtTensor, to: DType) -> Result<RtTensor, KernelError> {
     }
     Ok(match to {
         DType::F32 => RtTensor::F32(to_f32(t)),
+        DType::F16 => RtTensor::F16(to_f32(t).mapv(half::f16::from_f32).into_shared()),
+        DType::BF16 => RtTensor::BF16(to_f32(t).mapv(half::bf16::from_f32).into_shared()),
         DType::Bool => RtTensor::Bool(match t {
             RtTensor::F32(a) => a.mapv(|x| x != 0.0).into_shared(),
+            RtTensor::F16(a) => a.mapv(|x| f32::from(x) != 0.0).into_shared(),
+            RtTensor::BF16(a) => a.mapv(|x| f32::from(x) != 0.0).into_shared(),
             other => {
                 let v = other.to_i64_vec().expect("integer tensor");
                 ArrayD::from_shape_vec(
@@ -204,8 +212,12 @@ pub fn trilu(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         RtTensor::I64(a) => RtTensor::I64(tri!(a, 0)),
         RtTensor::I32(a) => RtTensor::I32(tri!(a, 0)),
         RtTensor::Bool(a) => RtTensor::Bool(tri!(a, false)),
-        RtTensor::U8(a) | RtTensor::U4(a) => RtTensor::U8(tri!(a, 0)),
-        RtTensor::I8(a) | RtTensor::I4(a) => RtTensor::I8(tri!(a, 0)),
+        RtTensor::U8(a) => RtTensor::U8(tri!(a, 0)),
+        RtTensor::U4(a) => RtTensor::U4(tri!(a, 0)),
+        RtTensor::I8(a) => RtTensor::I8(tri!(a, 0)),
+        RtTensor::I4(a) => RtTensor::I4(tri!(a, 0)),
+        RtTensor::F16(a) => RtTensor::F16(tri!(a, half::f16::ZERO)),
+        RtTensor::BF16(a) => RtTensor::BF16(tri!(a, half::bf16::ZERO)),
     }])
 }
 

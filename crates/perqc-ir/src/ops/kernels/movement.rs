@@ -170,9 +170,14 @@ pub fn unsqueeze(ctx: &KernelCtx<'_>, inputs: In) -> Out {
 /// Concat along `axis` (all inputs the same type; equal dims elsewhere).
 pub fn concat(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let first = req(inputs, 0)?;
-    let rank = first.shape().len();
-    let ax = axis(ctx.int("axis", 1), rank.max(1))?;
+    let ax = axis(ctx.int("axis", 1), first.shape().len().max(1))?;
     let parts: Vec<&RtTensor> = inputs.iter().flatten().copied().collect();
+    Ok(vec![concatenate(&parts, ax)?])
+}
+
+/// Joins `parts` (same type, equal dims but along `ax`) along axis `ax`.
+pub fn concatenate(parts: &[&RtTensor], ax: usize) -> Result<RtTensor, KernelError> {
+    let first = parts.first().ok_or(KernelError::MissingInput(0))?;
     macro_rules! cat {
         ($v:ident) => {{
             let mut views = Vec::with_capacity(parts.len());
@@ -190,7 +195,7 @@ pub fn concat(ctx: &KernelCtx<'_>, inputs: In) -> Out {
             RtTensor::$v(cat_rows(ax, &views)?.into_shared())
         }};
     }
-    Ok(vec![match first {
+    Ok(match first {
         RtTensor::F32(_) => cat!(F32),
         RtTensor::I64(_) => cat!(I64),
         RtTensor::I32(_) => cat!(I32),
@@ -199,7 +204,9 @@ pub fn concat(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         RtTensor::I8(_) => cat!(I8),
         RtTensor::U4(_) => cat!(U4),
         RtTensor::I4(_) => cat!(I4),
-    }])
+        RtTensor::F16(_) => cat!(F16),
+        RtTensor::BF16(_) => cat!(BF16),
+    })
 }
 
 /// Concatenation along `ax` as block copies: the result is `outer = prod(shape[..ax])` rows,
