@@ -176,17 +176,19 @@ fn compile(args: CompileArgs) -> Result<()> {
                 "note: the model passes protobuf's 2 GiB limit; tensors went to external data"
             );
         }
+        let passes = if pipeline.is_empty() {
+            String::new()
+        } else {
+            format!("passes {:.2?}, ", report.total_time())
+        };
         let data = match &saved.data {
             Some((p, n)) => format!(" + {} ({n} bytes)", p.display()),
             None => String::new(),
         };
         eprintln!(
-            "wrote {} ({} bytes){data}; load {:.2?}, passes {:.2?}, save {:.2?}",
+            "wrote {} ({} bytes){data}; load {load_time:.2?}, {passes}save {save_time:.2?}",
             output.display(),
             saved.model_bytes,
-            load_time,
-            report.total_time(),
-            save_time
         );
     }
     Ok(())
