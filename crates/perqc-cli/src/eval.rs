@@ -118,6 +118,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .threads
             .unwrap_or_else(|| SessionOptions::default().threads),
     };
+    perqc_runtime::tune_allocator();
     let session =
         Session::with_options(&model, &opts).with_context(|| args.model.display().to_string())?;
     let input = session

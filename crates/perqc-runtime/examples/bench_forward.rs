@@ -38,6 +38,7 @@ fn main() -> Result<()> {
     let loaded = perqc_onnx::load(&model)?;
     let load_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
+    perqc_runtime::tune_allocator();
     let sess = Session::with_options(&loaded.model, &SessionOptions { threads })?;
     let plan_s = t.elapsed().as_secs_f64();
     println!(

@@ -15,4 +15,6 @@ mod session;
 pub use npy::{NpyError, read_npy, write_npy};
 pub use observe::{ChannelObserver, ChannelStats, StatsOptions};
 pub use perqc_ir::ops::RtTensor;
-pub use session::{Observer, Profile, RuntimeError, Session, SessionOptions, Unsupported};
+pub use session::{
+    Observer, Profile, RuntimeError, Session, SessionOptions, Unsupported, tune_allocator,
+};

@@ -168,7 +168,6 @@ impl Session {
     }
 
     pub fn with_options(model: &Model, opts: &SessionOptions) -> Result<Session, RuntimeError> {
-        tune_allocator();
         let threads = opts.threads.max(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -557,7 +556,9 @@ impl Session {
     }
 }
 
-/// Keeps freed kernel buffers in the process (glibc only, once per process).
+/// Keeps freed kernel buffers in the process (glibc only; idempotent). A process-wide
+/// setting, so the library never calls it itself: programs that run sessions repeatedly
+/// (the CLI, benchmarks) opt in at start-up.
 ///
 /// Every step allocates its results and frees dead values; glibc serves buffers above its
 /// (dynamic, initially 128 KiB) mmap threshold with fresh mappings and trims the heap top
@@ -565,7 +566,7 @@ impl Session {
 /// SmolLM2 forward). Raising the mmap threshold to 32 MiB (glibc's maximum) and the trim
 /// threshold to 512 MiB makes the heap reuse them. Peak RSS is unchanged (the live set
 /// still bounds it); freed memory below 512 MiB is kept for the next run.
-fn tune_allocator() {
+pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
