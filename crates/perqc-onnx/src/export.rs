@@ -79,6 +79,16 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
         .to_string_lossy()
         .into_owned();
 
+    if !dir.is_dir() {
+        return Err(SaveError::Invalid {
+            path: path.to_path_buf(),
+            detail: format!(
+                "cannot write: the folder `{}` does not exist",
+                dir.display()
+            ),
+        });
+    }
+
     let mut policy = opts.external;
     let mut threshold = opts.threshold;
     let forced_external =
