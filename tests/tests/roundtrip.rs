@@ -7,16 +7,8 @@
 use perqc_onnx::{ExternalPolicy, SaveOptions};
 mod common;
 
-use common::{Compare, conformance_case, fixture, out_dir};
+use common::{Compare, FIXTURES, conformance_case, fixture, out_dir};
 use std::path::Path;
-
-const FIXTURES: [&str; 5] = [
-    "llama_ts.onnx",
-    "llama_dynamo.onnx",
-    "encoder_ln_gelu.onnx",
-    "control_flow.onnx",
-    "custom_domain.onnx",
-];
 
 fn load(path: &Path) -> perqc_ir::Model {
     let loaded = perqc_onnx::load(path).unwrap_or_else(|e| panic!("{e}"));

@@ -4,13 +4,9 @@
 
 use perqc_ir::ops::{self, ShapeMap};
 use perqc_ir::{Dim, Model, ValueDef, verify};
-use std::path::{Path, PathBuf};
+mod common;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fixtures")
-        .join(name)
-}
+use common::fixture;
 
 fn load(name: &str) -> (Model, ShapeMap) {
     let m = perqc_onnx::load(&fixture(name)).unwrap().model;

@@ -3,11 +3,21 @@
 //! Tests that emit models register them as ONNX Runtime conformance cases: a small JSON file
 //! per case under `target/tmp/conformance/`, which `tests/conformance/ort_compare.py` (run by
 //! `scripts/check` after `cargo test`) loads to check the emitted model against its reference.
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
+/// Every generated ONNX fixture.
+pub const FIXTURES: [&str; 5] = [
+    "llama_ts.onnx",
+    "llama_dynamo.onnx",
+    "encoder_ln_gelu.onnx",
+    "control_flow.onnx",
+    "custom_domain.onnx",
+];
+
 /// The repository's `fixtures/` folder.
-#[allow(dead_code)]
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
 }
@@ -27,7 +37,6 @@ pub fn out_dir(test: &str) -> PathBuf {
 }
 
 /// How the conformance runner compares a candidate with its reference.
-#[allow(dead_code)]
 pub enum Compare {
     /// Outputs equal bit for bit.
     Bitwise,
@@ -36,7 +45,6 @@ pub enum Compare {
 }
 
 /// Registers `candidate` for the ONNX Runtime conformance run.
-#[allow(dead_code)]
 pub fn conformance_case(name: &str, reference: &Path, candidate: &Path, compare: Compare) {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance");
     std::fs::create_dir_all(&dir).expect("creating the conformance folder");
@@ -56,7 +64,6 @@ pub fn conformance_case(name: &str, reference: &Path, candidate: &Path, compare:
 /// Registers a `"native"` conformance case: the runner feeds `inputs` to `model` in ONNX
 /// Runtime and checks its outputs against `outputs` (perqc's native results) within
 /// `rtol` of the max |reference|. Tensors are written as `.npy` files next to the case.
-#[allow(dead_code)]
 pub fn native_case(
     name: &str,
     dir: &Path,
