@@ -183,3 +183,21 @@ fn every_registered_pass_keeps_outputs_bit_identical() {
         conformance_case(&format!("passes_{name}"), &src, &dst, runs_in_ort(name));
     }
 }
+
+#[test]
+fn released_pages_read_back_unchanged() {
+    // `Loaded::release` drops resident pages of the file map; the payloads must read the
+    // same afterwards (faulted back in from the file), for inline and external data.
+    for name in ["llama_ts.onnx", "llama_dynamo.onnx"] {
+        let loaded = perqc_onnx::load(&fixture(name)).unwrap();
+        let before = perqc_onnx::to_bytes(&loaded.model);
+        let g = &loaded.model.graph;
+        for &v in &g.initializers {
+            loaded.release(g.value(v).tensor.as_ref().unwrap());
+        }
+        assert!(
+            perqc_onnx::to_bytes(&loaded.model) == before,
+            "{name}: payloads changed"
+        );
+    }
+}

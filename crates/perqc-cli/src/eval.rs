@@ -112,21 +112,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
             args.seq
         );
     }
-    let model = perqc_onnx::load(&args.model)?.model;
+    let loaded = perqc_onnx::load(&args.model)?;
     let opts = SessionOptions {
         threads: args
             .threads
             .unwrap_or_else(|| SessionOptions::default().threads),
     };
     perqc_runtime::tune_allocator();
-    let session =
-        Session::with_options(&model, &opts).with_context(|| args.model.display().to_string())?;
+    // The session copies the weights; the mapped file's pages are given back as it goes.
+    let session = Session::with_release(&loaded.model, &opts, &|t| loaded.release(t))
+        .with_context(|| args.model.display().to_string())?;
     let input = session
         .input_names()
         .next()
         .map(str::to_string)
         .context("the model has no inputs")?;
-    drop(model);
+    drop(loaded);
 
     let bar = ProgressBar::new(windows.len() as u64);
     if args.quiet || !std::io::stderr().is_terminal() {

@@ -17,6 +17,7 @@ use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 /// The newest ONNX IR version the vendored schema describes. Newer models may carry fields
 /// prost would silently drop, so loading them warns.
@@ -26,16 +27,64 @@ pub const MAX_IR_VERSION: i64 = pb::Version::IrVersion as i64;
 pub struct Loaded {
     pub model: Model,
     pub warnings: Vec<String>,
+    /// The file maps the model's payloads slice (model file and external data files).
+    maps: Vec<Arc<memmap2::Mmap>>,
+}
+
+impl Loaded {
+    /// Drops the resident pages under a tensor's payload once its consumer has copied it (a
+    /// runtime converting weights): a read-only file map re-reads them from the file if
+    /// they are touched again, so this only lowers peak memory. Payloads not in a map of
+    /// this model (typed fields, rewritten tensors) are left alone.
+    pub fn release(&self, tensor: &Tensor) {
+        let (TensorData::Raw(b) | TensorData::External { bytes: b, .. }) = &tensor.data else {
+            return;
+        };
+        let (start, end) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len());
+        let page = 4096;
+        for map in &self.maps {
+            let base = map.as_ptr() as usize;
+            if start < base || end > base + map.len() {
+                continue;
+            }
+            // Whole pages inside the payload only: neighbours may still be in use.
+            let first = (start - base).div_ceil(page) * page;
+            let last = (end - base) / page * page;
+            if last > first {
+                // SAFETY: the map is read-only and file-backed, so MADV_DONTNEED discards
+                // clean pages that later accesses fault back in from the file unchanged.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        last - first,
+                    )
+                };
+            }
+            return;
+        }
+    }
+}
+
+/// A file map shared by the `Bytes` slices of it and by [`Loaded`].
+struct SharedMap(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Loads `path` (and any external data next to it).
 pub fn load(path: &Path) -> Result<Loaded, LoadError> {
-    let bytes = map_file(path).map_err(|source| LoadError::Io {
+    let (bytes, map) = map_file(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    load_bytes(bytes, path, &base)
+    let mut loaded = load_bytes(bytes, path, &base)?;
+    loaded.maps.extend(map);
+    Ok(loaded)
 }
 
 /// Loads a model from `bytes`; `path` is only used in messages and `base_dir` resolves
@@ -55,24 +104,28 @@ pub fn load_bytes(bytes: Bytes, path: &Path, base_dir: &Path) -> Result<Loaded, 
         path: path.to_path_buf(),
         base_dir: base_dir.to_path_buf(),
         files: HashMap::new(),
+        maps: Vec::new(),
         warnings: Vec::new(),
     };
     let model = cx.model(proto)?;
     Ok(Loaded {
         model,
         warnings: cx.warnings,
+        maps: cx.maps,
     })
 }
 
-fn map_file(path: &Path) -> std::io::Result<Bytes> {
+/// The file's bytes as a slice of a read-only map, and the map (`None` for an empty file).
+fn map_file(path: &Path) -> std::io::Result<(Bytes, Option<Arc<memmap2::Mmap>>)> {
     let file = File::open(path)?;
     if file.metadata()?.len() == 0 {
-        return Ok(Bytes::new());
+        return Ok((Bytes::new(), None));
     }
     // SAFETY: the map is read-only; like every mmap-based loader we assume the file is not
     // truncated by another process while the model is in use.
     let map = unsafe { memmap2::Mmap::map(&file)? };
-    Ok(Bytes::from_owner(map))
+    let map = Arc::new(map);
+    Ok((Bytes::from_owner(SharedMap(map.clone())), Some(map)))
 }
 
 struct Importer {
@@ -80,6 +133,7 @@ struct Importer {
     base_dir: PathBuf,
     /// External data files, mapped once each.
     files: HashMap<PathBuf, Bytes>,
+    maps: Vec<Arc<memmap2::Mmap>>,
     warnings: Vec<String>,
 }
 
@@ -500,8 +554,9 @@ impl Importer {
         let offset = parse(self, "offset")?.unwrap_or(0);
         let length = parse(self, "length")?;
         if !self.files.contains_key(&data_path) {
-            let bytes =
+            let (bytes, map) =
                 map_file(&data_path).map_err(|e| ext_err(self, format!("cannot read: {e}")))?;
+            self.maps.extend(map);
             self.files.insert(data_path.clone(), bytes);
         }
         let file = &self.files[&data_path];

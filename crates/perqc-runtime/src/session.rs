@@ -168,6 +168,18 @@ impl Session {
     }
 
     pub fn with_options(model: &Model, opts: &SessionOptions) -> Result<Session, RuntimeError> {
+        Session::with_release(model, opts, &|_| {})
+    }
+
+    /// [`Session::with_options`], calling `release` on each initializer once the session has
+    /// its own copy, so a caller can drop the source's memory (e.g. `Loaded::release` of
+    /// perqc-onnx gives back the mapped pages) and peak memory stays near one copy of the
+    /// weights.
+    pub fn with_release(
+        model: &Model,
+        opts: &SessionOptions,
+        release: &dyn Fn(&perqc_ir::Tensor),
+    ) -> Result<Session, RuntimeError> {
         let threads = opts.threads.max(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -181,7 +193,7 @@ impl Session {
                 Some((d.to_string(), o.version?))
             })
             .collect();
-        Session::build(&model.graph, opsets, threads, Arc::new(pool))
+        Session::build(&model.graph, opsets, threads, Arc::new(pool), release)
     }
 
     /// Plans `g`. Values `g` reads from enclosing graphs (`Outer`) become inputs, fed by name.
@@ -190,6 +202,7 @@ impl Session {
         opsets: Vec<(String, i64)>,
         threads: usize,
         pool: Arc<rayon::ThreadPool>,
+        release: &dyn Fn(&perqc_ir::Tensor),
     ) -> Result<Session, RuntimeError> {
         let opset_of = |domain: &str| {
             let d = ops::canonical_domain(domain);
@@ -251,6 +264,7 @@ impl Session {
                 })?;
                 consts[vid.index()] = Some(rt);
                 foldable[vid.index()] = true;
+                release(t);
             }
         }
         let mut inputs = Vec::new();
@@ -592,7 +606,8 @@ impl SubgraphRunner for Bodies<'_> {
     fn run(&self, g: &Graph, inputs: &[RtTensor]) -> Result<Vec<RtTensor>, KernelError> {
         let s = self.session;
         let fail = |e: RuntimeError| KernelError::Invalid(format!("in body `{}`: {e}", g.name));
-        let body = Session::build(g, s.opsets.clone(), s.threads, s.pool.clone()).map_err(fail)?;
+        let body = Session::build(g, s.opsets.clone(), s.threads, s.pool.clone(), &|_| {})
+            .map_err(fail)?;
         if inputs.len() != g.inputs.len() {
             return Err(KernelError::Invalid(format!(
                 "body `{}` takes {} inputs, got {}",
