@@ -3,22 +3,14 @@
 
 use perqc_onnx::proto as pb;
 use prost::Message;
+mod common;
+
+use common::fixture;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
-
 fn scratch(test: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("bad_input")
-        .join(test);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("bad_input", test)
 }
 
 /// Runs `perqc MODEL -o OUT` and checks the failure is clean; returns the error line.

@@ -1,22 +1,15 @@
 //! `perqc eval`: perplexity by the bench protocol, its agreement across exports and with
 //! ONNX Runtime, and its one-line errors for bad tokenizer, text and id files.
 
+mod common;
+
+use common::fixture;
+use perqc_runtime::RtTensor;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
-
 fn scratch(test: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("eval")
-        .join(test);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("eval", test)
 }
 
 fn perqc(args: &[&str]) -> Output {
@@ -59,21 +52,10 @@ fn eval_text(model: &str, text: &Path) -> Output {
     ])
 }
 
-/// A .npy of int64 ids, 1-d.
+/// A 1-d int64 `.npy` of `ids`.
 fn write_ids(path: &Path, ids: &[i64]) {
-    let mut header = format!(
-        "{{'descr': '<i8', 'fortran_order': False, 'shape': ({},), }}",
-        ids.len()
-    );
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut b = b"\x93NUMPY\x01\x00".to_vec();
-    b.extend((header.len() as u16).to_le_bytes());
-    b.extend(header.as_bytes());
-    b.extend(ids.iter().flat_map(|v| v.to_le_bytes()));
-    std::fs::write(path, b).unwrap();
+    let t = RtTensor::I64(ndarray::Array1::from(ids.to_vec()).into_dyn().into_shared());
+    perqc_runtime::write_npy(path, &t).unwrap();
 }
 
 #[test]
@@ -197,7 +179,12 @@ fn bad_inputs_name_the_file() {
     );
 
     let floats = dir.join("floats.npy");
-    std::fs::write(&floats, b"\x93NUMPY\x01\x00\x76\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }                                                                           \n\x00\x00\x80\x3f\x00\x00\x00\x40").unwrap();
+    let t = RtTensor::F32(
+        ndarray::Array1::from(vec![1.0f32, 2.0])
+            .into_dyn()
+            .into_shared(),
+    );
+    perqc_runtime::write_npy(&floats, &t).unwrap();
     fails(
         &perqc(&["eval", m, "--ids", floats.to_str().unwrap()]),
         &["floats.npy"],
