@@ -19,6 +19,17 @@ fn run(
     attrs: Vec<(&str, AttrValue)>,
     inputs: &[Option<&RtTensor>],
 ) -> Vec<RtTensor> {
+    run_threads(op, opset, attrs, inputs, 1)
+}
+
+/// [`run`] with a kernel thread count, inside a rayon pool of that size.
+fn run_threads(
+    op: &str,
+    opset: i64,
+    attrs: Vec<(&str, AttrValue)>,
+    inputs: &[Option<&RtTensor>],
+    threads: usize,
+) -> Vec<RtTensor> {
     let mut g = Graph::new("t");
     let mut spec = NodeSpec::new(op).named("n");
     for (k, v) in attrs {
@@ -31,10 +42,14 @@ fn run(
     let ctx = KernelCtx {
         node: g.node(id),
         opset,
-        threads: 1,
+        threads,
         subgraphs: None,
     };
-    k(&ctx, inputs).unwrap()
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| k(&ctx, inputs).unwrap())
 }
 
 fn vals(t: &RtTensor) -> Vec<f32> {
@@ -81,6 +96,62 @@ fn matmul_broadcasts_and_promotes_vectors() {
     let y = run("MatMul", 13, vec![], &[Some(&a), Some(&b)]);
     assert_eq!(y[0].shape(), &[2, 1, 2]);
     assert_eq!(vals(&y[0]), vec![-2., -2., -2., -2.]);
+}
+
+/// Deterministic values in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn matmul_split_over_threads_is_exact_and_deterministic() {
+    // Column split (wide), row split (tall), narrow output (rows), and a product below the
+    // parallel threshold; each must equal the f64 reference and the 1-thread result bitwise.
+    for (m, k, n) in [(70, 300, 130), (300, 70, 100), (3000, 40, 20), (8, 9, 10)] {
+        let (av, bv) = (noise(m * k, 1), noise(k * n, 2));
+        let (a, b) = (f32t(&[m, k], &av), f32t(&[k, n], &bv));
+        let one = vals(&run_threads("MatMul", 13, vec![], &[Some(&a), Some(&b)], 1)[0]);
+        let two = vals(&run_threads("MatMul", 13, vec![], &[Some(&a), Some(&b)], 2)[0]);
+        assert_eq!(one, two, "{m}x{k}x{n}: result depends on the thread count");
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|p| av[i * k + p] as f64 * bv[p * n + j] as f64)
+                    .sum();
+                let got = two[i * n + j] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "{m}x{k}x{n} [{i},{j}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+    // Gemm with a transposed operand (strided view) through the same split.
+    let (m, k, n) = (64, 200, 170);
+    let (av, bv) = (noise(m * k, 3), noise(n * k, 4));
+    let (a, b) = (f32t(&[m, k], &av), f32t(&[n, k], &bv));
+    let attrs = || vec![("transB", AttrValue::Int(1))];
+    let one = vals(&run_threads("Gemm", 13, attrs(), &[Some(&a), Some(&b)], 1)[0]);
+    let two = vals(&run_threads("Gemm", 13, attrs(), &[Some(&a), Some(&b)], 2)[0]);
+    assert_eq!(one, two);
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = (0..k)
+                .map(|p| av[i * k + p] as f64 * bv[j * k + p] as f64)
+                .sum();
+            assert!((two[i * n + j] as f64 - want).abs() < 1e-4);
+        }
+    }
 }
 
 #[test]

@@ -51,7 +51,7 @@ pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>
     }
     let (inner, isa, isb) = dims.pop().unwrap_or((1, 0, 0));
     let outer = dims;
-    let mut out: Vec<C> = Vec::with_capacity(n);
+    let mut out: Vec<C> = crate::ops::kernel::output_vec(n);
     if n > 0 {
         let (pa, pb) = (SendPtr(av.as_ptr()), SendPtr(bv.as_ptr()));
         // Fills `dst` = output elements `e0..e0 + dst.len()`.

@@ -4,7 +4,9 @@
 //! (zero-copy Transpose/Slice results) need no copy. The result is always a fresh
 //! row-major array.
 
-use crate::ops::kernel::{KernelCtx, KernelError, RtTensor, broadcast_shape, opt, req_f32};
+use crate::ops::kernel::{
+    KernelCtx, KernelError, RtTensor, broadcast_shape, opt, output_vec, req_f32,
+};
 use gemm::Parallelism;
 use ndarray::{ArrayD, ArrayView2, IxDyn, Zip};
 use rayon::prelude::*;
@@ -32,53 +34,97 @@ struct Mat {
 unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
-/// `dst (m x n, row-major, contiguous) = beta_dst * dst + lhs (m x k) * rhs (k x n)` with
-/// `read_dst = beta_dst != 0`.
+/// Column blocks handed to different threads start at multiples of this many elements
+/// (two AVX-512 vectors), so no block shares a micro-tile with its neighbour.
+const COL_ALIGN: usize = 32;
+/// Row blocks start at multiples of this many rows (a whole number of micro-tiles).
+const ROW_ALIGN: usize = 8;
+
+/// `dst (m x n, row stride dst_rs, unit column stride) = dst_scale * dst + prod_scale *
+/// lhs (m x k) * rhs (k x n)`; `dst` is read only when `dst_scale != 0`.
 ///
-/// Safety: `lhs`/`rhs` address valid `m x k` / `k x n` matrices; `dst` an `m x n` buffer.
+/// With `threads > 1` and enough work, the output is cut into `threads` column blocks
+/// (or row blocks when it is too narrow) and each block is one single-threaded `gemm`
+/// call on the current rayon pool. `gemm`'s own `Parallelism::Rayon` does not split some
+/// of our shapes at all (512 x 576 x 1536 ran no faster on 2 threads than on 1; see
+/// docs/runtime.md), so the split is ours. Each element of `dst` is computed by exactly
+/// one call, summing over k in `gemm`'s own order (the kernel tests check that 1 and 2
+/// threads agree bitwise on the split shapes).
+///
+/// Safety: `lhs`/`rhs` address valid `m x k` / `k x n` matrices; `dst` an `m x n` buffer
+/// with row stride `dst_rs` that no one else touches during the call.
 #[allow(clippy::too_many_arguments)] // mirrors `gemm::gemm`
-unsafe fn gemm_one(
-    m: usize,
-    n: usize,
-    k: usize,
+unsafe fn gemm_par(
+    (m, n, k): (usize, usize, usize),
     dst: *mut f32,
+    dst_rs: usize,
     lhs: Mat,
     rhs: Mat,
     dst_scale: f32,
     prod_scale: f32,
-    par: Parallelism,
+    threads: usize,
 ) {
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            n as isize,
-            dst_scale != 0.0,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            dst_scale,
-            prod_scale,
-            false,
-            false,
-            false,
-            par,
-        )
+    let dst = Ptr(dst);
+    let one = |(r0, rows): (usize, usize), (c0, cols): (usize, usize)| {
+        // Capture the whole Send wrappers, not their raw-pointer fields.
+        let (dst, lhs, rhs) = (dst, lhs, rhs);
+        // Safety: the block [r0, r0 + rows) x [c0, c0 + cols) lies inside every operand,
+        // and blocks are disjoint.
+        unsafe {
+            gemm::gemm(
+                rows,
+                cols,
+                k,
+                dst.0.add(r0 * dst_rs + c0),
+                1,
+                dst_rs as isize,
+                dst_scale != 0.0,
+                lhs.ptr.wrapping_offset(r0 as isize * lhs.rs),
+                lhs.cs,
+                lhs.rs,
+                rhs.ptr.wrapping_offset(c0 as isize * rhs.cs),
+                rhs.cs,
+                rhs.rs,
+                dst_scale,
+                prod_scale,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            )
+        }
+    };
+    if threads <= 1 || m * n * k < PAR_MIN_FLOPS {
+        one((0, m), (0, n));
+        return;
     }
-}
-
-fn parallelism(threads: usize) -> Parallelism {
-    if threads > 1 {
-        Parallelism::Rayon(threads)
+    // Split the longer side, in aligned blocks; fall back to rows for narrow outputs.
+    let blocks = |len: usize, align: usize| -> Vec<(usize, usize)> {
+        let units = len.div_ceil(align);
+        let parts = threads.min(units);
+        (0..parts)
+            .map(|i| {
+                let (u0, u1) = (units * i / parts, units * (i + 1) / parts);
+                let (s, e) = ((u0 * align).min(len), (u1 * align).min(len));
+                (s, e - s)
+            })
+            .filter(|&(_, len)| len > 0)
+            .collect()
+    };
+    let by_cols = n >= threads * COL_ALIGN && n >= m;
+    let parts = if by_cols || m < threads * ROW_ALIGN {
+        blocks(n, COL_ALIGN)
     } else {
-        Parallelism::None
-    }
+        blocks(m, ROW_ALIGN)
+    };
+    let col_split = by_cols || m < threads * ROW_ALIGN;
+    parts.into_par_iter().for_each(|part| {
+        if col_split {
+            one((0, m), part)
+        } else {
+            one(part, (0, n))
+        }
+    });
 }
 
 /// MatMul with numpy semantics: 1-d operands are promoted (and the added axis removed from
@@ -125,7 +171,7 @@ pub fn matmul(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let nb: usize = batch.iter().product();
     // Not zeroed: `gemm` with `read_dst = false` writes every element without reading it.
     let total = nb * m * n;
-    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let mut out: Vec<f32> = output_vec(total);
     // Element offset of batch `i` in an operand with broadcast strides `s`.
     let offset = |mut i: usize, s: &[isize]| -> isize {
         let mut off = 0isize;
@@ -143,13 +189,24 @@ pub fn matmul(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     };
     let dst = Ptr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let (pa, pb) = (Ptr(a.as_ptr() as *mut f32), Ptr(b.as_ptr() as *mut f32));
-    let work = |i: usize, par: Parallelism| {
+    let work = |i: usize, threads: usize| {
         // Capture the whole Send wrappers, not their raw-pointer fields.
         let (pa, pb, d) = (pa, pb, dst);
         let (lhs, rhs) = (mat(pa.0, &sa, i), mat(pb.0, &sb, i));
         // Safety: offsets come from `broadcast` strides of live views, and batch `i` writes
         // only its own `m x n` block of `out`.
-        unsafe { gemm_one(m, n, k, d.0.add(i * m * n), lhs, rhs, 0.0, 1.0, par) }
+        unsafe {
+            gemm_par(
+                (m, n, k),
+                d.0.add(i * m * n),
+                n,
+                lhs,
+                rhs,
+                0.0,
+                1.0,
+                threads,
+            )
+        }
     };
     if m * n > 0 {
         if k == 0 {
@@ -160,12 +217,10 @@ pub fn matmul(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         {
             // Attention-sized batches: one whole matrix per task beats splitting each
             // small product over the threads.
-            (0..nb)
-                .into_par_iter()
-                .for_each(|i| work(i, Parallelism::None));
+            (0..nb).into_par_iter().for_each(|i| work(i, 1));
         } else {
             for i in 0..nb {
-                work(i, parallelism(ctx.threads));
+                work(i, ctx.threads);
             }
         }
     }
@@ -239,16 +294,15 @@ pub fn gemm(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     if m * n > 0 {
         // Safety: views of live arrays; `out` is a contiguous m x n buffer.
         unsafe {
-            gemm_one(
-                m,
-                n,
-                k,
+            gemm_par(
+                (m, n, k),
                 out.as_mut_ptr(),
+                n,
                 lhs,
                 rhs,
                 dst_scale,
                 alpha,
-                parallelism(ctx.threads),
+                ctx.threads,
             )
         }
     }

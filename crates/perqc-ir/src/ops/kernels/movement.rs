@@ -252,7 +252,7 @@ fn cat_rows<T: Clone>(
         })
         .collect();
     let total: usize = shape.iter().product();
-    let mut out = Vec::with_capacity(total);
+    let mut out = crate::ops::kernel::output_vec(total);
     for o in 0..outer {
         for &(data, inner) in &blocks {
             out.extend_from_slice(&data[o * inner..(o + 1) * inner]);
