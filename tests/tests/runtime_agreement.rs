@@ -50,8 +50,14 @@ type MakeInput = fn(usize, usize, u64) -> RtTensor;
 
 fn session(name: &str, threads: usize) -> Session {
     let loaded = perqc_onnx::load(&fixture(name)).unwrap_or_else(|e| panic!("{e}"));
-    Session::with_options(&loaded.model, &SessionOptions { threads })
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    Session::with_options(
+        &loaded.model,
+        &SessionOptions {
+            threads,
+            ..SessionOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 #[test]
@@ -157,4 +163,66 @@ fn bad_feeds_are_errors() {
     let big = RtTensor::i64(ArrayD::from_elem(IxDyn(&[1, 3]), 100_000));
     let err = sess.run(&[("input_ids", big)]).unwrap_err().to_string();
     assert!(err.contains("Gather"), "{err}");
+}
+
+/// Watches one value and counts the calls.
+struct Watch(Vec<String>, usize);
+
+impl perqc_runtime::Observer for Watch {
+    fn watched(&self) -> &[String] {
+        &self.0
+    }
+    fn observe(&mut self, _: &str, _: &RtTensor) -> Result<(), perqc_runtime::RuntimeError> {
+        self.1 += 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn fused_attention_matches_the_unfused_graph() {
+    // Both exporters' attention chains (MatMul, Mul, Add mask, Softmax, [Cast], MatMul) must
+    // fuse into one step per layer, compute the same logits, and refuse to observe a
+    // value that no longer exists.
+    for name in ["llama_ts.onnx", "llama_dynamo.onnx"] {
+        let loaded = perqc_onnx::load(&fixture(name)).unwrap();
+        let opts = |fuse| SessionOptions { threads: 2, fuse };
+        let fused = Session::with_options(&loaded.model, &opts(true)).unwrap();
+        let plain = Session::with_options(&loaded.model, &opts(false)).unwrap();
+        let g = &loaded.model.graph;
+        let softmaxes: Vec<String> = g
+            .node_order()
+            .iter()
+            .map(|&id| g.node(id))
+            .filter(|n| n.op_type == "Softmax")
+            .map(|n| g.value(n.outputs()[0].unwrap()).name.clone())
+            .collect();
+        assert!(!softmaxes.is_empty(), "{name}");
+        // Transpose, MatMul, Mul, Add, Softmax (+ casts) collapse into the final MatMul.
+        assert!(
+            fused.step_count() + 5 * softmaxes.len() <= plain.step_count(),
+            "{name}: {} fused vs {} plain steps",
+            fused.step_count(),
+            plain.step_count()
+        );
+        for (k, (batch, seq)) in [(1, 13), (2, 6)].into_iter().enumerate() {
+            let x = ids(batch, seq, 5 + k as u64);
+            let a = fused.run(&[("input_ids", x.clone())]).unwrap();
+            let b = plain.run(&[("input_ids", x.clone())]).unwrap();
+            let (a, b) = (a[0].1.as_f32().unwrap(), b[0].1.as_f32().unwrap());
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(b.iter())
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err <= 1e-6 * scale, "{name}: fused vs plain error {err}");
+        }
+        let x = ids(1, 4, 1);
+        let mut w = Watch(vec![softmaxes[0].clone()], 0);
+        let err = fused
+            .run_observed(&[("input_ids", x.clone())], &mut w)
+            .unwrap_err();
+        assert!(err.to_string().contains("fuse: false"), "{err}");
+        plain.run_observed(&[("input_ids", x)], &mut w).unwrap();
+        assert_eq!(w.1, 1);
+    }
 }

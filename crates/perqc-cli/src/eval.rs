@@ -113,10 +113,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
     }
     let loaded = perqc_onnx::load(&args.model)?;
+    let defaults = SessionOptions::default();
     let opts = SessionOptions {
-        threads: args
-            .threads
-            .unwrap_or_else(|| SessionOptions::default().threads),
+        threads: args.threads.unwrap_or(defaults.threads),
+        ..defaults
     };
     perqc_runtime::tune_allocator();
     // The session copies the weights; the mapped file's pages are given back as it goes.

@@ -1,7 +1,7 @@
 //! One forward pass of a causal LM (input `input_ids` [1, seq]) natively, timed.
 //!
 //! usage: bench_forward MODEL [--seq 512] [--reps 3] [--threads 2] [--seed 0]
-//!                            [--vocab 49152] [--save DIR] [--profile]
+//!                            [--vocab 49152] [--save DIR] [--profile] [--no-fuse]
 //! Prints load, plan and per-run wall times and the median. With `--save`, writes
 //! `DIR/input_ids.npy` and `DIR/<output>.npy` (for comparison with ONNX Runtime, see
 //! `scripts/bench_runtime.py`).
@@ -19,6 +19,7 @@ fn main() -> Result<()> {
         (512usize, 3usize, 2usize, 0u64, 49152u64);
     let mut save: Option<PathBuf> = None;
     let mut profile = None;
+    let mut fuse = true;
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -29,6 +30,7 @@ fn main() -> Result<()> {
             "--vocab" => vocab = val()?.parse()?,
             "--save" => save = Some(val()?.into()),
             "--profile" => profile = Some(Profile::default()),
+            "--no-fuse" => fuse = false,
             s if s.starts_with("--") => bail!("unknown option {s}"),
             s => model = Some(PathBuf::from(s)),
         }
@@ -39,7 +41,7 @@ fn main() -> Result<()> {
     let load_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     perqc_runtime::tune_allocator();
-    let sess = Session::with_options(&loaded.model, &SessionOptions { threads })?;
+    let sess = Session::with_options(&loaded.model, &SessionOptions { threads, fuse })?;
     let plan_s = t.elapsed().as_secs_f64();
     println!(
         "load {load_s:.3}s, plan {plan_s:.3}s ({} steps after folding), threads {threads}",

@@ -24,12 +24,16 @@ use std::sync::Arc;
 pub struct SessionOptions {
     /// Threads for GEMM and batched kernels (default: all available cores).
     pub threads: usize,
+    /// Fuse exported attention chains into one kernel (default: on; see `fuse.rs`). Off
+    /// keeps every intermediate observable.
+    pub fuse: bool,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
         SessionOptions {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            fuse: true,
         }
     }
 }
@@ -83,6 +87,11 @@ pub enum RuntimeError {
     Constant { name: String, source: KernelError },
     #[error("no value `{0}` to observe")]
     UnknownValue(String),
+    #[error(
+        "value {0} exists only inside a fused attention kernel; build the session with \
+         SessionOptions {{ fuse: false, .. }} to observe it"
+    )]
+    FusedAway(String),
     #[error("observing `{name}`: {detail}")]
     Observe { name: String, detail: String },
     #[error("graph input `{0}` was not given")]
@@ -129,14 +138,14 @@ impl Profile {
     }
 }
 
-struct Step {
-    node: Node,
-    opset: i64,
-    kernel: KernelFn,
-    inputs: Vec<Option<usize>>,
-    outputs: Vec<Option<usize>>,
+pub(crate) struct Step {
+    pub(crate) node: Node,
+    pub(crate) opset: i64,
+    pub(crate) kernel: KernelFn,
+    pub(crate) inputs: Vec<Option<usize>>,
+    pub(crate) outputs: Vec<Option<usize>>,
     /// Slots the node's subgraphs read by name.
-    captures: Vec<usize>,
+    pub(crate) captures: Vec<usize>,
     free: Vec<usize>,
 }
 
@@ -160,6 +169,8 @@ pub struct Session {
     threads: usize,
     /// Opset per (canonical) domain, to plan subgraphs.
     opsets: Vec<(String, i64)>,
+    /// `fused[s]`: slot `s` exists only inside a fused kernel.
+    fused: Vec<bool>,
 }
 
 impl Session {
@@ -193,7 +204,20 @@ impl Session {
                 Some((d.to_string(), o.version?))
             })
             .collect();
-        Session::build(&model.graph, opsets, threads, Arc::new(pool), release)
+        // Fusion needs operand ranks; a model whose shapes cannot be inferred runs unfused.
+        let shapes = if opts.fuse {
+            ops::infer_model(model).ok()
+        } else {
+            None
+        };
+        Session::build(
+            &model.graph,
+            opsets,
+            threads,
+            Arc::new(pool),
+            release,
+            shapes.as_ref(),
+        )
     }
 
     /// Plans `g`. Values `g` reads from enclosing graphs (`Outer`) become inputs, fed by name.
@@ -203,6 +227,7 @@ impl Session {
         threads: usize,
         pool: Arc<rayon::ThreadPool>,
         release: &dyn Fn(&perqc_ir::Tensor),
+        fuse_with: Option<&ops::ShapeMap>,
     ) -> Result<Session, RuntimeError> {
         let opset_of = |domain: &str| {
             let d = ops::canonical_domain(domain);
@@ -357,11 +382,18 @@ impl Session {
             .map(|&v| (g.value(v).name.clone(), v.index()))
             .collect();
 
-        // 3. Memory plan. `last[s]` = index of the last step reading slot `s`.
         let mut is_output = vec![false; n];
         for &(_, s) in &outputs {
             is_output[s] = true;
         }
+        let mut fused = vec![false; n];
+        if let Some(shapes) = fuse_with {
+            for s in crate::fuse::fuse_attention(&mut steps, &consts, &is_output, shapes) {
+                fused[s] = true;
+            }
+        }
+
+        // 3. Memory plan. `last[s]` = index of the last step reading slot `s`.
         let mut needed_const = is_output.clone();
         let mut last: Vec<Option<usize>> = vec![None; n];
         for (k, st) in steps.iter().enumerate() {
@@ -409,6 +441,7 @@ impl Session {
             pool,
             threads,
             opsets,
+            fused,
         })
     }
 
@@ -463,6 +496,9 @@ impl Session {
                     .iter()
                     .position(|n| n == name)
                     .ok_or_else(|| RuntimeError::UnknownValue(name.clone()))?;
+                if self.fused[slot] {
+                    return Err(RuntimeError::FusedAway(name.clone()));
+                }
                 watched[slot] = true;
             }
         }
@@ -606,8 +642,15 @@ impl SubgraphRunner for Bodies<'_> {
     fn run(&self, g: &Graph, inputs: &[RtTensor]) -> Result<Vec<RtTensor>, KernelError> {
         let s = self.session;
         let fail = |e: RuntimeError| KernelError::Invalid(format!("in body `{}`: {e}", g.name));
-        let body = Session::build(g, s.opsets.clone(), s.threads, s.pool.clone(), &|_| {})
-            .map_err(fail)?;
+        let body = Session::build(
+            g,
+            s.opsets.clone(),
+            s.threads,
+            s.pool.clone(),
+            &|_| {},
+            None,
+        )
+        .map_err(fail)?;
         if inputs.len() != g.inputs.len() {
             return Err(KernelError::Invalid(format!(
                 "body `{}` takes {} inputs, got {}",

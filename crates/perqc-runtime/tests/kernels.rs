@@ -280,3 +280,141 @@ fn errors_not_panics() {
     assert!(k(&ctx, &[Some(&a), Some(&f32t(&[4], &[0.; 4]))]).is_err());
     assert!(k(&ctx, &[Some(&a), None]).is_err());
 }
+
+/// Attention in f64: `softmax(scale · q kᵀ + mask) v` per head, kv head `h / (hq / hkv)`;
+/// `mask(b, h, i, j)` is additive. A row of all -inf (or with a NaN/inf score) gives NaN,
+/// as the unfused Softmax does.
+#[allow(clippy::too_many_arguments)]
+fn attention_ref(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (b, hq, hkv, s, l, d, dv): (usize, usize, usize, usize, usize, usize, usize),
+    scale: f32,
+    mask: &dyn Fn(usize, usize, usize, usize) -> f32,
+) -> Vec<f64> {
+    let mut y = vec![0f64; b * hq * s * dv];
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = h / (hq / hkv);
+            for i in 0..s {
+                let sc: Vec<f64> = (0..l)
+                    .map(|j| {
+                        let dot: f64 = (0..d)
+                            .map(|c| {
+                                q[((bi * hq + h) * s + i) * d + c] as f64
+                                    * k[((bi * hkv + kh) * l + j) * d + c] as f64
+                            })
+                            .sum();
+                        scale as f64 * dot + mask(bi, h, i, j) as f64
+                    })
+                    .collect();
+                let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for c in 0..dv {
+                    y[((bi * hq + h) * s + i) * dv + c] = (0..l)
+                        .map(|j| e[j] / z * v[((bi * hkv + kh) * l + j) * dv + c] as f64)
+                        .sum();
+                }
+            }
+        }
+    }
+    y
+}
+
+fn assert_close_nan(got: &[f32], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (n, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = (g.is_nan() && w.is_nan()) || (g as f64 - w).abs() <= 1e-5;
+        assert!(ok, "{what}: element {n}: {g} vs {w}");
+    }
+}
+
+#[test]
+fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
+    let (b, hq, hkv, s, l, d, dv) = (2, 4, 2, 70, 70, 8, 5);
+    let dims = (b, hq, hkv, s, l, d, dv);
+    let (mut qv, mut kv, mut vv) = (
+        noise(b * hq * s * d, 11),
+        noise(b * hkv * l * d, 12),
+        noise(b * hkv * l * dv, 13),
+    );
+    let scale = 0.3f32;
+    // Causal additive mask as torch exports it (finfo.min above the diagonal), [1, 1, S, L].
+    let causal: Vec<f32> = (0..s * l)
+        .map(|x| if x % l > x / l { f32::MIN } else { 0.0 })
+        .collect();
+    let run_with = |q: &[f32], k: &[f32], v: &[f32], mask: Option<&RtTensor>, attrs, t| {
+        let (q, k, v) = (
+            f32t(&[b, hq, s, d], q),
+            f32t(&[b, hkv, l, d], k),
+            f32t(&[b, hkv, l, dv], v),
+        );
+        vals(
+            &run_threads(
+                "Attention",
+                23,
+                attrs,
+                &[Some(&q), Some(&k), Some(&v), mask],
+                t,
+            )[0],
+        )
+    };
+    let attrs = || vec![("scale", AttrValue::Float(scale))];
+    let m = f32t(&[1, 1, s, l], &causal);
+    let m_at = |_: usize, _: usize, i: usize, j: usize| causal[i * l + j];
+    let want = attention_ref(&qv, &kv, &vv, dims, scale, &m_at);
+    let one = run_with(&qv, &kv, &vv, Some(&m), attrs(), 1);
+    let two = run_with(&qv, &kv, &vv, Some(&m), attrs(), 2);
+    assert_eq!(one, two, "thread count changed the result");
+    assert_close_nan(&two, &want, "causal float mask");
+
+    // is_causal without a mask tensor, default scale 1/sqrt(D).
+    let got = run_with(
+        &qv,
+        &kv,
+        &vv,
+        None,
+        vec![("is_causal", AttrValue::Int(1))],
+        2,
+    );
+    let inf_above = |_: usize, _: usize, i: usize, j: usize| {
+        if j > i { f32::NEG_INFINITY } else { 0.0 }
+    };
+    let want = attention_ref(&qv, &kv, &vv, dims, 1.0 / (d as f32).sqrt(), &inf_above);
+    assert_close_nan(&got, &want, "is_causal");
+
+    // Bool mask [B, 1, S, L] with one fully masked row (NaN, as Softmax of all -inf).
+    let keep: Vec<bool> = (0..b * s * l)
+        .map(|x| (x * 7919) % 5 != 0 && (x / l) % s != 3)
+        .collect();
+    let mb = RtTensor::Bool(
+        ArrayD::from_shape_vec(IxDyn(&[b, 1, s, l]), keep.clone())
+            .unwrap()
+            .into_shared(),
+    );
+    let got = run_with(&qv, &kv, &vv, Some(&mb), attrs(), 2);
+    let m_keep = |bi: usize, _: usize, i: usize, j: usize| {
+        if keep[(bi * s + i) * l + j] {
+            0.0
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    assert_close_nan(
+        &got,
+        &attention_ref(&qv, &kv, &vv, dims, scale, &m_keep),
+        "bool mask",
+    );
+
+    // Non-finite values in the masked future: a NaN value row poisons every row through
+    // 0 · NaN; an inf key makes its scores inf (no key may be skipped).
+    vv[((hkv + 1) * l + 60) * dv + 2] = f32::NAN; // batch 1, kv head 1, key 60
+    kv[(l + 65) * d] = f32::INFINITY;
+    qv[0] = -qv[0];
+    let got = run_with(&qv, &kv, &vv, Some(&m), attrs(), 2);
+    let want = attention_ref(&qv, &kv, &vv, dims, scale, &m_at);
+    assert!(got.iter().any(|x| x.is_nan()));
+    assert_close_nan(&got, &want, "non-finite operands");
+}

@@ -5,7 +5,8 @@
 use super::OpDef;
 use super::kernels::control as kc;
 use super::kernels::{
-    elementwise as kew, index as kix, linalg as kla, misc as kmisc, movement as kmv, reduce as krd,
+    attention as katt, elementwise as kew, index as kix, linalg as kla, misc as kmisc,
+    movement as kmv, reduce as krd,
 };
 use super::rules::elementwise as ew;
 use super::rules::{index as ix, linalg as la, misc, movement as mv, reduce as rd};
@@ -112,6 +113,7 @@ pub static OPS: &[OpDef] = &[
     op("Gemm", 1, la::gemm).kernel(kla::gemm),
     op("MatMulInteger", 10, la::matmul_integer),
     op("Einsum", 12, la::einsum),
+    op("Attention", 23, la::attention).kernel(katt::attention),
     OpDef::custom(MS, "MatMulNBits", 1, la::matmul_nbits),
     // ---- reductions (axes attribute, then input) ----
     op("ReduceSum", 1, rd::reduce_sum_attr)

@@ -1,6 +1,7 @@
 //! Native f32 kernels, grouped like the shape rules in `../rules`. Each is a
 //! [`KernelFn`](super::kernel::KernelFn) referenced from a row of the op table.
 
+pub mod attention;
 pub mod control;
 pub mod elementwise;
 pub mod index;

@@ -62,6 +62,23 @@ pub fn matmul(ctx: &InferCtx<'_>) -> RuleResult {
     Ok(vec![Facts::new(dtype, shape)])
 }
 
+/// Attention (opset 23) on 4-d inputs: Y is Q's shape `[B, Hq, S, D]` with V's last dim.
+/// (Only output 0 is described; 3-d inputs with head-count attributes get an unknown shape.)
+pub fn attention(ctx: &InferCtx<'_>) -> RuleResult {
+    let (q, v) = (ctx.req(0)?, ctx.req(2)?);
+    let dtype = same_dtype([q, ctx.req(1)?, v])?;
+    let shape = match (&q.shape, &v.shape) {
+        (Some(qs), Some(vs)) if qs.len() == 4 && vs.len() == 4 => Some(vec![
+            qs[0].clone(),
+            qs[1].clone(),
+            qs[2].clone(),
+            vs[3].clone(),
+        ]),
+        _ => None,
+    };
+    Ok(vec![Facts::new(dtype, shape)])
+}
+
 /// MatMulInteger: the MatMul shape, i32 result.
 pub fn matmul_integer(ctx: &InferCtx<'_>) -> RuleResult {
     let (a, b) = (ctx.req(0)?, ctx.req(1)?);
