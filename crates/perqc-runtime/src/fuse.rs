@@ -10,7 +10,10 @@
 //! ```
 //!
 //! (`Mul` by a constant scalar and `Add` optional), which materializes and re-reads the
-//! `[B, H, S, L]` scores five times. The chain becomes one ONNX `Attention` (opset 23) step
+//! `[B, H, S, L]` scores five times. When k and v are key/value heads repeated for
+//! grouped-query attention (`Reshape(Expand(Unsqueeze(x, [2])))`), the step reads the
+//! shared heads `x` directly; steps left without readers (the copies and the shape
+//! arithmetic that fed them) are dropped. The chain becomes one ONNX `Attention` (opset 23) step
 //! with `scale = c`, whose kernel keeps each block of scores in cache and computes the same
 //! formula (scores rounded once after scaling, as MatMul then Mul). It applies only when
 //! every intermediate has that single reader and is no graph output, and q, k and v are
@@ -19,7 +22,7 @@
 
 use crate::session::Step;
 use perqc_ir::ops::{self, RtTensor, ShapeMap};
-use perqc_ir::{AttrValue, Graph, NodeSpec};
+use perqc_ir::{AttrValue, Dim, Graph, NodeSpec};
 
 /// Slot readers, the producing step of each slot, and inferred slot ranks.
 struct Uses<'a> {
@@ -29,11 +32,18 @@ struct Uses<'a> {
 }
 
 impl Uses<'_> {
-    fn rank(&self, slot: usize) -> Option<usize> {
-        self.shapes
-            .shape(perqc_ir::ValueId::from_index(slot))
-            .map(<[_]>::len)
+    fn shape(&self, slot: usize) -> Option<&[Dim]> {
+        self.shapes.shape(perqc_ir::ValueId::from_index(slot))
     }
+
+    fn rank(&self, slot: usize) -> Option<usize> {
+        self.shape(slot).map(<[_]>::len)
+    }
+}
+
+/// Equal dims, known to be: the same number or the same symbol.
+fn same(a: &Dim, b: &Dim) -> bool {
+    !matches!(a, Dim::Unknown) && a == b
 }
 
 /// Fuses attention chains in `steps` (in order; constants already folded into `consts`).
@@ -79,7 +89,17 @@ pub(crate) fn fuse_attention(
         st.node = g.node(id).clone();
         st.opset = 23;
         st.kernel = attention;
-        st.inputs = vec![Some(m.q), Some(m.k), Some(m.v), m.mask];
+        // Grouped-query attention: read the shared K/V heads instead of their copies.
+        let (k, v) = (
+            ungroup(steps, m.k, consts, &uses),
+            ungroup(steps, m.v, consts, &uses),
+        );
+        let (k, v) = match (k, v) {
+            (Some((k, gk)), Some((v, gv))) if gk == gv => (k, v),
+            _ => (m.k, m.v),
+        };
+        let st = &mut steps[i];
+        st.inputs = vec![Some(m.q), Some(k), Some(v), m.mask];
         for &j in &m.absorbed_steps {
             dead[j] = true;
         }
@@ -90,7 +110,82 @@ pub(crate) fn fuse_attention(
         i += 1;
         !dead[i - 1]
     });
+    drop_unread(steps, keep);
     fused_slots
+}
+
+/// Removes steps none of whose results is read (kernels are pure), last to first so
+/// chains that only fed them go too.
+fn drop_unread(steps: &mut Vec<Step>, keep: &[bool]) {
+    let mut readers = vec![0usize; keep.len()];
+    for st in steps.iter() {
+        for &s in st.inputs.iter().flatten().chain(&st.captures) {
+            readers[s] += 1;
+        }
+    }
+    let mut dead = vec![false; steps.len()];
+    for (i, st) in steps.iter().enumerate().rev() {
+        if st
+            .outputs
+            .iter()
+            .flatten()
+            .all(|&s| readers[s] == 0 && !keep[s])
+        {
+            dead[i] = true;
+            for &s in st.inputs.iter().flatten().chain(&st.captures) {
+                readers[s] -= 1;
+            }
+        }
+    }
+    let mut i = 0;
+    steps.retain(|_| {
+        i += 1;
+        !dead[i - 1]
+    });
+}
+
+/// If `slot` is `Reshape(Expand(Unsqueeze(x, axes = [2]), [B, H, G, L, D]), [B, H·G, L, D])`
+/// (how exporters repeat each of H key/value heads G times), returns `(x, G)`: head `h` of
+/// the result is head `h / G` of `x`, which is how `Attention` maps query heads to
+/// key/value heads.
+fn ungroup(
+    steps: &[Step],
+    slot: usize,
+    consts: &[Option<RtTensor>],
+    uses: &Uses<'_>,
+) -> Option<(usize, i64)> {
+    let producer = |s: usize, op: &str| {
+        let j = uses.producer[s]?;
+        let nd = &steps[j].node;
+        (nd.op_type == op && ops::canonical_domain(&nd.domain).is_empty()).then_some(j)
+    };
+    let first = |j: usize| steps[j].inputs.first().copied().flatten();
+    let r = producer(slot, "Reshape")?;
+    let expanded = first(r)?;
+    let e = producer(expanded, "Expand")?;
+    let unsqueezed = first(e)?;
+    let u = producer(unsqueezed, "Unsqueeze")?;
+    let x = first(u)?;
+    let axes: Vec<i64> = match steps[u].node.attr_ints("axes") {
+        Some(a) => a.to_vec(),
+        None => consts[steps[u].inputs.get(1).copied().flatten()?]
+            .as_ref()?
+            .to_i64_vec()?,
+    };
+    let (xs, es, rs) = (uses.shape(x)?, uses.shape(expanded)?, uses.shape(slot)?);
+    if axes != [2] || xs.len() != 4 || es.len() != 5 || rs.len() != 4 {
+        return None;
+    }
+    let g = es[2].known()?;
+    let heads_ok = match (xs[1].known(), rs[1].known()) {
+        (Some(h), Some(hg)) => h * g == hg,
+        _ => false,
+    };
+    let kept = [(0, 0), (1, 1), (2, 3), (3, 4)]
+        .iter()
+        .all(|&(a, b)| same(&xs[a], &es[b]));
+    (heads_ok && kept && same(&rs[0], &xs[0]) && same(&rs[2], &xs[2]) && same(&rs[3], &xs[3]))
+        .then_some((x, g))
 }
 
 struct Chain {

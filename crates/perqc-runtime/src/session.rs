@@ -450,9 +450,14 @@ impl Session {
         self.inputs.iter().map(|i| i.name.as_str())
     }
 
-    /// Nodes left to run per call after constant folding.
+    /// Nodes left to run per call after constant folding and fusion.
     pub fn step_count(&self) -> usize {
         self.steps.len()
+    }
+
+    /// The op type of each step, in run order (fused steps show as their fused op).
+    pub fn step_ops(&self) -> impl Iterator<Item = &str> {
+        self.steps.iter().map(|s| s.node.op_type.as_str())
     }
 
     /// Runs the graph. Every graph input without a default must be given; the result lists
