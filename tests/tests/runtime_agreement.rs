@@ -179,10 +179,10 @@ impl perqc_runtime::Observer for Watch {
 }
 
 #[test]
-fn fused_attention_matches_the_unfused_graph() {
-    // Both exporters' attention chains (MatMul, Mul, Add mask, Softmax, [Cast], MatMul) must
-    // fuse into one step per layer, compute the same logits, and refuse to observe a
-    // value that no longer exists.
+fn fused_attention_and_rms_norm_match_the_unfused_graph() {
+    // Both exporters' attention chains (MatMul, Mul, Add mask, Softmax, [Cast], MatMul) and
+    // RMS norms must fuse into one step each, compute the same logits, and refuse to
+    // observe a value that no longer exists.
     for name in ["llama_ts.onnx", "llama_dynamo.onnx"] {
         let loaded = perqc_onnx::load(&fixture(name)).unwrap();
         let opts = |fuse| SessionOptions { threads: 2, fuse };
@@ -202,6 +202,13 @@ fn fused_attention_matches_the_unfused_graph() {
         let count = |s: &Session, op: &str| s.step_ops().filter(|o| *o == op).count();
         assert_eq!(count(&fused, "Attention"), softmaxes.len(), "{name}");
         assert_eq!(count(&fused, "Softmax"), 0, "{name}");
+        // Every RMS norm (Pow, ReduceMean, Add, Sqrt, 1/x, Mul, [Cast], Mul) is one step.
+        assert_eq!(count(&fused, "ReduceMean"), 0, "{name}");
+        assert_eq!(
+            count(&fused, "RMSNormalization"),
+            count(&plain, "ReduceMean"),
+            "{name}"
+        );
         assert_eq!(
             count(&plain, "Expand") - count(&fused, "Expand"),
             2 * softmaxes.len(),

@@ -1,6 +1,8 @@
-//! Plan-time fusion: rewrites chains of planned steps into one kernel from the op table.
+//! Plan-time fusion: rewrites chains of planned steps into one step of an ONNX op whose
+//! kernel is in the op table: attention (`Attention`, opset 23) and RMS normalization
+//! (`RMSNormalization`, opset 23; see [`rms_norm`]).
 //!
-//! Only attention so far. Exporters write scaled dot-product attention as
+//! Exporters write scaled dot-product attention as
 //!
 //! ```text
 //! kt = Transpose(k, perm = [0, 1, 3, 2])
@@ -46,10 +48,30 @@ fn same(a: &Dim, b: &Dim) -> bool {
     !matches!(a, Dim::Unknown) && a == b
 }
 
-/// Fuses attention chains in `steps` (in order; constants already folded into `consts`).
-/// `keep[s]` marks slots that must stay materialized (graph outputs); `shapes` are the
-/// graph's inferred shapes. Returns the slots that were fused away.
-pub(crate) fn fuse_attention(
+/// A chain ending at one step, to be replaced by one node of an opset-23 ONNX op.
+struct Rewrite {
+    op: &'static str,
+    attrs: Vec<(&'static str, AttrValue)>,
+    inputs: Vec<Option<usize>>,
+    /// Earlier steps of the chain and the slots they produced.
+    absorbed_steps: Vec<usize>,
+    absorbed_slots: Vec<usize>,
+}
+
+/// Matches a chain ending at step `end`.
+type Matcher = fn(&[Step], usize, &Ctx<'_>) -> Option<Rewrite>;
+
+/// What matchers read besides the steps.
+struct Ctx<'a> {
+    consts: &'a [Option<RtTensor>],
+    keep: &'a [bool],
+    uses: Uses<'a>,
+}
+
+/// Fuses chains in `steps` (in order; constants already folded into `consts`): attention
+/// and RMS normalization. `keep[s]` marks slots that must stay materialized (graph
+/// outputs); `shapes` are the graph's inferred shapes. Returns the slots fused away.
+pub(crate) fn fuse(
     steps: &mut Vec<Step>,
     consts: &[Option<RtTensor>],
     keep: &[bool],
@@ -69,18 +91,23 @@ pub(crate) fn fuse_attention(
             uses.producer[s] = Some(i);
         }
     }
-    let Some(attention) = ops::lookup("", "Attention", 23).and_then(|d| d.kernel) else {
-        return Vec::new();
-    };
+    let cx = Ctx { consts, keep, uses };
+    let matchers: [Matcher; 2] = [attention, rms_norm];
     let mut dead = vec![false; steps.len()];
     let mut fused_slots = Vec::new();
     for i in 0..steps.len() {
-        let Some(m) = match_chain(steps, i, consts, keep, &uses) else {
+        // Chains are disjoint: every absorbed slot has its one reader inside the chain.
+        let Some(rw) = matchers.iter().find_map(|m| m(steps, i, &cx)) else {
+            continue;
+        };
+        let Some(kernel) = ops::lookup("", rw.op, 23).and_then(|d| d.kernel) else {
             continue;
         };
         let mut spec =
-            NodeSpec::new("Attention").named(&format!("{} (fused attention)", steps[i].node.name));
-        spec = spec.attr("scale", AttrValue::Float(m.scale));
+            NodeSpec::new(rw.op).named(&format!("{} (fused {})", steps[i].node.name, rw.op));
+        for (k, v) in rw.attrs {
+            spec = spec.attr(k, v);
+        }
         let mut g = Graph::new("fused");
         let Ok(id) = g.add_node(spec, &[], &["y"]) else {
             continue;
@@ -88,22 +115,12 @@ pub(crate) fn fuse_attention(
         let st = &mut steps[i];
         st.node = g.node(id).clone();
         st.opset = 23;
-        st.kernel = attention;
-        // Grouped-query attention: read the shared K/V heads instead of their copies.
-        let (k, v) = (
-            ungroup(steps, m.k, consts, &uses),
-            ungroup(steps, m.v, consts, &uses),
-        );
-        let (k, v) = match (k, v) {
-            (Some((k, gk)), Some((v, gv))) if gk == gv => (k, v),
-            _ => (m.k, m.v),
-        };
-        let st = &mut steps[i];
-        st.inputs = vec![Some(m.q), Some(k), Some(v), m.mask];
-        for &j in &m.absorbed_steps {
+        st.kernel = kernel;
+        st.inputs = rw.inputs;
+        for &j in &rw.absorbed_steps {
             dead[j] = true;
         }
-        fused_slots.extend(m.absorbed_slots);
+        fused_slots.extend(rw.absorbed_slots);
     }
     let mut i = 0;
     steps.retain(|_| {
@@ -112,6 +129,160 @@ pub(crate) fn fuse_attention(
     });
     drop_unread(steps, keep);
     fused_slots
+}
+
+/// Attention: the chain in the module docs, ending at `MatMul(p, v)`.
+fn attention(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
+    let m = match_chain(steps, end, cx.consts, cx.keep, &cx.uses)?;
+    // Grouped-query attention: read the shared K/V heads instead of their copies.
+    let (k, v) = match (
+        ungroup(steps, m.k, cx.consts, &cx.uses),
+        ungroup(steps, m.v, cx.consts, &cx.uses),
+    ) {
+        (Some((k, gk)), Some((v, gv))) if gk == gv => (k, v),
+        _ => (m.k, m.v),
+    };
+    Some(Rewrite {
+        op: "Attention",
+        attrs: vec![("scale", AttrValue::Float(m.scale))],
+        inputs: vec![Some(m.q), Some(k), Some(v), m.mask],
+        absorbed_steps: m.absorbed_steps,
+        absorbed_slots: m.absorbed_slots,
+    })
+}
+
+/// The one f32 value of a constant slot holding a single element.
+fn scalar(consts: &[Option<RtTensor>], slot: usize) -> Option<f32> {
+    match consts[slot].as_ref()? {
+        RtTensor::F32(c) if c.len() == 1 => c.iter().next().copied(),
+        _ => None,
+    }
+}
+
+/// RMS normalization as exporters write it, ending at the scale `Mul`:
+///
+/// ```text
+/// r = Reciprocal(Sqrt(Add(ReduceMean(Pow(x, 2), axes = [-1], keepdims = 1), eps)))
+///                                    (or Div(1, Sqrt(..)), as torch.onnx writes it)
+/// y = Mul(Cast*(Mul(x, r)), scale)   scale: a constant of shape [D] or [1]; Casts to FLOAT
+/// ```
+///
+/// becomes `RMSNormalization(x, scale, axis = -1, epsilon = eps)`, whose kernel computes the
+/// same operations in the same order per row.
+fn rms_norm(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
+    let is = |i: usize, op: &str| {
+        let nd = &steps[i].node;
+        nd.op_type == op && ops::canonical_domain(&nd.domain).is_empty()
+    };
+    let sole = |slot: usize| -> Option<usize> {
+        let j = cx.uses.producer[slot]?;
+        (cx.uses.readers[slot] == 1 && !cx.keep[slot] && steps[j].outputs.len() == 1).then_some(j)
+    };
+    let two = |i: usize| -> Option<(usize, usize)> {
+        let ins = &steps[i].inputs;
+        (ins.len() == 2).then_some((ins[0]?, ins[1]?))
+    };
+    let first = |i: usize| steps[i].inputs.first().copied().flatten();
+    if !is(end, "Mul") {
+        return None;
+    }
+    let (a, b) = two(end)?;
+    let vector = |s: usize| match cx.consts[s].as_ref() {
+        Some(RtTensor::F32(c)) => c.ndim() <= 1,
+        _ => false,
+    };
+    let (normed, scale) = if vector(b) { (a, b) } else { (b, a) };
+    if !vector(scale) {
+        return None;
+    }
+    let mut absorbed_steps = Vec::new();
+    let mut absorbed_slots = Vec::new();
+    // Casts to FLOAT of the (f32) normalized value are identities.
+    let mut normed = normed;
+    while let Some(c) = sole(normed).filter(|&j| is(j, "Cast")) {
+        if steps[c].node.attr_int("to") != Some(1) {
+            return None;
+        }
+        absorbed_steps.push(c);
+        absorbed_slots.push(normed);
+        normed = first(c)?;
+    }
+    // `1 / s` as Reciprocal(s) or Div(1, s) (the same correctly rounded division): the
+    // producing step and `s`.
+    let one_over = |r: usize| -> Option<(usize, usize)> {
+        let j = sole(r)?;
+        if is(j, "Reciprocal") {
+            return Some((j, first(j)?));
+        }
+        let (n, d) = two(j).filter(|_| is(j, "Div"))?;
+        (scalar(cx.consts, n) == Some(1.0)).then_some((j, d))
+    };
+    let m1 = sole(normed).filter(|&j| is(j, "Mul"))?;
+    let (a, b) = two(m1)?;
+    // The other operand of the Mul is x.
+    let (x, r) = if one_over(b).is_some() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let (rj, sqrt) = one_over(r)?;
+    absorbed_steps.extend([m1, rj]);
+    absorbed_slots.extend([normed, r]);
+    let mut take = |slot: usize, op: &str| -> Option<usize> {
+        let j = sole(slot)?;
+        is(j, op).then(|| {
+            absorbed_steps.push(j);
+            absorbed_slots.push(slot);
+            j
+        })
+    };
+    let sj = take(sqrt, "Sqrt")?;
+    let add = take(first(sj)?, "Add")?;
+    let (a, b) = two(add)?;
+    let (mean, eps) = match (scalar(cx.consts, a), scalar(cx.consts, b)) {
+        (None, Some(e)) => (a, e),
+        (Some(e), None) => (b, e),
+        _ => return None,
+    };
+    let rm = take(mean, "ReduceMean")?;
+    let rank = cx.uses.rank(x)? as i64;
+    if cx.uses.shapes.dtype(perqc_ir::ValueId::from_index(x)) != Some(perqc_ir::DType::F32) {
+        return None;
+    }
+    let axes: Vec<i64> = match steps[rm].node.attr_ints("axes") {
+        Some(a) => a.to_vec(),
+        None => cx.consts[steps[rm].inputs.get(1).copied().flatten()?]
+            .as_ref()?
+            .to_i64_vec()?,
+    };
+    let last_axis = axes.len() == 1 && (axes[0] == -1 || axes[0] == rank - 1);
+    if !last_axis || steps[rm].node.attr_int("keepdims").unwrap_or(1) != 1 {
+        return None;
+    }
+    let pw = take(first(rm)?, "Pow")?;
+    let (base, e) = two(pw)?;
+    if base != x || scalar(cx.consts, e) != Some(2.0) {
+        return None;
+    }
+    // A length-1 scale broadcasts like the Mul; a longer one must be the last dim.
+    let len = match cx.consts[scale].as_ref()? {
+        RtTensor::F32(c) => c.len(),
+        _ => return None,
+    };
+    let d = cx.uses.shape(x)?.last()?.known();
+    if len != 1 && d != Some(len as i64) {
+        return None;
+    }
+    Some(Rewrite {
+        op: "RMSNormalization",
+        attrs: vec![
+            ("axis", AttrValue::Int(-1)),
+            ("epsilon", AttrValue::Float(eps)),
+        ],
+        inputs: vec![Some(x), Some(scale)],
+        absorbed_steps,
+        absorbed_slots,
+    })
 }
 
 /// Removes steps none of whose results is read (kernels are pure), last to first so

@@ -24,8 +24,8 @@ use std::sync::Arc;
 pub struct SessionOptions {
     /// Threads for GEMM and batched kernels (default: all available cores).
     pub threads: usize,
-    /// Fuse exported attention chains into one kernel (default: on; see `fuse.rs`). Off
-    /// keeps every intermediate observable.
+    /// Fuse exported attention and RMS-norm chains into one kernel each (default: on; see
+    /// `fuse.rs`). Off keeps every intermediate observable.
     pub fuse: bool,
 }
 
@@ -88,7 +88,7 @@ pub enum RuntimeError {
     #[error("no value `{0}` to observe")]
     UnknownValue(String),
     #[error(
-        "value {0} exists only inside a fused attention kernel; build the session with \
+        "value {0} exists only inside a fused kernel; build the session with \
          SessionOptions {{ fuse: false, .. }} to observe it"
     )]
     FusedAway(String),
@@ -388,7 +388,7 @@ impl Session {
         }
         let mut fused = vec![false; n];
         if let Some(shapes) = fuse_with {
-            for s in crate::fuse::fuse_attention(&mut steps, &consts, &is_output, shapes) {
+            for s in crate::fuse::fuse(&mut steps, &consts, &is_output, shapes) {
                 fused[s] = true;
             }
         }

@@ -418,3 +418,27 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
     assert!(got.iter().any(|x| x.is_nan()));
     assert_close_nan(&got, &want, "non-finite operands");
 }
+
+#[test]
+fn rms_normalization_matches_reference() {
+    // 300 rows of 70 (parallel path at 2 threads), axis -1, scale [70] and [1].
+    let (rows, d) = (300, 70);
+    let xv: Vec<f32> = noise(rows * d, 21).iter().map(|v| v * 3.0).collect();
+    let x = f32t(&[3, 100, d], &xv);
+    for (sv, eps) in [(noise(d, 22), 1e-5f32), (vec![0.5], 1e-2)] {
+        let s = f32t(&[sv.len()], &sv);
+        let attrs = || vec![("epsilon", AttrValue::Float(eps))];
+        let one = vals(&run_threads("RMSNormalization", 23, attrs(), &[Some(&x), Some(&s)], 1)[0]);
+        let two = vals(&run_threads("RMSNormalization", 23, attrs(), &[Some(&x), Some(&s)], 2)[0]);
+        assert_eq!(one, two);
+        for r in 0..rows {
+            let row = &xv[r * d..(r + 1) * d];
+            let ms: f64 = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            for c in 0..d {
+                let want = row[c] as f64 * inv * sv[c % sv.len()] as f64;
+                assert!((two[r * d + c] as f64 - want).abs() < 1e-5, "[{r},{c}]");
+            }
+        }
+    }
+}

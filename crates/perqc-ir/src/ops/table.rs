@@ -6,7 +6,7 @@ use super::OpDef;
 use super::kernels::control as kc;
 use super::kernels::{
     attention as katt, elementwise as kew, index as kix, linalg as kla, misc as kmisc,
-    movement as kmv, reduce as krd,
+    movement as kmv, norm as knorm, reduce as krd,
 };
 use super::rules::elementwise as ew;
 use super::rules::{index as ix, linalg as la, misc, movement as mv, reduce as rd};
@@ -151,7 +151,7 @@ pub static OPS: &[OpDef] = &[
     op("LayerNormalization", 17, misc::layer_norm).kernel(krd::layer_norm),
     // ONNX Runtime's RMS norm, registered in the default domain.
     op("SimplifiedLayerNormalization", 1, misc::layer_norm),
-    op("RMSNormalization", 23, misc::batch_norm),
+    op("RMSNormalization", 23, misc::batch_norm).kernel(knorm::rms_norm),
     op("BatchNormalization", 1, misc::batch_norm),
     op("InstanceNormalization", 1, misc::batch_norm),
     op("GroupNormalization", 18, misc::batch_norm),

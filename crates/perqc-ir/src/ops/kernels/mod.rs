@@ -8,5 +8,6 @@ pub mod index;
 pub mod linalg;
 pub mod misc;
 pub mod movement;
+pub mod norm;
 pub mod reduce;
 pub(crate) mod vmath;
