@@ -61,6 +61,22 @@ def session(path):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def rel_err(ref, got, what):
+    """max |ref - got| / max |ref| over the finite entries; NaN and inf must sit at the same
+    places with the same values (a NaN difference would otherwise compare as "not > tol")."""
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    fin = np.isfinite(ref64)
+    same_nonfinite = np.array_equal(np.isnan(ref64), np.isnan(got64)) and np.array_equal(
+        ref64[~fin & ~np.isnan(ref64)], got64[~fin & ~np.isnan(ref64)])
+    if not same_nonfinite or not np.all(np.isfinite(got64[fin])):
+        raise AssertionError(f"{what}: NaN/inf entries differ "
+                             f"(ort {int(np.sum(~fin))}, native {int(np.sum(~np.isfinite(got64)))} non-finite)")
+    if not fin.any():
+        return 0.0
+    scale = float(np.max(np.abs(ref64[fin]))) or 1.0
+    return float(np.max(np.abs(ref64[fin] - got64[fin]))) / scale
+
+
 def run_native(c):
     sess = session(c["model"])
     feeds = {k: np.load(v) for k, v in c["inputs"].items()}
@@ -75,8 +91,7 @@ def run_native(c):
             if not np.array_equal(a, b):
                 raise AssertionError(f"{name}: integer outputs differ")
             continue
-        scale = float(np.max(np.abs(a))) or 1.0
-        err = float(np.max(np.abs(a.astype(np.float64) - b))) / scale
+        err = rel_err(a, b, name)
         worst = max(worst, err)
         if err > c.get("rtol", 1e-4):
             raise AssertionError(f"{name}: relative error {err:.3g} > {c['rtol']}")
@@ -128,8 +143,7 @@ def run_case(c):
                 if a.tobytes() != b.tobytes():
                     raise AssertionError(f"output {k} differs bitwise (seed {seed})")
             else:
-                scale = float(np.max(np.abs(a))) or 1.0
-                err = float(np.max(np.abs(a.astype(np.float64) - b))) / scale
+                err = rel_err(a, b, f"output {k}")
                 worst = max(worst, err)
                 if err > c.get("rtol", 1e-4):
                     raise AssertionError(f"output {k}: relative error {err:.3g} > {c['rtol']}")

@@ -142,6 +142,44 @@ fn control_flow_agrees_with_onnx_runtime() {
 }
 
 #[test]
+fn opset23_attention_and_rms_norm_agree_with_onnx_runtime() {
+    // The kernels the fused chains run, on the ONNX ops' own semantics: grouped heads,
+    // float / bool / is_causal masks, RMS norm.
+    let model = fixture("opset23_ops.onnx");
+    let s = session("opset23_ops.onnx", 2);
+    let dir = out_dir("native_opset23_ops");
+    let mut r = Lcg(3);
+    let mut t = |shape: &[usize]| {
+        let n = shape.iter().product();
+        RtTensor::f32(
+            ArrayD::from_shape_vec(IxDyn(shape), (0..n).map(|_| r.normal_ish()).collect()).unwrap(),
+        )
+    };
+    let (q, k, v, x) = (
+        t(&[1, 4, 6, 8]),
+        t(&[1, 2, 6, 8]),
+        t(&[1, 2, 6, 8]),
+        t(&[2, 5, 8]),
+    );
+    // Every third entry masked (-1e30, below the fixture's -1 threshold), row 2 fully.
+    let m: Vec<f32> = (0..36)
+        .map(|i| {
+            if i % 3 == 0 || i / 6 == 2 {
+                -1e30
+            } else {
+                0.25
+            }
+        })
+        .collect();
+    let m = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[1, 1, 6, 6]), m).unwrap());
+    let feeds = [("q", q), ("k", k), ("v", v), ("m", m), ("x", x)];
+    let out = s.run(&feeds).unwrap();
+    assert_eq!(out.len(), 4);
+    let named: Vec<(&str, &RtTensor)> = feeds.iter().map(|(n, t)| (*n, t)).collect();
+    native_case("native_opset23_ops", &dir, &model, &named, &out, 1e-5);
+}
+
+#[test]
 fn unsupported_ops_are_reported_before_running() {
     let loaded = perqc_onnx::load(&fixture("custom_domain.onnx")).unwrap();
     let err = Session::new(&loaded.model)

@@ -23,6 +23,7 @@
 //! their slots so an observer asking for one gets an error instead of silence.
 
 use crate::session::Step;
+use perqc_ir::ops::kernels::attention::SOFTMAX_NAN_ROWS;
 use perqc_ir::ops::{self, RtTensor, ShapeMap};
 use perqc_ir::{AttrValue, Dim, Graph, NodeSpec};
 
@@ -144,7 +145,11 @@ fn attention(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
     };
     Some(Rewrite {
         op: "Attention",
-        attrs: vec![("scale", AttrValue::Float(m.scale))],
+        // The unfused Softmax makes a fully masked row NaN; ONNX Attention would give 0.
+        attrs: vec![
+            ("scale", AttrValue::Float(m.scale)),
+            (SOFTMAX_NAN_ROWS, AttrValue::Int(1)),
+        ],
         inputs: vec![Some(m.q), Some(k), Some(v), m.mask],
         absorbed_steps: m.absorbed_steps,
         absorbed_slots: m.absorbed_slots,

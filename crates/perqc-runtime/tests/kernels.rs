@@ -1,6 +1,7 @@
 //! Kernels the fixtures do not reach, checked against hand-computed (numpy-style) results.
 
 use ndarray::{ArrayD, IxDyn};
+use perqc_ir::ops::kernels::attention::SOFTMAX_NAN_ROWS;
 use perqc_ir::ops::{KernelCtx, RtTensor, lookup};
 use perqc_ir::{AttrValue, Graph, NodeSpec};
 
@@ -385,7 +386,8 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
     let want = attention_ref(&qv, &kv, &vv, dims, 1.0 / (d as f32).sqrt(), &inf_above);
     assert_close_nan(&got, &want, "is_causal");
 
-    // Bool mask [B, 1, S, L] with one fully masked row (NaN, as Softmax of all -inf).
+    // Bool mask [B, 1, S, L] with one fully masked row: 0 for ONNX Attention, NaN (as
+    // Softmax of all -inf) for the runtime's fused chains.
     let keep: Vec<bool> = (0..b * s * l)
         .map(|x| (x * 7919) % 5 != 0 && (x / l) % s != 3)
         .collect();
@@ -394,7 +396,6 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
             .unwrap()
             .into_shared(),
     );
-    let got = run_with(&qv, &kv, &vv, Some(&mb), attrs(), 2);
     let m_keep = |bi: usize, _: usize, i: usize, j: usize| {
         if keep[(bi * s + i) * l + j] {
             0.0
@@ -402,11 +403,20 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
             f32::NEG_INFINITY
         }
     };
-    assert_close_nan(
-        &got,
-        &attention_ref(&qv, &kv, &vv, dims, scale, &m_keep),
-        "bool mask",
-    );
+    let want_nan = attention_ref(&qv, &kv, &vv, dims, scale, &m_keep);
+    let nan_attrs = vec![
+        ("scale", AttrValue::Float(scale)),
+        (SOFTMAX_NAN_ROWS, AttrValue::Int(1)),
+    ];
+    let got = run_with(&qv, &kv, &vv, Some(&mb), nan_attrs, 2);
+    assert_close_nan(&got, &want_nan, "bool mask, fused semantics");
+    let got = run_with(&qv, &kv, &vv, Some(&mb), attrs(), 2);
+    let want_zero: Vec<f64> = want_nan
+        .iter()
+        .map(|&y| if y.is_nan() { 0.0 } else { y })
+        .collect();
+    assert!(want_nan.iter().any(|y| y.is_nan()));
+    assert_close_nan(&got, &want_zero, "bool mask, ONNX semantics");
 
     // Non-finite values in the masked future: a NaN value row poisons every row through
     // 0 · NaN; an inf key makes its scores inf (no key may be skipped).

@@ -9,12 +9,13 @@
 use std::path::{Path, PathBuf};
 
 /// Every generated ONNX fixture.
-pub const FIXTURES: [&str; 5] = [
+pub const FIXTURES: [&str; 6] = [
     "llama_ts.onnx",
     "llama_dynamo.onnx",
     "encoder_ln_gelu.onnx",
     "control_flow.onnx",
     "custom_domain.onnx",
+    "opset23_ops.onnx",
 ];
 
 /// The repository's `fixtures/` folder.

@@ -9,7 +9,9 @@
 //! s_ij = c · (q_i · k_j)            one rounding of the product, as MatMul then Mul
 //! s_ij += M_ij                      float mask; a bool mask adds -inf where false;
 //!                                   is_causal adds -inf where j > i
-//! p_i  = softmax(s_i)               the same row kernel as Softmax
+//! p_i  = softmax(s_i)               the same row kernel as Softmax; a row masked
+//!                                   everywhere gives p_i = 0 (ONNX), or NaN as Softmax
+//!                                   does when the node has SOFTMAX_NAN_ROWS = 1
 //! y_i  = Σ_j p_ij v_j
 //! ```
 //!
@@ -27,6 +29,11 @@ use rayon::prelude::*;
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
 type Out = Result<Vec<RtTensor>, KernelError>;
+
+/// Node attribute set only by the runtime's attention fusion: fully masked rows become NaN,
+/// as the fused `Softmax` makes them, instead of ONNX Attention's 0. Not an ONNX attribute;
+/// such nodes never leave the runtime.
+pub const SOFTMAX_NAN_ROWS: &str = "perqc_softmax_nan_rows";
 
 /// Query rows per task: a 64 x 512 score block is 128 KiB, inside L2.
 const ROWS: usize = 64;
@@ -57,6 +64,9 @@ struct Shared {
     dims: (usize, usize, usize, usize, usize, usize),
     scale: f32,
     causal: bool,
+    /// Fully masked rows (all `-inf`) get probabilities 0 (ONNX Attention) instead of the
+    /// NaN of `Softmax` (the fused unfused-graph semantics).
+    zero_masked_rows: bool,
     /// Per (batch, kv head): 1 + the last key whose value row is not all finite (0 if none).
     v_finite_after: *const usize,
     /// Per (batch, kv head): the largest key norm `|k_j|` (NaN or inf if any key is).
@@ -174,6 +184,7 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         dims: (hq / hkv, s, l, d, dv, hq),
         scale,
         causal: ctx.int("is_causal", 0) != 0,
+        zero_masked_rows: ctx.int(SOFTMAX_NAN_ROWS, 0) == 0,
         v_finite_after: v_finite_after.as_ptr(),
         k_norm: k_norm.as_ptr(),
     };
@@ -389,7 +400,12 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
                 }
             }
         }
-        softmax_row(row);
+        if sh.zero_masked_rows && row.iter().all(|&x| x == f32::NEG_INFINITY) {
+            // ONNX Attention: a fully masked row attends to nothing.
+            row.fill(0.0);
+        } else {
+            softmax_row(row);
+        }
         if let Some(last) = row.iter().rposition(|&p| p != 0.0) {
             live = live.max(last + 1);
         }
