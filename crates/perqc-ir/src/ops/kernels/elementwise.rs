@@ -4,17 +4,20 @@
 //! Broadcasting: operands are viewed (never copied) at the broadcast shape and combined in
 //! one `Zip` pass that allocates only the result.
 
+use super::layout::{SendPtr, Walk, filled, map_slices};
+use super::vmath::multiversion;
 use crate::ops::kernel::{Arr, KernelCtx, KernelError, RtTensor, broadcast_shape, req, req_f32};
 use ndarray::{ArrayD, IxDyn, Zip};
+use std::mem::MaybeUninit;
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
 type Out = Result<Vec<RtTensor>, KernelError>;
 
 /// `f(a, b)` over the broadcast of `a` and `b`, written to a fresh row-major array.
 ///
-/// The broadcast views' axes are merged where both operands step through them uniformly,
-/// leaving an inner run walked with raw strides (unit and zero strides get their own,
-/// vectorizable loops); large outputs are split into element ranges over the threads.
+/// The operands are walked in merged runs (see [`Walk`]); unit and zero strides in the
+/// inner run get their own, vectorizable loops. Large outputs are split into element
+/// ranges over the threads.
 pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>(
     a: &Arr<A>,
     b: &Arr<B>,
@@ -31,112 +34,48 @@ pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>
     };
     let av = a.broadcast(IxDyn(&shape)).ok_or_else(bad)?;
     let bv = b.broadcast(IxDyn(&shape)).ok_or_else(bad)?;
-    let n: usize = shape.iter().product();
-    // (len, stride in a, stride in b), outermost first, unit axes dropped, mergeable
-    // neighbours merged.
-    let mut dims: Vec<(usize, isize, isize)> = Vec::with_capacity(shape.len());
-    for (i, &len) in shape.iter().enumerate() {
-        if len == 1 {
-            continue;
-        }
-        let (sa, sb) = (av.strides()[i], bv.strides()[i]);
-        if let Some(last) = dims.last_mut()
-            && last.1 == sa * len as isize
-            && last.2 == sb * len as isize
-        {
-            *last = (last.0 * len, sa, sb);
-            continue;
-        }
-        dims.push((len, sa, sb));
-    }
-    let (inner, isa, isb) = dims.pop().unwrap_or((1, 0, 0));
-    let outer = dims;
-    let mut out: Vec<C> = crate::ops::kernel::output_vec(n);
-    if n > 0 {
-        let (pa, pb) = (SendPtr(av.as_ptr()), SendPtr(bv.as_ptr()));
-        // Fills `dst` = output elements `e0..e0 + dst.len()`.
-        let fill = |e0: usize, dst: &mut [std::mem::MaybeUninit<C>]| {
-            let (pa, pb) = (pa, pb);
-            let mut row = e0 / inner;
-            let mut j = e0 % inner;
-            let mut done = 0;
-            while done < dst.len() {
-                // Offsets of output row `row`.
-                let (mut oa, mut ob) = (0isize, 0isize);
-                let mut r = row;
-                for &(len, sa, sb) in outer.iter().rev() {
-                    let i = (r % len) as isize;
-                    r /= len;
-                    oa += i * sa;
-                    ob += i * sb;
-                }
-                let take = (inner - j).min(dst.len() - done);
-                let seg = &mut dst[done..done + take];
-                // Safety: the offsets index the broadcast views of live arrays (strides
-                // from `broadcast`), staying inside the row `row`.
-                unsafe {
-                    let xa = pa.0.offset(oa + j as isize * isa);
-                    let xb = pb.0.offset(ob + j as isize * isb);
-                    match (isa, isb) {
-                        (1, 1) => {
-                            let (sa, sb) = (
-                                std::slice::from_raw_parts(xa, take),
-                                std::slice::from_raw_parts(xb, take),
-                            );
-                            for ((d, &x), &y) in seg.iter_mut().zip(sa).zip(sb) {
-                                d.write(f(x, y));
-                            }
+    let walk = Walk::new(&shape, [av.strides(), bv.strides()]);
+    let [isa, isb] = walk.step;
+    let (pa, pb) = (SendPtr(av.as_ptr()), SendPtr(bv.as_ptr()));
+    Ok(filled(&shape, |e0, dst| {
+        walk.pieces(e0, dst.len(), |at, [oa, ob], take| {
+            let seg = &mut dst[at..at + take];
+            // Safety: the offsets and steps index the broadcast views of live arrays.
+            unsafe {
+                let (xa, xb) = (pa.get().offset(oa), pb.get().offset(ob));
+                match (isa, isb) {
+                    (1, 1) => {
+                        let (sa, sb) = (
+                            std::slice::from_raw_parts(xa, take),
+                            std::slice::from_raw_parts(xb, take),
+                        );
+                        for ((d, &x), &y) in seg.iter_mut().zip(sa).zip(sb) {
+                            d.write(f(x, y));
                         }
-                        (1, 0) => {
-                            let (sa, y) = (std::slice::from_raw_parts(xa, take), *xb);
-                            for (d, &x) in seg.iter_mut().zip(sa) {
-                                d.write(f(x, y));
-                            }
+                    }
+                    (1, 0) => {
+                        let (sa, y) = (std::slice::from_raw_parts(xa, take), *xb);
+                        for (d, &x) in seg.iter_mut().zip(sa) {
+                            d.write(f(x, y));
                         }
-                        (0, 1) => {
-                            let (x, sb) = (*xa, std::slice::from_raw_parts(xb, take));
-                            for (d, &y) in seg.iter_mut().zip(sb) {
-                                d.write(f(x, y));
-                            }
+                    }
+                    (0, 1) => {
+                        let (x, sb) = (*xa, std::slice::from_raw_parts(xb, take));
+                        for (d, &y) in seg.iter_mut().zip(sb) {
+                            d.write(f(x, y));
                         }
-                        _ => {
-                            for (t, d) in seg.iter_mut().enumerate() {
-                                let t = t as isize;
-                                d.write(f(*xa.offset(t * isa), *xb.offset(t * isb)));
-                            }
+                    }
+                    _ => {
+                        for (t, d) in seg.iter_mut().enumerate() {
+                            let t = t as isize;
+                            d.write(f(*xa.offset(t * isa), *xb.offset(t * isb)));
                         }
                     }
                 }
-                done += take;
-                row += 1;
-                j = 0;
             }
-        };
-        let dst = &mut out.spare_capacity_mut()[..n];
-        if n >= PAR_MIN_ELEMS {
-            use rayon::prelude::*;
-            let chunk = (n / (4 * rayon::current_num_threads().max(1))).max(4096);
-            dst.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(c, d)| fill(c * chunk, d));
-        } else {
-            fill(0, dst);
-        }
-        // Safety: `fill` wrote all `n` elements.
-        unsafe { out.set_len(n) };
-    }
-    Ok(ArrayD::from_shape_vec(IxDyn(&shape), out)?)
+        });
+    }))
 }
-
-/// A raw element pointer shared by the threads of one kernel (read-only).
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*const T);
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
-
-/// Elementwise ops on at least this many elements split the work over the session's
-/// threads (rayon); below it the split costs more than it saves.
-pub(crate) const PAR_MIN_ELEMS: usize = 1 << 16;
 
 fn type_err(i: usize, t: &RtTensor) -> KernelError {
     KernelError::InputType {
@@ -147,90 +86,85 @@ fn type_err(i: usize, t: &RtTensor) -> KernelError {
 
 // ---- unary -------------------------------------------------------------------------------
 
-fn map_f32(inputs: In, f: impl Fn(f32) -> f32 + Sync + Send) -> Out {
-    let a = req_f32(inputs, 0)?;
-    Ok(vec![RtTensor::f32(if a.len() >= PAR_MIN_ELEMS {
-        Zip::from(a).par_map_collect(|&x| f(x))
-    } else {
-        a.map(|&x| f(x))
-    })])
-}
+/// A vectorizable elementwise f32 map: `dst[i] = f(src[i])`, equal lengths.
+type SliceOp = fn(&[f32], &mut [MaybeUninit<f32>]);
 
-/// `f` (a slice-to-slice map) over a row-major copy of input 0, split over threads for large
-/// tensors.
-fn map_f32_slices(inputs: In, f: fn(&[f32], &mut [f32])) -> Out {
-    let a = req_f32(inputs, 0)?;
-    let src = a.as_standard_layout();
-    let src = src.as_slice().expect("standard layout");
-    let mut out = vec![0f32; src.len()];
-    par_slices(src, &mut out, f);
-    Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
-        IxDyn(a.shape()),
-        out,
-    )?)])
-}
-
-/// `f(src, dst)` on matching chunks, in parallel when the slices are large.
-pub(crate) fn par_slices(src: &[f32], dst: &mut [f32], f: fn(&[f32], &mut [f32])) {
-    if src.len() >= PAR_MIN_ELEMS {
-        use rayon::prelude::*;
-        let chunk = (src.len() / (4 * rayon::current_num_threads().max(1))).max(4096);
-        dst.par_chunks_mut(chunk)
-            .zip(src.par_chunks(chunk))
-            .for_each(|(d, s)| f(s, d));
-    } else {
-        f(src, dst);
-    }
+/// Input 0 mapped by `op` into a fresh row-major tensor (strided inputs are read in runs;
+/// large ones split over the threads).
+fn map_f32(inputs: In, op: SliceOp) -> Out {
+    Ok(vec![RtTensor::f32(map_slices(req_f32(inputs, 0)?, op))])
 }
 
 /// Exp (vectorized, see `vmath::exp`).
 pub fn exp(_: &KernelCtx<'_>, inputs: In) -> Out {
-    map_f32_slices(inputs, super::vmath::exp_slice)
+    map_f32(inputs, super::vmath::exp_slice)
 }
 
 /// Sigmoid `1 / (1 + e^-x)`, finite for large |x| (vectorized).
 pub fn sigmoid(_: &KernelCtx<'_>, inputs: In) -> Out {
-    map_f32_slices(inputs, super::vmath::sigmoid_slice)
+    map_f32(inputs, super::vmath::sigmoid_slice)
 }
 
+/// Defines `$slice`, `dst[i] = $f(src[i])` compiled per vector width, and the kernel
+/// `$name` applying it to input 0.
 macro_rules! unary_f32 {
-    ($($name:ident => $f:expr;)*) => {$(
+    ($($name:ident, $slice:ident => $f:expr;)*) => {$(
+        multiversion! {
+            fn $slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+                let f = $f;
+                for (d, &x) in dst.iter_mut().zip(src) {
+                    d.write(f(x));
+                }
+            }
+        }
+
         pub fn $name(_: &KernelCtx<'_>, inputs: In) -> Out {
-            map_f32(inputs, $f)
+            map_f32(inputs, $slice)
         }
     )*};
 }
 
 unary_f32! {
-    sqrt => f32::sqrt;
-    reciprocal => |x: f32| 1.0 / x;
+    sqrt, sqrt_slice => f32::sqrt;
+    reciprocal, reciprocal_slice => |x: f32| 1.0 / x;
+    erf, erf_slice => libm::erff;
+    tanh, tanh_slice => f32::tanh;
+    relu, relu_slice => |x: f32| x.max(0.0);
+    cos, cos_slice => f32::cos;
+    sin, sin_slice => f32::sin;
+    neg_f32, neg_slice => |x: f32| -x;
+    gelu_erf, gelu_erf_slice => |x: f32| {
+        0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+    };
+    gelu_tanh, gelu_tanh_slice => |x: f32| {
+        let c = (2.0f32 / std::f32::consts::PI).sqrt();
+        0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+    };
+}
 
-    erf => libm::erff;
-    tanh => f32::tanh;
-    relu => |x: f32| x.max(0.0);
-    cos => f32::cos;
-    sin => f32::sin;
+multiversion! {
+    /// `dst[i] = src[i]^2`, as `x * x` (exactly what `powf(x, 2)` returns).
+    fn square_slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            d.write(x * x);
+        }
+    }
 }
 
 /// Gelu: `x/2 (1 + erf(x/sqrt 2))`, or with `approximate="tanh"`
 /// `x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 pub fn gelu(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     if ctx.string("approximate") == Some(b"tanh") {
-        let c = (2.0f32 / std::f32::consts::PI).sqrt();
-        map_f32(inputs, move |x| {
-            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
-        })
+        gelu_tanh(ctx, inputs)
     } else {
-        map_f32(inputs, |x| {
-            0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
-        })
+        gelu_erf(ctx, inputs)
     }
 }
 
-pub fn neg(_: &KernelCtx<'_>, inputs: In) -> Out {
+pub fn neg(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let a = req(inputs, 0)?;
     Ok(vec![match a {
-        RtTensor::F32(a) => RtTensor::f32(a.map(|&x| -x)),
+        RtTensor::F32(_) => return neg_f32(ctx, inputs),
         RtTensor::I64(a) => RtTensor::i64(a.map(|&x| x.wrapping_neg())),
         RtTensor::I32(a) => RtTensor::I32(a.map(|&x| x.wrapping_neg()).into_shared()),
         RtTensor::I8(a) => RtTensor::I8(a.map(|&x| x.wrapping_neg()).into_shared()),
@@ -301,9 +235,9 @@ pub fn pow(_: &KernelCtx<'_>, inputs: In) -> Out {
     if ef.len() == 1 && ef.ndim() <= a.ndim() {
         let p = *ef.iter().next().expect("one element");
         let out = if p == 2.0 {
-            a.map(|&x| x * x)
+            map_slices(a, square_slice)
         } else if p == 0.5 {
-            a.map(|&x| x.sqrt())
+            map_slices(a, sqrt_slice)
         } else {
             a.map(|&x| x.powf(p))
         };

@@ -2,6 +2,7 @@
 //! Flatten of row-major data are views of the shared input (no copy); Concat, Expand and
 //! Reshape of strided data copy.
 
+use super::layout::{SendPtr, Walk, filled_units, standard, to_standard};
 use crate::ops::kernel::{
     Arr, KernelCtx, KernelError, RtTensor, axis, broadcast_shape, opt, req, req_ints,
 };
@@ -16,13 +17,8 @@ pub fn identity(_: &KernelCtx<'_>, inputs: In) -> Out {
 }
 
 /// `a` reshaped to `shape` (same element count), copying only if `a` is not row-major.
-fn reshape_arr<T: Clone>(a: &Arr<T>, shape: &[usize]) -> Result<Arr<T>, KernelError> {
-    let a = if a.is_standard_layout() {
-        a.clone()
-    } else {
-        a.as_standard_layout().into_owned().into_shared()
-    };
-    Ok(a.into_shape_with_order(IxDyn(shape))?)
+fn reshape_arr<T: Copy + Send + Sync>(a: &Arr<T>, shape: &[usize]) -> Result<Arr<T>, KernelError> {
+    Ok(standard(a).into_shape_with_order(IxDyn(shape))?)
 }
 
 fn reshape_to(t: &RtTensor, shape: &[usize]) -> Result<RtTensor, KernelError> {
@@ -210,9 +206,9 @@ pub fn concatenate(parts: &[&RtTensor], ax: usize) -> Result<RtTensor, KernelErr
 }
 
 /// Concatenation along `ax` as block copies: the result is `outer = prod(shape[..ax])` rows,
-/// each the parts' row-major blocks side by side (parts not in row-major order are made so
-/// first).
-fn cat_rows<T: Clone>(
+/// each the parts' rows (`prod(part.shape[ax..])` elements, in row-major order) side by
+/// side. Strided parts are read in runs (see [`Walk`]), without a row-major copy first.
+fn cat_rows<T: Copy + Send + Sync>(
     ax: usize,
     views: &[ndarray::ArrayViewD<'_, T>],
 ) -> Result<ndarray::ArrayD<T>, KernelError> {
@@ -241,24 +237,35 @@ fn cat_rows<T: Clone>(
         }
         shape[ax] += v.shape()[ax];
     }
-    let outer: usize = shape[..ax].iter().product();
-    let parts: Vec<ndarray::CowArray<'_, T, IxDyn>> =
-        views.iter().map(|v| v.as_standard_layout()).collect();
-    let blocks: Vec<(&[T], usize)> = parts
+    // (walk, base pointer, elements per output row) of each part.
+    let parts: Vec<(Walk<1>, SendPtr<T>, usize)> = views
         .iter()
-        .map(|p| {
-            let inner: usize = p.shape()[ax..].iter().product();
-            (p.as_slice().expect("standard layout"), inner)
+        .map(|v| {
+            let walk = Walk::new(v.shape(), [v.strides()]);
+            (walk, SendPtr(v.as_ptr()), v.shape()[ax..].iter().product())
         })
         .collect();
-    let total: usize = shape.iter().product();
-    let mut out = crate::ops::kernel::output_vec(total);
-    for o in 0..outer {
-        for &(data, inner) in &blocks {
-            out.extend_from_slice(&data[o * inner..(o + 1) * inner]);
+    let row: usize = shape[ax..].iter().product();
+    Ok(filled_units(&shape, row, 1, |e0, dst| {
+        let o0 = e0 / row.max(1);
+        for (o, out_row) in dst.chunks_exact_mut(row.max(1)).enumerate() {
+            let mut at = 0;
+            for (walk, ptr, inner) in &parts {
+                let seg = &mut out_row[at..at + inner];
+                walk.pieces((o0 + o) * inner, *inner, |p, [off], take| {
+                    // Safety: the walk's offsets index the part's elements.
+                    unsafe {
+                        super::layout::gather(
+                            ptr.get().offset(off),
+                            walk.step[0],
+                            &mut seg[p..p + take],
+                        )
+                    }
+                });
+                at += inner;
+            }
         }
-    }
-    Ok(ndarray::ArrayD::from_shape_vec(IxDyn(&shape), out)?)
+    }))
 }
 
 /// ONNX slice bounds for one axis of size `dim` as an ndarray `Slice`.
@@ -399,12 +406,9 @@ pub fn expand(_: &KernelCtx<'_>, inputs: In) -> Out {
         a: x.shape().to_vec(),
         b: shape.clone(),
     };
-    Ok(vec![rt_map!(x, a => a
-        .broadcast(IxDyn(&shape))
-        .ok_or_else(bad)?
-        .as_standard_layout()
-        .into_owned()
-        .into_shared())])
+    Ok(vec![
+        rt_map!(x, a => to_standard(&a.broadcast(IxDyn(&shape)).ok_or_else(bad)?).into_shared()),
+    ])
 }
 
 /// The shape of `x` (as i64), sliced by `start`/`end` (opset 15).

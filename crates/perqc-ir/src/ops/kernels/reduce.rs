@@ -1,6 +1,8 @@
 //! Reductions (ReduceMean/Sum/Max, axes as attribute or input), Softmax and
 //! LayerNormalization.
 
+use super::layout::{filled_units, standard, to_standard};
+use super::vmath::{max_slice, softmax_row_into, sum_slice};
 use crate::ops::kernel::{
     Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints,
 };
@@ -55,6 +57,9 @@ fn reduce(ctx: &KernelCtx<'_>, inputs: In, kind: Kind, attr_until: i64) -> Out {
         return Ok(vec![x.clone()]);
     };
     let keep = ctx.int("keepdims", 1) != 0;
+    if let (RtTensor::F32(a), Some(k)) = (x, trailing_block(&axes, x.shape().len())) {
+        return Ok(vec![RtTensor::f32(reduce_rows(a, k, keep, kind)?)]);
+    }
     macro_rules! run {
         ($a:expr, $zero:expr, $fold:expr, $finish:expr) => {{
             let mut r: ArrayD<_> = $a.to_owned();
@@ -104,6 +109,40 @@ fn reduce(ctx: &KernelCtx<'_>, inputs: In, kind: Kind, attr_until: i64) -> Out {
     }])
 }
 
+/// `Some(k)` when `axes` (sorted, distinct) are exactly the trailing axes `k..rank`.
+fn trailing_block(axes: &[usize], rank: usize) -> Option<usize> {
+    let k = rank.checked_sub(axes.len())?;
+    let trailing = !axes.is_empty() && axes.iter().enumerate().all(|(i, &a)| a == k + i);
+    trailing.then_some(k)
+}
+
+/// Reduces `a` over its trailing axes `k..`: in row-major order these are rows of
+/// `row = prod(shape[k..])` consecutive elements, one result each. Sums run in vector
+/// lanes ([`sum_slice`]), so they may differ from a sequential fold by f32 rounding.
+fn reduce_rows(a: &Arr<f32>, k: usize, keep: bool, kind: Kind) -> Result<ArrayD<f32>, KernelError> {
+    let row: usize = a.shape()[k..].iter().product();
+    if row == 0 && matches!(kind, Kind::Max) {
+        return Err(KernelError::Invalid("ReduceMax over an empty axis".into()));
+    }
+    let mut shape = a.shape()[..k].to_vec();
+    if keep {
+        shape.resize(a.ndim(), 1);
+    }
+    let src = standard(a);
+    let src = src.as_slice().expect("standard layout");
+    let one = |r: &[f32]| match kind {
+        Kind::Sum => sum_slice(r),
+        Kind::Mean => sum_slice(r) / row as f32,
+        Kind::Max => max_slice(r),
+    };
+    Ok(filled_units(&shape, 1, row, |r0, dst| {
+        for (i, d) in dst.iter_mut().enumerate() {
+            let at = (r0 + i) * row;
+            d.write(one(&src[at..at + row]));
+        }
+    }))
+}
+
 pub fn reduce_sum(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     reduce(ctx, inputs, Kind::Sum, 13)
 }
@@ -116,19 +155,16 @@ pub fn reduce_max(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     reduce(ctx, inputs, Kind::Max, 18)
 }
 
-/// `softmax(x)_i = exp(x_i - max x) / sum_j exp(x_j - max x)` over each row of `rows`
-/// (a 2-d row-major buffer, one softmax per row).
-fn softmax_rows(data: &mut [f32], row: usize) {
-    if row == 0 {
-        return;
-    }
-    let one = super::vmath::softmax_row;
-    if data.len() >= super::elementwise::PAR_MIN_ELEMS {
-        use rayon::prelude::*;
-        data.par_chunks_exact_mut(row).for_each(one);
-    } else {
-        data.chunks_exact_mut(row).for_each(one);
-    }
+/// `softmax(x)_i = exp(x_i - max x) / sum_j exp(x_j - max x)` over each `row`-element row
+/// of the row-major `src`, into a fresh array of `shape`; rows are split over the threads
+/// in large blocks.
+fn softmax_rows(src: &[f32], row: usize, shape: &[usize]) -> ArrayD<f32> {
+    filled_units(shape, row, 1, |e0, dst| {
+        let src = &src[e0..e0 + dst.len()];
+        for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
+            softmax_row_into(s, d);
+        }
+    })
 }
 
 /// Softmax. From opset 13 along one axis (default -1); before, over the flattened
@@ -139,30 +175,29 @@ pub fn softmax(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     if rank == 0 {
         return Ok(vec![RtTensor::f32(x.map(|_| 1.0))]);
     }
-    if ctx.opset < 13 {
-        let ax = axis(ctx.int("axis", 1), rank)?;
+    let (ax, flat) = if ctx.opset < 13 {
+        (axis(ctx.int("axis", 1), rank)?, true)
+    } else {
+        (axis(ctx.int("axis", -1), rank)?, false)
+    };
+    if flat || ax == rank - 1 {
         let row: usize = x.shape()[ax..].iter().product();
-        let mut out = x.as_standard_layout().into_owned();
-        softmax_rows(out.as_slice_mut().expect("standard layout"), row);
-        return Ok(vec![RtTensor::f32(out)]);
+        let src = standard(x);
+        let src = src.as_slice().expect("standard layout");
+        return Ok(vec![RtTensor::f32(softmax_rows(src, row, x.shape()))]);
     }
-    let ax = axis(ctx.int("axis", -1), rank)?;
     // Move the axis last, softmax contiguous rows, move it back.
     let mut perm: Vec<usize> = (0..rank).filter(|&i| i != ax).collect();
     perm.push(ax);
-    let moved = x.view().permuted_axes(IxDyn(&perm));
-    let mut out = moved.as_standard_layout().into_owned();
-    softmax_rows(out.as_slice_mut().expect("standard layout"), x.shape()[ax]);
+    let moved = to_standard(&x.view().permuted_axes(IxDyn(&perm)));
+    let src = moved.as_slice().expect("standard layout");
+    let out = softmax_rows(src, x.shape()[ax], moved.shape());
     let mut inv = vec![0; rank];
     for (i, &p) in perm.iter().enumerate() {
         inv[p] = i;
     }
     let out = out.permuted_axes(IxDyn(&inv));
-    Ok(vec![RtTensor::f32(if ax == rank - 1 {
-        out
-    } else {
-        out.as_standard_layout().into_owned()
-    })])
+    Ok(vec![RtTensor::f32(to_standard(&out.view()))])
 }
 
 /// LayerNormalization over axes `axis..`: `y = (x - mean) / sqrt(var + eps) * scale + bias`

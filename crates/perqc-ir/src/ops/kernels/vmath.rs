@@ -1,12 +1,14 @@
 //! Vectorizable f32 math for the hot kernels (exp, sigmoid, softmax rows).
 //!
 //! The scalar functions are branch-free so LLVM vectorizes the slice loops; each slice loop
-//! is compiled twice, once for AVX2+FMA (picked at run time when the CPU has it) and once
-//! for the baseline target.
+//! is compiled three times, for AVX-512, for AVX2+FMA (the widest the CPU has is picked at
+//! run time) and for the baseline target.
 //!
 //! `exp` is the Cephes `expf` polynomial (|rel. error| < 2 ulp on the finite range): inputs
 //! below -87.3 give 0 (the true value is below the smallest normal f32, so the absolute
 //! error is < 1.2e-38), above 88.72 give +inf, NaN stays NaN.
+
+use std::mem::MaybeUninit;
 
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
@@ -48,14 +50,26 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
     if x >= 0.0 { s } else { e * s }
 }
 
-/// Defines `$name(args)` that runs `$body` with AVX2+FMA enabled when the CPU has them.
+/// Defines `$name(args)` that runs `$body` compiled for AVX-512 (F, with AVX2 and FMA) or
+/// for AVX2+FMA when the CPU has them, else for the baseline target. The three copies
+/// compute the same expressions (only the vector width differs), so results agree bit for
+/// bit except where a lane count changes an accumulation order.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        $(#[$m])* $vis fn $name($($arg: $ty),*) {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) $(-> $ret)? $body
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn fast($($arg: $ty),*) $body
+                unsafe fn fast($($arg: $ty),*) $(-> $ret)? $body
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // Safety: the features were just detected.
+                    return unsafe { wide($($arg),*) };
+                }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
@@ -63,66 +77,165 @@ macro_rules! multiversion {
                     return unsafe { fast($($arg),*) };
                 }
             }
-            fn base($($arg: $ty),*) $body
+            fn base($($arg: $ty),*) $(-> $ret)? $body
             base($($arg),*)
         }
     };
 }
+pub(crate) use multiversion;
 
 multiversion! {
     /// `dst[i] = exp(src[i])`.
-    pub(crate) fn exp_slice(src: &[f32], dst: &mut [f32]) {
+    pub(crate) fn exp_slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
         for (d, &s) in dst.iter_mut().zip(src) {
-            *d = exp(s);
+            d.write(exp(s));
         }
     }
 }
 
 multiversion! {
     /// `dst[i] = sigmoid(src[i])`.
-    pub(crate) fn sigmoid_slice(src: &[f32], dst: &mut [f32]) {
+    pub(crate) fn sigmoid_slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
         for (d, &s) in dst.iter_mut().zip(src) {
-            *d = sigmoid(s);
+            d.write(sigmoid(s));
         }
     }
 }
 
+/// Independent partial maxima / sums per row: 16 lanes, one AVX-512 or two AVX2 registers,
+/// so the reductions vectorize and the additions do not wait on each other.
+const LANES: usize = 16;
+
+/// The largest element of `r` (NaN if any is NaN), `-inf` for an empty row.
+#[inline(always)]
+fn row_max(r: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = r.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m || v.is_nan() { v } else { *m };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        m = if v > m || v.is_nan() { v } else { m };
+    }
+    m
+}
+
 multiversion! {
-    /// Softmax of one contiguous row in place: max, then exp and sum, then scale.
-    pub(crate) fn softmax_row(r: &mut [f32]) {
-        // Eight running maxima so the reduction vectorizes.
-        let mut m8 = [f32::NEG_INFINITY; 8];
-        let mut chunks = r.chunks_exact(8);
+    /// The sum of `r`, in [`LANES`] partial sums (lane `i % LANES`), then the tail, then
+    /// the lanes: a different order than a left-to-right fold, equal up to f32 rounding.
+    pub(crate) fn sum_slice(r: &[f32]) -> f32 {
+        let mut lanes = [0f32; LANES];
+        let mut chunks = r.chunks_exact(LANES);
         for c in &mut chunks {
-            for (m, &v) in m8.iter_mut().zip(c) {
-                *m = if v > *m || v.is_nan() { v } else { *m };
+            for (acc, &v) in lanes.iter_mut().zip(c) {
+                *acc += v;
             }
         }
-        let mut m = f32::NEG_INFINITY;
-        for &v in m8.iter().chain(chunks.remainder()) {
-            m = if v > m || v.is_nan() { v } else { m };
+        let mut s = 0f32;
+        for &v in chunks.remainder() {
+            s += v;
         }
+        s + lanes.iter().sum::<f32>()
+    }
+}
+
+multiversion! {
+    /// The largest element of `r`; NaN if any is NaN; `-inf` if `r` is empty.
+    pub(crate) fn max_slice(r: &[f32]) -> f32 {
+        row_max(r)
+    }
+}
+
+/// The largest non-NaN element of `r` (`-inf` if there is none).
+///
+/// In a softmax a NaN element makes every result NaN whether or not the maximum saw it:
+/// `exp(NaN - m)` is NaN, so is the sum and every `exp(x - m) / sum`. Skipping NaN here
+/// (one `max` instruction per vector) therefore gives the results of the NaN-propagating
+/// maximum.
+#[inline(always)]
+fn row_max_skip_nan(r: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = r.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+multiversion! {
+    /// Softmax of one contiguous row in place: max, then exp and sum, then scale.
+    #[allow(dead_code, reason = "the in-place form for fused kernels and the tests")]
+    pub(crate) fn softmax_row(r: &mut [f32]) {
+        let m = row_max_skip_nan(r);
         if m == f32::NEG_INFINITY {
-            // Every entry is -inf: exp(x - max) is NaN in the reference formula.
+            // Every entry is -inf or NaN: exp(x - max) is NaN in the reference formula.
             r.iter_mut().for_each(|v| *v = f32::NAN);
             return;
         }
-        let mut s8 = [0f32; 8];
-        let mut chunks = r.chunks_exact_mut(8);
+        // Sum in LANES partial sums (lane i % LANES), then the tail, then the lanes: the
+        // same order as `softmax_row_into`, so both agree bit for bit.
+        let mut lanes = [0f32; LANES];
+        let mut chunks = r.chunks_exact_mut(LANES);
         for c in &mut chunks {
-            for (s, v) in s8.iter_mut().zip(c) {
-                *v = exp(*v - m);
-                *s += *v;
+            for (acc, v) in lanes.iter_mut().zip(c) {
+                let e = exp(*v - m);
+                *v = e;
+                *acc += e;
             }
         }
         let mut s = 0f32;
         for v in chunks.into_remainder() {
-            *v = exp(*v - m);
-            s += *v;
+            let e = exp(*v - m);
+            *v = e;
+            s += e;
         }
-        let s = s + s8.iter().sum::<f32>();
+        let s = s + lanes.iter().sum::<f32>();
         let inv = 1.0 / s;
         r.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+multiversion! {
+    /// `dst` = the softmax of the row `src` (same length): the arithmetic of
+    /// [`softmax_row`], reading `src` once and writing `dst` without a copy.
+    pub(crate) fn softmax_row_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        let (src, dst) = (src, &mut dst[..src.len()]);
+        let m = row_max_skip_nan(src);
+        if m == f32::NEG_INFINITY {
+            dst.iter_mut().for_each(|v| { v.write(f32::NAN); });
+            return;
+        }
+        // The summation order of `softmax_row`.
+        let mut lanes = [0f32; LANES];
+        let mut sc = src.chunks_exact(LANES);
+        let mut dc = dst.chunks_exact_mut(LANES);
+        for (c, d) in (&mut sc).zip(&mut dc) {
+            for ((acc, &x), o) in lanes.iter_mut().zip(c).zip(d) {
+                let e = exp(x - m);
+                o.write(e);
+                *acc += e;
+            }
+        }
+        let mut s = 0f32;
+        for (&x, o) in sc.remainder().iter().zip(dc.into_remainder()) {
+            let e = exp(x - m);
+            o.write(e);
+            s += e;
+        }
+        let s = s + lanes.iter().sum::<f32>();
+        let inv = 1.0 / s;
+        // Safety: the loop above wrote every element of `dst`.
+        let dst = unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        dst.iter_mut().for_each(|v| *v *= inv);
     }
 }
 
@@ -169,5 +282,38 @@ mod tests {
         let mut all_masked = [f32::NEG_INFINITY; 3];
         softmax_row(&mut all_masked);
         assert!(all_masked.iter().all(|v| v.is_nan()));
+    }
+
+    #[test]
+    fn softmax_forms_agree_bitwise_and_sums_are_close() {
+        for n in [1usize, 15, 16, 17, 100, 512, 515] {
+            let src: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.11)
+                .collect();
+            let mut inplace = src.clone();
+            softmax_row(&mut inplace);
+            let mut out = vec![MaybeUninit::uninit(); n];
+            softmax_row_into(&src, &mut out);
+            // Safety: softmax_row_into writes all of `out`.
+            let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_eq!(
+                inplace.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "n = {n}"
+            );
+            let want: f64 = src.iter().map(|&v| v as f64).sum();
+            assert!(
+                (sum_slice(&src) as f64 - want).abs() < 1e-4 * n as f64,
+                "n = {n}"
+            );
+            let m = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_slice(&src), m);
+        }
+        let mut with_nan = [1.0f32, f32::NAN, 3.0];
+        assert!(max_slice(&with_nan).is_nan());
+        softmax_row(&mut with_nan);
+        assert!(with_nan.iter().all(|v| v.is_nan()));
+        assert_eq!(max_slice(&[]), f32::NEG_INFINITY);
+        assert_eq!(sum_slice(&[]), 0.0);
     }
 }
