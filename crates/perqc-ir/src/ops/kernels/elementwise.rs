@@ -10,18 +10,67 @@ use crate::ops::kernel::{Arr, KernelCtx, KernelError, RtTensor, broadcast_shape,
 use ndarray::{ArrayD, IxDyn, Zip};
 use std::mem::MaybeUninit;
 
+/// The parallel threshold, also used by kernels outside this module.
+pub(crate) use super::layout::PAR_MIN_ELEMS;
+
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
 type Out = Result<Vec<RtTensor>, KernelError>;
 
-/// `f(a, b)` over the broadcast of `a` and `b`, written to a fresh row-major array.
-///
-/// The operands are walked in merged runs (see [`Walk`]); unit and zero strides in the
-/// inner run get their own, vectorizable loops. Large outputs are split into element
-/// ranges over the threads.
+/// A binary elementwise op as the loops [`zip2_by`] runs on the pieces of its operands:
+/// both contiguous (`vv`), the second fixed (`vs`), the first fixed (`sv`). The defaults
+/// apply [`Pair::one`] per element; an implementation may replace them with vectorized
+/// loops computing the same `one(x, y)` per element.
+pub(crate) trait Pair<A: Copy, B: Copy, C>: Sync {
+    fn one(&self, x: A, y: B) -> C;
+
+    fn vv(&self, a: &[A], b: &[B], dst: &mut [MaybeUninit<C>]) {
+        for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+            d.write(self.one(x, y));
+        }
+    }
+
+    fn vs(&self, a: &[A], y: B, dst: &mut [MaybeUninit<C>]) {
+        for (d, &x) in dst.iter_mut().zip(a) {
+            d.write(self.one(x, y));
+        }
+    }
+
+    fn sv(&self, x: A, b: &[B], dst: &mut [MaybeUninit<C>]) {
+        for (d, &y) in dst.iter_mut().zip(b) {
+            d.write(self.one(x, y));
+        }
+    }
+}
+
+/// A closure as a [`Pair`] with the default loops.
+struct ByElement<F>(F);
+
+impl<A: Copy, B: Copy, C, F: Fn(A, B) -> C + Sync> Pair<A, B, C> for ByElement<F> {
+    #[inline(always)]
+    fn one(&self, x: A, y: B) -> C {
+        (self.0)(x, y)
+    }
+}
+
+/// `f(a, b)` over the broadcast of `a` and `b`, written to a fresh row-major array (see
+/// [`zip2_by`]).
 pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>(
     a: &Arr<A>,
     b: &Arr<B>,
     f: impl Fn(A, B) -> C + Sync + Send,
+) -> Result<ArrayD<C>, KernelError> {
+    zip2_by(a, b, &ByElement(f))
+}
+
+/// `op(a, b)` over the broadcast of `a` and `b`, written to a fresh row-major array.
+///
+/// The operands are walked in merged runs (see [`Walk`]); runs with unit or zero strides
+/// go to the op's slice loops, others are stepped element by element. Large outputs are
+/// split into element ranges over the threads.
+pub(crate) fn zip2_by<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>(
+    a: &Arr<A>,
+    b: &Arr<B>,
+    op: &impl Pair<A, B, C>,
 ) -> Result<ArrayD<C>, KernelError> {
     let shape = if a.shape() == b.shape() {
         a.shape().to_vec()
@@ -43,32 +92,15 @@ pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>
             // Safety: the offsets and steps index the broadcast views of live arrays.
             unsafe {
                 let (xa, xb) = (pa.get().offset(oa), pb.get().offset(ob));
+                use std::slice::from_raw_parts as slice;
                 match (isa, isb) {
-                    (1, 1) => {
-                        let (sa, sb) = (
-                            std::slice::from_raw_parts(xa, take),
-                            std::slice::from_raw_parts(xb, take),
-                        );
-                        for ((d, &x), &y) in seg.iter_mut().zip(sa).zip(sb) {
-                            d.write(f(x, y));
-                        }
-                    }
-                    (1, 0) => {
-                        let (sa, y) = (std::slice::from_raw_parts(xa, take), *xb);
-                        for (d, &x) in seg.iter_mut().zip(sa) {
-                            d.write(f(x, y));
-                        }
-                    }
-                    (0, 1) => {
-                        let (x, sb) = (*xa, std::slice::from_raw_parts(xb, take));
-                        for (d, &y) in seg.iter_mut().zip(sb) {
-                            d.write(f(x, y));
-                        }
-                    }
+                    (1, 1) => op.vv(slice(xa, take), slice(xb, take), seg),
+                    (1, 0) => op.vs(slice(xa, take), *xb, seg),
+                    (0, 1) => op.sv(*xa, slice(xb, take), seg),
                     _ => {
                         for (t, d) in seg.iter_mut().enumerate() {
                             let t = t as isize;
-                            d.write(f(*xa.offset(t * isa), *xb.offset(t * isb)));
+                            d.write(op.one(*xa.offset(t * isa), *xb.offset(t * isb)));
                         }
                     }
                 }
@@ -76,6 +108,64 @@ pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>
         });
     }))
 }
+
+/// Defines `$name`, an f32 [`Pair`] computing `$e` from `$x` and `$y`, whose slice loops
+/// are compiled per vector width.
+macro_rules! f32_pair {
+    ($name:ident, |$x:ident, $y:ident| $e:expr) => {
+        struct $name;
+
+        impl $name {
+            multiversion! {
+                fn vv_loop(a: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) {
+                    for ((d, &$x), &$y) in dst.iter_mut().zip(a).zip(b) {
+                        d.write($e);
+                    }
+                }
+            }
+
+            multiversion! {
+                fn vs_loop(a: &[f32], $y: f32, dst: &mut [MaybeUninit<f32>]) {
+                    for (d, &$x) in dst.iter_mut().zip(a) {
+                        d.write($e);
+                    }
+                }
+            }
+
+            multiversion! {
+                fn sv_loop($x: f32, b: &[f32], dst: &mut [MaybeUninit<f32>]) {
+                    for (d, &$y) in dst.iter_mut().zip(b) {
+                        d.write($e);
+                    }
+                }
+            }
+        }
+
+        impl Pair<f32, f32, f32> for $name {
+            #[inline(always)]
+            fn one(&self, $x: f32, $y: f32) -> f32 {
+                $e
+            }
+
+            fn vv(&self, a: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) {
+                Self::vv_loop(a, b, dst)
+            }
+
+            fn vs(&self, a: &[f32], y: f32, dst: &mut [MaybeUninit<f32>]) {
+                Self::vs_loop(a, y, dst)
+            }
+
+            fn sv(&self, x: f32, b: &[f32], dst: &mut [MaybeUninit<f32>]) {
+                Self::sv_loop(x, b, dst)
+            }
+        }
+    };
+}
+
+f32_pair!(AddF32, |x, y| x + y);
+f32_pair!(SubF32, |x, y| x - y);
+f32_pair!(MulF32, |x, y| x * y);
+f32_pair!(DivF32, |x, y| x / y);
 
 fn type_err(i: usize, t: &RtTensor) -> KernelError {
     KernelError::InputType {
@@ -186,7 +276,7 @@ macro_rules! arith {
         pub fn $name(_: &KernelCtx<'_>, inputs: In) -> Out {
             let (a, b) = (req(inputs, 0)?, req(inputs, 1)?);
             Ok(vec![match (a, b) {
-                (RtTensor::F32(a), RtTensor::F32(b)) => RtTensor::f32(zip2(a, b, $ff)?),
+                (RtTensor::F32(a), RtTensor::F32(b)) => RtTensor::f32(zip2_by(a, b, &$ff)?),
                 (RtTensor::I64(a), RtTensor::I64(b)) => RtTensor::i64(zip2(a, b, $fi)?),
                 (RtTensor::I32(a), RtTensor::I32(b)) => RtTensor::I32(
                     zip2(a, b, |x: i32, y: i32| $fi(x as i64, y as i64) as i32)?.into_shared(),
@@ -198,16 +288,12 @@ macro_rules! arith {
     };
 }
 
-arith!(add, |x: f32, y: f32| x + y, |x: i64, y: i64| x
-    .wrapping_add(y));
-arith!(sub, |x: f32, y: f32| x - y, |x: i64, y: i64| x
-    .wrapping_sub(y));
-arith!(mul, |x: f32, y: f32| x * y, |x: i64, y: i64| x
-    .wrapping_mul(y));
+arith!(add, AddF32, |x: i64, y: i64| x.wrapping_add(y));
+arith!(sub, SubF32, |x: i64, y: i64| x.wrapping_sub(y));
+arith!(mul, MulF32, |x: i64, y: i64| x.wrapping_mul(y));
 // Integer division truncates toward zero (C semantics, as ONNX Runtime); a zero divisor is
 // reported before dividing.
-arith!(div_inner, |x: f32, y: f32| x / y, |x: i64, y: i64| x
-    .wrapping_div(y));
+arith!(div_inner, DivF32, |x: i64, y: i64| x.wrapping_div(y));
 
 pub fn div(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let b = req(inputs, 1)?;
