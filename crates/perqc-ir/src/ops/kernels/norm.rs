@@ -3,8 +3,10 @@
 //!
 //! Per row `x` of the trailing axes `axis..`, in the chain's order of operations:
 //! `r = 1 / sqrt(Σ x² / n + eps)`, `y = (x · r) · scale`. Only the summation order of
-//! `Σ x²` may differ from the unfused ops (a round-off difference).
+//! `Σ x²` may differ from the unfused ops (a round-off difference): it is summed in vector
+//! lanes (`vmath::sum_squares_slice`).
 
+use super::vmath::{scale_row_into, sum_squares_slice};
 use crate::ops::kernel::{KernelCtx, KernelError, RtTensor, axis, output_vec, req_f32};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
@@ -37,11 +39,9 @@ pub fn rms_norm(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     if row > 0 && n > 0 {
         let dst = &mut out.spare_capacity_mut()[..n];
         let one = |(src, dst): (&[f32], &mut [std::mem::MaybeUninit<f32>])| {
-            let ms = src.iter().map(|v| v * v).sum::<f32>() / row as f32;
+            let ms = sum_squares_slice(src) / row as f32;
             let r = 1.0 / (ms + eps).sqrt();
-            for ((d, &v), &g) in dst.iter_mut().zip(src).zip(s) {
-                d.write(v * r * g);
-            }
+            scale_row_into(src, r, s, dst);
         };
         if ctx.threads > 1 && n >= super::elementwise::PAR_MIN_ELEMS {
             xs.par_chunks(row * ROWS_PER_TASK)

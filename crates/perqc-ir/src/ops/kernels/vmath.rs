@@ -143,6 +143,34 @@ multiversion! {
 }
 
 multiversion! {
+    /// `Σ r_i²` in the lane order of [`sum_slice`] (equal to a sequential fold up to f32
+    /// rounding).
+    pub(crate) fn sum_squares_slice(r: &[f32]) -> f32 {
+        let mut lanes = [0f32; LANES];
+        let mut chunks = r.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (acc, &v) in lanes.iter_mut().zip(c) {
+                *acc += v * v;
+            }
+        }
+        let mut s = 0f32;
+        for &v in chunks.remainder() {
+            s += v * v;
+        }
+        s + lanes.iter().sum::<f32>()
+    }
+}
+
+multiversion! {
+    /// `dst[i] = (src[i] * r) * g[i]` (two roundings, in that order).
+    pub(crate) fn scale_row_into(src: &[f32], r: f32, g: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        for ((d, &v), &w) in dst.iter_mut().zip(src).zip(g) {
+            d.write(v * r * w);
+        }
+    }
+}
+
+multiversion! {
     /// The largest element of `r`; NaN if any is NaN; `-inf` if `r` is empty.
     pub(crate) fn max_slice(r: &[f32]) -> f32 {
         row_max(r)
@@ -308,6 +336,15 @@ mod tests {
             );
             let m = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(max_slice(&src), m);
+            let sq: f64 = src.iter().map(|&v| v as f64 * v as f64).sum();
+            assert!((sum_squares_slice(&src) as f64 - sq).abs() < 1e-5 * sq.max(1.0));
+            let g: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 0.01).collect();
+            let mut y = vec![MaybeUninit::uninit(); n];
+            scale_row_into(&src, 0.3, &g, &mut y);
+            for ((y, &x), &w) in y.iter().zip(&src).zip(&g) {
+                // Safety: scale_row_into writes all of `y`.
+                assert_eq!(unsafe { y.assume_init() }, x * 0.3 * w);
+            }
         }
         let mut with_nan = [1.0f32, f32::NAN, 3.0];
         assert!(max_slice(&with_nan).is_nan());
