@@ -70,7 +70,12 @@ fn main() -> Result<()> {
     times.sort_by(f64::total_cmp);
     println!("median {:.3}s", times[times.len() / 2]);
     if let Some(p) = &profile {
-        for (op, t, n) in p.sorted().iter().take(12) {
+        for (op, t, n) in p.sorted().iter().take(
+            std::env::var("PROFILE_TOP")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(12),
+        ) {
             println!("  {op:<20} {t:8.3}s  {n} calls");
         }
     }

@@ -285,6 +285,14 @@ fn softmax_rows_any_axis_and_layout() {
     ));
     assert_close(&y, &softmax_ref(&b, 1), 1e-6, "masked");
     assert_eq!(y[37 * 2 + 3], 0.0);
+    // Empty rows and an empty batch give empty results.
+    for shape in [[3usize, 0], [0, 5]] {
+        let e = RtTensor::f32(ArrayD::zeros(IxDyn(&shape)));
+        for ax in [-1i64, 0] {
+            let y = run_1_2("Softmax", 13, vec![("axis", AttrValue::Int(ax))], &[&e]);
+            assert_eq!(y.shape(), &shape[..]);
+        }
+    }
 }
 
 /// `kind` (Sum, Mean or Max) of `x` over `axes`, in f64, row-major over the kept axes.

@@ -159,6 +159,8 @@ pub fn reduce_max(ctx: &KernelCtx<'_>, inputs: In) -> Out {
 /// of the row-major `src`, into a fresh array of `shape`; rows are split over the threads
 /// in large blocks.
 fn softmax_rows(src: &[f32], row: usize, shape: &[usize]) -> ArrayD<f32> {
+    // An empty row means an empty tensor; `max(1)` only keeps the chunk size valid.
+    let row = row.max(1);
     filled_units(shape, row, 1, |e0, dst| {
         let src = &src[e0..e0 + dst.len()];
         for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
