@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Native runtime vs ONNX Runtime on one causal-LM forward pass, side by side.
 
-usage: scripts/bench_runtime.py MODEL [--seq 512] [--reps 3] [--rounds 3] [--threads 2]
+usage: scripts/bench_runtime.py MODEL [--seq 512] [--reps 3] [--rounds 3] [--warmup 2] [--threads 2]
 Runs `bench_forward` (release build of the perqc-runtime example; build it first with
 `cargo build --release -p perqc-runtime --example bench_forward`) with --save, then ONNX
 Runtime (intra_op_num_threads = --threads, default graph optimizations) on the same
@@ -19,6 +19,7 @@ ap.add_argument("--reps", type=int, default=3)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--rounds", type=int, default=3)
+ap.add_argument("--warmup", type=int, default=2, help="untimed runs first, per perqc process and for the ORT session")
 a = ap.parse_args()
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,19 +32,24 @@ sess = ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
 print(f"ort:   session {time.perf_counter() - t:.3f}s, threads {a.threads}, ORT {ort.__version__}")
 
 # Rounds alternate the two runtimes (perqc --reps runs, then as many ORT runs), so slow
-# drifts of a shared machine's load hit both alike; medians are over all runs.
+# drifts of a shared machine's load hit both alike; medians are over all runs. Each perqc
+# process (one per round) and the ORT session first make --warmup untimed runs: the first
+# runs of a process grow the heap and fault in pages, which a long-lived session pays once.
 native_times, ort_times = [], []
 with tempfile.TemporaryDirectory() as d:
     for rnd in range(a.rounds):
         out = subprocess.run(
-            [exe, a.model, "--seq", str(a.seq), "--reps", str(a.reps), "--threads", str(a.threads),
+            [exe, a.model, "--seq", str(a.seq), "--reps", str(a.reps + a.warmup), "--threads", str(a.threads),
              "--seed", str(a.seed)] + (["--save", d] if rnd == 0 else []),
             check=True, capture_output=True, text=True).stdout
         runs = [float(l.split(": ")[1].rstrip("s")) for l in out.splitlines() if l.startswith("run ")]
+        runs = runs[a.warmup:]
         native_times += runs
         if rnd == 0:
             ids = np.load(os.path.join(d, "input_ids.npy"))
             native = np.load(os.path.join(d, "logits.npy"))
+            for _ in range(a.warmup):
+                sess.run(None, {"input_ids": ids})
         for r in range(a.reps):
             t = time.perf_counter()
             ref = sess.run(None, {"input_ids": ids})[0]

@@ -22,7 +22,7 @@
 //! row the product `0 · v` is NaN, so those keys are kept and the result stays that of the
 //! unfused formula (up to summation order).
 
-use super::vmath::softmax_row;
+use super::vmath::{softmax_row, sum_squares_slice};
 use crate::ops::kernel::{Arr, KernelCtx, KernelError, RtTensor, opt, output_vec, req_f32};
 use ndarray::{ArrayD, Axis, IxDyn};
 use rayon::prelude::*;
@@ -155,24 +155,22 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         }
     };
     let scale = ctx.float("scale", 1.0 / (d as f32).sqrt());
-    let v_finite_after: Vec<usize> = (0..b * hkv)
-        .map(|bk| {
-            let vh = v.index_axis(Axis(0), bk / hkv);
-            let vh = vh.index_axis(Axis(0), bk % hkv);
-            vh.outer_iter()
-                .rposition(|r| !r.iter().all(|x| x.is_finite()))
-                .map_or(0, |j| j + 1)
-        })
-        .collect();
-    let k_norm: Vec<f32> = (0..b * hkv)
-        .map(|bk| {
-            let kh = k.index_axis(Axis(0), bk / hkv);
-            let kh = kh.index_axis(Axis(0), bk % hkv);
-            kh.outer_iter()
-                .map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt())
-                .fold(0f32, nan_max)
-        })
-        .collect();
+    fn head(a: &Arr<f32>, i: usize, j: usize) -> Result<ndarray::ArrayView2<'_, f32>, KernelError> {
+        Ok(a.index_axis(Axis(0), i)
+            .index_axis_move(Axis(0), j)
+            .into_dimensionality::<ndarray::Ix2>()?)
+    }
+    let mut v_finite_after = Vec::with_capacity(b * hkv);
+    let mut k_norm = Vec::with_capacity(b * hkv);
+    for bk in 0..b * hkv {
+        let finite = |r: &[f32]| r.iter().fold(true, |all, x| all & x.is_finite());
+        let rows_v = rows_of(head(v, bk / hkv, bk % hkv)?, finite);
+        v_finite_after.push(rows_v.iter().rposition(|f| !f).map_or(0, |j| j + 1));
+        let norms = rows_of(head(k, bk / hkv, bk % hkv)?, |r| {
+            sum_squares_slice(r).sqrt()
+        });
+        k_norm.push(norms.into_iter().fold(0f32, nan_max));
+    }
     let total = b * hq * s * dv;
     let mut out: Vec<f32> = output_vec(total);
     let sh = Shared {
@@ -216,6 +214,14 @@ const DEAD: f32 = -1e30;
 const LIVE: f32 = -1e20;
 /// Bound on `|scale · q·k|` (from the operands' norms) under which dead keys may be skipped.
 const SCORE_BOUND: f32 = 1e28;
+
+/// `f` of each row of `m`, borrowing the rows when they are contiguous.
+fn rows_of<R>(m: ndarray::ArrayView2<'_, f32>, f: impl Fn(&[f32]) -> R) -> Vec<R> {
+    match m.as_slice() {
+        Some(all) if m.ncols() > 0 => all.chunks_exact(m.ncols()).map(f).collect(),
+        _ => m.outer_iter().map(|r| f(&r.to_vec())).collect(),
+    }
+}
 
 /// `max` that keeps a NaN (`f32::max` would drop it and certify a NaN operand).
 fn nan_max(a: f32, b: f32) -> f32 {
@@ -326,11 +332,16 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
         let q_norm = (i0..i0 + rows)
             .map(|i| {
                 let r = at(&sh.q, bi, h, i);
-                (0..d)
-                    .map(|c| unsafe { *r.wrapping_offset(c as isize * sh.q.st[3]) })
-                    .map(|x| x * x)
-                    .sum::<f32>()
-                    .sqrt()
+                if sh.q.st[3] == 1 {
+                    // Safety: a contiguous row of Q.
+                    sum_squares_slice(unsafe { std::slice::from_raw_parts(r, d) }).sqrt()
+                } else {
+                    (0..d)
+                        .map(|c| unsafe { *r.wrapping_offset(c as isize * sh.q.st[3]) })
+                        .map(|x| x * x)
+                        .sum::<f32>()
+                        .sqrt()
+                }
             })
             .fold(0f32, nan_max);
         if sh.scale.abs() * q_norm * k_norm < SCORE_BOUND {
