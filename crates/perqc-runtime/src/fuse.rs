@@ -128,7 +128,7 @@ pub(crate) fn fuse(
         i += 1;
         !dead[i - 1]
     });
-    drop_unread(steps, keep);
+    fused_slots.extend(drop_unread(steps, keep));
     fused_slots
 }
 
@@ -291,8 +291,8 @@ fn rms_norm(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
 }
 
 /// Removes steps none of whose results is read (kernels are pure), last to first so
-/// chains that only fed them go too.
-fn drop_unread(steps: &mut Vec<Step>, keep: &[bool]) {
+/// chains that only fed them go too. Returns the slots they would have produced.
+fn drop_unread(steps: &mut Vec<Step>, keep: &[bool]) -> Vec<usize> {
     let mut readers = vec![0usize; keep.len()];
     for st in steps.iter() {
         for &s in st.inputs.iter().flatten().chain(&st.captures) {
@@ -300,6 +300,7 @@ fn drop_unread(steps: &mut Vec<Step>, keep: &[bool]) {
         }
     }
     let mut dead = vec![false; steps.len()];
+    let mut gone = Vec::new();
     for (i, st) in steps.iter().enumerate().rev() {
         if st
             .outputs
@@ -308,6 +309,7 @@ fn drop_unread(steps: &mut Vec<Step>, keep: &[bool]) {
             .all(|&s| readers[s] == 0 && !keep[s])
         {
             dead[i] = true;
+            gone.extend(st.outputs.iter().flatten());
             for &s in st.inputs.iter().flatten().chain(&st.captures) {
                 readers[s] -= 1;
             }
@@ -318,6 +320,7 @@ fn drop_unread(steps: &mut Vec<Step>, keep: &[bool]) {
         i += 1;
         !dead[i - 1]
     });
+    gone
 }
 
 /// If `slot` is `Reshape(Expand(Unsqueeze(x, axes = [2]), [B, H, G, L, D]), [B, H·G, L, D])`

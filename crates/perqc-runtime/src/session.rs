@@ -88,7 +88,8 @@ pub enum RuntimeError {
     #[error("no value `{0}` to observe")]
     UnknownValue(String),
     #[error(
-        "value {0} exists only inside a fused kernel; build the session with \
+        "value {0} is not materialized by the fused plan (computed inside a fused kernel, or \
+         unread after fusion); build the session with \
          SessionOptions {{ fuse: false, .. }} to observe it"
     )]
     FusedAway(String),
@@ -169,7 +170,8 @@ pub struct Session {
     threads: usize,
     /// Opset per (canonical) domain, to plan subgraphs.
     opsets: Vec<(String, i64)>,
-    /// `fused[s]`: slot `s` exists only inside a fused kernel.
+    /// `fused[s]`: slot `s` exists only inside a fused kernel, or its producer was dropped
+    /// as unread after fusion.
     fused: Vec<bool>,
     /// Keep the pool's workers spinning while a run lasts (top-level sessions only; a
     /// body session runs inside its parent's run).
