@@ -142,12 +142,12 @@ fn control_flow_agrees_with_onnx_runtime() {
 }
 
 #[test]
-fn opset23_attention_and_rms_norm_agree_with_onnx_runtime() {
-    // The kernels the fused chains run, on the ONNX ops' own semantics: grouped heads,
-    // float / bool / is_causal masks, RMS norm.
-    let model = fixture("opset23_ops.onnx");
-    let s = session("opset23_ops.onnx", 2);
-    let dir = out_dir("native_opset23_ops");
+fn fused_ops_agree_with_onnx_runtime() {
+    // The kernels the fused chains run, on the ONNX ops' own semantics: Attention with
+    // grouped heads and float / bool / is_causal masks, RMSNormalization, Swish.
+    let model = fixture("fused_ops.onnx");
+    let s = session("fused_ops.onnx", 2);
+    let dir = out_dir("native_fused_ops");
     let mut r = Lcg(3);
     let mut t = |shape: &[usize]| {
         let n = shape.iter().product();
@@ -174,9 +174,9 @@ fn opset23_attention_and_rms_norm_agree_with_onnx_runtime() {
     let m = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[1, 1, 6, 6]), m).unwrap());
     let feeds = [("q", q), ("k", k), ("v", v), ("m", m), ("x", x)];
     let out = s.run(&feeds).unwrap();
-    assert_eq!(out.len(), 4);
+    assert_eq!(out.len(), 5);
     let named: Vec<(&str, &RtTensor)> = feeds.iter().map(|(n, t)| (*n, t)).collect();
-    native_case("native_opset23_ops", &dir, &model, &named, &out, 1e-5);
+    native_case("native_fused_ops", &dir, &model, &named, &out, 1e-5);
 }
 
 #[test]
@@ -242,6 +242,9 @@ fn fused_attention_and_rms_norm_match_the_unfused_graph() {
         assert_eq!(count(&fused, "Softmax"), 0, "{name}");
         // Every RMS norm (Pow, ReduceMean, Add, Sqrt, 1/x, Mul, [Cast], Mul) is one step.
         assert_eq!(count(&fused, "ReduceMean"), 0, "{name}");
+        // SiLU: Mul(g, Sigmoid(g)) is one Swish step.
+        assert_eq!(count(&fused, "Sigmoid"), 0, "{name}");
+        assert_eq!(count(&fused, "Swish"), count(&plain, "Sigmoid"), "{name}");
         assert_eq!(
             count(&fused, "RMSNormalization"),
             count(&plain, "ReduceMean"),

@@ -1,6 +1,6 @@
 //! Plan-time fusion: rewrites chains of planned steps into one step of an ONNX op whose
-//! kernel is in the op table: attention (`Attention`, opset 23) and RMS normalization
-//! (`RMSNormalization`, opset 23; see [`rms_norm`]).
+//! kernel is in the op table: attention (`Attention`, opset 23), RMS normalization
+//! (`RMSNormalization`, opset 23; see [`rms_norm`]) and SiLU (`Swish`, opset 24; [`silu`]).
 //!
 //! Exporters write scaled dot-product attention as
 //!
@@ -52,6 +52,8 @@ fn same(a: &Dim, b: &Dim) -> bool {
 /// A chain ending at one step, to be replaced by one node of an opset-23 ONNX op.
 struct Rewrite {
     op: &'static str,
+    /// The ONNX opset of `op`'s version.
+    opset: i64,
     attrs: Vec<(&'static str, AttrValue)>,
     inputs: Vec<Option<usize>>,
     /// Earlier steps of the chain and the slots they produced.
@@ -93,7 +95,7 @@ pub(crate) fn fuse(
         }
     }
     let cx = Ctx { consts, keep, uses };
-    let matchers: [Matcher; 2] = [attention, rms_norm];
+    let matchers: [Matcher; 3] = [attention, rms_norm, silu];
     let mut dead = vec![false; steps.len()];
     let mut fused_slots = Vec::new();
     for i in 0..steps.len() {
@@ -101,7 +103,7 @@ pub(crate) fn fuse(
         let Some(rw) = matchers.iter().find_map(|m| m(steps, i, &cx)) else {
             continue;
         };
-        let Some(kernel) = ops::lookup("", rw.op, 23).and_then(|d| d.kernel) else {
+        let Some(kernel) = ops::lookup("", rw.op, rw.opset).and_then(|d| d.kernel) else {
             continue;
         };
         let mut spec =
@@ -115,7 +117,7 @@ pub(crate) fn fuse(
         };
         let st = &mut steps[i];
         st.node = g.node(id).clone();
-        st.opset = 23;
+        st.opset = rw.opset;
         st.kernel = kernel;
         st.inputs = rw.inputs;
         for &j in &rw.absorbed_steps {
@@ -145,6 +147,7 @@ fn attention(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
     };
     Some(Rewrite {
         op: "Attention",
+        opset: 23,
         // The unfused Softmax makes a fully masked row NaN; ONNX Attention would give 0.
         attrs: vec![
             ("scale", AttrValue::Float(m.scale)),
@@ -153,6 +156,45 @@ fn attention(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
         inputs: vec![Some(m.q), Some(k), Some(v), m.mask],
         absorbed_steps: m.absorbed_steps,
         absorbed_slots: m.absorbed_slots,
+    })
+}
+
+/// SiLU: `Mul(x, Sigmoid(x))` (either operand order) becomes `Swish(x)` (opset 24,
+/// alpha 1), one pass instead of two; the products are the same, so the result is too.
+fn silu(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
+    let nd = &steps[end].node;
+    if nd.op_type != "Mul" || !ops::canonical_domain(&nd.domain).is_empty() {
+        return None;
+    }
+    let ins = &steps[end].inputs;
+    let (a, b) = (
+        ins.first().copied().flatten()?,
+        ins.get(1).copied().flatten()?,
+    );
+    let sigmoid_of = |s: usize| -> Option<(usize, usize)> {
+        let j = cx.uses.producer[s]?;
+        let st = &steps[j];
+        let ok = st.node.op_type == "Sigmoid"
+            && ops::canonical_domain(&st.node.domain).is_empty()
+            && cx.uses.readers[s] == 1
+            && !cx.keep[s];
+        ok.then_some((j, st.inputs.first().copied().flatten()?))
+    };
+    let (j, s, x) = match (sigmoid_of(b), sigmoid_of(a)) {
+        (Some((j, x)), _) if x == a => (j, b, a),
+        (_, Some((j, x))) if x == b => (j, a, b),
+        _ => return None,
+    };
+    if cx.uses.shapes.dtype(perqc_ir::ValueId::from_index(x)) != Some(perqc_ir::DType::F32) {
+        return None;
+    }
+    Some(Rewrite {
+        op: "Swish",
+        opset: 24,
+        attrs: vec![("alpha", AttrValue::Float(1.0))],
+        inputs: vec![Some(x)],
+        absorbed_steps: vec![j],
+        absorbed_slots: vec![s],
     })
 }
 
@@ -280,6 +322,7 @@ fn rms_norm(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
     }
     Some(Rewrite {
         op: "RMSNormalization",
+        opset: 23,
         attrs: vec![
             ("axis", AttrValue::Int(-1)),
             ("epsilon", AttrValue::Float(eps)),

@@ -15,7 +15,7 @@ pub const FIXTURES: [&str; 6] = [
     "encoder_ln_gelu.onnx",
     "control_flow.onnx",
     "custom_domain.onnx",
-    "opset23_ops.onnx",
+    "fused_ops.onnx",
 ];
 
 /// The repository's `fixtures/` folder.

@@ -26,6 +26,7 @@ pub static OPS: &[OpDef] = &[
     op("Log", 1, ew::unary),
     op("Tanh", 1, ew::unary).kernel(kew::tanh),
     op("Sigmoid", 1, ew::unary).kernel(kew::sigmoid),
+    op("Swish", 24, ew::unary).kernel(kew::swish),
     op("Relu", 1, ew::unary).kernel(kew::relu),
     op("LeakyRelu", 1, ew::unary),
     op("PRelu", 1, ew::unary),

@@ -195,6 +195,19 @@ pub fn sigmoid(_: &KernelCtx<'_>, inputs: In) -> Out {
     map_f32(inputs, super::vmath::sigmoid_slice)
 }
 
+/// Swish (opset 24): `x · sigmoid(alpha · x)`. Alpha 1 (SiLU, also what the runtime fuses
+/// `Mul(x, Sigmoid(x))` into) is the vectorized path and equals the unfused ops bitwise.
+pub fn swish(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let alpha = ctx.float("alpha", 1.0);
+    if alpha == 1.0 {
+        return map_f32(inputs, super::vmath::silu_slice);
+    }
+    let x = req_f32(inputs, 0)?;
+    Ok(vec![RtTensor::f32(
+        x.mapv(|v| v * super::vmath::sigmoid(alpha * v)),
+    )])
+}
+
 /// Defines `$slice`, `dst[i] = $f(src[i])` compiled per vector width, and the kernel
 /// `$name` applying it to input 0.
 macro_rules! unary_f32 {

@@ -94,6 +94,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// `dst[i] = src[i] · sigmoid(src[i])` (SiLU, ONNX Swish with alpha 1).
+    pub(crate) fn silu_slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            d.write(s * sigmoid(s));
+        }
+    }
+}
+
+multiversion! {
     /// `dst[i] = sigmoid(src[i])`.
     pub(crate) fn sigmoid_slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
         for (d, &s) in dst.iter_mut().zip(src) {
