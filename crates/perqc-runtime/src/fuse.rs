@@ -27,20 +27,73 @@ use perqc_ir::ops::kernels::attention::SOFTMAX_NAN_ROWS;
 use perqc_ir::ops::{self, RtTensor, ShapeMap};
 use perqc_ir::{AttrValue, Dim, Graph, NodeSpec};
 
-/// Slot readers, the producing step of each slot, and inferred slot ranks.
-struct Uses<'a> {
+/// The plan as matchers see it: steps, constants, slot readers and producers, shapes.
+struct Plan<'a> {
+    steps: &'a [Step],
+    consts: &'a [Option<RtTensor>],
+    /// Slots that must stay materialized (graph outputs).
+    keep: &'a [bool],
     readers: Vec<usize>,
     producer: Vec<Option<usize>>,
     shapes: &'a ShapeMap,
 }
 
-impl Uses<'_> {
+impl Plan<'_> {
+    /// Step `j` is the default-domain op `op`.
+    fn is(&self, j: usize, op: &str) -> bool {
+        let nd = &self.steps[j].node;
+        nd.op_type == op && ops::canonical_domain(&nd.domain).is_empty()
+    }
+
+    /// Input `i` of step `j`, if present.
+    fn input(&self, j: usize, i: usize) -> Option<usize> {
+        self.steps[j].inputs.get(i).copied().flatten()
+    }
+
+    /// Both inputs of a two-input step.
+    fn two(&self, j: usize) -> Option<(usize, usize)> {
+        (self.steps[j].inputs.len() == 2).then_some((self.input(j, 0)?, self.input(j, 1)?))
+    }
+
+    /// The producer of `slot` if it is a one-result step whose result is read once (by the
+    /// chain being matched) and is no graph output: a step the chain may absorb.
+    fn sole(&self, slot: usize) -> Option<usize> {
+        let j = self.producer[slot]?;
+        (self.readers[slot] == 1 && !self.keep[slot] && self.steps[j].outputs.len() == 1)
+            .then_some(j)
+    }
+
+    /// [`Plan::sole`] when that step is `op`.
+    fn sole_op(&self, slot: usize, op: &str) -> Option<usize> {
+        self.sole(slot).filter(|&j| self.is(j, op))
+    }
+
+    /// The one f32 value of a constant slot holding a single element.
+    fn scalar(&self, slot: usize) -> Option<f32> {
+        match self.consts[slot].as_ref()? {
+            RtTensor::F32(c) if c.len() == 1 => c.iter().next().copied(),
+            _ => None,
+        }
+    }
+
+    /// Integer list given as attribute `name` (older opsets) or as constant input `i`.
+    fn ints(&self, j: usize, name: &str, i: usize) -> Option<Vec<i64>> {
+        match self.steps[j].node.attr_ints(name) {
+            Some(a) => Some(a.to_vec()),
+            None => self.consts[self.input(j, i)?].as_ref()?.to_i64_vec(),
+        }
+    }
+
     fn shape(&self, slot: usize) -> Option<&[Dim]> {
         self.shapes.shape(perqc_ir::ValueId::from_index(slot))
     }
 
     fn rank(&self, slot: usize) -> Option<usize> {
         self.shape(slot).map(<[_]>::len)
+    }
+
+    fn is_f32(&self, slot: usize) -> bool {
+        self.shapes.dtype(perqc_ir::ValueId::from_index(slot)) == Some(perqc_ir::DType::F32)
     }
 }
 
@@ -49,30 +102,50 @@ fn same(a: &Dim, b: &Dim) -> bool {
     !matches!(a, Dim::Unknown) && a == b
 }
 
-/// A chain ending at one step, to be replaced by one node of an opset-23 ONNX op.
+/// A chain ending at one step, to be replaced by one node of an ONNX op.
 struct Rewrite {
     op: &'static str,
     /// The ONNX opset of `op`'s version.
     opset: i64,
     attrs: Vec<(&'static str, AttrValue)>,
     inputs: Vec<Option<usize>>,
-    /// Earlier steps of the chain and the slots they produced.
-    absorbed_steps: Vec<usize>,
-    absorbed_slots: Vec<usize>,
+    absorbed: Absorbed,
+}
+
+/// Earlier steps of a chain and the slots they produced.
+#[derive(Default)]
+struct Absorbed {
+    steps: Vec<usize>,
+    slots: Vec<usize>,
+}
+
+impl Absorbed {
+    /// Absorbs step `j`, the producer of `slot`; returns `j`.
+    fn take(&mut self, slot: usize, j: usize) -> usize {
+        self.steps.push(j);
+        self.slots.push(slot);
+        j
+    }
+
+    /// Walks back over no-op `Cast(to = FLOAT)` steps from an f32 `slot`, absorbing them;
+    /// returns the slot they start from.
+    fn float_casts(&mut self, plan: &Plan<'_>, mut slot: usize) -> Option<usize> {
+        while let Some(c) = plan.sole_op(slot, "Cast") {
+            if plan.steps[c].node.attr_int("to") != Some(1) {
+                break;
+            }
+            self.take(slot, c);
+            slot = plan.input(c, 0)?;
+        }
+        Some(slot)
+    }
 }
 
 /// Matches a chain ending at step `end`.
-type Matcher = fn(&[Step], usize, &Ctx<'_>) -> Option<Rewrite>;
+type Matcher = fn(&Plan<'_>, usize) -> Option<Rewrite>;
 
-/// What matchers read besides the steps.
-struct Ctx<'a> {
-    consts: &'a [Option<RtTensor>],
-    keep: &'a [bool],
-    uses: Uses<'a>,
-}
-
-/// Fuses chains in `steps` (in order; constants already folded into `consts`): attention
-/// and RMS normalization. `keep[s]` marks slots that must stay materialized (graph
+/// Fuses chains in `steps` (in order; constants already folded into `consts`): attention,
+/// RMS normalization, SiLU. `keep[s]` marks slots that must stay materialized (graph
 /// outputs); `shapes` are the graph's inferred shapes. Returns the slots fused away.
 pub(crate) fn fuse(
     steps: &mut Vec<Step>,
@@ -81,28 +154,36 @@ pub(crate) fn fuse(
     shapes: &ShapeMap,
 ) -> Vec<usize> {
     let n = consts.len();
-    let mut uses = Uses {
-        readers: vec![0; n],
-        producer: vec![None; n],
-        shapes,
-    };
+    let (mut readers, mut producer) = (vec![0; n], vec![None; n]);
     for (i, st) in steps.iter().enumerate() {
         for &s in st.inputs.iter().flatten().chain(&st.captures) {
-            uses.readers[s] += 1;
+            readers[s] += 1;
         }
         for &s in st.outputs.iter().flatten() {
-            uses.producer[s] = Some(i);
+            producer[s] = Some(i);
         }
     }
-    let cx = Ctx { consts, keep, uses };
     let matchers: [Matcher; 3] = [attention, rms_norm, silu];
+    let mut rewrites = Vec::new();
+    {
+        let plan = Plan {
+            steps,
+            consts,
+            keep,
+            readers,
+            producer,
+            shapes,
+        };
+        // Chains are disjoint: every absorbed slot has its one reader inside the chain.
+        for i in 0..steps.len() {
+            if let Some(rw) = matchers.iter().find_map(|m| m(&plan, i)) {
+                rewrites.push((i, rw));
+            }
+        }
+    }
     let mut dead = vec![false; steps.len()];
     let mut fused_slots = Vec::new();
-    for i in 0..steps.len() {
-        // Chains are disjoint: every absorbed slot has its one reader inside the chain.
-        let Some(rw) = matchers.iter().find_map(|m| m(steps, i, &cx)) else {
-            continue;
-        };
+    for (i, rw) in rewrites {
         let Some(kernel) = ops::lookup("", rw.op, rw.opset).and_then(|d| d.kernel) else {
             continue;
         };
@@ -120,10 +201,10 @@ pub(crate) fn fuse(
         st.opset = rw.opset;
         st.kernel = kernel;
         st.inputs = rw.inputs;
-        for &j in &rw.absorbed_steps {
+        for &j in &rw.absorbed.steps {
             dead[j] = true;
         }
-        fused_slots.extend(rw.absorbed_slots);
+        fused_slots.extend(rw.absorbed.slots);
     }
     let mut i = 0;
     steps.retain(|_| {
@@ -135,75 +216,104 @@ pub(crate) fn fuse(
 }
 
 /// Attention: the chain in the module docs, ending at `MatMul(p, v)`.
-fn attention(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
-    let m = match_chain(steps, end, cx.consts, cx.keep, &cx.uses)?;
+fn attention(plan: &Plan<'_>, end: usize) -> Option<Rewrite> {
+    if !plan.is(end, "MatMul") {
+        return None;
+    }
+    let (p, v) = plan.two(end)?;
+    let mut ab = Absorbed::default();
+    let p = ab.float_casts(plan, p)?;
+    let softmax = plan.sole_op(p, "Softmax")?;
+    let sm = &plan.steps[softmax];
+    if sm.opset < 13 || sm.node.attr_int("axis").unwrap_or(-1) != -1 {
+        return None;
+    }
+    ab.take(p, softmax);
+    let mut s = plan.input(softmax, 0)?;
+    let mut mask = None;
+    if let Some(add) = plan.sole_op(s, "Add") {
+        // The scores come from the Mul / MatMul chain; the other operand is the mask.
+        let (a, b) = plan.two(add)?;
+        let scores_from = |x: usize| plan.sole_op(x, "Mul").or(plan.sole_op(x, "MatMul"));
+        let (scores, m) = if scores_from(a).is_some() {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        scores_from(scores)?;
+        mask = Some(m);
+        ab.take(s, add);
+        s = scores;
+    }
+    let mut scale = 1.0f32;
+    if let Some(mul) = plan.sole_op(s, "Mul") {
+        let (a, b) = plan.two(mul)?;
+        let (scores, c) = match (plan.scalar(a), plan.scalar(b)) {
+            (_, Some(c)) => (a, c),
+            (Some(c), None) => (b, c),
+            _ => return None,
+        };
+        scale = c;
+        ab.take(s, mul);
+        s = scores;
+    }
+    let qk = ab.take(s, plan.sole_op(s, "MatMul")?);
+    let (q, kt) = plan.two(qk)?;
+    let t = plan.sole_op(kt, "Transpose")?;
+    if plan.steps[t].node.attr_ints("perm") != Some(&[0, 1, 3, 2][..]) {
+        return None;
+    }
+    ab.take(kt, t);
+    let k = plan.input(t, 0)?;
+    // Ranks the kernel handles; a mask of higher rank would have broadcast the scores up.
+    if [q, k, v].iter().any(|&x| plan.rank(x) != Some(4))
+        || mask.is_some_and(|m| plan.rank(m).is_none_or(|r| r > 4))
+    {
+        return None;
+    }
     // Grouped-query attention: read the shared K/V heads instead of their copies.
-    let (k, v) = match (
-        ungroup(steps, m.k, cx.consts, &cx.uses),
-        ungroup(steps, m.v, cx.consts, &cx.uses),
-    ) {
+    let (k, v) = match (ungroup(plan, k), ungroup(plan, v)) {
         (Some((k, gk)), Some((v, gv))) if gk == gv => (k, v),
-        _ => (m.k, m.v),
+        _ => (k, v),
     };
     Some(Rewrite {
         op: "Attention",
         opset: 23,
         // The unfused Softmax makes a fully masked row NaN; ONNX Attention would give 0.
         attrs: vec![
-            ("scale", AttrValue::Float(m.scale)),
+            ("scale", AttrValue::Float(scale)),
             (SOFTMAX_NAN_ROWS, AttrValue::Int(1)),
         ],
-        inputs: vec![Some(m.q), Some(k), Some(v), m.mask],
-        absorbed_steps: m.absorbed_steps,
-        absorbed_slots: m.absorbed_slots,
+        inputs: vec![Some(q), Some(k), Some(v), mask],
+        absorbed: ab,
     })
 }
 
 /// SiLU: `Mul(x, Sigmoid(x))` (either operand order) becomes `Swish(x)` (opset 24,
 /// alpha 1), one pass instead of two; the products are the same, so the result is too.
-fn silu(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
-    let nd = &steps[end].node;
-    if nd.op_type != "Mul" || !ops::canonical_domain(&nd.domain).is_empty() {
+fn silu(plan: &Plan<'_>, end: usize) -> Option<Rewrite> {
+    if !plan.is(end, "Mul") {
         return None;
     }
-    let ins = &steps[end].inputs;
-    let (a, b) = (
-        ins.first().copied().flatten()?,
-        ins.get(1).copied().flatten()?,
-    );
-    let sigmoid_of = |s: usize| -> Option<(usize, usize)> {
-        let j = cx.uses.producer[s]?;
-        let st = &steps[j];
-        let ok = st.node.op_type == "Sigmoid"
-            && ops::canonical_domain(&st.node.domain).is_empty()
-            && cx.uses.readers[s] == 1
-            && !cx.keep[s];
-        ok.then_some((j, st.inputs.first().copied().flatten()?))
+    let (a, b) = plan.two(end)?;
+    // (sigmoid slot, its step, x) when the other operand is the Sigmoid's input.
+    let sigmoid_of = |s: usize, other: usize| {
+        let j = plan.sole_op(s, "Sigmoid")?;
+        (plan.input(j, 0)? == other).then_some((s, j, other))
     };
-    let (j, s, x) = match (sigmoid_of(b), sigmoid_of(a)) {
-        (Some((j, x)), _) if x == a => (j, b, a),
-        (_, Some((j, x))) if x == b => (j, a, b),
-        _ => return None,
-    };
-    if cx.uses.shapes.dtype(perqc_ir::ValueId::from_index(x)) != Some(perqc_ir::DType::F32) {
+    let (s, j, x) = sigmoid_of(b, a).or_else(|| sigmoid_of(a, b))?;
+    if !plan.is_f32(x) {
         return None;
     }
+    let mut ab = Absorbed::default();
+    ab.take(s, j);
     Some(Rewrite {
         op: "Swish",
         opset: 24,
         attrs: vec![("alpha", AttrValue::Float(1.0))],
         inputs: vec![Some(x)],
-        absorbed_steps: vec![j],
-        absorbed_slots: vec![s],
+        absorbed: ab,
     })
-}
-
-/// The one f32 value of a constant slot holding a single element.
-fn scalar(consts: &[Option<RtTensor>], slot: usize) -> Option<f32> {
-    match consts[slot].as_ref()? {
-        RtTensor::F32(c) if c.len() == 1 => c.iter().next().copied(),
-        _ => None,
-    }
 }
 
 /// RMS normalization as exporters write it, ending at the scale `Mul`:
@@ -216,56 +326,36 @@ fn scalar(consts: &[Option<RtTensor>], slot: usize) -> Option<f32> {
 ///
 /// becomes `RMSNormalization(x, scale, axis = -1, epsilon = eps)`, whose kernel computes the
 /// same operations in the same order per row.
-fn rms_norm(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
-    let is = |i: usize, op: &str| {
-        let nd = &steps[i].node;
-        nd.op_type == op && ops::canonical_domain(&nd.domain).is_empty()
-    };
-    let sole = |slot: usize| -> Option<usize> {
-        let j = cx.uses.producer[slot]?;
-        (cx.uses.readers[slot] == 1 && !cx.keep[slot] && steps[j].outputs.len() == 1).then_some(j)
-    };
-    let two = |i: usize| -> Option<(usize, usize)> {
-        let ins = &steps[i].inputs;
-        (ins.len() == 2).then_some((ins[0]?, ins[1]?))
-    };
-    let first = |i: usize| steps[i].inputs.first().copied().flatten();
-    if !is(end, "Mul") {
+fn rms_norm(plan: &Plan<'_>, end: usize) -> Option<Rewrite> {
+    if !plan.is(end, "Mul") {
         return None;
     }
-    let (a, b) = two(end)?;
-    let vector = |s: usize| match cx.consts[s].as_ref() {
-        Some(RtTensor::F32(c)) => c.ndim() <= 1,
-        _ => false,
+    let (a, b) = plan.two(end)?;
+    // The scale: a constant vector, of length 1 (broadcast like the Mul) or the last dim.
+    let scale_len = |s: usize| match plan.consts[s].as_ref() {
+        Some(RtTensor::F32(c)) if c.ndim() <= 1 => Some(c.len()),
+        _ => None,
     };
-    let (normed, scale) = if vector(b) { (a, b) } else { (b, a) };
-    if !vector(scale) {
-        return None;
-    }
-    let mut absorbed_steps = Vec::new();
-    let mut absorbed_slots = Vec::new();
-    // Casts to FLOAT of the (f32) normalized value are identities.
-    let mut normed = normed;
-    while let Some(c) = sole(normed).filter(|&j| is(j, "Cast")) {
-        if steps[c].node.attr_int("to") != Some(1) {
-            return None;
-        }
-        absorbed_steps.push(c);
-        absorbed_slots.push(normed);
-        normed = first(c)?;
-    }
+    let (normed, scale) = if scale_len(b).is_some() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let len = scale_len(scale)?;
+    let mut ab = Absorbed::default();
+    let normed = ab.float_casts(plan, normed)?;
     // `1 / s` as Reciprocal(s) or Div(1, s) (the same correctly rounded division): the
     // producing step and `s`.
     let one_over = |r: usize| -> Option<(usize, usize)> {
-        let j = sole(r)?;
-        if is(j, "Reciprocal") {
-            return Some((j, first(j)?));
+        if let Some(j) = plan.sole_op(r, "Reciprocal") {
+            return Some((j, plan.input(j, 0)?));
         }
-        let (n, d) = two(j).filter(|_| is(j, "Div"))?;
-        (scalar(cx.consts, n) == Some(1.0)).then_some((j, d))
+        let j = plan.sole_op(r, "Div")?;
+        let (n, d) = plan.two(j)?;
+        (plan.scalar(n) == Some(1.0)).then_some((j, d))
     };
-    let m1 = sole(normed).filter(|&j| is(j, "Mul"))?;
-    let (a, b) = two(m1)?;
+    let m1 = ab.take(normed, plan.sole_op(normed, "Mul")?);
+    let (a, b) = plan.two(m1)?;
     // The other operand of the Mul is x.
     let (x, r) = if one_over(b).is_some() {
         (a, b)
@@ -273,51 +363,30 @@ fn rms_norm(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
         (b, a)
     };
     let (rj, sqrt) = one_over(r)?;
-    absorbed_steps.extend([m1, rj]);
-    absorbed_slots.extend([normed, r]);
-    let mut take = |slot: usize, op: &str| -> Option<usize> {
-        let j = sole(slot)?;
-        is(j, op).then(|| {
-            absorbed_steps.push(j);
-            absorbed_slots.push(slot);
-            j
-        })
-    };
-    let sj = take(sqrt, "Sqrt")?;
-    let add = take(first(sj)?, "Add")?;
-    let (a, b) = two(add)?;
-    let (mean, eps) = match (scalar(cx.consts, a), scalar(cx.consts, b)) {
+    ab.take(r, rj);
+    let sj = ab.take(sqrt, plan.sole_op(sqrt, "Sqrt")?);
+    let summed = plan.input(sj, 0)?;
+    let add = ab.take(summed, plan.sole_op(summed, "Add")?);
+    let (a, b) = plan.two(add)?;
+    let (mean, eps) = match (plan.scalar(a), plan.scalar(b)) {
         (None, Some(e)) => (a, e),
         (Some(e), None) => (b, e),
         _ => return None,
     };
-    let rm = take(mean, "ReduceMean")?;
-    let rank = cx.uses.rank(x)? as i64;
-    if cx.uses.shapes.dtype(perqc_ir::ValueId::from_index(x)) != Some(perqc_ir::DType::F32) {
-        return None;
-    }
-    let axes: Vec<i64> = match steps[rm].node.attr_ints("axes") {
-        Some(a) => a.to_vec(),
-        None => cx.consts[steps[rm].inputs.get(1).copied().flatten()?]
-            .as_ref()?
-            .to_i64_vec()?,
-    };
+    let rm = ab.take(mean, plan.sole_op(mean, "ReduceMean")?);
+    let rank = plan.rank(x)? as i64;
+    let axes = plan.ints(rm, "axes", 1)?;
     let last_axis = axes.len() == 1 && (axes[0] == -1 || axes[0] == rank - 1);
-    if !last_axis || steps[rm].node.attr_int("keepdims").unwrap_or(1) != 1 {
+    if !plan.is_f32(x) || !last_axis || plan.steps[rm].node.attr_int("keepdims").unwrap_or(1) != 1 {
         return None;
     }
-    let pw = take(first(rm)?, "Pow")?;
-    let (base, e) = two(pw)?;
-    if base != x || scalar(cx.consts, e) != Some(2.0) {
+    let squares = plan.input(rm, 0)?;
+    let pw = ab.take(squares, plan.sole_op(squares, "Pow")?);
+    let (base, e) = plan.two(pw)?;
+    if base != x || plan.scalar(e) != Some(2.0) {
         return None;
     }
-    // A length-1 scale broadcasts like the Mul; a longer one must be the last dim.
-    let len = match cx.consts[scale].as_ref()? {
-        RtTensor::F32(c) => c.len(),
-        _ => return None,
-    };
-    let d = cx.uses.shape(x)?.last()?.known();
-    if len != 1 && d != Some(len as i64) {
+    if len != 1 && plan.shape(x)?.last()?.known() != Some(len as i64) {
         return None;
     }
     Some(Rewrite {
@@ -328,8 +397,7 @@ fn rms_norm(steps: &[Step], end: usize, cx: &Ctx<'_>) -> Option<Rewrite> {
             ("epsilon", AttrValue::Float(eps)),
         ],
         inputs: vec![Some(x), Some(scale)],
-        absorbed_steps,
-        absorbed_slots,
+        absorbed: ab,
     })
 }
 
@@ -369,33 +437,16 @@ fn drop_unread(steps: &mut Vec<Step>, keep: &[bool]) -> Vec<usize> {
 /// If `slot` is `Reshape(Expand(Unsqueeze(x, axes = [2]), [B, H, G, L, D]), [B, H·G, L, D])`
 /// (how exporters repeat each of H key/value heads G times), returns `(x, G)`: head `h` of
 /// the result is head `h / G` of `x`, which is how `Attention` maps query heads to
-/// key/value heads.
-fn ungroup(
-    steps: &[Step],
-    slot: usize,
-    consts: &[Option<RtTensor>],
-    uses: &Uses<'_>,
-) -> Option<(usize, i64)> {
-    let producer = |s: usize, op: &str| {
-        let j = uses.producer[s]?;
-        let nd = &steps[j].node;
-        (nd.op_type == op && ops::canonical_domain(&nd.domain).is_empty()).then_some(j)
-    };
-    let first = |j: usize| steps[j].inputs.first().copied().flatten();
+/// key/value heads. The copies need not be single-use: they are only bypassed.
+fn ungroup(plan: &Plan<'_>, slot: usize) -> Option<(usize, i64)> {
+    let producer = |s: usize, op: &str| plan.producer[s].filter(|&j| plan.is(j, op));
     let r = producer(slot, "Reshape")?;
-    let expanded = first(r)?;
+    let expanded = plan.input(r, 0)?;
     let e = producer(expanded, "Expand")?;
-    let unsqueezed = first(e)?;
-    let u = producer(unsqueezed, "Unsqueeze")?;
-    let x = first(u)?;
-    let axes: Vec<i64> = match steps[u].node.attr_ints("axes") {
-        Some(a) => a.to_vec(),
-        None => consts[steps[u].inputs.get(1).copied().flatten()?]
-            .as_ref()?
-            .to_i64_vec()?,
-    };
-    let (xs, es, rs) = (uses.shape(x)?, uses.shape(expanded)?, uses.shape(slot)?);
-    if axes != [2] || xs.len() != 4 || es.len() != 5 || rs.len() != 4 {
+    let u = producer(plan.input(e, 0)?, "Unsqueeze")?;
+    let x = plan.input(u, 0)?;
+    let (xs, es, rs) = (plan.shape(x)?, plan.shape(expanded)?, plan.shape(slot)?);
+    if plan.ints(u, "axes", 1)? != [2] || xs.len() != 4 || es.len() != 5 || rs.len() != 4 {
         return None;
     }
     let g = es[2].known()?;
@@ -408,129 +459,4 @@ fn ungroup(
         .all(|&(a, b)| same(&xs[a], &es[b]));
     (heads_ok && kept && same(&rs[0], &xs[0]) && same(&rs[2], &xs[2]) && same(&rs[3], &xs[3]))
         .then_some((x, g))
-}
-
-struct Chain {
-    q: usize,
-    k: usize,
-    v: usize,
-    mask: Option<usize>,
-    scale: f32,
-    absorbed_steps: Vec<usize>,
-    absorbed_slots: Vec<usize>,
-}
-
-/// Matches the chain ending in step `end` (the `MatMul(p, v)`), walking producers back.
-fn match_chain(
-    steps: &[Step],
-    end: usize,
-    consts: &[Option<RtTensor>],
-    keep: &[bool],
-    uses: &Uses<'_>,
-) -> Option<Chain> {
-    let is = |i: usize, op: &str| {
-        let nd = &steps[i].node;
-        nd.op_type == op && ops::canonical_domain(&nd.domain).is_empty()
-    };
-    // The producer of `slot` if it is a step whose only result is read once, here.
-    let sole = |slot: usize| -> Option<usize> {
-        let j = uses.producer[slot]?;
-        (uses.readers[slot] == 1 && !keep[slot] && steps[j].outputs.len() == 1).then_some(j)
-    };
-    let ins = |i: usize| &steps[i].inputs;
-    if !is(end, "MatMul") || ins(end).len() != 2 {
-        return None;
-    }
-    let (mut p, v) = (ins(end)[0]?, ins(end)[1]?);
-    let mut absorbed_steps = Vec::new();
-    let mut absorbed_slots = Vec::new();
-    // Casts to FLOAT of the (f32) softmax output are identities.
-    let mut j = sole(p)?;
-    while is(j, "Cast") && steps[j].node.attr_int("to") == Some(1) {
-        absorbed_steps.push(j);
-        absorbed_slots.push(p);
-        p = ins(j).first().copied().flatten()?;
-        j = sole(p)?;
-    }
-    let softmax = j;
-    if !is(softmax, "Softmax")
-        || steps[softmax].opset < 13
-        || steps[softmax].node.attr_int("axis").unwrap_or(-1) != -1
-    {
-        return None;
-    }
-    absorbed_steps.push(softmax);
-    absorbed_slots.push(p);
-    let mut s = ins(softmax).first().copied().flatten()?;
-    let mut j = sole(s)?;
-    let mut mask = None;
-    if is(j, "Add") {
-        // The scores come from the Mul / MatMul chain; the other operand is the mask.
-        let (a, b) = (
-            ins(j).first().copied().flatten()?,
-            ins(j).get(1).copied().flatten()?,
-        );
-        let from_chain = |x: usize| sole(x).is_some_and(|k| is(k, "Mul") || is(k, "MatMul"));
-        let (scores, m) = if from_chain(a) { (a, b) } else { (b, a) };
-        if !from_chain(scores) {
-            return None;
-        }
-        mask = Some(m);
-        absorbed_steps.push(j);
-        absorbed_slots.push(s);
-        s = scores;
-        j = sole(s)?;
-    }
-    let mut scale = 1.0f32;
-    if is(j, "Mul") {
-        let (a, b) = (
-            ins(j).first().copied().flatten()?,
-            ins(j).get(1).copied().flatten()?,
-        );
-        let scalar = |x: usize| match consts[x].as_ref() {
-            Some(RtTensor::F32(c)) if c.len() == 1 => c.iter().next().copied(),
-            _ => None,
-        };
-        let (scores, c) = match (scalar(a), scalar(b)) {
-            (_, Some(c)) => (a, c),
-            (Some(c), None) => (b, c),
-            _ => return None,
-        };
-        scale = c;
-        absorbed_steps.push(j);
-        absorbed_slots.push(s);
-        s = scores;
-        j = sole(s)?;
-    }
-    if !is(j, "MatMul") {
-        return None;
-    }
-    absorbed_steps.push(j);
-    absorbed_slots.push(s);
-    let (q, kt) = (
-        ins(j).first().copied().flatten()?,
-        ins(j).get(1).copied().flatten()?,
-    );
-    let t = sole(kt)?;
-    if !is(t, "Transpose") || steps[t].node.attr_ints("perm") != Some(&[0, 1, 3, 2][..]) {
-        return None;
-    }
-    absorbed_steps.push(t);
-    absorbed_slots.push(kt);
-    let k = ins(t).first().copied().flatten()?;
-    // Ranks the kernel handles; a mask of higher rank would have broadcast the scores up.
-    if [q, k, v].iter().any(|&x| uses.rank(x) != Some(4))
-        || mask.is_some_and(|m| uses.rank(m).is_none_or(|r| r > 4))
-    {
-        return None;
-    }
-    Some(Chain {
-        q,
-        k,
-        v,
-        mask,
-        scale,
-        absorbed_steps,
-        absorbed_slots,
-    })
 }

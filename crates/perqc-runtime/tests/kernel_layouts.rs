@@ -2,12 +2,13 @@
 //! kernels: transposed, sliced and broadcast inputs, odd lengths, and 1 vs 2 threads,
 //! each against a straightforward computation over the logical (row-major) elements.
 
+mod common;
+
 use ndarray::{ArcArray, ArrayD, Axis, IxDyn, Slice};
 use perqc_ir::ops::{KernelCtx, RtTensor, lookup};
 use perqc_ir::{AttrValue, Graph, NodeSpec};
 
-/// Runs `op` at `opset` with `attrs` on `inputs` through the op table, inside a rayon pool
-/// of `threads` threads.
+/// [`common::run_threads`] with every input present.
 fn run_threads(
     op: &str,
     opset: i64,
@@ -15,27 +16,8 @@ fn run_threads(
     inputs: &[&RtTensor],
     threads: usize,
 ) -> Vec<RtTensor> {
-    let mut g = Graph::new("t");
-    let mut spec = NodeSpec::new(op).named("n");
-    for (k, v) in attrs {
-        spec = spec.attr(k, v);
-    }
-    let id = g.add_node(spec, &[], &["y"]).unwrap();
-    let k = lookup("", op, opset)
-        .and_then(|d| d.kernel)
-        .expect("kernel");
-    let ctx = KernelCtx {
-        node: g.node(id),
-        opset,
-        threads,
-        subgraphs: None,
-    };
     let ins: Vec<Option<&RtTensor>> = inputs.iter().map(|&t| Some(t)).collect();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
-    pool.install(|| k(&ctx, &ins).unwrap())
+    common::run_threads(op, opset, attrs, &ins, threads)
 }
 
 /// [`run_threads`] on 1 and on 2 threads; asserts both give the same result bit for bit and
@@ -56,17 +38,7 @@ fn run_1_2(op: &str, opset: i64, attrs: Vec<(&str, AttrValue)>, inputs: &[&RtTen
 
 /// Deterministic values in [-4, 4).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
-        })
-        .collect()
+    common::uniform(n, seed, 4.0)
 }
 
 fn arr(shape: &[usize], seed: u64) -> ArcArray<f32, IxDyn> {

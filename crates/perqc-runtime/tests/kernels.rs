@@ -1,5 +1,8 @@
 //! Kernels the fixtures do not reach, checked against hand-computed (numpy-style) results.
 
+mod common;
+
+use common::run_threads;
 use ndarray::{ArrayD, IxDyn};
 use perqc_ir::ops::kernels::attention::SOFTMAX_NAN_ROWS;
 use perqc_ir::ops::{KernelCtx, RtTensor, lookup};
@@ -13,7 +16,12 @@ fn i64t(shape: &[usize], v: &[i64]) -> RtTensor {
     RtTensor::i64(ArrayD::from_shape_vec(IxDyn(shape), v.to_vec()).unwrap())
 }
 
-/// Runs `op` at `opset` with `attrs` on `inputs` through the op table.
+/// Deterministic values in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    common::uniform(n, seed, 1.0)
+}
+
+/// Runs `op` at `opset` with `attrs` on `inputs` through the op table, on 1 thread.
 fn run(
     op: &str,
     opset: i64,
@@ -21,36 +29,6 @@ fn run(
     inputs: &[Option<&RtTensor>],
 ) -> Vec<RtTensor> {
     run_threads(op, opset, attrs, inputs, 1)
-}
-
-/// [`run`] with a kernel thread count, inside a rayon pool of that size.
-fn run_threads(
-    op: &str,
-    opset: i64,
-    attrs: Vec<(&str, AttrValue)>,
-    inputs: &[Option<&RtTensor>],
-    threads: usize,
-) -> Vec<RtTensor> {
-    let mut g = Graph::new("t");
-    let mut spec = NodeSpec::new(op).named("n");
-    for (k, v) in attrs {
-        spec = spec.attr(k, v);
-    }
-    let id = g.add_node(spec, &[], &["y"]).unwrap();
-    let k = lookup("", op, opset)
-        .and_then(|d| d.kernel)
-        .expect("kernel");
-    let ctx = KernelCtx {
-        node: g.node(id),
-        opset,
-        threads,
-        subgraphs: None,
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
-    pool.install(|| k(&ctx, inputs).unwrap())
 }
 
 fn vals(t: &RtTensor) -> Vec<f32> {
@@ -97,21 +75,6 @@ fn matmul_broadcasts_and_promotes_vectors() {
     let y = run("MatMul", 13, vec![], &[Some(&a), Some(&b)]);
     assert_eq!(y[0].shape(), &[2, 1, 2]);
     assert_eq!(vals(&y[0]), vec![-2., -2., -2., -2.]);
-}
-
-/// Deterministic values in [-1, 1).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 #[test]

@@ -149,7 +149,7 @@ pub static OPS: &[OpDef] = &[
     op("LogSoftmax", 1, rd::softmax),
     op("Hardmax", 1, rd::softmax),
     // ---- normalizations ----
-    op("LayerNormalization", 17, misc::layer_norm).kernel(krd::layer_norm),
+    op("LayerNormalization", 17, misc::layer_norm).kernel(knorm::layer_norm),
     // ONNX Runtime's RMS norm, registered in the default domain.
     op("SimplifiedLayerNormalization", 1, misc::layer_norm),
     op("RMSNormalization", 23, misc::batch_norm).kernel(knorm::rms_norm),

@@ -1,12 +1,11 @@
-//! Reductions (ReduceMean/Sum/Max, axes as attribute or input), Softmax and
-//! LayerNormalization.
+//! Reductions (ReduceMean/Sum/Max, axes as attribute or input) and Softmax.
 
 use super::layout::{filled_units, standard, to_standard};
 use super::vmath::{max_slice, softmax_row_into, sum_slice};
 use crate::ops::kernel::{
     Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints,
 };
-use ndarray::{ArrayD, Axis, IxDyn, Zip};
+use ndarray::{ArrayD, Axis, IxDyn};
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
 type Out = Result<Vec<RtTensor>, KernelError>;
@@ -200,76 +199,4 @@ pub fn softmax(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     }
     let out = out.permuted_axes(IxDyn(&inv));
     Ok(vec![RtTensor::f32(to_standard(&out.view()))])
-}
-
-/// LayerNormalization over axes `axis..`: `y = (x - mean) / sqrt(var + eps) * scale + bias`
-/// (population variance). Also returns Mean and InvStdDev (shape `[d0..d_{axis-1}, 1...]`).
-pub fn layer_norm(ctx: &KernelCtx<'_>, inputs: In) -> Out {
-    let x = req_f32(inputs, 0)?;
-    let scale = req_f32(inputs, 1)?;
-    let bias: Option<&Arr<f32>> = match opt(inputs, 2) {
-        Some(b) => Some(req_f32(inputs, 2).map_err(|_| KernelError::InputType {
-            index: 2,
-            dtype: b.dtype(),
-        })?),
-        None => None,
-    };
-    let rank = x.ndim();
-    let ax = axis(ctx.int("axis", -1), rank)?;
-    let eps = ctx.float("epsilon", 1e-5);
-    let row: usize = x.shape()[ax..].iter().product();
-    let rows: usize = x.shape()[..ax].iter().product();
-    let norm_shape = &x.shape()[ax..];
-    let sv = scale
-        .broadcast(IxDyn(norm_shape))
-        .ok_or_else(|| KernelError::Broadcast {
-            a: scale.shape().to_vec(),
-            b: norm_shape.to_vec(),
-        })?
-        .as_standard_layout()
-        .into_owned();
-    let bv = match bias {
-        Some(b) => Some(
-            b.broadcast(IxDyn(norm_shape))
-                .ok_or_else(|| KernelError::Broadcast {
-                    a: b.shape().to_vec(),
-                    b: norm_shape.to_vec(),
-                })?
-                .as_standard_layout()
-                .into_owned(),
-        ),
-        None => None,
-    };
-    let s = sv.as_slice().expect("standard layout");
-    let bsl = bv.as_ref().map(|b| b.as_slice().expect("standard layout"));
-    let mut y = x.as_standard_layout().into_owned();
-    let mut means = vec![0f32; rows];
-    let mut invs = vec![0f32; rows];
-    if row > 0 {
-        let data = y.as_slice_mut().expect("standard layout");
-        for (r, chunk) in data.chunks_exact_mut(row).enumerate() {
-            let mean = chunk.iter().sum::<f32>() / row as f32;
-            let var = chunk.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / row as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            means[r] = mean;
-            invs[r] = inv;
-            match bsl {
-                Some(b) => Zip::from(&mut *chunk).and(s).and(b).for_each(|v, &g, &b| {
-                    *v = (*v - mean) * inv * g + b;
-                }),
-                None => Zip::from(&mut *chunk)
-                    .and(s)
-                    .for_each(|v, &g| *v = (*v - mean) * inv * g),
-            }
-        }
-    }
-    let mut stat_shape = x.shape()[..ax].to_vec();
-    stat_shape.resize(rank, 1);
-    let mean = ArrayD::from_shape_vec(IxDyn(&stat_shape), means)?;
-    let inv = ArrayD::from_shape_vec(IxDyn(&stat_shape), invs)?;
-    Ok(vec![
-        RtTensor::f32(y),
-        RtTensor::f32(mean),
-        RtTensor::f32(inv),
-    ])
 }

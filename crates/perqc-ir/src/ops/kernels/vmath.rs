@@ -132,41 +132,36 @@ fn row_max(r: &[f32]) -> f32 {
     m
 }
 
+/// `Σ f(r_i)` in [`LANES`] partial sums (lane `i % LANES`), then the tail, then the lanes:
+/// a different order than a left-to-right fold, equal up to f32 rounding. Inlined into
+/// each per-width copy below, so it vectorizes at that width.
+#[inline(always)]
+fn lane_sum(r: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = r.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (acc, &v) in lanes.iter_mut().zip(c) {
+            *acc += f(v);
+        }
+    }
+    let mut s = 0f32;
+    for &v in chunks.remainder() {
+        s += f(v);
+    }
+    s + lanes.iter().sum::<f32>()
+}
+
 multiversion! {
-    /// The sum of `r`, in [`LANES`] partial sums (lane `i % LANES`), then the tail, then
-    /// the lanes: a different order than a left-to-right fold, equal up to f32 rounding.
+    /// The sum of `r` (lane order of [`lane_sum`]).
     pub(crate) fn sum_slice(r: &[f32]) -> f32 {
-        let mut lanes = [0f32; LANES];
-        let mut chunks = r.chunks_exact(LANES);
-        for c in &mut chunks {
-            for (acc, &v) in lanes.iter_mut().zip(c) {
-                *acc += v;
-            }
-        }
-        let mut s = 0f32;
-        for &v in chunks.remainder() {
-            s += v;
-        }
-        s + lanes.iter().sum::<f32>()
+        lane_sum(r, |v| v)
     }
 }
 
 multiversion! {
-    /// `Σ r_i²` in the lane order of [`sum_slice`] (equal to a sequential fold up to f32
-    /// rounding).
+    /// `Σ r_i²` (lane order of [`lane_sum`]).
     pub(crate) fn sum_squares_slice(r: &[f32]) -> f32 {
-        let mut lanes = [0f32; LANES];
-        let mut chunks = r.chunks_exact(LANES);
-        for c in &mut chunks {
-            for (acc, &v) in lanes.iter_mut().zip(c) {
-                *acc += v * v;
-            }
-        }
-        let mut s = 0f32;
-        for &v in chunks.remainder() {
-            s += v * v;
-        }
-        s + lanes.iter().sum::<f32>()
+        lane_sum(r, |v| v * v)
     }
 }
 
