@@ -184,7 +184,8 @@ pub struct Session {
 /// rayon's idle workers go to sleep, and waking one on this VM took long enough that a
 /// 512 x 576 x 192 product split over 2 threads went from 0.32 to 0.37 ms and a
 /// 512 x 576 x 1536 one from 2.30 to 2.58 ms after 300 us of idleness (median of 40,
-/// `/tmp` micro-benchmark). So each run parks `threads - 1` jobs on the pool that poll for
+/// a throwaway micro-benchmark; in the model `--profile` showed gate/up 146 -> 136 ms and
+/// q/o 57 -> 52 ms per run with this). So each run parks `threads - 1` jobs on the pool that poll for
 /// stealable work (`rayon::yield_now`) until the run ends, as ONNX Runtime's spinning
 /// intra-op pool does by default. They stop when this guard drops, also on an error.
 struct KeepAwake(Arc<std::sync::atomic::AtomicBool>);
