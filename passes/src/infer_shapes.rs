@@ -10,10 +10,10 @@
 //!
 //! Identity: only types change; the computation does not.
 
-use perqc_ir::ops::{self, InferError};
 use perqc_ir::{
     Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome, Property,
 };
+use perqc_ops::{self as ops, InferError};
 
 #[derive(Debug, Default)]
 pub struct InferShapes;

@@ -2,8 +2,8 @@
 //! their declared shapes, the exporters' shape arithmetic resolves, and the declared
 //! `value_info` of the dynamo export agrees with what is inferred.
 
-use perqc_ir::ops::{self, ShapeMap};
 use perqc_ir::{Dim, Model, ValueDef, verify};
+use perqc_ops::{self as ops, ShapeMap};
 mod common;
 
 use common::fixture;

@@ -8,7 +8,6 @@
 pub mod dtype;
 pub mod graph;
 pub mod model;
-pub mod ops;
 pub mod parse;
 pub mod pass;
 pub mod print;

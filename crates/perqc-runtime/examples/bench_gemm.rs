@@ -6,8 +6,8 @@
 //! usage: bench_gemm [--threads 2] [--reps 9]
 
 use ndarray::{ArrayD, IxDyn};
-use perqc_ir::ops::{KernelCtx, RtTensor, lookup};
 use perqc_ir::{Graph, NodeSpec};
+use perqc_ops::{KernelCtx, RtTensor, lookup};
 use std::time::Instant;
 
 fn median(mut t: Vec<f64>) -> f64 {

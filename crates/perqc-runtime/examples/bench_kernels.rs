@@ -8,8 +8,8 @@
 
 use anyhow::{Context, Result, bail};
 use ndarray::{ArrayD, IxDyn};
-use perqc_ir::ops::{KernelCtx, RtTensor, lookup};
 use perqc_ir::{AttrValue, Graph, NodeSpec};
+use perqc_ops::{KernelCtx, RtTensor, lookup};
 use std::time::Instant;
 
 /// A kernel call ready to run: op, opset, attributes and inputs.

@@ -23,9 +23,9 @@
 //! their slots so an observer asking for one gets an error instead of silence.
 
 use crate::session::Step;
-use perqc_ir::ops::kernels::attention::SOFTMAX_NAN_ROWS;
-use perqc_ir::ops::{self, RtTensor, ShapeMap};
 use perqc_ir::{AttrValue, Dim, Graph, NodeSpec};
+use perqc_ops::kernels::attention::SOFTMAX_NAN_ROWS;
+use perqc_ops::{self as ops, RtTensor, ShapeMap};
 
 /// The plan as matchers see it: steps, constants, slot readers and producers, shapes.
 struct Plan<'a> {

@@ -15,7 +15,7 @@ mod session;
 
 pub use npy::{NpyError, read_npy, write_npy};
 pub use observe::{ChannelObserver, ChannelStats, StatsOptions};
-pub use perqc_ir::ops::RtTensor;
+pub use perqc_ops::RtTensor;
 pub use session::{
     Observer, Profile, RuntimeError, Session, SessionOptions, Unsupported, tune_allocator,
 };

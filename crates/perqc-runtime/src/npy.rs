@@ -6,7 +6,7 @@
 //! spaces and a newline so the data starts at a multiple of 64 bytes, then row-major data.
 
 use ndarray::{ArrayD, IxDyn};
-use perqc_ir::ops::RtTensor;
+use perqc_ops::RtTensor;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]

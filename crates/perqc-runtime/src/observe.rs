@@ -10,7 +10,7 @@
 
 use crate::session::{Observer, RuntimeError};
 use ndarray::{Array2, ArrayView2, Axis};
-use perqc_ir::ops::RtTensor;
+use perqc_ops::RtTensor;
 
 /// The |x| histogram: log-spaced bins, `SUB` per octave, covering [2^MIN_EXP, 2^MAX_EXP).
 /// A quantile read from it is exact up to one bin: a relative error of 2^(1/SUB) - 1

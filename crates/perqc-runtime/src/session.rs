@@ -14,8 +14,8 @@
 //! - A subgraph (If/Loop/Scan body) is planned as a session of its own whose inputs are the
 //!   body's inputs plus the values it reads from enclosing graphs.
 
-use perqc_ir::ops::{self, KernelCtx, KernelError, KernelFn, RtTensor, SubgraphRunner};
 use perqc_ir::{DType, Dim, Graph, Model, Node, ValueDef};
+use perqc_ops::{self as ops, KernelCtx, KernelError, KernelFn, RtTensor, SubgraphRunner};
 use std::fmt;
 use std::sync::Arc;
 
@@ -468,7 +468,7 @@ impl Session {
             if !needed_const[s] && !input_slots.contains(&s) {
                 *c = None;
             } else if let Some(t) = c.as_mut() {
-                *t = perqc_ir::rt_map!(&*t, a => if a.is_standard_layout() {
+                *t = perqc_ops::rt_map!(&*t, a => if a.is_standard_layout() {
                     a.clone()
                 } else {
                     a.as_standard_layout().into_owned().into_shared()

@@ -5,8 +5,8 @@
 mod common;
 
 use ndarray::{ArcArray, ArrayD, Axis, IxDyn, Slice};
-use perqc_ir::ops::{KernelCtx, RtTensor, lookup};
 use perqc_ir::{AttrValue, Graph, NodeSpec};
+use perqc_ops::{KernelCtx, RtTensor, lookup};
 
 /// [`common::run_threads`] with every input present.
 fn run_threads(

@@ -4,9 +4,9 @@ mod common;
 
 use common::run_threads;
 use ndarray::{ArrayD, IxDyn};
-use perqc_ir::ops::kernels::attention::SOFTMAX_NAN_ROWS;
-use perqc_ir::ops::{KernelCtx, RtTensor, lookup};
 use perqc_ir::{AttrValue, Graph, NodeSpec};
+use perqc_ops::kernels::attention::SOFTMAX_NAN_ROWS;
+use perqc_ops::{KernelCtx, RtTensor, lookup};
 
 fn f32t(shape: &[usize], v: &[f32]) -> RtTensor {
     RtTensor::f32(ArrayD::from_shape_vec(IxDyn(shape), v.to_vec()).unwrap())

@@ -1,7 +1,7 @@
 //! Shared by the kernel test files: running one op through the op table, seeded data.
 
-use perqc_ir::ops::{KernelCtx, RtTensor, lookup};
 use perqc_ir::{AttrValue, Graph, NodeSpec};
+use perqc_ops::{KernelCtx, RtTensor, lookup};
 
 /// Runs `op` at `opset` with `attrs` on `inputs` through the op table, inside a rayon pool
 /// of `threads` threads (the kernel is told the same count).

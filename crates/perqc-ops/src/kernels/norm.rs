@@ -8,7 +8,7 @@
 //! lanes (`vmath::sum_squares_slice`).
 
 use super::vmath::{scale_row_into, sum_squares_slice};
-use crate::ops::kernel::{Arr, KernelCtx, KernelError, RtTensor, axis, opt, output_vec, req_f32};
+use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, axis, opt, output_vec, req_f32};
 use ndarray::{ArrayD, IxDyn, Zip};
 use rayon::prelude::*;
 

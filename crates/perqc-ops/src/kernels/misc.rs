@@ -1,11 +1,9 @@
 //! Constants and generators (Constant, ConstantOfShape, Range), casts, Trilu, and
 //! QuantizeLinear / DequantizeLinear (per-tensor, per-axis and blocked).
 
-use crate::ops::kernel::{
-    Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints,
-};
-use crate::{AttrValue, DType, Tensor};
+use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints};
 use ndarray::{ArrayD, Axis, IxDyn, Zip};
+use perqc_ir::{AttrValue, DType, Tensor};
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
 type Out = Result<Vec<RtTensor>, KernelError>;

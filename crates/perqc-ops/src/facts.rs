@@ -5,7 +5,7 @@
 //! equal, otherwise unconstrained. Two different symbols may or may not be equal, so nothing
 //! is concluded from their difference.
 
-use crate::{DType, DeclaredDim, Dim, Shape, Type};
+use perqc_ir::{DType, DeclaredDim, Dim, Shape, Type};
 use std::fmt::Write as _;
 
 /// Largest tensor whose element values inference tracks.
@@ -49,7 +49,7 @@ impl Facts {
     }
 
     /// Facts of a constant tensor: dtype, dims and, for small integral tensors, the values.
-    pub fn of_tensor(t: &crate::Tensor) -> Facts {
+    pub fn of_tensor(t: &perqc_ir::Tensor) -> Facts {
         let shape: Shape = t.dims.iter().map(|&d| Dim::Known(d)).collect();
         let value = small_tensor_values(t);
         match value {
@@ -154,7 +154,7 @@ pub fn known_dims(s: &[Dim]) -> Option<Vec<usize>> {
 }
 
 /// The integer element values of a small constant tensor (floats only when all integral).
-fn small_tensor_values(t: &crate::Tensor) -> Option<Vec<Dim>> {
+fn small_tensor_values(t: &perqc_ir::Tensor) -> Option<Vec<Dim>> {
     let numel = usize::try_from(t.numel()?).ok()?;
     if numel > MAX_VALUE_ELEMS || t.dtype == DType::String || t.validate().is_err() {
         return None;

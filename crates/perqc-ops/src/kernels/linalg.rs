@@ -4,9 +4,7 @@
 //! (zero-copy Transpose/Slice results) need no copy. The result is always a fresh
 //! row-major array.
 
-use crate::ops::kernel::{
-    KernelCtx, KernelError, RtTensor, broadcast_shape, opt, output_vec, req_f32,
-};
+use crate::kernel::{KernelCtx, KernelError, RtTensor, broadcast_shape, opt, output_vec, req_f32};
 use gemm::Parallelism;
 use ndarray::{ArrayD, ArrayView2, IxDyn, Zip};
 use rayon::prelude::*;

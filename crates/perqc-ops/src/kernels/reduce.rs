@@ -2,9 +2,7 @@
 
 use super::layout::{filled_units, standard, to_standard};
 use super::vmath::{max_slice, softmax_row_into, sum_slice};
-use crate::ops::kernel::{
-    Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints,
-};
+use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints};
 use ndarray::{ArrayD, Axis, IxDyn};
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];

@@ -4,14 +4,14 @@
 //! [`SubgraphRunner`] binds them, so the kernels here only pass the body's own inputs and
 //! collect its outputs.
 
-use crate::AttrValue;
-use crate::ops::kernel::{KernelCtx, KernelError, RtTensor, axis, opt, req};
+use crate::kernel::{KernelCtx, KernelError, RtTensor, axis, opt, req};
 use ndarray::{Axis, IxDyn};
+use perqc_ir::AttrValue;
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
 type Out = Result<Vec<RtTensor>, KernelError>;
 
-fn body<'a>(ctx: &KernelCtx<'a>, name: &str) -> Result<&'a crate::Graph, KernelError> {
+fn body<'a>(ctx: &KernelCtx<'a>, name: &str) -> Result<&'a perqc_ir::Graph, KernelError> {
     match ctx.node.attr(name) {
         Some(AttrValue::Graph(g)) => Ok(g),
         _ => Err(KernelError::Invalid(format!(
@@ -20,9 +20,7 @@ fn body<'a>(ctx: &KernelCtx<'a>, name: &str) -> Result<&'a crate::Graph, KernelE
     }
 }
 
-fn runner<'a>(
-    ctx: &KernelCtx<'a>,
-) -> Result<&'a dyn crate::ops::kernel::SubgraphRunner, KernelError> {
+fn runner<'a>(ctx: &KernelCtx<'a>) -> Result<&'a dyn crate::kernel::SubgraphRunner, KernelError> {
     ctx.subgraphs
         .ok_or_else(|| KernelError::Invalid("subgraphs cannot run in this context".into()))
 }

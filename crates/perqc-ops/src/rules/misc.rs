@@ -3,11 +3,11 @@
 
 use super::elementwise::with_value;
 use super::{RuleResult, axis, dtype_attr, like_input0};
-use crate::graph::{AttrValue, Graph};
-use crate::ops::constprop::cast as cast_elem;
-use crate::ops::facts::{Facts, MAX_VALUE_ELEMS, float_dim, known_numel};
-use crate::ops::infer::{InferCtx, ShapeError};
-use crate::{DType, Dim, Shape};
+use crate::constprop::cast as cast_elem;
+use crate::facts::{Facts, MAX_VALUE_ELEMS, float_dim, known_numel};
+use crate::infer::{InferCtx, ShapeError};
+use perqc_ir::graph::{AttrValue, Graph};
+use perqc_ir::{DType, Dim, Shape};
 
 use Dim::{Known, Unknown};
 
@@ -90,7 +90,7 @@ pub fn range(ctx: &InferCtx<'_>) -> RuleResult {
         {
             return Err(ShapeError::Invalid(format!(
                 "input {i} has shape {}; Range takes scalars",
-                crate::ops::facts::fmt_shape(s)
+                crate::facts::fmt_shape(s)
             )));
         }
     }
@@ -298,7 +298,7 @@ pub fn loop_(ctx: &InferCtx<'_>) -> RuleResult {
 /// `f` with a dim of length `len` inserted at `axis` (of the result).
 fn stacked(f: &Facts, axis_attr: i64, len: Dim) -> Facts {
     let shape = f.shape.as_ref().and_then(|s| {
-        let a = crate::ops::facts::norm_axis(axis_attr, s.len() + 1)?;
+        let a = crate::facts::norm_axis(axis_attr, s.len() + 1)?;
         let mut o = s.clone();
         o.insert(a, len);
         Some(o)

@@ -2,9 +2,9 @@
 //! com.microsoft MatMulNBits, Einsum.
 
 use super::{RuleResult, same_dtype};
-use crate::ops::facts::{Facts, broadcast_shapes, fmt_shape, unify_dim};
-use crate::ops::infer::{InferCtx, ShapeError};
-use crate::{DType, Dim, Shape};
+use crate::facts::{Facts, broadcast_shapes, fmt_shape, unify_dim};
+use crate::infer::{InferCtx, ShapeError};
+use perqc_ir::{DType, Dim, Shape};
 use std::collections::HashMap;
 
 /// The shape of `a @ b` under numpy rules, `None` if a rank is unknown.

@@ -2,16 +2,16 @@
 //! overlap (a unit test checks). Rows are split where an op's signature changed in a way
 //! the rule sees (an attribute became an input, broadcasting semantics changed, ...).
 
-use super::OpDef;
-use super::kernels::control as kc;
-use super::kernels::{
+use crate::OpDef;
+use crate::kernels::control as kc;
+use crate::kernels::{
     attention as katt, elementwise as kew, index as kix, linalg as kla, misc as kmisc,
     movement as kmv, norm as knorm, reduce as krd,
 };
-use super::rules::elementwise as ew;
-use super::rules::{index as ix, linalg as la, misc, movement as mv, reduce as rd};
+use crate::rules::elementwise as ew;
+use crate::rules::{index as ix, linalg as la, misc, movement as mv, reduce as rd};
 
-const fn op(op_type: &'static str, since: i64, infer: super::InferFn) -> OpDef {
+const fn op(op_type: &'static str, since: i64, infer: crate::InferFn) -> OpDef {
     OpDef::onnx(op_type, since, infer)
 }
 

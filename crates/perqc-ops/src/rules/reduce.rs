@@ -3,10 +3,10 @@
 
 use super::movement::{AxesArg, axes_input};
 use super::{RuleResult, axes, axis, like_input0, unknown_dims};
-use crate::ops::constprop::{Arith, Num, arith};
-use crate::ops::facts::Facts;
-use crate::ops::infer::InferCtx;
-use crate::{DType, Dim};
+use crate::constprop::{Arith, Num, arith};
+use crate::facts::Facts;
+use crate::infer::InferCtx;
+use perqc_ir::{DType, Dim};
 
 fn axes_attr(ctx: &InferCtx<'_>) -> AxesArg {
     match ctx.node.attr_ints("axes") {

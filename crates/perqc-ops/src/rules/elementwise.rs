@@ -2,12 +2,12 @@
 //! comparisons and logic (bool results), Where. Values propagate where exact.
 
 use super::{RuleResult, like_input0, same_dtype};
-use crate::ops::constprop::{
+use crate::constprop::{
     self as cp, Arith, Cmp, Logic, Num, Unary, arith, compare, logic, zip_broadcast,
 };
-use crate::ops::facts::{Facts, broadcast_shapes, fmt_shape};
-use crate::ops::infer::{InferCtx, ShapeError};
-use crate::{DType, Dim, Shape};
+use crate::facts::{Facts, broadcast_shapes, fmt_shape};
+use crate::infer::{InferCtx, ShapeError};
+use perqc_ir::{DType, Dim, Shape};
 
 /// Same type and shape as input 0; values dropped (Sqrt, Exp, Softmax, Relu, ...).
 pub fn unary(ctx: &InferCtx<'_>) -> RuleResult {

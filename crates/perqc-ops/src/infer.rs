@@ -1,11 +1,11 @@
 //! The inference walker: seeds facts from graph inputs and constants, runs each node's
 //! rule from the op table in graph order, and writes results back into `Value::ty`.
 
-use super::facts::{Facts, fmt_opt_shape};
-use super::{OpDef, lookup};
-use crate::graph::{Graph, Node, NodeId, ValueDef, ValueId};
-use crate::types::{DeclaredDim, Dim};
-use crate::{DType, Model, Type};
+use crate::facts::{Facts, fmt_opt_shape};
+use crate::{OpDef, lookup};
+use perqc_ir::graph::{Graph, Node, NodeId, ValueDef, ValueId};
+use perqc_ir::types::{DeclaredDim, Dim};
+use perqc_ir::{DType, Model, Type};
 
 /// Why a rule rejects a node. Rendered after "node `name` (Op): ".
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]

@@ -6,7 +6,7 @@
 
 use super::layout::{SendPtr, Walk, filled, map_slices};
 use super::vmath::multiversion;
-use crate::ops::kernel::{Arr, KernelCtx, KernelError, RtTensor, broadcast_shape, req, req_f32};
+use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, broadcast_shape, req, req_f32};
 use ndarray::{ArrayD, IxDyn, Zip};
 use std::mem::MaybeUninit;
 

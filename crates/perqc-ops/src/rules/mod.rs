@@ -11,7 +11,7 @@ pub mod reduce;
 
 use super::facts::{Facts, norm_axis};
 use super::infer::{InferCtx, ShapeError};
-use crate::{DType, Dim};
+use perqc_ir::{DType, Dim};
 
 pub type RuleResult = Result<Vec<Facts>, ShapeError>;
 

@@ -4,8 +4,8 @@
 //! Elements are [`Dim`]s: `Known(n)`, `Sym(s)` (a runtime size, so `>= 0`), or `Unknown`.
 //! Each operation returns what is certain and `Unknown` otherwise.
 
-use super::facts::{Facts, MAX_VALUE_ELEMS, known_dims, known_numel};
-use crate::{DType, Dim};
+use crate::facts::{Facts, MAX_VALUE_ELEMS, known_dims, known_numel};
+use perqc_ir::{DType, Dim};
 use std::cmp::Ordering;
 
 use Dim::{Known, Sym, Unknown};

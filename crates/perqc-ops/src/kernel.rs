@@ -1,6 +1,6 @@
 //! Native kernels: the runtime tensor type, the kernel signature and its errors.
 //!
-//! A kernel is a plain function stored in an [`OpDef`](super::OpDef) row. It reads the node's
+//! A kernel is a plain function stored in an [`OpDef`](crate::OpDef) row. It reads the node's
 //! attributes through [`KernelCtx`], gets its inputs as `Option<&RtTensor>` (`None` for an
 //! omitted optional input) and returns one tensor per node result (trailing optional results
 //! may be left out; the executor checks the count it needs).
@@ -9,8 +9,8 @@
 //! [`KernelError`]s. Arrays are reference-counted (`ArcArray`), so view-like ops (Transpose,
 //! Slice, Squeeze, Unsqueeze, Reshape of contiguous data, Identity) cost no copy.
 
-use crate::{AttrValue, DType, Node, Tensor, TensorError};
 use ndarray::{ArcArray, ArrayD, IxDyn};
+use perqc_ir::{AttrValue, DType, Node, Tensor, TensorError};
 
 /// A shared, copy-on-write n-d array.
 pub type Arr<T> = ArcArray<T, IxDyn>;
@@ -37,7 +37,7 @@ pub enum RtTensor {
 #[doc(hidden)]
 macro_rules! rt_map {
     ($t:expr, $a:ident => $body:expr) => {{
-        use $crate::ops::kernel::RtTensor as R;
+        use $crate::kernel::RtTensor as R;
         match $t {
             R::F32($a) => R::F32($body),
             R::I64($a) => R::I64($body),
@@ -58,7 +58,7 @@ macro_rules! rt_map {
 #[doc(hidden)]
 macro_rules! rt_with {
     ($t:expr, $a:ident => $body:expr) => {{
-        use $crate::ops::kernel::RtTensor as R;
+        use $crate::kernel::RtTensor as R;
         match $t {
             R::F32($a) => $body,
             R::I64($a) => $body,
@@ -213,7 +213,11 @@ pub struct KernelCtx<'a> {
 /// values the body reads from enclosing graphs are bound by the executor. Returns the body's
 /// outputs in order.
 pub trait SubgraphRunner: Sync {
-    fn run(&self, graph: &crate::Graph, inputs: &[RtTensor]) -> Result<Vec<RtTensor>, KernelError>;
+    fn run(
+        &self,
+        graph: &perqc_ir::Graph,
+        inputs: &[RtTensor],
+    ) -> Result<Vec<RtTensor>, KernelError>;
 }
 
 impl KernelCtx<'_> {

@@ -1,7 +1,7 @@
 //! Gather and GatherND (any element type; i64 or i32 indices, negative indices count from
 //! the end).
 
-use crate::ops::kernel::{Arr, KernelCtx, KernelError, RtTensor, axis, req, req_ints};
+use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, axis, req, req_ints};
 use crate::rt_map;
 use ndarray::{ArrayD, IxDyn};
 

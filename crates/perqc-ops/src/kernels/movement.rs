@@ -3,7 +3,7 @@
 //! Reshape of strided data copy.
 
 use super::layout::{SendPtr, Walk, filled_units, standard, to_standard};
-use crate::ops::kernel::{
+use crate::kernel::{
     Arr, KernelCtx, KernelError, RtTensor, axis, broadcast_shape, opt, req, req_ints,
 };
 use crate::{rt_map, rt_with};

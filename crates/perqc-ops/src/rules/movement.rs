@@ -4,15 +4,13 @@
 
 use super::elementwise::with_value;
 use super::{RuleResult, axes, axis, same_dtype, unknown_dims};
-use crate::ops::constprop::{
-    Arith, Num, advance, arith, strides, values_or_unknown, zip_broadcast,
-};
-use crate::ops::facts::{
+use crate::constprop::{Arith, Num, advance, arith, strides, values_or_unknown, zip_broadcast};
+use crate::facts::{
     Facts, Mono, add_dims, broadcast_shapes, fmt_opt_shape, fmt_shape, known_dims, product_dim,
     unify_dim,
 };
-use crate::ops::infer::{InferCtx, ShapeError};
-use crate::{Dim, Shape};
+use crate::infer::{InferCtx, ShapeError};
+use perqc_ir::{Dim, Shape};
 
 use Dim::{Known, Sym, Unknown};
 
@@ -209,7 +207,7 @@ pub(crate) fn axes_input(ctx: &InferCtx<'_>, i: usize) -> AxesArg {
                     .as_ref()
                     .and_then(|s| s.first()?.known())
                     .and_then(|n| usize::try_from(n).ok())
-                    .filter(|&n| n <= crate::ops::facts::MAX_VALUE_ELEMS),
+                    .filter(|&n| n <= crate::facts::MAX_VALUE_ELEMS),
             ),
         },
     }

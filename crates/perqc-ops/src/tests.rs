@@ -1,8 +1,8 @@
 //! Tests of the op table and shape inference on graphs built with the IR API.
 
-use super::*;
-use crate::graph::{AttrValue, Graph, NodeSpec, ValueId};
-use crate::{DType, Dim, Tensor, Type};
+use crate::*;
+use perqc_ir::graph::{AttrValue, Graph, NodeSpec, ValueId};
+use perqc_ir::{DType, Dim, Tensor, Type};
 
 // ---- a tiny graph builder ----
 

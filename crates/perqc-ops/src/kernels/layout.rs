@@ -7,7 +7,7 @@
 //! `[1, 9, 512, 64]` is `9 * 512` runs of 64 contiguous elements. Kernels then handle a run
 //! as a slice (unit stride), a splat (stride 0) or a strided loop.
 
-use crate::ops::kernel::{Arr, output_vec};
+use crate::kernel::{Arr, output_vec};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use std::mem::MaybeUninit;
 

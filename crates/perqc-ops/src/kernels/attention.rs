@@ -23,7 +23,7 @@
 //! unfused formula (up to summation order).
 
 use super::vmath::{softmax_row, sum_squares_slice};
-use crate::ops::kernel::{Arr, KernelCtx, KernelError, RtTensor, opt, output_vec, req_f32};
+use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, opt, output_vec, req_f32};
 use ndarray::{ArrayD, Axis, IxDyn};
 use rayon::prelude::*;
 

@@ -3,9 +3,9 @@
 
 use super::elementwise::with_value;
 use super::{RuleResult, axis, unknown_dims};
-use crate::ops::facts::{Facts, fmt_shape, known_dims, product_dim};
-use crate::ops::infer::{InferCtx, ShapeError};
-use crate::{DType, Dim, Shape};
+use crate::facts::{Facts, fmt_shape, known_dims, product_dim};
+use crate::infer::{InferCtx, ShapeError};
+use perqc_ir::{DType, Dim, Shape};
 
 use Dim::{Known, Unknown};
 
