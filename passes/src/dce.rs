@@ -17,8 +17,8 @@
 //! `initializers-removed`, `captures-removed` (outer-scope values dropped from subgraphs).
 
 use perqc_ir::{
-    AttrValue, Graph, GraphError, Model, Node, OptionError, Pass, PassContext, PassError,
-    PassOptions, PassOutcome, ValueDef, ValueId,
+    Graph, GraphError, Model, Node, OptionError, Pass, PassContext, PassError, PassOptions,
+    PassOutcome, ValueDef, ValueId,
 };
 use std::collections::HashSet;
 
@@ -107,17 +107,8 @@ impl Sweeper<'_> {
             if g.node(id).subgraphs().next().is_none() {
                 continue;
             }
-            let (_, attrs) = g.node_spec_mut(id);
-            for a in attrs.iter_mut() {
-                match &mut a.value {
-                    AttrValue::Graph(sg) => self.graph(sg)?,
-                    AttrValue::Graphs(gs) => {
-                        for sg in gs {
-                            self.graph(sg)?;
-                        }
-                    }
-                    _ => {}
-                }
+            for sg in g.subgraphs_mut(id) {
+                self.graph(sg)?;
             }
             let n = g.node(id);
             let read: HashSet<&str> = n

@@ -11,8 +11,8 @@
 //! Identity: evaluation order of a pure dataflow graph does not change its outputs.
 
 use perqc_ir::{
-    AttrValue, Graph, GraphError, Model, OptionError, Pass, PassContext, PassError, PassOptions,
-    PassOutcome, Property,
+    Graph, GraphError, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome,
+    Property,
 };
 
 #[derive(Debug, Default)]
@@ -31,20 +31,10 @@ impl TopoSort {
 /// Sorts `g` and its subgraphs; returns how many graphs were reordered.
 fn sort_graph(g: &mut Graph, ctx: &mut PassContext) -> Result<u64, GraphError> {
     let mut reordered = 0;
-    for id in g.node_order().to_vec() {
-        let (_, attrs) = g.node_spec_mut(id);
-        for a in attrs.iter_mut() {
-            match &mut a.value {
-                AttrValue::Graph(sg) => reordered += sort_graph(sg, ctx)?,
-                AttrValue::Graphs(gs) => {
-                    for sg in gs {
-                        reordered += sort_graph(sg, ctx)?;
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
+    g.for_each_subgraph_mut(|sg| {
+        reordered += sort_graph(sg, ctx)?;
+        Ok::<(), GraphError>(())
+    })?;
     let order = g.topological_order()?;
     if order != g.node_order() && ctx.rewrite() {
         g.set_order(order);

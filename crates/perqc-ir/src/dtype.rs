@@ -120,6 +120,15 @@ impl DType {
         )
     }
 
+    /// Signed or unsigned integers of any width (not bool).
+    pub fn is_integer(self) -> bool {
+        use DType::*;
+        matches!(
+            self,
+            I4 | U4 | I8 | U8 | I16 | U16 | I32 | U32 | I64 | U64 | I2 | U2
+        )
+    }
+
     /// The short name used in the textual IR (`f32`, `i64`, `bf16`, ...).
     pub fn name(self) -> &'static str {
         use DType::*;

@@ -296,6 +296,18 @@ pub enum GraphError {
     Cycle { node: String, op: String },
     #[error("value `{name}` still has {uses} use(s)")]
     StillUsed { name: String, uses: usize },
+    #[error("value `{name}` is {what}, not an initializer")]
+    NotInitializer { name: String, what: String },
+    #[error("initializer `{name}` is {want}; the replacement is {got}")]
+    TensorMismatch {
+        name: String,
+        want: String,
+        got: String,
+    },
+    #[error("initializer `{name}`: {detail}")]
+    BadTensor { name: String, detail: String },
+    #[error("node {node} is not in the graph")]
+    NoNode { node: NodeId },
 }
 
 /// A computation graph (the main graph or a subgraph of a control-flow node).
@@ -347,12 +359,6 @@ impl Graph {
 
     pub fn value_mut(&mut self, id: ValueId) -> &mut Value {
         &mut self.values[id.index()]
-    }
-
-    /// Mutable access to a node's attributes and extras (not its wiring).
-    pub fn node_spec_mut(&mut self, id: NodeId) -> (&mut String, &mut Vec<Attribute>) {
-        let n = self.nodes[id.index()].as_mut().expect("node was removed");
-        (&mut n.name, &mut n.attrs)
     }
 
     pub fn find(&self, name: &str) -> Option<ValueId> {
@@ -670,6 +676,132 @@ impl Graph {
         }
         self.remove_value(id);
         Ok(())
+    }
+
+    // ---- editing (passes that rewrite weights and ops) ----
+
+    /// The subgraphs of `node` (If branches, Loop/Scan bodies), mutably, in attribute order.
+    pub fn subgraphs_mut(&mut self, node: NodeId) -> impl Iterator<Item = &mut Graph> {
+        self.nodes[node.index()]
+            .as_mut()
+            .expect("node was removed")
+            .attrs
+            .iter_mut()
+            .flat_map(|a| match &mut a.value {
+                AttrValue::Graph(g) => std::slice::from_mut(g.as_mut()),
+                AttrValue::Graphs(gs) => gs.as_mut_slice(),
+                _ => &mut [],
+            })
+    }
+
+    /// Calls `f` on every subgraph of every node, depth first (children before the
+    /// subgraphs nested in them are not visited by this call: `f` recurses if it wants to).
+    pub fn for_each_subgraph_mut<E>(
+        &mut self,
+        mut f: impl FnMut(&mut Graph) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for id in self.order.clone() {
+            for g in self.subgraphs_mut(id) {
+                f(g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `node` stands in node order.
+    pub fn order_position(&self, node: NodeId) -> Option<usize> {
+        self.order.iter().position(|&n| n == node)
+    }
+
+    /// Adds a node like [`Graph::add_node`], placed right before `before` in node order.
+    /// When the new node reads only values defined before `before` (its inputs are
+    /// ancestors of `before`, or constants), a topological order stays topological.
+    pub fn insert_node_before(
+        &mut self,
+        before: NodeId,
+        spec: NodeSpec,
+        inputs: &[Option<ValueId>],
+        outputs: &[&str],
+    ) -> Result<NodeId, GraphError> {
+        let pos = self
+            .order_position(before)
+            .ok_or(GraphError::NoNode { node: before })?;
+        let id = self.add_node(spec, inputs, outputs)?;
+        self.order.pop();
+        self.order.insert(pos, id);
+        Ok(id)
+    }
+
+    /// Turns `node` into another op in place: op type, domain, attributes (and, if
+    /// `spec.name` is not empty, name) come from `spec`, inputs from `inputs`. The node keeps
+    /// its results, their names and their readers, and its place in node order, so a chain
+    /// ending at `node` can be replaced by one op without renaming anything; the nodes the
+    /// chain absorbed become unread and are left to [`Graph::remove_node`] or `dce`.
+    pub fn set_op(
+        &mut self,
+        node: NodeId,
+        spec: NodeSpec,
+        inputs: &[Option<ValueId>],
+    ) -> Result<(), GraphError> {
+        self.try_node(node).ok_or(GraphError::NoNode { node })?;
+        for slot in 0..self.node(node).inputs.len() {
+            self.set_input(node, slot, None);
+        }
+        let n = self.nodes[node.index()].as_mut().expect("checked above");
+        n.inputs = smallvec::smallvec![None; inputs.len()];
+        n.op_type = spec.op_type;
+        n.domain = spec.domain;
+        n.attrs = spec.attrs;
+        n.extra.overload = spec.extra.overload;
+        if !spec.name.is_empty() {
+            n.name = spec.name;
+        }
+        for (slot, &v) in inputs.iter().enumerate() {
+            self.set_input(node, slot, v);
+        }
+        Ok(())
+    }
+
+    /// Replaces the tensor of initializer `v` (or of a graph input's default) with
+    /// `tensor`, which must have the same element type and dims and a valid payload. The
+    /// value keeps its name, type and readers; returns the old tensor. Weights nothing
+    /// rewrites stay the zero-copy slices they were loaded as.
+    pub fn replace_initializer(
+        &mut self,
+        v: ValueId,
+        mut tensor: Tensor,
+    ) -> Result<Tensor, GraphError> {
+        let val = self.value(v);
+        let name = val.name.clone();
+        let old = match (&val.def, &val.tensor) {
+            (ValueDef::Initializer | ValueDef::Input, Some(t)) => t,
+            _ => {
+                return Err(GraphError::NotInitializer {
+                    what: self.describe_def(val),
+                    name,
+                });
+            }
+        };
+        let describe = |t: &Tensor| format!("{}{:?}", t.dtype, t.dims);
+        if old.dtype != tensor.dtype || old.dims != tensor.dims {
+            return Err(GraphError::TensorMismatch {
+                name,
+                want: describe(old),
+                got: describe(&tensor),
+            });
+        }
+        tensor.validate().map_err(|e| GraphError::BadTensor {
+            name: name.clone(),
+            detail: e.to_string(),
+        })?;
+        tensor.name = name;
+        Ok(std::mem::replace(
+            self.values[v.index()]
+                .tensor
+                .as_mut()
+                .expect("checked above"),
+            tensor,
+        ))
     }
 
     /// Replaces the node order. The caller guarantees it is a permutation of the live nodes.

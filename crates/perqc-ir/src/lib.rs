@@ -11,6 +11,7 @@ pub mod model;
 pub mod parse;
 pub mod pass;
 pub mod print;
+pub mod rewrite;
 pub mod tensor;
 mod topo;
 pub mod types;
@@ -24,11 +25,12 @@ pub use graph::{
 pub use model::{Model, OpsetImport};
 pub use parse::{ParseError, parse_graph, parse_model};
 pub use pass::{
-    OptionError, Pass, PassContext, PassError, PassFactory, PassInfo, PassManager, PassOptions,
-    PassOutcome, PassRecord, PassRegistry, PassSpec, Pipeline, PipelineError, Property, Report,
-    RunError, RunOptions, parse_pipeline,
+    Analysis, OptionError, Pass, PassContext, PassError, PassFactory, PassInfo, PassManager,
+    PassOptions, PassOutcome, PassRecord, PassRegistry, PassSpec, Pipeline, PipelineError,
+    Property, Report, RunError, RunOptions, parse_pipeline,
 };
 pub use print::{print_graph, print_model};
-pub use tensor::{Tensor, TensorData, TensorError, TypedData};
+pub use rewrite::{Applied, Matcher, NoFacts, Patch, PatchValue, ValueFacts};
+pub use tensor::{Element, Tensor, TensorData, TensorError, TypedData};
 pub use types::{DeclaredDim, Dim, Shape, Type};
 pub use verify::{VerifyError, VerifyErrorKind, verify, verify_graph};

@@ -74,7 +74,45 @@ pub enum TensorError {
     TypedField { dtype: DType },
     #[error("{0} tensors have no numeric value")]
     NotNumeric(DType),
+    #[error("tensor is {got}, asked for {want}")]
+    WrongType { want: DType, got: DType },
+    #[error("{values} values do not fill dims {dims:?}")]
+    Count { dims: Vec<i64>, values: usize },
+    #[error("{value} is outside the {dtype} range")]
+    OutOfRange { dtype: DType, value: i64 },
 }
+
+/// An element type stored one per `size_of::<Self>()` little-endian bytes in ONNX raw
+/// layout. Sub-byte types are not elements: see [`Tensor::from_int4`].
+pub trait Element: Copy + Sized {
+    const DTYPE: DType;
+    const SIZE: usize;
+    fn put(self, out: &mut Vec<u8>);
+    fn get(bytes: &[u8]) -> Self;
+}
+
+macro_rules! element {
+    ($t:ty, $d:ident) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$d;
+            const SIZE: usize = std::mem::size_of::<$t>();
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get(bytes: &[u8]) -> Self {
+                <$t>::from_le_bytes(bytes.try_into().expect("element-sized chunk"))
+            }
+        }
+    };
+}
+element!(f32, F32);
+element!(f64, F64);
+element!(f16, F16);
+element!(bf16, BF16);
+element!(i8, I8);
+element!(u8, U8);
+element!(i32, I32);
+element!(i64, I64);
 
 impl Tensor {
     /// A tensor with `Raw` data and no name.
@@ -91,13 +129,64 @@ impl Tensor {
     }
 
     pub fn from_f32(dims: Vec<i64>, values: &[f32]) -> Tensor {
-        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Tensor::from_raw(DType::F32, dims, raw.into())
+        Tensor::from_slice(dims, values)
     }
 
     pub fn from_i64(dims: Vec<i64>, values: &[i64]) -> Tensor {
-        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Tensor::from_raw(DType::I64, dims, raw.into())
+        Tensor::from_slice(dims, values)
+    }
+
+    /// A raw tensor of `T` elements. The caller guarantees `values` fills `dims` (see
+    /// [`Tensor::validate`]; [`crate::Graph::replace_initializer`] checks it).
+    pub fn from_slice<T: Element>(dims: Vec<i64>, values: &[T]) -> Tensor {
+        let mut raw = Vec::with_capacity(values.len() * T::SIZE);
+        for &v in values {
+            v.put(&mut raw);
+        }
+        Tensor::from_raw(T::DTYPE, dims, raw.into())
+    }
+
+    /// The elements as `T`, which must be the tensor's element type (no conversion; see
+    /// [`Tensor::to_f32`] and [`Tensor::to_i64`] for converting reads).
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>, TensorError> {
+        if self.dtype != T::DTYPE {
+            return Err(TensorError::WrongType {
+                want: T::DTYPE,
+                got: self.dtype,
+            });
+        }
+        self.validate()?;
+        Ok(self
+            .raw_bytes()?
+            .chunks_exact(T::SIZE)
+            .map(T::get)
+            .collect())
+    }
+
+    /// A packed 4-bit tensor (`I4` when `signed`, else `U4`): two elements per byte, the
+    /// first in the low nibble, an odd count padded with a zero nibble (the ONNX layout).
+    /// Values must lie in -8..=7 (signed) or 0..=15.
+    pub fn from_int4(dims: Vec<i64>, values: &[i8], signed: bool) -> Result<Tensor, TensorError> {
+        let dtype = if signed { DType::I4 } else { DType::U4 };
+        let range = if signed { -8..=7 } else { 0..=15 };
+        if let Some(&v) = values.iter().find(|v| !range.contains(*v)) {
+            return Err(TensorError::OutOfRange {
+                dtype,
+                value: v as i64,
+            });
+        }
+        let raw: Vec<u8> = values
+            .chunks(2)
+            .map(|p| (p[0] as u8 & 0xF) | ((p.get(1).copied().unwrap_or(0) as u8 & 0xF) << 4))
+            .collect();
+        let t = Tensor::from_raw(dtype, dims, raw.into());
+        if t.numel() != Some(values.len() as u64) {
+            return Err(TensorError::Count {
+                dims: t.dims,
+                values: values.len(),
+            });
+        }
+        Ok(t)
     }
 
     /// Number of elements, `None` if a dim is negative or the product overflows.
@@ -349,6 +438,45 @@ mod tests {
             t.validate(),
             Err(TensorError::TypedField { dtype: DType::I64 })
         );
+    }
+
+    #[test]
+    fn elements_round_trip() {
+        let t = Tensor::from_slice(vec![2], &[f16::from_f32(1.5), f16::from_f32(-2.0)]);
+        assert_eq!(t.dtype, DType::F16);
+        assert_eq!(t.to_f32().unwrap(), vec![1.5, -2.0]);
+        assert_eq!(t.to_vec::<f16>().unwrap()[1], f16::from_f32(-2.0));
+        let b = Tensor::from_slice(vec![1, 2], &[bf16::from_f32(3.0), bf16::from_f32(0.5)]);
+        assert_eq!(b.to_f32().unwrap(), vec![3.0, 0.5]);
+        let i = Tensor::from_slice(vec![3], &[-128i8, 0, 127]);
+        assert_eq!(i.to_vec::<i8>().unwrap(), vec![-128, 0, 127]);
+        assert_eq!(
+            i.to_vec::<u8>(),
+            Err(TensorError::WrongType {
+                want: DType::U8,
+                got: DType::I8
+            })
+        );
+    }
+
+    #[test]
+    fn int4_packs_low_nibble_first() {
+        let t = Tensor::from_int4(vec![3], &[7, -1, -8], true).unwrap();
+        assert_eq!(t.raw_bytes().unwrap().as_ref(), &[0xF7, 0x08]);
+        assert_eq!(t.to_i64().unwrap(), vec![7, -1, -8]);
+        let u = Tensor::from_int4(vec![2, 2], &[0, 15, 8, 1], false).unwrap();
+        assert_eq!(u.to_i64().unwrap(), vec![0, 15, 8, 1]);
+        assert_eq!(
+            Tensor::from_int4(vec![1], &[8], true),
+            Err(TensorError::OutOfRange {
+                dtype: DType::I4,
+                value: 8
+            })
+        );
+        assert!(matches!(
+            Tensor::from_int4(vec![4], &[1, 2, 3], true),
+            Err(TensorError::Count { .. })
+        ));
     }
 
     #[test]

@@ -164,6 +164,8 @@ impl<'a> InferCtx<'a> {
 pub struct ShapeMap {
     facts: Vec<Option<Facts>>,
     pub unknown_ops: Vec<UnknownOp>,
+    /// The default-domain opset the graph was inferred at (for folding constants).
+    pub(crate) default_opset: Option<i64>,
 }
 
 impl ShapeMap {
@@ -232,6 +234,7 @@ fn infer_scope(
     let mut map = ShapeMap {
         facts: vec![None; graph.value_capacity()],
         unknown_ops: Vec::new(),
+        default_opset: opset(""),
     };
     for (id, v) in graph.values() {
         let f = match v.def() {

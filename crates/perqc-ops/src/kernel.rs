@@ -139,6 +139,33 @@ impl RtTensor {
         })
     }
 
+    /// The tensor as a constant (raw data, elements in logical row-major order; 4-bit
+    /// types packed). The inverse of [`RtTensor::from_tensor`].
+    pub fn to_tensor(&self) -> Result<Tensor, TensorError> {
+        let dims: Vec<i64> = self.shape().iter().map(|&d| d as i64).collect();
+        fn vals<T: Copy>(a: &Arr<T>) -> Vec<T> {
+            a.iter().copied().collect()
+        }
+        Ok(match self {
+            RtTensor::F32(a) => Tensor::from_slice(dims, &vals(a)),
+            RtTensor::I64(a) => Tensor::from_slice(dims, &vals(a)),
+            RtTensor::I32(a) => Tensor::from_slice(dims, &vals(a)),
+            RtTensor::U8(a) => Tensor::from_slice(dims, &vals(a)),
+            RtTensor::I8(a) => Tensor::from_slice(dims, &vals(a)),
+            RtTensor::F16(a) => Tensor::from_slice(dims, &vals(a)),
+            RtTensor::BF16(a) => Tensor::from_slice(dims, &vals(a)),
+            RtTensor::Bool(a) => {
+                let raw: Vec<u8> = a.iter().map(|&b| b as u8).collect();
+                Tensor::from_raw(DType::Bool, dims, raw.into())
+            }
+            RtTensor::I4(a) => Tensor::from_int4(dims, &vals(a), true)?,
+            RtTensor::U4(a) => {
+                let v: Vec<i8> = a.iter().map(|&x| x as i8).collect();
+                Tensor::from_int4(dims, &v, false)?
+            }
+        })
+    }
+
     /// Converts a constant. Floats other than f32 and 16-bit / unsigned-wide integers are not
     /// runtime types in this slice.
     pub fn from_tensor(t: &Tensor) -> Result<RtTensor, KernelError> {

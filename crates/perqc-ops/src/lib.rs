@@ -12,6 +12,7 @@
 
 mod constprop;
 pub mod facts;
+pub mod fold;
 pub mod infer;
 pub mod kernel;
 pub mod kernels;
