@@ -110,21 +110,23 @@ impl PassContext {
         self.resources.get(&TypeId::of::<T>())?.downcast_ref()
     }
 
-    /// Moves the cached analyses and resources out (the manager keeps them between runs).
-    pub(super) fn take_state(&mut self) -> (AnyMapBox, AnyMapBox) {
-        (
-            AnyMapBox(std::mem::take(&mut self.analyses)),
-            AnyMapBox(std::mem::take(&mut self.resources)),
-        )
+    /// Moves the resources out (the manager keeps them between runs).
+    pub(super) fn take_resources(&mut self) -> AnyMapBox {
+        AnyMapBox(std::mem::take(&mut self.resources))
     }
 
-    pub(super) fn with_state(mut self, (analyses, resources): (AnyMapBox, AnyMapBox)) -> Self {
-        self.analyses = analyses.0;
+    pub(super) fn with_resources(mut self, resources: AnyMapBox) -> Self {
         self.resources = resources.0;
         self
     }
 }
 
-/// Cached analyses or resources kept by the manager between runs.
+/// Resources kept by the manager between runs.
 #[derive(Default)]
 pub(super) struct AnyMapBox(AnyMap);
+
+impl AnyMapBox {
+    pub(super) fn insert<T: Any + Send + Sync>(&mut self, value: T) {
+        self.0.insert(TypeId::of::<T>(), Arc::new(value));
+    }
+}

@@ -159,8 +159,7 @@ impl fmt::Display for Report {
 /// [`PassContext::provide`]) across runs.
 #[derive(Default)]
 pub struct PassManager {
-    state: Option<(AnyMapBox, AnyMapBox)>,
-    resources: Vec<Box<dyn FnOnce(&mut PassContext)>>,
+    resources: AnyMapBox,
 }
 
 impl fmt::Debug for PassManager {
@@ -177,7 +176,7 @@ impl PassManager {
     /// Hands every pass of later runs a value of type `T` ([`PassContext::resource`]),
     /// e.g. calibration statistics.
     pub fn provide<T: std::any::Any + Send + Sync>(&mut self, value: T) -> &mut PassManager {
-        self.resources.push(Box::new(move |ctx| ctx.provide(value)));
+        self.resources.insert(value);
         self
     }
 
@@ -206,15 +205,11 @@ impl PassManager {
             verify(model).map_err(RunError::InvalidInput)?;
             report.verify_time += t.elapsed();
         }
-        let mut ctx =
-            PassContext::new(opts.rewrite_budget).with_state(self.state.take().unwrap_or_default());
         // Analyses describe one model: a run starts with none cached.
-        ctx.invalidate_analyses();
-        for give in self.resources.drain(..) {
-            give(&mut ctx);
-        }
+        let mut ctx = PassContext::new(opts.rewrite_budget)
+            .with_resources(std::mem::take(&mut self.resources));
         let result = self.run_passes(model, pipeline, opts, &mut ctx, report);
-        self.state = Some(ctx.take_state());
+        self.resources = ctx.take_resources();
         result
     }
 
