@@ -4,19 +4,39 @@
 //! `DESCRIPTION` and a `from_options` factory, and [`registry`] lists them all, so
 //! `--list-passes` and pipeline validation come from a single static list.
 
+pub mod canonicalize;
 pub mod dce;
 pub mod infer_shapes;
 pub mod topo_sort;
 
+pub use canonicalize::Canonicalize;
 pub use dce::Dce;
 pub use infer_shapes::InferShapes;
 pub use topo_sort::TopoSort;
 
-use perqc_ir::PassRegistry;
+use perqc_ir::{Model, Pass, PassContext, PassError, PassOutcome, PassRegistry};
+
+/// Runs `canonicalize` on `model`: the form the native runtime plans fastest and the
+/// transforms match on.
+pub fn canonicalize(model: &mut Model) -> Result<PassOutcome, PassError> {
+    Canonicalize.run(model, &mut PassContext::new(None))
+}
 
 /// Every pass, by name, in the order `--list-passes` shows them.
 pub fn registry() -> PassRegistry {
     let mut r = PassRegistry::new();
+    r.register(
+        Canonicalize::NAME,
+        Canonicalize::DESCRIPTION,
+        Canonicalize::from_options,
+    );
+    for p in canonicalize::PATTERNS {
+        r.register(
+            p.name,
+            p.description,
+            canonicalize::PatternPass::factory(p.name),
+        );
+    }
     r.register(Dce::NAME, Dce::DESCRIPTION, Dce::from_options)
         .register(
             InferShapes::NAME,
@@ -57,9 +77,13 @@ mod tests {
     #[test]
     fn list_passes() {
         insta::assert_snapshot!(registry().help(), @r"
-        dce           remove nodes and initializers whose results nothing reads
-        infer-shapes  infer symbolic shapes and element types of every value from the op table
-        topo-sort     order every graph's nodes topologically (stable)
+        canonicalize    rewrite exported spellings (attention, RMS norm, SiLU) into canonical ops, then dce
+        fuse-attention  MatMul(Softmax(scale * q kᵀ + mask), v) -> ai.perqc::Attention (reads grouped K/V heads directly)
+        fuse-rms-norm   x / sqrt(mean(x²) + eps) * gamma in any exported spelling -> ai.perqc::RMSNormalization
+        fuse-silu       Mul(x, Sigmoid(x)) -> ai.perqc::Swish(alpha = 1)
+        dce             remove nodes and initializers whose results nothing reads
+        infer-shapes    infer symbolic shapes and element types of every value from the op table
+        topo-sort       order every graph's nodes topologically (stable)
         ");
     }
 

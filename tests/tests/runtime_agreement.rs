@@ -50,14 +50,8 @@ type MakeInput = fn(usize, usize, u64) -> RtTensor;
 
 fn session(name: &str, threads: usize) -> Session {
     let loaded = perqc_onnx::load(&fixture(name)).unwrap_or_else(|e| panic!("{e}"));
-    Session::with_options(
-        &loaded.model,
-        &SessionOptions {
-            threads,
-            ..SessionOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{name}: {e}"))
+    Session::with_options(&loaded.model, &SessionOptions { threads })
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 #[test]
@@ -217,15 +211,18 @@ impl perqc_runtime::Observer for Watch {
 }
 
 #[test]
-fn fused_attention_and_rms_norm_match_the_unfused_graph() {
-    // Both exporters' attention chains (MatMul, Mul, Add mask, Softmax, [Cast], MatMul) and
-    // RMS norms must fuse into one step each, compute the same logits, and refuse to
-    // observe a value that no longer exists.
+fn canonical_attention_rms_norm_and_silu_match_the_exported_graph() {
+    // Both exporters' attention chains (MatMul, Mul, Add mask, Softmax, [Cast], MatMul), RMS
+    // norms and SiLUs must canonicalize into one op each, compute the same logits, and a
+    // value the canonical graph no longer has cannot be observed.
     for name in ["llama_ts.onnx", "llama_dynamo.onnx"] {
         let loaded = perqc_onnx::load(&fixture(name)).unwrap();
-        let opts = |fuse| SessionOptions { threads: 2, fuse };
-        let fused = Session::with_options(&loaded.model, &opts(true)).unwrap();
-        let plain = Session::with_options(&loaded.model, &opts(false)).unwrap();
+        let mut canon = loaded.model.clone();
+        perqc_passes::canonicalize(&mut canon).unwrap();
+        perqc_ir::verify(&canon).unwrap();
+        let opts = SessionOptions { threads: 2 };
+        let fused = Session::with_options(&canon, &opts).unwrap();
+        let plain = Session::with_options(&loaded.model, &opts).unwrap();
         let g = &loaded.model.graph;
         let softmaxes: Vec<String> = g
             .node_order()
@@ -265,14 +262,17 @@ fn fused_attention_and_rms_norm_match_the_unfused_graph() {
                 .iter()
                 .zip(b.iter())
                 .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(err <= 1e-6 * scale, "{name}: fused vs plain error {err}");
+            assert!(
+                err <= 1e-6 * scale,
+                "{name}: canonical vs exported error {err}"
+            );
         }
         let x = ids(1, 4, 1);
         let mut w = Watch(vec![softmaxes[0].clone()], 0);
         let err = fused
             .run_observed(&[("input_ids", x.clone())], &mut w)
             .unwrap_err();
-        assert!(err.to_string().contains("fuse: false"), "{err}");
+        assert!(err.to_string().contains("no value"), "{err}");
         plain.run_observed(&[("input_ids", x)], &mut w).unwrap();
         assert_eq!(w.1, 1);
     }

@@ -112,11 +112,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
             args.seq
         );
     }
-    let loaded = perqc_onnx::load(&args.model)?;
-    let defaults = SessionOptions::default();
+    let mut loaded = perqc_onnx::load(&args.model)?;
+    // The canonical graph runs exported attention, RMS norm and SiLU chains as one op each.
+    perqc_passes::canonicalize(&mut loaded.model)
+        .with_context(|| format!("{}: canonicalize", args.model.display()))?;
     let opts = SessionOptions {
-        threads: args.threads.unwrap_or(defaults.threads),
-        ..defaults
+        threads: args.threads.unwrap_or(SessionOptions::default().threads),
     };
     perqc_runtime::tune_allocator();
     // The session copies the weights; the mapped file's pages are given back as it goes.

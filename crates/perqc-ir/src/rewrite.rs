@@ -30,6 +30,8 @@ pub trait ValueFacts {
     /// The value of `v` when it follows from constants alone (initializers, `Constant`
     /// nodes, and ops over them), for small tensors.
     fn constant(&self, graph: &Graph, v: ValueId) -> Option<Tensor>;
+    /// The model's default-domain opset (some spellings mean different things by opset).
+    fn default_opset(&self) -> Option<i64>;
 }
 
 /// No facts: patterns that need shapes or folded constants do not match.
@@ -46,6 +48,9 @@ impl ValueFacts for NoFacts {
         None
     }
     fn constant(&self, _: &Graph, _: ValueId) -> Option<Tensor> {
+        None
+    }
+    fn default_opset(&self) -> Option<i64> {
         None
     }
 }
@@ -102,6 +107,12 @@ impl<'a> Matcher<'a> {
             && !self.graph.outputs.contains(&v)
     }
 
+    /// The node reading `v`, when `v` has a single reader (see [`Matcher::single_reader`]).
+    pub fn only_reader(&self, v: ValueId) -> Option<NodeId> {
+        self.single_reader(v)
+            .then(|| self.graph.value(v).uses()[0].node)
+    }
+
     /// The producer of `v` when a pattern may absorb it: `v` is its only result and has a
     /// single reader (the pattern's node) and is no graph output.
     pub fn sole(&self, v: ValueId) -> Option<NodeId> {
@@ -147,6 +158,11 @@ impl<'a> Matcher<'a> {
             Some(a) => Some(a.to_vec()),
             None => self.ints(self.input(id, i)?),
         }
+    }
+
+    /// The model's default-domain opset, if the facts know it.
+    pub fn opset(&self) -> Option<i64> {
+        self.facts.default_opset()
     }
 
     pub fn shape(&self, v: ValueId) -> Option<&'a [Dim]> {

@@ -27,6 +27,10 @@ impl ValueFacts for ShapeMap {
         self.get(v)?.known_ints()
     }
 
+    fn default_opset(&self) -> Option<i64> {
+        self.default_opset
+    }
+
     fn constant(&self, graph: &Graph, v: ValueId) -> Option<Tensor> {
         fold(graph, v, self.default_opset?, MAX_FOLD_DEPTH)?
             .to_tensor()

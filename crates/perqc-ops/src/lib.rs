@@ -102,6 +102,11 @@ impl OpDef {
     }
 }
 
+/// The domain of perqc's canonical ops: ONNX ops (same names, attributes and semantics
+/// unless the row's kernel says otherwise) that exist whatever opset a model declares.
+/// Canonicalization writes them; lowering turns them back into the model's own opset.
+pub const PERQC_DOMAIN: &str = "ai.perqc";
+
 /// The canonical spelling of a domain (`"ai.onnx"` -> `""`).
 pub fn canonical_domain(domain: &str) -> &str {
     if domain == "ai.onnx" { "" } else { domain }

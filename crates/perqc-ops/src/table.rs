@@ -16,6 +16,7 @@ const fn op(op_type: &'static str, since: i64, infer: crate::InferFn) -> OpDef {
 }
 
 const MS: &str = "com.microsoft";
+const PERQC: &str = crate::PERQC_DOMAIN;
 
 /// Every op perqc knows, by domain and opset range.
 pub static OPS: &[OpDef] = &[
@@ -230,6 +231,10 @@ pub static OPS: &[OpDef] = &[
     op("Loop", 1, misc::loop_).kernel(kc::loop_),
     op("Scan", 8, misc::opaque).until(9), // batch axis and sequence_lens
     op("Scan", 9, misc::scan).kernel(kc::scan),
+    // ---- ai.perqc: canonical forms of exported chains (passes/src/canonicalize) ----
+    OpDef::custom(PERQC, "Attention", 1, la::attention).kernel(katt::attention),
+    OpDef::custom(PERQC, "RMSNormalization", 1, misc::batch_norm).kernel(knorm::rms_norm),
+    OpDef::custom(PERQC, "Swish", 1, ew::unary).kernel(kew::swish),
     // ---- com.microsoft ----
     OpDef::custom(MS, "Gelu", 1, ew::unary),
     OpDef::custom(MS, "FastGelu", 1, ew::unary),

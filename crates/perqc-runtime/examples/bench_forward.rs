@@ -1,10 +1,11 @@
 //! One forward pass of a causal LM (input `input_ids` [1, seq]) natively, timed.
 //!
 //! usage: bench_forward MODEL [--seq 512] [--reps 3] [--threads 2] [--seed 0]
-//!                            [--vocab 49152] [--save DIR] [--profile] [--no-fuse]
+//!                            [--vocab 49152] [--save DIR] [--profile] [--as-is]
 //! Prints load, plan and per-run wall times and the median. With `--save`, writes
 //! `DIR/input_ids.npy` and `DIR/<output>.npy` (for comparison with ONNX Runtime, see
-//! `scripts/bench_runtime.py`).
+//! `scripts/bench_runtime.py`). The model is canonicalized first (exported attention, RMS
+//! norm and SiLU chains become one op each) unless `--as-is`.
 
 use anyhow::{Context, Result, bail};
 use ndarray::{ArrayD, IxDyn};
@@ -19,7 +20,7 @@ fn main() -> Result<()> {
         (512usize, 3usize, 2usize, 0u64, 49152u64);
     let mut save: Option<PathBuf> = None;
     let mut profile = None;
-    let mut fuse = true;
+    let mut as_is = false;
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -30,18 +31,21 @@ fn main() -> Result<()> {
             "--vocab" => vocab = val()?.parse()?,
             "--save" => save = Some(val()?.into()),
             "--profile" => profile = Some(Profile::default()),
-            "--no-fuse" => fuse = false,
+            "--as-is" => as_is = true,
             s if s.starts_with("--") => bail!("unknown option {s}"),
             s => model = Some(PathBuf::from(s)),
         }
     }
     let model = model.context("usage: bench_forward MODEL [--seq N] [--reps N] [--threads N]")?;
     let t = Instant::now();
-    let loaded = perqc_onnx::load(&model)?;
+    let mut loaded = perqc_onnx::load(&model)?;
     let load_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     perqc_runtime::tune_allocator();
-    let sess = Session::with_options(&loaded.model, &SessionOptions { threads, fuse })?;
+    if !as_is {
+        perqc_passes::canonicalize(&mut loaded.model)?;
+    }
+    let sess = Session::with_options(&loaded.model, &SessionOptions { threads })?;
     let plan_s = t.elapsed().as_secs_f64();
     println!(
         "load {load_s:.3}s, plan {plan_s:.3}s ({} steps after folding), threads {threads}",

@@ -8,7 +8,6 @@
 //! Control-flow ops (If/Loop/Scan) have no kernel in this version and are reported as
 //! unsupported.
 
-mod fuse;
 mod npy;
 pub mod observe;
 mod session;

@@ -24,16 +24,12 @@ use std::sync::Arc;
 pub struct SessionOptions {
     /// Threads for GEMM and batched kernels (default: all available cores).
     pub threads: usize,
-    /// Fuse exported attention and RMS-norm chains into one kernel each (default: on; see
-    /// `fuse.rs`). Off keeps every intermediate observable.
-    pub fuse: bool,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
         SessionOptions {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            fuse: true,
         }
     }
 }
@@ -87,12 +83,6 @@ pub enum RuntimeError {
     Constant { name: String, source: KernelError },
     #[error("no value `{0}` to observe")]
     UnknownValue(String),
-    #[error(
-        "value {0} is not materialized by the fused plan (computed inside a fused kernel, or \
-         unread after fusion); build the session with \
-         SessionOptions {{ fuse: false, .. }} to observe it"
-    )]
-    FusedAway(String),
     #[error("observing `{name}`: {detail}")]
     Observe { name: String, detail: String },
     #[error("graph input `{0}` was not given")]
@@ -170,9 +160,6 @@ pub struct Session {
     threads: usize,
     /// Opset per (canonical) domain, to plan subgraphs.
     opsets: Vec<(String, i64)>,
-    /// `fused[s]`: slot `s` exists only inside a fused kernel, or its producer was dropped
-    /// as unread after fusion.
-    fused: Vec<bool>,
     /// Keep the pool's workers spinning while a run lasts (top-level sessions only; a
     /// body session runs inside its parent's run).
     spin: bool,
@@ -245,20 +232,7 @@ impl Session {
                 Some((d.to_string(), o.version?))
             })
             .collect();
-        // Fusion needs operand ranks; a model whose shapes cannot be inferred runs unfused.
-        let shapes = if opts.fuse {
-            ops::infer_model(model).ok()
-        } else {
-            None
-        };
-        let mut s = Session::build(
-            &model.graph,
-            opsets,
-            threads,
-            Arc::new(pool),
-            release,
-            shapes.as_ref(),
-        )?;
+        let mut s = Session::build(&model.graph, opsets, threads, Arc::new(pool), release)?;
         s.spin = threads > 1;
         Ok(s)
     }
@@ -270,15 +244,19 @@ impl Session {
         threads: usize,
         pool: Arc<rayon::ThreadPool>,
         release: &dyn Fn(&perqc_ir::Tensor),
-        fuse_with: Option<&ops::ShapeMap>,
     ) -> Result<Session, RuntimeError> {
         let opset_of = |domain: &str| {
             let d = ops::canonical_domain(domain);
             opsets.iter().find(|(k, _)| k == d).map(|&(_, v)| v)
         };
         let n = g.value_capacity();
+        // Removed values keep no name, so nothing can ask for them.
         let names: Vec<String> = (0..n)
-            .map(|i| g.value(perqc_ir::ValueId::from_index(i)).name.clone())
+            .map(|i| g.value(perqc_ir::ValueId::from_index(i)))
+            .map(|v| match v.def() {
+                ValueDef::Removed => String::new(),
+                _ => v.name.clone(),
+            })
             .collect();
 
         // 1. Every node, subgraphs included, needs a kernel; report them all before doing
@@ -429,12 +407,6 @@ impl Session {
         for &(_, s) in &outputs {
             is_output[s] = true;
         }
-        let mut fused = vec![false; n];
-        if let Some(shapes) = fuse_with {
-            for s in crate::fuse::fuse(&mut steps, &consts, &is_output, shapes) {
-                fused[s] = true;
-            }
-        }
 
         // 3. Memory plan. `last[s]` = index of the last step reading slot `s`.
         let mut needed_const = is_output.clone();
@@ -484,7 +456,6 @@ impl Session {
             pool,
             threads,
             opsets,
-            fused,
             spin: false,
         })
     }
@@ -543,11 +514,8 @@ impl Session {
                 let slot = self
                     .names
                     .iter()
-                    .position(|n| n == name)
+                    .position(|n| n == name && !name.is_empty())
                     .ok_or_else(|| RuntimeError::UnknownValue(name.clone()))?;
-                if self.fused[slot] {
-                    return Err(RuntimeError::FusedAway(name.clone()));
-                }
                 watched[slot] = true;
             }
         }
@@ -694,15 +662,8 @@ impl SubgraphRunner for Bodies<'_> {
     fn run(&self, g: &Graph, inputs: &[RtTensor]) -> Result<Vec<RtTensor>, KernelError> {
         let s = self.session;
         let fail = |e: RuntimeError| KernelError::Invalid(format!("in body `{}`: {e}", g.name));
-        let body = Session::build(
-            g,
-            s.opsets.clone(),
-            s.threads,
-            s.pool.clone(),
-            &|_| {},
-            None,
-        )
-        .map_err(fail)?;
+        let body = Session::build(g, s.opsets.clone(), s.threads, s.pool.clone(), &|_| {})
+            .map_err(fail)?;
         if inputs.len() != g.inputs.len() {
             return Err(KernelError::Invalid(format!(
                 "body `{}` takes {} inputs, got {}",

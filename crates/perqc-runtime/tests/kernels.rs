@@ -2,10 +2,9 @@
 
 mod common;
 
-use common::run_threads;
+use common::{run_in, run_threads};
 use ndarray::{ArrayD, IxDyn};
 use perqc_ir::{AttrValue, Graph, NodeSpec};
-use perqc_ops::kernels::attention::SOFTMAX_NAN_ROWS;
 use perqc_ops::{KernelCtx, RtTensor, lookup};
 
 fn f32t(shape: &[usize], v: &[f32]) -> RtTensor {
@@ -350,7 +349,7 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
     assert_close_nan(&got, &want, "is_causal");
 
     // Bool mask [B, 1, S, L] with one fully masked row: 0 for ONNX Attention, NaN (as
-    // Softmax of all -inf) for the runtime's fused chains.
+    // Softmax of all -inf) for ai.perqc::Attention, the canonical form of exported chains.
     let keep: Vec<bool> = (0..b * s * l)
         .map(|x| (x * 7919) % 5 != 0 && (x / l) % s != 3)
         .collect();
@@ -367,12 +366,16 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
         }
     };
     let want_nan = attention_ref(&qv, &kv, &vv, dims, scale, &m_keep);
-    let nan_attrs = vec![
-        ("scale", AttrValue::Float(scale)),
-        (SOFTMAX_NAN_ROWS, AttrValue::Int(1)),
-    ];
-    let got = run_with(&qv, &kv, &vv, Some(&mb), nan_attrs, 2);
-    assert_close_nan(&got, &want_nan, "bool mask, fused semantics");
+    let got = {
+        let (q, k, v) = (
+            f32t(&[b, hq, s, d], &qv),
+            f32t(&[b, hkv, l, d], &kv),
+            f32t(&[b, hkv, l, dv], &vv),
+        );
+        let inputs = [Some(&q), Some(&k), Some(&v), Some(&mb)];
+        vals(&run_in(perqc_ops::PERQC_DOMAIN, "Attention", 1, attrs(), &inputs, 2)[0])
+    };
+    assert_close_nan(&got, &want_nan, "bool mask, canonical (Softmax) semantics");
     let got = run_with(&qv, &kv, &vv, Some(&mb), attrs(), 2);
     let want_zero: Vec<f64> = want_nan
         .iter()

@@ -1,6 +1,6 @@
 //! Scaled dot-product attention in one pass over cache-sized row blocks: ONNX `Attention`
-//! (opset 23, 4-D inputs), and the runtime's fused form of the exported pattern
-//! `MatMul(Softmax(Mul(MatMul(Q, Kᵀ), c) + M), V)`.
+//! (opset 23, 4-D inputs), and `ai.perqc::Attention`, the canonical form of the exported
+//! pattern `MatMul(Softmax(Mul(MatMul(Q, Kᵀ), c) + M), V)`.
 //!
 //! For query head `h` (key/value head `h / (Hq / Hkv)`, grouped-query attention) and query
 //! row `i`:
@@ -11,7 +11,7 @@
 //!                                   is_causal adds -inf where j > i
 //! p_i  = softmax(s_i)               the same row kernel as Softmax; a row masked
 //!                                   everywhere gives p_i = 0 (ONNX), or NaN as Softmax
-//!                                   does when the node has SOFTMAX_NAN_ROWS = 1
+//!                                   does (ai.perqc::Attention)
 //! y_i  = Σ_j p_ij v_j
 //! ```
 //!
@@ -29,11 +29,6 @@ use rayon::prelude::*;
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
 type Out = Result<Vec<RtTensor>, KernelError>;
-
-/// Node attribute set only by the runtime's attention fusion: fully masked rows become NaN,
-/// as the fused `Softmax` makes them, instead of ONNX Attention's 0. Not an ONNX attribute;
-/// such nodes never leave the runtime.
-pub const SOFTMAX_NAN_ROWS: &str = "perqc_softmax_nan_rows";
 
 /// Query rows per task: a 64 x 512 score block is 128 KiB, inside L2.
 const ROWS: usize = 64;
@@ -182,7 +177,8 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         dims: (hq / hkv, s, l, d, dv, hq),
         scale,
         causal: ctx.int("is_causal", 0) != 0,
-        zero_masked_rows: ctx.int(SOFTMAX_NAN_ROWS, 0) == 0,
+        // The canonical form keeps the NaN of the Softmax it replaced.
+        zero_masked_rows: ctx.node.domain != crate::PERQC_DOMAIN,
         v_finite_after: v_finite_after.as_ptr(),
         k_norm: k_norm.as_ptr(),
     };

@@ -12,13 +12,26 @@ pub fn run_threads(
     inputs: &[Option<&RtTensor>],
     threads: usize,
 ) -> Vec<RtTensor> {
+    run_in("", op, opset, attrs, inputs, threads)
+}
+
+/// [`run_threads`] for an op of `domain`.
+pub fn run_in(
+    domain: &str,
+    op: &str,
+    opset: i64,
+    attrs: Vec<(&str, AttrValue)>,
+    inputs: &[Option<&RtTensor>],
+    threads: usize,
+) -> Vec<RtTensor> {
     let mut g = Graph::new("t");
     let mut spec = NodeSpec::new(op).named("n");
+    spec.domain = domain.to_string();
     for (k, v) in attrs {
         spec = spec.attr(k, v);
     }
     let id = g.add_node(spec, &[], &["y"]).unwrap();
-    let k = lookup("", op, opset)
+    let k = lookup(domain, op, opset)
         .and_then(|d| d.kernel)
         .expect("kernel");
     let ctx = KernelCtx {

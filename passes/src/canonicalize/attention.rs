@@ -1,0 +1,124 @@
+//! `fuse-attention`: scaled dot-product attention as exporters write it.
+//!
+//! ```text
+//! MatMul(Cast*(Softmax(Add?(Mul?(MatMul(q, Transpose(k, [0,1,3,2])), c), mask), axis=-1)), v)
+//!   == ai.perqc::Attention(q, k, v, mask?, scale = c)
+//! ```
+//!
+//! `Mul` by a constant scalar `c` (either operand order) and `Add` of the mask are optional
+//! (no `Mul`: scale 1); the `Cast`s are no-ops (to the type they read). When k and v are
+//! key/value heads repeated for grouped-query attention, `Reshape(Expand(Unsqueeze(x, [2]),
+//! [B, H, G, L, D]), [B, H·G, L, D])`, the canonical op reads the shared heads `x`
+//! directly: query head `h` attends key/value head `h / G`, as in ONNX Attention.
+//!
+//! Check: every absorbed intermediate has the chain as its only reader and is no graph
+//! output; q, k and v are 4-d f32; the mask has rank at most 4; the Softmax is over the
+//! last axis at opset 13 or later (earlier opsets flatten to 2-d).
+//!
+//! `ai.perqc::Attention` is ONNX `Attention` (opset 23, 4-d inputs, no cache) except that a
+//! query row masked everywhere gives NaN, as the Softmax it replaces does (ONNX gives 0).
+//! Its kernel scales each block of scores once, as MatMul then Mul round, so the result
+//! matches the chain up to summation order.
+
+use super::{Pattern, canonical};
+use perqc_ir::{AttrValue, Dim, Matcher, NodeId, Patch, ValueId};
+
+pub static PATTERN: Pattern = Pattern {
+    name: "fuse-attention",
+    description: "MatMul(Softmax(scale * q kᵀ + mask), v) -> ai.perqc::Attention (reads grouped K/V heads directly)",
+    rewrite,
+};
+
+fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
+    if !m.is_op(end, "MatMul") {
+        return None;
+    }
+    let (p, v) = m.two(end)?;
+    let p = m.skip_noop_casts(p);
+    let softmax = m.sole_op(p, "Softmax")?;
+    let opset = m.opset()?;
+    if opset < 13 || m.node(softmax).attr_int("axis").unwrap_or(-1) != -1 {
+        return None;
+    }
+    let mut s = m.input(softmax, 0)?;
+    let mut mask = None;
+    if let Some(add) = m.sole_op(s, "Add") {
+        // The scores come from the Mul / MatMul chain; the other operand is the mask.
+        let (a, b) = m.two(add)?;
+        let scores_from = |x: ValueId| m.sole_op(x, "Mul").or(m.sole_op(x, "MatMul"));
+        let (scores, mk) = m.either(a, b, |x, y| scores_from(x).map(|_| (x, y)))?;
+        mask = Some(mk);
+        s = scores;
+    }
+    let mut scale = 1.0f32;
+    if let Some(mul) = m.sole_op(s, "Mul") {
+        let (a, b) = m.two(mul)?;
+        let (scores, c) = m.either(a, b, |x, y| m.scalar(y).map(|c| (x, c)))?;
+        scale = c;
+        s = scores;
+    }
+    let qk = m.sole_op(s, "MatMul")?;
+    let (q, kt) = m.two(qk)?;
+    let t = m.sole_op(kt, "Transpose")?;
+    if m.node(t).attr_ints("perm") != Some(&[0, 1, 3, 2][..]) {
+        return None;
+    }
+    let k = m.input(t, 0)?;
+    // Ranks the kernel handles; a mask of higher rank would have broadcast the scores up.
+    if [q, k, v]
+        .iter()
+        .any(|&x| m.rank(x) != Some(4) || !m.is_f32(x))
+        || mask.is_some_and(|mk| m.rank(mk).is_none_or(|r| r > 4))
+    {
+        return None;
+    }
+    // Grouped-query attention: read the shared K/V heads instead of their copies.
+    let (k, v) = match (ungroup(m, k), ungroup(m, v)) {
+        (Some((k, gk)), Some((v, gv))) if gk == gv => (k, v),
+        _ => (k, v),
+    };
+    let mut patch = Patch::new();
+    patch.set_op(
+        end,
+        canonical("Attention").attr("scale", AttrValue::Float(scale)),
+        [
+            Some(q.into()),
+            Some(k.into()),
+            Some(v.into()),
+            mask.map(Into::into),
+        ],
+    );
+    Some(patch)
+}
+
+/// Equal dims, known to be: the same number or the same symbol.
+fn same(a: &Dim, b: &Dim) -> bool {
+    !matches!(a, Dim::Unknown) && a == b
+}
+
+/// If `v` is `Reshape(Expand(Unsqueeze(x, axes = [2]), [B, H, G, L, D]), [B, H·G, L, D])`
+/// (how exporters repeat each of H key/value heads G times), returns `(x, G)`: head `h` of
+/// the result is head `h / G` of `x`. The copies need not be single-use: they are only
+/// bypassed.
+fn ungroup(m: &Matcher<'_>, v: ValueId) -> Option<(ValueId, i64)> {
+    let r = m.def_op(v, "Reshape")?;
+    let expanded = m.input(r, 0)?;
+    let e = m.def_op(expanded, "Expand")?;
+    let u = m.def_op(m.input(e, 0)?, "Unsqueeze")?;
+    let x = m.input(u, 0)?;
+    let (xs, es, rs) = (m.shape(x)?, m.shape(expanded)?, m.shape(v)?);
+    if m.attr_or_input_ints(u, "axes", 1)? != [2] || xs.len() != 4 || es.len() != 5 || rs.len() != 4
+    {
+        return None;
+    }
+    let g = es[2].known()?;
+    let heads_ok = match (xs[1].known(), rs[1].known()) {
+        (Some(h), Some(hg)) => h * g == hg,
+        _ => false,
+    };
+    let kept = [(0, 0), (1, 1), (2, 3), (3, 4)]
+        .iter()
+        .all(|&(a, b)| same(&xs[a], &es[b]));
+    (heads_ok && kept && same(&rs[0], &xs[0]) && same(&rs[2], &xs[2]) && same(&rs[3], &xs[3]))
+        .then_some((x, g))
+}

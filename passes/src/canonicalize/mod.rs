@@ -1,0 +1,158 @@
+//! `canonicalize`: exporter spellings -> perqc's canonical ops, one identity per file.
+//!
+//! Each pattern is a [`Pattern`]: given an anchor node (the last op of a chain), it walks
+//! up with the IR's [`Matcher`], checks what makes the identity hold, and returns a
+//! [`Patch`] that turns the anchor into the canonical op (the chain's other nodes are left
+//! unread and go with the patch). Patterns match by structure, never by tensor names.
+//!
+//! Canonical ops live in the `ai.perqc` domain ([`PERQC_DOMAIN`]) with the semantics of the
+//! ONNX op of the same name (differences are stated in each pattern's file), so they exist
+//! whatever opset the model declares; the op table gives them shape rules and kernels, so
+//! the native runtime plans the canonical graph directly. `lower` turns them back into
+//! ops of the model's own opset before export.
+//!
+//! Every pattern is also a pass of its own (its `NAME`); `canonicalize` runs them all in
+//! one sweep over the node order, then `dce`.
+
+pub mod attention;
+pub mod rms_norm;
+pub mod silu;
+
+use crate::Dce;
+use perqc_ir::{
+    Matcher, Model, NodeId, OpsetImport, OptionError, Pass, PassContext, PassError, PassOptions,
+    PassOutcome, Patch,
+};
+use perqc_ops::{PERQC_DOMAIN, ShapeMap};
+
+/// One canonicalization: pattern -> check -> patch at an anchor node.
+pub struct Pattern {
+    /// Registry name of the pattern as a pass of its own.
+    pub name: &'static str,
+    pub description: &'static str,
+    pub rewrite: fn(&Matcher<'_>, NodeId) -> Option<Patch>,
+}
+
+/// Every pattern, in the order they are tried at each node.
+pub static PATTERNS: &[&Pattern] = &[&attention::PATTERN, &rms_norm::PATTERN, &silu::PATTERN];
+
+/// A node of a canonical op.
+pub fn canonical(op: &str) -> perqc_ir::NodeSpec {
+    let mut spec = perqc_ir::NodeSpec::new(op);
+    spec.domain = PERQC_DOMAIN.to_string();
+    spec
+}
+
+/// Runs `patterns` over the main graph in node order; each node is rewritten by the first
+/// pattern that matches it. Returns the rewrites per pattern.
+fn sweep(
+    model: &mut Model,
+    ctx: &mut PassContext,
+    patterns: &[&Pattern],
+) -> Result<Vec<u64>, PassError> {
+    let shapes = ctx.analysis::<ShapeMap>(model)?;
+    let mut counts = vec![0u64; patterns.len()];
+    for id in model.graph.node_order().to_vec() {
+        if model.graph.try_node(id).is_none() {
+            continue; // absorbed by an earlier rewrite
+        }
+        let m = Matcher::new(&model.graph, &*shapes);
+        let Some((k, patch)) = patterns
+            .iter()
+            .enumerate()
+            .find_map(|(k, p)| (p.rewrite)(&m, id).map(|patch| (k, patch)))
+        else {
+            continue;
+        };
+        if !ctx.rewrite() {
+            break;
+        }
+        patch.apply(&mut model.graph)?;
+        counts[k] += 1;
+    }
+    if counts.iter().any(|&c| c > 0) {
+        ctx.invalidate_analyses();
+        import_perqc_domain(model);
+    }
+    Ok(counts)
+}
+
+/// Adds the `ai.perqc` opset import if missing.
+fn import_perqc_domain(model: &mut Model) {
+    if model.opset(PERQC_DOMAIN).is_none() {
+        model.opset_imports.push(OpsetImport {
+            domain: Some(PERQC_DOMAIN.to_string()),
+            version: Some(1),
+        });
+    }
+}
+
+/// One pattern as a pass.
+pub struct PatternPass(&'static Pattern);
+
+impl Pass for PatternPass {
+    fn name(&self) -> &'static str {
+        self.0.name
+    }
+
+    fn description(&self) -> &'static str {
+        self.0.description
+    }
+
+    fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        let n = sweep(model, ctx, &[self.0])?[0];
+        Ok(PassOutcome::from_changed(n > 0).with("rewrites", n))
+    }
+}
+
+impl PatternPass {
+    /// The factory of pattern `name` (registered once per pattern).
+    pub fn factory(name: &str) -> fn(&PassOptions) -> Result<Box<dyn Pass>, OptionError> {
+        match name {
+            n if n == attention::PATTERN.name => |o| Self::build(o, &attention::PATTERN),
+            n if n == rms_norm::PATTERN.name => |o| Self::build(o, &rms_norm::PATTERN),
+            n if n == silu::PATTERN.name => |o| Self::build(o, &silu::PATTERN),
+            _ => unreachable!("every pattern in PATTERNS has a factory"),
+        }
+    }
+
+    fn build(opts: &PassOptions, p: &'static Pattern) -> Result<Box<dyn Pass>, OptionError> {
+        opts.allow_only(&[])?;
+        Ok(Box::new(PatternPass(p)))
+    }
+}
+
+/// `canonicalize`: every pattern, then `dce`.
+#[derive(Debug, Default)]
+pub struct Canonicalize;
+
+impl Canonicalize {
+    pub const NAME: &'static str = "canonicalize";
+    pub const DESCRIPTION: &'static str =
+        "rewrite exported spellings (attention, RMS norm, SiLU) into canonical ops, then dce";
+
+    pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
+        opts.allow_only(&[])?;
+        Ok(Box::new(Canonicalize))
+    }
+}
+
+impl Pass for Canonicalize {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn description(&self) -> &'static str {
+        Self::DESCRIPTION
+    }
+
+    fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        let counts = sweep(model, ctx, PATTERNS)?;
+        let dce = Dce::default().run(model, ctx)?;
+        let mut out = PassOutcome::from_changed(counts.iter().any(|&c| c > 0) || dce.changed);
+        for (p, c) in PATTERNS.iter().zip(counts) {
+            out = out.with(p.name, c);
+        }
+        Ok(out.with("nodes-removed", dce.counter("nodes-removed")))
+    }
+}
