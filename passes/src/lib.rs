@@ -7,14 +7,25 @@
 pub mod canonicalize;
 pub mod dce;
 pub mod infer_shapes;
+pub mod lower;
 pub mod topo_sort;
 
 pub use canonicalize::Canonicalize;
 pub use dce::Dce;
 pub use infer_shapes::InferShapes;
+pub use lower::Lower;
 pub use topo_sort::TopoSort;
 
 use perqc_ir::{Model, Pass, PassContext, PassError, PassOutcome, PassRegistry};
+
+/// Runs `lower` on `model` if it has canonical `ai.perqc` ops: what every writer of an
+/// ONNX file runs last, so the file uses only ops of the model's declared opsets.
+pub fn lower_for_export(model: &mut Model) -> Result<PassOutcome, PassError> {
+    if model.opset(perqc_ops::PERQC_DOMAIN).is_none() {
+        return Ok(PassOutcome::unchanged());
+    }
+    Lower.run(model, &mut PassContext::new(None))
+}
 
 /// Runs `canonicalize` on `model`: the form the native runtime plans fastest and the
 /// transforms match on.
@@ -43,6 +54,7 @@ pub fn registry() -> PassRegistry {
             InferShapes::DESCRIPTION,
             InferShapes::from_options,
         )
+        .register(Lower::NAME, Lower::DESCRIPTION, Lower::from_options)
         .register(
             TopoSort::NAME,
             TopoSort::DESCRIPTION,
@@ -83,6 +95,7 @@ mod tests {
         fuse-silu       Mul(x, Sigmoid(x)) -> ai.perqc::Swish(alpha = 1)
         dce             remove nodes and initializers whose results nothing reads
         infer-shapes    infer symbolic shapes and element types of every value from the op table
+        lower           turn canonical ai.perqc ops back into ops of the model's opset (before export)
         topo-sort       order every graph's nodes topologically (stable)
         ");
     }

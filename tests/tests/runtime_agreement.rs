@@ -48,8 +48,10 @@ fn hidden(batch: usize, seq: usize, seed: u64) -> RtTensor {
 /// Builds a fixture input of `[batch, seq, ..]` from a seed.
 type MakeInput = fn(usize, usize, u64) -> RtTensor;
 
+/// A session on the canonical form of fixture `name` (what `perqc eval` runs).
 fn session(name: &str, threads: usize) -> Session {
-    let loaded = perqc_onnx::load(&fixture(name)).unwrap_or_else(|e| panic!("{e}"));
+    let mut loaded = perqc_onnx::load(&fixture(name)).unwrap_or_else(|e| panic!("{e}"));
+    perqc_passes::canonicalize(&mut loaded.model).unwrap_or_else(|e| panic!("{name}: {e}"));
     Session::with_options(&loaded.model, &SessionOptions { threads })
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }

@@ -153,6 +153,9 @@ fn compile(args: CompileArgs) -> Result<()> {
     let report = PassManager::new()
         .run(&mut model, &mut pipeline, &mut opts)
         .with_context(|| input.display().to_string())?;
+    // Canonical ops exist only inside perqc: the file gets ops of the model's own opset.
+    perqc_passes::lower_for_export(&mut model)
+        .with_context(|| format!("{}: lowering canonical ops for export", input.display()))?;
 
     let save = SaveOptions {
         external: match (args.external_data, args.inline_data) {

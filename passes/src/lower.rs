@@ -1,0 +1,329 @@
+//! `lower`: canonical `ai.perqc` ops back into ops of the model's own opset, for export.
+//!
+//! Assumes: shapes inferable (grouped attention needs head counts and head dims).
+//!
+//! Guarantees: no `ai.perqc` node is left and the `ai.perqc` opset import is gone, so the
+//! model uses only ops its declared opsets have. Each canonical op becomes the ONNX op of
+//! the same name where the model's default opset has it, else the chain canonicalization
+//! read (the last node of the chain takes over the canonical node's results, so value
+//! names, graph outputs included, stay). An op it cannot lower is an error naming the node.
+//!
+//! Identities, per op (the inverse of `canonicalize`'s):
+//! - `Swish(x, alpha) == Mul(x, Sigmoid(x))` for alpha 1, `Mul(x, Sigmoid(Mul(x, alpha)))`
+//!   otherwise (ONNX Swish from opset 24).
+//! - `RMSNormalization(x, g, eps) == Mul(Mul(x, Reciprocal(Sqrt(Add(ReduceMean(Mul(x, x),
+//!   [-1]), eps)))), g)` (ONNX from opset 23).
+//! - `Attention(q, k, v, m, c) == MatMul(Softmax(Add(Mul(MatMul(q, kᵀ), c), m)), v)` with
+//!   one key/value head per query head; with G query heads per key/value head, q is viewed
+//!   as `[B, Hkv, G, S, D]` and k, v get a broadcast axis of size 1 at 2, so MatMul's
+//!   broadcasting pairs each group with its shared head and no copy is made; the result
+//!   is reshaped back to `[B, Hq, S, Dv]` (ONNX from opset 23, where a fully masked row
+//!   gives 0 instead of the NaN of this chain and of `ai.perqc::Attention`).
+
+use perqc_ir::{
+    AttrValue, Graph, Model, NodeId, NodeSpec, OptionError, Pass, PassContext, PassError,
+    PassOptions, PassOutcome, Patch, PatchValue, Tensor, ValueId,
+};
+use perqc_ops::{PERQC_DOMAIN, ShapeMap};
+
+#[derive(Debug, Default)]
+pub struct Lower;
+
+impl Lower {
+    pub const NAME: &'static str = "lower";
+    pub const DESCRIPTION: &'static str =
+        "turn canonical ai.perqc ops back into ops of the model's opset (before export)";
+
+    pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
+        opts.allow_only(&[])?;
+        Ok(Box::new(Lower))
+    }
+}
+
+/// What lowering one node needs to know about the model.
+struct Env<'a> {
+    g: &'a Graph,
+    shapes: &'a ShapeMap,
+    opset: i64,
+}
+
+impl Env<'_> {
+    fn known_dim(&self, v: ValueId, axis: usize) -> Option<i64> {
+        self.shapes.shape(v)?.get(axis)?.known()
+    }
+}
+
+/// A node spec of the default domain.
+fn op(op_type: &str) -> NodeSpec {
+    NodeSpec::new(op_type)
+}
+
+/// Inserts `spec` before `at` with one result named after `base`.
+fn emit(
+    p: &mut Patch,
+    at: NodeId,
+    spec: NodeSpec,
+    inputs: &[PatchValue],
+    base: &str,
+) -> PatchValue {
+    p.insert(at, spec, inputs.iter().map(|&v| Some(v)), &[base])[0]
+}
+
+fn ints(p: &mut Patch, name: &str, v: &[i64]) -> PatchValue {
+    p.add_initializer(name, Tensor::from_i64(vec![v.len() as i64], v))
+}
+
+/// `Unsqueeze(x, [axis])` in the opset's spelling.
+fn unsqueeze(e: &Env<'_>, p: &mut Patch, at: NodeId, x: PatchValue, axis: i64) -> PatchValue {
+    if e.opset < 13 {
+        emit(
+            p,
+            at,
+            op("Unsqueeze").attr("axes", AttrValue::Ints(vec![axis])),
+            &[x],
+            "unsq",
+        )
+    } else {
+        let axes = ints(p, "unsqueeze_axes", &[axis]);
+        emit(p, at, op("Unsqueeze"), &[x, axes], "unsq")
+    }
+}
+
+fn swish(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
+    let n = e.g.node(id);
+    let x: PatchValue = n.input(0).ok_or("has no input")?.into();
+    let alpha = n.attr_float("alpha").unwrap_or(1.0);
+    let mut p = Patch::new();
+    let arg = if alpha == 1.0 {
+        x
+    } else {
+        let a = p.add_initializer("swish_alpha", Tensor::from_f32(vec![], &[alpha]));
+        emit(&mut p, id, op("Mul"), &[x, a], "swish_ax")
+    };
+    let s = emit(&mut p, id, op("Sigmoid"), &[arg], "swish_sigmoid");
+    p.set_op(id, op("Mul"), [Some(x), Some(s)]);
+    Ok(p)
+}
+
+fn rms_norm(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
+    let n = e.g.node(id);
+    let (Some(x), Some(gamma)) = (n.input(0), n.input(1)) else {
+        return Err("needs x and scale".into());
+    };
+    // Normalized axes `axis..`, negative when `axis` is (no rank needed).
+    let axis = n.attr_int("axis").unwrap_or(-1);
+    let axes: Vec<i64> = if axis < 0 {
+        (axis..0).collect()
+    } else {
+        let rank = e
+            .shapes
+            .shape(x)
+            .map(<[_]>::len)
+            .ok_or("x has no known rank")?;
+        (axis..rank as i64).collect()
+    };
+    let eps = n.attr_float("epsilon").unwrap_or(1e-5);
+    let mut p = Patch::new();
+    let x: PatchValue = x.into();
+    let sq = emit(&mut p, id, op("Mul"), &[x, x], "rms_square");
+    let mean = if e.opset < 18 {
+        let spec = op("ReduceMean")
+            .attr("axes", AttrValue::Ints(axes))
+            .attr("keepdims", AttrValue::Int(1));
+        emit(&mut p, id, spec, &[sq], "rms_mean")
+    } else {
+        let a = ints(&mut p, "rms_axes", &axes);
+        let spec = op("ReduceMean").attr("keepdims", AttrValue::Int(1));
+        emit(&mut p, id, spec, &[sq, a], "rms_mean")
+    };
+    let eps = p.add_initializer("rms_eps", Tensor::from_f32(vec![], &[eps]));
+    let sum = emit(&mut p, id, op("Add"), &[mean, eps], "rms_add_eps");
+    let root = emit(&mut p, id, op("Sqrt"), &[sum], "rms_sqrt");
+    let r = emit(&mut p, id, op("Reciprocal"), &[root], "rms_reciprocal");
+    let normed = emit(&mut p, id, op("Mul"), &[x, r], "rms_normed");
+    p.set_op(id, op("Mul"), [Some(normed), Some(gamma.into())]);
+    Ok(p)
+}
+
+fn attention(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
+    let n = e.g.node(id);
+    let (Some(q), Some(k), Some(v)) = (n.input(0), n.input(1), n.input(2)) else {
+        return Err("needs q, k and v".into());
+    };
+    let mask = n.input(3);
+    let scale = n.attr_float("scale");
+    let hq = e.known_dim(q, 1).ok_or("query head count unknown")?;
+    let hkv = e.known_dim(k, 1).ok_or("key/value head count unknown")?;
+    if hkv <= 0 || hq % hkv != 0 {
+        return Err(format!(
+            "{hq} query heads do not group over {hkv} key/value heads"
+        ));
+    }
+    let groups = hq / hkv;
+    let mut p = Patch::new();
+    let (mut q, mut k, mut v): (PatchValue, PatchValue, PatchValue) =
+        (q.into(), k.into(), v.into());
+    let mut mask = mask.map(PatchValue::from);
+    let perm: Vec<i64> = if groups == 1 {
+        vec![0, 1, 3, 2]
+    } else {
+        // q [B, Hq, S, D] -> [B, Hkv, G, S, D]; k, v [B, Hkv, L, .] -> [B, Hkv, 1, L, .].
+        let d = e.known_dim(q_value(n), 3).ok_or("head dim unknown")?;
+        let shape = ints(&mut p, "attn_group_shape", &[0, hkv, groups, -1, d]);
+        q = emit(&mut p, id, op("Reshape"), &[q, shape], "attn_q_grouped");
+        k = unsqueeze(e, &mut p, id, k, 2);
+        v = unsqueeze(e, &mut p, id, v, 2);
+        if let (Some(m), Some(mv)) = (mask, n.input(3)) {
+            mask = Some(group_mask(e, &mut p, id, m, mv, hq)?);
+        }
+        vec![0, 1, 2, 4, 3]
+    };
+    let kt = emit(
+        &mut p,
+        id,
+        op("Transpose").attr("perm", AttrValue::Ints(perm)),
+        &[k],
+        "attn_kt",
+    );
+    let mut s = emit(&mut p, id, op("MatMul"), &[q, kt], "attn_scores");
+    let scale = match scale {
+        Some(c) => c,
+        None => {
+            1.0 / (e
+                .known_dim(n.input(0).expect("q"), 3)
+                .ok_or("head dim unknown")? as f32)
+                .sqrt()
+        }
+    };
+    if scale != 1.0 {
+        let c = p.add_initializer("attn_scale", Tensor::from_f32(vec![], &[scale]));
+        s = emit(&mut p, id, op("Mul"), &[s, c], "attn_scaled");
+    }
+    if let Some(m) = mask {
+        s = emit(&mut p, id, op("Add"), &[s, m], "attn_masked");
+    }
+    let probs = emit(
+        &mut p,
+        id,
+        op("Softmax").attr("axis", AttrValue::Int(-1)),
+        &[s],
+        "attn_probs",
+    );
+    if groups == 1 {
+        p.set_op(id, op("MatMul"), [Some(probs), Some(v)]);
+    } else {
+        let dv = e
+            .known_dim(n.input(2).expect("v"), 3)
+            .ok_or("value head dim unknown")?;
+        let y = emit(&mut p, id, op("MatMul"), &[probs, v], "attn_grouped_out");
+        let shape = ints(&mut p, "attn_heads_shape", &[0, hq, -1, dv]);
+        p.set_op(id, op("Reshape"), [Some(y), Some(shape)]);
+    }
+    Ok(p)
+}
+
+fn q_value(n: &perqc_ir::Node) -> ValueId {
+    n.input(0).expect("checked by the caller")
+}
+
+/// A mask `[.., H?, S, L]` made to broadcast against grouped scores `[B, Hkv, G, S, L]`.
+fn group_mask(
+    e: &Env<'_>,
+    p: &mut Patch,
+    at: NodeId,
+    m: PatchValue,
+    mv: ValueId,
+    hq: i64,
+) -> Result<PatchValue, String> {
+    let shape = e.shapes.shape(mv).ok_or("mask rank unknown")?;
+    match shape.len() {
+        0..=2 => Ok(m),
+        r => match shape[r - 3].known() {
+            // The head axis broadcasts: give it a second size-1 axis for the group.
+            Some(1) => Ok(unsqueeze(e, p, at, m, r as i64 - 2)),
+            Some(h) if h == hq => Err("a per-head mask over grouped heads is not lowered".into()),
+            _ => Err("mask head axis unknown".into()),
+        },
+    }
+}
+
+impl Pass for Lower {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn description(&self) -> &'static str {
+        Self::DESCRIPTION
+    }
+
+    fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        let opset = model.opset("").unwrap_or(1);
+        let canonical: Vec<NodeId> = model
+            .graph
+            .node_order()
+            .iter()
+            .copied()
+            .filter(|&id| model.graph.node(id).domain == PERQC_DOMAIN)
+            .collect();
+        let mut lowered = 0u64;
+        let mut renamed = 0u64;
+        if !canonical.is_empty() {
+            let shapes = ctx.analysis::<ShapeMap>(model)?;
+            for id in canonical {
+                let node = model.graph.node(id);
+                let native = match node.op_type.as_str() {
+                    "Attention" | "RMSNormalization" => opset >= 23,
+                    "Swish" => opset >= 24,
+                    _ => false,
+                };
+                let e = Env {
+                    g: &model.graph,
+                    shapes: &shapes,
+                    opset,
+                };
+                let patch = if native {
+                    let mut p = Patch::new();
+                    let spec = NodeSpec {
+                        attrs: node.attrs.clone(),
+                        ..op(&node.op_type)
+                    };
+                    p.set_op(id, spec, node.inputs().iter().map(|v| v.map(Into::into)));
+                    Ok(p)
+                } else {
+                    match node.op_type.as_str() {
+                        "Attention" => attention(&e, id),
+                        "RMSNormalization" => rms_norm(&e, id),
+                        "Swish" => swish(&e, id),
+                        other => Err(format!("no lowering for ai.perqc::{other}")),
+                    }
+                };
+                let patch = patch.map_err(|why| {
+                    PassError::msg(format!(
+                        "node `{}` (ai.perqc::{}): cannot lower to opset {opset}: {why}",
+                        node.name, node.op_type
+                    ))
+                })?;
+                if !ctx.rewrite() {
+                    break;
+                }
+                patch.apply(&mut model.graph)?;
+                if native {
+                    renamed += 1;
+                } else {
+                    lowered += 1;
+                }
+            }
+        }
+        let left = model.graph.nodes().any(|(_, n)| n.domain == PERQC_DOMAIN);
+        let before = model.opset_imports.len();
+        if !left {
+            model
+                .opset_imports
+                .retain(|o| o.domain.as_deref() != Some(PERQC_DOMAIN));
+        }
+        let changed = lowered + renamed > 0 || model.opset_imports.len() != before;
+        Ok(PassOutcome::from_changed(changed)
+            .with("decomposed", lowered)
+            .with("to-onnx-op", renamed))
+    }
+}
