@@ -225,6 +225,29 @@ fn duplicate_value_names() {
 }
 
 #[test]
+fn output_listed_twice_in_one_node() {
+    // Valid protobuf, invalid ONNX: the loader used to panic building the graph.
+    let dir = scratch("same_output_twice");
+    let bytes = model(
+        vec![
+            node("split", "Split", &["in"], &["y", "y"]),
+            node("o", "Identity", &["y"], &["out"]),
+        ],
+        vec![],
+    );
+    let m = write(&dir, "split.onnx", &bytes);
+    fails_cleanly(
+        &m,
+        &dir.join("out.onnx"),
+        &[
+            "split.onnx",
+            "node split (Split)",
+            "`y` is defined twice (output 0 of node `split` (Split) and output 1",
+        ],
+    );
+}
+
+#[test]
 fn unknown_dtype() {
     let dir = scratch("dtype");
     let w = pb::TensorProto {
