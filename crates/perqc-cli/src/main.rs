@@ -7,7 +7,7 @@ mod eval;
 mod ppl;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use perqc_ir::{PassManager, RunOptions};
 use perqc_onnx::{ExternalPolicy, SaveOptions};
 use std::io::Write;
@@ -82,7 +82,23 @@ struct CompileArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(word) = unknown_command(&e) {
+                let commands: Vec<String> = Cli::command()
+                    .get_subcommands()
+                    .map(|c| format!("`{}`", c.get_name()))
+                    .collect();
+                eprintln!(
+                    "error: unknown command `{word}`; the commands are {}, and `perqc MODEL -o OUT` compiles a model (see --help)",
+                    commands.join(", ")
+                );
+                return ExitCode::from(2);
+            }
+            e.exit();
+        }
+    };
     let result = match cli.command {
         Some(Command::Print { model }) => print(model),
         Some(Command::Eval(args)) => eval::run(args),
@@ -106,6 +122,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The first argument, when the command line does not parse and that argument is neither an
+/// option nor anything like a model path: an unknown (or mistyped) command, which clap alone
+/// would report as a misplaced positional argument.
+fn unknown_command(e: &clap::Error) -> Option<String> {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return None;
+    }
+    let first = std::env::args_os().nth(1)?.into_string().ok()?;
+    let path_like = first.contains(['/', '.']) || Path::new(&first).exists();
+    (!first.is_empty() && !first.starts_with('-') && !path_like).then_some(first)
 }
 
 fn load(path: &Path, quiet: bool) -> Result<perqc_ir::Model> {

@@ -130,6 +130,77 @@ fn random_bytes() {
 }
 
 #[test]
+fn empty_file() {
+    let dir = scratch("empty");
+    let m = write(&dir, "empty.onnx", b"");
+    let line = fails_cleanly(&m, &dir.join("out.onnx"), &["empty.onnx", "empty file"]);
+    assert!(!line.contains("graph"), "{line}");
+}
+
+#[test]
+fn text_file() {
+    // Plain words first, the decoder's detail after.
+    let dir = scratch("text");
+    let m = write(&dir, "notes.onnx", b"hello world, this is text\n");
+    let line = fails_cleanly(&m, &dir.join("out.onnx"), &["notes.onnx", "byte offset"]);
+    assert!(
+        line.starts_with(&format!(
+            "error: {}: not a valid ONNX model: the bytes do not decode as protobuf (",
+            m.display()
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn protobuf_without_graph() {
+    // Bytes that happen to decode as a ModelProto but hold no graph: not an ONNX model.
+    let dir = scratch("no_graph");
+    let m = write(&dir, "ir.onnx", &[0x08, 0x07]);
+    fails_cleanly(
+        &m,
+        &dir.join("out.onnx"),
+        &["ir.onnx", "not a valid ONNX model", "holds no graph"],
+    );
+}
+
+#[test]
+fn unknown_command() {
+    let dir = scratch("unknown_command");
+    let model = fixture("llama_ts.onnx");
+    for args in [vec!["inspect", model.to_str().unwrap()], vec!["inspect"]] {
+        let o = Command::new(env!("CARGO_BIN_EXE_perqc"))
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr
+                .starts_with("error: unknown command `inspect`; the commands are `print`, `eval`"),
+            "{stderr}"
+        );
+    }
+    // The main job, without a command, still runs; a model that does not exist says so.
+    let out = dir.join("out.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_perqc"))
+        .arg(&model)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.exists());
+    fails_cleanly(
+        &dir.join("inspect"),
+        &dir.join("out2.onnx"),
+        &["inspect", "No such file or directory"],
+    );
+}
+
+#[test]
 fn missing_file() {
     let dir = scratch("missing");
     fails_cleanly(
