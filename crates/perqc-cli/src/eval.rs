@@ -26,13 +26,13 @@ pub struct EvalArgs {
     /// Tokens per window.
     #[arg(long, default_value_t = 512)]
     seq: usize,
-    /// Windows to score (fewer if the text is shorter).
+    /// Windows to score, at least 1 (fewer if the text is shorter, with a note on stderr).
     #[arg(long, default_value_t = 16)]
     windows: usize,
     /// Characters of --text to skip before tokenizing (the calibration part).
     #[arg(long, default_value_t = 0)]
     skip_chars: usize,
-    /// Threads (default: all cores).
+    /// Threads, at least 1 (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
     /// No progress bar.
@@ -99,17 +99,34 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.seq < 2 {
         bail!("--seq must be at least 2");
     }
-    let ids = match (&args.tokenizer, &args.text, &args.ids) {
-        (Some(tok), Some(text), None) => tokenize(tok, text, args.skip_chars)?,
-        (None, None, Some(ids)) => read_ids(ids)?,
+    if args.windows == 0 {
+        bail!("--windows must be at least 1");
+    }
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1 (leave it out to use all cores)");
+    }
+    let (ids, source) = match (&args.tokenizer, &args.text, &args.ids) {
+        (Some(tok), Some(text), None) => (tokenize(tok, text, args.skip_chars)?, text),
+        (None, None, Some(ids)) => (read_ids(ids)?, ids),
         _ => bail!("give --tokenizer and --text, or --ids"),
     };
     let windows: Vec<&[u32]> = ppl::windows(&ids, args.seq, args.windows).collect();
     if windows.is_empty() {
         bail!(
-            "{} tokens make no complete window of --seq {}",
+            "{}: {} tokens make no complete window of --seq {}",
+            source.display(),
             ids.len(),
             args.seq
+        );
+    }
+    if windows.len() < args.windows {
+        let n = windows.len();
+        eprintln!(
+            "note: {} makes {n} window{} of {} tokens; scoring {n} of the {} asked",
+            source.display(),
+            if n == 1 { "" } else { "s" },
+            args.seq,
+            args.windows
         );
     }
     let mut loaded = perqc_onnx::load(&args.model)?;
@@ -141,11 +158,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
     );
     let start = Instant::now();
     let (mut nll, mut count) = (0.0f64, 0usize);
-    for w in &windows {
+    // Errors while scoring name the model and the file the ids came from.
+    let place = |i: usize| {
+        format!(
+            "{}: window {} of {}",
+            args.model.display(),
+            i + 1,
+            source.display()
+        )
+    };
+    for (i, w) in windows.iter().enumerate() {
         let x = Array2::from_shape_fn((1, args.seq), |(_, t)| w[t] as i64)
             .into_dyn()
             .into_shared();
-        let out = session.run(&[(input.as_str(), RtTensor::I64(x))])?;
+        let out = session
+            .run(&[(input.as_str(), RtTensor::I64(x))])
+            .with_context(|| place(i))?;
         let logits = match out.into_iter().next() {
             Some((_, RtTensor::F32(a))) => a.into_dimensionality::<Ix3>().map_err(|_| {
                 anyhow::anyhow!(
@@ -160,7 +188,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         };
         let vocab = logits.dim().2;
         if let Some(&bad) = w.iter().find(|&&id| id as usize >= vocab) {
-            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+            bail!(
+                "{}: token id {bad} is outside the model's vocabulary of {vocab}",
+                place(i)
+            );
         }
         let logits = logits.as_standard_layout();
         nll += ppl::window_nll(logits.as_slice().expect("standard layout"), vocab, w);

@@ -7,9 +7,10 @@ mod eval;
 mod ppl;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
-use perqc_ir::{PassManager, RunOptions};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use perqc_ir::{AttrValue, Graph, PassManager, RunOptions, Tensor, TensorData};
 use perqc_onnx::{ExternalPolicy, SaveOptions};
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -82,7 +83,23 @@ struct CompileArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(word) = unknown_command(&e) {
+                let commands: Vec<String> = Cli::command()
+                    .get_subcommands()
+                    .map(|c| format!("`{}`", c.get_name()))
+                    .collect();
+                eprintln!(
+                    "error: unknown command `{word}`; the commands are {}, and `perqc MODEL -o OUT` compiles a model (see --help)",
+                    commands.join(", ")
+                );
+                return ExitCode::from(2);
+            }
+            e.exit();
+        }
+    };
     let result = match cli.command {
         Some(Command::Print { model }) => print(model),
         Some(Command::Eval(args)) => eval::run(args),
@@ -106,6 +123,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The first argument, when the command line does not parse and that argument is neither an
+/// option nor anything like a model path: an unknown (or mistyped) command, which clap alone
+/// would report as a misplaced positional argument.
+fn unknown_command(e: &clap::Error) -> Option<String> {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return None;
+    }
+    let first = std::env::args_os().nth(1)?.into_string().ok()?;
+    let path_like = first.contains(['/', '.']) || Path::new(&first).exists();
+    (!first.is_empty() && !first.starts_with('-') && !path_like).then_some(first)
 }
 
 fn load(path: &Path, quiet: bool) -> Result<perqc_ir::Model> {
@@ -142,6 +177,10 @@ fn compile(args: CompileArgs) -> Result<()> {
     let t = Instant::now();
     let mut model = load(&input, args.quiet)?;
     let load_time = t.elapsed();
+    let size_before = files_size(&input, &model.graph);
+    // The initializers as loaded, to count what the passes changed (none run: none changed).
+    let weights_before: Option<Vec<(String, Tensor)>> =
+        (!pipeline.is_empty()).then(|| initializers(&model.graph).collect());
 
     let mut stderr = std::io::stderr();
     let mut opts = RunOptions {
@@ -179,20 +218,94 @@ fn compile(args: CompileArgs) -> Result<()> {
                 "note: the model passes protobuf's 2 GiB limit; tensors went to external data"
             );
         }
-        let passes = if pipeline.is_empty() {
-            String::new()
+        // What was done to the model: passes, weights changed, size before and after.
+        let weights = initializers(&model.graph).count();
+        if pipeline.is_empty() {
+            eprintln!(
+                "no passes: the model is written back unchanged (quantization is not implemented yet)"
+            );
         } else {
-            format!("passes {:.2?}, ", report.total_time())
-        };
+            eprintln!(
+                "passes run: {} ({:.2?})",
+                pipeline.names().join(", "),
+                report.total_time()
+            );
+        }
+        let (changed, before) = weights_before.as_ref().map_or((0, weights), |before| {
+            (changed_weights(before, &model.graph), before.len())
+        });
+        eprintln!(
+            "weights: {changed} initializers changed, added or removed; {before} before, {weights} after"
+        );
+        let size_after = saved.model_bytes + saved.data.as_ref().map_or(0, |d| d.1);
+        eprintln!("size: {size_before} bytes before, {size_after} after");
         let data = match &saved.data {
             Some((p, n)) => format!(" + {} ({n} bytes)", p.display()),
             None => String::new(),
         };
         eprintln!(
-            "wrote {} ({} bytes){data}; load {load_time:.2?}, {passes}save {save_time:.2?}",
+            "wrote {} ({} bytes){data}; load {load_time:.2?}, save {save_time:.2?}",
             output.display(),
             saved.model_bytes,
         );
     }
     Ok(())
+}
+
+/// The initializers of `g`, by name.
+fn initializers(g: &Graph) -> impl Iterator<Item = (String, Tensor)> + '_ {
+    g.initializers.iter().filter_map(|&v| {
+        let val = g.value(v);
+        Some((val.name.clone(), val.tensor.clone()?))
+    })
+}
+
+/// How many initializers differ from `before`: added, removed, or with another type, shape
+/// or payload.
+fn changed_weights(before: &[(String, Tensor)], g: &Graph) -> usize {
+    let same = |a: &Tensor, b: &Tensor| {
+        a.dtype == b.dtype
+            && a.dims == b.dims
+            && matches!((a.raw_bytes(), b.raw_bytes()), (Ok(x), Ok(y)) if x == y)
+    };
+    let old: HashMap<&str, &Tensor> = before.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut kept = 0;
+    let mut changed = 0;
+    for (name, t) in initializers(g) {
+        match old.get(name.as_str()) {
+            Some(o) if same(o, &t) => kept += 1,
+            _ => changed += 1,
+        }
+    }
+    changed + (before.len() - kept)
+}
+
+/// Bytes of the model file `path` plus the external data files its tensors read.
+fn files_size(path: &Path, g: &Graph) -> u64 {
+    fn locations(g: &Graph, out: &mut HashSet<String>) {
+        for &v in &g.initializers {
+            if let Some(Tensor {
+                data: TensorData::External { entries, .. },
+                ..
+            }) = &g.value(v).tensor
+                && let Some((_, loc)) = entries.iter().find(|(k, _)| k == "location")
+            {
+                out.insert(loc.clone());
+            }
+        }
+        for (_, n) in g.nodes() {
+            for a in &n.attrs {
+                match &a.value {
+                    AttrValue::Graph(sub) => locations(sub, out),
+                    AttrValue::Graphs(subs) => subs.iter().for_each(|s| locations(s, out)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut locs = HashSet::new();
+    locations(g, &mut locs);
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    size(path) + locs.iter().map(|l| size(&dir.join(l))).sum::<u64>()
 }

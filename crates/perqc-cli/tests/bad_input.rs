@@ -130,6 +130,77 @@ fn random_bytes() {
 }
 
 #[test]
+fn empty_file() {
+    let dir = scratch("empty");
+    let m = write(&dir, "empty.onnx", b"");
+    let line = fails_cleanly(&m, &dir.join("out.onnx"), &["empty.onnx", "empty file"]);
+    assert!(!line.contains("graph"), "{line}");
+}
+
+#[test]
+fn text_file() {
+    // Plain words first, the decoder's detail after.
+    let dir = scratch("text");
+    let m = write(&dir, "notes.onnx", b"hello world, this is text\n");
+    let line = fails_cleanly(&m, &dir.join("out.onnx"), &["notes.onnx", "byte offset"]);
+    assert!(
+        line.starts_with(&format!(
+            "error: {}: not a valid ONNX model: the bytes do not decode as protobuf (",
+            m.display()
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn protobuf_without_graph() {
+    // Bytes that happen to decode as a ModelProto but hold no graph: not an ONNX model.
+    let dir = scratch("no_graph");
+    let m = write(&dir, "ir.onnx", &[0x08, 0x07]);
+    fails_cleanly(
+        &m,
+        &dir.join("out.onnx"),
+        &["ir.onnx", "not a valid ONNX model", "holds no graph"],
+    );
+}
+
+#[test]
+fn unknown_command() {
+    let dir = scratch("unknown_command");
+    let model = fixture("llama_ts.onnx");
+    for args in [vec!["inspect", model.to_str().unwrap()], vec!["inspect"]] {
+        let o = Command::new(env!("CARGO_BIN_EXE_perqc"))
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr
+                .starts_with("error: unknown command `inspect`; the commands are `print`, `eval`"),
+            "{stderr}"
+        );
+    }
+    // The main job, without a command, still runs; a model that does not exist says so.
+    let out = dir.join("out.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_perqc"))
+        .arg(&model)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.exists());
+    fails_cleanly(
+        &dir.join("inspect"),
+        &dir.join("out2.onnx"),
+        &["inspect", "No such file or directory"],
+    );
+}
+
+#[test]
 fn missing_file() {
     let dir = scratch("missing");
     fails_cleanly(
@@ -225,6 +296,29 @@ fn duplicate_value_names() {
 }
 
 #[test]
+fn output_listed_twice_in_one_node() {
+    // Valid protobuf, invalid ONNX: the loader used to panic building the graph.
+    let dir = scratch("same_output_twice");
+    let bytes = model(
+        vec![
+            node("split", "Split", &["in"], &["y", "y"]),
+            node("o", "Identity", &["y"], &["out"]),
+        ],
+        vec![],
+    );
+    let m = write(&dir, "split.onnx", &bytes);
+    fails_cleanly(
+        &m,
+        &dir.join("out.onnx"),
+        &[
+            "split.onnx",
+            "node split (Split)",
+            "`y` is defined twice (output 0 of node `split` (Split) and output 1",
+        ],
+    );
+}
+
+#[test]
 fn unknown_dtype() {
     let dir = scratch("dtype");
     let w = pb::TensorProto {
@@ -281,4 +375,174 @@ fn unwritable_output() {
         "{stderr}"
     );
     assert!(!out.exists());
+}
+
+/// Runs `perqc llama_ts.onnx -o OUT` plus `extra` arguments.
+fn compile_to(out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_perqc"))
+        .arg(fixture("llama_ts.onnx"))
+        .arg("-o")
+        .arg(out)
+        .arg("--quiet")
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    let st = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(st.success(), "mkfifo {}", path.display());
+}
+
+fn is_fifo(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_fifo())
+        .unwrap_or(false)
+}
+
+/// The one error line of a failed run, checked to name `expect`.
+fn one_error(o: &std::process::Output, expect: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "succeeded: {stderr}");
+    assert_ne!(o.status.code(), Some(101), "panicked: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for e in expect {
+        assert!(stderr.contains(e), "error lacks `{e}`: {stderr}");
+    }
+    stderr
+}
+
+#[test]
+fn output_through_a_symlink_writes_its_target() {
+    let dir = scratch("out_symlink");
+    std::fs::create_dir(dir.join("real")).unwrap();
+    let target = dir.join("real/model.onnx");
+    std::fs::write(&target, b"old").unwrap();
+    let link = dir.join("link.onnx");
+    std::os::unix::fs::symlink("real/model.onnx", &link).unwrap();
+    let o = compile_to(&link, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the symlink was replaced"
+    );
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        Path::new("real/model.onnx")
+    );
+    let written = std::fs::read(&target).unwrap();
+    assert_eq!(written, std::fs::read(fixture("llama_ts.onnx")).unwrap());
+    // No temporary file left in either folder.
+    let names = |d: &Path| -> Vec<_> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&dir), ["link.onnx", "real"]);
+    assert_eq!(names(&dir.join("real")), ["model.onnx"]);
+}
+
+#[test]
+fn output_over_a_fifo_is_refused() {
+    let dir = scratch("out_fifo");
+    let fifo = dir.join("pipe");
+    mkfifo(&fifo);
+    one_error(
+        &compile_to(&fifo, &[]),
+        &["pipe", "is a FIFO, not a regular file"],
+    );
+    assert!(is_fifo(&fifo), "the FIFO was replaced");
+    // Through a symlink too: the link and the FIFO stay.
+    let link = dir.join("link.onnx");
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    one_error(
+        &compile_to(&link, &[]),
+        &["link.onnx", "is a symlink to", "which is a FIFO"],
+    );
+    assert!(is_fifo(&fifo));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // A folder is not replaced either.
+    std::fs::create_dir(dir.join("folder")).unwrap();
+    one_error(&compile_to(&dir.join("folder"), &[]), &["is a folder"]);
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["folder", "link.onnx", "pipe"],
+        "no other file appeared"
+    );
+}
+
+#[test]
+fn external_data_over_a_fifo_is_refused() {
+    let dir = scratch("data_fifo");
+    let out = dir.join("out.onnx");
+    let fifo = dir.join("out.onnx.data");
+    mkfifo(&fifo);
+    one_error(
+        &compile_to(&out, &["--external-data"]),
+        &["out.onnx.data", "is a FIFO, not a regular file"],
+    );
+    assert!(is_fifo(&fifo), "the FIFO was replaced");
+    assert!(!out.exists(), "the model was written without its data");
+    // Without external data the FIFO beside the output is no concern.
+    let o = compile_to(&out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(is_fifo(&fifo));
+}
+
+#[test]
+fn output_through_a_dangling_symlink() {
+    // A dangling symlink is written through when its target's folder exists (as a shell
+    // redirection would), and refused, naming where it leads, when it does not.
+    let dir = scratch("out_dangling");
+    let link = dir.join("link.onnx");
+    std::os::unix::fs::symlink("made.onnx", &link).unwrap();
+    let o = compile_to(&link, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        std::fs::read(dir.join("made.onnx")).unwrap(),
+        std::fs::read(fixture("llama_ts.onnx")).unwrap()
+    );
+
+    let nowhere = dir.join("nowhere.onnx");
+    std::os::unix::fs::symlink("no/such/folder/x.onnx", &nowhere).unwrap();
+    one_error(
+        &compile_to(&nowhere, &[]),
+        &[
+            "nowhere.onnx",
+            "does not exist",
+            "the symlink leads to",
+            "no/such/folder/x.onnx",
+        ],
+    );
+    assert!(
+        std::fs::symlink_metadata(&nowhere)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
 }

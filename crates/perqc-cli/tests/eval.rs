@@ -200,7 +200,77 @@ fn bad_inputs_name_the_file() {
     let big = dir.join("big.npy");
     write_ids(&big, &[1, 2, 300, 4]);
     fails(
-        &perqc(&["eval", m, "--ids", big.to_str().unwrap(), "--seq", "4"]),
-        &["300", "Gather", "out of range"],
+        &perqc(&[
+            "eval",
+            m,
+            "--ids",
+            big.to_str().unwrap(),
+            "--seq",
+            "4",
+            "--windows",
+            "1",
+        ]),
+        &["llama_ts.onnx", "big.npy", "300", "Gather", "out of range"],
+    );
+
+    // The model's input is not token ids: the error names the model and the ids file.
+    let gelu = fixture("encoder_ln_gelu.onnx");
+    let ids = dir.join("ids.npy");
+    write_ids(&ids, &[1, 2, 3, 4]);
+    fails(
+        &perqc(&[
+            "eval",
+            gelu.to_str().unwrap(),
+            "--ids",
+            ids.to_str().unwrap(),
+            "--seq",
+            "4",
+            "--windows",
+            "1",
+        ]),
+        &["encoder_ln_gelu.onnx", "ids.npy"],
+    );
+}
+
+#[test]
+fn bad_counts_are_refused() {
+    let dir = scratch("counts");
+    let ids = dir.join("ids.npy");
+    write_ids(&ids, &[1, 2, 3, 4]);
+    let m = fixture("llama_ts.onnx");
+    let (m, i) = (m.to_str().unwrap(), ids.to_str().unwrap());
+    fails(
+        &perqc(&["eval", m, "--ids", i, "--seq", "4", "--windows", "0"]),
+        &["--windows must be at least 1"],
+    );
+    fails(
+        &perqc(&["eval", m, "--ids", i, "--seq", "4", "--threads", "0"]),
+        &["--threads must be at least 1"],
+    );
+}
+
+#[test]
+fn fewer_windows_than_asked_are_reported() {
+    let dir = scratch("fewer");
+    let ids = dir.join("ids.npy");
+    let v: Vec<i64> = (0..50).map(|i| (i * 7 + 3) % 256).collect();
+    write_ids(&ids, &v);
+    let m = fixture("llama_ts.onnx");
+    let o = perqc(&[
+        "eval",
+        m.to_str().unwrap(),
+        "--ids",
+        ids.to_str().unwrap(),
+        "--seq",
+        "24",
+        "--windows",
+        "16",
+        "--quiet",
+    ]);
+    ppl(&o);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("ids.npy makes 2 windows of 24 tokens; scoring 2 of the 16 asked"),
+        "{stderr}"
     );
 }

@@ -524,6 +524,21 @@ impl Graph {
         outputs: &[&str],
     ) -> Result<NodeId, GraphError> {
         let id = NodeId(self.nodes.len() as u32);
+        // A name listed twice among this node's own outputs: `define` cannot describe the
+        // first definition (the node is not pushed yet), so it is caught here.
+        for (slot, name) in outputs.iter().enumerate() {
+            if let Some(first) = outputs[..slot]
+                .iter()
+                .position(|n| !n.is_empty() && n == name)
+            {
+                let node = format!("node `{}` ({})", spec.name, spec.op_type);
+                return Err(GraphError::DuplicateValue {
+                    name: name.to_string(),
+                    first: format!("output {first} of {node}"),
+                    second: format!("output {slot} of {node}"),
+                });
+            }
+        }
         let mut outs: SmallVec<[Option<ValueId>; 2]> = SmallVec::new();
         for (slot, name) in outputs.iter().enumerate() {
             if name.is_empty() {
@@ -826,5 +841,43 @@ impl Graph {
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "n{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_node_rejects_an_output_listed_twice() {
+        let mut g = Graph::new("g");
+        let x = g.add_input("x", None).unwrap();
+        let spec = NodeSpec::new("Split").named("s");
+        let e = g.add_node(spec, &[Some(x)], &["y", "y"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "value `y` is defined twice (output 0 of node `s` (Split) and output 1 of node `s` (Split))"
+        );
+        // Nothing was added; the name is still free.
+        assert_eq!(g.node_count(), 0);
+        assert!(g.value(x).uses.is_empty());
+        let n = g
+            .add_node(NodeSpec::new("Relu").named("r"), &[Some(x)], &["y"])
+            .unwrap();
+        assert_eq!(
+            g.value(g.find("y").unwrap()).def,
+            ValueDef::Node { node: n, slot: 0 }
+        );
+        // Omitted optional results (empty names) may repeat.
+        g.add_node(NodeSpec::new("Split"), &[Some(x)], &["", "z", ""])
+            .unwrap();
+        // A value defined twice across nodes names both definitions.
+        let e = g
+            .add_node(NodeSpec::new("Neg").named("n2"), &[Some(x)], &["y"])
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "value `y` is defined twice (output of node `r` (Relu) and output of node `n2` (Neg))"
+        );
     }
 }

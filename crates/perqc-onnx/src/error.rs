@@ -9,6 +9,8 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: empty file (0 bytes), not an ONNX model")]
+    Empty { path: PathBuf },
     #[error("{path}: not a valid ONNX model: {detail}")]
     Decode { path: PathBuf, detail: String },
     #[error("{path}: {place}: {detail}")]

@@ -66,10 +66,6 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
         let p = p.to_path_buf();
         move |source| SaveError::Io { path: p, source }
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
     let file_name = path
         .file_name()
         .ok_or_else(|| SaveError::Invalid {
@@ -78,17 +74,6 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
         })?
         .to_string_lossy()
         .into_owned();
-
-    if !dir.is_dir() {
-        return Err(SaveError::Invalid {
-            path: path.to_path_buf(),
-            detail: format!(
-                "cannot write: the folder `{}` does not exist",
-                dir.display()
-            ),
-        });
-    }
-
     let mut policy = opts.external;
     let mut threshold = opts.threshold;
     let forced_external =
@@ -103,8 +88,37 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
         ExternalPolicy::Inline => false,
     };
 
+    // The external data file is `<path>.data` beside `path` as named, so that loading
+    // `path` finds it. Both are resolved before anything is written; the data file only if
+    // one will be written.
     let data_name = format!("{file_name}.data");
-    let data_path = dir.join(&data_name);
+    let data_path = folder_of(path).join(&data_name);
+    let target = writable_target(path)?;
+    let data_target = if writes_external(&model.graph, &goes_external) {
+        writable_target(&data_path)?
+    } else {
+        data_path.clone()
+    };
+    let dir = folder_of(&target);
+    let data_dir = folder_of(&data_target);
+    for (named, resolved) in [(path, &target), (data_path.as_path(), &data_target)] {
+        let folder = folder_of(resolved);
+        if !folder.is_dir() {
+            let via = if resolved.as_path() != named {
+                format!(" (the symlink leads to `{}`)", resolved.display())
+            } else {
+                String::new()
+            };
+            return Err(SaveError::Invalid {
+                path: named.to_path_buf(),
+                detail: format!(
+                    "cannot write: the folder `{}` does not exist{via}",
+                    folder.display()
+                ),
+            });
+        }
+    }
+
     let mut data_file: Option<(tempfile::NamedTempFile, StreamBuf<BufWriter<std::fs::File>>)> =
         None;
     let mut write_external = |t: &Tensor| -> io::Result<Option<Vec<(String, String)>>> {
@@ -113,9 +127,9 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
         }
         if data_file.is_none() {
             let tmp = tempfile::Builder::new()
-                .prefix(&format!(".{data_name}."))
+                .prefix(&format!(".{}.", file_name_of(&data_target)))
                 .permissions(new_file_permissions())
-                .tempfile_in(&dir)?;
+                .tempfile_in(&data_dir)?;
             let w = BufWriter::new(tmp.as_file().try_clone()?);
             data_file = Some((tmp, StreamBuf::new(w)));
         }
@@ -147,7 +161,7 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
     };
 
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
+        .prefix(&format!(".{}.", file_name_of(&target)))
         .permissions(new_file_permissions())
         .tempfile_in(&dir)
         .map_err(io_err(path))?;
@@ -163,7 +177,7 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
 
     let data = match data {
         Some((tmp, size)) => {
-            tmp.persist(&data_path).map_err(|e| SaveError::Io {
+            tmp.persist(&data_target).map_err(|e| SaveError::Io {
                 path: data_path.clone(),
                 source: e.error,
             })?;
@@ -171,7 +185,7 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
         }
         None => None,
     };
-    tmp.persist(path).map_err(|e| SaveError::Io {
+    tmp.persist(&target).map_err(|e| SaveError::Io {
         path: path.to_path_buf(),
         source: e.error,
     })?;
@@ -180,6 +194,84 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Saved, Sav
         data,
         forced_external,
     })
+}
+
+/// The file a save of `path` replaces: `path` itself when it is absent or a regular file, the
+/// file a symlink leads to (so the link stays a link; a dangling link's target is created
+/// if its folder exists, as a shell redirection would). Anything else (a folder, device,
+/// FIFO or socket) is refused: renaming a new file over it would destroy it.
+fn writable_target(path: &Path) -> Result<PathBuf, SaveError> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut target = path.to_path_buf();
+    // As many links as Linux follows before ELOOP.
+    for _ in 0..40 {
+        let meta = match std::fs::symlink_metadata(&target) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(target),
+            Err(source) => {
+                return Err(SaveError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            let link = std::fs::read_link(&target).map_err(|source| SaveError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            target = folder_of(&target).join(link);
+            continue;
+        }
+        if ft.is_file() {
+            return Ok(target);
+        }
+        let kind = if ft.is_dir() {
+            "a folder"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "a special file"
+        };
+        let what = if target == path {
+            format!("`{}` is {kind}", path.display())
+        } else {
+            format!(
+                "`{}` is a symlink to `{}`, which is {kind}",
+                path.display(),
+                target.display()
+            )
+        };
+        return Err(SaveError::Invalid {
+            path: path.to_path_buf(),
+            detail: format!("cannot write: {what}, not a regular file; give a file path"),
+        });
+    }
+    Err(SaveError::Invalid {
+        path: path.to_path_buf(),
+        detail: "cannot write: too many levels of symlinks".into(),
+    })
+}
+
+/// The folder `path` is in (`.` for a bare file name).
+fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn file_name_of(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Temporary files are private (0600); the renamed result gets what a plain create would
@@ -215,6 +307,21 @@ fn external_entries(t: &Tensor, location: &str, offset: u64, length: u64) -> Vec
         }
     }
     entries
+}
+
+/// True if an initializer of `g` or of its subgraphs goes to the external data file.
+fn writes_external(g: &Graph, goes_external: &dyn Fn(&Tensor) -> bool) -> bool {
+    g.initializers
+        .iter()
+        .filter_map(|&v| g.value(v).tensor.as_ref())
+        .any(goes_external)
+        || g.nodes()
+            .flat_map(|(_, n)| n.attrs.iter())
+            .any(|a| match &a.value {
+                AttrValue::Graph(sub) => writes_external(sub, goes_external),
+                AttrValue::Graphs(subs) => subs.iter().any(|s| writes_external(s, goes_external)),
+                _ => false,
+            })
 }
 
 /// Bytes the tensors of `g` (and its subgraphs) would take inline.

@@ -90,14 +90,24 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
 /// Loads a model from `bytes`; `path` is only used in messages and `base_dir` resolves
 /// external data locations.
 pub fn load_bytes(bytes: Bytes, path: &Path, base_dir: &Path) -> Result<Loaded, LoadError> {
+    if bytes.is_empty() {
+        return Err(LoadError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
     let proto = pb::ModelProto::decode(bytes.clone()).map_err(|e| {
         let place = match wire::first_fault(&bytes, &[7]) {
-            Some((offset, what)) => format!(" (at byte offset {offset}: {what})"),
+            Some((offset, what)) => format!(" at byte offset {offset}: {what}"),
             None => String::new(),
         };
+        // Plain words first; the decoder's wire-format detail after.
+        let e = e.to_string();
+        let e = e
+            .strip_prefix("failed to decode Protobuf message: ")
+            .unwrap_or(&e);
         LoadError::Decode {
             path: path.to_path_buf(),
-            detail: format!("{e}{place}"),
+            detail: format!("the bytes do not decode as protobuf ({e}{place})"),
         }
     })?;
     let mut cx = Importer {
@@ -170,7 +180,10 @@ impl Importer {
             ));
         }
         let Some(graph) = p.graph else {
-            return Err(self.invalid("model", "has no graph"));
+            return Err(LoadError::Decode {
+                path: self.path.clone(),
+                detail: "the file decodes as protobuf but holds no graph".into(),
+            });
         };
         let graph = self.graph(graph, &HashSet::new())?.0;
         Ok(Model {
