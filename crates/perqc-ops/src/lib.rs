@@ -2,14 +2,16 @@
 //!
 //! Every per-op fact a pass needs lives in an [`OpDef`] row of the single static table in
 //! [`table`]; passes look rows up with [`lookup`] instead of matching on `op_type`
-//! themselves. Today a row holds the shape/type rule; the channel-flow rule and the native
-//! kernel join the same rows later.
+//! themselves. A row holds the shape/type rule, the channel-flow rule ([`channel`]: how an
+//! axis carrying channels passes through the op, for the region analysis) and the native
+//! f32 kernel ([`kernels`]).
 //!
 //! - [`infer_graph`] runs the rules over a graph (symbolic shapes, element types, and the
 //!   values of small integer tensors such as shape vectors), and [`apply`] writes the result
 //!   into `Value::ty`.
 //! - See `docs/op-semantics.md` for how to add an op.
 
+pub mod channel;
 mod constprop;
 pub mod facts;
 pub mod fold;
@@ -19,6 +21,7 @@ pub mod kernels;
 pub mod rules;
 mod table;
 
+pub use channel::{ChannelCtx, ChannelFlow, ChannelFn, Commutes};
 pub use facts::{Facts, MAX_VALUE_ELEMS};
 pub use infer::{
     ApplyStats, InferCtx, InferError, ShapeError, ShapeMap, UnknownOp, apply, compatible,
@@ -47,11 +50,8 @@ pub struct OpDef {
     pub infer: InferFn,
     /// Native f32 kernel for calibration and the runtime (`None`: not executable natively).
     pub kernel: Option<KernelFn>,
-    // Later rows grow, with neutral defaults set by the constructors below so table rows
-    // only spell out what differs:
-    //   pub channel: ChannelRule,      // how a channel axis flows through the op:
-    //                                  // transparent to permutations / rotations /
-    //                                  // positive scales, or a barrier
+    /// How a channel axis flows through the op (see [`channel`]); a barrier by default.
+    pub channel: ChannelFn,
 }
 
 impl OpDef {
@@ -64,6 +64,7 @@ impl OpDef {
             until: None,
             infer,
             kernel: None,
+            channel: channel::undeclared,
         }
     }
 
@@ -81,6 +82,7 @@ impl OpDef {
             until: None,
             infer,
             kernel: None,
+            channel: channel::undeclared,
         }
     }
 
@@ -93,6 +95,12 @@ impl OpDef {
     /// Sets the native kernel.
     pub const fn kernel(mut self, kernel: KernelFn) -> OpDef {
         self.kernel = Some(kernel);
+        self
+    }
+
+    /// Sets the channel rule.
+    pub const fn channel(mut self, rule: ChannelFn) -> OpDef {
+        self.channel = rule;
         self
     }
 

@@ -1054,3 +1054,211 @@ fn malformed_values_do_not_panic() {
     // Errors are fine; panics are not.
     let _ = b.infer();
 }
+
+// ---- the channel-axis column ----
+
+#[test]
+fn every_row_with_a_kernel_declares_a_channel_rule() {
+    let undeclared = channel::undeclared as ChannelFn as usize;
+    let missing: Vec<String> = OPS
+        .iter()
+        .filter(|d| d.kernel.is_some() && d.channel as usize == undeclared)
+        .map(|d| format!("{}::{} ({})", d.domain, d.op_type, d.since_version))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "rows with a kernel but no channel rule: {missing:?}"
+    );
+}
+
+/// A decoder-layer slice: h [B, S, 8] -> RMS norm -> q = h W (W [8, 6]) -> reshape to
+/// heads -> transpose; a residual Add; an embedding Gather.
+#[test]
+fn channels_follow_norms_linears_residuals_and_layouts() {
+    use channel::{ChannelFlow as F, LINEAR, ORTHOGONAL, PERM, flow};
+    let mut b = B::new();
+    let h = b.input("h", DType::F32, &["B", "S", "8"]);
+    let ids = b.input("ids", DType::I64, &["B", "S"]);
+    let table = b.weight("table", &[16, 8]);
+    let gamma = b.weight("gamma", &[8]);
+    let w = b.weight("w", &[8, 6]);
+    let heads = b.ints("heads", vec![4], &[0, 0, 2, 3]);
+    let emb = b.node(
+        NodeSpec::new("Gather").attr("axis", AttrValue::Int(0)),
+        &[table, ids],
+        "emb",
+    );
+    let res = b.op("Add", &[h, emb], "res");
+    let n = b.node(
+        NodeSpec::new("RMSNormalization").attr("axis", AttrValue::Int(-1)),
+        &[res, gamma],
+        "n",
+    );
+    let q = b.op("MatMul", &[n, w], "q");
+    let qh = b.op("Reshape", &[q, heads], "qh");
+    let qt = b.node(
+        NodeSpec::new("Transpose").attr("perm", ints_attr(&[0, 2, 1, 3])),
+        &[qh],
+        "qt",
+    );
+    let sig = b.op("Sigmoid", &[q], "sig");
+    b.opset = 23;
+    let map = b.infer().unwrap();
+    let opset = |d: &str| if d.is_empty() { Some(23) } else { None };
+    let node_of = |v: ValueId| b.g.value(v).producer().unwrap().0;
+    let at =
+        |v: ValueId, input: usize, axis: usize| flow(&b.g, node_of(v), &map, &opset, input, axis);
+
+    // The embedding's columns are the residual channels (a source).
+    assert_eq!(
+        at(emb, 0, 1),
+        F::Through {
+            outputs: vec![(0, 2)],
+            commutes: LINEAR,
+            with: vec![],
+            uniform: vec![]
+        }
+    );
+    assert!(matches!(at(emb, 0, 0), F::Barrier(_)));
+    // Residual Add: both operands take the same transform.
+    assert_eq!(
+        at(res, 0, 2),
+        F::Through {
+            outputs: vec![(0, 2)],
+            commutes: LINEAR,
+            with: vec![(1, 2)],
+            uniform: vec![]
+        }
+    );
+    // RMS norm: orthogonal maps pass once gamma is uniform (folded).
+    assert_eq!(
+        at(n, 0, 2),
+        F::Through {
+            outputs: vec![(0, 2)],
+            commutes: ORTHOGONAL,
+            with: vec![],
+            uniform: vec![(1, 0)]
+        }
+    );
+    // The linear layer reads the channels (a sink) and writes new ones (a source).
+    assert_eq!(
+        at(q, 0, 2),
+        F::Contracted {
+            weight: 1,
+            weight_axis: 0
+        }
+    );
+    assert_eq!(
+        at(q, 1, 1),
+        F::Through {
+            outputs: vec![(0, 2)],
+            commutes: LINEAR,
+            with: vec![],
+            uniform: vec![]
+        }
+    );
+    assert_eq!(
+        at(q, 1, 0),
+        F::Contracted {
+            weight: 0,
+            weight_axis: 2
+        }
+    );
+    // [B, S, 6] -> [B, S, 2, 3] splits the channels into heads; rows pass.
+    assert!(matches!(at(qh, 0, 2), F::Barrier(_)));
+    assert_eq!(
+        at(qh, 0, 1),
+        F::Through {
+            outputs: vec![(0, 1)],
+            commutes: LINEAR,
+            with: vec![],
+            uniform: vec![]
+        }
+    );
+    // Transpose moves the head-dim axis 3 to 3 and the sequence axis 1 to 2.
+    assert_eq!(
+        at(qt, 0, 1),
+        F::Through {
+            outputs: vec![(0, 2)],
+            commutes: LINEAR,
+            with: vec![],
+            uniform: vec![]
+        }
+    );
+    // A non-linear elementwise op: permutations only.
+    assert_eq!(
+        at(sig, 0, 2),
+        F::Through {
+            outputs: vec![(0, 2)],
+            commutes: PERM,
+            with: vec![],
+            uniform: vec![]
+        }
+    );
+}
+
+#[test]
+fn broadcast_operands_and_reductions() {
+    use channel::{ChannelFlow as F, LINEAR, PERM, flow};
+    let mut b = B::new();
+    let x = b.input("x", DType::F32, &["2", "8"]);
+    let r = b.input("r", DType::F32, &["2", "1"]);
+    let g = b.weight("g", &[8]);
+    let axes = b.ints("axes", vec![1], &[-1]);
+    let scaled = b.op("Mul", &[x, r], "scaled");
+    let gained = b.op("Mul", &[x, g], "gained");
+    let shifted = b.op("Add", &[x, r], "shifted");
+    let mean = b.node(NodeSpec::new("ReduceMean"), &[x, axes], "mean");
+    let map = b.infer().unwrap();
+    let opset = |d: &str| if d.is_empty() { Some(18) } else { None };
+    let node_of = |v: ValueId| b.g.value(v).producer().unwrap().0;
+    let at =
+        |v: ValueId, input: usize, axis: usize| flow(&b.g, node_of(v), &map, &opset, input, axis);
+    // Times a per-row scalar: every linear map commutes.
+    assert_eq!(
+        at(scaled, 0, 1),
+        F::Through {
+            outputs: vec![(0, 1)],
+            commutes: LINEAR,
+            with: vec![],
+            uniform: vec![]
+        }
+    );
+    // Times a per-channel gain: only a permutation applied to both.
+    assert_eq!(
+        at(gained, 0, 1),
+        F::Through {
+            outputs: vec![(0, 1)],
+            commutes: PERM,
+            with: vec![(1, 0)],
+            uniform: vec![]
+        }
+    );
+    // Plus a per-row scalar: only permutations (a rotation would move the shift).
+    assert_eq!(
+        at(shifted, 0, 1),
+        F::Through {
+            outputs: vec![(0, 1)],
+            commutes: PERM,
+            with: vec![],
+            uniform: vec![]
+        }
+    );
+    // A mean over the channels does not see their order.
+    assert_eq!(
+        at(mean, 0, 1),
+        F::Invariant {
+            commutes: PERM,
+            with: vec![]
+        }
+    );
+    assert_eq!(
+        at(mean, 0, 0),
+        F::Through {
+            outputs: vec![(0, 0)],
+            commutes: LINEAR,
+            with: vec![],
+            uniform: vec![]
+        }
+    );
+}

@@ -1,0 +1,664 @@
+//! The channel-axis column of the op table: how an axis carrying channels passes through
+//! an op, and which channel transforms commute with it there.
+//!
+//! A channel transform `T` acts on one axis of a tensor: a permutation `P`, an orthogonal
+//! rotation `R` (a Hadamard), or a positive diagonal scale `S`. The region analysis follows
+//! an axis from the weights that write it to the weights that read it, asking each op on
+//! the way for its [`ChannelFlow`]: `op(T x) == T op(x)` (the axis goes *through*), the op
+//! *contracts* the axis against a weight (`x W` reads it: a sink, `T⁻¹` folds into `W`),
+//! the result is *invariant* under `T` (a mean of squares, a shape), or a *barrier*.
+//!
+//! Like the shape rule, the channel rule is a function of the node's attributes and the
+//! facts (shapes, small values) of its operands; it never reads tensor names or weights.
+//! Every row with a kernel declares one (a unit test checks); ops without a rule are
+//! barriers.
+
+use crate::facts::{Facts, Mono, norm_axis};
+use perqc_ir::{DType, Dim, Node};
+
+/// Which kinds of channel transform commute with an op along an axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Commutes {
+    pub permutation: bool,
+    /// Any orthogonal matrix (rotations, Hadamards): the op is linear along the axis (or,
+    /// for [`ChannelFlow::Invariant`], depends on the axis only through norms).
+    pub rotation: bool,
+    /// Positive diagonal scales: the op is positively homogeneous along the axis.
+    pub positive_scale: bool,
+}
+
+/// Permutations only (elementwise non-linear ops).
+pub const PERM: Commutes = Commutes {
+    permutation: true,
+    rotation: false,
+    positive_scale: false,
+};
+/// Permutations and positive scales (ReLU).
+pub const PERM_SCALE: Commutes = Commutes {
+    positive_scale: true,
+    ..PERM
+};
+/// Every linear map along the axis.
+pub const LINEAR: Commutes = Commutes {
+    permutation: true,
+    rotation: true,
+    positive_scale: true,
+};
+/// Permutations and rotations, not scales (norms over the axis).
+pub const ORTHOGONAL: Commutes = Commutes {
+    positive_scale: false,
+    ..LINEAR
+};
+
+/// An axis of one operand or result: `(index, axis)`.
+pub type Port = (usize, usize);
+
+/// How the channels on one input axis pass through an op.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChannelFlow {
+    /// `op(T x, T y..) == T op(x, y..)` for the kinds in `commutes`: the channels reappear
+    /// on each port of `outputs`. The inputs in `with` carry the same channels on the given
+    /// axis and take the same `T` (a residual Add's other operand, Concat's other parts).
+    /// The inputs in `uniform` are left as they are and must be constant along the given
+    /// axis for rotations and scales to commute (a norm's gamma before it is folded).
+    Through {
+        outputs: Vec<Port>,
+        commutes: Commutes,
+        with: Vec<Port>,
+        uniform: Vec<Port>,
+    },
+    /// The op contracts the axis with input `weight` on `weight_axis` (`x W` reads it):
+    /// `op(T x, W) == op(x, T' W)`, so the transform ends here and its inverse folds into
+    /// that axis of the weight.
+    Contracted { weight: usize, weight_axis: usize },
+    /// The results do not carry the axis and do not change when `T` of the listed kinds is
+    /// applied to this input and to the inputs in `with` (a query/key product over the head
+    /// dim, a mean of squares, `Shape`).
+    Invariant { commutes: Commutes, with: Vec<Port> },
+    /// Nothing passes; the reason, for the region's `blocked_by`.
+    Barrier(&'static str),
+}
+
+impl ChannelFlow {
+    /// The axis reappears on `outputs` (same axis of output 0 by default), nothing else.
+    fn through(outputs: Vec<Port>, commutes: Commutes) -> ChannelFlow {
+        ChannelFlow::Through {
+            outputs,
+            commutes,
+            with: Vec::new(),
+            uniform: Vec::new(),
+        }
+    }
+}
+
+/// A channel rule: the flow of channels on `ctx.axis` of input `ctx.input`.
+pub type ChannelFn = fn(&ChannelCtx<'_>) -> ChannelFlow;
+
+/// What a channel rule sees.
+pub struct ChannelCtx<'a> {
+    pub node: &'a Node,
+    pub opset: i64,
+    /// Facts of the node's inputs (`None`: omitted or unknown).
+    pub inputs: Vec<Option<&'a Facts>>,
+    /// Facts of the node's results.
+    pub outputs: Vec<Option<&'a Facts>>,
+    /// The input carrying the channels, and its axis (non-negative).
+    pub input: usize,
+    pub axis: usize,
+}
+
+impl ChannelCtx<'_> {
+    fn rank(&self, i: usize) -> Option<usize> {
+        self.inputs.get(i).copied().flatten()?.rank()
+    }
+
+    fn out_shape(&self, k: usize) -> Option<&[Dim]> {
+        self.outputs.get(k).copied().flatten()?.shape.as_deref()
+    }
+
+    fn in_shape(&self, i: usize) -> Option<&[Dim]> {
+        self.inputs.get(i).copied().flatten()?.shape.as_deref()
+    }
+
+    /// An integer list from attribute `name` or the known value of input `i`.
+    fn ints(&self, name: &str, i: usize) -> Option<Vec<i64>> {
+        match self.node.attr_ints(name) {
+            Some(v) => Some(v.to_vec()),
+            None => self.inputs.get(i).copied().flatten()?.known_ints(),
+        }
+    }
+
+    fn int(&self, name: &str, default: i64) -> i64 {
+        self.node.attr_int(name).unwrap_or(default)
+    }
+}
+
+/// The default of rows that declare nothing: a barrier.
+pub fn undeclared(_: &ChannelCtx<'_>) -> ChannelFlow {
+    ChannelFlow::Barrier("the op table declares no channel rule for this op")
+}
+
+/// Elementwise ops with numpy broadcasting, given what commutes when every other operand
+/// carries the channels too (`shared`) and when they all broadcast along the axis
+/// (`broadcast`). Operands carrying the axis go in `with`.
+fn broadcasting(ctx: &ChannelCtx<'_>, shared: Commutes, broadcast: Commutes) -> ChannelFlow {
+    let Some(out) = ctx.out_shape(0) else {
+        return ChannelFlow::Barrier("result rank unknown");
+    };
+    let Some(rank) = ctx.rank(ctx.input) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    let out_axis = ctx.axis + out.len() - rank;
+    let mut with = Vec::new();
+    let mut all_carry = true;
+    for (j, f) in ctx.inputs.iter().enumerate() {
+        if j == ctx.input {
+            continue;
+        }
+        let Some(shape) = f.and_then(|f| f.shape.as_deref()) else {
+            if f.is_some() {
+                return ChannelFlow::Barrier("operand rank unknown");
+            }
+            continue; // omitted optional input
+        };
+        let lead = out.len() - shape.len();
+        match out_axis.checked_sub(lead).map(|a| (a, &shape[a])) {
+            Some((_, Dim::Known(1))) | None => all_carry = false,
+            Some((a, _)) => with.push((j, a)),
+        }
+    }
+    ChannelFlow::Through {
+        outputs: vec![(0, out_axis)],
+        commutes: if all_carry { shared } else { broadcast },
+        with,
+        uniform: Vec::new(),
+    }
+}
+
+/// Ops linear in all operands together (Add, Sub): `T x + T y == T (x + y)`; an operand
+/// that broadcasts along the axis adds the same value to every channel, which only
+/// permutations leave in place.
+pub fn add_sub(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    broadcasting(ctx, LINEAR, PERM)
+}
+
+/// Products and quotients: channels of both operands multiply elementwise (only a common
+/// permutation commutes); a factor broadcast along the axis (a per-row scalar such as an
+/// RMS) commutes with every linear map: `T (x · r) == (T x) · r`. A divisor carrying the
+/// channels is non-linear in them.
+pub fn mul_div(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    if ctx.node.op_type == "Div" && ctx.input == 1 {
+        return broadcasting(ctx, PERM, PERM);
+    }
+    broadcasting(ctx, PERM, LINEAR)
+}
+
+/// Elementwise ops that are not linear (Max, Pow, Where, comparisons, ...): permutations.
+pub fn pointwise_many(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    broadcasting(ctx, PERM, PERM)
+}
+
+/// Unary elementwise, non-linear (Exp, Sigmoid, SiLU, GELU, ...): permutations.
+pub fn pointwise(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    ChannelFlow::through(vec![(0, ctx.axis)], PERM)
+}
+
+/// ReLU: also positively homogeneous, `relu(s x) == s relu(x)` for `s > 0`.
+pub fn relu(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    ChannelFlow::through(vec![(0, ctx.axis)], PERM_SCALE)
+}
+
+/// Linear unary ops (Identity, Neg): everything commutes.
+pub fn linear_unary(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    ChannelFlow::through(vec![(0, ctx.axis)], LINEAR)
+}
+
+/// Cast: between float types it only rounds (linear up to round-off); to anything else
+/// the channels become another kind of value.
+pub fn cast(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let to = ctx
+        .node
+        .attr_int("to")
+        .and_then(|t| DType::from_code(t as i32));
+    let from = ctx.inputs.first().copied().flatten().and_then(|f| f.dtype);
+    let float = |d: Option<DType>| d.is_some_and(DType::is_float);
+    if ctx.node.op_type == "CastLike" || (float(to) && float(from)) {
+        ChannelFlow::through(vec![(0, ctx.axis)], LINEAR)
+    } else {
+        ChannelFlow::through(vec![(0, ctx.axis)], PERM)
+    }
+}
+
+/// `MatMul(a, b)`, numpy semantics: a's last axis is contracted with b's second-to-last;
+/// b's last axis becomes the result's last; other axes are rows or batch dims, on which
+/// the product is linear.
+pub fn matmul(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let (Some(ra), Some(rb)) = (ctx.rank(0), ctx.rank(1)) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    if ra < 2 || rb < 2 {
+        return ChannelFlow::Barrier("1-d MatMul operand");
+    }
+    let r = ra.max(rb);
+    let (rank, axis) = (if ctx.input == 0 { ra } else { rb }, ctx.axis);
+    match (ctx.input, axis) {
+        (0, a) if a == ra - 1 => ChannelFlow::Contracted {
+            weight: 1,
+            weight_axis: rb - 2,
+        },
+        (1, a) if a == rb - 2 => ChannelFlow::Contracted {
+            weight: 0,
+            weight_axis: ra - 1,
+        },
+        (1, a) if a == rb - 1 => ChannelFlow::through(vec![(0, r - 1)], LINEAR),
+        (0, a) if a == ra - 2 => ChannelFlow::through(vec![(0, r - 2)], LINEAR),
+        // A batch axis: linear, but a broadcast batch dim of the other operand would be
+        // shared by every channel.
+        _ => broadcasting_batch(ctx, rank, r),
+    }
+}
+
+fn broadcasting_batch(ctx: &ChannelCtx<'_>, rank: usize, r: usize) -> ChannelFlow {
+    let out_axis = ctx.axis + r - rank;
+    let other = 1 - ctx.input;
+    let Some(shape) = ctx.in_shape(other) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    let lead = r - shape.len();
+    match out_axis.checked_sub(lead).map(|a| (a, &shape[a])) {
+        Some((_, Dim::Known(1))) | None => ChannelFlow::through(vec![(0, out_axis)], LINEAR),
+        Some((a, _)) => ChannelFlow::Through {
+            outputs: vec![(0, out_axis)],
+            commutes: PERM,
+            with: vec![(other, a)],
+            uniform: Vec::new(),
+        },
+    }
+}
+
+/// `Gemm(A, B, C) = alpha op(A) op(B) + beta C` with `op` transposing on transA / transB.
+pub fn gemm(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let (ta, tb) = (ctx.int("transA", 0) != 0, ctx.int("transB", 0) != 0);
+    let (a_k, a_m) = if ta { (0, 1) } else { (1, 0) };
+    let (b_k, b_n) = if tb { (1, 0) } else { (0, 1) };
+    let bias = ctx.inputs.get(2).copied().flatten();
+    match (ctx.input, ctx.axis) {
+        (0, a) if a == a_k => ChannelFlow::Contracted {
+            weight: 1,
+            weight_axis: b_k,
+        },
+        (1, a) if a == b_k => ChannelFlow::Contracted {
+            weight: 0,
+            weight_axis: a_k,
+        },
+        (0, a) if a == a_m => {
+            // Rows: a bias broadcast over rows is the same in every row.
+            let c = if bias.is_some() { PERM } else { LINEAR };
+            ChannelFlow::through(vec![(0, 0)], c)
+        }
+        (1, a) if a == b_n => {
+            let mut with = Vec::new();
+            let mut commutes = LINEAR;
+            if let Some(shape) = bias.and_then(|f| f.shape.as_deref()) {
+                match shape.last() {
+                    Some(Dim::Known(1)) | None => commutes = PERM,
+                    Some(_) => with.push((2, shape.len() - 1)),
+                }
+            }
+            ChannelFlow::Through {
+                outputs: vec![(0, 1)],
+                commutes,
+                with,
+                uniform: Vec::new(),
+            }
+        }
+        _ => ChannelFlow::Barrier("Gemm bias"),
+    }
+}
+
+/// Attention over 4-d `q [B, Hq, S, D]`, `k [B, Hkv, L, D]`, `v [B, Hkv, L, Dv]`: the
+/// value head dim passes to the result's last axis (`y = P v` is linear in v); the query
+/// and key head dims meet only in `q · k`, unchanged by the same orthogonal map on both.
+/// Heads and positions are structure the region analysis handles itself.
+pub fn attention(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    if ctx
+        .inputs
+        .iter()
+        .take(3)
+        .any(|f| f.and_then(Facts::rank) != Some(4))
+    {
+        return ChannelFlow::Barrier("attention operands are not 4-d");
+    }
+    match (ctx.input, ctx.axis) {
+        (2, 3) => ChannelFlow::through(vec![(0, 3)], LINEAR),
+        (0, 3) => ChannelFlow::Invariant {
+            commutes: ORTHOGONAL,
+            with: vec![(1, 3)],
+        },
+        (1, 3) => ChannelFlow::Invariant {
+            commutes: ORTHOGONAL,
+            with: vec![(0, 3)],
+        },
+        _ => ChannelFlow::Barrier("attention mixes heads and positions"),
+    }
+}
+
+/// Reductions over `axes` (attribute or input) with keepdims: over the channel axis the
+/// result no longer carries it (a sum is invariant under permutations); over other axes it
+/// passes (sums and means are linear, Max only permutes).
+pub fn reduce(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let Some(rank) = ctx.rank(0) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    let axes: Vec<usize> = match ctx.ints("axes", 1) {
+        Some(a) if !a.is_empty() => match a.iter().map(|&x| norm_axis(x, rank)).collect() {
+            Some(v) => v,
+            None => return ChannelFlow::Barrier("reduction axis out of range"),
+        },
+        // No axes: all of them, unless noop_with_empty_axes.
+        _ if ctx.node.inputs().get(1).is_some_and(Option::is_some)
+            && ctx.ints("axes", 1).is_none() =>
+        {
+            return ChannelFlow::Barrier("reduction axes not known");
+        }
+        _ if ctx.int("noop_with_empty_axes", 0) != 0 => Vec::new(),
+        _ => (0..rank).collect(),
+    };
+    let linear = matches!(ctx.node.op_type.as_str(), "ReduceSum" | "ReduceMean");
+    if axes.contains(&ctx.axis) {
+        return ChannelFlow::Invariant {
+            commutes: PERM,
+            with: Vec::new(),
+        };
+    }
+    let keep = ctx.int("keepdims", 1) != 0;
+    let out_axis = if keep {
+        ctx.axis
+    } else {
+        ctx.axis - axes.iter().filter(|&&a| a < ctx.axis).count()
+    };
+    ChannelFlow::through(vec![(0, out_axis)], if linear { LINEAR } else { PERM })
+}
+
+/// Softmax: each slice along its axis is normalized on its own; channels on any axis may
+/// be permuted, nothing more (exp is not linear).
+pub fn softmax(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    ChannelFlow::through(vec![(0, ctx.axis)], PERM)
+}
+
+/// Normalizations over the trailing axes from `axis`: per row, `y = n(x) · gamma (+ beta)`.
+/// An RMS norm's `n(x) = x / rms(x)` commutes with every orthogonal map of the normalized
+/// axes (`rms(R x) == rms(x)`), so the op does once gamma (and beta) are uniform; a
+/// LayerNorm subtracts the mean, which only permutations keep. Gamma and beta are
+/// permuted with the channels. Rows (leading axes) are independent: permutations.
+pub fn norm(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let Some(rank) = ctx.rank(0) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    let Some(first) = norm_axis(ctx.int("axis", -1), rank) else {
+        return ChannelFlow::Barrier("normalization axis out of range");
+    };
+    if ctx.input != 0 {
+        return ChannelFlow::Barrier("norm parameters");
+    }
+    if ctx.axis < first {
+        return ChannelFlow::through(vec![(0, ctx.axis)], PERM);
+    }
+    let params: Vec<Port> = (1..ctx.inputs.len().min(3))
+        .filter_map(|j| {
+            let r = ctx.inputs[j]?.rank()?;
+            // Parameters broadcast from the right over the normalized shape.
+            (ctx.axis + r).checked_sub(rank).map(|a| (j, a))
+        })
+        .collect();
+    let rms = ctx.node.op_type.contains("RMS") || ctx.node.op_type.starts_with("Simplified");
+    if rms {
+        ChannelFlow::Through {
+            outputs: vec![(0, ctx.axis)],
+            commutes: ORTHOGONAL,
+            with: Vec::new(),
+            uniform: params,
+        }
+    } else {
+        ChannelFlow::Through {
+            outputs: vec![(0, ctx.axis)],
+            commutes: PERM,
+            with: params,
+            uniform: Vec::new(),
+        }
+    }
+}
+
+/// Gather(data, indices, axis): data axes other than `axis` pass (rows are copied whole),
+/// shifted by the rank of the indices after it; the gathered axis and the indices are
+/// barriers.
+pub fn gather(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let (Some(rank), Some(ri)) = (ctx.rank(0), ctx.rank(1)) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    let Some(g) = norm_axis(ctx.int("axis", 0), rank) else {
+        return ChannelFlow::Barrier("gather axis out of range");
+    };
+    match (ctx.input, ctx.axis) {
+        (0, a) if a < g => ChannelFlow::through(vec![(0, a)], LINEAR),
+        (0, a) if a > g => ChannelFlow::through(vec![(0, a + ri - 1)], LINEAR),
+        (0, _) => ChannelFlow::Barrier("gathers along the channel axis"),
+        _ => ChannelFlow::Barrier("indices"),
+    }
+}
+
+/// Transpose: axis `a` moves to where `perm` names it.
+pub fn transpose(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let Some(rank) = ctx.rank(0) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    let perm: Vec<i64> = match ctx.node.attr_ints("perm") {
+        Some(p) => p.to_vec(),
+        None => (0..rank as i64).rev().collect(),
+    };
+    match perm.iter().position(|&p| p == ctx.axis as i64) {
+        Some(o) => ChannelFlow::through(vec![(0, o)], LINEAR),
+        None => ChannelFlow::Barrier("perm does not name the axis"),
+    }
+}
+
+/// Reshape-like ops (Reshape, Flatten, Squeeze, Unsqueeze): the axis passes to the result
+/// axis of the same size whose trailing elements (the product of the dims after it) are as
+/// many as the input's: then every element keeps its channel index. An axis split into
+/// several (`[.., H·D] -> [.., H, D]`, heads) or merged with another is a barrier here; the
+/// region analysis treats heads as structure.
+pub fn reshape(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let (Some(inp), Some(out)) = (ctx.in_shape(0), ctx.out_shape(0)) else {
+        return ChannelFlow::Barrier("shapes unknown");
+    };
+    let size = &inp[ctx.axis];
+    let Some(tail) = Mono::product(&inp[ctx.axis + 1..]) else {
+        return ChannelFlow::Barrier("shapes unknown");
+    };
+    if matches!(size, Dim::Unknown) {
+        return ChannelFlow::Barrier("shapes unknown");
+    }
+    for o in 0..out.len() {
+        if &out[o] == size && Mono::product(&out[o + 1..]).as_ref() == Some(&tail) {
+            return ChannelFlow::through(vec![(0, o)], LINEAR);
+        }
+    }
+    ChannelFlow::Barrier("reshape splits or merges the channel axis")
+}
+
+/// Concat along another axis: every part carries the channels and takes the same `T`;
+/// along the channel axis the parts' channels are appended (a barrier).
+pub fn concat(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let Some(rank) = ctx.rank(ctx.input) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    let Some(c) = norm_axis(ctx.int("axis", 1), rank) else {
+        return ChannelFlow::Barrier("concat axis out of range");
+    };
+    if c == ctx.axis {
+        return ChannelFlow::Barrier("concatenates along the channel axis");
+    }
+    ChannelFlow::Through {
+        outputs: vec![(0, ctx.axis)],
+        commutes: LINEAR,
+        with: (0..ctx.inputs.len())
+            .filter(|&j| j != ctx.input)
+            .map(|j| (j, ctx.axis))
+            .collect(),
+        uniform: Vec::new(),
+    }
+}
+
+/// Split along another axis: every part carries the channels on the same axis.
+pub fn split(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let Some(rank) = ctx.rank(0) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    if ctx.input != 0 {
+        return ChannelFlow::Barrier("split sizes");
+    }
+    let Some(s) = norm_axis(ctx.int("axis", 0), rank) else {
+        return ChannelFlow::Barrier("split axis out of range");
+    };
+    if s == ctx.axis {
+        return ChannelFlow::Barrier("splits the channel axis");
+    }
+    let outputs = (0..ctx.node.outputs().len())
+        .map(|k| (k, ctx.axis))
+        .collect();
+    ChannelFlow::through(outputs, LINEAR)
+}
+
+/// Slice: an axis no slice touches passes; a sliced one is a barrier.
+pub fn slice(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let Some(rank) = ctx.rank(0) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    if ctx.input != 0 {
+        return ChannelFlow::Barrier("slice bounds");
+    }
+    let axes = if ctx.opset < 10 {
+        ctx.node.attr_ints("axes").map(<[i64]>::to_vec)
+    } else if ctx.node.inputs().get(3).is_some_and(Option::is_some) {
+        ctx.inputs
+            .get(3)
+            .copied()
+            .flatten()
+            .and_then(Facts::known_ints)
+    } else {
+        // Default: the first len(starts) axes.
+        ctx.inputs
+            .get(1)
+            .copied()
+            .flatten()
+            .and_then(|f| f.shape.as_deref()?.first()?.known())
+            .map(|n| (0..n).collect())
+    };
+    let Some(axes) = axes else {
+        return ChannelFlow::Barrier("slice axes not known");
+    };
+    if axes.iter().any(|&a| norm_axis(a, rank) == Some(ctx.axis)) {
+        return ChannelFlow::Barrier("slices the channel axis");
+    }
+    ChannelFlow::through(vec![(0, ctx.axis)], LINEAR)
+}
+
+/// Expand: broadcasting to a shape; an axis that is not broadcast keeps its channels.
+pub fn expand(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let (Some(inp), Some(out)) = (ctx.in_shape(0), ctx.out_shape(0)) else {
+        return ChannelFlow::Barrier("shapes unknown");
+    };
+    if ctx.input != 0 || matches!(inp[ctx.axis], Dim::Known(1)) {
+        return ChannelFlow::Barrier("broadcasts the channel axis");
+    }
+    ChannelFlow::through(vec![(0, ctx.axis + out.len() - inp.len())], LINEAR)
+}
+
+/// Shape (and Size): the result depends on no element.
+pub fn shape_of(_: &ChannelCtx<'_>) -> ChannelFlow {
+    ChannelFlow::Invariant {
+        commutes: LINEAR,
+        with: Vec::new(),
+    }
+}
+
+/// Ops on the last two axes that depend on positions (Trilu): leading axes pass.
+pub fn matrix_positions(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    match ctx.rank(0) {
+        Some(r) if ctx.input == 0 && ctx.axis + 2 < r => {
+            ChannelFlow::through(vec![(0, ctx.axis)], LINEAR)
+        }
+        _ => ChannelFlow::Barrier("masks by position on this axis"),
+    }
+}
+
+/// Quantize / dequantize: rounding per element; scales and zero points along the axis
+/// (per-axis quantization) are permuted with the channels.
+pub fn quantize(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    if ctx.input != 0 {
+        return ChannelFlow::Barrier("quantization parameters");
+    }
+    let blocked = ctx.int("block_size", 0) != 0;
+    let per_axis = ctx
+        .inputs
+        .get(1)
+        .copied()
+        .flatten()
+        .and_then(Facts::rank)
+        .is_some_and(|r| r > 0);
+    if blocked {
+        return ChannelFlow::Barrier("blocked quantization groups channels");
+    }
+    let mut with = Vec::new();
+    if per_axis {
+        let rank = ctx.rank(0).unwrap_or(0);
+        if norm_axis(ctx.int("axis", 1), rank) == Some(ctx.axis) {
+            with = (1..ctx.inputs.len().min(3))
+                .filter(|&j| ctx.inputs[j].is_some())
+                .map(|j| (j, 0))
+                .collect();
+        }
+    }
+    ChannelFlow::Through {
+        outputs: vec![(0, ctx.axis)],
+        commutes: PERM,
+        with,
+        uniform: Vec::new(),
+    }
+}
+
+/// Generators, constants and control flow: no channels pass.
+pub fn opaque(_: &ChannelCtx<'_>) -> ChannelFlow {
+    ChannelFlow::Barrier("no channel semantics (generator, constant or control flow)")
+}
+
+/// The channel flow of `axis` of input `input` of node `id`, from the op table, with the
+/// facts of an inferred [`crate::ShapeMap`]. Unknown ops are barriers.
+pub fn flow(
+    graph: &perqc_ir::Graph,
+    id: perqc_ir::NodeId,
+    shapes: &crate::ShapeMap,
+    opset: &dyn Fn(&str) -> Option<i64>,
+    input: usize,
+    axis: usize,
+) -> ChannelFlow {
+    let node = graph.node(id);
+    let Some(def) = crate::lookup_node(node, opset) else {
+        return ChannelFlow::Barrier("op unknown to the op table");
+    };
+    let facts = |vs: &[Option<perqc_ir::ValueId>]| -> Vec<Option<&Facts>> {
+        vs.iter().map(|v| v.and_then(|v| shapes.get(v))).collect()
+    };
+    let ctx = ChannelCtx {
+        node,
+        opset: opset(&node.domain).unwrap_or(def.since_version),
+        inputs: facts(node.inputs()),
+        outputs: facts(node.outputs()),
+        input,
+        axis,
+    };
+    if ctx.rank(input).is_some_and(|r| axis >= r) {
+        return ChannelFlow::Barrier("axis out of range");
+    }
+    (def.channel)(&ctx)
+}
