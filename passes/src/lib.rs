@@ -41,12 +41,8 @@ pub fn registry() -> PassRegistry {
         Canonicalize::DESCRIPTION,
         Canonicalize::from_options,
     );
-    for p in canonicalize::PATTERNS {
-        r.register(
-            p.name,
-            p.description,
-            canonicalize::PatternPass::factory(p.name),
-        );
+    for (p, f) in canonicalize::PATTERNS.iter().zip(canonicalize::FACTORIES) {
+        r.register(p.name, p.description, f);
     }
     r.register(Dce::NAME, Dce::DESCRIPTION, Dce::from_options)
         .register(
@@ -89,14 +85,17 @@ mod tests {
     #[test]
     fn list_passes() {
         insta::assert_snapshot!(registry().help(), @r"
-        canonicalize    rewrite exported spellings (attention, RMS norm, SiLU) into canonical ops, then dce
-        fuse-attention  MatMul(Softmax(scale * q kᵀ + mask), v) -> ai.perqc::Attention (reads grouped K/V heads directly)
-        fuse-rms-norm   x / sqrt(mean(x²) + eps) * gamma in any exported spelling -> ai.perqc::RMSNormalization
-        fuse-silu       Mul(x, Sigmoid(x)) -> ai.perqc::Swish(alpha = 1)
-        dce             remove nodes and initializers whose results nothing reads
-        infer-shapes    infer symbolic shapes and element types of every value from the op table
-        lower           turn canonical ai.perqc ops back into ops of the model's opset (before export)
-        topo-sort       order every graph's nodes topologically (stable)
+        canonicalize        rewrite exported spellings (attention, norms, SiLU, GELU) into canonical ops, then dce
+        fuse-attention      MatMul(Softmax(scale * q kᵀ + mask), v) -> ai.perqc::Attention (reads grouped K/V heads directly)
+        fuse-rms-norm       x / sqrt(mean(x²) + eps) * gamma in any exported spelling -> ai.perqc::RMSNormalization
+        fuse-skip-rms-norm  com.microsoft::SkipSimplifiedLayerNormalization -> Add + ai.perqc::RMSNormalization
+        fuse-layer-norm     (x - mean) / sqrt(var + eps) * gamma + beta, or LayerNormalization -> ai.perqc::LayerNormalization
+        fuse-silu           Mul(x, Sigmoid(x)) -> ai.perqc::Swish(alpha = 1)
+        fuse-gelu           GELU (erf or tanh form, com.microsoft Gelu/FastGelu, ONNX Gelu) -> ai.perqc::Gelu
+        dce                 remove nodes and initializers whose results nothing reads
+        infer-shapes        infer symbolic shapes and element types of every value from the op table
+        lower               turn canonical ai.perqc ops back into ops of the model's opset (before export)
+        topo-sort           order every graph's nodes topologically (stable)
         ");
     }
 

@@ -13,6 +13,11 @@
 //!   otherwise (ONNX Swish from opset 24).
 //! - `RMSNormalization(x, g, eps) == Mul(Mul(x, Reciprocal(Sqrt(Add(ReduceMean(Mul(x, x),
 //!   [-1]), eps)))), g)` (ONNX from opset 23).
+//! - `Gelu(x) == Mul(Mul(x, Add(Erf(Div(x, √2)), 1)), 0.5)`, the tanh form for
+//!   `approximate = "tanh"` (ONNX Gelu from opset 20).
+//! - `LayerNormalization(x, g, b, eps) == Add(Mul(Div(d, Sqrt(Add(ReduceMean(Mul(d, d)),
+//!   eps))), g), b)` with `d = Sub(x, ReduceMean(x))` over the normalized axes (ONNX from
+//!   opset 17).
 //! - `Attention(q, k, v, m, c) == MatMul(Softmax(Add(Mul(MatMul(q, kᵀ), c), m)), v)` with
 //!   one key/value head per query head; with G query heads per key/value head, q is viewed
 //!   as `[B, Hkv, G, S, D]` and k, v get a broadcast axis of size 1 at 2, so MatMul's
@@ -110,9 +115,83 @@ fn rms_norm(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     let (Some(x), Some(gamma)) = (n.input(0), n.input(1)) else {
         return Err("needs x and scale".into());
     };
-    // Normalized axes `axis..`, negative when `axis` is (no rank needed).
-    let axis = n.attr_int("axis").unwrap_or(-1);
-    let axes: Vec<i64> = if axis < 0 {
+    let axes = norm_axes(e, x, n.attr_int("axis").unwrap_or(-1))?;
+    let eps = n.attr_float("epsilon").unwrap_or(1e-5);
+    let mut p = Patch::new();
+    let x: PatchValue = x.into();
+    let sq = emit(&mut p, id, op("Mul"), &[x, x], "rms_square");
+    let mean = reduce_mean(e, &mut p, id, sq, &axes, "rms_mean");
+    let eps = p.add_initializer("rms_eps", Tensor::from_f32(vec![], &[eps]));
+    let sum = emit(&mut p, id, op("Add"), &[mean, eps], "rms_add_eps");
+    let root = emit(&mut p, id, op("Sqrt"), &[sum], "rms_sqrt");
+    let r = emit(&mut p, id, op("Reciprocal"), &[root], "rms_reciprocal");
+    let normed = emit(&mut p, id, op("Mul"), &[x, r], "rms_normed");
+    p.set_op(id, op("Mul"), [Some(normed), Some(gamma.into())]);
+    Ok(p)
+}
+
+fn scalar(p: &mut Patch, name: &str, v: f32) -> PatchValue {
+    p.add_initializer(name, Tensor::from_f32(vec![], &[v]))
+}
+
+fn gelu(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
+    let n = e.g.node(id);
+    let x: PatchValue = n.input(0).ok_or("has no input")?.into();
+    let tanh = n.attr_str("approximate") == Some(b"tanh");
+    let mut p = Patch::new();
+    let half = scalar(&mut p, "gelu_half", 0.5);
+    let one = scalar(&mut p, "gelu_one", 1.0);
+    let inner = if tanh {
+        // tanh(√(2/π) · (x + 0.044715 · x³))
+        let three = scalar(&mut p, "gelu_three", 3.0);
+        let c = scalar(&mut p, "gelu_cubic", 0.044_715);
+        let k = scalar(&mut p, "gelu_sqrt_2_over_pi", 0.797_884_6);
+        let cube = emit(&mut p, id, op("Pow"), &[x, three], "gelu_cube");
+        let w = emit(&mut p, id, op("Mul"), &[cube, c], "gelu_cubic_term");
+        let u = emit(&mut p, id, op("Add"), &[x, w], "gelu_inner");
+        let t = emit(&mut p, id, op("Mul"), &[u, k], "gelu_tanh_arg");
+        emit(&mut p, id, op("Tanh"), &[t], "gelu_tanh")
+    } else {
+        let root2 = scalar(&mut p, "gelu_sqrt_2", std::f32::consts::SQRT_2);
+        let z = emit(&mut p, id, op("Div"), &[x, root2], "gelu_scaled");
+        emit(&mut p, id, op("Erf"), &[z], "gelu_erf")
+    };
+    // torch's order of the products: (x · (1 + f)) · 0.5.
+    let a = emit(&mut p, id, op("Add"), &[inner, one], "gelu_one_plus");
+    let xa = emit(&mut p, id, op("Mul"), &[x, a], "gelu_x_one_plus");
+    p.set_op(id, op("Mul"), [Some(xa), Some(half)]);
+    Ok(p)
+}
+
+/// ReduceMean over `axes` with keepdims, in the opset's spelling.
+fn reduce_mean(
+    e: &Env<'_>,
+    p: &mut Patch,
+    at: NodeId,
+    x: PatchValue,
+    axes: &[i64],
+    base: &str,
+) -> PatchValue {
+    if e.opset < 18 {
+        let spec = op("ReduceMean")
+            .attr("axes", AttrValue::Ints(axes.to_vec()))
+            .attr("keepdims", AttrValue::Int(1));
+        emit(p, at, spec, &[x], base)
+    } else {
+        let a = ints(p, "mean_axes", axes);
+        emit(
+            p,
+            at,
+            op("ReduceMean").attr("keepdims", AttrValue::Int(1)),
+            &[x, a],
+            base,
+        )
+    }
+}
+
+/// The axes `axis..` of a normalization, negative when `axis` is (no rank needed).
+fn norm_axes(e: &Env<'_>, x: ValueId, axis: i64) -> Result<Vec<i64>, String> {
+    Ok(if axis < 0 {
         (axis..0).collect()
     } else {
         let rank = e
@@ -121,27 +200,35 @@ fn rms_norm(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
             .map(<[_]>::len)
             .ok_or("x has no known rank")?;
         (axis..rank as i64).collect()
+    })
+}
+
+fn layer_norm(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
+    let n = e.g.node(id);
+    let (Some(xv), Some(gamma)) = (n.input(0), n.input(1)) else {
+        return Err("needs x and scale".into());
     };
+    let axes = norm_axes(e, xv, n.attr_int("axis").unwrap_or(-1))?;
     let eps = n.attr_float("epsilon").unwrap_or(1e-5);
     let mut p = Patch::new();
-    let x: PatchValue = x.into();
-    let sq = emit(&mut p, id, op("Mul"), &[x, x], "rms_square");
-    let mean = if e.opset < 18 {
-        let spec = op("ReduceMean")
-            .attr("axes", AttrValue::Ints(axes))
-            .attr("keepdims", AttrValue::Int(1));
-        emit(&mut p, id, spec, &[sq], "rms_mean")
-    } else {
-        let a = ints(&mut p, "rms_axes", &axes);
-        let spec = op("ReduceMean").attr("keepdims", AttrValue::Int(1));
-        emit(&mut p, id, spec, &[sq, a], "rms_mean")
-    };
-    let eps = p.add_initializer("rms_eps", Tensor::from_f32(vec![], &[eps]));
-    let sum = emit(&mut p, id, op("Add"), &[mean, eps], "rms_add_eps");
-    let root = emit(&mut p, id, op("Sqrt"), &[sum], "rms_sqrt");
-    let r = emit(&mut p, id, op("Reciprocal"), &[root], "rms_reciprocal");
-    let normed = emit(&mut p, id, op("Mul"), &[x, r], "rms_normed");
-    p.set_op(id, op("Mul"), [Some(normed), Some(gamma.into())]);
+    let x: PatchValue = xv.into();
+    let mean = reduce_mean(e, &mut p, id, x, &axes, "ln_mean");
+    let d = emit(&mut p, id, op("Sub"), &[x, mean], "ln_centered");
+    let sq = emit(&mut p, id, op("Mul"), &[d, d], "ln_square");
+    let var = reduce_mean(e, &mut p, id, sq, &axes, "ln_var");
+    let eps = scalar(&mut p, "ln_eps", eps);
+    let sum = emit(&mut p, id, op("Add"), &[var, eps], "ln_add_eps");
+    let root = emit(&mut p, id, op("Sqrt"), &[sum], "ln_std");
+    let normed = emit(&mut p, id, op("Div"), &[d, root], "ln_normed");
+    match n.input(2) {
+        Some(beta) => {
+            let scaled = emit(&mut p, id, op("Mul"), &[normed, gamma.into()], "ln_scaled");
+            p.set_op(id, op("Add"), [Some(scaled), Some(beta.into())]);
+        }
+        None => {
+            p.set_op(id, op("Mul"), [Some(normed), Some(gamma.into())]);
+        }
+    }
     Ok(p)
 }
 
@@ -272,6 +359,8 @@ impl Pass for Lower {
             for id in canonical {
                 let node = model.graph.node(id);
                 let native = match node.op_type.as_str() {
+                    "LayerNormalization" => opset >= 17,
+                    "Gelu" => opset >= 20,
                     "Attention" | "RMSNormalization" => opset >= 23,
                     "Swish" => opset >= 24,
                     _ => false,
@@ -294,6 +383,8 @@ impl Pass for Lower {
                         "Attention" => attention(&e, id),
                         "RMSNormalization" => rms_norm(&e, id),
                         "Swish" => swish(&e, id),
+                        "Gelu" => gelu(&e, id),
+                        "LayerNormalization" => layer_norm(&e, id),
                         other => Err(format!("no lowering for ai.perqc::{other}")),
                     }
                 };

@@ -55,7 +55,7 @@ fn parse_case(path: &Path, text: &str) -> Case {
             if let Some(p) = line.strip_prefix("# pipeline:") {
                 pipeline = Some(p.trim().to_string());
             }
-            if line.trim() == "# numeric: off" {
+            if line.starts_with("# numeric: off") {
                 numeric = false;
             }
             header.push_str(line);

@@ -777,6 +777,36 @@ impl Graph {
         Ok(())
     }
 
+    /// Drops the results of `node` from index `keep` on (an op with fewer results after
+    /// [`Graph::set_op`]); each must be unread and no graph output.
+    pub fn truncate_outputs(&mut self, node: NodeId, keep: usize) -> Result<(), GraphError> {
+        let outs: Vec<ValueId> = self
+            .try_node(node)
+            .ok_or(GraphError::NoNode { node })?
+            .outputs
+            .iter()
+            .skip(keep)
+            .flatten()
+            .copied()
+            .collect();
+        for &o in &outs {
+            let v = &self.values[o.index()];
+            let as_output = self.outputs.contains(&o) as usize;
+            if !v.uses.is_empty() || as_output > 0 {
+                return Err(GraphError::StillUsed {
+                    name: v.name.clone(),
+                    uses: v.uses.len() + as_output,
+                });
+            }
+        }
+        for o in outs {
+            self.remove_value(o);
+        }
+        let n = self.nodes[node.index()].as_mut().expect("checked above");
+        n.outputs.truncate(keep);
+        Ok(())
+    }
+
     /// Replaces the tensor of initializer `v` (or of a graph input's default) with
     /// `tensor`, which must have the same element type and dims and a valid payload. The
     /// value keeps its name, type and readers; returns the old tensor. Weights nothing

@@ -113,6 +113,18 @@ impl<'a> Matcher<'a> {
             .then(|| self.graph.value(v).uses()[0].node)
     }
 
+    /// Results of node `id` from index `from` on that something reads (a graph output
+    /// counts as read).
+    pub fn results_read_from(&self, id: NodeId, from: usize) -> bool {
+        self.graph
+            .node(id)
+            .outputs()
+            .iter()
+            .skip(from)
+            .flatten()
+            .any(|&o| !self.graph.value(o).uses().is_empty() || self.graph.outputs.contains(&o))
+    }
+
     /// The producer of `v` when a pattern may absorb it: `v` is its only result and has a
     /// single reader (the pattern's node) and is no graph output.
     pub fn sole(&self, v: ValueId) -> Option<NodeId> {
@@ -250,6 +262,10 @@ enum Edit {
         value: ValueId,
         tensor: Tensor,
     },
+    TruncateOutputs {
+        node: NodeId,
+        keep: usize,
+    },
 }
 
 /// A rewrite as a value: edits applied in order by [`Patch::apply`].
@@ -334,6 +350,13 @@ impl Patch {
         self
     }
 
+    /// Drops the (unread) results of `node` from index `keep` on, as an op with fewer
+    /// results needs (see [`Graph::truncate_outputs`]).
+    pub fn truncate_outputs(&mut self, node: NodeId, keep: usize) -> &mut Patch {
+        self.edits.push(Edit::TruncateOutputs { node, keep });
+        self
+    }
+
     /// Applies the edits in order, then removes the pure nodes (default ONNX domain) that
     /// they left with every result unread, walking up from the values that lost readers.
     ///
@@ -383,6 +406,7 @@ impl Patch {
                 Edit::SetInitializer { value, tensor } => {
                     g.replace_initializer(value, tensor)?;
                 }
+                Edit::TruncateOutputs { node, keep } => g.truncate_outputs(node, keep)?,
             }
         }
         Ok(Applied {

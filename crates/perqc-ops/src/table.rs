@@ -371,6 +371,12 @@ pub static OPS: &[OpDef] = &[
     OpDef::custom(PERQC, "RMSNormalization", 1, misc::batch_norm)
         .kernel(knorm::rms_norm)
         .channel(ch::norm),
+    OpDef::custom(PERQC, "Gelu", 1, ew::unary)
+        .kernel(kew::gelu)
+        .channel(ch::pointwise),
+    OpDef::custom(PERQC, "LayerNormalization", 1, misc::layer_norm)
+        .kernel(knorm::layer_norm)
+        .channel(ch::norm),
     OpDef::custom(PERQC, "Swish", 1, ew::unary)
         .kernel(kew::swish)
         .channel(ch::pointwise),

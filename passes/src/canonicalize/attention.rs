@@ -5,8 +5,11 @@
 //!   == ai.perqc::Attention(q, k, v, mask?, scale = c)
 //! ```
 //!
-//! `Mul` by a constant scalar `c` (either operand order) and `Add` of the mask are optional
-//! (no `Mul`: scale 1); the `Cast`s are no-ops (to the type they read). When k and v are
+//! `Mul` by a constant scalar `c` (either operand order; or `Div` by `1/c`) and `Add` of
+//! the mask are optional (neither: scale 1); the `Cast`s are no-ops (to the type they
+//! read). `kᵀ` may come from another layout of k in one Transpose (BERT's
+//! `Transpose(k [B, L, H, D], [0, 2, 3, 1])`): the canonical op then reads
+//! `Transpose(k, [0, 2, 1, 3])`. When k and v are
 //! key/value heads repeated for grouped-query attention, `Reshape(Expand(Unsqueeze(x, [2]),
 //! [B, H, G, L, D]), [B, H·G, L, D])`, the canonical op reads the shared heads `x`
 //! directly: query head `h` attends key/value head `h / G`, as in ONNX Attention.
@@ -21,7 +24,7 @@
 //! matches the chain up to summation order.
 
 use super::{Pattern, canonical};
-use perqc_ir::{AttrValue, Dim, Matcher, NodeId, Patch, ValueId};
+use perqc_ir::{AttrValue, Dim, Matcher, NodeId, NodeSpec, Patch, PatchValue, ValueId};
 
 pub static PATTERN: Pattern = Pattern {
     name: "fuse-attention",
@@ -56,14 +59,25 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
         let (scores, c) = m.either(a, b, |x, y| m.scalar(y).map(|c| (x, c)))?;
         scale = c;
         s = scores;
+    } else if let Some(div) = m.sole_op(s, "Div") {
+        let (scores, d) = m.two(div)?;
+        scale = 1.0 / m.scalar(d)?;
+        s = scores;
     }
     let qk = m.sole_op(s, "MatMul")?;
     let (q, kt) = m.two(qk)?;
     let t = m.sole_op(kt, "Transpose")?;
-    if m.node(t).attr_ints("perm") != Some(&[0, 1, 3, 2][..]) {
+    // kᵀ = Transpose(x, perm) of some layout x of k: k itself is x transposed by `perm`
+    // with its last two entries swapped (the identity when x is k).
+    let mut perm = m.node(t).attr_ints("perm")?.to_vec();
+    if perm.len() != 4 || perm[0] != 0 {
         return None;
     }
-    let k = m.input(t, 0)?;
+    perm.swap(2, 3);
+    let x = m.input(t, 0)?;
+    let k_layout = (perm != [0, 1, 2, 3]).then_some(perm);
+    // (kᵀ has k's rank and element type, for the checks below.)
+    let k = if k_layout.is_some() { kt } else { x };
     // Ranks the kernel handles; a mask of higher rank would have broadcast the scores up.
     if [q, k, v]
         .iter()
@@ -74,16 +88,23 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     }
     // Grouped-query attention: read the shared K/V heads instead of their copies.
     let (k, v) = match (ungroup(m, k), ungroup(m, v)) {
-        (Some((k, gk)), Some((v, gv))) if gk == gv => (k, v),
+        (Some((k, gk)), Some((v, gv))) if gk == gv && k_layout.is_none() => (k, v),
         _ => (k, v),
     };
     let mut patch = Patch::new();
+    let k: PatchValue = match k_layout {
+        None => k.into(),
+        Some(perm) => {
+            let spec = NodeSpec::new("Transpose").attr("perm", AttrValue::Ints(perm));
+            patch.insert(end, spec, [Some(x.into())], &["attention_k"])[0]
+        }
+    };
     patch.set_op(
         end,
         canonical("Attention").attr("scale", AttrValue::Float(scale)),
         [
             Some(q.into()),
-            Some(k.into()),
+            Some(k),
             Some(v.into()),
             mask.map(Into::into),
         ],

@@ -15,13 +15,16 @@
 //! one sweep over the node order, then `dce`.
 
 pub mod attention;
+pub mod gelu;
+pub mod layer_norm;
 pub mod rms_norm;
 pub mod silu;
+pub mod skip_rms_norm;
 
 use crate::Dce;
 use perqc_ir::{
-    Matcher, Model, NodeId, OpsetImport, OptionError, Pass, PassContext, PassError, PassOptions,
-    PassOutcome, Patch,
+    Matcher, Model, NodeId, OpsetImport, OptionError, Pass, PassContext, PassError, PassFactory,
+    PassOptions, PassOutcome, Patch,
 };
 use perqc_ops::{PERQC_DOMAIN, ShapeMap};
 
@@ -34,7 +37,29 @@ pub struct Pattern {
 }
 
 /// Every pattern, in the order they are tried at each node.
-pub static PATTERNS: &[&Pattern] = &[&attention::PATTERN, &rms_norm::PATTERN, &silu::PATTERN];
+pub static PATTERNS: [&Pattern; 6] = [
+    &attention::PATTERN,
+    &rms_norm::PATTERN,
+    &skip_rms_norm::PATTERN,
+    &layer_norm::PATTERN,
+    &silu::PATTERN,
+    &gelu::PATTERN,
+];
+
+/// The pass factory of each pattern, in [`PATTERNS`] order.
+pub static FACTORIES: [PassFactory; 6] = [
+    factory::<0>,
+    factory::<1>,
+    factory::<2>,
+    factory::<3>,
+    factory::<4>,
+    factory::<5>,
+];
+
+fn factory<const I: usize>(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
+    opts.allow_only(&[])?;
+    Ok(Box::new(PatternPass(PATTERNS[I])))
+}
 
 /// A node of a canonical op.
 pub fn canonical(op: &str) -> perqc_ir::NodeSpec {
@@ -105,23 +130,6 @@ impl Pass for PatternPass {
     }
 }
 
-impl PatternPass {
-    /// The factory of pattern `name` (registered once per pattern).
-    pub fn factory(name: &str) -> fn(&PassOptions) -> Result<Box<dyn Pass>, OptionError> {
-        match name {
-            n if n == attention::PATTERN.name => |o| Self::build(o, &attention::PATTERN),
-            n if n == rms_norm::PATTERN.name => |o| Self::build(o, &rms_norm::PATTERN),
-            n if n == silu::PATTERN.name => |o| Self::build(o, &silu::PATTERN),
-            _ => unreachable!("every pattern in PATTERNS has a factory"),
-        }
-    }
-
-    fn build(opts: &PassOptions, p: &'static Pattern) -> Result<Box<dyn Pass>, OptionError> {
-        opts.allow_only(&[])?;
-        Ok(Box::new(PatternPass(p)))
-    }
-}
-
 /// `canonicalize`: every pattern, then `dce`.
 #[derive(Debug, Default)]
 pub struct Canonicalize;
@@ -129,7 +137,7 @@ pub struct Canonicalize;
 impl Canonicalize {
     pub const NAME: &'static str = "canonicalize";
     pub const DESCRIPTION: &'static str =
-        "rewrite exported spellings (attention, RMS norm, SiLU) into canonical ops, then dce";
+        "rewrite exported spellings (attention, norms, SiLU, GELU) into canonical ops, then dce";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&[])?;
@@ -147,7 +155,7 @@ impl Pass for Canonicalize {
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
-        let counts = sweep(model, ctx, PATTERNS)?;
+        let counts = sweep(model, ctx, &PATTERNS)?;
         let dce = Dce::default().run(model, ctx)?;
         let mut out = PassOutcome::from_changed(counts.iter().any(|&c| c > 0) || dce.changed);
         for (p, c) in PATTERNS.iter().zip(counts) {

@@ -15,6 +15,11 @@
 //! Check: each intermediate is read only by the chain and is no graph output; x is f32;
 //! gamma's length is 1 or x's known last dim.
 //!
+//! The ops ONNX Runtime's model builder and newer exporters write mean the same:
+//! `SimplifiedLayerNormalization` (ORT's contrib op, registered in the default domain) and
+//! ONNX `RMSNormalization` (opset 23) become the canonical op when their extra results
+//! (inverse std) are unread.
+//!
 //! `ai.perqc::RMSNormalization` is ONNX `RMSNormalization` (opset 23): per row,
 //! `y = (x · 1/sqrt(Σx²/n + eps)) · gamma` in that order of operations, so the result is
 //! the chain's up to the summation order of Σx² (and one rounding for the `Div(x, s)`
@@ -30,6 +35,24 @@ pub static PATTERN: Pattern = Pattern {
 };
 
 fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
+    if m.is_op(end, "SimplifiedLayerNormalization") || m.is_op(end, "RMSNormalization") {
+        let n = m.node(end);
+        if m.results_read_from(end, 1) || !m.is_f32(n.input(0)?) {
+            return None;
+        }
+        let mut p = Patch::new();
+        p.truncate_outputs(end, 1);
+        let spec = perqc_ir::NodeSpec {
+            attrs: n.attrs.clone(),
+            ..canonical("RMSNormalization")
+        };
+        p.set_op(
+            end,
+            spec,
+            n.inputs().iter().take(2).map(|v| v.map(Into::into)),
+        );
+        return Some(p);
+    }
     if !m.is_op(end, "Mul") && !m.is_op(end, "Div") {
         return None;
     }
