@@ -2,7 +2,7 @@
 //!
 //! Assumes: valid IR (verifier-clean); node order need not be topological.
 //!
-//! Guarantees: no node of the default ONNX domain (or `ai.onnx.ml`) has all its results
+//! Guarantees: no pure node (default ONNX domain, `ai.onnx.ml`, `ai.perqc`) has all its results
 //! unread and none of them a graph output; with `initializers=true` (the default) no
 //! initializer is unread; in subgraphs, no outer-scope value is unread and the owning
 //! node's captures list exactly what its subgraphs still read. Nodes of other domains are
@@ -17,8 +17,8 @@
 //! `initializers-removed`, `captures-removed` (outer-scope values dropped from subgraphs).
 
 use perqc_ir::{
-    Graph, GraphError, Model, Node, OptionError, Pass, PassContext, PassError, PassOptions,
-    PassOutcome, ValueDef, ValueId,
+    Graph, GraphError, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome,
+    ValueDef, ValueId,
 };
 use std::collections::HashSet;
 
@@ -54,11 +54,6 @@ struct Stats {
     captures: u64,
 }
 
-/// Ops we know to be free of side effects.
-fn is_pure(n: &Node) -> bool {
-    n.is_default_domain() || n.domain == "ai.onnx.ml"
-}
-
 fn unread(g: &Graph, v: ValueId) -> bool {
     g.value(v).uses().is_empty() && !g.outputs.contains(&v)
 }
@@ -85,7 +80,7 @@ impl Sweeper<'_> {
             let mut removed = false;
             for id in g.node_order().to_vec().into_iter().rev() {
                 let n = g.node(id);
-                let dead = is_pure(n) && n.outputs().iter().flatten().all(|&v| unread(g, v));
+                let dead = n.is_pure() && n.outputs().iter().flatten().all(|&v| unread(g, v));
                 if dead && self.allow() {
                     g.remove_node(id)?;
                     self.stats.nodes += 1;

@@ -84,9 +84,10 @@ mod tests {
 
     #[test]
     fn list_passes() {
-        insta::assert_snapshot!(registry().help(), @r"
-        canonicalize        rewrite exported spellings (attention, norms, SiLU, GELU) into canonical ops, then dce
+        insta::assert_snapshot!(registry().help(), @"
+        canonicalize        rewrite exported spellings (attention, linear, norms, SiLU, GELU) into canonical ops, then dce
         fuse-attention      MatMul(Softmax(scale * q kᵀ + mask), v) -> ai.perqc::Attention (reads grouped K/V heads directly)
+        fuse-linear         MatMul / Gemm with a constant weight (+ bias Add) -> ai.perqc::Linear
         fuse-rms-norm       x / sqrt(mean(x²) + eps) * gamma in any exported spelling -> ai.perqc::RMSNormalization
         fuse-skip-rms-norm  com.microsoft::SkipSimplifiedLayerNormalization -> Add + ai.perqc::RMSNormalization
         fuse-layer-norm     (x - mean) / sqrt(var + eps) * gamma + beta, or LayerNormalization -> ai.perqc::LayerNormalization

@@ -9,6 +9,8 @@
 //! names, graph outputs included, stay). An op it cannot lower is an error naming the node.
 //!
 //! Identities, per op (the inverse of `canonicalize`'s):
+//! - `Linear(x, W, b, transB) == Add(MatMul(x, W'), b)` with `W' = Transpose(W)` under
+//!   transB; `Gemm(x, W, b, transB = 1)` for a 2-d x with transB (no ONNX op of its own).
 //! - `Swish(x, alpha) == Mul(x, Sigmoid(x))` for alpha 1, `Mul(x, Sigmoid(Mul(x, alpha)))`
 //!   otherwise (ONNX Swish from opset 24).
 //! - `RMSNormalization(x, g, eps) == Mul(Mul(x, Reciprocal(Sqrt(Add(ReduceMean(Mul(x, x),
@@ -127,6 +129,42 @@ fn rms_norm(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     let r = emit(&mut p, id, op("Reciprocal"), &[root], "rms_reciprocal");
     let normed = emit(&mut p, id, op("Mul"), &[x, r], "rms_normed");
     p.set_op(id, op("Mul"), [Some(normed), Some(gamma.into())]);
+    Ok(p)
+}
+
+fn linear(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
+    let n = e.g.node(id);
+    let (Some(x), Some(w)) = (n.input(0), n.input(1)) else {
+        return Err("needs x and W".into());
+    };
+    let trans = n.attr_int("transB").unwrap_or(0) != 0;
+    let bias = n.input(2);
+    let mut p = Patch::new();
+    if trans && e.shapes.shape(x).map(<[_]>::len) == Some(2) {
+        // A 2-d input with a stored [out, in] weight: Gemm, as exporters write nn.Linear.
+        let spec = op("Gemm").attr("transB", AttrValue::Int(1));
+        p.set_op(
+            id,
+            spec,
+            [Some(x.into()), Some(w.into()), bias.map(Into::into)],
+        );
+        return Ok(p);
+    }
+    let w: PatchValue = if trans {
+        let spec = op("Transpose").attr("perm", AttrValue::Ints(vec![1, 0]));
+        emit(&mut p, id, spec, &[w.into()], "linear_weight_t")
+    } else {
+        w.into()
+    };
+    match bias {
+        None => {
+            p.set_op(id, op("MatMul"), [Some(x.into()), Some(w)]);
+        }
+        Some(b) => {
+            let y = emit(&mut p, id, op("MatMul"), &[x.into(), w], "linear_product");
+            p.set_op(id, op("Add"), [Some(y), Some(b.into())]);
+        }
+    }
     Ok(p)
 }
 
@@ -383,6 +421,7 @@ impl Pass for Lower {
                         "Attention" => attention(&e, id),
                         "RMSNormalization" => rms_norm(&e, id),
                         "Swish" => swish(&e, id),
+                        "Linear" => linear(&e, id),
                         "Gelu" => gelu(&e, id),
                         "LayerNormalization" => layer_norm(&e, id),
                         other => Err(format!("no lowering for ai.perqc::{other}")),

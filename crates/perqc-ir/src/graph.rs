@@ -239,6 +239,12 @@ impl Node {
     pub fn is_default_domain(&self) -> bool {
         self.domain.is_empty() || self.domain == "ai.onnx"
     }
+
+    /// Ops known to be free of side effects: ONNX's, `ai.onnx.ml`'s and perqc's canonical
+    /// ops ([`PERQC_DOMAIN`]). Custom domains may have effects nobody can see.
+    pub fn is_pure(&self) -> bool {
+        self.is_default_domain() || self.domain == "ai.onnx.ml" || self.domain == PERQC_DOMAIN
+    }
 }
 
 /// A node to add: everything but the wiring, which the graph does.
@@ -274,6 +280,11 @@ impl NodeSpec {
         self
     }
 }
+
+/// The domain of perqc's canonical ops: ONNX ops (same names, attributes and semantics
+/// unless the op table's row says otherwise) that exist whatever opset a model declares.
+/// Canonicalization writes them; lowering turns them back into the model's own opset.
+pub const PERQC_DOMAIN: &str = "ai.perqc";
 
 /// Structural errors raised while building or editing a graph.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]

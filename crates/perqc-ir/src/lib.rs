@@ -20,7 +20,7 @@ pub mod verify;
 pub use dtype::DType;
 pub use graph::{
     AttrValue, Attribute, Graph, GraphError, InfoExtra, Node, NodeExtra, NodeId, NodeSpec, Operand,
-    Use, Value, ValueDef, ValueId,
+    PERQC_DOMAIN, Use, Value, ValueDef, ValueId,
 };
 pub use model::{Model, OpsetImport};
 pub use parse::{ParseError, parse_graph, parse_model};

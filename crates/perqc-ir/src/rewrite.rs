@@ -357,7 +357,7 @@ impl Patch {
         self
     }
 
-    /// Applies the edits in order, then removes the pure nodes (default ONNX domain) that
+    /// Applies the edits in order, then removes the pure nodes ([`Node::is_pure`]) that
     /// they left with every result unread, walking up from the values that lost readers.
     ///
     /// Errors leave the graph partly edited; they mean the pattern built an inconsistent
@@ -431,7 +431,7 @@ pub fn remove_unread_producers(
         };
         let n = g.node(node);
         let unread = |o: &ValueId| g.value(*o).uses().is_empty() && !g.outputs.contains(o);
-        if !n.is_default_domain() || !n.outputs().iter().flatten().all(unread) {
+        if !n.is_pure() || !n.outputs().iter().flatten().all(unread) {
             continue;
         }
         values.extend(n.inputs().iter().flatten());

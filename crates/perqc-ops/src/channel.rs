@@ -316,6 +316,43 @@ pub fn gemm(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     }
 }
 
+/// `ai.perqc::Linear(x, W, bias)`: x's last axis is contracted with W's input axis (0, or
+/// 1 with transB); W's output axis becomes the result's last, with the bias; x's other
+/// axes are rows.
+pub fn linear(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let Some(rx) = ctx.rank(0) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    let t = ctx.int("transB", 0) != 0;
+    let (w_in, w_out) = if t { (1, 0) } else { (0, 1) };
+    let bias = ctx.inputs.get(2).copied().flatten();
+    match (ctx.input, ctx.axis) {
+        (0, a) if a + 1 == rx => ChannelFlow::Contracted {
+            weight: 1,
+            weight_axis: w_in,
+        },
+        (1, a) if a == w_in => ChannelFlow::Contracted {
+            weight: 0,
+            weight_axis: rx - 1,
+        },
+        (1, a) if a == w_out => {
+            let with = bias
+                .and_then(Facts::rank)
+                .map(|r| vec![(2, r - 1)])
+                .unwrap_or_default();
+            ChannelFlow::Through {
+                outputs: vec![(0, rx - 1)],
+                commutes: LINEAR,
+                with,
+                uniform: Vec::new(),
+            }
+        }
+        // Rows: a bias is the same in every row.
+        (0, a) => ChannelFlow::through(vec![(0, a)], if bias.is_some() { PERM } else { LINEAR }),
+        _ => ChannelFlow::Barrier("Linear bias"),
+    }
+}
+
 /// Attention over 4-d `q [B, Hq, S, D]`, `k [B, Hkv, L, D]`, `v [B, Hkv, L, Dv]`: the
 /// value head dim passes to the result's last axis (`y = P v` is linear in v); the query
 /// and key head dims meet only in `q · k`, unchanged by the same orthogonal map on both.

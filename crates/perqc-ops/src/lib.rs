@@ -110,10 +110,7 @@ impl OpDef {
     }
 }
 
-/// The domain of perqc's canonical ops: ONNX ops (same names, attributes and semantics
-/// unless the row's kernel says otherwise) that exist whatever opset a model declares.
-/// Canonicalization writes them; lowering turns them back into the model's own opset.
-pub const PERQC_DOMAIN: &str = "ai.perqc";
+pub use perqc_ir::PERQC_DOMAIN;
 
 /// The canonical spelling of a domain (`"ai.onnx"` -> `""`).
 pub fn canonical_domain(domain: &str) -> &str {

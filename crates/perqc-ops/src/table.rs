@@ -365,6 +365,9 @@ pub static OPS: &[OpDef] = &[
         .kernel(kc::scan)
         .channel(ch::opaque),
     // ---- ai.perqc: canonical forms of exported chains (passes/src/canonicalize) ----
+    OpDef::custom(PERQC, "Linear", 1, la::linear)
+        .kernel(kla::linear)
+        .channel(ch::linear),
     OpDef::custom(PERQC, "Attention", 1, la::attention)
         .kernel(katt::attention)
         .channel(ch::attention),

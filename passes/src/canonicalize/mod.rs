@@ -17,6 +17,7 @@
 pub mod attention;
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear;
 pub mod rms_norm;
 pub mod silu;
 pub mod skip_rms_norm;
@@ -37,8 +38,9 @@ pub struct Pattern {
 }
 
 /// Every pattern, in the order they are tried at each node.
-pub static PATTERNS: [&Pattern; 6] = [
+pub static PATTERNS: [&Pattern; 7] = [
     &attention::PATTERN,
+    &linear::PATTERN,
     &rms_norm::PATTERN,
     &skip_rms_norm::PATTERN,
     &layer_norm::PATTERN,
@@ -47,13 +49,14 @@ pub static PATTERNS: [&Pattern; 6] = [
 ];
 
 /// The pass factory of each pattern, in [`PATTERNS`] order.
-pub static FACTORIES: [PassFactory; 6] = [
+pub static FACTORIES: [PassFactory; 7] = [
     factory::<0>,
     factory::<1>,
     factory::<2>,
     factory::<3>,
     factory::<4>,
     factory::<5>,
+    factory::<6>,
 ];
 
 fn factory<const I: usize>(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
@@ -136,8 +139,7 @@ pub struct Canonicalize;
 
 impl Canonicalize {
     pub const NAME: &'static str = "canonicalize";
-    pub const DESCRIPTION: &'static str =
-        "rewrite exported spellings (attention, norms, SiLU, GELU) into canonical ops, then dce";
+    pub const DESCRIPTION: &'static str = "rewrite exported spellings (attention, linear, norms, SiLU, GELU) into canonical ops, then dce";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&[])?;

@@ -236,6 +236,41 @@ pub fn matmul(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     )?)])
 }
 
+/// `ai.perqc::Linear`: `y = x W' (+ bias)`, `W' = transB ? W^T : W`, x of any rank >= 1
+/// (its leading axes are rows). The transposed weight is a strided view: no copy. The bias
+/// (broadcast to `[.., N]`) is added to the fresh product in place.
+pub fn linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let w = req_f32(inputs, 1)?;
+    if w.ndim() != 2 {
+        return Err(KernelError::Invalid(format!(
+            "Linear weight must be 2-d, got {:?}",
+            w.shape()
+        )));
+    }
+    let wt = (ctx.int("transB", 0) != 0).then(|| RtTensor::F32(w.clone().reversed_axes()));
+    let b = wt.as_ref().or(inputs[1]);
+    let mut y = matmul(ctx, &[inputs[0], b])?.remove(0);
+    if let Some(bias) = opt(inputs, 2) {
+        let RtTensor::F32(bias) = bias else {
+            return Err(KernelError::Invalid("Linear bias must be f32".into()));
+        };
+        let RtTensor::F32(out) = &mut y else {
+            unreachable!("matmul of f32 operands is f32")
+        };
+        let shape = out.shape().to_vec();
+        let bias = bias
+            .broadcast(IxDyn(&shape))
+            .ok_or_else(|| KernelError::Broadcast {
+                a: bias.shape().to_vec(),
+                b: shape.clone(),
+            })?;
+        Zip::from(out.view_mut())
+            .and(&bias)
+            .for_each(|o, &b| *o += b);
+    }
+    Ok(vec![y])
+}
+
 /// Gemm: `Y = alpha * A' B' + beta * C`, `A' = transA ? A^T : A`, C unidirectionally
 /// broadcast to `[M, N]`.
 pub fn gemm(ctx: &KernelCtx<'_>, inputs: In) -> Out {

@@ -62,6 +62,42 @@ pub fn matmul(ctx: &InferCtx<'_>) -> RuleResult {
     Ok(vec![Facts::new(dtype, shape)])
 }
 
+/// `ai.perqc::Linear(x, W, bias?)`: `[.., K] x W -> [.., N]`, W `[K, N]`, or `[N, K]` with
+/// transB (the layout is kept as stored, no copy).
+pub fn linear(ctx: &InferCtx<'_>) -> RuleResult {
+    let (x, w) = (ctx.req(0)?, ctx.req(1)?);
+    let dtype = same_dtype([x, w])?;
+    let trans = ctx.attr_int("transB", 0) != 0;
+    let shape = match (&x.shape, &w.shape) {
+        (Some(xs), Some(ws)) if ws.len() == 2 && !xs.is_empty() => {
+            let (k, n) = if trans {
+                (&ws[1], &ws[0])
+            } else {
+                (&ws[0], &ws[1])
+            };
+            let kx = &xs[xs.len() - 1];
+            unify_dim(kx, k).ok_or_else(|| ShapeError::InnerDims {
+                a: kx.clone(),
+                b: k.clone(),
+                sa: fmt_shape(xs),
+                sb: fmt_shape(ws),
+            })?;
+            let mut out = xs[..xs.len() - 1].to_vec();
+            out.push(n.clone());
+            Some(out)
+        }
+        (_, Some(ws)) if ws.len() != 2 => {
+            return Err(ShapeError::Rank {
+                what: "W",
+                expected: "2".into(),
+                got: ws.len(),
+            });
+        }
+        _ => None,
+    };
+    Ok(vec![Facts::new(dtype, shape)])
+}
+
 /// Attention (opset 23) on 4-d inputs: Y is Q's shape `[B, Hq, S, D]` with V's last dim.
 /// (Only output 0 is described; 3-d inputs with head-count attributes get an unknown shape.)
 pub fn attention(ctx: &InferCtx<'_>) -> RuleResult {
