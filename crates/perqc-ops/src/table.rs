@@ -6,7 +6,7 @@ use crate::OpDef;
 use crate::kernels::control as kc;
 use crate::kernels::{
     attention as katt, elementwise as kew, index as kix, linalg as kla, misc as kmisc,
-    movement as kmv, norm as knorm, reduce as krd,
+    movement as kmv, norm as knorm, reduce as krd, rotary as krot,
 };
 use crate::rules::elementwise as ew;
 use crate::rules::{index as ix, linalg as la, misc, movement as mv, reduce as rd};
@@ -116,7 +116,7 @@ pub static OPS: &[OpDef] = &[
     op("MatMulInteger", 10, la::matmul_integer),
     op("Einsum", 12, la::einsum),
     op("Attention", 23, la::attention).kernel(katt::attention),
-    OpDef::custom(MS, "MatMulNBits", 1, la::matmul_nbits),
+    OpDef::custom(MS, "MatMulNBits", 1, la::matmul_nbits).kernel(kla::matmul_nbits),
     // ---- reductions (axes attribute, then input) ----
     op("ReduceSum", 1, rd::reduce_sum_attr)
         .until(13)
@@ -152,7 +152,12 @@ pub static OPS: &[OpDef] = &[
     // ---- normalizations ----
     op("LayerNormalization", 17, misc::layer_norm).kernel(knorm::layer_norm),
     // ONNX Runtime's RMS norm, registered in the default domain.
-    op("SimplifiedLayerNormalization", 1, misc::layer_norm),
+    op(
+        "SimplifiedLayerNormalization",
+        1,
+        misc::simplified_layer_norm,
+    )
+    .kernel(knorm::simplified_layer_norm),
     op("RMSNormalization", 23, misc::batch_norm).kernel(knorm::rms_norm),
     op("BatchNormalization", 1, misc::batch_norm),
     op("InstanceNormalization", 1, misc::batch_norm),
@@ -238,4 +243,14 @@ pub static OPS: &[OpDef] = &[
     // ---- com.microsoft ----
     OpDef::custom(MS, "Gelu", 1, ew::unary),
     OpDef::custom(MS, "FastGelu", 1, ew::unary),
+    OpDef::custom(
+        MS,
+        "SkipSimplifiedLayerNormalization",
+        1,
+        misc::skip_layer_norm,
+    )
+    .kernel(knorm::skip_simplified_layer_norm),
+    OpDef::custom(MS, "RotaryEmbedding", 1, ew::unary).kernel(krot::rotary_embedding),
+    OpDef::custom(MS, "GroupQueryAttention", 1, la::group_query_attention)
+        .kernel(katt::group_query_attention),
 ];
