@@ -109,19 +109,22 @@ pub fn rotary_embedding(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     // (batch, seq, heads, head size, seq-major layout)
     let (b, s, n, d, seq_major) = match *sh {
         [b, s, hidden] => {
-            let d = if num_heads > 0 {
-                hidden / num_heads as usize
+            let heads = if num_heads > 0 {
+                num_heads as usize
             } else {
-                caches.dim()
+                hidden / caches.dim().max(1)
             };
-            if d == 0 || hidden % d != 0 {
+            if heads == 0
+                || hidden % heads != 0
+                || (num_heads <= 0 && heads * caches.dim() != hidden)
+            {
                 return Err(KernelError::Invalid(format!(
-                    "hidden size {hidden} is not a multiple of the head size {d} \
-                     (num_heads {num_heads}, cos_cache {:?})",
+                    "hidden size {hidden} does not split into heads (num_heads {num_heads}, \
+                     cos_cache {:?})",
                     cos.shape()
                 )));
             }
-            (b, s, hidden / d, d, true)
+            (b, s, heads, hidden / heads, true)
         }
         [b, n, s, d] => (b, s, n, d, false),
         _ => {
