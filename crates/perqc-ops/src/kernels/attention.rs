@@ -1,6 +1,8 @@
 //! Scaled dot-product attention in one pass over cache-sized row blocks: ONNX `Attention`
 //! (opset 23, 4-D inputs), and `ai.perqc::Attention`, the canonical form of the exported
-//! pattern `MatMul(Softmax(Mul(MatMul(Q, Kᵀ), c) + M), V)`.
+//! pattern `MatMul(Softmax(Mul(MatMul(Q, Kᵀ), c) + M), V)`; also the attention step of
+//! `com.microsoft::GroupQueryAttention` ([`group_query_attention`]: its KV cache, rotary and
+//! window become K, V and a mask for [`sdpa`], with an optional softcap of the scores).
 //!
 //! For query head `h` (key/value head `h / (Hq / Hkv)`, grouped-query attention) and query
 //! row `i`:
@@ -200,9 +202,7 @@ pub(crate) fn sdpa(
         }
     };
     fn head<'a>(a: &ArrayView4<'a, f32>, i: usize, j: usize) -> ndarray::ArrayView2<'a, f32> {
-        (*a)
-            .index_axis_move(Axis(0), i)
-            .index_axis_move(Axis(0), j)
+        (*a).index_axis_move(Axis(0), i).index_axis_move(Axis(0), j)
     }
     let mut v_finite_after = Vec::with_capacity(b * hkv);
     let mut k_norm = Vec::with_capacity(b * hkv);
