@@ -29,6 +29,8 @@ NP = {
 
 
 def make_inputs(sess, seed, batch, seq):
+    """Seeded inputs; symbolic dims named *batch* are `batch`, *past* 0 (an empty KV cache),
+    others `seq`; an `attention_mask` is all ones."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for i in sess.get_inputs():
@@ -38,8 +40,16 @@ def make_inputs(sess, seed, batch, seq):
                 dims.append(d)
             elif d and "batch" in d.lower():
                 dims.append(batch)
+            elif d and "past" in d.lower():
+                dims.append(0)
             else:
                 dims.append(seq)
+        if i.name == "attention_mask":
+            feeds[i.name] = np.ones(dims, NP[i.type])
+            continue
+        if i.name == "position_ids":
+            feeds[i.name] = np.broadcast_to(np.arange(dims[-1]), dims).astype(NP[i.type])
+            continue
         dt = NP.get(i.type)
         if dt is None:
             raise SystemExit(f"input {i.name}: unsupported type {i.type}")
@@ -98,15 +108,36 @@ def run_native(c):
     return f"native vs ort max rel err {worst:.3g}"
 
 
+def window_feeds(s, ids_name, seq):
+    """What `perqc eval` feeds a KV-cache graph besides the ids: an all-ones attention_mask,
+    position_ids 0..seq, and empty past key/values (symbolic batch 1, other symbolic dims 0)."""
+    feeds = {}
+    for i in s.get_inputs():
+        if i.name == ids_name:
+            continue
+        if i.name == "attention_mask":
+            feeds[i.name] = np.ones((1, seq), NP[i.type])
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(seq)[None, :].astype(NP[i.type])
+        elif "past" in i.name:
+            dims = [d if isinstance(d, int) else (1 if k == 0 else 0) for k, d in enumerate(i.shape)]
+            feeds[i.name] = np.zeros(dims, NP[i.type])
+        else:
+            raise SystemExit(f"input {i.name}: no feed for perplexity")
+    return feeds
+
+
 def ppl_case(c):
-    """Perplexity of `ids` windows under ONNX Runtime, as ../shared/bench/ppl_ort.py scores it."""
+    """Perplexity of `ids` windows under ONNX Runtime, as ../shared/bench/ppl_ort.py scores it
+    (plus an empty KV cache and an all-ones mask for graphs that take them)."""
     ids = np.load(c["ids"]).reshape(-1)
     s = session(c["model"])
-    name = s.get_inputs()[0].name
+    names = [i.name for i in s.get_inputs()]
+    name = "input_ids" if "input_ids" in names else names[0]
     seq, nll, count = c["seq"], 0.0, 0
     for w in range(min(c["windows"], len(ids) // seq)):
         x = ids[w * seq:(w + 1) * seq].astype(np.int64)[None, :]
-        logits = s.run(None, {name: x})[0][0].astype(np.float64)[:-1]
+        logits = s.run(None, {name: x, **window_feeds(s, name, seq)})[0][0].astype(np.float64)[:-1]
         m = logits.max(-1, keepdims=True)
         lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
         nll -= lp[np.arange(seq - 1), x[0, 1:]].sum()
@@ -126,7 +157,7 @@ def run_case(c):
     if c.get("check", True):
         onnx.checker.check_model(c["candidate"], full_check=True)
     if not c.get("run", True):
-        return "checked"
+        return "checked" if c.get("check", True) else "registered only (not checked, not run)"
     ref, cand = session(c["reference"]), session(c["candidate"])
     worst = 0.0
     for seed, (batch, seq) in enumerate([(1, 7), (2, 5)]):

@@ -176,6 +176,105 @@ fn fused_ops_agree_with_onnx_runtime() {
 }
 
 #[test]
+fn ort_contrib_ops_agree_with_onnx_runtime() {
+    // The contrib ops of onnxruntime-genai's builder, on ONNX Runtime's CPU semantics:
+    // SimplifiedLayerNormalization (+ inv_std_var), SkipSimplifiedLayerNormalization (+ the
+    // sum), RotaryEmbedding (half split with [B, S] positions, interleaved 4-d with a start
+    // position, partial), MatMulNBits (4-bit with zero points and K not a multiple of the
+    // block, 8-bit with bias), GroupQueryAttention (packed prefill with rotary over 2
+    // batches; interleaved rotary with a local window and softcap; separate q/k/v after a
+    // past of 3 with a custom scale).
+    let model = fixture("ort_contrib_ops.onnx");
+    let s = session("ort_contrib_ops.onnx", 2);
+    let dir = out_dir("native_ort_contrib_ops");
+    let mut r = Lcg(11);
+    let mut t = |shape: &[usize]| {
+        let n = shape.iter().product();
+        RtTensor::f32(
+            ArrayD::from_shape_vec(IxDyn(shape), (0..n).map(|_| r.normal_ish()).collect()).unwrap(),
+        )
+    };
+    let i32s = |shape: &[usize], v: Vec<i32>| {
+        RtTensor::I32(
+            ArrayD::from_shape_vec(IxDyn(shape), v)
+                .unwrap()
+                .into_shared(),
+        )
+    };
+    let pos = vec![0, 1, 2, 3, 4, 7, 3, 9, 0, 15];
+    let feeds = [
+        ("x", t(&[2, 5, 32])),
+        ("skip", t(&[2, 5, 32])),
+        ("xr", t(&[2, 5, 32])),
+        ("xr4", t(&[2, 2, 5, 16])),
+        (
+            "pos",
+            RtTensor::i64(ArrayD::from_shape_vec(IxDyn(&[2, 5]), pos).unwrap()),
+        ),
+        ("a", t(&[2, 5, 40])),
+        ("a8", t(&[3, 32])),
+        ("qkv", t(&[2, 6, 128])),
+        ("seqlens", i32s(&[2], vec![5, 5])),
+        ("total", i32s(&[1], vec![6])),
+        ("q", t(&[1, 4, 64])),
+        ("k", t(&[1, 4, 32])),
+        ("v", t(&[1, 4, 32])),
+        ("past_k", t(&[1, 2, 3, 16])),
+        ("past_v", t(&[1, 2, 3, 16])),
+        ("seqlens2", i32s(&[1], vec![6])),
+        ("total2", i32s(&[1], vec![7])),
+    ];
+    let out = s.run(&feeds).unwrap();
+    assert_eq!(out.len(), 16);
+    let named: Vec<(&str, &RtTensor)> = feeds.iter().map(|(n, t)| (*n, t)).collect();
+    native_case("native_ort_contrib_ops", &dir, &model, &named, &out, 1e-5);
+}
+
+#[test]
+fn kv_cache_decoder_agrees_with_onnx_runtime() {
+    // A builder-style decoder fed an empty KV cache (past length 0), an all-ones mask and
+    // positions 0..seq: logits and the present key/value outputs.
+    let model = fixture("ort_kv_decoder.onnx");
+    let s = session("ort_kv_decoder.onnx", 2);
+    let dir = out_dir("native_ort_kv_decoder");
+    for (k, (batch, seq)) in [(1, 9), (2, 5)].into_iter().enumerate() {
+        let mut feeds = vec![
+            ("input_ids".to_string(), ids(batch, seq, 40 + k as u64)),
+            (
+                "attention_mask".to_string(),
+                RtTensor::i64(ArrayD::from_elem(IxDyn(&[batch, seq]), 1)),
+            ),
+            (
+                "position_ids".to_string(),
+                RtTensor::i64(ArrayD::from_shape_fn(IxDyn(&[batch, seq]), |i| i[1] as i64)),
+            ),
+        ];
+        for l in 0..2 {
+            for kv in ["key", "value"] {
+                feeds.push((
+                    format!("past_key_values.{l}.{kv}"),
+                    RtTensor::f32(ArrayD::zeros(IxDyn(&[batch, 2, 0, 16]))),
+                ));
+            }
+        }
+        let named: Vec<(&str, RtTensor)> =
+            feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let out = s.run(&named).unwrap();
+        assert_eq!(out[0].1.shape(), &[batch, seq, 256]);
+        assert_eq!(out[1].1.shape(), &[batch, 2, seq, 16]);
+        let refs: Vec<(&str, &RtTensor)> = named.iter().map(|(n, t)| (*n, t)).collect();
+        native_case(
+            &format!("native_ort_kv_decoder_{k}"),
+            &dir,
+            &model,
+            &refs,
+            &out,
+            1e-5,
+        );
+    }
+}
+
+#[test]
 fn unsupported_ops_are_reported_before_running() {
     let loaded = perqc_onnx::load(&fixture("custom_domain.onnx")).unwrap();
     let err = Session::new(&loaded.model)

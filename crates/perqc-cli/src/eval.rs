@@ -13,6 +13,7 @@ use std::time::Instant;
 #[derive(Args)]
 pub struct EvalArgs {
     /// The ONNX model: input `input_ids` [batch, seq] int64, first output logits [batch, seq, vocab].
+    /// A KV-cache graph gets an empty past, an all-ones attention_mask and position_ids 0..seq.
     model: PathBuf,
     /// Hugging Face tokenizer.json for --text.
     #[arg(long, requires = "text")]
@@ -95,6 +96,67 @@ fn read_ids(path: &Path) -> Result<Vec<u32>> {
     }
 }
 
+/// Feeds for the graph inputs besides the token ids, for one window of `seq` tokens scored
+/// from scratch: an all-ones `attention_mask` `[1, seq]`, `position_ids` `0..seq`, and each
+/// past key/value (an input whose name contains `past`) empty: its declared shape with a
+/// symbolic first (batch) dim 1 and every other symbolic dim (the past length) 0. Inputs
+/// with a default (an initializer) are left to it; any other input is an error naming it.
+fn extra_feeds(g: &perqc_ir::Graph, ids: &str, seq: usize) -> Result<Vec<(String, RtTensor)>> {
+    use perqc_ir::{DType, Dim};
+    let mut feeds = Vec::new();
+    for &vid in &g.inputs {
+        let v = g.value(vid);
+        if v.name == ids || v.tensor.is_some() {
+            continue;
+        }
+        let dtype = v.ty.as_ref().and_then(|t| t.elem());
+        let ints = |vals: Vec<i64>| -> Result<RtTensor> {
+            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, seq]), vals)?;
+            Ok(match dtype {
+                Some(DType::I64) => RtTensor::i64(a),
+                Some(DType::I32) => RtTensor::I32(a.mapv(|x| x as i32).into_shared()),
+                other => bail!("input `{}` is {other:?}; expected int64 or int32", v.name),
+            })
+        };
+        let t = if v.name == "attention_mask" {
+            ints(vec![1; seq])?
+        } else if v.name == "position_ids" {
+            ints((0..seq as i64).collect())?
+        } else if v.name.contains("past") {
+            let Some(shape) = v.ty.as_ref().and_then(|t| t.shape()) else {
+                bail!(
+                    "input `{}` (a past key/value) has no declared shape",
+                    v.name
+                );
+            };
+            let dims: Vec<usize> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, d)| match d {
+                    Dim::Known(n) => usize::try_from(*n).unwrap_or(0),
+                    _ if i == 0 => 1,
+                    _ => 0,
+                })
+                .collect();
+            if dtype != Some(DType::F32) {
+                bail!(
+                    "input `{}` (a past key/value) is {dtype:?}; only float32 caches are supported",
+                    v.name
+                );
+            }
+            RtTensor::f32(ndarray::ArrayD::zeros(ndarray::IxDyn(&dims)))
+        } else {
+            bail!(
+                "input `{}` is none of input_ids, attention_mask, position_ids or a past \
+                 key/value; perqc eval cannot feed it",
+                v.name
+            );
+        };
+        feeds.push((v.name.clone(), t));
+    }
+    Ok(feeds)
+}
+
 pub fn run(args: EvalArgs) -> Result<()> {
     if args.seq < 2 {
         bail!("--seq must be at least 2");
@@ -142,9 +204,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .with_context(|| args.model.display().to_string())?;
     let input = session
         .input_names()
-        .next()
+        .find(|n| *n == "input_ids")
+        .or_else(|| session.input_names().next())
         .map(str::to_string)
         .context("the model has no inputs")?;
+    let extra = extra_feeds(&loaded.model.graph, &input, args.seq)
+        .with_context(|| args.model.display().to_string())?;
     drop(loaded);
 
     let bar = ProgressBar::new(windows.len() as u64);
@@ -171,9 +236,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let x = Array2::from_shape_fn((1, args.seq), |(_, t)| w[t] as i64)
             .into_dyn()
             .into_shared();
-        let out = session
-            .run(&[(input.as_str(), RtTensor::I64(x))])
-            .with_context(|| place(i))?;
+        let mut feeds = vec![(input.as_str(), RtTensor::I64(x))];
+        feeds.extend(extra.iter().map(|(n, t)| (n.as_str(), t.clone())));
+        // Outputs after the logits (present key/values) are ignored.
+        let out = session.run(&feeds).with_context(|| place(i))?;
         let logits = match out.into_iter().next() {
             Some((_, RtTensor::F32(a))) => a.into_dimensionality::<Ix3>().map_err(|_| {
                 anyhow::anyhow!(

@@ -103,6 +103,39 @@ fn ids_agree_with_onnx_runtime() {
     std::fs::write(cases.join("eval_ppl_llama_ts.json"), json).unwrap();
 }
 
+#[test]
+fn kv_cache_graph_agrees_with_onnx_runtime() {
+    // A builder-style graph that takes past key/values, an attention mask and position ids:
+    // eval feeds an empty cache, ones and 0..seq, ignores the present.* outputs, and ONNX
+    // Runtime must reach the same perplexity on the same feeds.
+    let dir = scratch("kv");
+    let ids: Vec<i64> = (0..100).map(|i| (i * 53 + 7) % 256).collect();
+    let npy = dir.join("ids.npy");
+    write_ids(&npy, &ids);
+    let model = fixture("ort_kv_decoder.onnx");
+    let o = perqc(&[
+        "eval",
+        model.to_str().unwrap(),
+        "--ids",
+        npy.to_str().unwrap(),
+        "--seq",
+        "24",
+        "--windows",
+        "3",
+        "--quiet",
+    ]);
+    let value = ppl(&o);
+    assert!(value.is_finite() && value > 1.0, "{value}");
+    let cases = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance");
+    std::fs::create_dir_all(&cases).unwrap();
+    let json = format!(
+        "{{\"cases\": [{{\"name\": \"eval_ppl_ort_kv_decoder\", \"mode\": \"ppl\", \"model\": {:?}, \"ids\": {:?}, \"seq\": 24, \"windows\": 3, \"ppl\": {value}, \"rtol\": 1e-4}}]}}\n",
+        std::fs::canonicalize(&model).unwrap(),
+        std::fs::canonicalize(&npy).unwrap(),
+    );
+    std::fs::write(cases.join("eval_ppl_ort_kv_decoder.json"), json).unwrap();
+}
+
 /// A failed eval: non-zero exit, one error line naming `names`.
 fn fails(o: &Output, names: &[&str]) {
     let stderr = String::from_utf8_lossy(&o.stderr);

@@ -353,6 +353,58 @@ pub fn linear(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     }
 }
 
+/// `com.microsoft::MatMulNBits(a, B packed, scales, ..)`: a's last axis is contracted
+/// with the packed weight's input (K) axis, stored as axis 1 of `[N, blocks, blob]`; the
+/// packing groups K in blocks, so only the region analysis's block-aware transforms apply.
+pub fn matmul_nbits(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    match (ctx.input, ctx.rank(0)) {
+        (0, Some(r)) if ctx.axis + 1 == r => ChannelFlow::Contracted {
+            weight: 1,
+            weight_axis: 1,
+        },
+        (0, Some(_)) => ChannelFlow::through(vec![(0, ctx.axis)], LINEAR),
+        _ => ChannelFlow::Barrier("packed weight"),
+    }
+}
+
+/// `com.microsoft::SkipSimplifiedLayerNormalization(x, skip, gamma, bias?)`: the channels
+/// of x and skip are added (result 3 is the sum) and RMS-normalized with gamma. Only
+/// permutations are declared: canonicalization splits the op into an Add and an RMS norm,
+/// whose rules are finer.
+pub fn skip_norm(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let Some(rank) = ctx.rank(0) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    if ctx.input > 1 {
+        return ChannelFlow::Barrier("norm parameters");
+    }
+    if ctx.axis + 1 != rank {
+        return ChannelFlow::through(vec![(0, ctx.axis), (3, ctx.axis)], PERM);
+    }
+    let mut with = vec![(1 - ctx.input, ctx.axis), (2, 0)];
+    if ctx.inputs.get(3).copied().flatten().is_some() {
+        with.push((3, 0));
+    }
+    ChannelFlow::Through {
+        outputs: vec![(0, ctx.axis), (3, ctx.axis)],
+        commutes: PERM,
+        with,
+        uniform: Vec::new(),
+    }
+}
+
+/// Rotary embeddings rotate channel pairs of each head by position-dependent angles: a
+/// barrier for channel transforms (the region analysis moves rotary pairs together).
+pub fn rotary(_: &ChannelCtx<'_>) -> ChannelFlow {
+    ChannelFlow::Barrier("rotary embedding mixes channel pairs per position")
+}
+
+/// Attention with packed or cached heads (GroupQueryAttention): heads, rotary and the cache
+/// are structure the region analysis handles itself.
+pub fn packed_attention(_: &ChannelCtx<'_>) -> ChannelFlow {
+    ChannelFlow::Barrier("packed attention heads")
+}
+
 /// Attention over 4-d `q [B, Hq, S, D]`, `k [B, Hkv, L, D]`, `v [B, Hkv, L, Dv]`: the
 /// value head dim passes to the result's last axis (`y = P v` is linear in v); the query
 /// and key head dims meet only in `q · k`, unchanged by the same orthogonal map on both.

@@ -7,7 +7,7 @@ use crate::channel as ch;
 use crate::kernels::control as kc;
 use crate::kernels::{
     attention as katt, elementwise as kew, index as kix, linalg as kla, misc as kmisc,
-    movement as kmv, norm as knorm, reduce as krd,
+    movement as kmv, norm as knorm, reduce as krd, rotary as krot,
 };
 use crate::rules::elementwise as ew;
 use crate::rules::{index as ix, linalg as la, misc, movement as mv, reduce as rd};
@@ -173,7 +173,9 @@ pub static OPS: &[OpDef] = &[
     op("Attention", 23, la::attention)
         .kernel(katt::attention)
         .channel(ch::attention),
-    OpDef::custom(MS, "MatMulNBits", 1, la::matmul_nbits),
+    OpDef::custom(MS, "MatMulNBits", 1, la::matmul_nbits)
+        .kernel(kla::matmul_nbits)
+        .channel(ch::matmul_nbits),
     // ---- reductions (axes attribute, then input) ----
     op("ReduceSum", 1, rd::reduce_sum_attr)
         .until(13)
@@ -224,7 +226,13 @@ pub static OPS: &[OpDef] = &[
         .kernel(knorm::layer_norm)
         .channel(ch::norm),
     // ONNX Runtime's RMS norm, registered in the default domain.
-    op("SimplifiedLayerNormalization", 1, misc::layer_norm).channel(ch::norm),
+    op(
+        "SimplifiedLayerNormalization",
+        1,
+        misc::simplified_layer_norm,
+    )
+    .kernel(knorm::simplified_layer_norm)
+    .channel(ch::norm),
     op("RMSNormalization", 23, misc::batch_norm)
         .kernel(knorm::rms_norm)
         .channel(ch::norm),
@@ -386,4 +394,18 @@ pub static OPS: &[OpDef] = &[
     // ---- com.microsoft ----
     OpDef::custom(MS, "Gelu", 1, ew::unary).channel(ch::pointwise),
     OpDef::custom(MS, "FastGelu", 1, ew::unary),
+    OpDef::custom(
+        MS,
+        "SkipSimplifiedLayerNormalization",
+        1,
+        misc::skip_layer_norm,
+    )
+    .kernel(knorm::skip_simplified_layer_norm)
+    .channel(ch::skip_norm),
+    OpDef::custom(MS, "RotaryEmbedding", 1, ew::unary)
+        .kernel(krot::rotary_embedding)
+        .channel(ch::rotary),
+    OpDef::custom(MS, "GroupQueryAttention", 1, la::group_query_attention)
+        .kernel(katt::group_query_attention)
+        .channel(ch::packed_attention),
 ];

@@ -58,12 +58,56 @@ impl fmt::Display for Unsupported {
     }
 }
 
+/// The unsupported nodes grouped by (domain, op type, opset) in order of first appearance:
+/// "2 op types have no native kernel: com.microsoft::Foo (opset 1, 12 nodes, e.g. `a`),
+/// ai.onnx::Bar (opset 21, 1 node, e.g. `b`)".
+fn unsupported_summary(list: &[Unsupported]) -> String {
+    let mut groups: Vec<(&Unsupported, usize)> = Vec::new();
+    for u in list {
+        let same = |g: &&mut (&Unsupported, usize)| {
+            (&g.0.domain, &g.0.op_type, g.0.opset) == (&u.domain, &u.op_type, u.opset)
+        };
+        match groups.iter_mut().find(same) {
+            Some(g) => g.1 += 1,
+            None => groups.push((u, 1)),
+        }
+    }
+    let items: Vec<String> = groups
+        .iter()
+        .map(|(u, n)| {
+            let dom = if u.domain.is_empty() {
+                "ai.onnx"
+            } else {
+                &u.domain
+            };
+            let opset = match u.opset {
+                Some(v) => format!("opset {v}"),
+                None => "domain not imported".to_string(),
+            };
+            let nodes = if *n == 1 { "node" } else { "nodes" };
+            format!(
+                "{dom}::{} ({opset}, {n} {nodes}, e.g. `{}`)",
+                u.op_type, u.node
+            )
+        })
+        .collect();
+    let types = if groups.len() == 1 {
+        "op type has"
+    } else {
+        "op types have"
+    };
+    format!(
+        "{} {types} no native kernel: {}",
+        groups.len(),
+        items.join(", ")
+    )
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(
-        "{} node(s) have no native kernel: {}; run them in ONNX Runtime or add a kernel to the op table",
-        .0.len(),
-        .0.iter().map(|u| u.to_string()).collect::<Vec<_>>().join("; ")
+        "{}; run them in ONNX Runtime or add a kernel to the op table",
+        unsupported_summary(.0)
     )]
     Unsupported(Vec<Unsupported>),
     #[error("node `{node}` ({op_type}): {source}")]
@@ -739,4 +783,48 @@ fn check_input(spec: &InputSpec, t: &RtTensor) -> Result<(), RuntimeError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod unsupported_tests {
+    use super::{RuntimeError, Unsupported};
+
+    #[test]
+    fn unsupported_nodes_are_grouped_by_op_type() {
+        let u = |node: String, domain: &str, op: &str, opset| Unsupported {
+            node,
+            op_type: op.into(),
+            domain: domain.into(),
+            opset,
+        };
+        let mut list: Vec<Unsupported> = (0..12)
+            .map(|l| {
+                u(
+                    format!("/m/layers.{l}/foo"),
+                    "com.microsoft",
+                    "Foo",
+                    Some(1),
+                )
+            })
+            .collect();
+        list.insert(3, u("bar_0".into(), "", "Bar", Some(21)));
+        list.extend((0..78).map(|i| u(format!("baz_{i}"), "x.test", "Baz", None)));
+        let msg = RuntimeError::Unsupported(list).to_string();
+        assert_eq!(
+            msg,
+            "3 op types have no native kernel: com.microsoft::Foo (opset 1, 12 nodes, e.g. \
+             `/m/layers.0/foo`), ai.onnx::Bar (opset 21, 1 node, e.g. `bar_0`), x.test::Baz \
+             (domain not imported, 78 nodes, e.g. `baz_0`); run them in ONNX Runtime or add a \
+             kernel to the op table"
+        );
+        assert!(
+            !msg.contains("layers.1/"),
+            "one node name per op type: {msg}"
+        );
+        let one = RuntimeError::Unsupported(vec![u("n".into(), "", "Qux", Some(7))]).to_string();
+        assert!(
+            one.starts_with("1 op type has no native kernel: ai.onnx::Qux (opset 7, 1 node"),
+            "{one}"
+        );
+    }
 }

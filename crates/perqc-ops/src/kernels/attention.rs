@@ -1,6 +1,8 @@
 //! Scaled dot-product attention in one pass over cache-sized row blocks: ONNX `Attention`
 //! (opset 23, 4-D inputs), and `ai.perqc::Attention`, the canonical form of the exported
-//! pattern `MatMul(Softmax(Mul(MatMul(Q, Kᵀ), c) + M), V)`.
+//! pattern `MatMul(Softmax(Mul(MatMul(Q, Kᵀ), c) + M), V)`; also the attention step of
+//! `com.microsoft::GroupQueryAttention` ([`group_query_attention`]: its KV cache, rotary and
+//! window become K, V and a mask for [`sdpa`], with an optional softcap of the scores).
 //!
 //! For query head `h` (key/value head `h / (Hq / Hkv)`, grouped-query attention) and query
 //! row `i`:
@@ -23,8 +25,8 @@
 //! unfused formula (up to summation order).
 
 use super::vmath::{softmax_row, sum_squares_slice};
-use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, opt, output_vec, req_f32};
-use ndarray::{ArrayD, Axis, IxDyn};
+use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, opt, output_vec, req_f32, req_ints};
+use ndarray::{ArrayD, ArrayView4, Axis, IxDyn};
 use rayon::prelude::*;
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
@@ -55,6 +57,10 @@ struct Shared {
     v: Op4,
     mask: Mask,
     out: *mut f32,
+    /// Element strides of the output over (batch, head, row); columns are contiguous.
+    out_st: [usize; 3],
+    /// Scores become `softcap · tanh(s / softcap)` before the mask when positive.
+    softcap: f32,
     /// (heads per kv head, S, L, D, Dv, Hq)
     dims: (usize, usize, usize, usize, usize, usize),
     scale: f32,
@@ -72,7 +78,7 @@ struct Shared {
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
-fn op4(a: &Arr<f32>) -> Op4 {
+fn op4(a: &ArrayView4<'_, f32>) -> Op4 {
     let s = a.strides();
     Op4 {
         ptr: a.as_ptr(),
@@ -118,7 +124,53 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
             v.ndim()
         )));
     }
-    let (b, hq, s, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    fn four(a: &Arr<f32>) -> Result<ArrayView4<'_, f32>, ndarray::ShapeError> {
+        a.view().into_dimensionality()
+    }
+    let (q, k, v) = (four(q)?, four(k)?, four(v)?);
+    let (b, hq, s) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let dv = v.shape()[3];
+    let p = Params {
+        scale: ctx.float("scale", 1.0 / (q.shape()[3] as f32).sqrt()),
+        causal: ctx.int("is_causal", 0) != 0,
+        // The canonical form keeps the NaN of the Softmax it replaced.
+        zero_masked_rows: ctx.node.domain != crate::PERQC_DOMAIN,
+        softcap: 0.0,
+        seq_major_out: false,
+    };
+    let out = sdpa(q, k, v, opt(inputs, 3), &p, ctx.threads)?;
+    Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
+        IxDyn(&[b, hq, s, dv]),
+        out,
+    )?)])
+}
+
+/// How [`sdpa`] scores and lays out its result.
+pub(crate) struct Params {
+    pub scale: f32,
+    /// Keys `j > i` are masked (top-left aligned, as ONNX `is_causal`).
+    pub causal: bool,
+    /// A row masked everywhere gives 0 (ONNX) instead of NaN (`Softmax`).
+    pub zero_masked_rows: bool,
+    /// `s = softcap · tanh(s / softcap)` after scaling, before the mask (0: none).
+    pub softcap: f32,
+    /// Output `[B, S, Hq, Dv]` instead of `[B, Hq, S, Dv]`.
+    pub seq_major_out: bool,
+}
+
+/// Attention of Q `[B, Hq, S, D]` over K `[B, Hkv, L, D]`, V `[B, Hkv, L, Dv]` (any
+/// strides; query head `h` reads key/value head `h / (Hq / Hkv)`), with an optional f32
+/// (added) or bool (kept where true) mask broadcastable to `[B, Hq, S, L]`. Returns Y
+/// row-major in the layout `p.seq_major_out` selects.
+pub(crate) fn sdpa(
+    q: ArrayView4<'_, f32>,
+    k: ArrayView4<'_, f32>,
+    v: ArrayView4<'_, f32>,
+    mask: Option<&RtTensor>,
+    p: &Params,
+    threads: usize,
+) -> Result<Vec<f32>, KernelError> {
+    let (b, hq, s, d) = q.dim();
     let (hkv, l) = (k.shape()[1], k.shape()[2]);
     let dv = v.shape()[3];
     let bad = k.shape()[0] != b
@@ -138,7 +190,7 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         )));
     }
     let full = [b, hq, s, l];
-    let mask = match opt(inputs, 3) {
+    let mask = match mask {
         None => Mask::None,
         Some(RtTensor::F32(m)) => Mask::Add(m.as_ptr(), strides4(m, full)?),
         Some(RtTensor::Bool(m)) => Mask::Keep(m.as_ptr(), strides4(m, full)?),
@@ -149,36 +201,39 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
             });
         }
     };
-    let scale = ctx.float("scale", 1.0 / (d as f32).sqrt());
-    fn head(a: &Arr<f32>, i: usize, j: usize) -> Result<ndarray::ArrayView2<'_, f32>, KernelError> {
-        Ok(a.index_axis(Axis(0), i)
-            .index_axis_move(Axis(0), j)
-            .into_dimensionality::<ndarray::Ix2>()?)
+    fn head<'a>(a: &ArrayView4<'a, f32>, i: usize, j: usize) -> ndarray::ArrayView2<'a, f32> {
+        (*a).index_axis_move(Axis(0), i).index_axis_move(Axis(0), j)
     }
     let mut v_finite_after = Vec::with_capacity(b * hkv);
     let mut k_norm = Vec::with_capacity(b * hkv);
     for bk in 0..b * hkv {
         let finite = |r: &[f32]| r.iter().fold(true, |all, x| all & x.is_finite());
-        let rows_v = rows_of(head(v, bk / hkv, bk % hkv)?, finite);
+        let rows_v = rows_of(head(&v, bk / hkv, bk % hkv), finite);
         v_finite_after.push(rows_v.iter().rposition(|f| !f).map_or(0, |j| j + 1));
-        let norms = rows_of(head(k, bk / hkv, bk % hkv)?, |r| {
+        let norms = rows_of(head(&k, bk / hkv, bk % hkv), |r| {
             sum_squares_slice(r).sqrt()
         });
         k_norm.push(norms.into_iter().fold(0f32, nan_max));
     }
     let total = b * hq * s * dv;
     let mut out: Vec<f32> = output_vec(total);
+    let out_st = if p.seq_major_out {
+        [s * hq * dv, dv, hq * dv]
+    } else {
+        [hq * s * dv, s * dv, dv]
+    };
     let sh = Shared {
-        q: op4(q),
-        k: op4(k),
-        v: op4(v),
+        q: op4(&q),
+        k: op4(&k),
+        v: op4(&v),
         mask,
         out: out.spare_capacity_mut().as_mut_ptr().cast(),
+        out_st,
+        softcap: p.softcap,
         dims: (hq / hkv, s, l, d, dv, hq),
-        scale,
-        causal: ctx.int("is_causal", 0) != 0,
-        // The canonical form keeps the NaN of the Softmax it replaced.
-        zero_masked_rows: ctx.node.domain != crate::PERQC_DOMAIN,
+        scale: p.scale,
+        causal: p.causal,
+        zero_masked_rows: p.zero_masked_rows,
         v_finite_after: v_finite_after.as_ptr(),
         k_norm: k_norm.as_ptr(),
     };
@@ -189,7 +244,7 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         unsafe { block(&sh, t / (hq * blocks), t / blocks % hq, t % blocks * ROWS) }
     };
     if total > 0 {
-        if ctx.threads > 1 && tasks > 1 {
+        if threads > 1 && tasks > 1 {
             (0..tasks).into_par_iter().for_each(run);
         } else {
             (0..tasks).for_each(run);
@@ -197,10 +252,7 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     }
     // Safety: every output row was written by exactly one task (or `total` is 0).
     unsafe { out.set_len(total) };
-    Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
-        IxDyn(&[b, hq, s, dv]),
-        out,
-    )?)])
+    Ok(out)
 }
 
 /// A mask entry at or below this is *dead*: its probability is exactly 0 whenever the row
@@ -387,6 +439,10 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
         }
         sc.set_len(rows * need);
     }
+    if sh.softcap > 0.0 {
+        sc.iter_mut()
+            .for_each(|x| *x = sh.softcap * (*x / sh.softcap).tanh());
+    }
     // Mask and softmax each row; `live` = 1 + the last key with a nonzero probability in
     // any row of the block.
     let mut live = 0;
@@ -420,10 +476,13 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
     // Keys past `live` contribute 0 · v_j; leave out those after the last value row
     // holding an inf or NaN.
     let keys = live.max(v_bad).min(need);
-    let dst = unsafe { sh.out.add(((bi * hq + h) * s + i0) * dv) };
+    let [ob, oh, os] = sh.out_st;
+    let dst = unsafe { sh.out.add(bi * ob + h * oh + i0 * os) };
     unsafe {
         if keys == 0 {
-            std::ptr::write_bytes(dst, 0, rows * dv);
+            for r in 0..rows {
+                std::ptr::write_bytes(dst.add(r * os), 0, dv);
+            }
         } else {
             // Y_blk (rows x Dv) = P_blk (rows x keys) · V[..keys] (keys x Dv).
             gemm::gemm(
@@ -432,7 +491,7 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
                 keys,
                 dst,
                 1,
-                dv as isize,
+                os as isize,
                 false,
                 sc.as_ptr(),
                 1,
@@ -449,4 +508,238 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
             );
         }
     }
+}
+
+/// `com.microsoft::GroupQueryAttention` (float, as ONNX Runtime's CPU kernel): query
+/// `[B, S, Hq·D]` with key and value `[B, S, Hkv·D]`, or packed `[B, S, (Hq + 2·Hkv)·D]`
+/// when key and value are absent; past key/value `[B, Hkv, Lp, D]`; `seqlens_k[b]` = the
+/// total length `T_b` of batch entry `b` minus 1; `total_sequence_length` (scalar).
+///
+/// - A first prompt (`S == total_sequence_length`) has no past: `P_b = 0`. Otherwise row
+///   `s` of the new tokens sits at `P_b + s` with `P_b = T_b - S` (a later prompt chunk
+///   needs `B = 1`; token generation `S = 1`).
+/// - present_key/value `[B, Hkv, max(total_sequence_length, Lp), D]` hold past rows
+///   `0..P_b`, then the new rows (rotated keys), then zeros.
+/// - `do_rotary`: query and new key heads are rotated at positions `P_b + s` with the
+///   caches (`R = 2 · cos_cache.shape[1]`, `rotary_interleaved`), see `rotary.rs`.
+/// - Row `s` attends keys `j <= P_b + s`, and with `local_window_size = w > 0` only the
+///   last `w` of them (`P_b + s - j < w`, as ONNX Runtime 1.32 counts the window); scores `scale · q·k` (default `1/sqrt(D)`), then
+///   `softcap · tanh(score / softcap)` when `softcap > 0`, then softmax.
+///
+/// Output `[B, S, Hq·D]`. The attention runs through [`sdpa`] with an additive mask of
+/// 0 / -inf per (b, s, key), the causal skipping included.
+pub fn group_query_attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let invalid = |m: String| KernelError::Invalid(m);
+    let (hq, hkv) = (ctx.int("num_heads", 0), ctx.int("kv_num_heads", 0));
+    if hq <= 0 || hkv <= 0 || hq % hkv != 0 {
+        return Err(invalid(format!(
+            "num_heads {hq} must be a positive multiple of kv_num_heads {hkv}"
+        )));
+    }
+    let (hq, hkv) = (hq as usize, hkv as usize);
+    for (name, default) in [
+        ("smooth_softmax", 0),
+        ("sliding_window_cache", 0),
+        ("causal", 1),
+    ] {
+        if ctx.int(name, default) != default {
+            return Err(invalid(format!(
+                "{name} = {} is not supported",
+                ctx.int(name, default)
+            )));
+        }
+    }
+    if let Some(i) = (9..inputs.len()).find(|&i| opt(inputs, i).is_some()) {
+        return Err(invalid(format!(
+            "input {i} (position_ids, attention_bias, head_sink, KV-cache quantization, \
+             q/k norm or query_seqlens) is not supported"
+        )));
+    }
+    let query = req_f32(inputs, 0)?;
+    let qs = query.shape().to_vec();
+    let [b, s, width] = qs[..] else {
+        return Err(invalid(format!(
+            "query has shape {qs:?}; expected [batch, seq, hidden]"
+        )));
+    };
+    let packed = opt(inputs, 1).is_none();
+    if packed != opt(inputs, 2).is_none() {
+        return Err(invalid(
+            "key and value must both be given or both be absent".into(),
+        ));
+    }
+    let heads_in = if packed { hq + 2 * hkv } else { hq };
+    if width % heads_in != 0 || width == 0 {
+        return Err(invalid(format!(
+            "query width {width} is not a multiple of {heads_in} heads"
+        )));
+    }
+    let d = width / heads_in;
+    // [B, S, N·D] as [B, N, S, D] views (no copy).
+    let heads =
+        |a: &'_ Arr<f32>, n: usize, what: &str| -> Result<ndarray::Array4<f32>, KernelError> {
+            if a.shape() != [b, s, n * d] {
+                return Err(KernelError::Invalid(format!(
+                    "{what} has shape {:?}; expected [{b}, {s}, {}]",
+                    a.shape(),
+                    n * d
+                )));
+            }
+            Ok(a.as_standard_layout()
+                .into_owned()
+                .into_shape_with_order((b, s, n, d))?
+                .permuted_axes([0, 2, 1, 3]))
+        };
+    let (q_all, k_new, v_new) = if packed {
+        let all = heads(query, heads_in, "packed query")?;
+        let q = all.slice(ndarray::s![.., ..hq, .., ..]).to_owned();
+        let k = all.slice(ndarray::s![.., hq..hq + hkv, .., ..]).to_owned();
+        let v = all.slice(ndarray::s![.., hq + hkv.., .., ..]).to_owned();
+        (q, k, v)
+    } else {
+        (
+            heads(query, hq, "query")?,
+            heads(req_f32(inputs, 1)?, hkv, "key")?,
+            heads(req_f32(inputs, 2)?, hkv, "value")?,
+        )
+    };
+    let past = match (opt(inputs, 3), opt(inputs, 4)) {
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            let (pk, pv) = (req_f32(inputs, 3)?, req_f32(inputs, 4)?);
+            let ok =
+                |a: &Arr<f32>| a.ndim() == 4 && a.shape()[..2] == [b, hkv] && a.shape()[3] == d;
+            if !ok(pk) || pk.shape() != pv.shape() {
+                return Err(invalid(format!(
+                    "past_key {:?} and past_value {:?} must both be [{b}, {hkv}, past, {d}]",
+                    pk.shape(),
+                    pv.shape()
+                )));
+            }
+            Some((pk, pv))
+        }
+        _ => {
+            return Err(invalid(
+                "past_key and past_value must both be given or both be absent".into(),
+            ));
+        }
+    };
+    let lp = past.map_or(0, |(pk, _)| pk.shape()[2]);
+    let seqlens = req_ints(inputs, 5)?;
+    let total = req_ints(inputs, 6)?;
+    let (&[total], true) = (&total[..], seqlens.len() == b) else {
+        return Err(invalid(format!(
+            "seqlens_k must have {b} entries and total_sequence_length one (got {} and {})",
+            seqlens.len(),
+            total.len()
+        )));
+    };
+    let first_prompt = s == total as usize;
+    if !first_prompt && s > 1 && b != 1 {
+        return Err(invalid(format!(
+            "a prompt chunk of {s} tokens after past context needs batch 1 (batch {b})"
+        )));
+    }
+    let present_len = (total.max(0) as usize).max(lp);
+    let mut past_len = Vec::with_capacity(b);
+    for (bi, &sk) in seqlens.iter().enumerate() {
+        let t = sk + 1;
+        let p = if first_prompt { 0 } else { t - s as i64 };
+        if p < 0 || p as usize > lp || p as usize + s > present_len {
+            return Err(invalid(format!(
+                "batch {bi}: seqlens_k {sk} puts the {s} new tokens at {p}.., outside the past \
+                 ({lp} rows) or the present ({present_len} rows)"
+            )));
+        }
+        past_len.push(p as usize);
+    }
+    let (mut q_all, mut k_new) = (q_all, k_new);
+    if ctx.int("do_rotary", 0) != 0 {
+        let (Some(cos), Some(sin)) = (opt(inputs, 7), opt(inputs, 8)) else {
+            return Err(invalid("do_rotary needs cos_cache and sin_cache".into()));
+        };
+        fn f32_of(t: &RtTensor, index: usize) -> Result<&Arr<f32>, KernelError> {
+            t.as_f32().ok_or(KernelError::InputType {
+                index,
+                dtype: t.dtype(),
+            })
+        }
+        let (cos, sin) = (f32_of(cos, 7)?, f32_of(sin, 8)?);
+        let caches = super::rotary::Caches::new(cos, sin)?;
+        if caches.dim() > d {
+            return Err(invalid(format!(
+                "rotary dimension {} exceeds the head size {d}",
+                caches.dim()
+            )));
+        }
+        let interleaved = ctx.int("rotary_interleaved", 0) != 0;
+        for a in [&mut q_all, &mut k_new] {
+            for (bi, &p) in past_len.iter().enumerate() {
+                for n in 0..a.shape()[1] {
+                    for si in 0..s {
+                        let mut row = a.slice_mut(ndarray::s![bi, n, si, ..]);
+                        // The head axis is the innermost axis of the input: stride 1.
+                        let row = row.as_slice_mut().expect("contiguous head rows");
+                        caches.rotate(row, (p + si) as i64, interleaved)?;
+                    }
+                }
+            }
+        }
+    }
+    let mut present_k = ndarray::Array4::<f32>::zeros((b, hkv, present_len, d));
+    let mut present_v = present_k.clone();
+    for (bi, &p) in past_len.iter().enumerate() {
+        use ndarray::s as at;
+        if let Some((pk, pv)) = past {
+            present_k
+                .slice_mut(at![bi, .., ..p, ..])
+                .assign(&pk.slice(at![bi, .., ..p, ..]));
+            present_v
+                .slice_mut(at![bi, .., ..p, ..])
+                .assign(&pv.slice(at![bi, .., ..p, ..]));
+        }
+        present_k
+            .slice_mut(at![bi, .., p..p + s, ..])
+            .assign(&k_new.slice(at![bi, .., .., ..]));
+        present_v
+            .slice_mut(at![bi, .., p..p + s, ..])
+            .assign(&v_new.slice(at![bi, .., .., ..]));
+    }
+    // Row s of batch bi sees keys j <= P_b + s, and within the local window if any.
+    let window = ctx.int("local_window_size", -1);
+    if window == 0 {
+        return Err(invalid(
+            "local_window_size 0 is not supported (-1: no window)".into(),
+        ));
+    }
+    let mask = ndarray::Array4::from_shape_fn((b, 1, s, present_len), |(bi, _, si, j)| {
+        let i = past_len[bi] + si;
+        let seen = j <= i && (window < 0 || ((i - j) as i64) < window);
+        if seen { 0.0 } else { f32::NEG_INFINITY }
+    });
+    let mask = RtTensor::f32(mask.into_dyn());
+    let scale = match ctx.float("scale", 0.0) {
+        0.0 => 1.0 / (d as f32).sqrt(),
+        x => x,
+    };
+    let p = Params {
+        scale,
+        causal: false,
+        zero_masked_rows: true,
+        softcap: ctx.float("softcap", 0.0),
+        seq_major_out: true,
+    };
+    let out = sdpa(
+        q_all.view(),
+        present_k.view(),
+        present_v.view(),
+        Some(&mask),
+        &p,
+        ctx.threads,
+    )?;
+    Ok(vec![
+        RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[b, s, hq * d]), out)?),
+        RtTensor::f32(present_k.into_dyn()),
+        RtTensor::f32(present_v.into_dyn()),
+    ])
 }

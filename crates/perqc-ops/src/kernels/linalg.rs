@@ -4,7 +4,9 @@
 //! (zero-copy Transpose/Slice results) need no copy. The result is always a fresh
 //! row-major array.
 
-use crate::kernel::{KernelCtx, KernelError, RtTensor, broadcast_shape, opt, output_vec, req_f32};
+use crate::kernel::{
+    KernelCtx, KernelError, RtTensor, broadcast_shape, opt, output_vec, req, req_f32,
+};
 use gemm::Parallelism;
 use ndarray::{ArrayD, ArrayView2, IxDyn, Zip};
 use rayon::prelude::*;
@@ -339,4 +341,113 @@ pub fn gemm(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         }
     }
     Ok(vec![RtTensor::f32(out.into_dyn())])
+}
+
+/// `com.microsoft::MatMulNBits` (f32 reference): `Y = A · W (+ bias)` with the `[K, N]`
+/// weight dequantized from `bits`-bit blocks of `block_size` rows:
+///
+/// ```text
+/// W[k, n] = (q[n, k] - z[n, k / block_size]) · scale[n, k / block_size]
+/// ```
+///
+/// `q[n, k]` is value `k % block_size` of blob `B[n, k / block_size]`, packed from the
+/// low bits of each byte up (`bits` = 2, 4 or 8). Zero points are packed the same way per
+/// row `n` (uint8, `ceil(k_blocks · bits / 8)` bytes), or f32 `[N, k_blocks]`; absent they
+/// are `2^(bits - 1)`. The weight is dequantized on every call and multiplied by the MatMul
+/// kernel.
+pub fn matmul_nbits(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let invalid = |m: String| KernelError::Invalid(m);
+    let (k, n) = (ctx.int("K", 0), ctx.int("N", 0));
+    let (bits, bs) = (ctx.int("bits", 4), ctx.int("block_size", 0));
+    if k <= 0 || n <= 0 || ![2, 4, 8].contains(&bits) || bs < 16 || (bs as u64).count_ones() != 1 {
+        return Err(invalid(format!(
+            "K {k}, N {n}, bits {bits}, block_size {bs}: K and N must be positive, bits 2, 4 \
+             or 8, block_size a power of 2 of at least 16"
+        )));
+    }
+    if ctx.int("weight_prepacked", 0) != 0 {
+        return Err(invalid("prepacked weights are not supported".into()));
+    }
+    if opt(inputs, 4).is_some() {
+        return Err(invalid("g_idx is not supported".into()));
+    }
+    let (k, n, bits, bs) = (k as usize, n as usize, bits as usize, bs as usize);
+    let kb = k.div_ceil(bs);
+    let blob = bs * bits / 8;
+    let RtTensor::U8(b) = req(inputs, 1)? else {
+        let t = req(inputs, 1)?;
+        return Err(KernelError::InputType {
+            index: 1,
+            dtype: t.dtype(),
+        });
+    };
+    let scales = req_f32(inputs, 2)?;
+    if b.len() != n * kb * blob || scales.len() != n * kb {
+        return Err(invalid(format!(
+            "B {:?} and scales {:?} must hold N·k_blocks·blob = {n}·{kb}·{blob} bytes and \
+             N·k_blocks = {} scales",
+            b.shape(),
+            scales.shape(),
+            n * kb
+        )));
+    }
+    let b = b.as_standard_layout();
+    let b = b.as_slice().expect("standard layout");
+    let scales = scales.as_standard_layout();
+    let scales = scales.as_slice().expect("standard layout");
+    let mask = (1u32 << bits) - 1;
+    // Value `i` of a `bits`-bit packed byte string.
+    let unpack = |bytes: &[u8], i: usize| ((bytes[i * bits / 8] as u32) >> (i * bits % 8)) & mask;
+    let zrow = (kb * bits).div_ceil(8);
+    let zero: Box<dyn Fn(usize, usize) -> f32> = match opt(inputs, 3) {
+        None => {
+            let z = (1u32 << (bits - 1)) as f32;
+            Box::new(move |_, _| z)
+        }
+        Some(RtTensor::U8(z)) if z.len() == n * zrow => {
+            let z = z.as_standard_layout().into_owned();
+            let z = z.into_raw_vec_and_offset().0;
+            Box::new(move |nn, blk| unpack(&z[nn * zrow..(nn + 1) * zrow], blk) as f32)
+        }
+        Some(RtTensor::F32(z)) if z.len() == n * kb => {
+            let z: Vec<f32> = z.iter().copied().collect();
+            Box::new(move |nn, blk| z[nn * kb + blk])
+        }
+        Some(z) => {
+            return Err(invalid(format!(
+                "zero_points {} {:?}: expected uint8 with {} bytes or float with {} values",
+                z.dtype(),
+                z.shape(),
+                n * zrow,
+                n * kb
+            )));
+        }
+    };
+    let mut w = vec![0f32; k * n];
+    for nn in 0..n {
+        for blk in 0..kb {
+            let bytes = &b[(nn * kb + blk) * blob..(nn * kb + blk + 1) * blob];
+            let (z, sc) = (zero(nn, blk), scales[nn * kb + blk]);
+            for i in 0..bs.min(k - blk * bs) {
+                w[(blk * bs + i) * n + nn] = (unpack(bytes, i) as f32 - z) * sc;
+            }
+        }
+    }
+    let w = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[k, n]), w)?);
+    let a = req(inputs, 0)?;
+    let mut y = matmul(ctx, &[Some(a), Some(&w)])?;
+    if opt(inputs, 5).is_some() {
+        let bias = req_f32(inputs, 5)?;
+        if bias.shape() != [n] {
+            return Err(invalid(format!(
+                "bias has shape {:?}, expected [{n}]",
+                bias.shape()
+            )));
+        }
+        if let Some(RtTensor::F32(out)) = y.first_mut() {
+            // Broadcasts [N] over the rows of the fresh (unshared) product.
+            *out += &bias.view();
+        }
+    }
+    Ok(y)
 }

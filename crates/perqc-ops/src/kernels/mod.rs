@@ -11,4 +11,5 @@ pub mod misc;
 pub mod movement;
 pub mod norm;
 pub mod reduce;
+pub mod rotary;
 pub(crate) mod vmath;

@@ -115,6 +115,59 @@ pub fn attention(ctx: &InferCtx<'_>) -> RuleResult {
     Ok(vec![Facts::new(dtype, shape)])
 }
 
+/// com.microsoft GroupQueryAttention: output `[B, S, Hq·D]`, present key/value
+/// `[B, Hkv, ?, D]` (their length depends on `total_sequence_length`'s value); `D` from the
+/// query width (packed: `Hq + 2·Hkv` heads).
+pub fn group_query_attention(ctx: &InferCtx<'_>) -> RuleResult {
+    let q = ctx.req(0)?;
+    let (hq, hkv) = (
+        ctx.attr_int("num_heads", 0),
+        ctx.attr_int("kv_num_heads", 0),
+    );
+    if hq <= 0 || hkv <= 0 {
+        return Err(ShapeError::Invalid(format!(
+            "num_heads {hq} and kv_num_heads {hkv} must be positive"
+        )));
+    }
+    let heads = if ctx.input(1).is_none() {
+        hq + 2 * hkv
+    } else {
+        hq
+    };
+    let Some(qs) = &q.shape else {
+        return Ok(vec![Facts::new(q.dtype, None)]);
+    };
+    if qs.len() != 3 {
+        return Err(ShapeError::Rank {
+            what: "query",
+            expected: "3".into(),
+            got: qs.len(),
+        });
+    }
+    let d = match &qs[2] {
+        Dim::Known(w) if w % heads != 0 => {
+            return Err(ShapeError::Invalid(format!(
+                "query width {w} is not a multiple of {heads} heads"
+            )));
+        }
+        Dim::Known(w) => Dim::Known(w / heads),
+        _ => Dim::Unknown,
+    };
+    let width = match &d {
+        Dim::Known(d) => Dim::Known(d * hq),
+        _ => Dim::Unknown,
+    };
+    let present = Facts::new(
+        q.dtype,
+        Some(vec![qs[0].clone(), Dim::Known(hkv), Dim::Unknown, d]),
+    );
+    Ok(vec![
+        Facts::new(q.dtype, Some(vec![qs[0].clone(), qs[1].clone(), width])),
+        present.clone(),
+        present,
+    ])
+}
+
 /// MatMulInteger: the MatMul shape, i32 result.
 pub fn matmul_integer(ctx: &InferCtx<'_>) -> RuleResult {
     let (a, b) = (ctx.req(0)?, ctx.req(1)?);

@@ -173,6 +173,35 @@ pub fn layer_norm(ctx: &InferCtx<'_>) -> RuleResult {
     ])
 }
 
+/// Per-row statistics of a norm over `axis..`: f32, `x`'s shape with those axes 1.
+fn norm_stats(x: &Facts, ax: i64) -> Result<Facts, ShapeError> {
+    let shape = match &x.shape {
+        Some(s) => {
+            let a = axis(ax, s.len())?;
+            let mut o = s.clone();
+            o[a..].fill(Known(1));
+            Some(o)
+        }
+        None => None,
+    };
+    Ok(Facts::new(Some(DType::F32), shape))
+}
+
+/// ONNX Runtime's SimplifiedLayerNormalization: Y like X, inv_std_var per row.
+pub fn simplified_layer_norm(ctx: &InferCtx<'_>) -> RuleResult {
+    let y = like_input0(ctx)?;
+    let inv = norm_stats(&y, ctx.attr_int("axis", -1))?;
+    Ok(vec![y, inv])
+}
+
+/// com.microsoft SkipSimplifiedLayerNormalization: output and input_skip_bias_sum like
+/// input; mean and inv_std_var per row (over the last axis).
+pub fn skip_layer_norm(ctx: &InferCtx<'_>) -> RuleResult {
+    let y = like_input0(ctx)?;
+    let stats = norm_stats(&y, -1)?;
+    Ok(vec![y.clone(), stats.clone(), stats, y])
+}
+
 /// BatchNormalization and friends: Y like X; running statistics (training) unknown.
 pub fn batch_norm(ctx: &InferCtx<'_>) -> RuleResult {
     Ok(vec![like_input0(ctx)?])

@@ -1,4 +1,6 @@
 //! Shared by the kernel test files: running one op through the op table, seeded data.
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
 
 use perqc_ir::{AttrValue, Graph, NodeSpec};
 use perqc_ops::{KernelCtx, RtTensor, lookup};
