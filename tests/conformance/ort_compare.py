@@ -99,7 +99,7 @@ def run_native(c):
 
 
 def ppl_case(c):
-    """Perplexity of `ids` windows under ONNX Runtime, as ../shared/bench/ppl_ort.py scores it."""
+    """Perplexity of `ids` windows under ONNX Runtime, as scripts/bench/ppl_ort.py scores them."""
     ids = np.load(c["ids"]).reshape(-1)
     s = session(c["model"])
     name = s.get_inputs()[0].name
