@@ -2,6 +2,9 @@
 """Native runtime vs ONNX Runtime on one causal-LM forward pass, side by side.
 
 usage: scripts/bench_runtime.py MODEL [--seq 512] [--reps 3] [--rounds 3] [--warmup 2] [--threads 2]
+MODEL is an ONNX causal LM taking input_ids; docs/runtime.md uses the SmolLM2 exports that
+scripts/bench-setup builds (BENCH_DIR/smollm2/model.onnx, BENCH_DIR/smollm2-dynamo/model.onnx).
+Run it with the repository's .venv (scripts/setup-python) or the bench's venv.
 Runs `bench_forward` (release build of the perqc-runtime example; build it first with
 `cargo build --release -p perqc-runtime --example bench_forward`) with --save, then ONNX
 Runtime (intra_op_num_threads = --threads, default graph optimizations) on the same
@@ -24,6 +27,10 @@ a = ap.parse_args()
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 exe = os.path.join(root, "target", "release", "examples", "bench_forward")
+if not os.path.isfile(a.model):
+    sys.exit(f"{a.model}: no such model (scripts/bench-setup builds the SmolLM2 exports)")
+if not os.access(exe, os.X_OK):
+    sys.exit(f"{exe} is missing: cargo build --release -p perqc-runtime --example bench_forward")
 so = ort.SessionOptions()
 so.intra_op_num_threads = a.threads
 so.inter_op_num_threads = 1

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Reproduces docs/roundtrip.md on the real SmolLM2 exports (built by ../shared/bench/setup.sh
-# and export_gguf_llm.py --dynamo): round trips each variant with /usr/bin/time, then checks
-# the outputs with onnx.checker and ONNX Runtime (bitwise) against the originals.
+# Reproduces docs/roundtrip.md on the real SmolLM2 exports (built by scripts/bench-setup):
+# round trips each variant with /usr/bin/time, then checks the outputs with onnx.checker and
+# ONNX Runtime (bitwise) against the originals.
 # usage: scripts/roundtrip_real.sh [BENCH_DIR] [OUT_DIR]
+#   BENCH_DIR defaults to $PERQC_BENCH_DIR, else ~/.cache/perqc-bench (as for bench-setup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-B=${1:-$HOME/.cache/perqc-bench}
+B=${1:-${PERQC_BENCH_DIR:-$HOME/.cache/perqc-bench}}
 O=${2:-/tmp/perqc-roundtrip}
+for f in "$B/smollm2/model.onnx" "$B/smollm2-dynamo/model.onnx"; do
+  [ -f "$f" ] || { echo "roundtrip_real.sh: no $f; build the bench first: scripts/bench-setup $B" >&2; exit 1; }
+done
 mkdir -p "$O/cases"
 cargo build -q --release --bin perqc
 scripts/setup-python

@@ -128,7 +128,7 @@ def window_feeds(s, ids_name, seq):
 
 
 def ppl_case(c):
-    """Perplexity of `ids` windows under ONNX Runtime, as ../shared/bench/ppl_ort.py scores it
+    """Perplexity of `ids` windows under ONNX Runtime, as scripts/bench/ppl_ort.py scores them
     (plus an empty KV cache and an all-ones mask for graphs that take them)."""
     ids = np.load(c["ids"]).reshape(-1)
     s = session(c["model"])

@@ -1,4 +1,5 @@
-//! Perplexity scoring: the bench protocol (../shared/bench/README.md).
+//! Perplexity scoring: the bench protocol (docs/bench.md), which scripts/bench/ppl_ort.py
+//! implements with ONNX Runtime.
 //!
 //! The text is tokenized whole and cut into non-overlapping windows of `seq` tokens; each
 //! window's logits score its `seq - 1` next tokens. ppl = exp(mean NLL), accumulated in f64.
