@@ -1,12 +1,14 @@
 //! perqc's native float32 executor.
 //!
 //! [`Session::new`] checks that every node has a kernel in the op table for the model's
-//! opset (reporting every unsupported node before anything runs), folds constant
-//! subgraphs once, and plans memory: each intermediate is dropped right after its last
-//! consumer. [`Session::run`] feeds the graph inputs and returns the graph outputs in order.
+//! opset (reporting the unsupported ones, grouped by op type, before anything runs), folds
+//! constant subgraphs once, and plans memory: each intermediate is dropped right after its
+//! last consumer. [`Session::run`] feeds the graph inputs and returns the graph outputs in
+//! order. If/Loop/Scan bodies run as nested plans.
 //!
-//! Control-flow ops (If/Loop/Scan) have no kernel in this version and are reported as
-//! unsupported.
+//! The session plans the graph it is given and matches no patterns: exported models run
+//! fastest after `perqc_passes::canonicalize` (one canonical op per attention, norm,
+//! activation and linear chain).
 
 mod npy;
 pub mod observe;

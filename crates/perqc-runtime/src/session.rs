@@ -509,12 +509,12 @@ impl Session {
         self.inputs.iter().map(|i| i.name.as_str())
     }
 
-    /// Nodes left to run per call after constant folding and fusion.
+    /// Nodes left to run per call after constant folding.
     pub fn step_count(&self) -> usize {
         self.steps.len()
     }
 
-    /// The op type of each step, in run order (fused steps show as their fused op).
+    /// The op type of each step, in run order.
     pub fn step_ops(&self) -> impl Iterator<Item = &str> {
         self.steps.iter().map(|s| s.node.op_type.as_str())
     }

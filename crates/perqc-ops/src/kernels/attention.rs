@@ -66,7 +66,7 @@ struct Shared {
     scale: f32,
     causal: bool,
     /// Fully masked rows (all `-inf`) get probabilities 0 (ONNX Attention) instead of the
-    /// NaN of `Softmax` (the fused unfused-graph semantics).
+    /// NaN of `Softmax` (what `ai.perqc::Attention` keeps from the exported chain).
     zero_masked_rows: bool,
     /// Per (batch, kv head): 1 + the last key whose value row is not all finite (0 if none).
     v_finite_after: *const usize,

@@ -195,8 +195,9 @@ pub fn sigmoid(_: &KernelCtx<'_>, inputs: In) -> Out {
     map_f32(inputs, super::vmath::sigmoid_slice)
 }
 
-/// Swish (opset 24): `x · sigmoid(alpha · x)`. Alpha 1 (SiLU, also what the runtime fuses
-/// `Mul(x, Sigmoid(x))` into) is the vectorized path and equals the unfused ops bitwise.
+/// Swish (opset 24): `x · sigmoid(alpha · x)`. Alpha 1 (SiLU, `ai.perqc::Swish`, the
+/// canonical form of `Mul(x, Sigmoid(x))`) is the vectorized path and equals those two ops
+/// bitwise.
 pub fn swish(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let alpha = ctx.float("alpha", 1.0);
     if alpha == 1.0 {

@@ -6,7 +6,7 @@
 //!
 //! Per row `x` of the trailing axes `axis..`, in the chain's order of operations:
 //! `r = 1 / sqrt(Σ x² / n + eps)`, `y = (x · r) · scale`. Only the summation order of
-//! `Σ x²` may differ from the unfused ops (a round-off difference): it is summed in vector
+//! `Σ x²` may differ from the exported chain (a round-off difference): it is summed in vector
 //! lanes (`vmath::sum_squares_slice`).
 
 use super::vmath::{scale_row_into, sum_squares_slice};
