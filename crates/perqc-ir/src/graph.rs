@@ -650,18 +650,24 @@ impl Graph {
         }
     }
 
+    /// `StillUsed` if a node input or a graph output reads `v`.
+    fn check_unread(&self, v: ValueId) -> Result<(), GraphError> {
+        let val = &self.values[v.index()];
+        let as_output = self.outputs.contains(&v) as usize;
+        if val.uses.is_empty() && as_output == 0 {
+            return Ok(());
+        }
+        Err(GraphError::StillUsed {
+            name: val.name.clone(),
+            uses: val.uses.len() + as_output,
+        })
+    }
+
     /// Removes a node whose results nobody reads.
     pub fn remove_node(&mut self, id: NodeId) -> Result<Node, GraphError> {
         let outs: Vec<ValueId> = self.node(id).outputs.iter().flatten().copied().collect();
         for &o in &outs {
-            let v = &self.values[o.index()];
-            let as_output = self.outputs.contains(&o) as usize;
-            if !v.uses.is_empty() || as_output > 0 {
-                return Err(GraphError::StillUsed {
-                    name: v.name.clone(),
-                    uses: v.uses.len() + as_output,
-                });
-            }
+            self.check_unread(o)?;
         }
         let n = self.node(id);
         let ins: Vec<(usize, ValueId)> = n
@@ -801,14 +807,7 @@ impl Graph {
             .copied()
             .collect();
         for &o in &outs {
-            let v = &self.values[o.index()];
-            let as_output = self.outputs.contains(&o) as usize;
-            if !v.uses.is_empty() || as_output > 0 {
-                return Err(GraphError::StillUsed {
-                    name: v.name.clone(),
-                    uses: v.uses.len() + as_output,
-                });
-            }
+            self.check_unread(o)?;
         }
         for o in outs {
             self.remove_value(o);

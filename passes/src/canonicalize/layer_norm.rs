@@ -19,7 +19,7 @@
 //! per row `y = (x - mean) / sqrt(var + eps) · gamma + beta` (population variance), the
 //! chain's operations up to summation order.
 
-use super::{Pattern, canonical};
+use super::{Pattern, canonical, same_op, vector_len};
 use perqc_ir::{AttrValue, Matcher, NodeId, Patch, PatchValue, Tensor, ValueId};
 
 pub static PATTERN: Pattern = Pattern {
@@ -30,18 +30,7 @@ pub static PATTERN: Pattern = Pattern {
 
 fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     if m.is_op(end, "LayerNormalization") {
-        let n = m.node(end);
-        if m.results_read_from(end, 1) || !m.is_f32(n.input(0)?) {
-            return None;
-        }
-        let mut p = Patch::new();
-        p.truncate_outputs(end, 1);
-        let spec = perqc_ir::NodeSpec {
-            attrs: n.attrs.clone(),
-            ..canonical("LayerNormalization")
-        };
-        p.set_op(end, spec, n.inputs().iter().map(|v| v.map(Into::into)));
-        return Some(p);
+        return same_op(m, end, "LayerNormalization", 3);
     }
     // With beta: Add(Mul(n, gamma), beta) or Add(n, beta).
     if m.is_op(end, "Add") {
@@ -131,12 +120,6 @@ fn affine_reader(m: &Matcher<'_>, v: ValueId) -> bool {
             let other = if a == v { b } else { a };
             vector_len(m, other).is_some()
         })
-}
-
-/// A constant f32 of rank 0 or 1: its length.
-fn vector_len(m: &Matcher<'_>, v: ValueId) -> Option<usize> {
-    let t = m.constant(v)?;
-    (t.dtype == perqc_ir::DType::F32 && t.dims.len() <= 1).then(|| t.numel().map(|n| n as usize))?
 }
 
 /// A parameter of length `len` broadcasts over x's last axis.

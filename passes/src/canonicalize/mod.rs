@@ -71,6 +71,35 @@ pub fn canonical(op: &str) -> perqc_ir::NodeSpec {
     spec
 }
 
+/// The constant f32 vector (rank 0 or 1) `v` holds: its length (a scale, gain or bias).
+pub fn vector_len(m: &Matcher<'_>, v: perqc_ir::ValueId) -> Option<usize> {
+    let t = m.constant(v)?;
+    (t.dtype == perqc_ir::DType::F32 && t.dims.len() <= 1).then(|| t.numel().map(|n| n as usize))?
+}
+
+/// Node `end`, an op with the canonical op's semantics under another name (ONNX's own,
+/// ONNX Runtime's), becomes canonical op `op` with the same attributes and its first
+/// `inputs` inputs, when no result past the first is read. `None` when one is, or input 0
+/// is not f32.
+pub fn same_op(m: &Matcher<'_>, end: NodeId, op: &str, inputs: usize) -> Option<Patch> {
+    let n = m.node(end);
+    if m.results_read_from(end, 1) || !m.is_f32(n.input(0)?) {
+        return None;
+    }
+    let mut p = Patch::new();
+    p.truncate_outputs(end, 1);
+    let spec = perqc_ir::NodeSpec {
+        attrs: n.attrs.clone(),
+        ..canonical(op)
+    };
+    p.set_op(
+        end,
+        spec,
+        n.inputs().iter().take(inputs).map(|v| v.map(Into::into)),
+    );
+    Some(p)
+}
+
 /// Runs `patterns` over the main graph in node order; each node is rewritten by the first
 /// pattern that matches it. Returns the rewrites per pattern.
 fn sweep(

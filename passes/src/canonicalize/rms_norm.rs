@@ -25,7 +25,7 @@
 //! the chain's up to the summation order of Σx² (and one rounding for the `Div(x, s)`
 //! spelling, which divides where the op multiplies by the reciprocal).
 
-use super::{Pattern, canonical};
+use super::{Pattern, canonical, same_op, vector_len};
 use perqc_ir::{AttrValue, Matcher, NodeId, Patch, Tensor, ValueId};
 
 pub static PATTERN: Pattern = Pattern {
@@ -36,22 +36,7 @@ pub static PATTERN: Pattern = Pattern {
 
 fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     if m.is_op(end, "SimplifiedLayerNormalization") || m.is_op(end, "RMSNormalization") {
-        let n = m.node(end);
-        if m.results_read_from(end, 1) || !m.is_f32(n.input(0)?) {
-            return None;
-        }
-        let mut p = Patch::new();
-        p.truncate_outputs(end, 1);
-        let spec = perqc_ir::NodeSpec {
-            attrs: n.attrs.clone(),
-            ..canonical("RMSNormalization")
-        };
-        p.set_op(
-            end,
-            spec,
-            n.inputs().iter().take(2).map(|v| v.map(Into::into)),
-        );
-        return Some(p);
+        return same_op(m, end, "RMSNormalization", 2);
     }
     if !m.is_op(end, "Mul") && !m.is_op(end, "Div") {
         return None;
@@ -110,12 +95,6 @@ fn patch(end: NodeId, x: ValueId, scale: Scale, eps: f32) -> Patch {
         [Some(x.into()), Some(scale)],
     );
     p
-}
-
-/// The length of a constant f32 vector (rank 0 or 1).
-fn vector_len(m: &Matcher<'_>, v: ValueId) -> Option<usize> {
-    let t = m.constant(v)?;
-    (t.dtype == perqc_ir::DType::F32 && t.dims.len() <= 1).then(|| t.numel().map(|n| n as usize))?
 }
 
 /// Whether `v`'s only reader (through no-op Casts) multiplies it by a constant vector.
