@@ -101,7 +101,13 @@ fn docs_that_use_the_bench_say_how_to_build_it() {
 fn bench_scripts_parse() {
     let root = root();
     let scripts = root.join("scripts");
-    for s in ["bench-setup", "roundtrip_real.sh", "check", "setup-python"] {
+    for s in [
+        "bench-setup",
+        "bench/build_genai.sh",
+        "roundtrip_real.sh",
+        "check",
+        "setup-python",
+    ] {
         let out = Command::new("bash")
             .arg("-n")
             .arg(scripts.join(s))

@@ -241,3 +241,46 @@ fn gqa_rejects_inconsistent_lengths_and_widths() {
     assert_eq!(vals(&y[0]), [value, value].concat());
     assert_eq!(y[1].shape(), &[1, 1, 1, 8]);
 }
+
+#[test]
+fn gqa_empty_past_needs_no_head_dim() {
+    // Model-builder graphs declare the cache's head dim as a symbol, so `perqc eval` feeds
+    // [B, Hkv, 0, 0]: nothing cached, the same result as no past at all.
+    let attrs = || {
+        vec![
+            ("num_heads", AttrValue::Int(2)),
+            ("kv_num_heads", AttrValue::Int(1)),
+        ]
+    };
+    let i32s = |v: Vec<i32>| {
+        RtTensor::I32(
+            ArrayD::from_shape_vec(IxDyn(&[v.len()]), v)
+                .unwrap()
+                .into_shared(),
+        )
+    };
+    let v: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin()).collect();
+    let qkv = f32t(&[1, 3, 32], &v);
+    let empty = f32t(&[1, 1, 0, 0], &[]);
+    let run = |past: Option<&RtTensor>| {
+        run_in(
+            MS,
+            "GroupQueryAttention",
+            1,
+            attrs(),
+            &[
+                Some(&qkv),
+                None,
+                None,
+                past,
+                past,
+                Some(&i32s(vec![2])),
+                Some(&i32s(vec![3])),
+            ],
+            1,
+        )
+    };
+    let (with, without) = (run(Some(&empty)), run(None));
+    assert_eq!(vals(&with[0]), vals(&without[0]));
+    assert_eq!(with[1].shape(), &[1, 1, 3, 8]);
+}

@@ -603,8 +603,12 @@ pub fn group_query_attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
             heads(req_f32(inputs, 2)?, hkv, "value")?,
         )
     };
+    // An empty past (no cached positions) holds nothing, whatever head dim it declares: a
+    // graph whose cache inputs have a symbolic head dim can be fed [B, Hkv, 0, 0].
+    let empty = |i: usize| opt(inputs, i).is_some_and(|t| t.shape().get(2) == Some(&0));
     let past = match (opt(inputs, 3), opt(inputs, 4)) {
         (None, None) => None,
+        (Some(_), Some(_)) if empty(3) && empty(4) => None,
         (Some(_), Some(_)) => {
             let (pk, pv) = (req_f32(inputs, 3)?, req_f32(inputs, 4)?);
             let ok =
