@@ -1,4 +1,4 @@
-//! Properties, outcomes, errors and the context a pass runs in.
+//! Properties, outcomes, errors and the Pass trait.
 
 use super::*;
 use crate::{GraphError, Model};
