@@ -319,6 +319,19 @@ fn output_listed_twice_in_one_node() {
 }
 
 #[test]
+fn graph_input_without_a_name() {
+    // The `load` fuzz target's crash-ea5887f5 (2026-12-01): ModelProto { graph { input { } } },
+    // four bytes; it loaded, and the model then failed verification.
+    let dir = scratch("nameless_input");
+    let m = write(&dir, "nameless.onnx", &[0x3a, 0x02, 0x5a, 0x00]);
+    fails_cleanly(
+        &m,
+        &dir.join("out.onnx"),
+        &["nameless.onnx", "graph input has an empty name"],
+    );
+}
+
+#[test]
 fn unknown_dtype() {
     let dir = scratch("dtype");
     let w = pb::TensorProto {

@@ -319,6 +319,8 @@ pub enum GraphError {
     BadTensor { name: String, detail: String },
     #[error("node {node} is not in the graph")]
     NoNode { node: NodeId },
+    #[error("a {what} has an empty name; every {what} needs one")]
+    EmptyName { what: String },
 }
 
 /// A computation graph (the main graph or a subgraph of a control-flow node).
@@ -464,8 +466,14 @@ impl Graph {
         id
     }
 
-    /// Defines `name` as `def`. Fails if something already defines it.
+    /// Defines `name` as `def`. Fails if the name is empty (values are known by name) or
+    /// something already defines it.
     fn define(&mut self, name: &str, def: ValueDef, what: &str) -> Result<ValueId, GraphError> {
+        if name.is_empty() {
+            return Err(GraphError::EmptyName {
+                what: what.to_string(),
+            });
+        }
         let id = self.value_named(name);
         let v = &self.values[id.index()];
         if v.def != ValueDef::Undefined {
@@ -887,6 +895,24 @@ impl fmt::Display for NodeId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_need_names() {
+        // Found by the `load` fuzz target: a graph input without a name loaded, then failed
+        // verification.
+        let mut g = Graph::new("g");
+        let e = g.add_input("", None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a graph input has an empty name; every graph input needs one"
+        );
+        let e = g
+            .add_initializer("", crate::Tensor::from_f32(vec![], &[1.0]))
+            .unwrap_err();
+        assert!(matches!(e, GraphError::EmptyName { .. }));
+        assert!(g.add_outer("").is_err());
+        assert_eq!(g.values().count(), 0);
+    }
 
     #[test]
     fn add_node_rejects_an_output_listed_twice() {
