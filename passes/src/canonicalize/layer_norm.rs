@@ -19,7 +19,7 @@
 //! per row `y = (x - mean) / sqrt(var + eps) · gamma + beta` (population variance), the
 //! chain's operations up to summation order.
 
-use super::{Pattern, canonical, same_op, vector_len};
+use super::{Pattern, canonical, same_op, scaled_by_reader, vector_len};
 use perqc_ir::{AttrValue, Matcher, NodeId, Patch, PatchValue, Tensor, ValueId};
 
 pub static PATTERN: Pattern = Pattern {
@@ -46,7 +46,10 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     }
     // Without beta: Mul(n, gamma); without either: the division. Either is left to a later
     // anchor (gamma's Mul, beta's Add) when one reads it.
-    if m.node(end).output(0).is_some_and(|y| affine_reader(m, y)) {
+    if m.node(end)
+        .output(0)
+        .is_some_and(|y| scaled_by_reader(m, y, &["Mul", "Add"]))
+    {
         return None;
     }
     if m.is_op(end, "Mul")
@@ -108,18 +111,6 @@ fn patch(
         [Some(x.into()), Some(gamma), beta.map(Into::into)],
     );
     Some(p)
-}
-
-/// `v`'s only reader multiplies or shifts it by a constant vector (gamma or beta).
-fn affine_reader(m: &Matcher<'_>, v: ValueId) -> bool {
-    let Some(r) = m.only_reader(v) else {
-        return false;
-    };
-    (m.is_op(r, "Mul") || m.is_op(r, "Add"))
-        && m.two(r).is_some_and(|(a, b)| {
-            let other = if a == v { b } else { a };
-            vector_len(m, other).is_some()
-        })
 }
 
 /// A parameter of length `len` broadcasts over x's last axis.

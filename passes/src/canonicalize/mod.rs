@@ -77,6 +77,27 @@ pub fn vector_len(m: &Matcher<'_>, v: perqc_ir::ValueId) -> Option<usize> {
     (t.dtype == perqc_ir::DType::F32 && t.dims.len() <= 1).then(|| t.numel().map(|n| n as usize))?
 }
 
+/// Whether `v`'s only reader, past no-op Casts, is one of `ops` (default domain) with a
+/// constant vector as its other operand: a later anchor (gamma's Mul, beta's Add) that a
+/// pattern leaves the chain to.
+pub fn scaled_by_reader(m: &Matcher<'_>, mut v: perqc_ir::ValueId, ops: &[&str]) -> bool {
+    while let Some(r) = m.only_reader(v) {
+        let out = m.node(r).output(0);
+        if m.is_op(r, "Cast")
+            && out.is_some_and(|o| m.dtype(o).is_some() && m.dtype(o) == m.dtype(v))
+        {
+            v = out.expect("checked");
+            continue;
+        }
+        return ops.iter().any(|op| m.is_op(r, op))
+            && m.two(r).is_some_and(|(a, b)| {
+                let other = if a == v { b } else { a };
+                vector_len(m, other).is_some()
+            });
+    }
+    false
+}
+
 /// Node `end`, an op with the canonical op's semantics under another name (ONNX's own,
 /// ONNX Runtime's), becomes canonical op `op` with the same attributes and its first
 /// `inputs` inputs, when no result past the first is read. `None` when one is, or input 0

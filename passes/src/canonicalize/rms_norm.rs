@@ -25,7 +25,7 @@
 //! the chain's up to the summation order of Σx² (and one rounding for the `Div(x, s)`
 //! spelling, which divides where the op multiplies by the reciprocal).
 
-use super::{Pattern, canonical, same_op, vector_len};
+use super::{Pattern, canonical, same_op, scaled_by_reader, vector_len};
 use perqc_ir::{AttrValue, Matcher, NodeId, Patch, Tensor, ValueId};
 
 pub static PATTERN: Pattern = Pattern {
@@ -58,7 +58,7 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     // Without one: `end` is the normalization, unless a scale Mul reads it (that Mul is the
     // anchor then, later in node order).
     let (x, eps) = normalization(m, end)?;
-    if scaled_by_reader(m, m.node(end).output(0)?) {
+    if scaled_by_reader(m, m.node(end).output(0)?, &["Mul"]) {
         return None;
     }
     let d = m.shape(x)?.last()?.known()?;
@@ -95,24 +95,6 @@ fn patch(end: NodeId, x: ValueId, scale: Scale, eps: f32) -> Patch {
         [Some(x.into()), Some(scale)],
     );
     p
-}
-
-/// Whether `v`'s only reader (through no-op Casts) multiplies it by a constant vector.
-fn scaled_by_reader(m: &Matcher<'_>, mut v: ValueId) -> bool {
-    loop {
-        let Some(r) = m.only_reader(v) else {
-            return false;
-        };
-        if m.is_op(r, "Cast") && m.skip_noop_casts(m.node(r).output(0).unwrap_or(v)) == v {
-            v = m.node(r).output(0).unwrap_or(v);
-            continue;
-        }
-        return m.is_op(r, "Mul")
-            && m.two(r).is_some_and(|(a, b)| {
-                let other = if a == v { b } else { a };
-                vector_len(m, other).is_some()
-            });
-    }
 }
 
 /// `node` computes `x / sqrt(mean(x²) + eps)` over the last axis: returns `(x, eps)`.
