@@ -18,6 +18,22 @@ fn vals(t: &RtTensor) -> Vec<f32> {
     t.as_f32().unwrap().iter().copied().collect()
 }
 
+/// GroupQueryAttention with 2 query heads over 1 key/value head.
+fn gqa_attrs() -> Vec<(&'static str, AttrValue)> {
+    vec![
+        ("num_heads", AttrValue::Int(2)),
+        ("kv_num_heads", AttrValue::Int(1)),
+    ]
+}
+
+fn i32s(v: Vec<i32>) -> RtTensor {
+    RtTensor::I32(
+        ArrayD::from_shape_vec(IxDyn(&[v.len()]), v)
+            .unwrap()
+            .into_shared(),
+    )
+}
+
 /// Runs a com.microsoft kernel and returns its error.
 fn fails(op: &str, attrs: Vec<(&str, AttrValue)>, inputs: &[Option<&RtTensor>]) -> String {
     let mut g = Graph::new("t");
@@ -171,24 +187,11 @@ fn rotary_errors_name_the_problem() {
 
 #[test]
 fn gqa_rejects_inconsistent_lengths_and_widths() {
-    let attrs = || {
-        vec![
-            ("num_heads", AttrValue::Int(2)),
-            ("kv_num_heads", AttrValue::Int(1)),
-        ]
-    };
-    let i32s = |v: Vec<i32>| {
-        RtTensor::I32(
-            ArrayD::from_shape_vec(IxDyn(&[v.len()]), v)
-                .unwrap()
-                .into_shared(),
-        )
-    };
     // Packed width 4 heads x 8 = 32; 30 is not a multiple of 4 heads.
     let bad = f32t(&[1, 3, 30], &[0.1; 90]);
     let e = fails(
         "GroupQueryAttention",
-        attrs(),
+        gqa_attrs(),
         &[
             Some(&bad),
             None,
@@ -205,7 +208,7 @@ fn gqa_rejects_inconsistent_lengths_and_widths() {
     let past = f32t(&[1, 1, 2, 8], &[0.0; 16]);
     let e = fails(
         "GroupQueryAttention",
-        attrs(),
+        gqa_attrs(),
         &[
             Some(&q),
             None,
@@ -224,7 +227,7 @@ fn gqa_rejects_inconsistent_lengths_and_widths() {
         MS,
         "GroupQueryAttention",
         1,
-        attrs(),
+        gqa_attrs(),
         &[
             Some(&qkv),
             None,
@@ -246,19 +249,6 @@ fn gqa_rejects_inconsistent_lengths_and_widths() {
 fn gqa_empty_past_needs_no_head_dim() {
     // Model-builder graphs declare the cache's head dim as a symbol, so `perqc eval` feeds
     // [B, Hkv, 0, 0]: nothing cached, the same result as no past at all.
-    let attrs = || {
-        vec![
-            ("num_heads", AttrValue::Int(2)),
-            ("kv_num_heads", AttrValue::Int(1)),
-        ]
-    };
-    let i32s = |v: Vec<i32>| {
-        RtTensor::I32(
-            ArrayD::from_shape_vec(IxDyn(&[v.len()]), v)
-                .unwrap()
-                .into_shared(),
-        )
-    };
     let v: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin()).collect();
     let qkv = f32t(&[1, 3, 32], &v);
     let empty = f32t(&[1, 1, 0, 0], &[]);
@@ -267,7 +257,7 @@ fn gqa_empty_past_needs_no_head_dim() {
             MS,
             "GroupQueryAttention",
             1,
-            attrs(),
+            gqa_attrs(),
             &[
                 Some(&qkv),
                 None,
