@@ -104,7 +104,7 @@ fn swish(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     let arg = if alpha == 1.0 {
         x
     } else {
-        let a = p.add_initializer("swish_alpha", Tensor::from_f32(vec![], &[alpha]));
+        let a = scalar(&mut p, "swish_alpha", alpha);
         emit(&mut p, id, op("Mul"), &[x, a], "swish_ax")
     };
     let s = emit(&mut p, id, op("Sigmoid"), &[arg], "swish_sigmoid");
@@ -123,7 +123,7 @@ fn rms_norm(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     let x: PatchValue = x.into();
     let sq = emit(&mut p, id, op("Mul"), &[x, x], "rms_square");
     let mean = reduce_mean(e, &mut p, id, sq, &axes, "rms_mean");
-    let eps = p.add_initializer("rms_eps", Tensor::from_f32(vec![], &[eps]));
+    let eps = scalar(&mut p, "rms_eps", eps);
     let sum = emit(&mut p, id, op("Add"), &[mean, eps], "rms_add_eps");
     let root = emit(&mut p, id, op("Sqrt"), &[sum], "rms_sqrt");
     let r = emit(&mut p, id, op("Reciprocal"), &[root], "rms_reciprocal");
@@ -272,13 +272,13 @@ fn layer_norm(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
 
 fn attention(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     let n = e.g.node(id);
-    let (Some(q), Some(k), Some(v)) = (n.input(0), n.input(1), n.input(2)) else {
+    let (Some(qv), Some(kv), Some(vv)) = (n.input(0), n.input(1), n.input(2)) else {
         return Err("needs q, k and v".into());
     };
     let mask = n.input(3);
     let scale = n.attr_float("scale");
-    let hq = e.known_dim(q, 1).ok_or("query head count unknown")?;
-    let hkv = e.known_dim(k, 1).ok_or("key/value head count unknown")?;
+    let hq = e.known_dim(qv, 1).ok_or("query head count unknown")?;
+    let hkv = e.known_dim(kv, 1).ok_or("key/value head count unknown")?;
     if hkv <= 0 || hq % hkv != 0 {
         return Err(format!(
             "{hq} query heads do not group over {hkv} key/value heads"
@@ -287,13 +287,13 @@ fn attention(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     let groups = hq / hkv;
     let mut p = Patch::new();
     let (mut q, mut k, mut v): (PatchValue, PatchValue, PatchValue) =
-        (q.into(), k.into(), v.into());
+        (qv.into(), kv.into(), vv.into());
     let mut mask = mask.map(PatchValue::from);
     let perm: Vec<i64> = if groups == 1 {
         vec![0, 1, 3, 2]
     } else {
         // q [B, Hq, S, D] -> [B, Hkv, G, S, D]; k, v [B, Hkv, L, .] -> [B, Hkv, 1, L, .].
-        let d = e.known_dim(q_value(n), 3).ok_or("head dim unknown")?;
+        let d = e.known_dim(qv, 3).ok_or("head dim unknown")?;
         let shape = ints(&mut p, "attn_group_shape", &[0, hkv, groups, -1, d]);
         q = emit(&mut p, id, op("Reshape"), &[q, shape], "attn_q_grouped");
         k = unsqueeze(e, &mut p, id, k, 2);
@@ -313,15 +313,10 @@ fn attention(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     let mut s = emit(&mut p, id, op("MatMul"), &[q, kt], "attn_scores");
     let scale = match scale {
         Some(c) => c,
-        None => {
-            1.0 / (e
-                .known_dim(n.input(0).expect("q"), 3)
-                .ok_or("head dim unknown")? as f32)
-                .sqrt()
-        }
+        None => 1.0 / (e.known_dim(qv, 3).ok_or("head dim unknown")? as f32).sqrt(),
     };
     if scale != 1.0 {
-        let c = p.add_initializer("attn_scale", Tensor::from_f32(vec![], &[scale]));
+        let c = scalar(&mut p, "attn_scale", scale);
         s = emit(&mut p, id, op("Mul"), &[s, c], "attn_scaled");
     }
     if let Some(m) = mask {
@@ -337,18 +332,12 @@ fn attention(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     if groups == 1 {
         p.set_op(id, op("MatMul"), [Some(probs), Some(v)]);
     } else {
-        let dv = e
-            .known_dim(n.input(2).expect("v"), 3)
-            .ok_or("value head dim unknown")?;
+        let dv = e.known_dim(vv, 3).ok_or("value head dim unknown")?;
         let y = emit(&mut p, id, op("MatMul"), &[probs, v], "attn_grouped_out");
         let shape = ints(&mut p, "attn_heads_shape", &[0, hq, -1, dv]);
         p.set_op(id, op("Reshape"), [Some(y), Some(shape)]);
     }
     Ok(p)
-}
-
-fn q_value(n: &perqc_ir::Node) -> ValueId {
-    n.input(0).expect("checked by the caller")
 }
 
 /// A mask `[.., H?, S, L]` made to broadcast against grouped scores `[B, Hkv, G, S, L]`.

@@ -57,15 +57,7 @@ pub struct OpDef {
 impl OpDef {
     /// A default-domain op from `since_version` on.
     pub const fn onnx(op_type: &'static str, since_version: i64, infer: InferFn) -> OpDef {
-        OpDef {
-            domain: "",
-            op_type,
-            since_version,
-            until: None,
-            infer,
-            kernel: None,
-            channel: channel::undeclared,
-        }
+        OpDef::custom("", op_type, since_version, infer)
     }
 
     /// An op of another domain (`com.microsoft`, ...).
