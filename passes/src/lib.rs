@@ -8,6 +8,7 @@ pub mod canonicalize;
 pub mod dce;
 pub mod infer_shapes;
 pub mod lower;
+pub mod regions;
 pub mod topo_sort;
 
 pub use canonicalize::Canonicalize;

@@ -4,6 +4,7 @@
 //! the output file is written to a temporary name and renamed only on success.
 
 mod eval;
+mod inspect;
 mod ppl;
 
 use anyhow::{Context, Result, bail};
@@ -40,6 +41,8 @@ enum Command {
     },
     /// Perplexity of a causal LM on a text, run natively (prints `ppl=<value>` last).
     Eval(eval::EvalArgs),
+    /// What the analyses find in a model (`--regions`: permutation-equivariant regions).
+    Inspect(inspect::InspectArgs),
 }
 
 #[derive(Args)]
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Print { model }) => print(model),
         Some(Command::Eval(args)) => eval::run(args),
+        Some(Command::Inspect(args)) => inspect::run(args),
         None => compile(cli.compile),
     };
     match result {

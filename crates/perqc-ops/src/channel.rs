@@ -75,8 +75,36 @@ pub enum ChannelFlow {
     /// applied to this input and to the inputs in `with` (a query/key product over the head
     /// dim, a mean of squares, `Shape`).
     Invariant { commutes: Commutes, with: Vec<Port> },
+    /// The op keeps its input's elements in row-major order and only regroups the axes
+    /// (Reshape, Flatten, Squeeze, Unsqueeze): the channels on a run of consecutive input
+    /// axes land on the run of result axes that covers the same element offsets, possibly
+    /// split (`[.., H·D] -> [.., H, D]`: heads) or merged. The region analysis does that
+    /// stride arithmetic on the known shapes; the op has one result (port 0).
+    Regroup,
+    /// The axis indexes independent slices (attention heads): no transform may mix indices
+    /// along it, but every index may carry its own transform of the other channel axes.
+    /// Index `j` of an output port relates to this axis as its [`Fanout`] says; the inputs in
+    /// `with` are indexed along their axis the same way and take the transforms of the
+    /// indices they pair with (a query head takes the transform of its key head).
+    Heads {
+        outputs: Vec<(Port, Fanout)>,
+        with: Vec<(Port, Fanout)>,
+    },
     /// Nothing passes; the reason, for the region's `blocked_by`.
     Barrier(&'static str),
+}
+
+/// How indices along a heads axis of another port pair with this port's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fanout {
+    /// Index `j` there is index `j` here.
+    Same,
+    /// Index `j` there is index `j / r` here: each index here serves `r` there (a key/value
+    /// head read by `r` query heads).
+    Repeat(usize),
+    /// Index `j` there is indices `j·r .. j·r + r` here, which must therefore share one
+    /// transform (the query heads of one key/value head).
+    Group(usize),
 }
 
 impl ChannelFlow {
@@ -312,7 +340,20 @@ pub fn gemm(ctx: &ChannelCtx<'_>) -> ChannelFlow {
                 uniform: Vec::new(),
             }
         }
-        _ => ChannelFlow::Barrier("Gemm bias"),
+        (2, a)
+            if bias.and_then(Facts::rank).is_some_and(|r| a + 1 == r)
+                && bias
+                    .and_then(|f| f.shape.as_deref()?.last().cloned())
+                    .is_some_and(|d| d != Dim::Known(1)) =>
+        {
+            ChannelFlow::Through {
+                outputs: vec![(0, 1)],
+                commutes: LINEAR,
+                with: vec![(1, b_n)],
+                uniform: Vec::new(),
+            }
+        }
+        _ => ChannelFlow::Barrier("Gemm bias broadcast over rows"),
     }
 }
 
@@ -349,7 +390,14 @@ pub fn linear(ctx: &ChannelCtx<'_>) -> ChannelFlow {
         }
         // Rows: a bias is the same in every row.
         (0, a) => ChannelFlow::through(vec![(0, a)], if bias.is_some() { PERM } else { LINEAR }),
-        _ => ChannelFlow::Barrier("Linear bias"),
+        // The bias is added to W's output channels: it takes their transform.
+        (2, a) if bias.and_then(Facts::rank).is_some_and(|r| a + 1 == r) => ChannelFlow::Through {
+            outputs: vec![(0, rx - 1)],
+            commutes: LINEAR,
+            with: vec![(1, w_out)],
+            uniform: Vec::new(),
+        },
+        _ => ChannelFlow::Barrier("Linear bias broadcast over rows"),
     }
 }
 
@@ -428,7 +476,33 @@ pub fn attention(ctx: &ChannelCtx<'_>) -> ChannelFlow {
             commutes: ORTHOGONAL,
             with: vec![(0, 3)],
         },
-        _ => ChannelFlow::Barrier("attention mixes heads and positions"),
+        (input @ 0..=2, 1) => {
+            let heads = |i: usize| ctx.in_shape(i).and_then(|s| s[1].known());
+            let (Some(hq), Some(hkv)) = (heads(0), heads(1)) else {
+                return ChannelFlow::Barrier("head counts unknown");
+            };
+            if hkv <= 0 || hq % hkv != 0 || heads(2) != Some(hkv) {
+                return ChannelFlow::Barrier("query heads are not a multiple of key/value heads");
+            }
+            let g = (hq / hkv) as usize;
+            match input {
+                // Query head j scores against key head j / g.
+                0 => ChannelFlow::Heads {
+                    outputs: Vec::new(),
+                    with: vec![((1, 1), Fanout::Group(g))],
+                },
+                1 => ChannelFlow::Heads {
+                    outputs: Vec::new(),
+                    with: vec![((0, 1), Fanout::Repeat(g))],
+                },
+                // Result head j averages the values of key/value head j / g.
+                _ => ChannelFlow::Heads {
+                    outputs: vec![((0, 1), Fanout::Repeat(g))],
+                    with: Vec::new(),
+                },
+            }
+        }
+        _ => ChannelFlow::Barrier("attention mixes positions"),
     }
 }
 
@@ -488,7 +562,7 @@ pub fn norm(ctx: &ChannelCtx<'_>) -> ChannelFlow {
         return ChannelFlow::Barrier("normalization axis out of range");
     };
     if ctx.input != 0 {
-        return ChannelFlow::Barrier("norm parameters");
+        return norm_param(ctx, rank, first);
     }
     if ctx.axis < first {
         return ChannelFlow::through(vec![(0, ctx.axis)], PERM);
@@ -515,6 +589,50 @@ pub fn norm(ctx: &ChannelCtx<'_>) -> ChannelFlow {
             with: params,
             uniform: Vec::new(),
         }
+    }
+}
+
+/// A norm's gamma (input 1) or beta (input 2), broadcast from the right over the
+/// normalized axes: `y = n(x) · gamma + beta` is linear in each parameter per channel, so
+/// a diagonal scale of gamma scales y (`n(x) · (s gamma) == s (n(x) · gamma)`, what folding
+/// gamma into the readers uses); beta only shifts. A LayerNorm's parameters carry its
+/// channels for permutations with x.
+fn norm_param(ctx: &ChannelCtx<'_>, rank: usize, first: usize) -> ChannelFlow {
+    let Some(r) = ctx.rank(ctx.input) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    let out_axis = rank + ctx.axis - r.min(rank + ctx.axis);
+    if r > rank || out_axis < first || ctx.input > 2 {
+        return ChannelFlow::Barrier("norm parameters");
+    }
+    let rms = ctx.node.op_type.contains("RMS") || ctx.node.op_type.starts_with("Simplified");
+    if rms {
+        return ChannelFlow::through(
+            vec![(0, out_axis)],
+            Commutes {
+                permutation: false,
+                rotation: false,
+                positive_scale: true,
+            },
+        );
+    }
+    let mut with = vec![(0, out_axis)];
+    let other = 3 - ctx.input;
+    if let Some(ro) = ctx
+        .inputs
+        .get(other)
+        .copied()
+        .flatten()
+        .and_then(Facts::rank)
+        && let Some(a) = (out_axis + ro).checked_sub(rank)
+    {
+        with.push((other, a));
+    }
+    ChannelFlow::Through {
+        outputs: vec![(0, out_axis)],
+        commutes: PERM,
+        with,
+        uniform: Vec::new(),
     }
 }
 
@@ -554,8 +672,8 @@ pub fn transpose(ctx: &ChannelCtx<'_>) -> ChannelFlow {
 /// Reshape-like ops (Reshape, Flatten, Squeeze, Unsqueeze): the axis passes to the result
 /// axis of the same size whose trailing elements (the product of the dims after it) are as
 /// many as the input's: then every element keeps its channel index. An axis split into
-/// several (`[.., H·D] -> [.., H, D]`, heads) or merged with another is a barrier here; the
-/// region analysis treats heads as structure.
+/// several (`[.., H·D] -> [.., H, D]`, heads) or merged with another is a
+/// [`ChannelFlow::Regroup`]: the region analysis follows runs of axes by their strides.
 pub fn reshape(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     let (Some(inp), Some(out)) = (ctx.in_shape(0), ctx.out_shape(0)) else {
         return ChannelFlow::Barrier("shapes unknown");
@@ -572,7 +690,7 @@ pub fn reshape(ctx: &ChannelCtx<'_>) -> ChannelFlow {
             return ChannelFlow::through(vec![(0, o)], LINEAR);
         }
     }
-    ChannelFlow::Barrier("reshape splits or merges the channel axis")
+    ChannelFlow::Regroup
 }
 
 /// Concat along another axis: every part carries the channels and takes the same `T`;

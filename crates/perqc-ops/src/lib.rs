@@ -21,7 +21,7 @@ pub mod kernels;
 pub mod rules;
 mod table;
 
-pub use channel::{ChannelCtx, ChannelFlow, ChannelFn, Commutes};
+pub use channel::{ChannelCtx, ChannelFlow, ChannelFn, Commutes, Fanout};
 pub use facts::{Facts, MAX_VALUE_ELEMS};
 pub use infer::{
     ApplyStats, InferCtx, InferError, ShapeError, ShapeMap, UnknownOp, apply, compatible,

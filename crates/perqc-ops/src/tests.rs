@@ -1165,7 +1165,7 @@ fn channels_follow_norms_linears_residuals_and_layouts() {
         }
     );
     // [B, S, 6] -> [B, S, 2, 3] splits the channels into heads; rows pass.
-    assert!(matches!(at(qh, 0, 2), F::Barrier(_)));
+    assert_eq!(at(qh, 0, 2), F::Regroup);
     assert_eq!(
         at(qh, 0, 1),
         F::Through {
