@@ -9,6 +9,7 @@ pub mod dce;
 pub mod infer_shapes;
 pub mod lower;
 pub mod regions;
+pub mod transform;
 pub mod topo_sort;
 
 pub use canonicalize::Canonicalize;

@@ -25,6 +25,8 @@ pub struct Commutes {
     pub rotation: bool,
     /// Positive diagonal scales: the op is positively homogeneous along the axis.
     pub positive_scale: bool,
+    /// Every diagonal scale, signs included (linear ops; a norm's gamma).
+    pub signed_scale: bool,
 }
 
 /// Permutations only (elementwise non-linear ops).
@@ -32,6 +34,7 @@ pub const PERM: Commutes = Commutes {
     permutation: true,
     rotation: false,
     positive_scale: false,
+    signed_scale: false,
 };
 /// Permutations and positive scales (ReLU).
 pub const PERM_SCALE: Commutes = Commutes {
@@ -43,10 +46,12 @@ pub const LINEAR: Commutes = Commutes {
     permutation: true,
     rotation: true,
     positive_scale: true,
+    signed_scale: true,
 };
 /// Permutations and rotations, not scales (norms over the axis).
 pub const ORTHOGONAL: Commutes = Commutes {
     positive_scale: false,
+    signed_scale: false,
     ..LINEAR
 };
 
@@ -613,6 +618,7 @@ fn norm_param(ctx: &ChannelCtx<'_>, rank: usize, first: usize) -> ChannelFlow {
                 permutation: false,
                 rotation: false,
                 positive_scale: true,
+                signed_scale: true,
             },
         );
     }

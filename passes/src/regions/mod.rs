@@ -32,6 +32,9 @@ pub enum RegionKind {
     Mlp,
     AttentionVo,
     AttentionQk,
+    /// What one constant's channels reach, traced on request ([`Regions::trace_from`]: the
+    /// readers of a norm's output from its gamma); never listed by [`Regions::find`].
+    Segment,
 }
 
 impl RegionKind {
@@ -41,6 +44,7 @@ impl RegionKind {
             RegionKind::Mlp => "mlp",
             RegionKind::AttentionVo => "attention_vo",
             RegionKind::AttentionQk => "attention_qk",
+            RegionKind::Segment => "segment",
         }
     }
 }
@@ -74,6 +78,7 @@ pub struct Kinds {
     pub permutation: Option<String>,
     pub rotation: Option<String>,
     pub scale: Option<String>,
+    pub signed_scale: Option<String>,
 }
 
 impl Kinds {
@@ -90,6 +95,8 @@ pub enum TransformKind {
     Rotation,
     /// Positive diagonal scales.
     Scale,
+    /// Diagonal scales with negative entries.
+    SignedScale,
 }
 
 impl TransformKind {
@@ -98,6 +105,7 @@ impl TransformKind {
             TransformKind::Permutation => "permutation",
             TransformKind::Rotation => "rotation",
             TransformKind::Scale => "scale",
+            TransformKind::SignedScale => "signed scale",
         }
     }
 }
@@ -152,6 +160,7 @@ impl Region {
             TransformKind::Permutation => &self.kinds.permutation,
             TransformKind::Rotation => &self.kinds.rotation,
             TransformKind::Scale => &self.kinds.scale,
+            TransformKind::SignedScale => &self.kinds.signed_scale,
         };
         if let Some(r) = k {
             return Some(r.clone());
@@ -237,9 +246,24 @@ impl Regions {
         }
         let regions = traces
             .into_iter()
-            .filter_map(|t| classify(&env, t))
+            .filter_map(|t| classify(&env, t, None))
             .collect();
         Regions { regions }
+    }
+
+    /// The channels that axis `axis` of constant input `input` of `node` writes, traced
+    /// the way regions are (a norm's gamma: the norm's readers), as a [`RegionKind::Segment`]
+    /// whose first source is that constant.
+    pub fn trace_from(
+        model: &Model,
+        shapes: &perqc_ops::ShapeMap,
+        node: NodeId,
+        input: usize,
+        axis: usize,
+    ) -> Option<Region> {
+        let env = Env::new(model, shapes);
+        let t = Trace::from_seed(&env, node, input, axis)?;
+        classify(&env, t, Some(RegionKind::Segment))
     }
 
     pub fn of_kind(&self, kind: RegionKind) -> impl Iterator<Item = &Region> {
@@ -380,7 +404,7 @@ impl Regions {
 
 /// Resolves a trace's channel ids and decides its kind; `None` for traces that are no
 /// transform opportunity (no sink and no query-key product: logits, graph outputs).
-fn classify(env: &Env<'_>, mut t: Trace) -> Option<Region> {
+fn classify(env: &Env<'_>, mut t: Trace, force: Option<RegionKind>) -> Option<Region> {
     // Channel classes in the order of the first source's channels.
     let mut index: HashMap<u32, u32> = HashMap::new();
     let mut order: Vec<u32> = Vec::new();
@@ -464,6 +488,7 @@ fn classify(env: &Env<'_>, mut t: Trace) -> Option<Region> {
         }
     }
     let kind = match (heads.is_some(), sinks.is_empty()) {
+        _ if force.is_some() => force?,
         (true, false) => RegionKind::AttentionVo,
         (true, true) if t.invariant_ends => RegionKind::AttentionQk,
         (false, _) if t.sums_streams && !sinks.is_empty() => RegionKind::Residual,

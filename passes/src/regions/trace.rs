@@ -224,6 +224,12 @@ impl Trace {
         if !c.positive_scale && k.scale.is_none() {
             k.scale = Some(format!("{} does not commute with channel scales", label()));
         }
+        if !c.signed_scale && k.signed_scale.is_none() {
+            k.signed_scale = Some(format!(
+                "{} does not commute with channel scales of either sign",
+                label()
+            ));
+        }
     }
 
     /// Reaches value `v` carrying channels on `axes` with ids `ids`.

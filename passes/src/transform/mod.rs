@@ -1,0 +1,307 @@
+//! The one channel-transform mechanism: every weight rewrite of a region goes through
+//! [`apply`].
+//!
+//! A transform `T` ([`ChannelOp`]) on a region has
+//! - a **source side**: each weight that writes the channels takes `W ← T W` on that axis
+//!   (a bias or a LayerNorm parameter, which carry the channels too, likewise);
+//! - a **sink side**: each weight that reads them takes `W ← W T⁻¹`, i.e. `T⁻ᵀ` along its
+//!   reading axis;
+//! - an **online part** where `T` does not commute with what lies between (a rotation
+//!   across a SiLU): then `x̃ = T x` is computed in the graph right before the sinks, and
+//!   only the sink side is folded.
+//!
+//! Folding is legal only if the region allows `T`'s kind ([`Region::why_not`]); the
+//! refusal carries the region's reason. A weight read by several endpoints that all need
+//! the same rewrite is rewritten once, in place (a tied embedding and lm_head under a
+//! rotation stay tied); otherwise each endpoint gets its own copy (the tie is broken only
+//! when one side changes).
+
+pub mod op;
+
+pub use op::ChannelOp;
+
+use crate::regions::{Endpoint, Region, TransformKind};
+use perqc_ir::{AttrValue, Graph, NodeId, Operand, Tensor, ValueDef, ValueId};
+use std::collections::HashMap;
+
+/// Where `T` goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Into the sources and the sinks (`T` commutes with everything between).
+    Fold,
+    /// Computed before the sinks, folded into the sinks only.
+    Online,
+}
+
+/// What [`apply`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Weights rewritten in place.
+    pub rewritten: usize,
+    /// Endpoints that got their own copy of a shared weight.
+    pub untied: usize,
+    /// Nodes inserted for the online part.
+    pub online_nodes: usize,
+}
+
+impl std::ops::AddAssign for Applied {
+    fn add_assign(&mut self, o: Applied) {
+        self.rewritten += o.rewritten;
+        self.untied += o.untied;
+        self.online_nodes += o.online_nodes;
+    }
+}
+
+/// The transform kind a region must allow for `op` to fold.
+pub fn kind_of(op: &ChannelOp) -> TransformKind {
+    match op {
+        ChannelOp::Permutation(_) => TransformKind::Permutation,
+        ChannelOp::Diagonal(d) if d.iter().all(|&x| x > 0.0) => TransformKind::Scale,
+        ChannelOp::Diagonal(_) => TransformKind::SignedScale,
+        ChannelOp::Blocks { .. } => TransformKind::Rotation,
+    }
+}
+
+/// Applies `op` to `region` of `graph`. Errors name the region's reason when the kind is
+/// not legal there, or the endpoint that cannot take the map.
+pub fn apply(
+    graph: &mut Graph,
+    region: &Region,
+    op: &ChannelOp,
+    placement: Placement,
+) -> Result<Applied, String> {
+    if op.dim() != region.dim {
+        return Err(format!(
+            "a map on {} channels for a region of {}",
+            op.dim(),
+            region.dim
+        ));
+    }
+    let mut updates = Vec::new();
+    let mut applied = Applied::default();
+    match placement {
+        Placement::Fold => {
+            let kind = kind_of(op);
+            if matches!(op, ChannelOp::Blocks { .. }) && !op.is_orthogonal(1e-9) {
+                // A general linear map needs every kind.
+                for k in [
+                    TransformKind::Permutation,
+                    TransformKind::Rotation,
+                    TransformKind::SignedScale,
+                ] {
+                    if let Some(why) = region.why_not(k) {
+                        return Err(format!("not {}: {why}", k.as_str()));
+                    }
+                }
+            } else if let Some(why) = region.why_not(kind) {
+                return Err(format!("no {}: {why}", kind.as_str()));
+            }
+            for e in &region.sources {
+                updates.push(update(graph, region, e, op)?);
+            }
+            // Parameters that are uniform stay as they are; permutations move any.
+            if kind == TransformKind::Permutation {
+                for e in &region.params {
+                    updates.push(update(graph, region, e, op)?);
+                }
+            }
+        }
+        Placement::Online => {
+            applied.online_nodes = insert_online(graph, region, op)?;
+        }
+    }
+    let inv = op
+        .inverse_transpose()
+        .ok_or_else(|| "the map is singular".to_string())?;
+    for e in &region.sinks {
+        updates.push(update(graph, region, e, &inv)?);
+    }
+    let (rewritten, untied) = write(graph, updates)?;
+    applied.rewritten = rewritten;
+    applied.untied = untied;
+    Ok(applied)
+}
+
+/// One endpoint's rewrite: `m` along `axis` of input `input` of `node`.
+struct Update {
+    node: NodeId,
+    input: usize,
+    axis: usize,
+    m: ChannelOp,
+}
+
+fn update(graph: &Graph, region: &Region, e: &Endpoint, m: &ChannelOp) -> Result<Update, String> {
+    let m = m
+        .localize(&e.channels)
+        .map_err(|why| format!("{} ({}): {why}", region.node_name(e.node), region.value_name(e.weight)))?;
+    if graph.try_node(e.node).and_then(|n| n.input(e.input)).is_none() {
+        return Err(format!("{}: the weight is gone", region.node_name(e.node)));
+    }
+    Ok(Update {
+        node: e.node,
+        input: e.input,
+        axis: e.axis,
+        m,
+    })
+}
+
+/// Rewrites the weights: in place where every reader of a weight takes the same rewrite,
+/// else a copy per endpoint. Returns (rewritten in place, copies made).
+fn write(graph: &mut Graph, updates: Vec<Update>) -> Result<(usize, usize), String> {
+    let mut by_weight: Vec<(ValueId, Vec<Update>)> = Vec::new();
+    for u in updates {
+        let w = graph
+            .node(u.node)
+            .input(u.input)
+            .expect("checked by update");
+        match by_weight.iter_mut().find(|(v, _)| *v == w) {
+            Some((_, list)) => list.push(u),
+            None => by_weight.push((w, vec![u])),
+        }
+    }
+    let (mut rewritten, mut copies) = (0, 0);
+    for (w, ups) in by_weight {
+        let name = graph.value(w).name.clone();
+        let t = graph
+            .const_tensor(w)
+            .ok_or_else(|| format!("`{name}` is not a constant"))?
+            .clone();
+        let readers: Vec<(NodeId, usize)> = graph
+            .value(w)
+            .uses()
+            .iter()
+            .filter_map(|u| match u.operand {
+                Operand::Input(i) => Some((u.node, i as usize)),
+                Operand::Capture(_) => None,
+            })
+            .collect();
+        let covered = graph.value(w).uses().len() == readers.len()
+            && readers
+                .iter()
+                .all(|r| ups.iter().any(|u| (u.node, u.input) == *r));
+        let same = ups
+            .windows(2)
+            .all(|p| p[0].axis == p[1].axis && p[0].m == p[1].m);
+        let fail = |e: String| format!("`{name}`: {e}");
+        if covered && same && graph.value(w).def() == ValueDef::Initializer {
+            let new = ups[0].m.apply(&t, ups[0].axis).map_err(fail)?;
+            graph
+                .replace_initializer(w, new)
+                .map_err(|e| fail(e.to_string()))?;
+            rewritten += 1;
+            continue;
+        }
+        for u in ups {
+            let new = u.m.apply(&t, u.axis).map_err(fail)?;
+            let copy = graph.fresh_name(&name);
+            let v = graph
+                .add_initializer(&copy, new)
+                .map_err(|e| fail(e.to_string()))?;
+            graph.set_input(u.node, u.input, Some(v));
+            copies += 1;
+        }
+    }
+    Ok((rewritten, copies))
+}
+
+/// Inserts `x̃ = T x` before the sinks, once per activation they read; returns how many
+/// nodes. The channels must be the activation's last axis, read whole by each sink.
+fn insert_online(graph: &mut Graph, region: &Region, op: &ChannelOp) -> Result<usize, String> {
+    let mut by_activation: HashMap<ValueId, Vec<&Endpoint>> = HashMap::new();
+    let mut order = Vec::new();
+    for e in &region.sinks {
+        let Some((_, x)) = e.activation else {
+            return Err(format!("{}: no activation", region.node_name(e.node)));
+        };
+        let identity = e.channels.len() == region.dim
+            && e.channels.iter().enumerate().all(|(i, &c)| c as usize == i);
+        if !identity {
+            return Err(format!(
+                "{} reads the channels through heads; an online map needs them whole",
+                region.node_name(e.node)
+            ));
+        }
+        if !by_activation.contains_key(&x) {
+            order.push(x);
+        }
+        by_activation.entry(x).or_default().push(e);
+    }
+    let mut inserted = 0;
+    for x in order {
+        let sinks = &by_activation[&x];
+        let first = sinks
+            .iter()
+            .min_by_key(|e| graph.order_position(e.node).unwrap_or(usize::MAX))
+            .expect("at least one sink")
+            .node;
+        let xname = graph.value(x).name.clone();
+        let out = graph.fresh_name(&format!("{xname}.transformed"));
+        let (spec, extra) = online_node(graph, op, &xname)?;
+        let mut inputs = vec![Some(x)];
+        inputs.extend(extra.into_iter().map(Some));
+        graph
+            .insert_node_before(first, spec, &inputs, &[out.as_str()])
+            .map_err(|e| e.to_string())?;
+        let y = graph.find(&out).expect("just defined");
+        for e in sinks {
+            let (slot, _) = e.activation.expect("checked");
+            graph.set_input(e.node, slot, Some(y));
+        }
+        inserted += 1;
+    }
+    Ok(inserted)
+}
+
+/// The node computing `T x` on the last axis, and the constants it reads.
+fn online_node(
+    graph: &mut Graph,
+    op: &ChannelOp,
+    xname: &str,
+) -> Result<(perqc_ir::NodeSpec, Vec<ValueId>), String> {
+    let name = graph.fresh_name(&format!("{xname}/online"));
+    let constant = |graph: &mut Graph, base: &str, t: Tensor| -> Result<ValueId, String> {
+        let n = graph.fresh_name(base);
+        graph.add_initializer(&n, t).map_err(|e| e.to_string())
+    };
+    match op {
+        ChannelOp::Blocks { size, blocks } => {
+            if blocks.windows(2).any(|w| w[0] != w[1]) {
+                return Err("an online map with different blocks is not supported".into());
+            }
+            // Per block, row vectors: y_blk = x_blk Bᵀ, the op's `x · H` with H = Bᵀ.
+            let b = &blocks[0];
+            let n = *size;
+            let h: Vec<f32> = (0..n * n)
+                .map(|k| b[(k % n) * n + k / n] as f32)
+                .collect();
+            let v = constant(
+                graph,
+                &format!("perqc.online_block{n}"),
+                Tensor::from_slice(vec![n as i64, n as i64], &h),
+            )?;
+            let spec = crate::canonicalize::canonical("Hadamard").named(&name);
+            Ok((spec, vec![v]))
+        }
+        ChannelOp::Diagonal(d) => {
+            let s: Vec<f32> = d.iter().map(|&x| x as f32).collect();
+            let v = constant(
+                graph,
+                "perqc.online_scale",
+                Tensor::from_slice(vec![s.len() as i64], &s),
+            )?;
+            Ok((perqc_ir::NodeSpec::new("Mul").named(&name), vec![v]))
+        }
+        ChannelOp::Permutation(p) => {
+            let idx: Vec<i64> = p.iter().map(|&i| i as i64).collect();
+            let v = constant(
+                graph,
+                "perqc.online_perm",
+                Tensor::from_slice(vec![idx.len() as i64], &idx),
+            )?;
+            let spec = perqc_ir::NodeSpec::new("Gather")
+                .named(&name)
+                .attr("axis", AttrValue::Int(-1));
+            Ok((spec, vec![v]))
+        }
+    }
+}
