@@ -6,14 +6,16 @@
 
 pub mod canonicalize;
 pub mod dce;
+pub mod fold_norms;
 pub mod infer_shapes;
 pub mod lower;
 pub mod regions;
-pub mod transform;
 pub mod topo_sort;
+pub mod transform;
 
 pub use canonicalize::Canonicalize;
 pub use dce::Dce;
+pub use fold_norms::FoldNorms;
 pub use infer_shapes::InferShapes;
 pub use lower::Lower;
 pub use topo_sort::TopoSort;
@@ -47,6 +49,11 @@ pub fn registry() -> PassRegistry {
         r.register(p.name, p.description, f);
     }
     r.register(Dce::NAME, Dce::DESCRIPTION, Dce::from_options)
+        .register(
+            FoldNorms::NAME,
+            FoldNorms::DESCRIPTION,
+            FoldNorms::from_options,
+        )
         .register(
             InferShapes::NAME,
             InferShapes::DESCRIPTION,

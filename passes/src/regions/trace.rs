@@ -305,6 +305,11 @@ impl Trace {
             _ => return,
         };
         let n = env.graph.node(node);
+        // Reached from one of the producer's operands already: the channels' origin is
+        // that operand (a norm's output seen from its gamma does not lead back to x).
+        if (0..n.inputs().len()).any(|j| self.done_nodes.contains_key(&(node, j))) {
+            return;
+        }
         // A reshape-like producer: the same element offsets on the operand.
         if let (Some(inp), Some(outs)) = (n.input(0), env.shapes.shape(v))
             && let Some(ins) = env.shapes.shape(inp)

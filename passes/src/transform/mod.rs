@@ -131,10 +131,18 @@ struct Update {
 }
 
 fn update(graph: &Graph, region: &Region, e: &Endpoint, m: &ChannelOp) -> Result<Update, String> {
-    let m = m
-        .localize(&e.channels)
-        .map_err(|why| format!("{} ({}): {why}", region.node_name(e.node), region.value_name(e.weight)))?;
-    if graph.try_node(e.node).and_then(|n| n.input(e.input)).is_none() {
+    let m = m.localize(&e.channels).map_err(|why| {
+        format!(
+            "{} ({}): {why}",
+            region.node_name(e.node),
+            region.value_name(e.weight)
+        )
+    })?;
+    if graph
+        .try_node(e.node)
+        .and_then(|n| n.input(e.input))
+        .is_none()
+    {
         return Err(format!("{}: the weight is gone", region.node_name(e.node)));
     }
     Ok(Update {
@@ -271,9 +279,7 @@ fn online_node(
             // Per block, row vectors: y_blk = x_blk Bᵀ, the op's `x · H` with H = Bᵀ.
             let b = &blocks[0];
             let n = *size;
-            let h: Vec<f32> = (0..n * n)
-                .map(|k| b[(k % n) * n + k / n] as f32)
-                .collect();
+            let h: Vec<f32> = (0..n * n).map(|k| b[(k % n) * n + k / n] as f32).collect();
             let v = constant(
                 graph,
                 &format!("perqc.online_block{n}"),

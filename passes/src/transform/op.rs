@@ -161,7 +161,10 @@ impl ChannelOp {
             ));
         }
         if !t.dtype.is_float() {
-            return Err(format!("a {:?} weight cannot take a channel transform", t.dtype));
+            return Err(format!(
+                "a {:?} weight cannot take a channel transform",
+                t.dtype
+            ));
         }
         let x: Vec<f64> = t
             .to_f32()
@@ -289,9 +292,13 @@ fn invert(a: &[f64], n: usize) -> Option<Vec<f64>> {
     for i in 0..n {
         inv[i * n + i] = 1.0;
     }
-    let scale = a.iter().fold(0f64, |s, x| s.max(x.abs())).max(f64::MIN_POSITIVE);
+    let scale = a
+        .iter()
+        .fold(0f64, |s, x| s.max(x.abs()))
+        .max(f64::MIN_POSITIVE);
     for col in 0..n {
-        let piv = (col..n).max_by(|&r, &s| m[r * n + col].abs().total_cmp(&m[s * n + col].abs()))?;
+        let piv =
+            (col..n).max_by(|&r, &s| m[r * n + col].abs().total_cmp(&m[s * n + col].abs()))?;
         if m[piv * n + col].abs() <= scale * 1e-13 {
             return None;
         }
@@ -327,7 +334,9 @@ mod tests {
         let n = op.dim();
         let mut m = vec![0.0; n * n];
         match op {
-            ChannelOp::Permutation(p) => p.iter().enumerate().for_each(|(i, &j)| m[i * n + j] = 1.0),
+            ChannelOp::Permutation(p) => {
+                p.iter().enumerate().for_each(|(i, &j)| m[i * n + j] = 1.0)
+            }
             ChannelOp::Diagonal(d) => d.iter().enumerate().for_each(|(i, &x)| m[i * n + i] = x),
             ChannelOp::Blocks { size, blocks } => {
                 for (k, b) in blocks.iter().enumerate() {
@@ -402,7 +411,11 @@ mod tests {
                 assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
             }
         }
-        assert!(ChannelOp::Diagonal(vec![1.0, 0.0]).inverse_transpose().is_none());
+        assert!(
+            ChannelOp::Diagonal(vec![1.0, 0.0])
+                .inverse_transpose()
+                .is_none()
+        );
         let p = ChannelOp::Permutation(vec![1, 2, 0]);
         assert_eq!(p.inverse_transpose().unwrap(), p);
     }
@@ -419,12 +432,19 @@ mod tests {
         let ChannelOp::Blocks { blocks, .. } = op.localize(&channels).unwrap() else {
             panic!()
         };
-        assert_eq!(blocks, vec![vec![1.0; 4], vec![1.0; 4], vec![2.0; 4], vec![2.0; 4]]);
+        assert_eq!(
+            blocks,
+            vec![vec![1.0; 4], vec![1.0; 4], vec![2.0; 4], vec![2.0; 4]]
+        );
         let within = ChannelOp::Permutation(vec![1, 0, 3, 2]);
         assert_eq!(
             within.localize(&channels).unwrap(),
             ChannelOp::Permutation(vec![1, 0, 3, 2, 5, 4, 7, 6])
         );
-        assert!(ChannelOp::Permutation(vec![2, 3, 0, 1]).localize(&channels).is_err());
+        assert!(
+            ChannelOp::Permutation(vec![2, 3, 0, 1])
+                .localize(&channels)
+                .is_err()
+        );
     }
 }

@@ -1,0 +1,75 @@
+//! Every exact transform leaves the model's logits unchanged within float round-off, on the
+//! fixtures' real graph shapes, run by the native runtime (the ONNX Runtime check of the
+//! emitted files is in tests/).
+
+use perqc_ir::{Model, PassManager, RunOptions};
+use perqc_runtime::{RtTensor, Session};
+use std::path::PathBuf;
+
+fn load(name: &str) -> Model {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures")
+        .join(name);
+    let mut model = perqc_onnx::load(&path).expect("fixture loads").model;
+    perqc_passes::canonicalize(&mut model).expect("canonicalizes");
+    model
+}
+
+/// Logits of the Llama fixtures for fixed ids, batch 2 x 7.
+fn logits(model: &Model) -> Vec<f32> {
+    let ids: Vec<i64> = (0..14).map(|i| (i * 53 + 7) % 256).collect();
+    let ids = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 7]), ids).unwrap();
+    let s = Session::new(model).expect("plans");
+    let out = s.run(&[("input_ids", RtTensor::i64(ids))]).expect("runs");
+    match &out[0].1 {
+        RtTensor::F32(a) => a.iter().copied().collect(),
+        other => panic!("{:?}", other.dtype()),
+    }
+}
+
+/// max |a - b| / max |a|.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let m = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let e = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    e / m
+}
+
+fn run(model: &mut Model, pipeline: &str) -> String {
+    let mut p = perqc_passes::registry().build(pipeline).expect("pipeline");
+    let report = PassManager::new()
+        .run(model, &mut p, &mut RunOptions::default())
+        .expect("runs");
+    format!("{report}")
+}
+
+fn exact(fixture: &str, pipeline: &str) -> Model {
+    let mut model = load(fixture);
+    let before = logits(&model);
+    let report = run(&mut model, pipeline);
+    let after = logits(&model);
+    let e = rel_err(&before, &after);
+    assert!(
+        e < 1e-5,
+        "{fixture} {pipeline}: relative error {e}\n{report}"
+    );
+    model
+}
+
+#[test]
+fn fold_norms_is_exact_and_unlocks_rotation() {
+    for f in ["llama_ts.onnx", "llama_dynamo.onnx"] {
+        let model = exact(f, "fold-norms");
+        let shapes = perqc_ops::infer_model(&model).unwrap();
+        let r = perqc_passes::regions::Regions::find(&model, &shapes);
+        let res = r
+            .of_kind(perqc_passes::regions::RegionKind::Residual)
+            .next()
+            .unwrap();
+        assert_eq!(
+            res.why_not(perqc_passes::regions::TransformKind::Rotation),
+            None,
+            "{f}"
+        );
+    }
+}
