@@ -10,6 +10,7 @@ pub mod fold_norms;
 pub mod infer_shapes;
 pub mod lower;
 pub mod regions;
+pub mod rotate;
 pub mod topo_sort;
 pub mod transform;
 
@@ -18,6 +19,7 @@ pub use dce::Dce;
 pub use fold_norms::FoldNorms;
 pub use infer_shapes::InferShapes;
 pub use lower::Lower;
+pub use rotate::Rotate;
 pub use topo_sort::TopoSort;
 
 use perqc_ir::{Model, Pass, PassContext, PassError, PassOutcome, PassRegistry};
@@ -60,6 +62,7 @@ pub fn registry() -> PassRegistry {
             InferShapes::from_options,
         )
         .register(Lower::NAME, Lower::DESCRIPTION, Lower::from_options)
+        .register(Rotate::NAME, Rotate::DESCRIPTION, Rotate::from_options)
         .register(
             TopoSort::NAME,
             TopoSort::DESCRIPTION,

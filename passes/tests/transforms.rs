@@ -73,3 +73,33 @@ fn fold_norms_is_exact_and_unlocks_rotation() {
         );
     }
 }
+
+#[test]
+fn rotations_are_exact() {
+    for f in ["llama_ts.onnx", "llama_dynamo.onnx"] {
+        exact(f, "fold-norms,rotate");
+        exact(f, "fold-norms,rotate(residual=block,block=16,signs=7)");
+        exact(f, "rotate(residual=none)");
+    }
+    // The encoder: R1 refused (the stream is the graph input), R2 on each layer.
+    exact_encoder("rotate");
+}
+
+/// The encoder fixture takes hidden states.
+fn exact_encoder(pipeline: &str) -> Model {
+    let mut model = load("encoder_ln_gelu.onnx");
+    let x: Vec<f32> = (0..2 * 5 * 64).map(|i| ((i * 31 % 23) as f32 - 11.0) / 7.0).collect();
+    let x = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 5, 64]), x).unwrap();
+    let out = |m: &Model| -> Vec<f32> {
+        let s = Session::new(m).expect("plans");
+        match &s.run(&[("hidden", RtTensor::f32(x.clone()))]).expect("runs")[0].1 {
+            RtTensor::F32(a) => a.iter().copied().collect(),
+            other => panic!("{:?}", other.dtype()),
+        }
+    };
+    let before = out(&model);
+    let report = run(&mut model, pipeline);
+    let e = rel_err(&before, &out(&model));
+    assert!(e < 1e-5, "encoder {pipeline}: relative error {e}\n{report}");
+    model
+}

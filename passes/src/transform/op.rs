@@ -38,6 +38,39 @@ impl ChannelOp {
         }
     }
 
+    /// `dim / block` copies of the normalized Hadamard matrix of order `block`, times
+    /// random signs `diag(s)` (seeded) if asked: an orthogonal map that spreads every
+    /// channel's value over its block. A block that does not divide `dim`, or an order with
+    /// no construction, is an error that lists the block sizes that work.
+    pub fn hadamard(dim: usize, block: usize, signs: Option<u64>) -> Result<ChannelOp, String> {
+        use perqc_ops::hadamard;
+        let valid = || {
+            let ok: Vec<String> = (1..=dim)
+                .filter(|&b| dim.is_multiple_of(b) && hadamard::constructible(b))
+                .map(|b| b.to_string())
+                .collect();
+            format!("{dim} channels take blocks of {}", ok.join(", "))
+        };
+        if block == 0 || !dim.is_multiple_of(block) {
+            return Err(format!(
+                "a block of {block} does not divide {dim} channels; {}",
+                valid()
+            ));
+        }
+        let h = hadamard::hadamard(block).map_err(|e| format!("{e}; {}", valid()))?;
+        let mut m = h.normalized_f64();
+        if let Some(seed) = signs {
+            // H · diag(s): column j times s_j.
+            let s = hadamard::random_signs(block, seed);
+            for row in m.chunks_mut(block) {
+                for (x, sj) in row.iter_mut().zip(&s) {
+                    *x *= sj;
+                }
+            }
+        }
+        Ok(ChannelOp::repeated(m, block, dim / block))
+    }
+
     /// Every block orthogonal within `tol` (`Bᵀ B = I`): `T⁻ᵀ = T`.
     pub fn is_orthogonal(&self, tol: f64) -> bool {
         match self {

@@ -1,0 +1,102 @@
+//! `rotate`: fold orthogonal Hadamard rotations into the weights of the residual stream
+//! (R1) and of each attention value/output pair per head (R2).
+//!
+//! Identity: for a region whose ops commute with orthogonal maps (after `fold-norms`, RMS
+//! norms do: `rms(Q x) = rms(x)`), the transform `Q` takes every source to `Q W` and every
+//! sink to `W Qᵀ` (`Q⁻ᵀ = Q`); the stream between carries `Q x` and the sinks compute what
+//! they did. Through the one channel-transform mechanism ([`crate::transform::apply`]).
+//!
+//! - R1 (`residual=full`): `Q = H_d` on the model dimension (Hadamard orders from
+//!   `perqc_ops::hadamard`, Kronecker products included: 576 = 36 · 16); `residual=block`
+//!   uses `diag(H_b, ..)` with `block=b`; `none` skips it.
+//! - R2 (`heads=full`): `Q = diag(H_dh, ..)`, one head-dim Hadamard per key/value head; the
+//!   query heads that read a key/value head's values get the same block on the output
+//!   projection's input (grouped-query attention).
+//! - `signs=SEED`: randomized Hadamards `H · diag(s)` with seeded random signs.
+//!
+//! A region that does not allow rotations is skipped with a note giving the region's
+//! reason (a LayerNorm mean, an unfolded gamma, the stream entering as a graph input).
+//! Counters: `residual-rotated`, `heads-rotated`, `weights-rewritten`, `weights-untied`.
+
+use crate::regions::{RegionKind, Regions};
+use crate::transform::{self, ChannelOp, Placement};
+use perqc_ir::{Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
+
+#[derive(Debug)]
+pub struct Rotate {
+    /// `None`: no R1; `Some(None)`: full; `Some(Some(b))`: blocks of b.
+    residual: Option<Option<usize>>,
+    heads: bool,
+    signs: Option<u64>,
+}
+
+impl Rotate {
+    pub const NAME: &'static str = "rotate";
+    pub const DESCRIPTION: &'static str = "fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|none, signs=SEED";
+
+    pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
+        opts.allow_only(&["residual", "block", "heads", "signs"])?;
+        let residual = match opts.choice_or("residual", &["full", "block", "none"], "full")? {
+            "none" => None,
+            "full" => Some(None),
+            _ => Some(Some(opts.parse_or("block", "a block size", 32usize)?)),
+        };
+        let heads = opts.choice_or("heads", &["full", "none"], "full")? == "full";
+        let signs = match opts.get("signs") {
+            None => None,
+            Some(_) => Some(opts.parse_or("signs", "a seed (non-negative integer)", 0u64)?),
+        };
+        Ok(Box::new(Rotate {
+            residual,
+            heads,
+            signs,
+        }))
+    }
+}
+
+impl Pass for Rotate {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn description(&self) -> &'static str {
+        Self::DESCRIPTION
+    }
+
+    fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        let regions = ctx.analysis::<Regions>(model)?;
+        let (mut residual, mut heads) = (0u64, 0u64);
+        let mut total = transform::Applied::default();
+        for (i, region) in regions.regions.iter().enumerate() {
+            let op = match (region.kind, self.residual, region.heads) {
+                (RegionKind::Residual, Some(block), _) => {
+                    ChannelOp::hadamard(region.dim, block.unwrap_or(region.dim), self.signs)
+                }
+                (RegionKind::AttentionVo, _, Some(h)) if self.heads => {
+                    ChannelOp::hadamard(region.dim, h.head_dim, self.signs)
+                }
+                _ => continue,
+            };
+            let what = format!("region #{i} ({}, d = {})", region.kind.as_str(), region.dim);
+            let op = op.map_err(|e| PassError::msg(format!("rotate: {what}: {e}")))?;
+            if !ctx.rewrite() {
+                break;
+            }
+            match transform::apply(&mut model.graph, region, &op, Placement::Fold) {
+                Ok(a) => {
+                    total += a;
+                    match region.kind {
+                        RegionKind::Residual => residual += 1,
+                        _ => heads += 1,
+                    }
+                }
+                Err(why) => ctx.note(format!("{what}: not rotated: {why}")),
+            }
+        }
+        Ok(PassOutcome::from_changed(residual + heads > 0)
+            .with("residual-rotated", residual)
+            .with("heads-rotated", heads)
+            .with("weights-rewritten", total.rewritten as u64)
+            .with("weights-untied", total.untied as u64))
+    }
+}
