@@ -4,10 +4,12 @@
 //! `DESCRIPTION` and a `from_options` factory, and [`registry`] lists them all, so
 //! `--list-passes` and pipeline validation come from a single static list.
 
+pub mod calibration;
 pub mod canonicalize;
 pub mod dce;
 pub mod infer_shapes;
 pub mod lower;
+pub mod permutation;
 pub mod topo_sort;
 
 pub use canonicalize::Canonicalize;
