@@ -27,6 +27,12 @@ impl ChannelObserver {
         let i = self.names.iter().position(|n| n == name)?;
         self.stats[i].as_ref()
     }
+
+    /// Every watched name, in the order given to [`ChannelObserver::new`], with its
+    /// statistics (`None` if no run produced it).
+    pub fn into_stats(self) -> Vec<(String, Option<ChannelStats>)> {
+        self.names.into_iter().zip(self.stats).collect()
+    }
 }
 
 impl Observer for ChannelObserver {
