@@ -4,11 +4,13 @@
 //! `DESCRIPTION` and a `from_options` factory, and [`registry`] lists them all, so
 //! `--list-passes` and pipeline validation come from a single static list.
 
+pub mod calibration;
 pub mod canonicalize;
 pub mod dce;
 pub mod fold_norms;
 pub mod infer_shapes;
 pub mod lower;
+pub mod permutation;
 pub mod regions;
 pub mod rotate;
 pub mod topo_sort;

@@ -1,8 +1,9 @@
 //! Perplexity scoring: the bench protocol (docs/bench.md), which scripts/bench/ppl_ort.py
 //! implements with ONNX Runtime.
 //!
-//! The text is tokenized whole and cut into non-overlapping windows of `seq` tokens; each
-//! window's logits score its `seq - 1` next tokens. ppl = exp(mean NLL), accumulated in f64.
+//! The text is tokenized whole and cut into non-overlapping windows of `seq` tokens
+//! (`corpus.rs`); each window's logits score its `seq - 1` next tokens. ppl = exp(mean NLL),
+//! accumulated in f64.
 
 /// Sum over positions t < seq-1 of -log softmax(logits[t])[ids[t+1]], in f64.
 /// `logits` is `[seq, vocab]` row-major.
@@ -18,11 +19,6 @@ pub fn window_nll(logits: &[f32], vocab: usize, ids: &[u32]) -> f64 {
             -logp
         })
         .sum()
-}
-
-/// The first `windows` complete windows of `seq` tokens.
-pub fn windows(ids: &[u32], seq: usize, windows: usize) -> impl Iterator<Item = &[u32]> {
-    ids.chunks_exact(seq).take(windows)
 }
 
 #[cfg(test)]
@@ -45,12 +41,5 @@ mod tests {
         let ids = [0u32, 2];
         let logits = [0.0, 0.0, 30.0, 0.0, 0.0, 0.0];
         assert!(window_nll(&logits, vocab, &ids) < 1e-12);
-    }
-
-    #[test]
-    fn windows_drop_the_tail() {
-        let ids: Vec<u32> = (0..10).collect();
-        let w: Vec<_> = windows(&ids, 4, 16).collect();
-        assert_eq!(w, vec![&[0, 1, 2, 3][..], &[4, 5, 6, 7][..]]);
     }
 }

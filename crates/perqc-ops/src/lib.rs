@@ -20,6 +20,7 @@ pub mod infer;
 pub mod kernel;
 pub mod kernels;
 pub mod rules;
+pub mod stats;
 mod table;
 
 pub use channel::{ChannelCtx, ChannelFlow, ChannelFn, Commutes, Fanout};

@@ -15,7 +15,7 @@ pub mod observe;
 mod session;
 
 pub use npy::{NpyError, read_npy, write_npy};
-pub use observe::{ChannelObserver, ChannelStats, StatsOptions};
+pub use observe::{ChannelObserver, ChannelStats, StatsError, StatsOptions};
 pub use perqc_ops::RtTensor;
 pub use session::{
     Observer, Profile, RuntimeError, Session, SessionOptions, Unsupported, tune_allocator,

@@ -152,4 +152,21 @@ fn streamed_statistics_equal_exact_ones() {
         "top channels by mean |x|: {:?}",
         &order[..6]
     );
+    // into_stats hands over every watched value, in watch order.
+    let rows: Vec<u64> = names
+        .iter()
+        .map(|n| streamed.stats(n).unwrap().rows())
+        .collect();
+    let owned = streamed.into_stats();
+    assert_eq!(
+        owned.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+        names
+    );
+    assert_eq!(
+        owned
+            .iter()
+            .map(|(_, s)| s.as_ref().unwrap().rows())
+            .collect::<Vec<_>>(),
+        rows
+    );
 }

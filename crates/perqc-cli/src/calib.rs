@@ -1,0 +1,404 @@
+//! Calibration: run a causal LM on calibration text under streaming observers and collect
+//! the per-channel statistics of chosen values, which PeRQ computes its permutations from.
+//!
+//! The text is tokenized whole (from its start) and cut into `--calib-seqs` non-overlapping
+//! windows of `--calib-len` tokens; each window is run from scratch exactly as `perqc eval`
+//! runs one ([`WindowFeeds`]: `input_ids`, and for a KV-cache graph an all-ones
+//! `attention_mask`, `position_ids` 0..len and an empty past). A `ChannelObserver` sees every
+//! watched value of every run and keeps only running per-channel sums, so memory is the
+//! session's plus O(channels) per watched value, whatever the number of tokens.
+
+use crate::corpus::{self, WindowFeeds};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use perqc_passes::calibration::{Calibration, CalibrationSource};
+use perqc_runtime::{ChannelObserver, Session, SessionOptions, StatsOptions};
+use std::path::PathBuf;
+
+/// Where the calibration tokens come from and how many to run.
+#[derive(Args, Clone, Debug)]
+pub struct CalibArgs {
+    /// UTF-8 text to calibrate on, tokenized whole with --tokenizer; windows are cut from its
+    /// start.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tokenizer",
+        conflicts_with = "calib_ids"
+    )]
+    pub calib_text: Option<PathBuf>,
+    /// Hugging Face tokenizer.json for --calib-text.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "calib_text",
+        conflicts_with = "calib_ids"
+    )]
+    pub tokenizer: Option<PathBuf>,
+    /// Pre-tokenized calibration ids instead of text: a .npy of int64 or int32.
+    #[arg(long, value_name = "FILE.npy")]
+    pub calib_ids: Option<PathBuf>,
+    /// Calibration sequences, at least 1 (fewer if the data is shorter, with a note on stderr).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub calib_seqs: usize,
+    /// Tokens per calibration sequence, at least 1.
+    #[arg(long, value_name = "L", default_value_t = 512)]
+    pub calib_len: usize,
+    /// Threads for the calibration runs, at least 1 (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub calib_threads: Option<usize>,
+}
+
+impl CalibArgs {
+    /// Whether calibration data was given (--calib-text or --calib-ids).
+    pub fn given(&self) -> bool {
+        self.calib_text.is_some() || self.calib_ids.is_some()
+    }
+}
+
+/// Runs `model` (already canonicalized: watch the names of the graph the session plans) on
+/// the calibration windows `args` describe, and returns the [`perqc_runtime::ChannelStats`]
+/// of each value in `watch` (its last axis is the channel axis; every other axis counts as
+/// rows, so a `[1, len, C]` value adds `len` rows per window), collected with `opts`.
+///
+/// The result has one entry per distinct watched name, in watch order, each over
+/// `sequences · len` rows; its source names the data, the sequences and the tokens run.
+/// Errors: bad arguments, unreadable or short data (naming the file), a watched value the
+/// graph does not have or that no run produced (naming it), any runtime error (naming the
+/// window and the file).
+pub fn calibrate(
+    model: &perqc_ir::Model,
+    watch: &[String],
+    args: &CalibArgs,
+    opts: StatsOptions,
+) -> Result<Calibration> {
+    if args.calib_seqs == 0 {
+        bail!("--calib-seqs must be at least 1");
+    }
+    if args.calib_len == 0 {
+        bail!("--calib-len must be at least 1");
+    }
+    if args.calib_threads == Some(0) {
+        bail!("--calib-threads must be at least 1 (leave it out to use all cores)");
+    }
+    let mut names: Vec<String> = Vec::with_capacity(watch.len());
+    for n in watch {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    if names.is_empty() {
+        bail!("calibration: no values to watch");
+    }
+    let (ids, source, description) = match (&args.tokenizer, &args.calib_text, &args.calib_ids) {
+        (Some(tok), Some(text), None) => (
+            corpus::tokenize(tok, text, 0)?,
+            text,
+            format!("{} (tokenizer {})", text.display(), tok.display()),
+        ),
+        (None, None, Some(ids)) => (corpus::read_ids(ids)?, ids, ids.display().to_string()),
+        _ => bail!("calibration needs --calib-text with --tokenizer, or --calib-ids"),
+    };
+    let windows = corpus::take_windows(
+        &ids,
+        args.calib_len,
+        args.calib_seqs,
+        source,
+        "--calib-len",
+        "calibrating on",
+    )?;
+
+    let session_opts = SessionOptions {
+        threads: args
+            .calib_threads
+            .unwrap_or(SessionOptions::default().threads),
+    };
+    let session =
+        Session::with_options(model, &session_opts).context("calibration: planning the model")?;
+    let feeds = WindowFeeds::new(&session, &model.graph, args.calib_len)
+        .context("calibration: feeding the model")?;
+    let mut observer = ChannelObserver::new(names, opts);
+    for (i, w) in windows.iter().enumerate() {
+        // The outputs (logits, present key/values) are dropped at once; only the observer's
+        // running sums outlive the run.
+        session
+            .run_observed(&feeds.feeds(w), &mut observer)
+            .with_context(|| {
+                format!(
+                    "calibration window {} of {} from {}",
+                    i + 1,
+                    windows.len(),
+                    source.display()
+                )
+            })?;
+    }
+
+    let mut calib = Calibration::new(CalibrationSource {
+        description,
+        sequences: windows.len(),
+        tokens: (windows.len() * args.calib_len) as u64,
+    });
+    let mut missing = Vec::new();
+    for (name, stats) in observer.into_stats() {
+        match stats {
+            Some(s) => {
+                calib.insert(name, s);
+            }
+            None => missing.push(format!("`{name}`")),
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "calibration: no run produced {} (watched values must be computed by the graph \
+             the session plans)",
+            missing.join(", ")
+        );
+    }
+    Ok(calib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use perqc_passes::permutation::{PermuteMethod, inverse, permutation};
+    use std::path::Path;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        calib: CalibArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<CalibArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("perqc").chain(args.iter().copied())).map(|c| c.calib)
+    }
+
+    fn fixture(name: &str) -> String {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(name)
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// llama_ts, canonicalized.
+    fn llama() -> perqc_ir::Model {
+        let mut model = perqc_onnx::load(Path::new(&fixture("llama_ts.onnx")))
+            .unwrap()
+            .model;
+        perqc_passes::canonicalize(&mut model).unwrap();
+        model
+    }
+
+    /// The inputs of the canonical `ai.perqc::Linear` nodes whose name contains `down_proj`.
+    fn down_proj_inputs(model: &perqc_ir::Model) -> Vec<String> {
+        let g = &model.graph;
+        g.nodes()
+            .filter(|(_, n)| {
+                n.domain == perqc_ir::PERQC_DOMAIN
+                    && n.op_type == "Linear"
+                    && n.name.contains("down_proj")
+            })
+            .map(|(_, n)| g.value(n.input(0).unwrap()).name.clone())
+            .collect()
+    }
+
+    fn text_args(seqs: &str, len: &str) -> CalibArgs {
+        parse(&[
+            "--calib-text",
+            &fixture("tiny_text.txt"),
+            "--tokenizer",
+            &fixture("tiny_tokenizer.json"),
+            "--calib-seqs",
+            seqs,
+            "--calib-len",
+            len,
+            "--calib-threads",
+            "1",
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn calibrates_down_proj_inputs_of_llama() {
+        let model = llama();
+        let watch = down_proj_inputs(&model);
+        assert_eq!(watch.len(), 2, "one down_proj per layer: {watch:?}");
+        let calib = calibrate(
+            &model,
+            &watch,
+            &text_args("2", "16"),
+            StatsOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(calib.len(), watch.len());
+        assert_eq!(calib.source().sequences, 2);
+        assert_eq!(calib.source().tokens, 32);
+        assert!(
+            calib.source().description.contains("tiny_text.txt"),
+            "{}",
+            calib.source()
+        );
+        for (name, want) in calib.iter().map(|(n, _)| n).zip(&watch) {
+            assert_eq!(name, want, "watch order");
+        }
+        for (name, s) in calib.iter() {
+            assert_eq!(s.rows(), 2 * 16, "{name}");
+            assert!(s.mean_abs().iter().any(|&m| m > 0.0), "{name}");
+            let perm = permutation(PermuteMethod::MassDiff, s, 64).unwrap();
+            assert_eq!(perm.len(), s.channels(), "{name}");
+            inverse(&perm).unwrap();
+        }
+    }
+
+    #[test]
+    fn ids_file_gives_the_same_statistics_as_its_text() {
+        let model = llama();
+        let watch = down_proj_inputs(&model);
+        let from_text = calibrate(
+            &model,
+            &watch,
+            &text_args("2", "16"),
+            StatsOptions::default(),
+        )
+        .unwrap();
+        let ids = corpus::tokenize(
+            Path::new(&fixture("tiny_tokenizer.json")),
+            Path::new(&fixture("tiny_text.txt")),
+            0,
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("perqc-calib-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ids.npy");
+        let t = ndarray::Array1::from_iter(ids.iter().map(|&i| i as i64));
+        perqc_runtime::write_npy(
+            &path,
+            &perqc_runtime::RtTensor::I64(t.into_dyn().into_shared()),
+        )
+        .unwrap();
+        let args = parse(&[
+            "--calib-ids",
+            path.to_str().unwrap(),
+            "--calib-seqs",
+            "2",
+            "--calib-len",
+            "16",
+        ])
+        .unwrap();
+        let from_ids = calibrate(&model, &watch, &args, StatsOptions::default()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(from_ids.source().description, path.display().to_string());
+        for ((_, a), (_, b)) in from_text.iter().zip(from_ids.iter()) {
+            assert_eq!(a.sum_abs(), b.sum_abs());
+            assert_eq!(a.max_abs(), b.max_abs());
+        }
+    }
+
+    #[test]
+    fn short_data_gives_fewer_sequences() {
+        let model = llama();
+        let watch = down_proj_inputs(&model);
+        let ids = corpus::tokenize(
+            Path::new(&fixture("tiny_tokenizer.json")),
+            Path::new(&fixture("tiny_text.txt")),
+            0,
+        )
+        .unwrap();
+        let len = ids.len() / 3;
+        let calib = calibrate(
+            &model,
+            &watch,
+            &text_args("10", &len.to_string()),
+            StatsOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(calib.source().sequences, 3);
+        assert_eq!(calib.iter().next().unwrap().1.rows(), 3 * len as u64);
+    }
+
+    #[test]
+    fn flags() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.calib_seqs, a.calib_len), (16, 512));
+        assert!(!a.given() && a.calib_threads.is_none());
+        let t = fixture("tiny_text.txt");
+        let k = fixture("tiny_tokenizer.json");
+        assert!(
+            parse(&["--calib-text", &t, "--tokenizer", &k])
+                .unwrap()
+                .given()
+        );
+        assert!(parse(&["--calib-ids", "ids.npy"]).unwrap().given());
+        for bad in [
+            &["--calib-text", &t][..],
+            &["--tokenizer", &k],
+            &["--tokenizer", &k, "--calib-ids", "ids.npy"],
+            &[
+                "--calib-text",
+                &t,
+                "--tokenizer",
+                &k,
+                "--calib-ids",
+                "ids.npy",
+            ],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong() {
+        let model = llama();
+        let watch = down_proj_inputs(&model);
+        let err = |watch: &[String], args: &CalibArgs| {
+            let e = calibrate(&model, watch, args, StatsOptions::default()).unwrap_err();
+            e.chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ")
+        };
+        let long = err(&watch, &text_args("2", "100000"));
+        assert!(
+            long.ends_with("tokens make no complete window of --calib-len 100000")
+                && long.contains("tiny_text.txt"),
+            "{long}"
+        );
+        assert_eq!(
+            err(&watch, &text_args("0", "16")),
+            "--calib-seqs must be at least 1"
+        );
+        assert_eq!(
+            err(&watch, &text_args("2", "0")),
+            "--calib-len must be at least 1"
+        );
+        assert_eq!(
+            err(&["no_such_value".to_string()], &text_args("2", "16")),
+            "calibration window 1 of 2 from {}: no value `no_such_value` to observe"
+                .replace("{}", &fixture("tiny_text.txt"))
+        );
+        assert_eq!(
+            err(&[], &text_args("2", "16")),
+            "calibration: no values to watch"
+        );
+        assert_eq!(
+            err(&watch, &parse(&[]).unwrap()),
+            "calibration needs --calib-text with --tokenizer, or --calib-ids"
+        );
+        let bad_block = StatsOptions {
+            block_moments: Some(7),
+            ..Default::default()
+        };
+        let e = calibrate(&model, &watch, &text_args("1", "16"), bad_block).unwrap_err();
+        let msg = e
+            .chain()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(": ");
+        assert!(
+            msg.contains(&watch[0]) && msg.contains("block size 7 does not divide 192 channels"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! Streaming per-channel statistics of activations (calibration data).
+//!
+//! [`ChannelStats`] sees activations batch by batch as `[rows, channels]` (every axis but the
+//! last flattened into rows: tokens) and keeps only running sums, so its memory depends on
+//! the channel count, never on how many tokens it has seen. All sums are f64.
+//!
+//! Per channel c over all rows r: count, sum |x|, max |x|, sum x^2, and a quantile sketch of
+//! |x|. On request: per-block second moments M_k = sum_r x_{r,B_k} x_{r,B_k}^T (b x b, for
+//! blocks B_k of `b` consecutive channels) and the full Gram matrix G = X^T X (for GPTQ).
+//!
+//! The runtime's `ChannelObserver` (perqc-runtime, `observe.rs`) feeds these from a running
+//! session; passes receive them through `perqc_passes::calibration::Calibration`.
+
+use ndarray::{Array2, ArrayView2, Axis};
+
+/// The |x| histogram: log-spaced bins, `SUB` per octave, covering [2^MIN_EXP, 2^MAX_EXP).
+/// A quantile read from it is exact up to one bin: a relative error of 2^(1/SUB) - 1
+/// (4.4%). Values below the range land in bin 0 (reported as 0), above it in the last bin.
+const SUB: usize = 16;
+const MIN_EXP: i32 = -24;
+const MAX_EXP: i32 = 24;
+const BINS: usize = (MAX_EXP - MIN_EXP) as usize * SUB + 1;
+
+/// What to collect besides the always-on per-channel moments.
+#[derive(Clone, Debug, Default)]
+pub struct StatsOptions {
+    /// Keep the |x| quantile sketch (BINS counters per channel).
+    pub quantiles: bool,
+    /// Block size for per-block second moments; must divide the channel count.
+    pub block_moments: Option<usize>,
+    /// Accumulate the full Gram matrix X^T X.
+    pub gram: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum StatsError {
+    #[error("batch has {got} channels, the observer was made for {want}")]
+    Channels { got: usize, want: usize },
+    #[error("block size {block} does not divide {channels} channels")]
+    Block { block: usize, channels: usize },
+}
+
+/// Running statistics of one value, per channel (its last axis).
+#[derive(Clone, Debug)]
+pub struct ChannelStats {
+    channels: usize,
+    rows: u64,
+    sum_abs: Vec<f64>,
+    max_abs: Vec<f32>,
+    sum_sq: Vec<f64>,
+    /// `[channels, BINS]` counts, if quantiles were requested.
+    hist: Option<Vec<u32>>,
+    block: Option<(usize, Vec<f64>)>,
+    gram: Option<Array2<f64>>,
+}
+
+impl ChannelStats {
+    pub fn new(channels: usize, opts: &StatsOptions) -> Result<ChannelStats, StatsError> {
+        let block = match opts.block_moments {
+            Some(b) if b == 0 || !channels.is_multiple_of(b) => {
+                return Err(StatsError::Block { block: b, channels });
+            }
+            Some(b) => Some((b, vec![0.0; channels * b])),
+            None => None,
+        };
+        Ok(ChannelStats {
+            channels,
+            rows: 0,
+            sum_abs: vec![0.0; channels],
+            max_abs: vec![0.0; channels],
+            sum_sq: vec![0.0; channels],
+            hist: opts.quantiles.then(|| vec![0; channels * BINS]),
+            block,
+            gram: opts.gram.then(|| Array2::zeros((channels, channels))),
+        })
+    }
+
+    /// Adds a batch of rows.
+    pub fn update(&mut self, x: ArrayView2<f32>) -> Result<(), StatsError> {
+        let (rows, c) = x.dim();
+        if c != self.channels {
+            return Err(StatsError::Channels {
+                got: c,
+                want: self.channels,
+            });
+        }
+        self.rows += rows as u64;
+        for row in x.axis_iter(Axis(0)) {
+            for (ch, &v) in row.iter().enumerate() {
+                let a = v.abs();
+                self.sum_abs[ch] += a as f64;
+                self.sum_sq[ch] += (v as f64) * (v as f64);
+                if a > self.max_abs[ch] {
+                    self.max_abs[ch] = a;
+                }
+                if let Some(h) = &mut self.hist {
+                    h[ch * BINS + bin(a)] += 1;
+                }
+            }
+        }
+        if let Some((b, m)) = &mut self.block {
+            let b = *b;
+            // M_k[i][j] += sum_r x[r, kb+i] x[r, kb+j]; a batch product in f32, then summed
+            // into the f64 accumulator.
+            for k in 0..self.channels / b {
+                let xb = x.slice(ndarray::s![.., k * b..(k + 1) * b]);
+                let prod = xb.t().dot(&xb);
+                for (acc, p) in m[k * b * b..(k + 1) * b * b].iter_mut().zip(prod.iter()) {
+                    *acc += *p as f64;
+                }
+            }
+        }
+        if let Some(g) = &mut self.gram {
+            let prod = x.t().dot(&x);
+            g.zip_mut_with(&prod, |acc, &p| *acc += p as f64);
+        }
+        Ok(())
+    }
+
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Rows (tokens) seen.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Mean |x| per channel (what MassDiff sorts by).
+    pub fn mean_abs(&self) -> Vec<f64> {
+        let n = self.rows.max(1) as f64;
+        self.sum_abs.iter().map(|s| s / n).collect()
+    }
+
+    pub fn max_abs(&self) -> &[f32] {
+        &self.max_abs
+    }
+
+    pub fn sum_abs(&self) -> &[f64] {
+        &self.sum_abs
+    }
+
+    pub fn sum_sq(&self) -> &[f64] {
+        &self.sum_sq
+    }
+
+    /// Root mean square per channel.
+    pub fn rms(&self) -> Vec<f64> {
+        let n = self.rows.max(1) as f64;
+        self.sum_sq.iter().map(|s| (s / n).sqrt()).collect()
+    }
+
+    /// The `q`-quantile of |x| per channel (the smallest bin edge below which a fraction
+    /// >= q of the values fall), if quantiles were requested.
+    pub fn abs_quantile(&self, q: f64) -> Option<Vec<f32>> {
+        let h = self.hist.as_ref()?;
+        let target = (q.clamp(0.0, 1.0) * self.rows as f64).ceil().max(1.0) as u64;
+        Some(
+            (0..self.channels)
+                .map(|ch| {
+                    let mut seen = 0u64;
+                    for (i, &n) in h[ch * BINS..(ch + 1) * BINS].iter().enumerate() {
+                        seen += n as u64;
+                        if seen >= target {
+                            return bin_upper(i).min(self.max_abs[ch]);
+                        }
+                    }
+                    self.max_abs[ch]
+                })
+                .collect(),
+        )
+    }
+
+    /// Second-moment matrix of block `k` (`b x b`, row-major), if requested.
+    pub fn block_moment(&self, k: usize) -> Option<&[f64]> {
+        let (b, m) = self.block.as_ref()?;
+        m.get(k * b * b..(k + 1) * b * b)
+    }
+
+    /// The Gram matrix X^T X, if requested.
+    pub fn gram(&self) -> Option<&Array2<f64>> {
+        self.gram.as_ref()
+    }
+}
+
+/// The histogram bin of |x| = `a`.
+fn bin(a: f32) -> usize {
+    let smallest = f32::from_bits(((MIN_EXP + 127) as u32) << 23); // 2^MIN_EXP
+    if a.is_nan() || a < smallest {
+        return 0;
+    }
+    let pos = ((a.log2() - MIN_EXP as f32) * SUB as f32) as usize + 1;
+    pos.min(BINS - 1)
+}
+
+/// Upper edge of bin `i` (0 for the underflow bin).
+fn bin_upper(i: usize) -> f32 {
+    if i == 0 {
+        return 0.0;
+    }
+    2f32.powf(MIN_EXP as f32 + i as f32 / SUB as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, s};
+
+    /// Deterministic heavy-tailed test data with two outlier channels.
+    fn data(rows: usize, channels: usize, seed: u64) -> Array2<f32> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        Array2::from_shape_fn((rows, channels), |(_, c)| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            let scale = if c == 3 || c == 10 { 40.0 } else { 1.0 };
+            (u * scale * (1.0 + 5.0 * u * u)) as f32
+        })
+    }
+
+    #[test]
+    fn streaming_matches_exact_statistics() {
+        let (channels, b) = (16, 4);
+        let batches: Vec<Array2<f32>> = (0..5).map(|i| data(37 + i, channels, i as u64)).collect();
+        let opts = StatsOptions {
+            quantiles: true,
+            block_moments: Some(b),
+            gram: true,
+        };
+        let mut s = ChannelStats::new(channels, &opts).unwrap();
+        for batch in &batches {
+            s.update(batch.view()).unwrap();
+        }
+        let views: Vec<_> = batches.iter().map(|a| a.view()).collect();
+        let all = ndarray::concatenate(Axis(0), &views).unwrap();
+        let all64 = all.mapv(|v| v as f64);
+        assert_eq!(s.rows(), all.nrows() as u64);
+        let n = all.nrows() as f64;
+        for c in 0..channels {
+            let col = all64.column(c);
+            let mean_abs = col.iter().map(|v| v.abs()).sum::<f64>() / n;
+            let max_abs = col.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let sum_sq: f64 = col.iter().map(|v| v * v).sum();
+            assert!((s.mean_abs()[c] - mean_abs).abs() < 1e-12 * mean_abs.max(1.0));
+            assert_eq!(s.max_abs()[c] as f64, max_abs);
+            assert!((s.sum_sq()[c] - sum_sq).abs() < 1e-9 * sum_sq);
+            // Quantiles: within one bin of the exact order statistic.
+            let mut sorted: Vec<f64> = col.iter().map(|v| v.abs()).collect();
+            sorted.sort_by(f64::total_cmp);
+            for q in [0.5, 0.9, 0.99] {
+                let exact = sorted[((q * n).ceil() as usize).max(1) - 1];
+                let est = s.abs_quantile(q).unwrap()[c] as f64;
+                let tol = 2f64.powf(1.0 / SUB as f64);
+                assert!(
+                    est >= exact / tol * 0.999 && est <= exact * tol * 1.001,
+                    "c{c} q{q}: {est} vs {exact}"
+                );
+            }
+        }
+        let gram = all64.t().dot(&all64);
+        let g = s.gram().unwrap();
+        let scale = gram.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(
+            g.iter()
+                .zip(gram.iter())
+                .all(|(a, e)| (a - e).abs() < 1e-5 * scale)
+        );
+        for k in 0..channels / b {
+            let exact = gram.slice(s![k * b..(k + 1) * b, k * b..(k + 1) * b]);
+            let got = s.block_moment(k).unwrap();
+            assert!(
+                got.iter()
+                    .zip(exact.iter())
+                    .all(|(a, e)| (a - e).abs() < 1e-5 * scale)
+            );
+        }
+    }
+
+    #[test]
+    fn memory_does_not_grow_with_tokens() {
+        let mut s = ChannelStats::new(
+            8,
+            &StatsOptions {
+                quantiles: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let before = (s.sum_abs.len(), s.hist.as_ref().unwrap().len());
+        for i in 0..50 {
+            s.update(data(64, 8, i).view()).unwrap();
+        }
+        assert_eq!(before, (s.sum_abs.len(), s.hist.as_ref().unwrap().len()));
+        assert_eq!(s.rows(), 50 * 64);
+    }
+
+    #[test]
+    fn rejects_mismatched_shapes() {
+        let mut s = ChannelStats::new(8, &StatsOptions::default()).unwrap();
+        assert_eq!(
+            s.update(data(2, 9, 0).view()),
+            Err(StatsError::Channels { got: 9, want: 8 })
+        );
+        let bad = StatsOptions {
+            block_moments: Some(3),
+            ..Default::default()
+        };
+        assert!(matches!(
+            ChannelStats::new(8, &bad),
+            Err(StatsError::Block {
+                block: 3,
+                channels: 8
+            })
+        ));
+    }
+
+    #[test]
+    fn bins_are_monotone_and_cover_their_values() {
+        for &a in &[1e-6f32, 1e-3, 0.5, 1.0, 3.7, 1e4] {
+            let i = bin(a);
+            assert!(a <= bin_upper(i) * 1.0001, "{a} above bin {i}");
+            assert!(
+                i == 0 || a >= bin_upper(i - 1) * 0.9999,
+                "{a} below bin {i}"
+            );
+        }
+        assert_eq!(bin(0.0), 0);
+        assert_eq!(bin(1e-9), 0, "below the range: the underflow bin");
+        assert_eq!(bin(f32::NAN), 0);
+    }
+}
