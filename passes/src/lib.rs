@@ -11,6 +11,7 @@ pub mod fold_norms;
 pub mod infer_shapes;
 pub mod lower;
 pub mod permutation;
+pub mod permute;
 pub mod regions;
 pub mod rotate;
 pub mod topo_sort;
@@ -21,6 +22,7 @@ pub use dce::Dce;
 pub use fold_norms::FoldNorms;
 pub use infer_shapes::InferShapes;
 pub use lower::Lower;
+pub use permute::Permute;
 pub use rotate::Rotate;
 pub use topo_sort::TopoSort;
 
@@ -64,6 +66,7 @@ pub fn registry() -> PassRegistry {
             InferShapes::from_options,
         )
         .register(Lower::NAME, Lower::DESCRIPTION, Lower::from_options)
+        .register(Permute::NAME, Permute::DESCRIPTION, Permute::from_options)
         .register(Rotate::NAME, Rotate::DESCRIPTION, Rotate::from_options)
         .register(
             TopoSort::NAME,

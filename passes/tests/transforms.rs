@@ -3,7 +3,9 @@
 //! emitted files is in tests/).
 
 use perqc_ir::{Model, PassManager, RunOptions};
-use perqc_runtime::{RtTensor, Session};
+use perqc_passes::calibration::{Calibration, CalibrationSource};
+use perqc_passes::regions::{RegionKind, Regions};
+use perqc_runtime::{ChannelObserver, RtTensor, Session, StatsOptions};
 use std::path::PathBuf;
 
 fn load(name: &str) -> Model {
@@ -37,10 +39,50 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 
 fn run(model: &mut Model, pipeline: &str) -> String {
     let mut p = perqc_passes::registry().build(pipeline).expect("pipeline");
-    let report = PassManager::new()
+    let mut pm = PassManager::new();
+    if pipeline.contains("permute") {
+        pm.provide(calibrate(model));
+    }
+    let report = pm
         .run(model, &mut p, &mut RunOptions::default())
         .expect("runs");
     format!("{report}")
+}
+
+/// Statistics of every region's sink inputs on the test ids (the CLI's calibration does
+/// the same on text).
+fn calibrate(model: &Model) -> Calibration {
+    let shapes = perqc_ops::infer_model(model).unwrap();
+    let regions = Regions::find(model, &shapes);
+    let kinds = [
+        RegionKind::Mlp,
+        RegionKind::Residual,
+        RegionKind::AttentionVo,
+    ];
+    let watch = perqc_passes::permute::calibration_values(&regions, &kinds);
+    let mut obs = ChannelObserver::new(watch, StatsOptions::default());
+    let s = Session::new(model).expect("plans");
+    let input = model.graph.value(model.graph.inputs[0]).name.clone();
+    let feed = if input == "input_ids" {
+        let ids: Vec<i64> = (0..32).map(|i| (i * 29 + 3) % 256).collect();
+        RtTensor::i64(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 16]), ids).unwrap())
+    } else {
+        let x: Vec<f32> = (0..2 * 16 * 64)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 5.0)
+            .collect();
+        RtTensor::f32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 16, 64]), x).unwrap())
+    };
+    s.run_observed(&[(input.as_str(), feed)], &mut obs)
+        .expect("runs");
+    let mut c = Calibration::new(CalibrationSource {
+        description: "test ids".into(),
+        sequences: 2,
+        tokens: 32,
+    });
+    for (name, stats) in obs.into_stats() {
+        c.insert(name, stats.expect("observed"));
+    }
+    c
 }
 
 fn exact(fixture: &str, pipeline: &str) -> Model {
@@ -88,11 +130,17 @@ fn rotations_are_exact() {
 /// The encoder fixture takes hidden states.
 fn exact_encoder(pipeline: &str) -> Model {
     let mut model = load("encoder_ln_gelu.onnx");
-    let x: Vec<f32> = (0..2 * 5 * 64).map(|i| ((i * 31 % 23) as f32 - 11.0) / 7.0).collect();
+    let x: Vec<f32> = (0..2 * 5 * 64)
+        .map(|i| ((i * 31 % 23) as f32 - 11.0) / 7.0)
+        .collect();
     let x = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 5, 64]), x).unwrap();
     let out = |m: &Model| -> Vec<f32> {
         let s = Session::new(m).expect("plans");
-        match &s.run(&[("hidden", RtTensor::f32(x.clone()))]).expect("runs")[0].1 {
+        match &s
+            .run(&[("hidden", RtTensor::f32(x.clone()))])
+            .expect("runs")[0]
+            .1
+        {
             RtTensor::F32(a) => a.iter().copied().collect(),
             other => panic!("{:?}", other.dtype()),
         }
@@ -102,4 +150,17 @@ fn exact_encoder(pipeline: &str) -> Model {
     let e = rel_err(&before, &out(&model));
     assert!(e < 1e-5, "encoder {pipeline}: relative error {e}\n{report}");
     model
+}
+
+#[test]
+fn permutations_are_exact() {
+    for f in ["llama_ts.onnx", "llama_dynamo.onnx"] {
+        exact(f, "permute(block=16,residual=true,heads=true)");
+        exact(
+            f,
+            "permute(method=random,seed=3,residual=true,heads=true,block=8)",
+        );
+        exact(f, "permute(method=zigzag),fold-norms,rotate");
+    }
+    exact_encoder("permute(method=absmax,block=64,heads=true)");
 }

@@ -204,6 +204,11 @@ impl Region {
         self.names.nodes.get(&id).map_or("?", String::as_str)
     }
 
+    /// The name of a sink's activation value.
+    pub fn activation_name(&self, id: ValueId) -> &str {
+        self.names.values.get(&id).map_or("?", String::as_str)
+    }
+
     pub fn value_name(&self, id: ValueId) -> &str {
         self.names.values.get(&id).map_or("?", String::as_str)
     }
@@ -508,6 +513,9 @@ fn classify(env: &Env<'_>, mut t: Trace, force: Option<RegionKind>) -> Option<Re
         names
             .values
             .insert(e.weight, env.graph.value(e.weight).name.clone());
+        if let Some((_, v)) = e.activation {
+            names.values.insert(v, env.graph.value(v).name.clone());
+        }
     }
     Some(Region {
         kind,

@@ -1,0 +1,175 @@
+//! `permute`: calibrated channel permutations folded into the weights (PeRQ's first step).
+//!
+//! Identity: a permutation `P` commutes with every elementwise op, so on a region that
+//! allows permutations it folds into the sources (`P W`) and sinks (`W Pᵀ`) through the
+//! one channel-transform mechanism; no permutation op remains in the graph.
+//!
+//! The permutation is chosen per region from the channel statistics of what the region's
+//! sinks read (a `Calibration` resource, [`crate::calibration`]), by
+//! [`crate::permutation::PermuteMethod`]: MassDiff (the default) spreads the mean |x| evenly
+//! over blocks of `block` channels, the blocks a later online Hadamard rotates. Regions:
+//! `mlp=true` (the down_proj inputs, the paper's case), `residual=true` (one permutation
+//! for the whole stream, from all its readers' inputs), `heads=true` (within each
+//! key/value head of the value/output regions, the same for the query heads that share it).
+//!
+//! Counters: `regions-permuted`, `weights-rewritten`.
+
+use crate::calibration::Calibration;
+use crate::permutation::{PermuteMethod, permutation_from};
+use crate::regions::{Region, RegionKind, Regions};
+use crate::transform::{self, ChannelOp, Placement};
+use perqc_ir::{Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
+
+#[derive(Debug)]
+pub struct Permute {
+    method: PermuteMethod,
+    block: usize,
+    kinds: Vec<RegionKind>,
+}
+
+impl Permute {
+    pub const NAME: &'static str = "permute";
+    pub const DESCRIPTION: &'static str = "fold calibrated channel permutations into the weights (exact); options method=massdiff|zigzag|absmax|random|identity, seed=N, block=B, mlp=true, residual=false, heads=false";
+
+    pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
+        opts.allow_only(&["method", "seed", "block", "mlp", "residual", "heads"])?;
+        let name = opts.choice_or(
+            "method",
+            &["massdiff", "zigzag", "absmax", "random", "identity"],
+            "massdiff",
+        )?;
+        let method = match name {
+            "random" => PermuteMethod::Random {
+                seed: opts.parse_or("seed", "a seed (non-negative integer)", 0u64)?,
+            },
+            other => other.parse().expect("one of the listed names"),
+        };
+        let block = opts.parse_or("block", "a block size (positive integer)", 32usize)?;
+        let mut kinds = Vec::new();
+        for (opt, kind, default) in [
+            ("mlp", RegionKind::Mlp, true),
+            ("residual", RegionKind::Residual, false),
+            ("heads", RegionKind::AttentionVo, false),
+        ] {
+            if opts.bool_or(opt, default)? {
+                kinds.push(kind);
+            }
+        }
+        Ok(Box::new(Permute {
+            method,
+            block,
+            kinds,
+        }))
+    }
+}
+
+/// The value names whose statistics `permute` reads for regions of `kinds`: what their
+/// sinks read. Calibrate these before the pipeline.
+pub fn calibration_values(regions: &Regions, kinds: &[RegionKind]) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in regions.regions.iter().filter(|r| kinds.contains(&r.kind)) {
+        for e in &r.sinks {
+            if let Some((_, v)) = e.activation {
+                let name = r.activation_name(v).to_string();
+                if !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Per region channel: the summed mean |x| and the largest |x| over what the sinks read.
+fn masses(region: &Region, calib: &Calibration) -> Result<(Vec<f64>, Vec<f32>), String> {
+    let mut mean = vec![0f64; region.dim];
+    let mut max = vec![0f32; region.dim];
+    let mut seen = Vec::new();
+    for e in &region.sinks {
+        let Some((_, v)) = e.activation else { continue };
+        if seen.contains(&v) {
+            continue;
+        }
+        seen.push(v);
+        let name = region.activation_name(v);
+        let stats = calib.get(name).ok_or_else(|| {
+            format!("no calibration statistics for `{name}` (calibrate with --calib-text or --calib-ids)")
+        })?;
+        if stats.channels() != e.channels.len() {
+            return Err(format!(
+                "statistics of `{name}` have {} channels, the region reads {}",
+                stats.channels(),
+                e.channels.len()
+            ));
+        }
+        for ((&c, m), &x) in e.channels.iter().zip(stats.mean_abs()).zip(stats.max_abs()) {
+            mean[c as usize] += m;
+            max[c as usize] = max[c as usize].max(x);
+        }
+    }
+    Ok((mean, max))
+}
+
+impl Permute {
+    /// The permutation of one region: per group (key/value head) if it has heads.
+    fn choose(&self, region: &Region, calib: Option<&Calibration>) -> Result<ChannelOp, String> {
+        let (mean, max) = if self.method.uses_statistics() {
+            let calib = calib.ok_or(
+                "method needs calibration statistics (--calib-text or --calib-ids); \
+                 random and identity do not",
+            )?;
+            masses(region, calib)?
+        } else {
+            (vec![0.0; region.dim], vec![0.0; region.dim])
+        };
+        let group = region.heads.map_or(region.dim, |h| h.head_dim);
+        let block = self.block.min(group);
+        let mut perm = Vec::with_capacity(region.dim);
+        for g in 0..region.dim / group {
+            let r = g * group..(g + 1) * group;
+            let p = permutation_from(self.method, &mean[r.clone()], &max[r], block)
+                .map_err(|e| e.to_string())?;
+            perm.extend(p.into_iter().map(|i| i + g * group));
+        }
+        Ok(ChannelOp::Permutation(perm))
+    }
+}
+
+impl Pass for Permute {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn description(&self) -> &'static str {
+        Self::DESCRIPTION
+    }
+
+    fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        let regions = ctx.analysis::<Regions>(model)?;
+        let calib = ctx.resource::<Calibration>().cloned();
+        let (mut permuted, mut total) = (0u64, transform::Applied::default());
+        for (i, region) in regions.regions.iter().enumerate() {
+            if !self.kinds.contains(&region.kind) {
+                continue;
+            }
+            let what = format!("region #{i} ({}, d = {})", region.kind.as_str(), region.dim);
+            if let Some(why) = region.why_not(crate::regions::TransformKind::Permutation) {
+                ctx.note(format!("{what}: not permuted: {why}"));
+                continue;
+            }
+            let op = self
+                .choose(region, calib.as_ref())
+                .map_err(|e| PassError::msg(format!("permute: {what}: {e}")))?;
+            if !ctx.rewrite() {
+                break;
+            }
+            let a = transform::apply(&mut model.graph, region, &op, Placement::Fold)
+                .map_err(|e| PassError::msg(format!("permute: {what}: {e}")))?;
+            permuted += 1;
+            total += a;
+        }
+        Ok(PassOutcome::from_changed(permuted > 0)
+            .with("regions-permuted", permuted)
+            .with("weights-rewritten", (total.rewritten + total.untied) as u64))
+    }
+}
