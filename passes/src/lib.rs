@@ -102,7 +102,7 @@ mod tests {
     #[test]
     fn list_passes() {
         insta::assert_snapshot!(registry().help(), @"
-        canonicalize        rewrite exported spellings (attention, linear, norms, SiLU, GELU) into canonical ops, then dce
+        canonicalize        rewrite exported spellings (attention, linear, norms, SiLU, GELU, block Hadamard rotations) into canonical ops, then dce
         fuse-attention      MatMul(Softmax(scale * q kᵀ + mask), v) -> ai.perqc::Attention (reads grouped K/V heads directly)
         fuse-linear         MatMul / Gemm with a constant weight (+ bias Add) -> ai.perqc::Linear
         fuse-rms-norm       x / sqrt(mean(x²) + eps) * gamma in any exported spelling -> ai.perqc::RMSNormalization
@@ -110,6 +110,7 @@ mod tests {
         fuse-layer-norm     (x - mean) / sqrt(var + eps) * gamma + beta, or LayerNormalization -> ai.perqc::LayerNormalization
         fuse-silu           Mul(x, Sigmoid(x)) -> ai.perqc::Swish(alpha = 1)
         fuse-gelu           GELU (erf or tanh form, com.microsoft Gelu/FastGelu, ONNX Gelu) -> ai.perqc::Gelu
+        fuse-hadamard       Reshape(MatMul(Reshape(x, [.., f/b, b]), H [b, b] constant), [.., f]) -> ai.perqc::Hadamard
         dce                 remove nodes and initializers whose results nothing reads
         infer-shapes        infer symbolic shapes and element types of every value from the op table
         lower               turn canonical ai.perqc ops back into ops of the model's opset (before export)

@@ -26,6 +26,10 @@
 //!   broadcasting pairs each group with its shared head and no copy is made; the result
 //!   is reshaped back to `[B, Hq, S, Dv]` (ONNX from opset 23, where a fully masked row
 //!   gives 0 instead of the NaN of this chain and of `ai.perqc::Attention`).
+//! - `Hadamard(x, H) == Reshape(MatMul(Reshape(x, [0, .., 0, f/b, b]), H), [0, .., 0, f])`
+//!   for x `[.., f]` of rank r (r - 1 zeros: Reshape copies those dims) and H `[b, b]`:
+//!   MatMul applies H to every block of b channels, which is the op's definition (no ONNX
+//!   op of its own). `-1` stands for `f/b` and `f` when f is not a known number.
 
 use perqc_ir::{
     AttrValue, Graph, Model, NodeId, NodeSpec, OptionError, Pass, PassContext, PassError,
@@ -165,6 +169,57 @@ fn linear(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
             p.set_op(id, op("Add"), [Some(y), Some(b.into())]);
         }
     }
+    Ok(p)
+}
+
+/// `Reshape(x, shape)` in the opset's spelling (the shape as an attribute before opset 5).
+fn reshape(
+    e: &Env<'_>,
+    p: &mut Patch,
+    x: PatchValue,
+    shape: &[i64],
+    name: &str,
+) -> (NodeSpec, Vec<Option<PatchValue>>) {
+    if e.opset < 5 {
+        let spec = op("Reshape").attr("shape", AttrValue::Ints(shape.to_vec()));
+        (spec, vec![Some(x)])
+    } else {
+        (op("Reshape"), vec![Some(x), Some(ints(p, name, shape))])
+    }
+}
+
+fn hadamard(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
+    let n = e.g.node(id);
+    let (Some(x), Some(h)) = (n.input(0), n.input(1)) else {
+        return Err("needs x and H".into());
+    };
+    let rank = e.shapes.shape(x).ok_or("x has no known rank")?.len();
+    if rank == 0 {
+        return Err("x has no channel axis".into());
+    }
+    let b = e.known_dim(h, 0).ok_or("the size of H is unknown")?;
+    // The width if it is a number (so empty leading dims work too), else -1.
+    let (blocks, width) = match e.known_dim(x, rank - 1) {
+        Some(f) if b > 0 && f % b == 0 => (f / b, f),
+        Some(f) => return Err(format!("block size {b} does not divide the last dim {f}")),
+        None => (-1, -1),
+    };
+    let mut split = vec![0; rank - 1];
+    split.extend([blocks, b]);
+    let mut merge = vec![0; rank - 1];
+    merge.push(width);
+    let mut p = Patch::new();
+    let (spec, ins) = reshape(e, &mut p, x.into(), &split, "hadamard_blocks_shape");
+    let xb = p.insert(id, spec, ins, &["hadamard_blocks"])[0];
+    let rot = emit(
+        &mut p,
+        id,
+        op("MatMul"),
+        &[xb, h.into()],
+        "hadamard_rotated",
+    );
+    let (spec, ins) = reshape(e, &mut p, rot, &merge, "hadamard_shape");
+    p.set_op(id, spec, ins);
     Ok(p)
 }
 
@@ -413,6 +468,7 @@ impl Pass for Lower {
                         "Linear" => linear(&e, id),
                         "Gelu" => gelu(&e, id),
                         "LayerNormalization" => layer_norm(&e, id),
+                        "Hadamard" => hadamard(&e, id),
                         other => Err(format!("no lowering for ai.perqc::{other}")),
                     }
                 };

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{fixture, native_case, out_dir};
+use common::{Compare, conformance_case, fixture, native_case, out_dir};
 use ndarray::{ArrayD, IxDyn};
 use perqc_runtime::{RtTensor, Session, SessionOptions};
 
@@ -376,5 +376,128 @@ fn canonical_attention_rms_norm_and_silu_match_the_exported_graph() {
         assert!(err.to_string().contains("no value"), "{err}");
         plain.run_observed(&[("input_ids", x)], &mut w).unwrap();
         assert_eq!(w.1, 1);
+    }
+}
+
+/// `[b, b]` natural-order Sylvester matrix times `1/√b` (PeRQ's online rotation).
+fn sylvester(b: usize) -> perqc_ir::Tensor {
+    let c = 1.0 / (b as f32).sqrt();
+    let v: Vec<f32> = (0..b * b)
+        .map(|k| {
+            if ((k / b) & (k % b)).count_ones().is_multiple_of(2) {
+                c
+            } else {
+                -c
+            }
+        })
+        .collect();
+    perqc_ir::Tensor::from_f32(vec![b as i64, b as i64], &v)
+}
+
+#[test]
+fn lowered_hadamard_agrees_with_onnx_runtime() {
+    // ai.perqc::Hadamard on [batch, seq, 192] with b = 32 and b = 64 (the fast transform)
+    // and a rotation that is no Sylvester matrix (12 Givens-like blocks: the dense path),
+    // run natively, then lowered to Reshape -> MatMul -> Reshape and saved: ONNX Runtime
+    // must reproduce the native outputs within 1e-5 of their max.
+    use perqc_ir::{DType, Dim, Graph, Model, NodeSpec, OpsetImport, Type};
+    let mut g = Graph::new("online_hadamard");
+    let dims = vec![
+        Dim::Sym("batch".into()),
+        Dim::Sym("seq".into()),
+        Dim::Known(192),
+    ];
+    let x = g
+        .add_input("x", Some(Type::tensor(DType::F32, Some(dims))))
+        .unwrap();
+    // A fixed 12 x 12 rotation: each pair (2i, 2i+1) turned by its own angle, then pairs
+    // swapped cyclically (orthogonal, not ±c everywhere).
+    let mut rot = vec![0f32; 144];
+    for i in 0..6 {
+        let t = 0.4 + 0.3 * i as f32;
+        let (c, s) = (t.cos(), t.sin());
+        let (r0, r1) = (2 * i, 2 * i + 1);
+        let (c0, c1) = (2 * ((i + 1) % 6), 2 * ((i + 1) % 6) + 1);
+        rot[r0 * 12 + c0] = c;
+        rot[r0 * 12 + c1] = -s;
+        rot[r1 * 12 + c0] = s;
+        rot[r1 * 12 + c1] = c;
+    }
+    let mut outs = Vec::new();
+    for (name, h) in [
+        ("h32", sylvester(32)),
+        ("h64", sylvester(64)),
+        ("r12", perqc_ir::Tensor::from_f32(vec![12, 12], &rot)),
+    ] {
+        let h = g.add_initializer(name, h).unwrap();
+        let mut spec = NodeSpec::new("Hadamard").named(&format!("rotate_{name}"));
+        spec.domain = perqc_ops::PERQC_DOMAIN.to_string();
+        let y = format!("y_{name}");
+        g.add_node(spec, &[Some(x), Some(h)], &[&y]).unwrap();
+        outs.push(g.find(&y).unwrap());
+    }
+    g.outputs = outs;
+    let import = |d: Option<&str>, v| OpsetImport {
+        domain: d.map(Into::into),
+        version: Some(v),
+    };
+    let mut model = Model {
+        ir_version: Some(8),
+        opset_imports: vec![import(None, 18), import(Some(perqc_ops::PERQC_DOMAIN), 1)],
+        graph: g,
+        ..Default::default()
+    };
+    let map = perqc_ops::infer_model(&model).unwrap();
+    perqc_ops::apply(&mut model.graph, &map).unwrap();
+    perqc_ir::verify(&model).unwrap();
+    let native = Session::with_options(&model, &SessionOptions { threads: 2 }).unwrap();
+
+    let mut lowered = model.clone();
+    perqc_passes::lower_for_export(&mut lowered).unwrap();
+    perqc_ir::verify(&lowered).unwrap();
+    let ops: Vec<&str> = lowered
+        .graph
+        .node_order()
+        .iter()
+        .map(|&n| lowered.graph.node(n).op_type.as_str())
+        .collect();
+    assert_eq!(ops, ["Reshape", "MatMul", "Reshape"].repeat(3));
+    assert!(lowered.opset(perqc_ops::PERQC_DOMAIN).is_none());
+    // And back: canonicalize finds the three rotations again.
+    let mut again = lowered.clone();
+    perqc_passes::canonicalize(&mut again).unwrap();
+    assert_eq!(
+        perqc_ir::print_model(&again),
+        perqc_ir::print_model(&model),
+        "lower -> canonicalize is not the identity"
+    );
+    let dir = out_dir("native_hadamard");
+    let path = dir.join("hadamard_lowered.onnx");
+    perqc_onnx::save(&lowered, &path, &Default::default()).unwrap();
+    conformance_case("hadamard_lowered_checker", &path, &path, Compare::CheckOnly);
+    let plain = Session::with_options(&lowered, &SessionOptions { threads: 1 }).unwrap();
+    for (k, (batch, seq)) in [(2, 7), (1, 5)].into_iter().enumerate() {
+        let mut r = Lcg(70 + k as u64);
+        let v: Vec<f32> = (0..batch * seq * 192).map(|_| r.normal_ish()).collect();
+        let xt = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[batch, seq, 192]), v).unwrap());
+        let out = native.run(&[("x", xt.clone())]).unwrap();
+        assert_eq!(out.len(), 3);
+        // The lowered graph natively (the MatMul kernel) within round-off.
+        let dense = plain.run(&[("x", xt.clone())]).unwrap();
+        for ((name, a), (_, b)) in out.iter().zip(&dense) {
+            let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+            assert_eq!(a.shape(), &[batch, seq, 192]);
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(err <= 1e-6 * scale, "{name}: {err} vs max {scale}");
+        }
+        native_case(
+            &format!("native_hadamard_{k}"),
+            &dir,
+            &path,
+            &[("x", &xt)],
+            &out,
+            1e-5,
+        );
     }
 }

@@ -875,3 +875,18 @@ pub fn flow(
     }
     (def.channel)(&ctx)
 }
+
+/// `ai.perqc::Hadamard(x, H)`: `y_blk = x_blk · H` on every block of `b` consecutive
+/// channels of x's last axis. The leading axes are rows, on which the op is linear:
+/// `(T x) H == T (x H)` for any linear `T`. The last axis is mixed within each block, and H
+/// is the rotation itself: barriers.
+pub fn hadamard(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let Some(rank) = ctx.rank(0) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    match (ctx.input, ctx.axis) {
+        (0, a) if a + 1 < rank => ChannelFlow::through(vec![(0, a)], LINEAR),
+        (0, _) => ChannelFlow::Barrier("mixes the channels of each block"),
+        _ => ChannelFlow::Barrier("the block rotation matrix"),
+    }
+}

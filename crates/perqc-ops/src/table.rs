@@ -6,8 +6,8 @@ use crate::OpDef;
 use crate::channel as ch;
 use crate::kernels::control as kc;
 use crate::kernels::{
-    attention as katt, elementwise as kew, index as kix, linalg as kla, misc as kmisc,
-    movement as kmv, norm as knorm, reduce as krd, rotary as krot,
+    attention as katt, elementwise as kew, hadamard as khad, index as kix, linalg as kla,
+    misc as kmisc, movement as kmv, norm as knorm, reduce as krd, rotary as krot,
 };
 use crate::rules::elementwise as ew;
 use crate::rules::{index as ix, linalg as la, misc, movement as mv, reduce as rd};
@@ -391,6 +391,9 @@ pub static OPS: &[OpDef] = &[
     OpDef::custom(PERQC, "Swish", 1, ew::unary)
         .kernel(kew::swish)
         .channel(ch::pointwise),
+    OpDef::custom(PERQC, "Hadamard", 1, la::hadamard)
+        .kernel(khad::hadamard)
+        .channel(ch::hadamard),
     // ---- com.microsoft ----
     OpDef::custom(MS, "Gelu", 1, ew::unary).channel(ch::pointwise),
     OpDef::custom(MS, "FastGelu", 1, ew::unary),

@@ -1262,3 +1262,78 @@ fn broadcast_operands_and_reductions() {
         }
     );
 }
+
+// ---- ai.perqc::Hadamard ----
+
+fn hadamard_node(b: &mut B, name: &str, x: ValueId, h: ValueId) -> ValueId {
+    let mut spec = NodeSpec::new("Hadamard").named(name);
+    spec.domain = PERQC_DOMAIN.to_string();
+    b.node(spec, &[x, h], &format!("{name}_y"))
+}
+
+#[test]
+fn hadamard_shapes_and_errors() {
+    let mut b = B::new();
+    let x = b.input("x", DType::F32, &["batch", "seq", "192"]);
+    let s = b.input("s", DType::F32, &["n", "f"]);
+    let h32 = b.weight("h32", &[32, 32]);
+    let y = hadamard_node(&mut b, "rot", x, h32);
+    // A symbolic last dim cannot be checked here (the kernel checks it).
+    let z = hadamard_node(&mut b, "rot_sym", s, h32);
+    let map = b.infer().unwrap();
+    assert_eq!(b.shape_of(&map, y), Some(shape(&["batch", "seq", "192"])));
+    assert_eq!(map.dtype(y), Some(DType::F32));
+    assert_eq!(b.shape_of(&map, z), Some(shape(&["n", "f"])));
+
+    let bad = |x_dims: &[&str], h_dims: &[i64]| {
+        let mut b = B::new();
+        let x = b.input("x", DType::F32, x_dims);
+        let h = b.weight("h", h_dims);
+        hadamard_node(&mut b, "down_rot", x, h);
+        b.infer().unwrap_err().to_string()
+    };
+    assert_eq!(
+        bad(&["2", "100"], &[32, 32]),
+        "node `down_rot` (Hadamard): block size 32 (H [32, 32]) does not divide the last \
+         dim 100 of x [2, 100]"
+    );
+    assert_eq!(
+        bad(&["2", "64"], &[32, 16]),
+        "node `down_rot` (Hadamard): H must be a non-empty square matrix, got [32, 16]"
+    );
+    assert_eq!(
+        bad(&["2", "64"], &[4, 4, 4]),
+        "node `down_rot` (Hadamard): H has rank 3, expected 2"
+    );
+    assert_eq!(
+        bad(&[], &[1, 1]),
+        "node `down_rot` (Hadamard): x has rank 0, expected >= 1"
+    );
+}
+
+#[test]
+fn hadamard_channels_pass_on_rows_only() {
+    use channel::{ChannelFlow as F, LINEAR, flow};
+    let mut b = B::new();
+    let x = b.input("x", DType::F32, &["B", "S", "64"]);
+    let h = b.weight("h", &[16, 16]);
+    let y = hadamard_node(&mut b, "rot", x, h);
+    let map = b.infer().unwrap();
+    let opset = |d: &str| if d.is_empty() { Some(18) } else { Some(1) };
+    let node = b.g.value(y).producer().unwrap().0;
+    let at = |input: usize, axis: usize| flow(&b.g, node, &map, &opset, input, axis);
+    for axis in [0, 1] {
+        assert_eq!(
+            at(0, axis),
+            F::Through {
+                outputs: vec![(0, axis)],
+                commutes: LINEAR,
+                with: vec![],
+                uniform: vec![]
+            }
+        );
+    }
+    assert_eq!(at(0, 2), F::Barrier("mixes the channels of each block"));
+    assert!(matches!(at(1, 0), F::Barrier(_)));
+    assert!(matches!(at(1, 1), F::Barrier(_)));
+}

@@ -16,6 +16,7 @@
 
 pub mod attention;
 pub mod gelu;
+pub mod hadamard;
 pub mod layer_norm;
 pub mod linear;
 pub mod rms_norm;
@@ -38,7 +39,7 @@ pub struct Pattern {
 }
 
 /// Every pattern, in the order they are tried at each node.
-pub static PATTERNS: [&Pattern; 7] = [
+pub static PATTERNS: [&Pattern; 8] = [
     &attention::PATTERN,
     &linear::PATTERN,
     &rms_norm::PATTERN,
@@ -46,10 +47,11 @@ pub static PATTERNS: [&Pattern; 7] = [
     &layer_norm::PATTERN,
     &silu::PATTERN,
     &gelu::PATTERN,
+    &hadamard::PATTERN,
 ];
 
 /// The pass factory of each pattern, in [`PATTERNS`] order.
-pub static FACTORIES: [PassFactory; 7] = [
+pub static FACTORIES: [PassFactory; 8] = [
     factory::<0>,
     factory::<1>,
     factory::<2>,
@@ -57,6 +59,7 @@ pub static FACTORIES: [PassFactory; 7] = [
     factory::<4>,
     factory::<5>,
     factory::<6>,
+    factory::<7>,
 ];
 
 fn factory<const I: usize>(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
@@ -189,7 +192,7 @@ pub struct Canonicalize;
 
 impl Canonicalize {
     pub const NAME: &'static str = "canonicalize";
-    pub const DESCRIPTION: &'static str = "rewrite exported spellings (attention, linear, norms, SiLU, GELU) into canonical ops, then dce";
+    pub const DESCRIPTION: &'static str = "rewrite exported spellings (attention, linear, norms, SiLU, GELU, block Hadamard rotations) into canonical ops, then dce";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&[])?;

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod control;
 pub mod elementwise;
+pub mod hadamard;
 pub mod index;
 pub(crate) mod layout;
 pub mod linalg;

@@ -98,6 +98,55 @@ pub fn linear(ctx: &InferCtx<'_>) -> RuleResult {
     Ok(vec![Facts::new(dtype, shape)])
 }
 
+/// `ai.perqc::Hadamard(x, H)`: the online block rotation `y_blk = x_blk · H` on every block
+/// of `b` consecutive channels of x's last axis, H `[b, b]`. y has x's shape. Errors when
+/// H is not a square matrix, x has no last axis, or `b` does not divide a known last dim.
+pub fn hadamard(ctx: &InferCtx<'_>) -> RuleResult {
+    let (x, h) = (ctx.req(0)?, ctx.req(1)?);
+    let dtype = same_dtype([x, h])?;
+    if let Some(hs) = &h.shape {
+        if hs.len() != 2 {
+            return Err(ShapeError::Rank {
+                what: "H",
+                expected: "2".into(),
+                got: hs.len(),
+            });
+        }
+        if let (Some(r), Some(c)) = (hs[0].known(), hs[1].known())
+            && (r != c || r == 0)
+        {
+            return Err(ShapeError::Invalid(format!(
+                "H must be a non-empty square matrix, got {}",
+                fmt_shape(hs)
+            )));
+        }
+    }
+    if let Some(xs) = &x.shape {
+        let Some(last) = xs.last() else {
+            return Err(ShapeError::Rank {
+                what: "x",
+                expected: ">= 1".into(),
+                got: 0,
+            });
+        };
+        let b = h
+            .shape
+            .as_ref()
+            .and_then(|hs| hs[0].known().or(hs[1].known()));
+        if let (Some(f), Some(b)) = (last.known(), b)
+            && b > 0
+            && f % b != 0
+        {
+            return Err(ShapeError::Invalid(format!(
+                "block size {b} (H {}) does not divide the last dim {f} of x {}",
+                fmt_shape(h.shape.as_deref().unwrap_or(&[])),
+                fmt_shape(xs)
+            )));
+        }
+    }
+    Ok(vec![Facts::new(dtype, x.shape.clone())])
+}
+
 /// Attention (opset 23) on 4-d inputs: Y is Q's shape `[B, Hq, S, D]` with V's last dim.
 /// (Only output 0 is described; 3-d inputs with head-count attributes get an unknown shape.)
 pub fn attention(ctx: &InferCtx<'_>) -> RuleResult {
