@@ -10,6 +10,7 @@ pub mod dce;
 pub mod fold_norms;
 pub mod infer_shapes;
 pub mod lower;
+pub mod online_hadamard;
 pub mod permutation;
 pub mod permute;
 pub mod regions;
@@ -22,6 +23,7 @@ pub use dce::Dce;
 pub use fold_norms::FoldNorms;
 pub use infer_shapes::InferShapes;
 pub use lower::Lower;
+pub use online_hadamard::OnlineHadamard;
 pub use permute::Permute;
 pub use rotate::Rotate;
 pub use topo_sort::TopoSort;
@@ -66,6 +68,11 @@ pub fn registry() -> PassRegistry {
             InferShapes::from_options,
         )
         .register(Lower::NAME, Lower::DESCRIPTION, Lower::from_options)
+        .register(
+            OnlineHadamard::NAME,
+            OnlineHadamard::DESCRIPTION,
+            OnlineHadamard::from_options,
+        )
         .register(Permute::NAME, Permute::DESCRIPTION, Permute::from_options)
         .register(Rotate::NAME, Rotate::DESCRIPTION, Rotate::from_options)
         .register(

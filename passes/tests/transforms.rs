@@ -164,3 +164,41 @@ fn permutations_are_exact() {
     }
     exact_encoder("permute(method=absmax,block=64,heads=true)");
 }
+
+/// The default recipe's transforms, and the online rotation alone at several block sizes
+/// (64 and 192 = 12 · 16 take the dense path of the kernel, 32 and 16 the fast one).
+#[test]
+fn online_hadamard_and_the_whole_chain_are_exact() {
+    for f in ["llama_ts.onnx", "llama_dynamo.onnx"] {
+        for b in [16, 32, 64, 192] {
+            exact(f, &format!("online-hadamard(block={b})"));
+        }
+        let m = exact(
+            f,
+            "permute(block=32),fold-norms,rotate,online-hadamard(block=32,signs=1)",
+        );
+        let hadamards = m
+            .graph
+            .nodes()
+            .filter(|(_, n)| n.op_type == "Hadamard")
+            .count();
+        assert_eq!(hadamards, 2, "one per layer");
+    }
+    exact_encoder("online-hadamard(block=64)");
+}
+
+#[test]
+fn a_block_that_does_not_divide_lists_the_sizes_that_do() {
+    let mut model = load("llama_ts.onnx");
+    let mut p = perqc_passes::registry()
+        .build("online-hadamard(block=40)")
+        .unwrap();
+    let err = PassManager::new()
+        .run(&mut model, &mut p, &mut RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not divide 192") && err.contains("1, 2, 4, 8, 12, 16, 24"),
+        "{err}"
+    );
+}

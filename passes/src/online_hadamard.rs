@@ -1,0 +1,77 @@
+//! `online-hadamard`: a block Hadamard rotation computed in the graph on the input of each
+//! mlp region's sink (PeRQ's R3, before down_proj), with its transpose folded into the sink.
+//!
+//! Identity: `H_b` is orthogonal, so `W x = (W diag(H_b, ..)ᵀ)(diag(H_b, ..) x)`. The
+//! rotation cannot fold into the sources (SiLU and the gate product do not commute with
+//! it), so it is the online part of a channel transform ([`crate::transform::apply`] with
+//! [`Placement::Online`]): an `ai.perqc::Hadamard(x, H_b)` node before the sink, which the
+//! native runtime runs as a fast Walsh-Hadamard transform and export lowers to
+//! Reshape -> MatMul -> Reshape. A permutation folded earlier (`permute`) lands in front of
+//! it in the sources.
+//!
+//! Options: `block=B` (default 32; must divide the region's width: the error lists the sizes
+//! that do), `signs=SEED` (randomized `H · diag(s)`). Counters: `regions-rotated`,
+//! `nodes-inserted`.
+
+use crate::regions::{RegionKind, Regions};
+use crate::transform::{self, ChannelOp, Placement};
+use perqc_ir::{Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
+
+#[derive(Debug)]
+pub struct OnlineHadamard {
+    block: usize,
+    signs: Option<u64>,
+}
+
+impl OnlineHadamard {
+    pub const NAME: &'static str = "online-hadamard";
+    pub const DESCRIPTION: &'static str = "rotate each mlp region's sink input by a block Hadamard computed in the graph, its transpose folded into the sink (exact); options block=B, signs=SEED";
+
+    pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
+        opts.allow_only(&["block", "signs"])?;
+        let signs = match opts.get("signs") {
+            None => None,
+            Some(_) => Some(opts.parse_or("signs", "a seed (non-negative integer)", 0u64)?),
+        };
+        Ok(Box::new(OnlineHadamard {
+            block: opts.parse_or("block", "a block size (positive integer)", 32usize)?,
+            signs,
+        }))
+    }
+}
+
+impl Pass for OnlineHadamard {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn description(&self) -> &'static str {
+        Self::DESCRIPTION
+    }
+
+    fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        let regions = ctx.analysis::<Regions>(model)?;
+        let (mut rotated, mut nodes) = (0u64, 0u64);
+        for (i, region) in regions.regions.iter().enumerate() {
+            if region.kind != RegionKind::Mlp {
+                continue;
+            }
+            let what = format!("region #{i} (mlp, d = {})", region.dim);
+            let op = ChannelOp::hadamard(region.dim, self.block, self.signs)
+                .map_err(|e| PassError::msg(format!("online-hadamard: {what}: {e}")))?;
+            if !ctx.rewrite() {
+                break;
+            }
+            match transform::apply(&mut model.graph, region, &op, Placement::Online) {
+                Ok(a) => {
+                    rotated += 1;
+                    nodes += a.online_nodes as u64;
+                }
+                Err(why) => ctx.note(format!("{what}: not rotated: {why}")),
+            }
+        }
+        Ok(PassOutcome::from_changed(rotated > 0)
+            .with("regions-rotated", rotated)
+            .with("nodes-inserted", nodes))
+    }
+}
