@@ -119,8 +119,12 @@ mod tests {
         fuse-gelu           GELU (erf or tanh form, com.microsoft Gelu/FastGelu, ONNX Gelu) -> ai.perqc::Gelu
         fuse-hadamard       Reshape(MatMul(Reshape(x, [.., f/b, b]), H [b, b] constant), [.., f]) -> ai.perqc::Hadamard
         dce                 remove nodes and initializers whose results nothing reads
+        fold-norms          fold RMS norm gammas into the linear layers that read the norms (exact)
         infer-shapes        infer symbolic shapes and element types of every value from the op table
         lower               turn canonical ai.perqc ops back into ops of the model's opset (before export)
+        online-hadamard     rotate each mlp region's sink input by a block Hadamard computed in the graph, its transpose folded into the sink (exact); options block=B, signs=SEED
+        permute             fold calibrated channel permutations into the weights (exact); options method=massdiff|zigzag|absmax|random|identity, seed=N, block=B, mlp=true, residual=false, heads=false
+        rotate              fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|none, signs=SEED
         topo-sort           order every graph's nodes topologically (stable)
         ");
     }
