@@ -56,6 +56,40 @@ impl CalibArgs {
     }
 }
 
+/// The calibration windows `args` describe, with the file they came from.
+pub struct Windows {
+    pub windows: Vec<Vec<u32>>,
+    pub source: PathBuf,
+    pub description: String,
+}
+
+/// Tokenizes (or reads) the calibration data and cuts `--calib-seqs` windows of
+/// `--calib-len` tokens from its start.
+pub fn windows(args: &CalibArgs) -> Result<Windows> {
+    let (ids, source, description) = match (&args.tokenizer, &args.calib_text, &args.calib_ids) {
+        (Some(tok), Some(text), None) => (
+            corpus::tokenize(tok, text, 0)?,
+            text,
+            format!("{} (tokenizer {})", text.display(), tok.display()),
+        ),
+        (None, None, Some(ids)) => (corpus::read_ids(ids)?, ids, ids.display().to_string()),
+        _ => bail!("calibration needs --calib-text with --tokenizer, or --calib-ids"),
+    };
+    let windows = corpus::take_windows(
+        &ids,
+        args.calib_len,
+        args.calib_seqs,
+        source,
+        "--calib-len",
+        "calibrating on",
+    )?;
+    Ok(Windows {
+        windows: windows.iter().map(|w| w.to_vec()).collect(),
+        source: source.clone(),
+        description,
+    })
+}
+
 /// Runs `model` (already canonicalized: watch the names of the graph the session plans) on
 /// the calibration windows `args` describe, and returns the [`perqc_runtime::ChannelStats`]
 /// of each value in `watch` (its last axis is the channel axis; every other axis counts as
@@ -90,24 +124,8 @@ pub fn calibrate(
     if names.is_empty() {
         bail!("calibration: no values to watch");
     }
-    let (ids, source, description) = match (&args.tokenizer, &args.calib_text, &args.calib_ids) {
-        (Some(tok), Some(text), None) => (
-            corpus::tokenize(tok, text, 0)?,
-            text,
-            format!("{} (tokenizer {})", text.display(), tok.display()),
-        ),
-        (None, None, Some(ids)) => (corpus::read_ids(ids)?, ids, ids.display().to_string()),
-        _ => bail!("calibration needs --calib-text with --tokenizer, or --calib-ids"),
-    };
-    let windows = corpus::take_windows(
-        &ids,
-        args.calib_len,
-        args.calib_seqs,
-        source,
-        "--calib-len",
-        "calibrating on",
-    )?;
-
+    let data = windows(args)?;
+    let (windows, source, description) = (&data.windows, &data.source, &data.description);
     let session_opts = SessionOptions {
         threads: args
             .calib_threads
@@ -134,7 +152,7 @@ pub fn calibrate(
     }
 
     let mut calib = Calibration::new(CalibrationSource {
-        description,
+        description: description.clone(),
         sequences: windows.len(),
         tokens: (windows.len() * args.calib_len) as u64,
     });

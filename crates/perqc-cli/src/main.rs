@@ -4,12 +4,12 @@
 //! the output file is written to a temporary name and renamed only on success.
 
 // Calibration is wired into the compile command with the region analysis and transforms.
-#[allow(dead_code)]
 mod calib;
 mod corpus;
 mod eval;
 mod inspect;
 mod ppl;
+mod recipe;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -87,6 +87,8 @@ struct CompileArgs {
     /// Print nothing but errors.
     #[arg(short, long)]
     quiet: bool,
+    #[command(flatten)]
+    recipe: recipe::RecipeArgs,
 }
 
 fn main() -> ExitCode {
@@ -178,12 +180,47 @@ fn compile(args: CompileArgs) -> Result<()> {
         bail!("usage: perqc MODEL -o OUT (see --help)");
     };
     // Validate the pipeline before reading anything.
+    let mut notes = Vec::new();
+    let recipe = args.recipe.no_quantize;
+    if recipe && args.passes != "none" {
+        bail!("--passes and --no-quantize both choose the passes; give one");
+    }
+    if !recipe && (args.recipe.verify || args.recipe.calib.given()) {
+        bail!(
+            "--verify and calibration data apply to the recipe: add --no-quantize (quantization is not implemented yet)"
+        );
+    }
+    let passes = if recipe {
+        args.recipe.pipeline(&mut notes)
+    } else {
+        args.passes.clone()
+    };
     let mut pipeline = registry
-        .build(&args.passes)
+        .build(&passes)
         .map_err(|e| anyhow::anyhow!("--passes: {e}"))?;
 
     let t = Instant::now();
     let mut model = load(&input, args.quiet)?;
+    let mut manager = PassManager::new();
+    let mut original = None;
+    let mut calib_time = None;
+    if recipe {
+        perqc_passes::canonicalize(&mut model)
+            .with_context(|| format!("{}: canonicalizing", input.display()))?;
+        if args.recipe.verify {
+            original = Some(model.clone());
+        }
+        let t = Instant::now();
+        if let Some(c) = args
+            .recipe
+            .calibrate(&model)
+            .with_context(|| input.display().to_string())?
+        {
+            notes.push(format!("calibrated on {}", c.source()));
+            calib_time = Some(t.elapsed());
+            manager.provide(c);
+        }
+    }
     let load_time = t.elapsed();
     let size_before = files_size(&input, &model.graph);
     // The initializers as loaded, to count what the passes changed (none run: none changed).
@@ -197,9 +234,20 @@ fn compile(args: CompileArgs) -> Result<()> {
         print_sink: Some(&mut stderr),
         rewrite_budget: args.rewrite_budget,
     };
-    let report = PassManager::new()
+    let report = manager
         .run(&mut model, &mut pipeline, &mut opts)
         .with_context(|| input.display().to_string())?;
+    if let Some(orig) = &original {
+        let rel = args
+            .recipe
+            .verify(orig, &model)
+            .with_context(|| input.display().to_string())?;
+        notes.push(format!(
+            "--verify: outputs match the original within {rel:.2e} relative (tolerance {:.0e})",
+            args.recipe.verify_tol
+        ));
+    }
+    drop(original);
     // Canonical ops exist only inside perqc: the file gets ops of the model's own opset.
     perqc_passes::lower_for_export(&mut model)
         .with_context(|| format!("{}: lowering canonical ops for export", input.display()))?;
@@ -220,6 +268,12 @@ fn compile(args: CompileArgs) -> Result<()> {
     if !args.quiet {
         if !pipeline.is_empty() {
             eprint!("{report}");
+        }
+        for n in &notes {
+            eprintln!("note: {n}");
+        }
+        if let Some(t) = calib_time {
+            eprintln!("calibration: {t:.2?}");
         }
         if saved.forced_external {
             eprintln!(

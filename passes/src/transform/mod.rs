@@ -267,8 +267,22 @@ fn online_node(
     xname: &str,
 ) -> Result<(perqc_ir::NodeSpec, Vec<ValueId>), String> {
     let name = graph.fresh_name(&format!("{xname}/online"));
+    // One initializer per distinct constant: layers rotated by the same block share it.
     let constant = |graph: &mut Graph, base: &str, t: Tensor| -> Result<ValueId, String> {
-        let n = graph.fresh_name(base);
+        let same = |v: ValueId| {
+            graph.const_tensor(v).is_some_and(|c| {
+                c.dtype == t.dtype && c.dims == t.dims && c.raw_bytes().ok() == t.raw_bytes().ok()
+            })
+        };
+        let mut k = 0;
+        let mut n = base.to_string();
+        while let Some(v) = graph.find(&n) {
+            if same(v) {
+                return Ok(v);
+            }
+            k += 1;
+            n = format!("{base}_{k}");
+        }
         graph.add_initializer(&n, t).map_err(|e| e.to_string())
     };
     match op {

@@ -54,6 +54,9 @@ pub enum Compare {
     /// Outputs within `rtol` of the max |reference|, without `onnx.checker`: a rewrite that
     /// changes which ONNX Runtime kernels compute the same formula.
     CloseUnchecked(f64),
+    /// Outputs within `rtol` of the max |reference|, and `onnx.checker` accepts the
+    /// candidate: an exact transform, equal up to float round-off.
+    Close(f64),
 }
 
 /// Registers `candidate` for the ONNX Runtime conformance run.
@@ -67,6 +70,7 @@ pub fn conformance_case(name: &str, reference: &Path, candidate: &Path, compare:
         Compare::BitwiseUnchecked => ("bitwise", 0.0, true, false),
         Compare::NotRun => ("bitwise", 0.0, false, false),
         Compare::CloseUnchecked(rtol) => ("close", rtol, true, false),
+        Compare::Close(rtol) => ("close", rtol, true, true),
     };
     let json = format!(
         "{{\"cases\": [{{\"name\": {name:?}, \"reference\": {:?}, \"candidate\": {:?}, \"mode\": \"{mode}\", \"rtol\": {rtol}, \"check\": {check}, \"run\": {run}}}]}}\n",

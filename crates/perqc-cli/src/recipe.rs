@@ -1,0 +1,133 @@
+//! The PeRQ recipe's exact part (`--no-quantize`): canonicalize, permute the mlp channels
+//! by calibrated MassDiff, fold the norms, rotate the residual stream (R1) and the
+//! value/output heads (R2), and put an online block Hadamard before every down_proj (R3).
+//! `--verify` runs the original and the transformed model on calibration windows and
+//! fails above a relative error.
+
+use crate::calib::{self, CalibArgs};
+use crate::corpus::WindowFeeds;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use perqc_ir::Model;
+use perqc_passes::calibration::Calibration;
+use perqc_passes::permutation::PermuteMethod;
+use perqc_passes::regions::{RegionKind, Regions};
+use perqc_runtime::{RtTensor, Session, StatsOptions};
+
+#[derive(Args)]
+pub struct RecipeArgs {
+    /// Run the recipe's exact transforms only (permute, fold norms, rotate, online
+    /// Hadamard) and write the float model: its outputs equal the input's up to round-off.
+    #[arg(long)]
+    pub no_quantize: bool,
+    /// Permutation of the mlp channels before the online Hadamard: massdiff, zigzag,
+    /// absmax, random or identity (massdiff, zigzag and absmax need calibration data).
+    #[arg(long, value_name = "NAME", default_value = "massdiff")]
+    pub permute: PermuteMethod,
+    /// Block size of the online Hadamard and of the permutation's blocks (must divide the
+    /// MLP width).
+    #[arg(long, value_name = "B", default_value_t = 32)]
+    pub block_size: usize,
+    /// Rotation of the residual stream: full (one Hadamard of the model width), block (of
+    /// --block-size) or none.
+    #[arg(long, value_name = "KIND", default_value = "full", value_parser = ["full", "block", "none"])]
+    pub rotation: String,
+    /// Run the original and the transformed model natively on calibration windows (or
+    /// fixed ids without calibration data) and fail if the logits differ by more than
+    /// --verify-tol relative (max abs error / max abs value).
+    #[arg(long)]
+    pub verify: bool,
+    /// Relative error --verify accepts.
+    #[arg(long, value_name = "TOL", default_value_t = 1e-4)]
+    pub verify_tol: f64,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+}
+
+impl RecipeArgs {
+    /// The pass pipeline of the recipe, with notes on what is left out and why.
+    pub fn pipeline(&self, notes: &mut Vec<String>) -> String {
+        let b = self.block_size;
+        let mut passes = Vec::new();
+        if self.permute.uses_statistics() && !self.calib.given() {
+            notes.push(format!(
+                "no calibration data (--calib-text with --tokenizer, or --calib-ids): the {} permutation is skipped; the rotations need none",
+                self.permute
+            ));
+        } else {
+            let method = match self.permute {
+                PermuteMethod::Random { seed } => format!("method=random,seed={seed}"),
+                m => format!("method={m}"),
+            };
+            passes.push(format!("permute({method},block={b})"));
+        }
+        passes.push("fold-norms".into());
+        let residual = match self.rotation.as_str() {
+            "block" => format!("residual=block,block={b}"),
+            other => format!("residual={other}"),
+        };
+        passes.push(format!("rotate({residual})"));
+        passes.push(format!("online-hadamard(block={b})"));
+        passes.join(",")
+    }
+
+    /// Calibration statistics of what the permutation reads, if there is data and the
+    /// permutation needs them. `model` is canonicalized.
+    pub fn calibrate(&self, model: &Model) -> Result<Option<Calibration>> {
+        if !self.calib.given() || !self.permute.uses_statistics() {
+            return Ok(None);
+        }
+        let shapes = perqc_ops::infer_model(model).context("shape inference")?;
+        let regions = Regions::find(model, &shapes);
+        let watch = perqc_passes::permute::calibration_values(&regions, &[RegionKind::Mlp]);
+        if watch.is_empty() {
+            return Ok(None);
+        }
+        calib::calibrate(model, &watch, &self.calib, StatsOptions::default()).map(Some)
+    }
+
+    /// Runs both models on up to two calibration windows (or fixed ids) and compares their
+    /// first outputs; returns the relative error, failing above the tolerance.
+    pub fn verify(&self, original: &Model, transformed: &Model) -> Result<f64> {
+        let windows: Vec<Vec<u32>> = if self.calib.given() {
+            let mut args = self.calib.clone();
+            args.calib_seqs = args.calib_seqs.min(2);
+            calib::windows(&args)?.windows
+        } else {
+            // Fixed ids below every vocabulary size in use (a small model has 256 tokens).
+            vec![(0..64u32).map(|i| (i * 37 + 11) % 250).collect()]
+        };
+        let len = windows[0].len();
+        let run = |m: &Model| -> Result<Vec<Vec<f32>>> {
+            let s = Session::new(m)?;
+            let feeds = WindowFeeds::new(&s, &m.graph, len)?;
+            windows
+                .iter()
+                .map(|w| {
+                    let out = s.run(&feeds.feeds(w))?;
+                    match out.into_iter().next().map(|o| o.1) {
+                        Some(RtTensor::F32(a)) => Ok(a.iter().copied().collect()),
+                        _ => bail!("the first output is not float32"),
+                    }
+                })
+                .collect()
+        };
+        let a = run(original).context("--verify: running the original model")?;
+        let b = run(transformed).context("--verify: running the transformed model")?;
+        let (mut err, mut max) = (0f64, 0f64);
+        for (x, y) in a.iter().zip(&b) {
+            for (p, q) in x.iter().zip(y) {
+                err = err.max(f64::from((p - q).abs()));
+                max = max.max(f64::from(p.abs()));
+            }
+        }
+        let rel = if max > 0.0 { err / max } else { err };
+        if !(rel <= self.verify_tol) {
+            bail!(
+                "--verify: the transformed model's outputs differ from the original's by {rel:.3e} relative (max abs error {err:.3e}), above --verify-tol {:.1e}",
+                self.verify_tol
+            );
+        }
+        Ok(rel)
+    }
+}

@@ -1,0 +1,71 @@
+//! The exact transforms, each alone and chained as the recipe chains them, emitted as ONNX:
+//! ONNX Runtime must run every file (onnx.checker accepts it) and give the original
+//! fixture's outputs within 1e-4 relative (max abs error / max abs value), on both Llama
+//! exports and the encoder. Registered as conformance cases for `scripts/check`.
+
+mod common;
+
+use common::{Compare, conformance_case, fixture, out_dir};
+use perqc_ir::{PassManager, RunOptions};
+
+const PIPELINES: [(&str, &str); 6] = [
+    (
+        "permute",
+        "permute(method=random,seed=5,residual=true,heads=true,block=16)",
+    ),
+    ("fold_norms", "fold-norms"),
+    ("rotate", "fold-norms,rotate"),
+    (
+        "rotate_block",
+        "fold-norms,rotate(residual=block,block=16,signs=3)",
+    ),
+    ("online_hadamard", "online-hadamard(block=32)"),
+    (
+        "chain",
+        "permute(method=random,seed=1,block=32),fold-norms,rotate,online-hadamard(block=32)",
+    ),
+];
+
+fn emit(fixture_name: &str, tag: &str, pipeline: &str) {
+    let src = fixture(fixture_name);
+    let mut model = perqc_onnx::load(&src).expect("loads").model;
+    perqc_passes::canonicalize(&mut model).expect("canonicalizes");
+    let mut p = perqc_passes::registry().build(pipeline).expect("pipeline");
+    PassManager::new()
+        .run(&mut model, &mut p, &mut RunOptions::default())
+        .unwrap_or_else(|e| panic!("{fixture_name} {pipeline}: {e}"));
+    perqc_passes::lower_for_export(&mut model).expect("lowers");
+    let stem = fixture_name.trim_end_matches(".onnx");
+    let dir = out_dir(&format!("transforms_{stem}_{tag}"));
+    let out = dir.join("model.onnx");
+    perqc_onnx::save(&model, &out, &Default::default()).expect("saves");
+    conformance_case(
+        &format!("transform_{stem}_{tag}"),
+        &src,
+        &out,
+        Compare::Close(1e-4),
+    );
+}
+
+#[test]
+fn llama_torchscript() {
+    for (tag, p) in PIPELINES {
+        emit("llama_ts.onnx", tag, p);
+    }
+}
+
+#[test]
+fn llama_dynamo() {
+    for (tag, p) in PIPELINES {
+        emit("llama_dynamo.onnx", tag, p);
+    }
+}
+
+/// The encoder: the residual rotation is refused (the stream is the graph's input), the
+/// rest applies.
+#[test]
+fn encoder() {
+    for (tag, p) in PIPELINES {
+        emit("encoder_ln_gelu.onnx", tag, p);
+    }
+}
