@@ -122,7 +122,7 @@ impl RecipeArgs {
             }
         }
         let rel = if max > 0.0 { err / max } else { err };
-        if !(rel <= self.verify_tol) {
+        if rel.is_nan() || rel > self.verify_tol {
             bail!(
                 "--verify: the transformed model's outputs differ from the original's by {rel:.3e} relative (max abs error {err:.3e}), above --verify-tol {:.1e}",
                 self.verify_tol
