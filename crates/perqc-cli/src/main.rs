@@ -201,6 +201,7 @@ fn compile(args: CompileArgs) -> Result<()> {
 
     let t = Instant::now();
     let mut model = load(&input, args.quiet)?;
+    let load_time = t.elapsed();
     let mut manager = PassManager::new();
     let mut original = None;
     let mut calib_time = None;
@@ -221,7 +222,6 @@ fn compile(args: CompileArgs) -> Result<()> {
             manager.provide(c);
         }
     }
-    let load_time = t.elapsed();
     let size_before = files_size(&input, &model.graph);
     // The initializers as loaded, to count what the passes changed (none run: none changed).
     let weights_before: Option<Vec<(String, Tensor)>> =
