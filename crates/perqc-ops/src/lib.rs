@@ -15,6 +15,7 @@ pub mod channel;
 mod constprop;
 pub mod facts;
 pub mod fold;
+pub mod hadamard;
 pub mod infer;
 pub mod kernel;
 pub mod kernels;
