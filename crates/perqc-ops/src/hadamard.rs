@@ -91,9 +91,11 @@ impl Hadamard {
         self.sylvester == self.n
     }
 
-    /// The largest power of two `s` such that `H = H_{n/s} ⊗ Sylvester(s)` by construction:
-    /// each `s x s` block `(i1, j1)` of `H` is `H_{n/s}[i1][j1] · Sylvester(s)`. `n` for a
-    /// power of two; 1 when the matrix is a single Paley or Williamson matrix.
+    /// The Sylvester factor `s` of the construction, `H = H_{n/s} ⊗ Sylvester(s)`: each
+    /// `s x s` block `(i1, j1)` of `H` is `H_{n/s}[i1][j1] · Sylvester(s)`. `n` for a power
+    /// of two; 1 when the construction has no Sylvester factor (a Paley or Williamson
+    /// matrix, or a Kronecker product of those). [`hadamard`] makes `s` as large as its
+    /// constructions allow.
     pub fn sylvester_factor(&self) -> usize {
         self.sylvester
     }
