@@ -29,10 +29,11 @@
 //! (8 lanes) and portable scalar code, and [`Level::detect`] picks the widest the CPU runs.
 //! All three perform the same butterflies on the same operands in the same stage order, and
 //! the same final scale (no fused multiply-add anywhere), so they give bitwise identical
-//! results: stages with `h` below the vector width are lane shuffles inside one register
-//! (the partner of lane `j` is lane `j ^ h`; lower lanes take `v[j] + v[j + h]`, upper lanes
-//! `v[j] - v[j + h]`, operands in the scalar order), wider stages are whole-vector
-//! butterflies. Blocks smaller than a vector are packed several to a register; blocks up to
+//! results (NaN results are NaN at every level, with unspecified payload bits): stages with
+//! `h` below the vector width work inside one register, as `t + (±v)` with `t` the vector
+//! whose lanes `j` and `j ^ h` are swapped and `-` on the lanes with bit `h` set, which is
+//! `v[j] + v[j + h]` and `v[j] - v[j + h]` exactly (IEEE addition commutes, and `a + (-b)`
+//! is `a - b`); wider stages are whole-vector butterflies. Blocks smaller than a vector are packed several to a register; blocks up to
 //! 8 vectors stay in registers for all stages; larger ones are transformed in the output
 //! buffer (in L1).
 //!
@@ -359,22 +360,28 @@ mod avx2 {
     }
 
     /// Stages `h = 1, 2, 4` (those below `b`) of every block inside `v`: `t` is `v` with
-    /// lanes `j` and `j ^ h` swapped; lanes with bit `h` clear take `v + t` (= `v[j] +
-    /// v[j + h]`), the others `t - v` (= `v[j - h] - v[j]`).
+    /// lanes `j` and `j ^ h` swapped, and the result is `t + ±v` with `-` on the lanes with
+    /// bit `h` set: `v[j + h] + v[j]` on the others, `v[j - h] + (-v[j])` on those. IEEE
+    /// addition commutes and `a + (-b)` is `a - b` exactly, so these are the scalar
+    /// butterflies' values bit for bit, in three instructions instead of add, sub and blend.
     #[target_feature(enable = "avx2")]
     #[inline]
     fn in_register(mut v: __m256, b: usize) -> __m256 {
+        let (p, n) = (0.0f32, -0.0f32);
         if b > 1 {
             let t = _mm256_permute_ps::<0b10_11_00_01>(v);
-            v = _mm256_blend_ps::<0b1010_1010>(_mm256_add_ps(v, t), _mm256_sub_ps(t, v));
+            let sign = _mm256_setr_ps(p, n, p, n, p, n, p, n);
+            v = _mm256_add_ps(t, _mm256_xor_ps(v, sign));
         }
         if b > 2 {
             let t = _mm256_permute_ps::<0b01_00_11_10>(v);
-            v = _mm256_blend_ps::<0b1100_1100>(_mm256_add_ps(v, t), _mm256_sub_ps(t, v));
+            let sign = _mm256_setr_ps(p, p, n, n, p, p, n, n);
+            v = _mm256_add_ps(t, _mm256_xor_ps(v, sign));
         }
         if b > 4 {
             let t = _mm256_permute2f128_ps::<0x01>(v, v);
-            v = _mm256_blend_ps::<0b1111_0000>(_mm256_add_ps(v, t), _mm256_sub_ps(t, v));
+            let sign = _mm256_setr_ps(p, p, p, p, n, n, n, n);
+            v = _mm256_add_ps(t, _mm256_xor_ps(v, sign));
         }
         v
     }
@@ -427,27 +434,35 @@ mod avx512 {
         _mm512_set1_ps(s)
     }
 
+    /// `v` with the sign bit flipped on the lanes set in `mask` (AVX-512F has no float xor).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn negate(v: __m512, mask: __mmask16) -> __m512 {
+        let sign = _mm512_maskz_mov_epi32(mask, _mm512_set1_epi32(i32::MIN));
+        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign))
+    }
+
     /// Stages `h = 1, 2, 4, 8` (those below `b`) inside `v`, as in the AVX2 code: `t` swaps
-    /// lanes `j` and `j ^ h`; lanes with bit `h` set (the mask) take `t - v`, the others
-    /// `v + t`.
+    /// lanes `j` and `j ^ h`, and the result is `t + ±v`, negated on the lanes with bit `h`
+    /// set (the mask).
     #[target_feature(enable = "avx512f")]
     #[inline]
     fn in_register(mut v: __m512, b: usize) -> __m512 {
         if b > 1 {
             let t = _mm512_permute_ps::<0b10_11_00_01>(v);
-            v = _mm512_mask_blend_ps(0xAAAA, _mm512_add_ps(v, t), _mm512_sub_ps(t, v));
+            v = _mm512_add_ps(t, negate(v, 0xAAAA));
         }
         if b > 2 {
             let t = _mm512_permute_ps::<0b01_00_11_10>(v);
-            v = _mm512_mask_blend_ps(0xCCCC, _mm512_add_ps(v, t), _mm512_sub_ps(t, v));
+            v = _mm512_add_ps(t, negate(v, 0xCCCC));
         }
         if b > 4 {
             let t = _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v);
-            v = _mm512_mask_blend_ps(0xF0F0, _mm512_add_ps(v, t), _mm512_sub_ps(t, v));
+            v = _mm512_add_ps(t, negate(v, 0xF0F0));
         }
         if b > 8 {
             let t = _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v);
-            v = _mm512_mask_blend_ps(0xFF00, _mm512_add_ps(v, t), _mm512_sub_ps(t, v));
+            v = _mm512_add_ps(t, negate(v, 0xFF00));
         }
         v
     }
