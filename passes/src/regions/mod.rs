@@ -310,9 +310,19 @@ impl Regions {
                 r.sources.len(),
                 r.sinks.len()
             );
-            for (kinds, why) in r.blocked_by() {
+            // The first few reasons; --json lists them all.
+            const SHOWN: usize = 3;
+            let blocked = r.blocked_by();
+            for (kinds, why) in blocked.iter().take(SHOWN) {
                 let k: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
                 let _ = writeln!(s, "      no {}: {why}", k.join("/"));
+            }
+            if blocked.len() > SHOWN {
+                let _ = writeln!(
+                    s,
+                    "      ... and {} more reasons (--json lists them)",
+                    blocked.len() - SHOWN
+                );
             }
         }
         let mut counts: Vec<(RegionKind, usize)> = Vec::new();
