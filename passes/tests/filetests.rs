@@ -17,39 +17,74 @@
 //! numeric: off` skips this for cases whose input cannot run). A case whose expected
 //! section is `# expect: unchanged` must print as its input does.
 //!
+//! The notes passes leave in the report (`ctx.note`: why a region was not rotated, a norm
+//! not folded) are part of the expected section: one `# note: <pass>: <text>` line each,
+//! in order, right after the `# expect:` line (before the IR, or after `unchanged`). A case
+//! without such lines expects no notes.
+//!
+//! Two directives, for the channel-transform cases (`cases/transforms/`):
+//! - `# inline: N` prints tensors of at most `N` elements with their values (the printer's
+//!   default is 8; larger ones print as a byte count and hash), so a weight rewrite shows
+//!   the rewritten numbers. Write the input's tensors out in full.
+//! - `# calibrate` runs the input natively on the runner's seeded inputs (the ones the
+//!   numeric check uses; every graph input must have a static shape) with a
+//!   `perqc_runtime::ChannelObserver` on what the sinks of every mlp, residual and
+//!   attention_vo region read (`perqc_passes::permute::calibration_values`), and provides
+//!   the statistics to the pass manager as a `perqc_passes::calibration::Calibration`,
+//!   what `permute(method=massdiff|zigzag|absmax)` needs.
+//!
 //! `PERQC_BLESS=1 cargo test -p perqc-passes --test filetests` rewrites the expected
 //! sections from the actual output (review the diff before committing).
 
 use ndarray::{ArrayD, IxDyn};
-use perqc_ir::{DType, Model, PassManager, RunOptions, parse_model, print_model, verify};
-use perqc_runtime::{RtTensor, Session, SessionOptions};
+use perqc_ir::{
+    DType, Model, PassManager, PrintOptions, Report, RunOptions, parse_model, print_model_with,
+    verify,
+};
+use perqc_passes::calibration::{Calibration, CalibrationSource};
+use perqc_passes::regions::{RegionKind, Regions};
+use perqc_runtime::{ChannelObserver, RtTensor, Session, SessionOptions, StatsOptions};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 const EXPECT: &str = "# expect:";
+const NOTE: &str = "# note: ";
 
 struct Case {
     pipeline: String,
     numeric: bool,
+    calibrate: bool,
+    print: PrintOptions,
     /// Lines before the input (directives and comments), verbatim.
     header: String,
     input: String,
     /// `None`: unchanged.
     expected: Option<String>,
+    /// `<pass>: <note>`, in report order.
+    notes: Vec<String>,
 }
 
 fn parse_case(path: &Path, text: &str) -> Case {
     let (head, expected) = text
         .split_once(EXPECT)
         .unwrap_or_else(|| panic!("{}: no `{EXPECT}` line", path.display()));
-    let expected = expected.trim_start_matches([' ', '\t']);
-    let expected = match expected.strip_prefix("unchanged") {
-        Some(_) => None,
-        None => Some(expected.trim_start_matches('\n').to_string()),
+    let (first, mut rest) = expected.split_once('\n').unwrap_or((expected, ""));
+    let unchanged = match first.trim() {
+        "unchanged" => true,
+        "" => false,
+        other => panic!("{}: `{EXPECT} {other}`", path.display()),
     };
+    let mut notes = Vec::new();
+    while let Some(line) = rest.strip_prefix(NOTE) {
+        let (note, r) = line.split_once('\n').unwrap_or((line, ""));
+        notes.push(note.to_string());
+        rest = r;
+    }
+    let expected = (!unchanged).then(|| rest.to_string());
     let mut header = String::new();
     let mut input = String::new();
-    let (mut pipeline, mut numeric) = (None, true);
+    let (mut pipeline, mut numeric, mut calibrate) = (None, true, false);
+    let mut print = PrintOptions::default();
     for line in head.lines() {
         if input.is_empty() && line.starts_with('#') {
             if let Some(p) = line.strip_prefix("# pipeline:") {
@@ -57,6 +92,15 @@ fn parse_case(path: &Path, text: &str) -> Case {
             }
             if line.starts_with("# numeric: off") {
                 numeric = false;
+            }
+            if line.trim_end() == "# calibrate" {
+                calibrate = true;
+            }
+            if let Some(n) = line.strip_prefix("# inline:") {
+                print.small_tensor = n
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{}: `{line}`", path.display()));
             }
             header.push_str(line);
             header.push('\n');
@@ -68,9 +112,12 @@ fn parse_case(path: &Path, text: &str) -> Case {
     Case {
         pipeline: pipeline.unwrap_or_else(|| panic!("{}: no `# pipeline:` line", path.display())),
         numeric,
+        calibrate,
+        print,
         header,
         input,
         expected,
+        notes,
     }
 }
 
@@ -119,6 +166,40 @@ fn feeds(m: &Model) -> Option<Vec<(String, RtTensor)>> {
     Some(out)
 }
 
+/// Statistics of what the sinks of every mlp, residual and attention_vo region read, on
+/// `feeds` (`# calibrate`).
+fn calibrate(m: &Model, feeds: &[(String, RtTensor)]) -> Result<Calibration, String> {
+    let shapes = perqc_ops::infer_model(m).map_err(|e| e.to_string())?;
+    let regions = Regions::find(m, &shapes);
+    let kinds = [
+        RegionKind::Mlp,
+        RegionKind::Residual,
+        RegionKind::AttentionVo,
+    ];
+    let watch = perqc_passes::permute::calibration_values(&regions, &kinds);
+    let mut obs = ChannelObserver::new(watch, StatsOptions::default());
+    let s = Session::with_options(m, &SessionOptions { threads: 1 }).map_err(|e| e.to_string())?;
+    let refs: Vec<(&str, RtTensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    s.run_observed(&refs, &mut obs).map_err(|e| e.to_string())?;
+    let mut c = Calibration::new(CalibrationSource {
+        description: "the file test's seeded inputs".into(),
+        ..Default::default()
+    });
+    for (name, stats) in obs.into_stats() {
+        c.insert(&name, stats.ok_or(format!("`{name}` was not observed"))?);
+    }
+    Ok(c)
+}
+
+/// `<pass>: <note>` for every note in the report, in order.
+fn notes(report: &Report) -> Vec<String> {
+    report
+        .passes
+        .iter()
+        .flat_map(|p| p.notes.iter().map(move |n| format!("{}: {n}", p.name)))
+        .collect()
+}
+
 fn run_native(m: &Model, feeds: &[(String, RtTensor)]) -> Result<Vec<(String, RtTensor)>, String> {
     let s = Session::with_options(m, &SessionOptions { threads: 1 }).map_err(|e| e.to_string())?;
     let refs: Vec<(&str, RtTensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
@@ -135,7 +216,12 @@ fn check(path: &Path) -> Result<Option<String>, String> {
     let mut pipeline = perqc_passes::registry()
         .build(&case.pipeline)
         .map_err(|e| e.to_string())?;
-    PassManager::new()
+    let mut pm = PassManager::new();
+    if case.calibrate {
+        let inputs = feeds(&before).ok_or("`# calibrate` needs static input shapes")?;
+        pm.provide(calibrate(&before, &inputs).map_err(|e| format!("calibration: {e}"))?);
+    }
+    let report = pm
         .run(
             &mut after,
             &mut pipeline,
@@ -145,7 +231,9 @@ fn check(path: &Path) -> Result<Option<String>, String> {
             },
         )
         .map_err(|e| e.to_string())?;
-    let got = print_model(&after);
+    let print = |m: &Model| print_model_with(m, &case.print);
+    let got = print(&after);
+    let got_notes = notes(&report);
     if case.numeric
         && let Some(inputs) = feeds(&before)
     {
@@ -173,24 +261,30 @@ fn check(path: &Path) -> Result<Option<String>, String> {
             }
         }
     }
-    let want = case
-        .expected
-        .clone()
-        .unwrap_or_else(|| print_model(&before));
+    let want = case.expected.clone().unwrap_or_else(|| print(&before));
     if std::env::var_os("PERQC_BLESS").is_some() {
-        let section = if got == print_model(&before) {
-            " unchanged\n".to_string()
-        } else {
-            format!("\n{got}")
-        };
+        let unchanged = got == print(&before);
         let mut out = case.header.clone();
         out.push_str(&case.input);
-        let _ = write!(out, "{EXPECT}{section}");
+        let _ = writeln!(out, "{EXPECT}{}", if unchanged { " unchanged" } else { "" });
+        for n in &got_notes {
+            let _ = writeln!(out, "{NOTE}{n}");
+        }
+        if !unchanged {
+            out.push_str(&got);
+        }
         return Ok((out != text).then_some(out));
     }
     if got != want {
         return Err(format!(
             "output differs:\n--- expected\n{want}--- got\n{got}"
+        ));
+    }
+    if got_notes != case.notes {
+        return Err(format!(
+            "notes differ:\n--- expected\n{}\n--- got\n{}",
+            case.notes.join("\n"),
+            got_notes.join("\n")
         ));
     }
     Ok(None)

@@ -29,7 +29,7 @@ pub use pass::{
     PassOptions, PassOutcome, PassRecord, PassRegistry, PassSpec, Pipeline, PipelineError,
     Property, Report, RunError, RunOptions, parse_pipeline,
 };
-pub use print::{print_graph, print_model};
+pub use print::{PrintOptions, print_graph, print_model, print_model_with};
 pub use rewrite::{Applied, Matcher, NoFacts, Patch, PatchValue, ValueFacts};
 pub use tensor::{Element, Tensor, TensorData, TensorError, TypedData};
 pub use types::{DeclaredDim, Dim, Shape, Type};

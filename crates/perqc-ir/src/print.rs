@@ -18,7 +18,8 @@
 //! Rules: values print as `%name` (quoted, `%"a b"`, when the name has characters outside
 //! `[A-Za-z0-9_.:/-]`), with their type where known; an omitted optional input or result is
 //! `_`; ops outside the default domain print as `domain::Op`; attributes print in the order
-//! the node holds them; tensors of at most [`SMALL_TENSOR`] elements print their values,
+//! the node holds them; tensors of at most [`SMALL_TENSOR`] elements (or
+//! [`PrintOptions::small_tensor`], [`print_model_with`]) print their values,
 //! larger ones their byte count and the FNV-1a 64 hash of their raw bytes, so a rewrite that
 //! changes weights shows in a diff. Node names follow as a trailing `// name` comment.
 //! Nothing depends on hash-map order or addresses: the same IR always prints the same bytes.
@@ -33,14 +34,36 @@ pub const SMALL_TENSOR: u64 = 8;
 
 /// The textual IR of a model.
 pub fn print_model(model: &Model) -> String {
-    let mut p = Printer::default();
+    print_model_with(model, &PrintOptions::default())
+}
+
+/// How [`print_model_with`] prints; the default is what [`print_model`] prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrintOptions {
+    /// Tensors with at most this many elements print their values (default
+    /// [`SMALL_TENSOR`]); larger ones print their byte count and hash. File tests of weight
+    /// rewrites raise it so the diff shows the rewritten numbers.
+    pub small_tensor: u64,
+}
+
+impl Default for PrintOptions {
+    fn default() -> PrintOptions {
+        PrintOptions {
+            small_tensor: SMALL_TENSOR,
+        }
+    }
+}
+
+/// The textual IR of a model, printed as `opts` says.
+pub fn print_model_with(model: &Model, opts: &PrintOptions) -> String {
+    let mut p = Printer::new(opts);
     p.model(model);
     p.out
 }
 
 /// The textual IR of one graph (no model header).
 pub fn print_graph(graph: &Graph) -> String {
-    let mut p = Printer::default();
+    let mut p = Printer::new(&PrintOptions::default());
     p.graph(graph, "graph");
     p.out
 }
@@ -55,10 +78,10 @@ pub fn content_hash(bytes: &[u8]) -> u64 {
     h
 }
 
-#[derive(Default)]
 struct Printer {
     out: String,
     indent: usize,
+    small_tensor: u64,
 }
 
 fn is_bare_name(s: &str) -> bool {
@@ -140,9 +163,9 @@ fn tensor_type(t: &Tensor) -> String {
 }
 
 /// The elements of a small tensor, `None` if it is large or cannot be decoded.
-fn small_values(t: &Tensor) -> Option<Vec<String>> {
+fn small_values(t: &Tensor, limit: u64) -> Option<Vec<String>> {
     let numel = t.numel()?;
-    if numel > SMALL_TENSOR || t.validate().is_err() {
+    if numel > limit || t.validate().is_err() {
         return None;
     }
     if let TensorData::Typed(TypedData::Str(v)) = &t.data {
@@ -184,8 +207,8 @@ fn small_values(t: &Tensor) -> Option<Vec<String>> {
 }
 
 /// A tensor's payload: `[1.0, 2.0]`, `3` (scalar), or `<16384 B, fnv1a ...>`.
-fn tensor_payload(t: &Tensor) -> String {
-    if let Some(vals) = small_values(t) {
+fn tensor_payload(t: &Tensor, limit: u64) -> String {
+    if let Some(vals) = small_values(t, limit) {
         return if t.dims.is_empty() && vals.len() == 1 {
             vals[0].clone()
         } else {
@@ -231,6 +254,14 @@ fn list<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
 }
 
 impl Printer {
+    fn new(opts: &PrintOptions) -> Printer {
+        Printer {
+            out: String::new(),
+            indent: 0,
+            small_tensor: opts.small_tensor,
+        }
+    }
+
     fn line(&mut self, s: &str) {
         for _ in 0..self.indent {
             self.out.push_str("  ");
@@ -341,7 +372,7 @@ impl Printer {
                     "{kw} {}: {} = {}",
                     value_name(&val.name),
                     tensor_type(t),
-                    tensor_payload(t)
+                    tensor_payload(t, self.small_tensor)
                 ),
                 None => format!("{kw} {} = <missing tensor>", value_name(&val.name)),
             };
@@ -439,16 +470,24 @@ impl Printer {
                 AttrValue::Float(f) => format!("{f:?}"),
                 AttrValue::Int(i) => i.to_string(),
                 AttrValue::String(s) => quote(s),
-                AttrValue::Tensor(t) => format!("{} {}", tensor_type(t), tensor_payload(t)),
+                AttrValue::Tensor(t) => format!(
+                    "{} {}",
+                    tensor_type(t),
+                    tensor_payload(t, self.small_tensor)
+                ),
                 AttrValue::Graph(g) => format!("graph {}", ident(&g.name)),
                 AttrValue::SparseTensor(b) => opaque("sparse_tensor", b),
                 AttrValue::TypeProto(b) => opaque("type_proto", b),
                 AttrValue::Floats(v) => list(v, |f| format!("{f:?}")),
                 AttrValue::Ints(v) => list(v, |i| i.to_string()),
                 AttrValue::Strings(v) => list(v, |s| quote(s)),
-                AttrValue::Tensors(v) => {
-                    list(v, |t| format!("{} {}", tensor_type(t), tensor_payload(t)))
-                }
+                AttrValue::Tensors(v) => list(v, |t| {
+                    format!(
+                        "{} {}",
+                        tensor_type(t),
+                        tensor_payload(t, self.small_tensor)
+                    )
+                }),
                 AttrValue::Graphs(v) => list(v, |g| format!("graph {}", ident(&g.name))),
                 AttrValue::SparseTensors(v) => list(v, |b| opaque("sparse_tensor", b)),
                 AttrValue::TypeProtos(v) => list(v, |b| opaque("type_proto", b)),
@@ -594,6 +633,22 @@ mod tests {
         vals[63] += 1.0;
         m.graph.value_mut(w).tensor = Some(Tensor::from_f32(vec![16, 4], &vals));
         assert_ne!(before, print_model(&m));
+    }
+
+    /// A higher `small_tensor` prints the 64-element table's values, which parse back.
+    #[test]
+    fn larger_tensors_inline_on_request() {
+        let m = model();
+        let opts = PrintOptions { small_tensor: 64 };
+        let text = print_model_with(&m, &opts);
+        assert!(print_model(&m).contains("onnx::Gather_7: f32[16, 4] = <256 B, fnv1a"));
+        assert!(text.contains("onnx::Gather_7: f32[16, 4] = [0.0, 0.5, 1.0,"));
+        assert_eq!(
+            print_model_with(&m, &PrintOptions::default()),
+            print_model(&m)
+        );
+        let back = crate::parse_model(&text).unwrap();
+        assert_eq!(print_model_with(&back, &opts), text);
     }
 
     #[test]
