@@ -50,6 +50,13 @@ impl Pass for OnlineHadamard {
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        if transform::already_applied(model, Self::NAME) {
+            ctx.note(format!(
+                "already applied to this model ({} lists it): nothing done",
+                transform::APPLIED_KEY
+            ));
+            return Ok(PassOutcome::from_changed(false));
+        }
         let regions = ctx.analysis::<Regions>(model)?;
         let (mut rotated, mut nodes) = (0u64, 0u64);
         for (i, region) in regions.regions.iter().enumerate() {
@@ -67,8 +74,11 @@ impl Pass for OnlineHadamard {
                     rotated += 1;
                     nodes += a.online_nodes as u64;
                 }
-                Err(why) => ctx.note(format!("{what}: not rotated: {why}")),
+                Err(why) => ctx.note(format!("{what}: {why}")),
             }
+        }
+        if rotated > 0 {
+            transform::record_applied(model, Self::NAME);
         }
         Ok(PassOutcome::from_changed(rotated > 0)
             .with("regions-rotated", rotated)

@@ -145,6 +145,13 @@ impl Pass for Permute {
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        if transform::already_applied(model, Self::NAME) {
+            ctx.note(format!(
+                "already applied to this model ({} lists it): nothing done",
+                transform::APPLIED_KEY
+            ));
+            return Ok(PassOutcome::from_changed(false));
+        }
         let regions = ctx.analysis::<Regions>(model)?;
         let calib = ctx.resource::<Calibration>().cloned();
         let (mut permuted, mut total) = (0u64, transform::Applied::default());
@@ -154,7 +161,7 @@ impl Pass for Permute {
             }
             let what = format!("region #{i} ({}, d = {})", region.kind.as_str(), region.dim);
             if let Some(why) = region.why_not(crate::regions::TransformKind::Permutation) {
-                ctx.note(format!("{what}: not permuted: {why}"));
+                ctx.note(format!("{what}: no permutation: {why}"));
                 continue;
             }
             let op = self
@@ -165,8 +172,13 @@ impl Pass for Permute {
             }
             let a = transform::apply(&mut model.graph, region, &op, Placement::Fold)
                 .map_err(|e| PassError::msg(format!("permute: {what}: {e}")))?;
-            permuted += 1;
-            total += a;
+            if a != transform::Applied::default() {
+                permuted += 1;
+                total += a;
+            }
+        }
+        if permuted > 0 {
+            transform::record_applied(model, Self::NAME);
         }
         Ok(PassOutcome::from_changed(permuted > 0)
             .with("regions-permuted", permuted)

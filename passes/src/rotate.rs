@@ -64,6 +64,13 @@ impl Pass for Rotate {
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        if transform::already_applied(model, Self::NAME) {
+            ctx.note(format!(
+                "already applied to this model ({} lists it): nothing done",
+                transform::APPLIED_KEY
+            ));
+            return Ok(PassOutcome::from_changed(false));
+        }
         let regions = ctx.analysis::<Regions>(model)?;
         let (mut residual, mut heads) = (0u64, 0u64);
         let mut total = transform::Applied::default();
@@ -90,8 +97,11 @@ impl Pass for Rotate {
                         _ => heads += 1,
                     }
                 }
-                Err(why) => ctx.note(format!("{what}: not rotated: {why}")),
+                Err(why) => ctx.note(format!("{what}: {why}")),
             }
+        }
+        if residual + heads > 0 {
+            transform::record_applied(model, Self::NAME);
         }
         Ok(PassOutcome::from_changed(residual + heads > 0)
             .with("residual-rotated", residual)

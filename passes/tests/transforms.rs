@@ -202,3 +202,27 @@ fn a_block_that_does_not_divide_lists_the_sizes_that_do() {
         "{err}"
     );
 }
+
+/// A transform pass run again on its own output does nothing and says so; the model's
+/// metadata lists what ran. An identity permutation changes nothing and reports no change.
+#[test]
+fn transform_passes_run_once() {
+    let mut model = load("llama_ts.onnx");
+    let before = logits(&model);
+    let first = run(&mut model, "fold-norms,rotate,online-hadamard");
+    assert!(first.contains("residual-rotated=1"), "{first}");
+    let again = run(&mut model, "fold-norms,rotate,online-hadamard");
+    assert!(again.contains("already applied"), "{again}");
+    assert!(!again.contains("residual-rotated=1"), "{again}");
+    assert!(rel_err(&before, &logits(&model)) < 1e-5);
+    let (_, v) = model
+        .metadata
+        .iter()
+        .find(|(k, _)| k == perqc_passes::transform::APPLIED_KEY)
+        .expect("recorded");
+    assert_eq!(v, "rotate,online-hadamard");
+
+    let mut model = load("llama_ts.onnx");
+    let report = run(&mut model, "permute(method=identity)");
+    assert!(report.contains("regions-permuted=0"), "{report}");
+}

@@ -494,7 +494,7 @@ fn classify(env: &Env<'_>, mut t: Trace, force: Option<RegionKind>) -> Option<Re
             groups[c] = *ids.entry(s).or_insert(n);
         }
         let kv = ids.len();
-        if kv > 1 && dim.is_multiple_of(kv) {
+        if max_heads > 1 && dim.is_multiple_of(kv) {
             heads = Some(Heads {
                 heads: max_heads,
                 kv_heads: kv,

@@ -234,6 +234,18 @@ impl Trace {
 
     /// Reaches value `v` carrying channels on `axes` with ids `ids`.
     fn visit(&mut self, env: &Env<'_>, v: ValueId, axes: Axes, ids: Vec<u32>) {
+        // The port's axes must hold exactly its channels.
+        if env
+            .extents(v, &axes)
+            .is_none_or(|e| e.iter().product::<usize>() != ids.len())
+        {
+            let name = env.graph.value(v).name.clone();
+            return self.block(
+                env,
+                None,
+                format!("value `{name}` carries the channels on axes of unknown or other sizes"),
+            );
+        }
         if let Some((seen_axes, seen_ids)) = self.seen.get(&v) {
             if *seen_axes != axes {
                 let name = env.graph.value(v).name.clone();
@@ -691,7 +703,13 @@ pub(super) fn regroup_axes(ins: &[Dim], axes: &[usize], outs: &[Dim]) -> Option<
         for o1 in (0..=o2).rev() {
             let p = Mono::product(&outs[o1..=o2])?;
             if p == extent {
-                return Some((o1..=o2).collect());
+                // Size-1 axes just before the run join it: `[.., D] -> [.., 1, D]` is one
+                // key/value head, whose axis attention then repeats over the query heads.
+                let mut start = o1;
+                while start > 0 && outs[start - 1] == Dim::Known(1) {
+                    start -= 1;
+                }
+                return Some((start..=o2).collect());
             }
             if p.syms.len() > extent.syms.len() || p.coef > extent.coef {
                 break;

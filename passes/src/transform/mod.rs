@@ -21,7 +21,7 @@ pub mod op;
 pub use op::ChannelOp;
 
 use crate::regions::{Endpoint, Region, TransformKind};
-use perqc_ir::{AttrValue, Graph, NodeId, Operand, Tensor, ValueDef, ValueId};
+use perqc_ir::{AttrValue, Graph, Model, NodeId, Operand, Tensor, ValueDef, ValueId};
 use std::collections::HashMap;
 
 /// Where `T` goes.
@@ -52,6 +52,33 @@ impl std::ops::AddAssign for Applied {
     }
 }
 
+/// The model metadata key listing the transform passes applied to a model, comma-separated:
+/// a transform pass run again on its own output does nothing and says so (a second
+/// symmetric Hadamard would undo the first; a second permutation would be computed from
+/// statistics of the unpermuted channels).
+pub const APPLIED_KEY: &str = "perqc.transforms";
+
+/// Whether transform pass `pass` has already run on `model`.
+pub fn already_applied(model: &Model, pass: &str) -> bool {
+    model
+        .metadata
+        .iter()
+        .any(|(k, v)| k == APPLIED_KEY && v.split(',').any(|p| p == pass))
+}
+
+/// Records that transform pass `pass` ran on `model`.
+pub fn record_applied(model: &mut Model, pass: &str) {
+    match model.metadata.iter_mut().find(|(k, _)| k == APPLIED_KEY) {
+        Some((_, v)) => {
+            v.push(',');
+            v.push_str(pass);
+        }
+        None => model
+            .metadata
+            .push((APPLIED_KEY.to_string(), pass.to_string())),
+    }
+}
+
 /// The transform kind a region must allow for `op` to fold.
 pub fn kind_of(op: &ChannelOp) -> TransformKind {
     match op {
@@ -76,6 +103,9 @@ pub fn apply(
             op.dim(),
             region.dim
         ));
+    }
+    if op.is_identity() {
+        return Ok(Applied::default());
     }
     let mut updates = Vec::new();
     let mut applied = Applied::default();

@@ -30,6 +30,19 @@ impl ChannelOp {
         }
     }
 
+    /// `T = I`: applying it changes nothing.
+    pub fn is_identity(&self) -> bool {
+        match self {
+            ChannelOp::Permutation(p) => p.iter().enumerate().all(|(i, &j)| i == j),
+            ChannelOp::Diagonal(d) => d.iter().all(|&x| x == 1.0),
+            ChannelOp::Blocks { size, blocks } => blocks.iter().all(|b| {
+                b.iter()
+                    .enumerate()
+                    .all(|(k, &x)| x == if k / size == k % size { 1.0 } else { 0.0 })
+            }),
+        }
+    }
+
     /// `k` copies of one block.
     pub fn repeated(block: Vec<f64>, size: usize, k: usize) -> ChannelOp {
         ChannelOp::Blocks {
