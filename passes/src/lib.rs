@@ -45,6 +45,15 @@ pub fn canonicalize(model: &mut Model) -> Result<PassOutcome, PassError> {
     Canonicalize.run(model, &mut PassContext::new(None))
 }
 
+/// The passes that rewrite weights by channel transforms: exact up to float round-off (not
+/// bit for bit), and run once per model (see [`transform::APPLIED_KEY`]).
+pub const TRANSFORM_PASSES: [&str; 4] = [
+    FoldNorms::NAME,
+    Permute::NAME,
+    Rotate::NAME,
+    OnlineHadamard::NAME,
+];
+
 /// Every pass, by name, in the order `--list-passes` shows them.
 pub fn registry() -> PassRegistry {
     let mut r = PassRegistry::new();

@@ -491,7 +491,20 @@ impl Trace {
         ] = flows.as_slice()
         {
             let w = n.input(*weight);
+            // A plain sink holds one entry per channel along its axis; a packed weight
+            // (4-bit blocks) does not, and cannot take a channel map.
+            let whole = w
+                .and_then(|w| env.extents(w, &[*weight_axis]))
+                .is_some_and(|e| e[0] == ids.len());
             match w {
+                Some(w) if env.is_const(w) && !is_const && !whole => self.block(
+                    env,
+                    Some(node),
+                    format!(
+                        "reads the channels through `{}`, whose axis {weight_axis} does not hold one entry per channel (packed)",
+                        env.graph.value(w).name
+                    ),
+                ),
                 Some(w) if env.is_const(w) && !is_const => self.sinks.push(RawEndpoint {
                     node,
                     input: *weight,
