@@ -1,5 +1,5 @@
 //! The region analysis on the fixtures: counts, dimensions, heads and legality, for both
-//! Llama exports, the LayerNorm encoder and the packed-weight decoder.
+//! Llama exports, the Gemma-like decoder, the LayerNorm encoder and the packed-weight decoder.
 
 use perqc_passes::regions::{RegionKind, Regions, TransformKind};
 use std::path::PathBuf;
@@ -83,6 +83,147 @@ fn llama_torchscript_regions() {
 #[test]
 fn llama_dynamo_regions() {
     llama("llama_dynamo.onnx");
+}
+
+/// The Gemma-like decoder (2 layers, d 64, sandwich norms, GeGLU 256, q/k norms, 2 query
+/// heads over 1 key/value head of 256, every norm scaled by a folded `1 + w`):
+///
+/// - one residual region: the embedding (scaled by a constant `sqrt(64)`, which commutes
+///   with everything), o_proj and down_proj write it. o_proj and down_proj reach it
+///   *through* the post-norms (an RMS norm passes its channels on), so the post-norms'
+///   gammas are parameters of the stream, next to the pre-norms' and the final norm's.
+///   Permutations are legal (they permute the gammas too); rotations are not while any
+///   gamma is non-uniform. `fold-norms` folds the pre-norms and the final norm into their
+///   readers but cannot fold a post-norm, whose output is added to the residual, so
+///   rotations stay illegal (transforms.rs checks the notes and the reason after it);
+/// - one mlp region per layer (gate and up write, down_proj reads): the tanh GELU and the
+///   gate product commute with permutations only;
+/// - one attention_qk region per layer, 2 query heads over 1 key/value head of 256 (the
+///   q/k norms' gammas are its parameters), blocked by the rotary embedding.
+///
+/// The attention_vo regions are missing, and the query-key regions lack k_proj: see
+/// `gemma_attention_regions_with_one_key_value_head`.
+#[test]
+fn gemma_regions() {
+    let r = regions("gemma_like.onnx");
+    assert_eq!(count(&r, RegionKind::Residual), 1, "{}", r.summary());
+    assert_eq!(count(&r, RegionKind::Mlp), 2, "{}", r.summary());
+    assert_eq!(count(&r, RegionKind::AttentionQk), 2, "{}", r.summary());
+
+    let res = r.of_kind(RegionKind::Residual).next().unwrap();
+    assert_eq!(res.dim, 64);
+    assert_eq!(
+        res.sources.len(),
+        1 + 2 * 2,
+        "embedding + o_proj and down_proj per layer"
+    );
+    assert_eq!(
+        res.sinks.len(),
+        2 * 5 + 1,
+        "q/k/v/gate/up per layer + lm_head"
+    );
+    let norms: Vec<&str> = res
+        .params
+        .iter()
+        .map(|p| res.node_name(p.node).rsplit('/').nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        norms,
+        [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "norm",
+        ],
+        "four sandwich norms per layer + the final norm; the q/k norms are not on the stream"
+    );
+    assert!(res.why_not(TransformKind::Permutation).is_none());
+    let why = res
+        .why_not(TransformKind::Rotation)
+        .expect("gammas block rotations");
+    assert!(
+        why.contains("input_layernorm") && why.contains("not uniform"),
+        "{why}"
+    );
+    assert!(res.why_not(TransformKind::Scale).is_some(), "RMS norms");
+
+    for mlp in r.of_kind(RegionKind::Mlp) {
+        assert_eq!(mlp.dim, 256);
+        assert_eq!((mlp.sources.len(), mlp.sinks.len()), (2, 1));
+        assert!(mlp.heads.is_none());
+        assert!(mlp.why_not(TransformKind::Permutation).is_none());
+        let why = mlp.why_not(TransformKind::Rotation).expect("GELU");
+        assert!(why.contains("Gelu"), "{why}");
+    }
+    for qk in r.of_kind(RegionKind::AttentionQk) {
+        assert_eq!(qk.dim, 256);
+        let h = qk.heads.expect("heads");
+        assert_eq!((h.heads, h.kv_heads, h.head_dim), (2, 1, 256));
+        let norms: Vec<&str> = qk.params.iter().map(|p| qk.node_name(p.node)).collect();
+        assert!(
+            norms.len() == 2 && norms[0].contains("/q_norm/") && norms[1].contains("/k_norm/"),
+            "{norms:?}"
+        );
+        assert!(qk.why_not(TransformKind::Permutation).is_some(), "rotary");
+        assert!(
+            qk.barriers
+                .iter()
+                .any(|b| b.reason.contains("slices the channel axis")),
+            "{:?}",
+            qk.barriers
+        );
+    }
+}
+
+/// What the attention of the Gemma-like decoder should give, and does not yet: per layer an
+/// attention_vo region (v_proj writes 256 channels, o_proj reads them twice: heads 2 /
+/// kv 1 / head dim 256; every transform legal, R2 applies `H_256`) and an attention_qk
+/// region written by q_proj *and* k_proj (through the q/k norms; blocked by the rotary
+/// embedding). Both come out with 2 key/value heads of 256, everything else equal.
+///
+/// With one key/value head (after 90b3ce1, which lets size-1 axes join a *regrouped* run and
+/// counts heads from one group up), the exporter's `Reshape [B, S, 256] -> [B, S, 1, 256]`
+/// never regroups: the Reshape channel rule (`perqc_ops::channel::reshape`) finds an output
+/// axis of the same size and trailing product and answers `Through` to axis 3, so the heads
+/// axis of size 1 never joins the port:
+/// - vo: Attention passes v's channels to its result without a heads axis; the merge
+///   `[B, S, 2, 256] -> [B, S, 512]` before o_proj then regroups the channel axis with the
+///   non-channel heads axis, a barrier. Blocked without a sink, the trace is dropped by
+///   `classify` without a word, and `rotate` does not rotate the heads (no note);
+/// - qk: found from q_proj, but the keys traced back to `Reshape_1` arrive on axes
+///   `[2, 3]` (heads of 1, head dim), which the `Through` rule does not map back: k_proj is
+///   no source and the region lists "the channels are produced here" at `Reshape_1`.
+#[test]
+#[ignore = "region analysis: with 1 key/value head, no attention_vo region and no k_proj in attention_qk"]
+fn gemma_attention_regions_with_one_key_value_head() {
+    let r = regions("gemma_like.onnx");
+    assert_eq!(count(&r, RegionKind::AttentionVo), 2, "{}", r.summary());
+    assert_eq!(count(&r, RegionKind::AttentionQk), 2, "{}", r.summary());
+    for vo in r.of_kind(RegionKind::AttentionVo) {
+        assert_eq!(vo.dim, 256, "1 key/value head of 256");
+        let h = vo.heads.expect("heads");
+        assert_eq!((h.heads, h.kv_heads, h.head_dim), (2, 1, 256));
+        assert!(vo.why_not(TransformKind::Rotation).is_none());
+        let sink = &vo.sinks[0];
+        assert_eq!(sink.channels.len(), 512, "o_proj reads the head twice");
+        assert_eq!(&sink.channels[..256], &sink.channels[256..]);
+    }
+    for qk in r.of_kind(RegionKind::AttentionQk) {
+        assert_eq!(qk.sources.len(), 2, "q_proj and k_proj");
+        assert!(qk.why_not(TransformKind::Permutation).is_some(), "rotary");
+        assert!(
+            qk.barriers
+                .iter()
+                .any(|b| b.reason.contains("slices the channel axis")),
+            "{:?}",
+            qk.barriers
+        );
+    }
 }
 
 /// Post-LN BERT: the residual stream is the graph's input and output (no transform can be

@@ -2,7 +2,7 @@
 //! fixtures' real graph shapes, run by the native runtime (the ONNX Runtime check of the
 //! emitted files is in tests/).
 
-use perqc_ir::{Model, PassManager, RunOptions};
+use perqc_ir::{Model, PassManager, Report, RunOptions};
 use perqc_passes::calibration::{Calibration, CalibrationSource};
 use perqc_passes::regions::{RegionKind, Regions};
 use perqc_runtime::{ChannelObserver, RtTensor, Session, StatsOptions};
@@ -17,7 +17,7 @@ fn load(name: &str) -> Model {
     model
 }
 
-/// Logits of the Llama fixtures for fixed ids, batch 2 x 7.
+/// Logits of the Llama and Gemma-like fixtures for fixed ids, batch 2 x 7.
 fn logits(model: &Model) -> Vec<f32> {
     let ids: Vec<i64> = (0..14).map(|i| (i * 53 + 7) % 256).collect();
     let ids = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 7]), ids).unwrap();
@@ -38,15 +38,17 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn run(model: &mut Model, pipeline: &str) -> String {
+    format!("{}", run_report(model, pipeline))
+}
+
+fn run_report(model: &mut Model, pipeline: &str) -> Report {
     let mut p = perqc_passes::registry().build(pipeline).expect("pipeline");
     let mut pm = PassManager::new();
     if pipeline.contains("permute") {
         pm.provide(calibrate(model));
     }
-    let report = pm
-        .run(model, &mut p, &mut RunOptions::default())
-        .expect("runs");
-    format!("{report}")
+    pm.run(model, &mut p, &mut RunOptions::default())
+        .expect("runs")
 }
 
 /// Statistics of every region's sink inputs on the test ids (the CLI's calibration does
@@ -86,16 +88,38 @@ fn calibrate(model: &Model) -> Calibration {
 }
 
 fn exact(fixture: &str, pipeline: &str) -> Model {
+    exact_report(fixture, pipeline).0
+}
+
+/// [`exact`], with what the passes did.
+fn exact_report(fixture: &str, pipeline: &str) -> (Model, Report) {
     let mut model = load(fixture);
     let before = logits(&model);
-    let report = run(&mut model, pipeline);
+    let report = run_report(&mut model, pipeline);
     let after = logits(&model);
     let e = rel_err(&before, &after);
     assert!(
         e < 1e-5,
         "{fixture} {pipeline}: relative error {e}\n{report}"
     );
+    (model, report)
+}
+
+/// The notes of every pass in a run.
+fn notes(report: &Report) -> Vec<&str> {
+    report
+        .passes
+        .iter()
+        .flat_map(|p| p.notes.iter().map(String::as_str))
+        .collect()
+}
+
+fn hadamards(model: &Model) -> usize {
     model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "Hadamard")
+        .count()
 }
 
 #[test]
@@ -225,4 +249,107 @@ fn transform_passes_run_once() {
     let mut model = load("llama_ts.onnx");
     let report = run(&mut model, "permute(method=identity)");
     assert!(report.contains("regions-permuted=0"), "{report}");
+}
+
+/// The Gemma-like decoder's sandwich norms: `fold-norms` folds the two pre-norms of each
+/// layer and the final norm (their `1 + w` gammas go into q/k/v, gate/up and the lm_head)
+/// and leaves the four post-norms, whose outputs are added to the residual, with a note.
+/// Their gammas still keep rotations off the residual stream.
+#[test]
+fn gemma_fold_norms_is_exact_and_leaves_the_post_norms() {
+    let (model, report) = exact_report("gemma_like.onnx", "fold-norms");
+    assert_eq!(report.counter("fold-norms", "norms-folded"), 5, "{report}");
+    let notes = notes(&report);
+    let post: Vec<&&str> = notes
+        .iter()
+        .filter(|n| n.contains("not folded") && n.contains("/post_"))
+        .collect();
+    assert_eq!(post.len(), 4, "{notes:?}");
+    assert!(
+        post.iter().all(|n| n.contains("post-norm residual")),
+        "{notes:?}"
+    );
+
+    let shapes = perqc_ops::infer_model(&model).unwrap();
+    let r = Regions::find(&model, &shapes);
+    let res = r.of_kind(RegionKind::Residual).next().unwrap();
+    let why = res
+        .why_not(perqc_passes::regions::TransformKind::Rotation)
+        .expect("post-norm gammas block rotations");
+    assert!(
+        why.contains("post_attention_layernorm") && why.contains("not uniform"),
+        "{why}"
+    );
+}
+
+/// Random permutations of the residual stream (its post-norm gammas are permuted with it)
+/// and of both GeGLU regions.
+#[test]
+fn gemma_permutations_are_exact() {
+    let (_, report) = exact_report(
+        "gemma_like.onnx",
+        "permute(method=random,seed=2,residual=true,heads=true,block=16)",
+    );
+    // The residual stream and 2 mlp regions (the attention_vo regions are missing: see
+    // regions.rs, gemma_attention_regions_with_one_key_value_head).
+    assert!(
+        report.counter("permute", "regions-permuted") >= 3,
+        "{report}"
+    );
+    exact("gemma_like.onnx", "permute(block=32,residual=true)");
+    exact(
+        "gemma_like.onnx",
+        "permute(method=zigzag),fold-norms,rotate",
+    );
+}
+
+/// R1 is refused on the Gemma-like decoder (the post-norms' gammas), with the region's
+/// reason in a note; what `rotate` does apply is exact.
+#[test]
+fn gemma_rotate_is_exact_and_refuses_the_residual_stream() {
+    for pipeline in [
+        "fold-norms,rotate",
+        "fold-norms,rotate(residual=block,block=16,signs=7)",
+        "rotate",
+    ] {
+        let (_, report) = exact_report("gemma_like.onnx", pipeline);
+        assert_eq!(
+            report.counter("rotate", "residual-rotated"),
+            0,
+            "{pipeline}\n{report}"
+        );
+        let notes = notes(&report);
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("(residual, d = 64): no rotation") && n.contains("not uniform")),
+            "{pipeline}: {notes:?}"
+        );
+    }
+}
+
+/// R3 before each GeGLU down_proj (d 256) at several block sizes, and the recipe's chain.
+#[test]
+fn gemma_online_hadamard_and_the_whole_chain_are_exact() {
+    for b in [16, 32, 256] {
+        let m = exact("gemma_like.onnx", &format!("online-hadamard(block={b})"));
+        assert_eq!(hadamards(&m), 2, "one per layer");
+    }
+    let m = exact(
+        "gemma_like.onnx",
+        "permute(block=32),fold-norms,rotate,online-hadamard(block=32,signs=1)",
+    );
+    assert_eq!(hadamards(&m), 2, "one per layer");
+}
+
+/// What `rotate` should also do on the Gemma-like decoder: R2, one `H_256` on each layer's
+/// value head and o_proj's two reads of it. It does not while the analysis finds no
+/// attention_vo region for 1 key/value head (regions.rs,
+/// gemma_attention_regions_with_one_key_value_head); `rotate` then skips the heads without
+/// a note.
+#[test]
+#[ignore = "region analysis: attention with 1 key/value head yields no attention_vo region"]
+fn gemma_rotate_rotates_the_value_heads() {
+    let (_, report) = exact_report("gemma_like.onnx", "fold-norms,rotate");
+    assert_eq!(report.counter("rotate", "heads-rotated"), 2, "{report}");
 }

@@ -59,9 +59,10 @@ fn session(name: &str, threads: usize) -> Session {
 #[test]
 fn fixtures_agree_with_onnx_runtime() {
     let out = out_dir("runtime_agreement");
-    let cases: [(&str, &str, MakeInput); 3] = [
+    let cases: [(&str, &str, MakeInput); 4] = [
         ("llama_ts.onnx", "input_ids", ids),
         ("llama_dynamo.onnx", "input_ids", ids),
+        ("gemma_like.onnx", "input_ids", ids),
         ("encoder_ln_gelu.onnx", "hidden", hidden),
     ];
     for (model, input, make) in cases {
@@ -72,7 +73,7 @@ fn fixtures_agree_with_onnx_runtime() {
                 .run(&[(input, x.clone())])
                 .unwrap_or_else(|e| panic!("{model}: {e}"));
             assert_eq!(outs.len(), 1);
-            let want = if model.starts_with("llama") { 256 } else { 64 };
+            let want = if input == "input_ids" { 256 } else { 64 };
             assert_eq!(outs[0].1.shape(), &[batch, seq, want], "{model}");
             let stem = model.trim_end_matches(".onnx");
             native_case(

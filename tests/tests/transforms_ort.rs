@@ -1,7 +1,7 @@
 //! The exact transforms, each alone and chained as the recipe chains them, emitted as ONNX:
 //! ONNX Runtime must run every file (onnx.checker accepts it) and give the original
 //! fixture's outputs within 1e-4 relative (max abs error / max abs value), on both Llama
-//! exports and the encoder. Registered as conformance cases for `scripts/check`.
+//! exports, the Gemma-like decoder and the encoder. Registered as conformance cases for `scripts/check`.
 
 mod common;
 
@@ -58,6 +58,15 @@ fn llama_torchscript() {
 fn llama_dynamo() {
     for (tag, p) in PIPELINES {
         emit("llama_dynamo.onnx", tag, p);
+    }
+}
+
+/// The Gemma-like decoder: the residual rotation is refused (post-norm gammas), the rest
+/// applies.
+#[test]
+fn gemma_like() {
+    for (tag, p) in PIPELINES {
+        emit("gemma_like.onnx", tag, p);
     }
 }
 

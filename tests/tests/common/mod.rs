@@ -9,9 +9,10 @@
 use std::path::{Path, PathBuf};
 
 /// Every generated ONNX fixture.
-pub const FIXTURES: [&str; 8] = [
+pub const FIXTURES: [&str; 9] = [
     "llama_ts.onnx",
     "llama_dynamo.onnx",
+    "gemma_like.onnx",
     "encoder_ln_gelu.onnx",
     "control_flow.onnx",
     "custom_domain.onnx",
