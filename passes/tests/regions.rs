@@ -180,26 +180,14 @@ fn gemma_regions() {
     }
 }
 
-/// What the attention of the Gemma-like decoder should give, and does not yet: per layer an
-/// attention_vo region (v_proj writes 256 channels, o_proj reads them twice: heads 2 /
-/// kv 1 / head dim 256; every transform legal, R2 applies `H_256`) and an attention_qk
-/// region written by q_proj *and* k_proj (through the q/k norms; blocked by the rotary
-/// embedding). Both come out with 2 key/value heads of 256, everything else equal.
-///
-/// With one key/value head (after 90b3ce1, which lets size-1 axes join a *regrouped* run and
-/// counts heads from one group up), the exporter's `Reshape [B, S, 256] -> [B, S, 1, 256]`
-/// never regroups: the Reshape channel rule (`perqc_ops::channel::reshape`) finds an output
-/// axis of the same size and trailing product and answers `Through` to axis 3, so the heads
-/// axis of size 1 never joins the port:
-/// - vo: Attention passes v's channels to its result without a heads axis; the merge
-///   `[B, S, 2, 256] -> [B, S, 512]` before o_proj then regroups the channel axis with the
-///   non-channel heads axis, a barrier. Blocked without a sink, the trace is dropped by
-///   `classify` without a word, and `rotate` does not rotate the heads (no note);
-/// - qk: found from q_proj, but the keys traced back to `Reshape_1` arrive on axes
-///   `[2, 3]` (heads of 1, head dim), which the `Through` rule does not map back: k_proj is
-///   no source and the region lists "the channels are produced here" at `Reshape_1`.
+/// The attention of the Gemma-like decoder (one key/value head): per layer an attention_vo
+/// region (v_proj writes 256 channels, o_proj reads them twice: heads 2 / kv 1 / head dim
+/// 256; every transform legal, R2 applies `H_256`) and an attention_qk region written by
+/// q_proj *and* k_proj (through the q/k norms; blocked by the rotary embedding). The
+/// exporter's `Reshape [B, S, 256] -> [B, S, 1, 256]` makes the size-1 heads axis: the
+/// Reshape rule answers `Regroup` for a new size-1 axis in front of the channels, and the
+/// regrouped run takes it in, so attention repeats that head over the query heads.
 #[test]
-#[ignore = "region analysis: with 1 key/value head, no attention_vo region and no k_proj in attention_qk"]
 fn gemma_attention_regions_with_one_key_value_head() {
     let r = regions("gemma_like.onnx");
     assert_eq!(count(&r, RegionKind::AttentionVo), 2, "{}", r.summary());

@@ -342,13 +342,10 @@ fn gemma_online_hadamard_and_the_whole_chain_are_exact() {
     assert_eq!(hadamards(&m), 2, "one per layer");
 }
 
-/// What `rotate` should also do on the Gemma-like decoder: R2, one `H_256` on each layer's
-/// value head and o_proj's two reads of it. It does not while the analysis finds no
-/// attention_vo region for 1 key/value head (regions.rs,
-/// gemma_attention_regions_with_one_key_value_head); `rotate` then skips the heads without
-/// a note.
+/// `rotate` on the Gemma-like decoder applies R2: one `H_256` on each layer's single
+/// value head and on o_proj's two reads of it (regions.rs,
+/// gemma_attention_regions_with_one_key_value_head).
 #[test]
-#[ignore = "region analysis: attention with 1 key/value head yields no attention_vo region"]
 fn gemma_rotate_rotates_the_value_heads() {
     let (_, report) = exact_report("gemma_like.onnx", "fold-norms,rotate");
     assert_eq!(report.counter("rotate", "heads-rotated"), 2, "{report}");

@@ -693,6 +693,12 @@ pub fn reshape(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     }
     for o in 0..out.len() {
         if &out[o] == size && Mono::product(&out[o + 1..]).as_ref() == Some(&tail) {
+            // A new size-1 axis in front (`[.., D] -> [.., 1, D]`: one key/value head) is
+            // a heads axis for what reads the result: let the analysis regroup the run.
+            let one = Dim::Known(1);
+            if o > 0 && out[o - 1] == one && (ctx.axis == 0 || inp[ctx.axis - 1] != one) {
+                return ChannelFlow::Regroup;
+            }
             return ChannelFlow::through(vec![(0, o)], LINEAR);
         }
     }

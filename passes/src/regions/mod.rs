@@ -170,7 +170,7 @@ impl Region {
         {
             let p = &self.params[i];
             return Some(format!(
-                "the per-channel parameter `{}` of {} is not uniform (fold-norms folds it into the readers)",
+                "the per-channel parameter `{}` of {} is not uniform (fold-norms folds a pre-norm's gamma into its readers)",
                 self.names.values[&p.weight], self.names.nodes[&p.node]
             ));
         }
