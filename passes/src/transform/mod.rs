@@ -85,7 +85,7 @@ pub fn kind_of(op: &ChannelOp) -> TransformKind {
         ChannelOp::Permutation(_) => TransformKind::Permutation,
         ChannelOp::Diagonal(d) if d.iter().all(|&x| x > 0.0) => TransformKind::Scale,
         ChannelOp::Diagonal(_) => TransformKind::SignedScale,
-        ChannelOp::Blocks { .. } => TransformKind::Rotation,
+        ChannelOp::Blocks { .. } | ChannelOp::Hadamard(_) => TransformKind::Rotation,
     }
 }
 
@@ -185,6 +185,12 @@ fn update(graph: &Graph, region: &Region, e: &Endpoint, m: &ChannelOp) -> Result
 
 /// Rewrites the weights: in place where every reader of a weight takes the same rewrite,
 /// else a copy per endpoint. Returns (rewritten in place, copies made).
+///
+/// In place means the initializer's tensor is replaced: its payload is transformed where it
+/// lies when the graph holds the only reference to it (a weight an earlier transform
+/// rewrote), else into one new buffer, and the original (a slice of the model file) is
+/// dropped with its last reference. So the graph never holds two versions of a weight, and
+/// untouched weights are never copied.
 fn write(graph: &mut Graph, updates: Vec<Update>) -> Result<(usize, usize), String> {
     let mut by_weight: Vec<(ValueId, Vec<Update>)> = Vec::new();
     for u in updates {
@@ -200,10 +206,9 @@ fn write(graph: &mut Graph, updates: Vec<Update>) -> Result<(usize, usize), Stri
     let (mut rewritten, mut copies) = (0, 0);
     for (w, ups) in by_weight {
         let name = graph.value(w).name.clone();
-        let t = graph
-            .const_tensor(w)
-            .ok_or_else(|| format!("`{name}` is not a constant"))?
-            .clone();
+        if graph.const_tensor(w).is_none() {
+            return Err(format!("`{name}` is not a constant"));
+        }
         let readers: Vec<(NodeId, usize)> = graph
             .value(w)
             .uses()
@@ -222,13 +227,21 @@ fn write(graph: &mut Graph, updates: Vec<Update>) -> Result<(usize, usize), Stri
             .all(|p| p[0].axis == p[1].axis && p[0].m == p[1].m);
         let fail = |e: String| format!("`{name}`: {e}");
         if covered && same && graph.value(w).def() == ValueDef::Initializer {
-            let new = ups[0].m.apply(&t, ups[0].axis).map_err(fail)?;
-            graph
-                .replace_initializer(w, new)
-                .map_err(|e| fail(e.to_string()))?;
+            let slot = &mut graph.value_mut(w).tensor;
+            let old = slot.take().expect("an initializer has its tensor");
+            match ups[0].m.apply_owned(old, ups[0].axis) {
+                // Same name, type and dims, a payload of the full size: what
+                // `replace_initializer` checks.
+                Ok(new) => *slot = Some(new),
+                Err(refused) => {
+                    *slot = Some(refused.tensor);
+                    return Err(fail(refused.why));
+                }
+            }
             rewritten += 1;
             continue;
         }
+        let t = graph.const_tensor(w).expect("checked above").clone();
         for u in ups {
             let new = u.m.apply(&t, u.axis).map_err(fail)?;
             let copy = graph.fresh_name(&name);
@@ -315,20 +328,29 @@ fn online_node(
         }
         graph.add_initializer(&n, t).map_err(|e| e.to_string())
     };
+    // Per block, row vectors: y_blk = x_blk Bᵀ, the op's `x · H` with H = Bᵀ.
+    let block_constant = |graph: &mut Graph, n: usize, b: &[f64]| {
+        let h: Vec<f32> = (0..n * n).map(|k| b[(k % n) * n + k / n] as f32).collect();
+        constant(
+            graph,
+            &format!("perqc.online_block{n}"),
+            Tensor::from_slice(vec![n as i64, n as i64], &h),
+        )
+    };
     match op {
+        ChannelOp::Hadamard(h) => {
+            let v = block_constant(graph, h.order(), &h.dense_block())?;
+            let spec = crate::canonicalize::canonical("Hadamard").named(&name);
+            Ok((spec, vec![v]))
+        }
         ChannelOp::Blocks { size, blocks } => {
             if blocks.windows(2).any(|w| w[0] != w[1]) {
                 return Err("an online map with different blocks is not supported".into());
             }
-            // Per block, row vectors: y_blk = x_blk Bᵀ, the op's `x · H` with H = Bᵀ.
-            let b = &blocks[0];
-            let n = *size;
-            let h: Vec<f32> = (0..n * n).map(|k| b[(k % n) * n + k / n] as f32).collect();
-            let v = constant(
-                graph,
-                &format!("perqc.online_block{n}"),
-                Tensor::from_slice(vec![n as i64, n as i64], &h),
-            )?;
+            let Some(b) = blocks.first() else {
+                return Err("an online map with no blocks".into());
+            };
+            let v = block_constant(graph, *size, b)?;
             let spec = crate::canonicalize::canonical("Hadamard").named(&name);
             Ok((spec, vec![v]))
         }

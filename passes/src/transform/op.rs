@@ -6,8 +6,25 @@
 //! axis is the action of `T⁻ᵀ`. So every fold is one primitive, [`ChannelOp::apply`]:
 //! `t̃[.., i, ..] = Σ_j M[i, j] t[.., j, ..]` along an axis, with `M = T` on the writing
 //! side and `M = T⁻ᵀ` on the reading side.
+//!
+//! Cost of [`ChannelOp::apply`] and [`ChannelOp::apply_owned`]: a payload is transformed in
+//! place, the one nothing else holds where it lies (no allocation), any other (a slice of
+//! the memory-mapped model file) in one copy of it; no f32 or f64 copy of the whole tensor
+//! is made. Block maps work on panels of 64 vectors at a time (a vector: the `n`
+//! values along the axis for one position of the other axes), read whole into f64,
+//! transformed, and rounded once to the weight's type, so the result is the exact product
+//! rounded once, up to f64 round-off (~1e-16 relative). Panels run in parallel on rayon's
+//! global pool, in code compiled for AVX-512 or AVX2 when the CPU has them. A Hadamard
+//! ([`ChannelOp::Hadamard`]) goes through its Kronecker factorization: `b (log2 s + m)`
+//! additions per block of order `b = m · s` instead of `b²` multiply-adds.
+//! `cargo run --release -p perqc-passes --example bench_apply` times it on SmolLM2's shapes.
 
-use perqc_ir::{DType, Tensor};
+use perqc_ir::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+/// Vectors per panel: a panel of `b` channels is `b x PANEL` f64 (a 576-channel block:
+/// 288 KiB, twice with its scratch, in L2).
+const PANEL: usize = 64;
 
 /// A linear map on `n` channels.
 #[derive(Clone, Debug, PartialEq)]
@@ -17,8 +34,78 @@ pub enum ChannelOp {
     /// `T = diag(d)`.
     Diagonal(Vec<f64>),
     /// `T = diag(B_0, .., B_{k-1})`: `k` square blocks of `size` channels (row-major
-    /// `size × size` each). A full rotation is one block.
+    /// `size × size` each), any matrices.
     Blocks { size: usize, blocks: Vec<Vec<f64>> },
+    /// `T = diag(Q, .., Q)`: copies of one normalized Hadamard block, orthogonal by
+    /// construction and applied through its Kronecker factorization (see
+    /// [`HadamardBlocks`]). Made by [`ChannelOp::hadamard`].
+    Hadamard(HadamardBlocks),
+}
+
+/// `count` copies of the normalized (randomized) Hadamard block of order `b = m · s`
+///
+/// ```text
+/// Q = (H_m ⊗ S_s) · diag(signs) / √b,   Q[i1·s + i2, j1·s + j2] = H_m[i1, j1] · S_s[i2, j2] · signs[j1·s + j2] / √b
+/// ```
+///
+/// with `H_m` a ±1 Hadamard matrix (the *core*, `H_m H_mᵀ = m I`) and `S_s` the natural-order
+/// Sylvester matrix of the power of two `s` (`S_s[i, j] = (-1)^popcount(i & j)`,
+/// `S_s S_sᵀ = s I`). Then `Q Qᵀ = (H_m H_mᵀ ⊗ S_s S_sᵀ) / b = I`: orthogonal in exact
+/// arithmetic, so `T⁻ᵀ = T` and no numerical check is needed.
+///
+/// Applied to a vector: the signs, a fast Walsh-Hadamard transform inside each of the `m`
+/// groups of `s` channels (`log2 s` butterfly stages), the core across the groups (`m`
+/// signed additions per channel), then `1/√b`. For 576 = 36 · 16 that is 40 additions per
+/// channel instead of 576 multiply-adds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HadamardBlocks {
+    /// The core's order `m` and its `m x m` entries (±1, row-major).
+    m: usize,
+    core: Vec<i8>,
+    /// The Sylvester factor `s`, a power of two.
+    s: usize,
+    /// `diag(signs)` (±1, `b` entries), if randomized.
+    signs: Option<Vec<f64>>,
+    /// Copies along the channels.
+    count: usize,
+}
+
+impl HadamardBlocks {
+    /// The block order `b = m · s`.
+    pub fn order(&self) -> usize {
+        self.m * self.s
+    }
+
+    /// How many copies of the block `T` holds.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// `Q` row-major (`b x b`), each entry `±1 · (1/√b)` computed in f64 as
+    /// `perqc_ops::hadamard::Hadamard::normalized_f64` does, times its column's sign.
+    pub fn dense_block(&self) -> Vec<f64> {
+        let b = self.order();
+        let scale = 1.0 / (b as f64).sqrt();
+        let mut q = Vec::with_capacity(b * b);
+        for i in 0..b {
+            for j in 0..b {
+                let e = self.core[(i / self.s) * self.m + j / self.s]
+                    * sylvester(i % self.s, j % self.s);
+                let sign = self.signs.as_ref().map_or(1.0, |s| s[j]);
+                q.push(f64::from(e) * scale * sign);
+            }
+        }
+        q
+    }
+}
+
+/// `S_s[i, j] = (-1)^popcount(i & j)`.
+fn sylvester(i: usize, j: usize) -> i8 {
+    if (i & j).count_ones().is_multiple_of(2) {
+        1
+    } else {
+        -1
+    }
 }
 
 impl ChannelOp {
@@ -27,6 +114,7 @@ impl ChannelOp {
             ChannelOp::Permutation(p) => p.len(),
             ChannelOp::Diagonal(d) => d.len(),
             ChannelOp::Blocks { size, blocks } => size * blocks.len(),
+            ChannelOp::Hadamard(h) => h.order() * h.count,
         }
     }
 
@@ -40,6 +128,10 @@ impl ChannelOp {
                     .enumerate()
                     .all(|(k, &x)| x == if k / size == k % size { 1.0 } else { 0.0 })
             }),
+            // The Hadamard matrix of order 1 is [1]; only its sign can differ from I.
+            ChannelOp::Hadamard(h) => {
+                h.order() == 1 && h.signs.as_ref().is_none_or(|s| s.iter().all(|&x| x == 1.0))
+            }
         }
     }
 
@@ -71,33 +163,56 @@ impl ChannelOp {
             ));
         }
         let h = hadamard::hadamard(block).map_err(|e| format!("{e}; {}", valid()))?;
-        let mut m = h.normalized_f64();
-        if let Some(seed) = signs {
-            // H · diag(s): column j times s_j.
-            let s = hadamard::random_signs(block, seed);
-            for row in m.chunks_mut(block) {
-                for (x, sj) in row.iter_mut().zip(&s) {
-                    *x *= sj;
+        let s = h.sylvester_factor();
+        let m = block / s;
+        let core: Vec<i8> = (0..m * m)
+            .map(|k| h.get((k / m) * s, (k % m) * s))
+            .collect();
+        // The factorization is perqc_ops::hadamard's contract; check it entry by entry
+        // (O(b²), once per map) so that `apply` always computes the matrix `H` is.
+        for i in 0..block {
+            let row = h.row(i);
+            for (j, &e) in row.iter().enumerate() {
+                if e != core[(i / s) * m + j / s] * sylvester(i % s, j % s) {
+                    return Err(format!(
+                        "the Hadamard matrix of order {block} ({}) is not its Kronecker factorization at ({i}, {j})",
+                        h.construction()
+                    ));
                 }
             }
         }
-        Ok(ChannelOp::repeated(m, block, dim / block))
+        Ok(ChannelOp::Hadamard(HadamardBlocks {
+            m,
+            core,
+            s,
+            signs: signs.map(|seed| hadamard::random_signs(block, seed)),
+            count: dim / block,
+        }))
     }
 
-    /// Every block orthogonal within `tol` (`Bᵀ B = I`): `T⁻ᵀ = T`.
+    /// Every block orthogonal within `tol` (`Bᵀ B = I`): `T⁻ᵀ = T`. A Hadamard map is
+    /// orthogonal by construction (no check); each distinct dense block is checked once
+    /// (O(size³)).
     pub fn is_orthogonal(&self, tol: f64) -> bool {
         match self {
-            ChannelOp::Permutation(_) => true,
+            ChannelOp::Permutation(_) | ChannelOp::Hadamard(_) => true,
             ChannelOp::Diagonal(d) => d.iter().all(|x| (x.abs() - 1.0).abs() <= tol),
-            ChannelOp::Blocks { size, blocks } => blocks.iter().all(|b| {
+            ChannelOp::Blocks { size, blocks } => {
                 let n = *size;
-                (0..n).all(|i| {
-                    (0..n).all(|j| {
-                        let dot: f64 = (0..n).map(|k| b[k * n + i] * b[k * n + j]).sum();
-                        (dot - if i == j { 1.0 } else { 0.0 }).abs() <= tol
-                    })
-                })
-            }),
+                let orthogonal = |b: &Vec<f64>| {
+                    b.len() == n * n
+                        && (0..n).all(|i| {
+                            (0..n).all(|j| {
+                                let dot: f64 = (0..n).map(|k| b[k * n + i] * b[k * n + j]).sum();
+                                (dot - if i == j { 1.0 } else { 0.0 }).abs() <= tol
+                            })
+                        })
+                };
+                blocks
+                    .iter()
+                    .enumerate()
+                    .all(|(k, b)| (k > 0 && *b == blocks[k - 1]) || orthogonal(b))
+            }
         }
     }
 
@@ -112,12 +227,17 @@ impl ChannelOp {
                 }
                 ChannelOp::Diagonal(d.iter().map(|x| 1.0 / x).collect())
             }
+            // Q orthogonal: Q⁻ᵀ = Q.
+            ChannelOp::Hadamard(h) => ChannelOp::Hadamard(h.clone()),
             ChannelOp::Blocks { size, blocks } => {
                 if self.is_orthogonal(1e-9) {
                     return Some(self.clone());
                 }
                 let mut out = Vec::with_capacity(blocks.len());
                 for b in blocks {
+                    if b.len() != size * size {
+                        return None;
+                    }
                     let inv = invert(b, *size)?;
                     out.push(transpose(&inv, *size));
                 }
@@ -154,6 +274,16 @@ impl ChannelOp {
                 start = i;
             }
         }
+        let aligned = |size: usize, c0: usize, len: usize| {
+            if !c0.is_multiple_of(size) || !len.is_multiple_of(size) {
+                Err(format!(
+                    "blocks of {size} do not align with channels {c0}..{} read as one run",
+                    c0 + len
+                ))
+            } else {
+                Ok(())
+            }
+        };
         match self {
             ChannelOp::Permutation(p) => {
                 let mut local = vec![0; channels.len()];
@@ -174,12 +304,7 @@ impl ChannelOp {
             ChannelOp::Blocks { size, blocks } => {
                 let mut out = Vec::new();
                 for &(_, c0, len) in &runs {
-                    if c0 % size != 0 || len % size != 0 {
-                        return Err(format!(
-                            "blocks of {size} do not align with channels {c0}..{} read as one run",
-                            c0 + len
-                        ));
-                    }
+                    aligned(*size, c0, len)?;
                     out.extend_from_slice(&blocks[c0 / size..(c0 + len) / size]);
                 }
                 Ok(ChannelOp::Blocks {
@@ -187,13 +312,88 @@ impl ChannelOp {
                     blocks: out,
                 })
             }
+            ChannelOp::Hadamard(h) => {
+                // Every block is the same Q: only the count changes.
+                let b = h.order();
+                for &(_, c0, len) in &runs {
+                    aligned(b, c0, len)?;
+                }
+                Ok(ChannelOp::Hadamard(HadamardBlocks {
+                    count: channels.len() / b,
+                    ..h.clone()
+                }))
+            }
             ChannelOp::Diagonal(_) => unreachable!("handled above"),
         }
     }
 
-    /// `t̃[.., i, ..] = Σ_j T[i, j] t[.., j, ..]` along `axis`, in f64, written back in
-    /// the tensor's own float type. Permutations move values without arithmetic.
+    /// `t̃[.., i, ..] = Σ_j T[i, j] t[.., j, ..]` along `axis`, in f64, rounded once to the
+    /// tensor's own float type, into one new payload (a copy of `t`'s, transformed in
+    /// place; see the module documentation for the cost). Permutations move bytes without
+    /// arithmetic. The result has `t`'s name, type and dims.
     pub fn apply(&self, t: &Tensor, axis: usize) -> Result<Tensor, String> {
+        let lay = self.layout(t, axis)?;
+        let mut out = t.raw_bytes().map_err(|e| e.to_string())?.into_owned();
+        self.transform(t.dtype, lay, &mut out)?;
+        let mut new = Tensor::from_raw(t.dtype, t.dims.clone(), bytes::Bytes::from(out));
+        new.name = t.name.clone();
+        Ok(new)
+    }
+
+    /// [`ChannelOp::apply`] taking the tensor: when its payload is a buffer nothing else
+    /// holds (the result of an earlier rewrite), it is transformed where it lies and no
+    /// memory is allocated; else (a slice of the model file, a shared buffer) into one new
+    /// payload. On error the tensor is handed back unchanged.
+    pub fn apply_owned(&self, t: Tensor, axis: usize) -> Result<Tensor, Box<Refused>> {
+        let refuse = |tensor, why| Box::new(Refused { tensor, why });
+        let lay = match self.layout(&t, axis) {
+            Ok(lay) => lay,
+            Err(e) => return Err(refuse(t, e)),
+        };
+        let Tensor {
+            name,
+            dtype,
+            dims,
+            data,
+            doc_string,
+            metadata,
+            segment,
+        } = t;
+        let back = |data| Tensor {
+            name: name.clone(),
+            dtype,
+            dims: dims.clone(),
+            data,
+            doc_string: doc_string.clone(),
+            metadata: metadata.clone(),
+            segment: segment.clone(),
+        };
+        let data = match data {
+            TensorData::Raw(b) => match b.try_into_mut() {
+                Ok(mut bytes) => {
+                    return match self.transform(dtype, lay, &mut bytes) {
+                        Ok(()) => {
+                            let mut new = Tensor::from_raw(dtype, dims.clone(), bytes.freeze());
+                            new.name = name.clone();
+                            Ok(new)
+                        }
+                        // Refused before any byte changed (a payload of the wrong size).
+                        Err(e) => Err(refuse(back(TensorData::Raw(bytes.freeze())), e)),
+                    };
+                }
+                Err(b) => TensorData::Raw(b),
+            },
+            other => other,
+        };
+        let t = back(data);
+        match self.apply(&t, axis) {
+            Ok(new) => Ok(new),
+            Err(e) => Err(refuse(t, e)),
+        }
+    }
+
+    /// Whether `self` can act along `axis` of `t`, and the layout around that axis.
+    fn layout(&self, t: &Tensor, axis: usize) -> Result<Layout, String> {
         let dims: Vec<usize> = t
             .dims
             .iter()
@@ -212,113 +412,474 @@ impl ChannelOp {
                 t.dtype
             ));
         }
-        let x: Vec<f64> = t
-            .to_f32()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        let outer: usize = dims[..axis].iter().product();
-        let n = dims[axis];
-        let inner: usize = dims[axis + 1..].iter().product();
-        let mut y = vec![0f64; x.len()];
         match self {
+            ChannelOp::Blocks { size, blocks } if blocks.iter().any(|b| b.len() != size * size) => {
+                return Err(format!("a block of the map is not {size} x {size}"));
+            }
             ChannelOp::Permutation(p) => {
-                for o in 0..outer {
-                    for (i, &j) in p.iter().enumerate() {
-                        let (dst, src) = ((o * n + i) * inner, (o * n + j) * inner);
-                        y[dst..dst + inner].copy_from_slice(&x[src..src + inner]);
+                let mut seen = vec![false; p.len()];
+                for &j in p {
+                    if j >= p.len() || std::mem::replace(&mut seen[j], true) {
+                        return Err(format!("{p:?} is not a permutation"));
                     }
                 }
             }
-            ChannelOp::Diagonal(d) => {
-                for o in 0..outer {
-                    for (i, &s) in d.iter().enumerate() {
-                        let at = (o * n + i) * inner;
-                        for k in at..at + inner {
-                            y[k] = s * x[k];
+            _ => {}
+        }
+        Ok(Layout {
+            outer: dims[..axis].iter().product(),
+            n: dims[axis],
+            inner: dims[axis + 1..].iter().product(),
+        })
+    }
+
+    /// The payload `bytes` (a `[outer, n, inner]` tensor of `dtype`, checked by
+    /// [`ChannelOp::layout`]) transformed in place along `n`. Refuses, before changing
+    /// anything, a payload of the wrong size or an unsupported float type.
+    fn transform(&self, dtype: DType, lay: Layout, bytes: &mut [u8]) -> Result<(), String> {
+        let es = match dtype {
+            DType::F32 => F32::SIZE,
+            DType::F64 => F64::SIZE,
+            DType::F16 => F16::SIZE,
+            DType::BF16 => BF16::SIZE,
+            other => return Err(format!("{other:?} weights are not supported")),
+        };
+        let numel = lay.outer * lay.n * lay.inner;
+        if bytes.len() != numel * es {
+            return Err(format!(
+                "the payload has {} bytes, not {numel} elements of {es}",
+                bytes.len()
+            ));
+        }
+        if numel == 0 {
+            return Ok(());
+        }
+        match dtype {
+            DType::F32 => self.transform_as::<F32>(lay, bytes),
+            DType::F64 => self.transform_as::<F64>(lay, bytes),
+            DType::F16 => self.transform_as::<F16>(lay, bytes),
+            _ => self.transform_as::<BF16>(lay, bytes),
+        }
+        Ok(())
+    }
+
+    /// [`ChannelOp::transform`] for elements `E`, on a non-empty payload of the right size.
+    fn transform_as<E: Elem>(&self, lay: Layout, bytes: &mut [u8]) {
+        let Layout { n, inner, .. } = lay;
+        let es = E::SIZE;
+        let run = inner * es;
+        match self {
+            ChannelOp::Permutation(p) if inner == 1 => {
+                // Each slab is one row of n values: gather it from a copy.
+                let mut old = vec![0u8; n * es];
+                for slab in bytes.chunks_exact_mut(n * es) {
+                    old.copy_from_slice(slab);
+                    for (d, &j) in slab.chunks_exact_mut(E::SIZE).zip(p) {
+                        d.copy_from_slice(&old[j * E::SIZE..][..E::SIZE]);
+                    }
+                }
+            }
+            ChannelOp::Permutation(p) => {
+                // New run i is old run p[i]: follow each cycle i → p[i] → .., saving the
+                // run at its start (the only one overwritten before it is read).
+                let mut saved = vec![0u8; run];
+                let mut done = vec![false; n];
+                for slab in bytes.chunks_exact_mut(n * run) {
+                    done.fill(false);
+                    for start in 0..n {
+                        if done[start] || p[start] == start {
+                            continue;
+                        }
+                        saved.copy_from_slice(&slab[start * run..][..run]);
+                        let mut cur = start;
+                        loop {
+                            done[cur] = true;
+                            let next = p[cur];
+                            if next == start {
+                                slab[cur * run..][..run].copy_from_slice(&saved);
+                                break;
+                            }
+                            slab.copy_within(next * run..(next + 1) * run, cur * run);
+                            cur = next;
                         }
                     }
                 }
             }
+            ChannelOp::Diagonal(d) => {
+                // Runs of `inner` values cycle through the channels: run r is channel r mod n.
+                for (r, x) in bytes.chunks_exact_mut(run).enumerate() {
+                    let f = d[r % n];
+                    for v in x.chunks_exact_mut(es) {
+                        E::put(f * E::get(v), v);
+                    }
+                }
+            }
             ChannelOp::Blocks { size, blocks } => {
-                for (k, b) in blocks.iter().enumerate() {
-                    blocks_product(b, *size, k * size, (outer, n, inner), &x, &mut y);
+                let kernel = Kernel::Dense {
+                    size: *size,
+                    blocks,
+                };
+                panels::<E>(&kernel, bytes, lay);
+            }
+            ChannelOp::Hadamard(h) => panels::<E>(&Kernel::hadamard(h), bytes, lay),
+        }
+    }
+}
+
+/// Why [`ChannelOp::apply_owned`] refused, with the tensor it was given, unchanged.
+#[derive(Debug)]
+pub struct Refused {
+    pub tensor: Tensor,
+    pub why: String,
+}
+
+/// A weight viewed as `[outer, n, inner]` around its channel axis `n`.
+#[derive(Clone, Copy)]
+struct Layout {
+    outer: usize,
+    n: usize,
+    inner: usize,
+}
+
+/// A block map prepared for panels: `p ← B_k p` on the rows of block `k` of a panel (`size`
+/// rows of [`PANEL`] lanes). Every lane is an independent vector and the arithmetic is the
+/// same at every vector width (no fused multiply-add, no sums across lanes), so each
+/// instruction-set level gives the same bits.
+enum Kernel<'a> {
+    /// Row-major `size x size` blocks, block `k` on channels `k·size..(k+1)·size`.
+    Dense { size: usize, blocks: &'a [Vec<f64>] },
+    /// [`HadamardBlocks`]: the signs, `S_s` inside groups of `s` channels, then the core
+    /// across the `m` groups, as signed sums: output group `i1` adds the input groups
+    /// `plus[i1]` and subtracts `minus[i1]` (`H_m[i1, j1] = ±1`), then scales by `1/√b`.
+    Hadamard {
+        count: usize,
+        m: usize,
+        s: usize,
+        signs: Option<&'a [f64]>,
+        plus: Vec<Vec<usize>>,
+        minus: Vec<Vec<usize>>,
+        scale: f64,
+    },
+}
+
+/// Lanes summed at once: `[f64; LANES]` accumulators, 8 AVX-512 registers, so 8
+/// independent addition chains hide the adder latency.
+const LANES: usize = 64;
+const _: () = assert!(PANEL.is_multiple_of(LANES));
+
+type Lanes = [f64; LANES];
+
+impl<'a> Kernel<'a> {
+    fn hadamard(h: &'a HadamardBlocks) -> Kernel<'a> {
+        let m = h.m;
+        let row = |i1: usize, sign: i8| -> Vec<usize> {
+            (0..m).filter(|&j1| h.core[i1 * m + j1] == sign).collect()
+        };
+        Kernel::Hadamard {
+            count: h.count,
+            m,
+            s: h.s,
+            signs: h.signs.as_deref(),
+            plus: (0..m).map(|i1| row(i1, 1)).collect(),
+            minus: (0..m).map(|i1| row(i1, -1)).collect(),
+            scale: 1.0 / (h.order() as f64).sqrt(),
+        }
+    }
+
+    /// Channels per block.
+    fn size(&self) -> usize {
+        match self {
+            Kernel::Dense { size, .. } => *size,
+            Kernel::Hadamard { m, s, .. } => m * s,
+        }
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            Kernel::Dense { blocks, .. } => blocks.len(),
+            Kernel::Hadamard { count, .. } => *count,
+        }
+    }
+
+    /// The panel row holding channel `c` of a block. Dense blocks keep channel order; a
+    /// Hadamard block `c = j1·s + i2` goes to row `i2·m + j1`, so that the `m` channels the
+    /// core combines are `m` consecutive rows (in L1), and each butterfly of `S_s` pairs
+    /// two runs of `m` consecutive rows.
+    #[inline(always)]
+    fn row(&self, c: usize) -> usize {
+        match self {
+            Kernel::Dense { .. } => c,
+            Kernel::Hadamard { m, s, .. } => (c % s) * m + c / s,
+        }
+    }
+
+    /// `p ← B_k p` through `tmp` (both `size · PANEL`, rows placed by [`Kernel::row`]);
+    /// returns the buffer holding the result.
+    #[inline(always)]
+    fn block<'p>(&self, k: usize, p: &'p mut [f64], tmp: &'p mut [f64]) -> &'p [f64] {
+        match self {
+            Kernel::Dense { size, blocks } => {
+                let b = &blocks[k];
+                for r in 0..*size {
+                    for l0 in (0..PANEL).step_by(LANES) {
+                        let mut acc: Lanes = [0.0; LANES];
+                        for (c, &coef) in b[r * size..][..*size].iter().enumerate() {
+                            let x = lanes(p, c * PANEL + l0);
+                            for (a, &v) in acc.iter_mut().zip(x) {
+                                *a += coef * v;
+                            }
+                        }
+                        tmp[r * PANEL + l0..][..LANES].copy_from_slice(&acc);
+                    }
+                }
+                tmp
+            }
+            Kernel::Hadamard {
+                m,
+                s,
+                signs,
+                plus,
+                minus,
+                scale,
+                ..
+            } => {
+                let (m, s) = (*m, *s);
+                if let Some(signs) = signs {
+                    for (c, &sg) in signs.iter().enumerate() {
+                        let r = self.row(c);
+                        p[r * PANEL..][..PANEL].iter_mut().for_each(|v| *v *= sg);
+                    }
+                }
+                // S_s on i2 for every j1 at once: stage h maps the row runs of i2 and
+                // i2 + h (i2 & h == 0) to (u + v, u - v); after the log2 s stages run i2
+                // holds Σ_i2' S_s[i2, i2'] · run i2'.
+                let run = m * PANEL;
+                let mut h = 1;
+                while h < s {
+                    for pair in p.chunks_exact_mut(2 * h * run) {
+                        let (lo, hi) = pair.split_at_mut(h * run);
+                        for (u, v) in lo.iter_mut().zip(hi.iter_mut()) {
+                            let (a, b) = (*u, *v);
+                            *u = a + b;
+                            *v = a - b;
+                        }
+                    }
+                    h *= 2;
+                }
+                if m == 1 {
+                    p.iter_mut().for_each(|v| *v *= scale);
+                    return p;
+                }
+                // The core inside each run: row i2·m + i1 of the result is
+                // Σ_j1 H_m[i1, j1] · row i2·m + j1, the ±1 terms as additions and
+                // subtractions.
+                for (x, y) in p.chunks_exact(run).zip(tmp.chunks_exact_mut(run)) {
+                    for i1 in 0..m {
+                        for l0 in (0..PANEL).step_by(LANES) {
+                            let mut acc: Lanes = [0.0; LANES];
+                            for &j1 in &plus[i1] {
+                                let v = lanes(x, j1 * PANEL + l0);
+                                acc.iter_mut().zip(v).for_each(|(a, &v)| *a += v);
+                            }
+                            for &j1 in &minus[i1] {
+                                let v = lanes(x, j1 * PANEL + l0);
+                                acc.iter_mut().zip(v).for_each(|(a, &v)| *a -= v);
+                            }
+                            acc.iter_mut().for_each(|a| *a *= scale);
+                            y[i1 * PANEL + l0..][..LANES].copy_from_slice(&acc);
+                        }
+                    }
+                }
+                tmp
+            }
+        }
+    }
+}
+
+/// `LANES` values of `p` from `at`.
+#[inline(always)]
+fn lanes(p: &[f64], at: usize) -> &Lanes {
+    p[at..at + LANES].try_into().expect("LANES values")
+}
+
+/// Defines `$name::<E>(args)`, compiled for AVX-512 (F, with AVX2 and FMA) or AVX2+FMA when
+/// the CPU has them, else for the baseline target (as `perqc_ops`' kernels are). Its body
+/// and everything it inlines ([`Kernel::block`], [`Elem`]) get the wider vectors.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident<E: Elem>($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$m])* fn $name<E: Elem>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn wide<E: Elem>($($arg: $ty),*) $body
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast<E: Elem>($($arg: $ty),*) $body
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // Safety: the features were just detected.
+                    return unsafe { wide::<E>($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // Safety: the features were just detected.
+                    return unsafe { fast::<E>($($arg),*) };
+                }
+            }
+            fn base<E: Elem>($($arg: $ty),*) $body
+            base::<E>($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    /// One panel of rows `o0..o0 + w` of `[outer, n]` (`inner == 1`), `chunk` those rows:
+    /// each block's channels are read transposed into `p` (lane `j` = row `j`),
+    /// transformed, and written back.
+    fn rows_panel<E: Elem>(kernel: &Kernel, n: usize, chunk: &mut [u8], p: &mut [f64], tmp: &mut [f64]) {
+        let (es, size) = (E::SIZE, kernel.size());
+        let w = chunk.len() / (n * es);
+        for k in 0..kernel.count() {
+            for j in 0..w {
+                let v = &chunk[(j * n + k * size) * es..][..size * es];
+                for (c, x) in v.chunks_exact(es).enumerate() {
+                    p[kernel.row(c) * PANEL + j] = E::get(x);
+                }
+            }
+            let y = kernel.block(k, p, tmp);
+            for j in 0..w {
+                let v = &mut chunk[(j * n + k * size) * es..][..size * es];
+                for (c, out) in v.chunks_exact_mut(es).enumerate() {
+                    E::put(y[kernel.row(c) * PANEL + j], out);
                 }
             }
         }
-        write_like(t, &dims, &y)
     }
 }
 
-/// `y[o, r0 + r, i] = Σ_c B[r, c] x[o, r0 + c, i]` for one block, as matrix products
-/// (`gemm`, f64): with `inner == 1` one product over all `outer` rows, else one per row.
-fn blocks_product(
-    b: &[f64],
-    size: usize,
-    r0: usize,
-    (outer, n, inner): (usize, usize, usize),
-    x: &[f64],
-    y: &mut [f64],
-) {
-    // (rows of the block) x (columns): dst[r, col] = Σ_c B[r, c] src[c, col].
-    let (cols, col_stride, row_stride, count, step) = if inner == 1 {
-        (outer, n as isize, 1isize, 1, 0)
-    } else {
-        (inner, 1isize, inner as isize, outer, n * inner)
-    };
-    for o in 0..count {
-        let off = o * step + r0 * row_stride as usize;
-        // Safety: every index r * row_stride + col * col_stride (r < size, col < cols) from
-        // `off` stays inside x and y, which have outer * n * inner elements; B is size².
-        unsafe {
-            gemm::gemm(
-                size,
-                cols,
-                size,
-                y.as_mut_ptr().add(off),
-                col_stride,
-                row_stride,
-                false,
-                b.as_ptr(),
-                1,
-                size as isize,
-                x.as_ptr().add(off),
-                col_stride,
-                row_stride,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
+multiversion! {
+    /// One panel of columns of an `[n, inner]` slab, `rows[c]` channel `c`'s piece of
+    /// them (contiguous): read into `p`, transformed, and written back.
+    fn cols_panel<E: Elem>(kernel: &Kernel, rows: &mut [&mut [u8]], p: &mut [f64], tmp: &mut [f64]) {
+        let (es, size) = (E::SIZE, kernel.size());
+        let w = rows[0].len() / es;
+        for (k, block) in rows.chunks_exact_mut(size).enumerate() {
+            for (c, row) in block.iter().enumerate() {
+                let r = kernel.row(c);
+                for (x, slot) in row.chunks_exact(es).zip(&mut p[r * PANEL..][..w]) {
+                    *slot = E::get(x);
+                }
+            }
+            let y = kernel.block(k, p, tmp);
+            for (c, row) in block.iter_mut().enumerate() {
+                let r = kernel.row(c);
+                for (out, &v) in row.chunks_exact_mut(es).zip(&y[r * PANEL..][..w]) {
+                    E::put(v, out);
+                }
+            }
         }
     }
 }
 
-/// A tensor of `t`'s dtype, dims and name holding `y`.
-fn write_like(t: &Tensor, dims: &[usize], y: &[f64]) -> Result<Tensor, String> {
-    let d: Vec<i64> = dims.iter().map(|&x| x as i64).collect();
-    let mut out = match t.dtype {
-        DType::F64 => Tensor::from_slice(d, y),
-        DType::F32 => Tensor::from_slice(d, &y.iter().map(|&v| v as f32).collect::<Vec<_>>()),
-        DType::F16 => Tensor::from_slice(
-            d,
-            &y.iter()
-                .map(|&v| half::f16::from_f64(v))
-                .collect::<Vec<_>>(),
-        ),
-        DType::BF16 => Tensor::from_slice(
-            d,
-            &y.iter()
-                .map(|&v| half::bf16::from_f64(v))
-                .collect::<Vec<_>>(),
-        ),
-        other => return Err(format!("{other:?} weights are not supported")),
-    };
-    out.name = t.name.clone();
-    Ok(out)
+/// `bytes ← diag(B_0, ..) · bytes` along `n`, in panels of up to [`PANEL`] vectors, in
+/// parallel, each panel read whole before it is written back. Vectors are the rows of
+/// `[outer, n]` when `inner == 1` (a panel is a run of rows, read transposed), else the
+/// columns of each `[n, inner]` slab (a panel is a run of columns, each channel's values
+/// contiguous). Lanes past a partial panel's end carry stale values that are transformed
+/// and never written.
+fn panels<E: Elem>(kernel: &Kernel, bytes: &mut [u8], lay: Layout) {
+    let Layout { n, inner, .. } = lay;
+    let es = E::SIZE;
+    let size = kernel.size();
+    let scratch = || (vec![0f64; size * PANEL], vec![0f64; size * PANEL]);
+    if inner == 1 {
+        bytes
+            .par_chunks_mut(PANEL * n * es)
+            .for_each_init(scratch, |(p, tmp), chunk| {
+                rows_panel::<E>(kernel, n, chunk, p, tmp)
+            });
+        return;
+    }
+    // Each task owns the pieces of its columns in every row of its slab: disjoint borrows.
+    let mut tasks: Vec<Vec<&mut [u8]>> = Vec::new();
+    for slab in bytes.chunks_mut(n * inner * es) {
+        let first = tasks.len();
+        tasks.extend((0..inner.div_ceil(PANEL)).map(|_| Vec::with_capacity(n)));
+        for row in slab.chunks_mut(inner * es) {
+            for (q, piece) in row.chunks_mut(PANEL * es).enumerate() {
+                tasks[first + q].push(piece);
+            }
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each_init(scratch, |(p, tmp), mut rows| {
+            cols_panel::<E>(kernel, &mut rows, p, tmp)
+        });
+}
+
+/// A float element type read from and written to little-endian bytes through f64.
+trait Elem: Sync {
+    const SIZE: usize;
+    /// The value of the `SIZE` bytes at the start of `b`.
+    fn get(b: &[u8]) -> f64;
+    /// Writes `v` rounded to nearest into the first `SIZE` bytes of `b`.
+    fn put(v: f64, b: &mut [u8]);
+}
+
+struct F32;
+struct F64;
+struct F16;
+struct BF16;
+
+impl Elem for F32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn get(b: &[u8]) -> f64 {
+        f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    #[inline(always)]
+    fn put(v: f64, b: &mut [u8]) {
+        b[..4].copy_from_slice(&(v as f32).to_le_bytes());
+    }
+}
+
+impl Elem for F64 {
+    const SIZE: usize = 8;
+    #[inline(always)]
+    fn get(b: &[u8]) -> f64 {
+        f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    }
+    #[inline(always)]
+    fn put(v: f64, b: &mut [u8]) {
+        b[..8].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+impl Elem for F16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn get(b: &[u8]) -> f64 {
+        half::f16::from_le_bytes([b[0], b[1]]).to_f64()
+    }
+    #[inline(always)]
+    fn put(v: f64, b: &mut [u8]) {
+        b[..2].copy_from_slice(&half::f16::from_f64(v).to_le_bytes());
+    }
+}
+
+impl Elem for BF16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn get(b: &[u8]) -> f64 {
+        half::bf16::from_le_bytes([b[0], b[1]]).to_f64()
+    }
+    #[inline(always)]
+    fn put(v: f64, b: &mut [u8]) {
+        b[..2].copy_from_slice(&half::bf16::from_f64(v).to_le_bytes());
+    }
 }
 
 fn transpose(a: &[f64], n: usize) -> Vec<f64> {
@@ -393,8 +954,48 @@ mod tests {
                     }
                 }
             }
+            ChannelOp::Hadamard(h) => {
+                let (size, b) = (h.order(), h.dense_block());
+                for k in 0..h.count() {
+                    for r in 0..size {
+                        for c in 0..size {
+                            m[(k * size + r) * n + k * size + c] = b[r * size + c];
+                        }
+                    }
+                }
+            }
         }
         m
+    }
+
+    /// `m · x` along `axis` of a tensor of `dims`, in f64: the reference `apply` must equal
+    /// once rounded.
+    fn reference(m: &[f64], n: usize, x: &[f64], dims: &[usize], axis: usize) -> Vec<f64> {
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product();
+        let mut y = vec![0.0; x.len()];
+        for o in 0..outer {
+            for i in 0..n {
+                for k in 0..inner {
+                    y[(o * n + i) * inner + k] = (0..n)
+                        .map(|j| m[i * n + j] * x[(o * n + j) * inner + k])
+                        .sum();
+                }
+            }
+        }
+        y
+    }
+
+    fn seeded(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
     }
 
     fn tensor(dims: &[i64]) -> Tensor {
@@ -417,6 +1018,8 @@ mod tests {
                 size: 4,
                 blocks: vec![(0..16).map(|i| (i as f64).sin()).collect()],
             },
+            ChannelOp::hadamard(4, 2, Some(3)).unwrap(),
+            ChannelOp::hadamard(4, 4, None).unwrap(),
         ];
         for op in &ops {
             let m = dense(op);
@@ -492,5 +1095,175 @@ mod tests {
                 .localize(&channels)
                 .is_err()
         );
+    }
+
+    /// The structured Hadamard equals its dense matrix, which is perqc_ops' normalized
+    /// Hadamard times the signs, for pure Sylvester, pure core and mixed orders; `apply`
+    /// equals the f64 product rounded once to f32 (within one f32 ulp of it) on both panel
+    /// layouts, with partial panels.
+    #[test]
+    fn hadamard_apply_is_the_rounded_dense_product() {
+        for (order, want_s) in [(1, 1), (2, 2), (12, 1), (24, 2), (64, 64), (576, 16)] {
+            for signs in [None, Some(7)] {
+                let op = ChannelOp::hadamard(order * 2, order, signs).unwrap();
+                let ChannelOp::Hadamard(h) = &op else {
+                    panic!("{op:?}")
+                };
+                assert_eq!((h.order(), h.count(), h.s), (order, 2, want_s));
+                let mut want = perqc_ops::hadamard::hadamard(order)
+                    .unwrap()
+                    .normalized_f64();
+                if let Some(seed) = signs {
+                    let s = perqc_ops::hadamard::random_signs(order, seed);
+                    for row in want.chunks_mut(order) {
+                        row.iter_mut().zip(&s).for_each(|(x, sj)| *x *= sj);
+                    }
+                }
+                assert_eq!(h.dense_block(), want, "order {order}");
+                assert!(op.is_orthogonal(0.0));
+                assert_eq!(op.inverse_transpose().unwrap(), op);
+                let n = 2 * order;
+                let m = dense(&op);
+                // Rows then columns: inner == 1 with 70 > PANEL rows, inner 67 > PANEL.
+                for (dims, axis) in [(vec![70, n], 1), (vec![n, 67], 0), (vec![3, n, 2], 1)] {
+                    let numel: usize = dims.iter().product();
+                    let x = seeded(numel, order as u64);
+                    let t = Tensor::from_slice(dims.iter().map(|&d| d as i64).collect(), &x);
+                    let y = op.apply(&t, axis).unwrap().to_f32().unwrap();
+                    let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+                    let r = reference(&m, n, &xd, &dims, axis);
+                    for (k, (&got, &want)) in y.iter().zip(&r).enumerate() {
+                        let ulp = f64::from(f32::EPSILON) * want.abs().max(1e-30);
+                        assert!(
+                            (f64::from(got) - want).abs() <= ulp,
+                            "order {order} {dims:?} axis {axis} [{k}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A Hadamard map localizes to whole blocks (a key/value head read twice), and refuses
+    /// runs that cut a block.
+    #[test]
+    fn hadamard_localizes_by_whole_blocks() {
+        let op = ChannelOp::hadamard(8, 4, Some(1)).unwrap();
+        let channels: Vec<u32> = [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7].to_vec();
+        let local = op.localize(&channels).unwrap();
+        assert_eq!(local.dim(), 12);
+        let (m, l) = (dense(&op), dense(&local));
+        for (i, &ci) in channels.iter().enumerate() {
+            for (j, &cj) in channels.iter().enumerate() {
+                let same_run = (i < 4) == (j < 4) && (i < 8) == (j < 8);
+                let want = if same_run {
+                    m[ci as usize * 8 + cj as usize]
+                } else {
+                    0.0
+                };
+                assert_eq!(l[i * 12 + j], want, "({i}, {j})");
+            }
+        }
+        assert!(op.localize(&[0, 1, 2, 3, 4, 5]).is_err());
+        assert!(op.localize(&[2, 3, 4, 5]).is_err());
+    }
+
+    /// Every float type goes through f64 and is rounded once to itself.
+    #[test]
+    fn apply_keeps_the_float_type() {
+        let op = ChannelOp::hadamard(4, 4, None).unwrap();
+        let x = [1.0f64, 2.0, 3.0, 4.0];
+        // H_4 / 2 · x = (5, -1, -2, 0).
+        let want = [5.0, -1.0, -2.0, 0.0];
+        let f16: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f64(v)).collect();
+        let bf16: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f64(v)).collect();
+        let ts = [
+            Tensor::from_slice(vec![4], &x),
+            Tensor::from_slice(vec![4], &f16),
+            Tensor::from_slice(vec![4], &bf16),
+            Tensor::from_slice(vec![4], &x.map(|v| v as f32)),
+        ];
+        for t in &ts {
+            let y = op.apply(t, 0).unwrap();
+            assert_eq!(y.dtype, t.dtype);
+            assert_eq!(y.to_f32().unwrap(), want.map(|v| v as f32), "{:?}", t.dtype);
+        }
+        let ints = Tensor::from_slice(vec![4], &[1i64, 2, 3, 4]);
+        assert!(op.apply(&ints, 0).is_err());
+        let ragged = ChannelOp::Blocks {
+            size: 2,
+            blocks: vec![vec![1.0; 3], vec![1.0; 4]],
+        };
+        assert!(ragged.apply(&tensor(&[4, 3]), 0).is_err());
+        assert!(ragged.inverse_transpose().is_none());
+        // An empty tensor stays empty.
+        let empty = Tensor::from_slice::<f32>(vec![0, 4], &[]);
+        assert_eq!(op.apply(&empty, 1).unwrap().dims, vec![0, 4]);
+    }
+
+    /// `apply_owned` transforms a payload nothing else holds where it lies (same buffer),
+    /// copies a shared one (the other holder keeps the original), gives the tensor back
+    /// unchanged on error, and agrees with `apply` bit for bit.
+    #[test]
+    fn apply_owned_works_in_place_when_it_can() {
+        let op = ChannelOp::hadamard(8, 8, Some(2)).unwrap();
+        let t = op.apply(&tensor(&[3, 8]), 1).unwrap();
+        let want = op.apply(&t, 1).unwrap();
+        let at = |t: &Tensor| match &t.data {
+            TensorData::Raw(b) => b.as_ptr(),
+            _ => panic!("raw"),
+        };
+        let shared = t.clone();
+        let copied = op.apply_owned(t, 1).unwrap();
+        assert_ne!(at(&copied), at(&shared), "a shared payload is copied");
+        assert_eq!(copied.raw_bytes().unwrap(), want.raw_bytes().unwrap());
+        let before = at(&shared);
+        let original = shared.raw_bytes().unwrap().into_owned();
+        drop(copied);
+        let in_place = op.apply_owned(shared, 1).unwrap();
+        assert_eq!(
+            at(&in_place),
+            before,
+            "a unique payload is transformed in place"
+        );
+        assert_eq!(in_place.raw_bytes().unwrap(), want.raw_bytes().unwrap());
+        let refused = op.apply_owned(in_place, 0).unwrap_err();
+        assert!(
+            refused.why.contains("does not have 8 channels"),
+            "{}",
+            refused.why
+        );
+        let back = refused.tensor;
+        assert_eq!(back.raw_bytes().unwrap(), want.raw_bytes().unwrap());
+        assert_ne!(original, want.raw_bytes().unwrap().into_owned());
+    }
+
+    /// Permutations move whole runs in place along cycles (run widths 1 and 3, cycles of
+    /// several lengths and fixed points); a map that is not a permutation is refused.
+    #[test]
+    fn permutations_in_place_and_refusals() {
+        let p = ChannelOp::Permutation(vec![3, 0, 1, 2, 4, 6, 5]);
+        for (dims, axis) in [(vec![2, 7], 1), (vec![7, 3], 0), (vec![2, 7, 3], 1)] {
+            let t = tensor(&dims);
+            let x = t.to_f32().unwrap();
+            let y = p.apply(&t, axis).unwrap().to_f32().unwrap();
+            let outer: i64 = dims[..axis].iter().product();
+            let inner: i64 = dims[axis + 1..].iter().product();
+            let (outer, inner) = (outer as usize, inner as usize);
+            let perm = [3, 0, 1, 2, 4, 6, 5];
+            for o in 0..outer {
+                for (i, &j) in perm.iter().enumerate() {
+                    for k in 0..inner {
+                        assert_eq!(y[(o * 7 + i) * inner + k], x[(o * 7 + j) * inner + k]);
+                    }
+                }
+            }
+        }
+        for bad in [vec![0, 0, 1], vec![0, 1, 3]] {
+            let e = ChannelOp::Permutation(bad)
+                .apply(&tensor(&[3, 2]), 0)
+                .unwrap_err();
+            assert!(e.contains("is not a permutation"), "{e}");
+        }
     }
 }
