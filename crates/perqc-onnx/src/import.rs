@@ -2,6 +2,9 @@
 //!
 //! The model file is memory-mapped and decoded from the map, so `raw_data` payloads are
 //! `Bytes` slices of it; external data files are mapped once each and sliced the same way.
+//! A payload spanning whole pages owns its slice of the map ([`MappedPayload`]): when the
+//! last `Bytes` of it is dropped (a pass replaced the tensor, the model was dropped), its
+//! pages are given back, so a rewritten weight does not keep its original resident.
 //! Nothing the IR does not interpret is dropped: it is kept verbatim (as encoded protobuf
 //! where the IR has no type for it) and re-emitted by [`crate::export`].
 
@@ -28,10 +31,24 @@ pub struct Loaded {
     pub model: Model,
     pub warnings: Vec<String>,
     /// The file maps the model's payloads slice (model file and external data files).
-    maps: Vec<Arc<memmap2::Mmap>>,
+    pub files: FileMaps,
 }
 
 impl Loaded {
+    /// [`FileMaps::release`] on this model's maps.
+    pub fn release(&self, tensor: &Tensor) {
+        self.files.release(tensor);
+    }
+}
+
+/// The read-only file maps a loaded model's payloads slice. Holding it keeps the maps
+/// (not their pages) alive, so payload ranges can be read back after their tensors are
+/// gone, and pages given back explicitly.
+pub struct FileMaps {
+    maps: Vec<Arc<memmap2::Mmap>>,
+}
+
+impl FileMaps {
     /// Drops the resident pages under a tensor's payload once its consumer has copied it (a
     /// runtime converting weights): a read-only file map re-reads them from the file if
     /// they are touched again, so this only lowers peak memory. Payloads not in a map of
@@ -41,29 +58,163 @@ impl Loaded {
             return;
         };
         let (start, end) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len());
-        let page = 4096;
         for map in &self.maps {
             let base = map.as_ptr() as usize;
             if start < base || end > base + map.len() {
                 continue;
             }
-            // Whole pages inside the payload only: neighbours may still be in use.
-            let first = (start - base).div_ceil(page) * page;
-            let last = (end - base) / page * page;
-            if last > first {
-                // SAFETY: the map is read-only and file-backed, so MADV_DONTNEED discards
-                // clean pages that later accesses fault back in from the file unchanged.
-                let _ = unsafe {
-                    map.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        first,
-                        last - first,
-                    )
-                };
-            }
+            release_pages(map, start - base, end - base);
             return;
         }
     }
+
+    /// Where `tensor`'s payload lies in this model's file maps, if it does (raw or external
+    /// data not replaced since loading): a handle that [`FileMaps::mapped_bytes`] reads back
+    /// after the tensor itself is gone, as long as `self` lives.
+    pub fn locate(&self, tensor: &Tensor) -> Option<MappedRange> {
+        let (TensorData::Raw(b) | TensorData::External { bytes: b, .. }) = &tensor.data else {
+            return None;
+        };
+        let start = b.as_ptr() as usize;
+        self.maps.iter().enumerate().find_map(|(i, map)| {
+            let base = map.as_ptr() as usize;
+            (start >= base && start + b.len() <= base + map.len()).then(|| MappedRange {
+                map: i,
+                offset: start - base,
+                len: b.len(),
+            })
+        })
+    }
+
+    /// The bytes at `range` (from [`FileMaps::locate`] on these maps); `None` for a range of
+    /// other maps. Reading them faults the pages back in; [`FileMaps::release_range`]
+    /// gives them back.
+    pub fn mapped_bytes(&self, range: MappedRange) -> Option<&[u8]> {
+        self.maps
+            .get(range.map)?
+            .get(range.offset..range.offset.checked_add(range.len)?)
+    }
+
+    /// Asks the kernel to read the mapped files into the page cache ahead of use
+    /// (`MADV_WILLNEED`, asynchronous): for a caller that gave pages back
+    /// ([`FileMaps::release`]) and is about to read most payloads again, one sequential
+    /// read-ahead instead of a fault per page should the page cache have dropped them
+    /// meanwhile. Maps no pages into the process (resident memory is unchanged); advice the
+    /// kernel refuses is ignored.
+    pub fn will_need(&self) {
+        for map in &self.maps {
+            let _ = map.advise(memmap2::Advice::WillNeed);
+        }
+    }
+
+    /// Drops the resident pages wholly inside `range` (see [`FileMaps::release`]).
+    pub fn release_range(&self, range: MappedRange) {
+        if let Some(map) = self.maps.get(range.map)
+            && range.offset.saturating_add(range.len) <= map.len()
+        {
+            release_pages(map, range.offset, range.offset + range.len);
+        }
+    }
+}
+
+/// A payload's place in one of a loaded model's [`FileMaps`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappedRange {
+    map: usize,
+    offset: usize,
+    len: usize,
+}
+
+impl MappedRange {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Consecutive sub-ranges covering `self`, cut at multiples of `size` (rounded up to
+    /// whole pages) from the map's start, so that every page wholly inside `self` lies
+    /// wholly inside one piece: reading a large payload piece by piece, releasing each
+    /// after use ([`FileMaps::release_range`]), keeps one piece resident at a time.
+    pub fn pieces(self, size: usize) -> impl Iterator<Item = MappedRange> {
+        let size = size.max(1).div_ceil(PAGE) * PAGE;
+        let end = self.offset + self.len;
+        let mut at = self.offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let next = ((at / size + 1) * size).min(end);
+            let piece = MappedRange {
+                map: self.map,
+                offset: at,
+                len: next - at,
+            };
+            at = next;
+            Some(piece)
+        })
+    }
+}
+
+const PAGE: usize = 4096;
+
+/// `MADV_DONTNEED` on the pages of `map` wholly inside bytes `start..end` (neighbouring
+/// payloads may share the partial pages at either end).
+fn release_pages(map: &memmap2::Mmap, start: usize, end: usize) {
+    let first = start.div_ceil(PAGE) * PAGE;
+    let last = end / PAGE * PAGE;
+    if last > first {
+        // SAFETY: the map is read-only and file-backed, so MADV_DONTNEED discards clean
+        // pages that later accesses fault back in from the file unchanged; any `Bytes`
+        // still reading them (another tensor on the same range) sees the same contents.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+        };
+    }
+}
+
+/// One payload's slice of a file map, as the owner of that payload's `Bytes`: dropped with
+/// the last `Bytes` of the payload, it gives the slice's whole pages back
+/// ([`release_pages`]). Only payloads holding a whole page get one; smaller ones stay
+/// plain slices of the file's `Bytes`.
+struct MappedPayload {
+    map: Arc<memmap2::Mmap>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MappedPayload {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
+}
+
+impl Drop for MappedPayload {
+    fn drop(&mut self) {
+        release_pages(&self.map, self.start, self.end);
+    }
+}
+
+/// `bytes` as a [`MappedPayload`] of the map holding it, if one does and it spans a whole
+/// page; else unchanged.
+fn own_payload(maps: &[Arc<memmap2::Mmap>], bytes: Bytes) -> Bytes {
+    if bytes.len() < 2 * PAGE {
+        return bytes;
+    }
+    let start = bytes.as_ptr() as usize;
+    for map in maps {
+        let base = map.as_ptr() as usize;
+        if start >= base && start + bytes.len() <= base + map.len() {
+            return Bytes::from_owner(MappedPayload {
+                map: map.clone(),
+                start: start - base,
+                end: start - base + bytes.len(),
+            });
+        }
+    }
+    bytes
 }
 
 /// A file map shared by the `Bytes` slices of it and by [`Loaded`].
@@ -82,14 +233,22 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         source,
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut loaded = load_bytes(bytes, path, &base)?;
-    loaded.maps.extend(map);
-    Ok(loaded)
+    import(bytes, map.into_iter().collect(), path, &base)
 }
 
 /// Loads a model from `bytes`; `path` is only used in messages and `base_dir` resolves
 /// external data locations.
 pub fn load_bytes(bytes: Bytes, path: &Path, base_dir: &Path) -> Result<Loaded, LoadError> {
+    import(bytes, Vec::new(), path, base_dir)
+}
+
+/// Decodes `bytes`, which `maps` (the model file's map, if any) hold.
+fn import(
+    bytes: Bytes,
+    maps: Vec<Arc<memmap2::Mmap>>,
+    path: &Path,
+    base_dir: &Path,
+) -> Result<Loaded, LoadError> {
     if bytes.is_empty() {
         return Err(LoadError::Empty {
             path: path.to_path_buf(),
@@ -114,14 +273,14 @@ pub fn load_bytes(bytes: Bytes, path: &Path, base_dir: &Path) -> Result<Loaded, 
         path: path.to_path_buf(),
         base_dir: base_dir.to_path_buf(),
         files: HashMap::new(),
-        maps: Vec::new(),
+        maps,
         warnings: Vec::new(),
     };
     let model = cx.model(proto)?;
     Ok(Loaded {
         model,
         warnings: cx.warnings,
-        maps: cx.maps,
+        files: FileMaps { maps: cx.maps },
     })
 }
 
@@ -501,9 +660,10 @@ impl Importer {
         let data = if external {
             let entries = entries(t.external_data);
             let bytes = self.external(&entries, place)?;
+            let bytes = own_payload(&self.maps, bytes);
             TensorData::External { entries, bytes }
         } else if let Some(raw) = t.raw_data {
-            TensorData::Raw(raw)
+            TensorData::Raw(own_payload(&self.maps, raw))
         } else {
             TensorData::Typed(typed_field(
                 dtype,
@@ -645,5 +805,68 @@ fn infer_attr_type(a: &pb::AttributeProto) -> pb::attribute_proto::AttributeType
         T::Graphs
     } else {
         T::Undefined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(name)
+    }
+
+    /// Payloads of a page or more own their slice of the map (raw data in the model file
+    /// and external data alike); `locate` finds them, `mapped_bytes` reads them back after
+    /// the tensors are dropped, piece by piece too; a tensor not in the maps is not found.
+    #[test]
+    fn mapped_payloads_are_located_and_read_back() {
+        for name in ["llama_ts.onnx", "llama_dynamo.onnx"] {
+            let loaded = load(&fixture(name)).unwrap();
+            let files = loaded.files;
+            let mut seen = Vec::new();
+            for &v in &loaded.model.graph.initializers {
+                let t = loaded.model.graph.value(v).tensor.as_ref().unwrap();
+                let bytes = t.raw_bytes().unwrap().into_owned();
+                match files.locate(t) {
+                    Some(range) => {
+                        assert_eq!(range.len(), bytes.len());
+                        seen.push((range, bytes));
+                    }
+                    None => assert!(matches!(t.data, TensorData::Typed(_)), "{name}"),
+                }
+            }
+            assert!(seen.iter().any(|(r, _)| r.len() >= 2 * PAGE), "{name}");
+            drop(loaded.model);
+            for (range, bytes) in &seen {
+                assert_eq!(files.mapped_bytes(*range).unwrap(), &bytes[..]);
+                let mut joined = Vec::new();
+                let mut end = None;
+                for piece in range.pieces(3 * PAGE) {
+                    if let Some(e) = end {
+                        assert_eq!(piece.offset, e, "contiguous");
+                    }
+                    assert!(
+                        (piece.offset + piece.len) % (3 * PAGE) == 0
+                            || piece.offset + piece.len == range.offset + range.len
+                    );
+                    end = Some(piece.offset + piece.len);
+                    joined.extend_from_slice(files.mapped_bytes(piece).unwrap());
+                    files.release_range(piece);
+                }
+                assert_eq!(&joined, bytes);
+            }
+            let other = Tensor::from_f32(vec![2], &[1.0, 2.0]);
+            assert_eq!(files.locate(&other), None);
+            let foreign = MappedRange {
+                map: 9,
+                offset: 0,
+                len: 1,
+            };
+            assert_eq!(files.mapped_bytes(foreign), None);
+            files.release_range(foreign);
+        }
     }
 }

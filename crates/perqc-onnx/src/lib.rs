@@ -15,4 +15,4 @@ mod wire;
 
 pub use error::{LoadError, SaveError};
 pub use export::{ExternalPolicy, SaveOptions, Saved, save, to_bytes};
-pub use import::{Loaded, load, load_bytes};
+pub use import::{FileMaps, Loaded, MappedRange, load, load_bytes};
