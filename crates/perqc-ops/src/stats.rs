@@ -13,6 +13,21 @@
 
 use ndarray::{Array2, ArrayView2, Axis};
 
+crate::kernels::vmath::multiversion! {
+    /// One row into the per-channel sums: `sum_abs += |x|`, `sum_sq += x²` (in f64), and
+    /// `max_abs = max(max_abs, |x|)` (a NaN never replaces the maximum). Channel by channel
+    /// in row order, so the sums are the same at every vector width.
+    fn moments(row: &[f32], sum_abs: &mut [f64], sum_sq: &mut [f64], max_abs: &mut [f32]) {
+        let sums = sum_abs.iter_mut().zip(sum_sq.iter_mut());
+        for ((sa, sq), (mx, &v)) in sums.zip(max_abs.iter_mut().zip(row)) {
+            let a = v.abs();
+            *sa += a as f64;
+            *sq += (v as f64) * (v as f64);
+            *mx = if a > *mx { a } else { *mx };
+        }
+    }
+}
+
 /// The |x| histogram: log-spaced bins, `SUB` per octave, covering [2^MIN_EXP, 2^MAX_EXP).
 /// A quantile read from it is exact up to one bin: a relative error of 2^(1/SUB) - 1
 /// (4.4%). Values below the range land in bin 0 (reported as 0), above it in the last bin.
@@ -86,15 +101,16 @@ impl ChannelStats {
         }
         self.rows += rows as u64;
         for row in x.axis_iter(Axis(0)) {
-            for (ch, &v) in row.iter().enumerate() {
-                let a = v.abs();
-                self.sum_abs[ch] += a as f64;
-                self.sum_sq[ch] += (v as f64) * (v as f64);
-                if a > self.max_abs[ch] {
-                    self.max_abs[ch] = a;
+            match row.as_slice() {
+                Some(r) => moments(r, &mut self.sum_abs, &mut self.sum_sq, &mut self.max_abs),
+                None => {
+                    let r: Vec<f32> = row.iter().copied().collect();
+                    moments(&r, &mut self.sum_abs, &mut self.sum_sq, &mut self.max_abs);
                 }
-                if let Some(h) = &mut self.hist {
-                    h[ch * BINS + bin(a)] += 1;
+            }
+            if let Some(h) = &mut self.hist {
+                for (ch, &v) in row.iter().enumerate() {
+                    h[ch * BINS + bin(v.abs())] += 1;
                 }
             }
         }

@@ -694,6 +694,19 @@ pub fn tune_allocator() {
     }
 }
 
+/// Gives the allocator's free memory back to the system (glibc's `malloc_trim(0)`; a no-op
+/// elsewhere). After [`tune_allocator`], memory a dropped session freed stays in the
+/// process for the next run; a program that moves on to other work (the CLI after
+/// calibrating) calls this so that the freed weights and activations do not add to what
+/// that work allocates.
+pub fn trim_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // Safety: malloc_trim only returns free memory to the system; it is thread-safe in glibc.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Runs a node's body graphs: plans each body as a session sharing this one's thread pool,
 /// and feeds it the body's inputs plus the values it captures from the running graph.
 /// (Bodies are planned per call; caching the plan across Loop iterations is future work.)
