@@ -99,12 +99,14 @@ pub fn windows(args: &CalibArgs) -> Result<Windows> {
 /// `sequences · len` rows; its source names the data, the sequences and the tokens run.
 /// Errors: bad arguments, unreadable or short data (naming the file), a watched value the
 /// graph does not have or that no run produced (naming it), any runtime error (naming the
-/// window and the file).
+/// window and the file). `release` is called on each initializer once the session has its
+/// copy (to give back mapped pages, as `perqc eval` does).
 pub fn calibrate(
     model: &perqc_ir::Model,
     watch: &[String],
     args: &CalibArgs,
     opts: StatsOptions,
+    release: &dyn Fn(&perqc_ir::Tensor),
 ) -> Result<Calibration> {
     if args.calib_seqs == 0 {
         bail!("--calib-seqs must be at least 1");
@@ -131,8 +133,11 @@ pub fn calibrate(
             .calib_threads
             .unwrap_or(SessionOptions::default().threads),
     };
-    let session =
-        Session::with_options(model, &session_opts).context("calibration: planning the model")?;
+    // Only what computes the watched values runs: no LM head, no logits.
+    let pruned = watched_part(model, &names).context("calibration: pruning the model")?;
+    let model = pruned.as_ref().unwrap_or(model);
+    let session = Session::with_release(model, &session_opts, release)
+        .context("calibration: planning the model")?;
     let feeds = WindowFeeds::new(&session, &model.graph, args.calib_len)
         .context("calibration: feeding the model")?;
     let mut observer = ChannelObserver::new(names, opts);
@@ -175,12 +180,76 @@ pub fn calibrate(
     Ok(calib)
 }
 
+/// `model` cut down to the nodes the watched values depend on, with as outputs the watched
+/// values no other watched value is computed from (in a decoder, the last layer's): the
+/// observer sees every watched value as before, and what follows them (the final norm, the
+/// LM head and its `[1, len, vocab]` logits) is neither run nor given weights. `None` when
+/// a name is not a value of the graph (the run then reports it) or nothing would be cut.
+fn watched_part(model: &perqc_ir::Model, names: &[String]) -> Result<Option<perqc_ir::Model>> {
+    use perqc_ir::{ValueDef, ValueId};
+    let g = &model.graph;
+    let Some(watched) = names
+        .iter()
+        .map(|n| g.find(n))
+        .collect::<Option<Vec<ValueId>>>()
+    else {
+        return Ok(None);
+    };
+    // inner[i]: another watched value is computed from watched value i.
+    let mut outputs = Vec::new();
+    let mut inner = vec![false; watched.len()];
+    for &w in &watched {
+        let mut seen = std::collections::HashSet::from([w]);
+        let mut stack = vec![w];
+        while let Some(v) = stack.pop() {
+            let ValueDef::Node { node, .. } = g.value(v).def() else {
+                continue;
+            };
+            let n = g.node(node);
+            for u in n.inputs().iter().flatten().chain(n.captures()) {
+                if seen.insert(*u) {
+                    if let Some(i) = watched.iter().position(|x| x == u) {
+                        inner[i] = true;
+                    }
+                    stack.push(*u);
+                }
+            }
+        }
+    }
+    for (i, &w) in watched.iter().enumerate() {
+        if !inner[i] && !outputs.contains(&w) {
+            outputs.push(w);
+        }
+    }
+    if outputs == g.outputs {
+        return Ok(None);
+    }
+    let mut pruned = model.clone();
+    pruned.graph.outputs = outputs;
+    perqc_ir::Pass::run(
+        &mut perqc_passes::Dce::default(),
+        &mut pruned,
+        &mut perqc_ir::PassContext::new(None),
+    )?;
+    Ok(Some(pruned))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
     use perqc_passes::permutation::{PermuteMethod, inverse, permutation};
     use std::path::Path;
+
+    /// [`super::calibrate`] without releasing anything.
+    fn calibrate(
+        model: &perqc_ir::Model,
+        watch: &[String],
+        args: &CalibArgs,
+        opts: StatsOptions,
+    ) -> Result<Calibration> {
+        super::calibrate(model, watch, args, opts, &|_| {})
+    }
 
     #[derive(Parser)]
     struct Cli {
@@ -268,6 +337,53 @@ mod tests {
             assert_eq!(perm.len(), s.channels(), "{name}");
             inverse(&perm).unwrap();
         }
+    }
+
+    /// The run stops at the last down projection (no LM head, one output) and gives the
+    /// statistics the whole graph gives, bit for bit; unknown names cut nothing.
+    #[test]
+    fn the_pruned_run_gives_the_whole_models_statistics() {
+        let model = llama();
+        let watch = down_proj_inputs(&model);
+        let pruned = watched_part(&model, &watch)
+            .unwrap()
+            .expect("the LM head is cut");
+        assert!(pruned.graph.node_order().len() < model.graph.node_order().len());
+        let outputs: Vec<&str> = pruned
+            .graph
+            .outputs
+            .iter()
+            .map(|&v| pruned.graph.value(v).name.as_str())
+            .collect();
+        assert_eq!(outputs, [watch[1].as_str()], "the last layer's only");
+        assert!(
+            !pruned
+                .graph
+                .nodes()
+                .any(|(_, n)| n.name.contains("lm_head"))
+        );
+        let args = text_args("2", "16");
+        let calib = calibrate(&model, &watch, &args, StatsOptions::default()).unwrap();
+        let data = windows(&args).unwrap();
+        let s = Session::with_options(&model, &SessionOptions { threads: 1 }).unwrap();
+        let feeds = WindowFeeds::new(&s, &model.graph, 16).unwrap();
+        let mut whole = perqc_runtime::ChannelObserver::new(watch.clone(), StatsOptions::default());
+        for w in &data.windows {
+            s.run_observed(&feeds.feeds(w), &mut whole).unwrap();
+        }
+        for ((name, a), (other, b)) in calib.iter().zip(whole.into_stats()) {
+            let b = b.unwrap();
+            assert_eq!(name, &other);
+            assert_eq!(a.rows(), b.rows());
+            assert_eq!(a.sum_abs(), b.sum_abs(), "{name}");
+            assert_eq!(a.sum_sq(), b.sum_sq(), "{name}");
+            assert_eq!(a.max_abs(), b.max_abs(), "{name}");
+        }
+        assert!(
+            watched_part(&model, &["no_such_value".into()])
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

@@ -200,32 +200,45 @@ fn compile(args: CompileArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--passes: {e}"))?;
 
     let t = Instant::now();
-    let mut model = load(&input, args.quiet)?;
+    let loaded = perqc_onnx::load(&input)?;
+    if !args.quiet {
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    let (mut model, files) = (loaded.model, loaded.files);
     let load_time = t.elapsed();
     let mut manager = PassManager::new();
-    let mut original = None;
     let mut calib_time = None;
     if recipe {
+        // Calibration and --verify run sessions as `perqc eval` does, with its allocator
+        // settings (activation buffers reused across runs).
+        perqc_runtime::tune_allocator();
         perqc_passes::canonicalize(&mut model)
             .with_context(|| format!("{}: canonicalizing", input.display()))?;
-        if args.recipe.verify {
-            original = Some(model.clone());
-        }
         let t = Instant::now();
+        // The calibration session copies the weights; their mapped pages go back as it does.
         if let Some(c) = args
             .recipe
-            .calibrate(&model)
+            .calibrate(&model, &|t| files.release(t))
             .with_context(|| input.display().to_string())?
         {
             notes.push(format!("calibrated on {}", c.source()));
             calib_time = Some(t.elapsed());
             manager.provide(c);
+            // The session is gone: its memory goes back to the system, and the passes will
+            // read the weights it copied and gave back.
+            perqc_runtime::trim_allocator();
+            files.will_need();
         }
     }
     let size_before = files_size(&input, &model.graph);
     // The initializers as loaded, to count what the passes changed (none run: none changed).
-    let weights_before: Option<Vec<(String, Tensor)>> =
-        (!pipeline.is_empty()).then(|| initializers(&model.graph).collect());
+    let weights_before: Option<Vec<Before>> = (!pipeline.is_empty()).then(|| {
+        initializers(&model.graph)
+            .map(|(name, t)| Before::of(name, t, &files))
+            .collect()
+    });
 
     let mut stderr = std::io::stderr();
     let mut opts = RunOptions {
@@ -237,17 +250,18 @@ fn compile(args: CompileArgs) -> Result<()> {
     let report = manager
         .run(&mut model, &mut pipeline, &mut opts)
         .with_context(|| input.display().to_string())?;
-    if let Some(orig) = &original {
+    if recipe && args.recipe.verify {
+        // The original is read again from the file (and canonicalized the same way) rather
+        // than kept from before the passes.
         let rel = args
             .recipe
-            .verify(orig, &model)
+            .verify(&input, &model, &files)
             .with_context(|| input.display().to_string())?;
         notes.push(format!(
             "--verify: outputs match the original within {rel:.2e} relative (tolerance {:.0e})",
             args.recipe.verify_tol
         ));
     }
-    drop(original);
     // Canonical ops exist only inside perqc: the file gets ops of the model's own opset.
     perqc_passes::lower_for_export(&mut model)
         .with_context(|| format!("{}: lowering canonical ops for export", input.display()))?;
@@ -294,7 +308,7 @@ fn compile(args: CompileArgs) -> Result<()> {
             );
         }
         let (changed, before) = weights_before.as_ref().map_or((0, weights), |before| {
-            (changed_weights(before, &model.graph), before.len())
+            (changed_weights(before, &model.graph, &files), before.len())
         });
         eprintln!(
             "weights: {changed} initializers changed, added or removed; {before} before, {weights} after"
@@ -322,20 +336,94 @@ fn initializers(g: &Graph) -> impl Iterator<Item = (String, Tensor)> + '_ {
     })
 }
 
+/// An initializer before the passes: its type, shape, and where its payload is.
+struct Before {
+    name: String,
+    dtype: perqc_ir::DType,
+    dims: Vec<i64>,
+    payload: Payload,
+}
+
+enum Payload {
+    /// In the loaded file: its place there and its address when loaded. Only the place is
+    /// kept, not the payload: holding it would keep every replaced original alive (and its
+    /// pages resident) until the end.
+    Mapped(perqc_onnx::MappedRange, usize),
+    /// Not in the file (typed fields, tensors made by canonicalization): the tensor.
+    Held(Tensor),
+}
+
+impl Before {
+    fn of(name: String, t: Tensor, files: &perqc_onnx::FileMaps) -> Before {
+        let (dtype, dims) = (t.dtype, t.dims.clone());
+        let payload = match files.locate(&t).zip(payload_address(&t)) {
+            Some((range, at)) => Payload::Mapped(range, at),
+            None => Payload::Held(t),
+        };
+        Before {
+            name,
+            dtype,
+            dims,
+            payload,
+        }
+    }
+
+    /// Whether `t` is this initializer unchanged. A payload still at its address in the
+    /// file map is (map addresses are not reused while the maps live); a replaced one is
+    /// compared with the file's bytes, whose pages are given back after.
+    fn same(&self, t: &Tensor, files: &perqc_onnx::FileMaps) -> bool {
+        if self.dtype != t.dtype || self.dims != t.dims {
+            return false;
+        }
+        match &self.payload {
+            Payload::Held(old) => {
+                matches!((old.raw_bytes(), t.raw_bytes()), (Ok(x), Ok(y)) if x == y)
+            }
+            Payload::Mapped(range, at) => {
+                if payload_address(t) == Some(*at) && files.locate(t) == Some(*range) {
+                    return true;
+                }
+                let Ok(new) = t.raw_bytes() else {
+                    return false;
+                };
+                if new.len() != range.len() {
+                    return false;
+                }
+                // Piece by piece, so one piece of the original is resident at a time.
+                let mut at = 0;
+                for piece in range.pieces(4 << 20) {
+                    let equal = files
+                        .mapped_bytes(piece)
+                        .is_some_and(|old| old == &new[at..at + piece.len()]);
+                    files.release_range(piece);
+                    if !equal {
+                        return false;
+                    }
+                    at += piece.len();
+                }
+                true
+            }
+        }
+    }
+}
+
+/// The address of a raw or external payload.
+fn payload_address(t: &Tensor) -> Option<usize> {
+    match &t.data {
+        TensorData::Raw(b) | TensorData::External { bytes: b, .. } => Some(b.as_ptr() as usize),
+        TensorData::Typed(_) => None,
+    }
+}
+
 /// How many initializers differ from `before`: added, removed, or with another type, shape
 /// or payload.
-fn changed_weights(before: &[(String, Tensor)], g: &Graph) -> usize {
-    let same = |a: &Tensor, b: &Tensor| {
-        a.dtype == b.dtype
-            && a.dims == b.dims
-            && matches!((a.raw_bytes(), b.raw_bytes()), (Ok(x), Ok(y)) if x == y)
-    };
-    let old: HashMap<&str, &Tensor> = before.iter().map(|(n, t)| (n.as_str(), t)).collect();
+fn changed_weights(before: &[Before], g: &Graph, files: &perqc_onnx::FileMaps) -> usize {
+    let old: HashMap<&str, &Before> = before.iter().map(|b| (b.name.as_str(), b)).collect();
     let mut kept = 0;
     let mut changed = 0;
     for (name, t) in initializers(g) {
         match old.get(name.as_str()) {
-            Some(o) if same(o, &t) => kept += 1,
+            Some(b) if b.same(&t, files) => kept += 1,
             _ => changed += 1,
         }
     }

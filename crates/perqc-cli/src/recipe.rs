@@ -12,7 +12,8 @@ use perqc_ir::Model;
 use perqc_passes::calibration::Calibration;
 use perqc_passes::permutation::PermuteMethod;
 use perqc_passes::regions::{RegionKind, Regions};
-use perqc_runtime::{RtTensor, Session, StatsOptions};
+use perqc_runtime::{RtTensor, Session, SessionOptions, StatsOptions};
+use std::path::Path;
 
 #[derive(Args)]
 pub struct RecipeArgs {
@@ -72,8 +73,13 @@ impl RecipeArgs {
     }
 
     /// Calibration statistics of what the permutation reads, if there is data and the
-    /// permutation needs them. `model` is canonicalized.
-    pub fn calibrate(&self, model: &Model) -> Result<Option<Calibration>> {
+    /// permutation needs them. `model` is canonicalized; `release` is called on each
+    /// weight once the calibration session has its copy.
+    pub fn calibrate(
+        &self,
+        model: &Model,
+        release: &dyn Fn(&perqc_ir::Tensor),
+    ) -> Result<Option<Calibration>> {
         if !self.calib.given() || !self.permute.uses_statistics() {
             return Ok(None);
         }
@@ -83,12 +89,20 @@ impl RecipeArgs {
         if watch.is_empty() {
             return Ok(None);
         }
-        calib::calibrate(model, &watch, &self.calib, StatsOptions::default()).map(Some)
+        calib::calibrate(model, &watch, &self.calib, StatsOptions::default(), release).map(Some)
     }
 
-    /// Runs both models on up to two calibration windows (or fixed ids) and compares their
-    /// first outputs; returns the relative error, failing above the tolerance.
-    pub fn verify(&self, original: &Model, transformed: &Model) -> Result<f64> {
+    /// Runs the original model (read again from `input` and canonicalized) and the
+    /// transformed one on up to two calibration windows (or fixed ids) and compares their
+    /// first outputs; returns the relative error, failing above the tolerance. One session
+    /// at a time; `files` (the transformed model's maps) gives back the pages of its
+    /// weights still in the file once the session has copied them.
+    pub fn verify(
+        &self,
+        input: &Path,
+        transformed: &Model,
+        files: &perqc_onnx::FileMaps,
+    ) -> Result<f64> {
         let windows: Vec<Vec<u32>> = if self.calib.given() {
             let mut args = self.calib.clone();
             args.calib_seqs = args.calib_seqs.min(2);
@@ -98,25 +112,39 @@ impl RecipeArgs {
             vec![(0..64u32).map(|i| (i * 37 + 11) % 250).collect()]
         };
         let len = windows[0].len();
-        let run = |m: &Model| -> Result<Vec<Vec<f32>>> {
-            let s = Session::new(m)?;
+        // A session over `m`, and the first output of one window as floats.
+        let session = |m: &Model, release: &dyn Fn(&perqc_ir::Tensor)| -> Result<_> {
+            let s = Session::with_release(m, &SessionOptions::default(), release)?;
             let feeds = WindowFeeds::new(&s, &m.graph, len)?;
+            Ok((s, feeds))
+        };
+        let first = |s: &Session, feeds: &WindowFeeds, w: &[u32]| -> Result<Vec<f32>> {
+            let out = s.run(&feeds.feeds(w))?;
+            match out.into_iter().next().map(|o| o.1) {
+                Some(RtTensor::F32(a)) => Ok(a.iter().copied().collect()),
+                _ => bail!("the first output is not float32"),
+            }
+        };
+        // The original's outputs are kept; the transformed model's are compared window by
+        // window as they come.
+        let a = {
+            let original = perqc_onnx::load(input).context("--verify: reading the original")?;
+            let mut model = original.model;
+            perqc_passes::canonicalize(&mut model).context("canonicalizing")?;
+            let (s, feeds) = session(&model, &|t| original.files.release(t))
+                .context("--verify: running the original model")?;
             windows
                 .iter()
-                .map(|w| {
-                    let out = s.run(&feeds.feeds(w))?;
-                    match out.into_iter().next().map(|o| o.1) {
-                        Some(RtTensor::F32(a)) => Ok(a.iter().copied().collect()),
-                        _ => bail!("the first output is not float32"),
-                    }
-                })
-                .collect()
+                .map(|w| first(&s, &feeds, w))
+                .collect::<Result<Vec<_>>>()
+                .context("--verify: running the original model")?
         };
-        let a = run(original).context("--verify: running the original model")?;
-        let b = run(transformed).context("--verify: running the transformed model")?;
+        let (s, feeds) = session(transformed, &|t| files.release(t))
+            .context("--verify: running the transformed model")?;
         let (mut err, mut max) = (0f64, 0f64);
-        for (x, y) in a.iter().zip(&b) {
-            for (p, q) in x.iter().zip(y) {
+        for (w, x) in windows.iter().zip(&a) {
+            let y = first(&s, &feeds, w).context("--verify: running the transformed model")?;
+            for (p, q) in x.iter().zip(&y) {
                 err = err.max(f64::from((p - q).abs()));
                 max = max.max(f64::from(p.abs()));
             }
