@@ -535,7 +535,14 @@ impl Trace {
             .iter()
             .any(|f| matches!(f, ChannelFlow::Invariant { .. }));
         let ext = match env.extents(v, &axes) {
-            Some(e) => e,
+            Some(e) if e.iter().product::<usize>() == ids.len() => e,
+            Some(_) => {
+                return self.block(
+                    env,
+                    Some(node),
+                    "an operand's channel axes do not hold the region's channels".into(),
+                );
+            }
             None => return self.block(env, Some(node), "channel axis sizes unknown".into()),
         };
         // Outputs and joined operands, per port: (index, axes, ids after fanouts).
