@@ -29,10 +29,7 @@ impl OnlineHadamard {
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&["block", "signs"])?;
-        let signs = match opts.get("signs") {
-            None => None,
-            Some(_) => Some(opts.parse_or("signs", "a seed (non-negative integer)", 0u64)?),
-        };
+        let signs = transform::seed_option(opts, "signs")?;
         Ok(Box::new(OnlineHadamard {
             block: opts.parse_or("block", "a block size (positive integer)", 32usize)?,
             signs,
@@ -50,11 +47,7 @@ impl Pass for OnlineHadamard {
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
-        if transform::already_applied(model, Self::NAME) {
-            ctx.note(format!(
-                "already applied to this model ({} lists it): nothing done",
-                transform::APPLIED_KEY
-            ));
+        if transform::already_applied(model, ctx, Self::NAME) {
             return Ok(PassOutcome::from_changed(false));
         }
         let regions = ctx.analysis::<Regions>(model)?;

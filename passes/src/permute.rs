@@ -145,11 +145,7 @@ impl Pass for Permute {
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
-        if transform::already_applied(model, Self::NAME) {
-            ctx.note(format!(
-                "already applied to this model ({} lists it): nothing done",
-                transform::APPLIED_KEY
-            ));
+        if transform::already_applied(model, ctx, Self::NAME) {
             return Ok(PassOutcome::from_changed(false));
         }
         let regions = ctx.analysis::<Regions>(model)?;

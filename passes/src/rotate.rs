@@ -42,10 +42,7 @@ impl Rotate {
             _ => Some(Some(opts.parse_or("block", "a block size", 32usize)?)),
         };
         let heads = opts.choice_or("heads", &["full", "none"], "full")? == "full";
-        let signs = match opts.get("signs") {
-            None => None,
-            Some(_) => Some(opts.parse_or("signs", "a seed (non-negative integer)", 0u64)?),
-        };
+        let signs = transform::seed_option(opts, "signs")?;
         Ok(Box::new(Rotate {
             residual,
             heads,
@@ -64,11 +61,7 @@ impl Pass for Rotate {
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
-        if transform::already_applied(model, Self::NAME) {
-            ctx.note(format!(
-                "already applied to this model ({} lists it): nothing done",
-                transform::APPLIED_KEY
-            ));
+        if transform::already_applied(model, ctx, Self::NAME) {
             return Ok(PassOutcome::from_changed(false));
         }
         let regions = ctx.analysis::<Regions>(model)?;

@@ -81,12 +81,6 @@ pub struct Kinds {
     pub signed_scale: Option<String>,
 }
 
-impl Kinds {
-    pub(crate) fn all() -> Kinds {
-        Kinds::default()
-    }
-}
-
 /// The kinds of channel transform, for [`Region::why_not`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransformKind {

@@ -186,10 +186,7 @@ impl Trace {
     pub fn from_seed(env: &Env<'_>, node: NodeId, input: usize, axis: usize) -> Option<Trace> {
         let weight = env.graph.node(node).input(input)?;
         let n = env.extents(weight, &[axis])?[0];
-        let mut t = Trace {
-            kinds: Kinds::all(),
-            ..Trace::default()
-        };
+        let mut t = Trace { ..Trace::default() };
         let ids = t.ids.fresh(n);
         t.seed_ids = ids.clone();
         t.operand(env, node, input, SmallVec::from_slice(&[axis]), ids);

@@ -21,7 +21,10 @@ pub mod op;
 pub use op::ChannelOp;
 
 use crate::regions::{Endpoint, Region, TransformKind};
-use perqc_ir::{AttrValue, Graph, Model, NodeId, Operand, Tensor, ValueDef, ValueId};
+use perqc_ir::{
+    AttrValue, Graph, Model, NodeId, Operand, OptionError, PassContext, PassOptions, Tensor,
+    ValueDef, ValueId,
+};
 use std::collections::HashMap;
 
 /// Where `T` goes.
@@ -58,12 +61,29 @@ impl std::ops::AddAssign for Applied {
 /// statistics of the unpermuted channels).
 pub const APPLIED_KEY: &str = "perqc.transforms";
 
-/// Whether transform pass `pass` has already run on `model`.
-pub fn already_applied(model: &Model, pass: &str) -> bool {
-    model
+/// Whether transform pass `pass` has already run on `model`; if so, says so in a note
+/// (the pass then does nothing).
+pub fn already_applied(model: &Model, ctx: &mut PassContext, pass: &str) -> bool {
+    let done = model
         .metadata
         .iter()
-        .any(|(k, v)| k == APPLIED_KEY && v.split(',').any(|p| p == pass))
+        .any(|(k, v)| k == APPLIED_KEY && v.split(',').any(|p| p == pass));
+    if done {
+        ctx.note(format!(
+            "already applied to this model ({APPLIED_KEY} lists it): nothing done"
+        ));
+    }
+    done
+}
+
+/// An optional seed option (`signs=SEED` of the rotation passes): `None` when absent.
+pub fn seed_option(opts: &PassOptions, name: &str) -> Result<Option<u64>, OptionError> {
+    match opts.get(name) {
+        None => Ok(None),
+        Some(_) => opts
+            .parse_or(name, "a seed (non-negative integer)", 0u64)
+            .map(Some),
+    }
 }
 
 /// Records that transform pass `pass` ran on `model`.
