@@ -896,3 +896,13 @@ pub fn hadamard(ctx: &ChannelCtx<'_>) -> ChannelFlow {
         _ => ChannelFlow::Barrier("the block rotation matrix"),
     }
 }
+
+/// `ai.perqc::FakeQuantize(x)`: every row of the last axis is rounded with a scale (and
+/// zero point) computed from the row's max and min, which a permutation of the row does
+/// not change, so permutations of the last axis commute; rows are independent, so do
+/// permutations of a leading axis. Rotations and scales change the row's extremes and the
+/// rounding grid: they do not commute on any axis (the one form that says this is
+/// [`pointwise`]'s permutations-only `Through`).
+pub fn fake_quantize(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    ChannelFlow::through(vec![(0, ctx.axis)], PERM)
+}

@@ -19,6 +19,7 @@ pub mod hadamard;
 pub mod infer;
 pub mod kernel;
 pub mod kernels;
+pub mod quant;
 pub mod rules;
 pub mod stats;
 mod table;
@@ -30,6 +31,7 @@ pub use infer::{
     infer_graph, infer_model, lookup_node,
 };
 pub use kernel::{KernelCtx, KernelError, KernelFn, RtTensor, SubgraphRunner};
+pub use quant::{TokenQuant, fake_quantize_rows};
 pub use table::OPS;
 
 use std::collections::HashMap;

@@ -75,8 +75,13 @@ pub static OPS: &[OpDef] = &[
     op("Asinh", 9, ew::unary),
     op("Atanh", 9, ew::unary),
     op("BitwiseNot", 18, ew::unary),
-    op("Clip", 1, ew::unary).until(11), // min / max attributes
-    op("Clip", 11, ew::unary),          // min / max inputs
+    op("Clip", 1, ew::unary)
+        .until(11)
+        .kernel(kew::clip)
+        .channel(ch::pointwise), // min / max attributes
+    op("Clip", 11, ew::unary)
+        .kernel(kew::clip)
+        .channel(ch::pointwise), // min / max inputs
     op("Trilu", 14, ew::unary)
         .kernel(kmisc::trilu)
         .channel(ch::matrix_positions),
@@ -90,14 +95,18 @@ pub static OPS: &[OpDef] = &[
     op("Neg", 1, ew::neg)
         .kernel(kew::neg)
         .channel(ch::linear_unary),
-    op("Abs", 1, ew::abs).channel(ch::pointwise),
+    op("Abs", 1, ew::abs)
+        .kernel(kew::abs)
+        .channel(ch::pointwise),
     op("Not", 1, ew::not)
         .kernel(kew::not)
         .channel(ch::pointwise),
     op("Sign", 9, ew::sign).channel(ch::pointwise),
     op("Floor", 1, ew::integral).channel(ch::pointwise),
     op("Ceil", 1, ew::integral).channel(ch::pointwise),
-    op("Round", 11, ew::integral).channel(ch::pointwise),
+    op("Round", 11, ew::integral)
+        .kernel(kew::round)
+        .channel(ch::pointwise),
     op("Identity", 1, mv::identity)
         .kernel(kmv::identity)
         .channel(ch::linear_unary),
@@ -200,8 +209,11 @@ pub static OPS: &[OpDef] = &[
         .channel(ch::reduce),
     op("ReduceMin", 1, rd::reduce_min_attr)
         .until(18)
+        .kernel(krd::reduce_min)
         .channel(ch::reduce),
-    op("ReduceMin", 18, rd::reduce_min_input).channel(ch::reduce),
+    op("ReduceMin", 18, rd::reduce_min_input)
+        .kernel(krd::reduce_min)
+        .channel(ch::reduce),
     op("ReduceProd", 1, rd::reduce_prod_attr).until(18),
     op("ReduceProd", 18, rd::reduce_prod_input),
     op("ReduceL1", 1, rd::reduce_attr).until(18),
@@ -394,6 +406,9 @@ pub static OPS: &[OpDef] = &[
     OpDef::custom(PERQC, "Hadamard", 1, la::hadamard)
         .kernel(khad::hadamard)
         .channel(ch::hadamard),
+    OpDef::custom(PERQC, "FakeQuantize", 1, misc::fake_quantize)
+        .kernel(kmisc::fake_quantize)
+        .channel(ch::fake_quantize),
     // ---- com.microsoft ----
     OpDef::custom(MS, "Gelu", 1, ew::unary).channel(ch::pointwise),
     OpDef::custom(MS, "FastGelu", 1, ew::unary),

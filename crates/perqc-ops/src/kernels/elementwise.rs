@@ -237,6 +237,9 @@ unary_f32! {
     cos, cos_slice => f32::cos;
     sin, sin_slice => f32::sin;
     neg_f32, neg_slice => |x: f32| -x;
+    abs_f32, abs_slice => f32::abs;
+    // Half to even, as ONNX Round (and ONNX Runtime's `std::nearbyint`).
+    round, round_slice => f32::round_ties_even;
     gelu_erf, gelu_erf_slice => |x: f32| {
         0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
     };
@@ -274,6 +277,42 @@ pub fn neg(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         RtTensor::I8(a) => RtTensor::I8(a.map(|&x| x.wrapping_neg()).into_shared()),
         other => return Err(type_err(0, other)),
     }])
+}
+
+pub fn abs(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    Ok(vec![match req(inputs, 0)? {
+        RtTensor::F32(_) => return abs_f32(ctx, inputs),
+        RtTensor::I64(a) => RtTensor::i64(a.map(|&x| x.wrapping_abs())),
+        RtTensor::I32(a) => RtTensor::I32(a.map(|&x| x.wrapping_abs()).into_shared()),
+        other => return Err(type_err(0, other)),
+    }])
+}
+
+/// Clip: `min(max(x, lo), hi)` with the bounds from the `min` / `max` attributes before
+/// opset 11, from optional scalar inputs 1 and 2 after (a missing bound does not clip).
+/// NaN stays NaN.
+pub fn clip(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let x = req(inputs, 0)?;
+    let bound = |i: usize, name: &str, default: f32| -> Result<f32, KernelError> {
+        if ctx.opset < 11 {
+            return Ok(ctx.float(name, default));
+        }
+        match inputs.get(i).copied().flatten() {
+            None => Ok(default),
+            Some(RtTensor::F32(b)) if b.len() == 1 => Ok(*b.iter().next().expect("one")),
+            Some(other) => Err(type_err(i, other)),
+        }
+    };
+    match x {
+        RtTensor::F32(a) => {
+            let lo = bound(1, "min", f32::NEG_INFINITY)?;
+            let hi = bound(2, "max", f32::INFINITY)?;
+            Ok(vec![RtTensor::f32(
+                a.map(|&v| if v.is_nan() { v } else { v.max(lo).min(hi) }),
+            )])
+        }
+        other => Err(type_err(0, other)),
+    }
 }
 
 pub fn not(_: &KernelCtx<'_>, inputs: In) -> Out {

@@ -1,5 +1,6 @@
 //! Constants and generators (Constant, ConstantOfShape, Range), casts, Trilu, and
-//! QuantizeLinear / DequantizeLinear (per-tensor, per-axis and blocked).
+//! QuantizeLinear / DequantizeLinear (per-tensor, per-axis and blocked), and
+//! `ai.perqc::FakeQuantize` (per-token dynamic quantization, [`crate::quant`]).
 
 use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints};
 use ndarray::{ArrayD, Axis, IxDyn, Zip};
@@ -155,6 +156,14 @@ pub fn cast_to(t: &RtTensor, to: DType) -> Result<RtTensor, KernelError> {
         DType::I32 => RtTensor::I32(int_to!(i32, I32)),
         DType::U8 => RtTensor::U8(int_to!(u8, U8)),
         DType::I8 => RtTensor::I8(int_to!(i8, I8)),
+        // 4-bit: the low nibble of the 8-bit conversion, as ONNX Runtime's `Cast` packs it
+        // (values outside the range wrap; float inputs truncate toward zero first).
+        DType::U4 => RtTensor::U4(int_to!(u8, U8).mapv(|v| v & 0xF).into_shared()),
+        DType::I4 => RtTensor::I4(
+            int_to!(i8, I8)
+                .mapv(|v| ((v as u8 & 0xF) as i8) << 4 >> 4)
+                .into_shared(),
+        ),
         other => return Err(KernelError::UnsupportedType(other)),
     })
 }
@@ -327,4 +336,44 @@ pub fn quantize_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         DType::I8 => RtTensor::I8(q.mapv(|v| v as i8).into_shared()),
         _ => RtTensor::I4(q.mapv(|v| v as i8).into_shared()),
     }])
+}
+
+/// `ai.perqc::FakeQuantize(x)`: every row of x's last axis quantized with its own dynamic
+/// scale and dequantized ([`crate::quant::fake_quantize_rows`]; attributes `bits`,
+/// `symmetric`, `clip`).
+pub fn fake_quantize(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let x = req_f32(inputs, 0)?;
+    let p = token_quant(ctx.node).map_err(KernelError::Invalid)?;
+    let width = x.shape().last().copied().unwrap_or(1);
+    let mut v = super::layout::standard(x)
+        .as_slice()
+        .expect("standard layout")
+        .to_vec();
+    if ctx.threads > 1 {
+        crate::quant::fake_quantize_rows(&mut v, width, p);
+    } else {
+        crate::quant::fake_quantize_rows_serial(&mut v, width, p);
+    }
+    Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
+        IxDyn(x.shape()),
+        v,
+    )?)])
+}
+
+/// The quantizer a FakeQuantize node's attributes describe (checked).
+pub fn token_quant(node: &perqc_ir::Node) -> Result<crate::quant::TokenQuant, String> {
+    let bits = node
+        .attr_int("bits")
+        .ok_or("attribute `bits` is required")?;
+    let p = crate::quant::TokenQuant {
+        bits: u32::try_from(bits).unwrap_or(0),
+        symmetric: match node.attr_int("symmetric").unwrap_or(0) {
+            0 => false,
+            1 => true,
+            other => return Err(format!("symmetric must be 0 or 1, got {other}")),
+        },
+        clip: node.attr_float("clip").unwrap_or(1.0),
+    };
+    p.check()?;
+    Ok(p)
 }

@@ -1,7 +1,7 @@
-//! Reductions (ReduceMean/Sum/Max, axes as attribute or input) and Softmax.
+//! Reductions (ReduceMean/Sum/Max/Min, axes as attribute or input) and Softmax.
 
 use super::layout::{filled_units, standard, to_standard};
-use super::vmath::{max_slice, softmax_row_into, sum_slice};
+use super::vmath::{max_slice, min_slice, softmax_row_into, sum_slice};
 use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints};
 use ndarray::{ArrayD, Axis, IxDyn};
 
@@ -44,6 +44,7 @@ enum Kind {
     Sum,
     Mean,
     Max,
+    Min,
 }
 
 /// Reduces f32 (and i64 for Sum/Max) over the axes; `keepdims` (default 1) keeps them as 1.
@@ -63,8 +64,10 @@ fn reduce(ctx: &KernelCtx<'_>, inputs: In, kind: Kind, attr_until: i64) -> Out {
             let mut count = 1usize;
             for &ax in axes.iter().rev() {
                 count *= r.shape()[ax];
-                if r.shape()[ax] == 0 && matches!(kind, Kind::Max) {
-                    return Err(KernelError::Invalid("ReduceMax over an empty axis".into()));
+                if r.shape()[ax] == 0 && matches!(kind, Kind::Max | Kind::Min) {
+                    return Err(KernelError::Invalid(
+                        "ReduceMax/Min over an empty axis".into(),
+                    ));
                 }
                 r = r.fold_axis(Axis(ax), $zero, $fold);
                 if keep {
@@ -88,6 +91,12 @@ fn reduce(ctx: &KernelCtx<'_>, inputs: In, kind: Kind, attr_until: i64) -> Out {
             |&s: &f32, &v: &f32| if v.is_nan() || v > s { v } else { s },
             |r, _| r
         )),
+        (RtTensor::F32(a), Kind::Min) => RtTensor::f32(run!(
+            a,
+            f32::INFINITY,
+            |&s: &f32, &v: &f32| if v.is_nan() || v < s { v } else { s },
+            |r, _| r
+        )),
         (RtTensor::I64(a), Kind::Sum) => RtTensor::i64(run!(
             a,
             0i64,
@@ -96,6 +105,9 @@ fn reduce(ctx: &KernelCtx<'_>, inputs: In, kind: Kind, attr_until: i64) -> Out {
         )),
         (RtTensor::I64(a), Kind::Max) => {
             RtTensor::i64(run!(a, i64::MIN, |&s: &i64, &v: &i64| s.max(v), |r, _| r))
+        }
+        (RtTensor::I64(a), Kind::Min) => {
+            RtTensor::i64(run!(a, i64::MAX, |&s: &i64, &v: &i64| s.min(v), |r, _| r))
         }
         (other, _) => {
             return Err(KernelError::InputType {
@@ -118,8 +130,10 @@ fn trailing_block(axes: &[usize], rank: usize) -> Option<usize> {
 /// lanes ([`sum_slice`]), so they may differ from a sequential fold by f32 rounding.
 fn reduce_rows(a: &Arr<f32>, k: usize, keep: bool, kind: Kind) -> Result<ArrayD<f32>, KernelError> {
     let row: usize = a.shape()[k..].iter().product();
-    if row == 0 && matches!(kind, Kind::Max) {
-        return Err(KernelError::Invalid("ReduceMax over an empty axis".into()));
+    if row == 0 && matches!(kind, Kind::Max | Kind::Min) {
+        return Err(KernelError::Invalid(
+            "ReduceMax/Min over an empty axis".into(),
+        ));
     }
     let mut shape = a.shape()[..k].to_vec();
     if keep {
@@ -131,6 +145,7 @@ fn reduce_rows(a: &Arr<f32>, k: usize, keep: bool, kind: Kind) -> Result<ArrayD<
         Kind::Sum => sum_slice(r),
         Kind::Mean => sum_slice(r) / row as f32,
         Kind::Max => max_slice(r),
+        Kind::Min => min_slice(r),
     };
     Ok(filled_units(&shape, 1, row, |r0, dst| {
         for (i, d) in dst.iter_mut().enumerate() {
@@ -150,6 +165,10 @@ pub fn reduce_mean(ctx: &KernelCtx<'_>, inputs: In) -> Out {
 
 pub fn reduce_max(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     reduce(ctx, inputs, Kind::Max, 18)
+}
+
+pub fn reduce_min(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    reduce(ctx, inputs, Kind::Min, 18)
 }
 
 /// `softmax(x)_i = exp(x_i - max x) / sum_j exp(x_j - max x)` over each `row`-element row

@@ -174,6 +174,30 @@ multiversion! {
     }
 }
 
+/// The smallest element of `r` (NaN if any is NaN), `inf` for an empty row.
+#[inline(always)]
+fn row_min(r: &[f32]) -> f32 {
+    let mut lanes = [f32::INFINITY; LANES];
+    let mut chunks = r.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v < *m || v.is_nan() { v } else { *m };
+        }
+    }
+    let mut m = f32::INFINITY;
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        m = if v < m || v.is_nan() { v } else { m };
+    }
+    m
+}
+
+multiversion! {
+    /// The smallest element of `r`; NaN if any is NaN; `inf` if `r` is empty.
+    pub(crate) fn min_slice(r: &[f32]) -> f32 {
+        row_min(r)
+    }
+}
+
 multiversion! {
     /// The largest element of `r`; NaN if any is NaN; `-inf` if `r` is empty.
     pub(crate) fn max_slice(r: &[f32]) -> f32 {

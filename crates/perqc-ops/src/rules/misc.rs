@@ -231,6 +231,21 @@ pub fn dequantize_linear(ctx: &InferCtx<'_>) -> RuleResult {
     Ok(vec![Facts::new(dtype, x.shape.clone())])
 }
 
+/// `ai.perqc::FakeQuantize`: y has x's shape and type; x must be f32 (or unknown), and the
+/// attributes in range (`bits` 2..=8, `symmetric` 0/1, `clip` in (0, 1]).
+pub fn fake_quantize(ctx: &InferCtx<'_>) -> RuleResult {
+    let x = ctx.req(0)?;
+    if let Some(d) = x.dtype
+        && d != DType::F32
+    {
+        return Err(ShapeError::Invalid(format!(
+            "FakeQuantize takes f32 activations, got {d}"
+        )));
+    }
+    crate::kernels::misc::token_quant(ctx.node).map_err(ShapeError::Invalid)?;
+    Ok(vec![Facts::new(Some(DType::F32), x.shape.clone())])
+}
+
 /// DynamicQuantizeLinear: y (u8, x's shape), scalar f32 scale and u8 zero point.
 pub fn dynamic_quantize_linear(ctx: &InferCtx<'_>) -> RuleResult {
     let x = ctx.req(0)?;
