@@ -11,6 +11,7 @@ pub mod fold_norms;
 pub mod infer_shapes;
 pub mod lower;
 pub mod online_hadamard;
+pub mod opset;
 pub mod permutation;
 pub mod permute;
 pub mod regions;

@@ -30,12 +30,30 @@
 //!   for x `[.., f]` of rank r (r - 1 zeros: Reshape copies those dims) and H `[b, b]`:
 //!   MatMul applies H to every block of b channels, which is the op's definition (no ONNX
 //!   op of its own). `-1` stands for `f/b` and `f` when f is not a known number.
+//! - `FakeQuantize(x, bits, symmetric, clip)` (per-token dynamic quantization, no ONNX op
+//!   of its own; see `perqc_ops::quant`) becomes the graph that computes it, which needs
+//!   default opset 21 (uint4 / int4 and blocked `QuantizeLinear`): a model below it is
+//!   upgraded first ([`crate::opset::upgrade`], refused with the node that blocks it). The
+//!   scale, axes `[-1]`, keepdims 1, `TINY = perqc_ops::quant::TINY`, `hi` the largest code:
+//!   asymmetric `s = Max(Div(Sub(Max(ReduceMax(x), 0)·c, Min(ReduceMin(x), 0)·c), hi), TINY)`
+//!   and `zf = Round(Neg(Div(Min(ReduceMin(x), 0)·c, s)))`; symmetric
+//!   `s = Max(Div(ReduceMax(Abs(x))·c, hi), TINY)` (`·c` = `Mul(·, clip)`, absent when clip
+//!   is 1). For 4 and 8 bits the codes are ONNX's: `QuantizeLinear(x, s, zp, axis = -1,
+//!   block_size = D) -> DequantizeLinear(·, s, zp, same)` with one block per row (D the
+//!   last dim, which must be a known number), `zp = Cast(zf, to = uint4 | uint8)`, or no
+//!   zero point and `output_dtype = int4 | int8` when symmetric. Other widths have no ONNX
+//!   code type, so the same rounding is written in float ops: `Mul(Sub(Clip(Add(Round(Div(x,
+//!   s)), zf), 0, hi), zf), s)`, symmetric `Mul(Clip(Round(Div(x, s)), lo, hi), s)`. Both
+//!   compute the kernel's f32 arithmetic step for step (Q/DQ in int32, exact for codes).
 
 use perqc_ir::{
-    AttrValue, Graph, Model, NodeId, NodeSpec, OptionError, Pass, PassContext, PassError,
+    AttrValue, DType, Graph, Model, NodeId, NodeSpec, OptionError, Pass, PassContext, PassError,
     PassOptions, PassOutcome, Patch, PatchValue, Tensor, ValueId,
 };
 use perqc_ops::{PERQC_DOMAIN, ShapeMap};
+
+/// The default opset `FakeQuantize`'s lowering needs (uint4 / int4, blocked Q/DQ).
+pub const FAKE_QUANTIZE_OPSET: i64 = 21;
 
 #[derive(Debug, Default)]
 pub struct Lower;
@@ -220,6 +238,122 @@ fn hadamard(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     );
     let (spec, ins) = reshape(e, &mut p, rot, &merge, "hadamard_shape");
     p.set_op(id, spec, ins);
+    Ok(p)
+}
+
+/// `ai.perqc::FakeQuantize`, at default opset >= 21 (see the module docs).
+fn fake_quantize(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
+    let n = e.g.node(id);
+    let xv = n.input(0).ok_or("has no input")?;
+    let q = perqc_ops::kernels::misc::token_quant(n)?;
+    let rank = e.shapes.shape(xv).ok_or("x has no known rank")?.len();
+    if rank == 0 {
+        return Err("x has no channel axis".into());
+    }
+    let (lo, hi) = q.code_range();
+    let mut p = Patch::new();
+    let x: PatchValue = xv.into();
+    let axes = ints(&mut p, "fq_axes", &[-1]);
+    let keep = || AttrValue::Int(1);
+    let reduce = |p: &mut Patch, op_type: &str, v: PatchValue, base: &str| {
+        emit(
+            p,
+            id,
+            op(op_type).attr("keepdims", keep()),
+            &[v, axes],
+            base,
+        )
+    };
+    let clip = |p: &mut Patch, v: PatchValue, base: &str| {
+        if q.clip == 1.0 {
+            v
+        } else {
+            let c = scalar(p, "fq_clip", q.clip);
+            emit(p, id, op("Mul"), &[v, c], base)
+        }
+    };
+    let hi_c = scalar(&mut p, "fq_hi", hi);
+    let tiny = scalar(&mut p, "fq_tiny", perqc_ops::quant::TINY);
+    let (s, zf) = if q.symmetric {
+        let a = emit(&mut p, id, op("Abs"), &[x], "fq_abs");
+        let m = reduce(&mut p, "ReduceMax", a, "fq_absmax");
+        let m = clip(&mut p, m, "fq_absmax_clipped");
+        let s0 = emit(&mut p, id, op("Div"), &[m, hi_c], "fq_scale_raw");
+        (emit(&mut p, id, op("Max"), &[s0, tiny], "fq_scale"), None)
+    } else {
+        let zero = scalar(&mut p, "fq_zero", 0.0);
+        let mx = reduce(&mut p, "ReduceMax", x, "fq_max");
+        let mn = reduce(&mut p, "ReduceMin", x, "fq_min");
+        let mx0 = emit(&mut p, id, op("Max"), &[mx, zero], "fq_max0");
+        let mn0 = emit(&mut p, id, op("Min"), &[mn, zero], "fq_min0");
+        let mx0 = clip(&mut p, mx0, "fq_max_clipped");
+        let mn0 = clip(&mut p, mn0, "fq_min_clipped");
+        let r = emit(&mut p, id, op("Sub"), &[mx0, mn0], "fq_range");
+        let s0 = emit(&mut p, id, op("Div"), &[r, hi_c], "fq_scale_raw");
+        let s = emit(&mut p, id, op("Max"), &[s0, tiny], "fq_scale");
+        let t = emit(&mut p, id, op("Div"), &[mn0, s], "fq_min_steps");
+        let t = emit(&mut p, id, op("Neg"), &[t], "fq_zero_point_raw");
+        (
+            s,
+            Some(emit(&mut p, id, op("Round"), &[t], "fq_zero_point_f")),
+        )
+    };
+    if matches!(q.bits, 4 | 8) {
+        let d = e
+            .known_dim(xv, rank - 1)
+            .ok_or("the last dim of x (the block size) is not a known number")?;
+        let code = match (q.symmetric, q.bits) {
+            (false, 4) => DType::U4,
+            (false, _) => DType::U8,
+            (true, 4) => DType::I4,
+            (true, _) => DType::I8,
+        };
+        let blocked = |spec: NodeSpec| {
+            spec.attr("axis", AttrValue::Int(-1))
+                .attr("block_size", AttrValue::Int(d))
+        };
+        match zf {
+            Some(zf) => {
+                let cast = op("Cast").attr("to", AttrValue::Int(code.code() as i64));
+                let zp = emit(&mut p, id, cast, &[zf], "fq_zero_point");
+                let qv = emit(
+                    &mut p,
+                    id,
+                    blocked(op("QuantizeLinear")),
+                    &[x, s, zp],
+                    "fq_codes",
+                );
+                p.set_op(
+                    id,
+                    blocked(op("DequantizeLinear")),
+                    [Some(qv), Some(s), Some(zp)],
+                );
+            }
+            None => {
+                let spec = blocked(op("QuantizeLinear"))
+                    .attr("output_dtype", AttrValue::Int(code.code() as i64));
+                let qv = emit(&mut p, id, spec, &[x, s], "fq_codes");
+                p.set_op(id, blocked(op("DequantizeLinear")), [Some(qv), Some(s)]);
+            }
+        }
+        return Ok(p);
+    }
+    let steps = emit(&mut p, id, op("Div"), &[x, s], "fq_steps");
+    let r = emit(&mut p, id, op("Round"), &[steps], "fq_rounded");
+    match zf {
+        Some(zf) => {
+            let shifted = emit(&mut p, id, op("Add"), &[r, zf], "fq_shifted");
+            let zero = scalar(&mut p, "fq_code_lo", 0.0);
+            let c = emit(&mut p, id, op("Clip"), &[shifted, zero, hi_c], "fq_codes");
+            let centered = emit(&mut p, id, op("Sub"), &[c, zf], "fq_centered");
+            p.set_op(id, op("Mul"), [Some(centered), Some(s)]);
+        }
+        None => {
+            let lo_c = scalar(&mut p, "fq_code_lo", lo);
+            let c = emit(&mut p, id, op("Clip"), &[r, lo_c, hi_c], "fq_codes");
+            p.set_op(id, op("Mul"), [Some(c), Some(s)]);
+        }
+    }
     Ok(p)
 }
 
@@ -426,7 +560,23 @@ impl Pass for Lower {
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
-        let opset = model.opset("").unwrap_or(1);
+        let mut opset = model.opset("").unwrap_or(1);
+        let mut upgraded = 0u64;
+        let fake_quantize_ops = model
+            .graph
+            .nodes()
+            .any(|(_, n)| n.domain == PERQC_DOMAIN && n.op_type == "FakeQuantize");
+        if fake_quantize_ops && opset < FAKE_QUANTIZE_OPSET {
+            crate::opset::upgrade(model, FAKE_QUANTIZE_OPSET).map_err(|e| {
+                PassError::msg(format!("lowering ai.perqc::FakeQuantize needs it: {e}"))
+            })?;
+            ctx.invalidate_analyses();
+            ctx.note(format!(
+                "default opset upgraded from {opset} to {FAKE_QUANTIZE_OPSET} for FakeQuantize's Q/DQ"
+            ));
+            opset = FAKE_QUANTIZE_OPSET;
+            upgraded = 1;
+        }
         let canonical: Vec<NodeId> = model
             .graph
             .node_order()
@@ -469,6 +619,7 @@ impl Pass for Lower {
                         "Gelu" => gelu(&e, id),
                         "LayerNormalization" => layer_norm(&e, id),
                         "Hadamard" => hadamard(&e, id),
+                        "FakeQuantize" => fake_quantize(&e, id),
                         other => Err(format!("no lowering for ai.perqc::{other}")),
                     }
                 };
@@ -496,9 +647,10 @@ impl Pass for Lower {
                 .opset_imports
                 .retain(|o| o.domain.as_deref() != Some(PERQC_DOMAIN));
         }
-        let changed = lowered + renamed > 0 || model.opset_imports.len() != before;
+        let changed = lowered + renamed + upgraded > 0 || model.opset_imports.len() != before;
         Ok(PassOutcome::from_changed(changed)
             .with("decomposed", lowered)
-            .with("to-onnx-op", renamed))
+            .with("to-onnx-op", renamed)
+            .with("opset-upgraded", upgraded))
     }
 }

@@ -1,6 +1,11 @@
 //! The op table. One row per (domain, op type, opset range); ranges of one op must not
 //! overlap (a unit test checks). Rows are split where an op's signature changed in a way
-//! the rule sees (an attribute became an input, broadcasting semantics changed, ...).
+//! the rule sees (an attribute became an input, broadcasting semantics changed, ...) and
+//! where the meaning of the same node changed (Softmax's flattening before 13, TopK's `k`
+//! attribute before 10, GroupNormalization's per-group scale before 21): versions inside
+//! one row differ only by what they add (types, optional attributes and inputs), which
+//! is what the opset upgrade (`perqc_passes::opset`) relies on to move a node between
+//! them.
 
 use crate::OpDef;
 use crate::channel as ch;
@@ -228,11 +233,18 @@ pub static OPS: &[OpDef] = &[
     op("ReduceSumSquare", 18, rd::reduce_input),
     op("ArgMax", 1, rd::arg_reduce),
     op("ArgMin", 1, rd::arg_reduce),
+    // Before 13 over the flattened [prod(shape[..axis]), prod(shape[axis..])] matrix.
     op("Softmax", 1, rd::softmax)
+        .until(13)
         .kernel(krd::softmax)
         .channel(ch::softmax),
-    op("LogSoftmax", 1, rd::softmax),
-    op("Hardmax", 1, rd::softmax),
+    op("Softmax", 13, rd::softmax)
+        .kernel(krd::softmax)
+        .channel(ch::softmax),
+    op("LogSoftmax", 1, rd::softmax).until(13),
+    op("LogSoftmax", 13, rd::softmax),
+    op("Hardmax", 1, rd::softmax).until(13),
+    op("Hardmax", 13, rd::softmax),
     // ---- normalizations ----
     op("LayerNormalization", 17, misc::layer_norm)
         .kernel(knorm::layer_norm)
@@ -250,7 +262,8 @@ pub static OPS: &[OpDef] = &[
         .channel(ch::norm),
     op("BatchNormalization", 1, misc::batch_norm),
     op("InstanceNormalization", 1, misc::batch_norm),
-    op("GroupNormalization", 18, misc::batch_norm),
+    op("GroupNormalization", 18, misc::batch_norm).until(21), // scale and bias per group
+    op("GroupNormalization", 21, misc::batch_norm),           // per channel
     // ---- shape queries and indexing ----
     op("Shape", 1, ix::shape)
         .kernel(kmv::shape)
@@ -265,7 +278,8 @@ pub static OPS: &[OpDef] = &[
         .channel(ch::opaque),
     op("NonZero", 9, ix::non_zero),
     op("OneHot", 9, ix::one_hot),
-    op("TopK", 1, ix::top_k), // k attribute before 10, K input after
+    op("TopK", 1, ix::top_k).until(10), // k attribute
+    op("TopK", 10, ix::top_k),          // K input
     op("Resize", 10, ix::same_rank),
     // ---- data movement ----
     op("Reshape", 1, mv::reshape_attr)

@@ -15,6 +15,7 @@
 //! one sweep over the node order, then `dce`.
 
 pub mod attention;
+pub mod fake_quantize;
 pub mod gelu;
 pub mod hadamard;
 pub mod layer_norm;
@@ -39,7 +40,7 @@ pub struct Pattern {
 }
 
 /// Every pattern, in the order they are tried at each node.
-pub static PATTERNS: [&Pattern; 8] = [
+pub static PATTERNS: [&Pattern; 9] = [
     &attention::PATTERN,
     &linear::PATTERN,
     &rms_norm::PATTERN,
@@ -48,10 +49,11 @@ pub static PATTERNS: [&Pattern; 8] = [
     &silu::PATTERN,
     &gelu::PATTERN,
     &hadamard::PATTERN,
+    &fake_quantize::PATTERN,
 ];
 
 /// The pass factory of each pattern, in [`PATTERNS`] order.
-pub static FACTORIES: [PassFactory; 8] = [
+pub static FACTORIES: [PassFactory; 9] = [
     factory::<0>,
     factory::<1>,
     factory::<2>,
@@ -60,6 +62,7 @@ pub static FACTORIES: [PassFactory; 8] = [
     factory::<5>,
     factory::<6>,
     factory::<7>,
+    factory::<8>,
 ];
 
 fn factory<const I: usize>(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
@@ -192,7 +195,7 @@ pub struct Canonicalize;
 
 impl Canonicalize {
     pub const NAME: &'static str = "canonicalize";
-    pub const DESCRIPTION: &'static str = "rewrite exported spellings (attention, linear, norms, SiLU, GELU, block Hadamard rotations) into canonical ops, then dce";
+    pub const DESCRIPTION: &'static str = "rewrite exported spellings (attention, linear, norms, SiLU, GELU, block Hadamard rotations, per-token fake quantization) into canonical ops, then dce";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&[])?;
