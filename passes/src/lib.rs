@@ -119,7 +119,7 @@ mod tests {
     #[test]
     fn list_passes() {
         insta::assert_snapshot!(registry().help(), @"
-        canonicalize        rewrite exported spellings (attention, linear, norms, SiLU, GELU, block Hadamard rotations) into canonical ops, then dce
+        canonicalize        rewrite exported spellings (attention, linear, norms, SiLU, GELU, block Hadamard rotations, per-token fake quantization) into canonical ops, then dce
         fuse-attention      MatMul(Softmax(scale * q kᵀ + mask), v) -> ai.perqc::Attention (reads grouped K/V heads directly)
         fuse-linear         MatMul / Gemm with a constant weight (+ bias Add) -> ai.perqc::Linear
         fuse-rms-norm       x / sqrt(mean(x²) + eps) * gamma in any exported spelling -> ai.perqc::RMSNormalization
@@ -128,6 +128,7 @@ mod tests {
         fuse-silu           Mul(x, Sigmoid(x)) -> ai.perqc::Swish(alpha = 1)
         fuse-gelu           GELU (erf or tanh form, com.microsoft Gelu/FastGelu, ONNX Gelu) -> ai.perqc::Gelu
         fuse-hadamard       Reshape(MatMul(Reshape(x, [.., f/b, b]), H [b, b] constant), [.., f]) -> ai.perqc::Hadamard
+        fuse-fake-quantize  per-token dynamic Q/DQ (row max/min scale, blocked QuantizeLinear -> DequantizeLinear, or its float form) -> ai.perqc::FakeQuantize
         dce                 remove nodes and initializers whose results nothing reads
         fold-norms          fold RMS norm gammas into the linear layers that read the norms (exact)
         infer-shapes        infer symbolic shapes and element types of every value from the op table
