@@ -156,8 +156,9 @@ pub fn cast_to(t: &RtTensor, to: DType) -> Result<RtTensor, KernelError> {
         DType::I32 => RtTensor::I32(int_to!(i32, I32)),
         DType::U8 => RtTensor::U8(int_to!(u8, U8)),
         DType::I8 => RtTensor::I8(int_to!(i8, I8)),
-        // 4-bit: the low nibble of the 8-bit conversion, as ONNX Runtime's `Cast` packs it
-        // (values outside the range wrap; float inputs truncate toward zero first).
+        // 4-bit: exact for in-range values (FakeQuantize's lowering casts zero points in
+        // [0, hi]); outside the range this keeps the low nibble of the 8-bit conversion,
+        // which is not checked against ONNX Runtime.
         DType::U4 => RtTensor::U4(int_to!(u8, U8).mapv(|v| v & 0xF).into_shared()),
         DType::I4 => RtTensor::I4(
             int_to!(i8, I8)
