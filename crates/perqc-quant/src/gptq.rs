@@ -127,7 +127,7 @@ pub fn gptq(
             h.dim().1
         )));
     }
-    let mut data = contiguous(w)?;
+    let mut data = contiguous(w)?.into_owned();
     for ((r, c), &v) in h.indexed_iter() {
         if c <= r && !v.is_finite() {
             return Err(QuantError::NonFiniteHessian {

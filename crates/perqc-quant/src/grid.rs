@@ -489,3 +489,82 @@ mod avx512 {
         _mm512_reduce_add_ps(acc)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+                u * u * u * 40.0
+            })
+            .collect()
+    }
+
+    /// The explicit AVX-512 kernels and the portable (multiversioned) ones agree: estimates
+    /// up to the f32 lane order, exact errors up to the f64 lane order, and the exact error
+    /// equals the error of the codes `quantize_into` produces.
+    #[test]
+    fn kernels_agree() {
+        let grids = [
+            (Grid::Int { lo: -8.0, hi: 7.0 }, 0),
+            (Grid::Int { lo: 0.0, hi: 15.0 }, 6),
+            (Grid::Fp4, 0),
+        ];
+        for n in [1, 15, 16, 17, 32, 100, 576] {
+            let ws = data(n, n as u64);
+            for &(grid, zp) in &grids {
+                for scale in [0.05f32, 0.3, 1.0] {
+                    let p = GroupParams { scale, zp };
+                    let approx = sse_approx_mv(grid, &ws, p);
+                    let exact = sse_exact_mv(grid, &ws, p);
+                    let mut out = [0f32];
+                    grid.sse_approx_batch(&ws, &[p], &mut out);
+                    let (e2, _) = grid.sse_exact2(&ws, p, p);
+                    let mut codes = vec![0i16; n];
+                    grid.quantize_into(&ws, p, &mut codes);
+                    let direct: f64 = ws
+                        .iter()
+                        .zip(&codes)
+                        .map(|(&w, &c)| {
+                            let d = w as f64 - grid.value(c, p) as f64;
+                            d * d
+                        })
+                        .sum();
+                    let close =
+                        |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1e-30);
+                    assert!(
+                        close(out[0] as f64, approx as f64, 1e-5),
+                        "{grid:?} n {n}: {} vs {approx}",
+                        out[0]
+                    );
+                    assert!(
+                        close(approx as f64, exact, 1e-4),
+                        "{grid:?} n {n}: {approx} vs {exact}"
+                    );
+                    assert!(close(e2, exact, 1e-12), "{grid:?} n {n}: {e2} vs {exact}");
+                    assert!(
+                        close(direct, exact, 1e-12),
+                        "{grid:?} n {n}: {direct} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn range_matches_scalar() {
+        for n in [1, 7, 16, 33] {
+            let ws = data(n, 99 + n as u64);
+            let mn = ws.iter().fold(0f32, |a, &b| a.min(b));
+            let mx = ws.iter().fold(0f32, |a, &b| a.max(b));
+            assert_eq!(range(&ws), (mn, mx));
+        }
+    }
+}

@@ -1,5 +1,7 @@
 //! Round-to-nearest quantization.
 
+use std::borrow::Cow;
+
 use ndarray::ArrayView2;
 use rayon::prelude::*;
 
@@ -9,17 +11,18 @@ use crate::params;
 use crate::qweight::QWeight;
 use crate::spec::QuantSpec;
 
-/// Checks a weight's shape and values and returns it row-major.
-pub(crate) fn contiguous(w: ArrayView2<'_, f32>) -> Result<Vec<f32>, QuantError> {
+/// Checks a weight's shape and values and returns it row-major (borrowed when it already
+/// is).
+pub(crate) fn contiguous<'a>(w: ArrayView2<'a, f32>) -> Result<Cow<'a, [f32]>, QuantError> {
     let (rows, cols) = w.dim();
     if rows == 0 || cols == 0 {
         return Err(QuantError::Shape(format!(
             "weight is {rows} x {cols}; both dims must be >= 1"
         )));
     }
-    let data: Vec<f32> = match w.as_slice() {
-        Some(s) => s.to_vec(),
-        None => w.iter().copied().collect(),
+    let data: Cow<'a, [f32]> = match w.to_slice() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(w.iter().copied().collect()),
     };
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
         return Err(QuantError::NonFiniteWeight {
