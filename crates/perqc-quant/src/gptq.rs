@@ -15,7 +15,7 @@
 //!    parameters of its original group whatever order it is processed in.
 //! 3. `act_order`: process columns by decreasing `H_ii` (stable: ties keep column order).
 //! 4. Damping: `H += damp * mean(diag H) * I`; `U` by a Cholesky factorization of the
-//!    reversed `H` and a triangular inverse ([`crate::linalg::inverse_upper_factor`]); if
+//!    reversed `H` and a triangular inverse (`linalg::inverse_upper_factor`); if
 //!    `H` is not positive definite the damping is multiplied by 10, up to 3 times (from 1e-3
 //!    if it was 0), then [`QuantError::NotPositiveDefinite`].
 //! 5. Lazy batch updates: within a block of `block` columns, column by column with the
@@ -24,7 +24,7 @@
 //!
 //! Precision: the weights being updated, the errors and `U` are f64 (the products are f64
 //! gemm); each column is quantized from its current value rounded to f32, with the exact
-//! operations of the RTN quantizer ([`crate::grid`]), so every code dequantizes as the
+//! operations of the RTN quantizer (`grid.rs`), so every code dequantizes as the
 //! `QWeight` says. Only the lower triangle of `H` is read.
 //!
 //! Parallelism: rows are cut into chunks of [`ROW_CHUNK`] rows (a partition of the row

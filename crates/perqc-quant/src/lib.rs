@@ -3,7 +3,7 @@
 //! - [`QuantSpec`] says what to quantize to: [`Format`] (uniform `Int`, `Fp4` E2M1 with an
 //!   f32 scale, OCP `MxFp4` and `MxInt8` with shared power-of-two scales per block of 32),
 //!   [`Granularity`] (which elements share a scale) and [`ScaleSearch`] (range or MSE).
-//! - [`quantize_rtn`] rounds each element to the nearest code; [`gptq`] quantizes column by
+//! - [`quantize_rtn`] rounds each element to the nearest code; [`gptq()`] quantizes column by
 //!   column with error compensation from the calibration Hessian `X^T X`. Both return a
 //!   [`QWeight`]: codes, scales, zero points, whose values ([`QWeight::value`]) are what an
 //!   exported ONNX `DequantizeLinear` computes, bit for bit.
