@@ -1,0 +1,263 @@
+//! GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+//! Pre-trained Transformers"): quantize a weight column by column, each time spreading the
+//! rounding error of the column over the columns not yet quantized so that the layer output
+//! `X W^T` on the calibration inputs moves as little as possible.
+//!
+//! With `H = X^T X` and `U` the upper Cholesky factor of `H^-1` (`H^-1 = U^T U`), quantizing
+//! column `i` of a row `w` to `q_i` and updating `w_j -= (w_i - q_i) / U_ii * U_ij` for
+//! `j > i` is the optimal (OBS) compensation of that column's error under the quadratic
+//! output loss, given the columns before it are fixed. Rows are independent.
+//!
+//! Steps, as implemented:
+//! 1. Dead columns (`H_ii == 0`, an input that never fired): `H_ii = 1`, `W[:, i] = 0`.
+//! 2. Parameters (scales, zero points) of every group from this `W`, once, before the loop
+//!    ("static groups"; with the MSE search when `spec.scale == Mse`), so a column keeps the
+//!    parameters of its original group whatever order it is processed in.
+//! 3. `act_order`: process columns by decreasing `H_ii` (stable: ties keep column order).
+//! 4. Damping: `H += damp * mean(diag H) * I`; `U` by a Cholesky factorization of the
+//!    reversed `H` and a triangular inverse (`linalg::inverse_upper_factor`); if
+//!    `H` is not positive definite the damping is multiplied by 10, up to 3 times (from 1e-3
+//!    if it was 0), then [`QuantError::NotPositiveDefinite`].
+//! 5. Lazy batch updates: within a block of `block` columns, column by column with the
+//!    update restricted to the block; then the rest of the row is updated by one product
+//!    `W[:, i2..] -= E U[i1..i2, i2..]` (gemm) with the block's scaled errors `E`.
+//!
+//! Precision: the weights being updated, the errors and `U` are f64 (the products are f64
+//! gemm); each column is quantized from its current value rounded to f32, with the exact
+//! operations of the RTN quantizer (`grid.rs`), so every code dequantizes as the
+//! `QWeight` says. Only the lower triangle of `H` is read.
+//!
+//! Parallelism: rows are cut into chunks of [`ROW_CHUNK`] rows (a partition of the row
+//! count alone), processed in parallel, each with sequential gemm calls; so results are the
+//! same for any number of threads.
+
+use ndarray::ArrayView2;
+use rayon::prelude::*;
+
+use crate::error::QuantError;
+use crate::grid::Grid;
+use crate::linalg::{self, Op};
+use crate::params::{self, Params};
+use crate::qweight::QWeight;
+use crate::rtn::contiguous;
+use crate::simd::multiversion;
+use crate::spec::QuantSpec;
+
+/// Rows per parallel task.
+pub const ROW_CHUNK: usize = 32;
+
+/// Options of [`gptq`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GptqOptions {
+    /// Damping relative to the mean of `diag(H)`, finite and `>= 0` (default 0.01).
+    pub damp: f64,
+    /// Process columns by decreasing `diag(H)` (default true).
+    pub act_order: bool,
+    /// Columns per lazy batch update, `>= 1` (default 128).
+    pub block: usize,
+}
+
+impl Default for GptqOptions {
+    fn default() -> Self {
+        GptqOptions {
+            damp: 0.01,
+            act_order: true,
+            block: 128,
+        }
+    }
+}
+
+multiversion! {
+    /// Columns `i1..i2` of one row (processing order): quantize each column, record its
+    /// scaled error `(w_i - q_i) / U_ii` in `err`, and update the rest of the block,
+    /// `w_j -= err_i * U_ij` for `i < j < i2`.
+    #[allow(clippy::too_many_arguments)] // the row, its block and the shared state
+    fn block_row(
+        grid: Grid,
+        params: &Params,
+        perm: &[usize],
+        u: &[f64],
+        span: (usize, usize, usize),
+        row: &mut [f64],
+        codes: &mut [i16],
+        err: &mut [f64],
+    ) {
+        let (row_index, i1, i2) = span;
+        let n = row.len();
+        for i in i1..i2 {
+            let gp = params.get(row_index, perm[i] / params.group);
+            let x = row[i];
+            let code = grid.code(x as f32, gp);
+            codes[i] = code;
+            let e = (x - grid.value(code, gp) as f64) / u[i * n + i];
+            err[i - i1] = e;
+            for (x, &u) in row[i + 1..i2].iter_mut().zip(&u[i * n + i + 1..i * n + i2]) {
+                *x -= e * u;
+            }
+        }
+    }
+}
+
+/// GPTQ-quantizes `w` (`rows = output channels x cols = input dim`) given the Hessian
+/// proxy `h = X^T X` (`cols x cols`, f64, accumulated over calibration rows; any positive
+/// multiple gives the same result). See the module doc for the algorithm.
+pub fn gptq(
+    w: ArrayView2<'_, f32>,
+    h: ArrayView2<'_, f64>,
+    spec: &QuantSpec,
+    opts: &GptqOptions,
+) -> Result<QWeight, QuantError> {
+    spec.for_weights()?;
+    if !(opts.damp.is_finite() && opts.damp >= 0.0) {
+        return Err(QuantError::Options(format!(
+            "damp = {} is not allowed; allowed: a finite value >= 0",
+            opts.damp
+        )));
+    }
+    if opts.block == 0 {
+        return Err(QuantError::Options(
+            "block = 0 is not allowed; allowed: block >= 1".into(),
+        ));
+    }
+    let (rows, n) = w.dim();
+    if h.dim() != (n, n) {
+        return Err(QuantError::Shape(format!(
+            "hessian is {} x {} but the weight has {n} input columns (expected {n} x {n})",
+            h.dim().0,
+            h.dim().1
+        )));
+    }
+    let mut data = contiguous(w)?.into_owned();
+    for ((r, c), &v) in h.indexed_iter() {
+        if c <= r && !v.is_finite() {
+            return Err(QuantError::NonFiniteHessian {
+                row: r,
+                col: c,
+                value: v,
+            });
+        }
+    }
+
+    // 1. Dead columns.
+    let mut diag: Vec<f64> = (0..n).map(|i| h[[i, i]]).collect();
+    let dead: Vec<usize> = (0..n).filter(|&i| diag[i] == 0.0).collect();
+    for &i in &dead {
+        diag[i] = 1.0;
+        for row in data.chunks_exact_mut(n) {
+            row[i] = 0.0;
+        }
+    }
+
+    // 2. Static group parameters.
+    let params = params::compute(&data, rows, n, spec)?;
+    let grid = Grid::of(spec);
+
+    // 3. Column order.
+    let mut perm: Vec<usize> = (0..n).collect();
+    if opts.act_order {
+        perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
+    }
+
+    // 4. Damping and U.
+    let mean = diag.iter().sum::<f64>() / n as f64;
+    let entry = |a: usize, b: usize| {
+        // H in processing order, lower triangle of the original read.
+        let (pa, pb) = (perm[a], perm[b]);
+        if pa == pb {
+            diag[pa]
+        } else {
+            h[[pa.max(pb), pa.min(pb)]]
+        }
+    };
+    let mut tried = Vec::new();
+    let mut damp = opts.damp;
+    let u = loop {
+        tried.push(damp);
+        let mut rev = vec![0f64; n * n];
+        rev.par_chunks_mut(n).enumerate().for_each(|(a, row)| {
+            for (b, v) in row[..=a].iter_mut().enumerate() {
+                *v = entry(n - 1 - a, n - 1 - b);
+            }
+            row[a] += damp * mean;
+        });
+        match linalg::inverse_upper_factor(&mut rev, n) {
+            Ok(u) => break u,
+            Err(pivot) if tried.len() > 3 => {
+                return Err(QuantError::NotPositiveDefinite {
+                    pivot: perm[n - 1 - pivot],
+                    tried,
+                });
+            }
+            Err(_) => damp = if damp > 0.0 { damp * 10.0 } else { 1e-3 },
+        }
+    };
+
+    // 5. The column loop, rows in parallel chunks.
+    let mut wp = vec![0f64; rows * n];
+    wp.par_chunks_mut(n)
+        .zip(data.par_chunks(n))
+        .for_each(|(dst, src)| {
+            for (d, &p) in dst.iter_mut().zip(&perm) {
+                *d = src[p] as f64;
+            }
+        });
+    let mut codes_p = vec![0i16; rows * n];
+    let block = opts.block.min(n);
+    wp.par_chunks_mut(ROW_CHUNK * n)
+        .zip(codes_p.par_chunks_mut(ROW_CHUNK * n))
+        .enumerate()
+        .for_each(|(chunk, (wc, cc))| {
+            let r0 = chunk * ROW_CHUNK;
+            let rc = wc.len() / n;
+            let mut err = vec![0f64; rc * block];
+            for i1 in (0..n).step_by(block) {
+                let i2 = (i1 + block).min(n);
+                let bc = i2 - i1;
+                for r in 0..rc {
+                    block_row(
+                        grid,
+                        &params,
+                        &perm,
+                        &u,
+                        (r0 + r, i1, i2),
+                        &mut wc[r * n..(r + 1) * n],
+                        &mut cc[r * n..(r + 1) * n],
+                        &mut err[r * bc..(r + 1) * bc],
+                    );
+                }
+                if i2 < n {
+                    let lhs = Op {
+                        data: &err,
+                        rs: bc,
+                        cs: 1,
+                    };
+                    let rhs = Op {
+                        data: &u[i1 * n + i2..],
+                        rs: n,
+                        cs: 1,
+                    };
+                    linalg::gemm_f64((rc, n - i2, bc), &mut wc[i2..], n, lhs, rhs, true, -1.0);
+                }
+            }
+        });
+
+    // Codes back in column order.
+    let mut codes = vec![0i16; rows * n];
+    codes
+        .par_chunks_mut(n)
+        .zip(codes_p.par_chunks(n))
+        .for_each(|(dst, src)| {
+            for (&c, &p) in src.iter().zip(&perm) {
+                dst[p] = c;
+            }
+        });
+    Ok(QWeight {
+        rows,
+        cols: n,
+        group: params.group,
+        codes,
+        scales: params.scales,
+        zero_points: params.zps,
+        spec: *spec,
+    })
+}
