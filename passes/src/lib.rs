@@ -14,6 +14,7 @@ pub mod online_hadamard;
 pub mod opset;
 pub mod permutation;
 pub mod permute;
+pub mod quantize;
 pub mod regions;
 pub mod rotate;
 pub mod topo_sort;
@@ -26,6 +27,7 @@ pub use infer_shapes::InferShapes;
 pub use lower::Lower;
 pub use online_hadamard::OnlineHadamard;
 pub use permute::Permute;
+pub use quantize::Quantize;
 pub use rotate::Rotate;
 pub use topo_sort::TopoSort;
 
@@ -84,6 +86,11 @@ pub fn registry() -> PassRegistry {
             OnlineHadamard::from_options,
         )
         .register(Permute::NAME, Permute::DESCRIPTION, Permute::from_options)
+        .register(
+            Quantize::NAME,
+            Quantize::DESCRIPTION,
+            Quantize::from_options,
+        )
         .register(Rotate::NAME, Rotate::DESCRIPTION, Rotate::from_options)
         .register(
             TopoSort::NAME,
@@ -133,8 +140,9 @@ mod tests {
         fold-norms          fold RMS norm gammas into the linear layers that read the norms (exact)
         infer-shapes        infer symbolic shapes and element types of every value from the op table
         lower               turn canonical ai.perqc ops back into ops of the model's opset (before export)
-        online-hadamard     rotate each mlp region's sink input by a block Hadamard computed in the graph, its transpose folded into the sink (exact); options block=B, signs=SEED
+        online-hadamard     rotate each mlp region's sink input by a block Hadamard computed in the graph, its transpose folded into the sink (exact); options block=B|full, signs=SEED
         permute             fold calibrated channel permutations into the weights (exact); options method=massdiff|zigzag|absmax|random|identity, seed=N, block=B, mlp=true, residual=false, heads=false
+        quantize            quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, skip=PAT|PAT, rounding=rtn|gptq, target=qdq|ort
         rotate              fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|none, signs=SEED
         topo-sort           order every graph's nodes topologically (stable)
         ");

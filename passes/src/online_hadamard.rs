@@ -10,7 +10,8 @@
 //! it in the sources.
 //!
 //! Options: `block=B` (default 32; must divide the region's width: the error lists the sizes
-//! that do), `signs=SEED` (randomized `H · diag(s)`). Counters: `regions-rotated`,
+//! that do; `full`: one Hadamard of the whole width, a dense product unless it is a power of
+//! two), `signs=SEED` (randomized `H · diag(s)`). Counters: `regions-rotated`,
 //! `nodes-inserted`.
 
 use crate::regions::{RegionKind, Regions};
@@ -19,21 +20,25 @@ use perqc_ir::{Model, OptionError, Pass, PassContext, PassError, PassOptions, Pa
 
 #[derive(Debug)]
 pub struct OnlineHadamard {
-    block: usize,
+    /// `None`: the region's whole width.
+    block: Option<usize>,
     signs: Option<u64>,
 }
 
 impl OnlineHadamard {
     pub const NAME: &'static str = "online-hadamard";
-    pub const DESCRIPTION: &'static str = "rotate each mlp region's sink input by a block Hadamard computed in the graph, its transpose folded into the sink (exact); options block=B, signs=SEED";
+    pub const DESCRIPTION: &'static str = "rotate each mlp region's sink input by a block Hadamard computed in the graph, its transpose folded into the sink (exact); options block=B|full, signs=SEED";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&["block", "signs"])?;
         let signs = transform::seed_option(opts, "signs")?;
-        Ok(Box::new(OnlineHadamard {
-            block: opts.parse_or("block", "a block size (positive integer)", 32usize)?,
-            signs,
-        }))
+        let block = match opts.get("block") {
+            Some("full") => None,
+            _ => {
+                Some(opts.parse_or("block", "a block size (positive integer) or full", 32usize)?)
+            }
+        };
+        Ok(Box::new(OnlineHadamard { block, signs }))
     }
 }
 
@@ -57,7 +62,7 @@ impl Pass for OnlineHadamard {
                 continue;
             }
             let what = format!("region #{i} (mlp, d = {})", region.dim);
-            let op = ChannelOp::hadamard(region.dim, self.block, self.signs)
+            let op = ChannelOp::hadamard(region.dim, self.block.unwrap_or(region.dim), self.signs)
                 .map_err(|e| PassError::msg(format!("online-hadamard: {what}: {e}")))?;
             if !ctx.rewrite() {
                 break;

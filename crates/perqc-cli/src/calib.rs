@@ -108,6 +108,18 @@ pub fn calibrate(
     opts: StatsOptions,
     release: &dyn Fn(&perqc_ir::Tensor),
 ) -> Result<Calibration> {
+    let watch: Vec<(String, StatsOptions)> =
+        watch.iter().map(|n| (n.clone(), opts.clone())).collect();
+    calibrate_each(model, &watch, args, release)
+}
+
+/// [`calibrate`] with options per watched value (the first entry of a repeated name wins).
+pub fn calibrate_each(
+    model: &perqc_ir::Model,
+    watch: &[(String, StatsOptions)],
+    args: &CalibArgs,
+    release: &dyn Fn(&perqc_ir::Tensor),
+) -> Result<Calibration> {
     if args.calib_seqs == 0 {
         bail!("--calib-seqs must be at least 1");
     }
@@ -118,9 +130,11 @@ pub fn calibrate(
         bail!("--calib-threads must be at least 1 (leave it out to use all cores)");
     }
     let mut names: Vec<String> = Vec::with_capacity(watch.len());
-    for n in watch {
+    let mut options: Vec<(String, StatsOptions)> = Vec::with_capacity(watch.len());
+    for (n, o) in watch {
         if !names.contains(n) {
             names.push(n.clone());
+            options.push((n.clone(), o.clone()));
         }
     }
     if names.is_empty() {
@@ -140,7 +154,7 @@ pub fn calibrate(
         .context("calibration: planning the model")?;
     let feeds = WindowFeeds::new(&session, &model.graph, args.calib_len)
         .context("calibration: feeding the model")?;
-    let mut observer = ChannelObserver::new(names, opts);
+    let mut observer = ChannelObserver::with_options(options);
     for (i, w) in windows.iter().enumerate() {
         // The outputs (logits, present key/values) are dropped at once; only the observer's
         // running sums outlive the run.

@@ -125,6 +125,26 @@ impl WindowFeeds {
         Ok(WindowFeeds { input, extra })
     }
 
+    /// The feeds for `graph` itself (its first input without a default, or `input_ids`,
+    /// takes the ids), for a model run in pieces.
+    pub fn for_graph(graph: &perqc_ir::Graph, seq: usize) -> Result<WindowFeeds> {
+        let fed: Vec<&str> = graph
+            .inputs
+            .iter()
+            .map(|&v| graph.value(v))
+            .filter(|v| v.tensor.is_none())
+            .map(|v| v.name.as_str())
+            .collect();
+        let input = fed
+            .iter()
+            .find(|n| **n == "input_ids")
+            .or(fed.first())
+            .map(|n| n.to_string())
+            .context("the model has no inputs")?;
+        let extra = extra_feeds(graph, &input, seq)?;
+        Ok(WindowFeeds { input, extra })
+    }
+
     /// The feeds of `window` (of the `seq` tokens the feeds were made for).
     pub fn feeds(&self, window: &[u32]) -> Vec<(&str, RtTensor)> {
         let x = Array2::from_shape_fn((1, window.len()), |(_, t)| window[t] as i64)

@@ -9,7 +9,9 @@ mod corpus;
 mod eval;
 mod inspect;
 mod ppl;
+mod quant;
 mod recipe;
+mod staged;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -57,9 +59,10 @@ struct CompileArgs {
     /// Where to write the result (and `<OUT>.data` when tensors go external).
     #[arg(short = 'o', long = "output", value_name = "OUT", required = true)]
     output: Option<PathBuf>,
-    /// The pass pipeline: `a,b(opt=1),c`; `none` writes the model back unchanged.
-    #[arg(long, default_value = "none")]
-    passes: String,
+    /// Run this pass pipeline instead of the recipe: `a,b(opt=1),c`; `none` writes the
+    /// model back unchanged.
+    #[arg(long)]
+    passes: Option<String>,
     /// Write initializers of at least --external-threshold bytes to `<OUT>.data`. Without it,
     /// tensors that were external stay external, and everything goes external when the
     /// model would pass protobuf's 2 GiB limit.
@@ -89,6 +92,8 @@ struct CompileArgs {
     quiet: bool,
     #[command(flatten)]
     recipe: recipe::RecipeArgs,
+    #[command(flatten)]
+    quant: quant::QuantArgs,
 }
 
 fn main() -> ExitCode {
@@ -181,19 +186,29 @@ fn compile(args: CompileArgs) -> Result<()> {
     };
     // Validate the pipeline before reading anything.
     let mut notes = Vec::new();
-    let recipe = args.recipe.no_quantize;
-    if recipe && args.passes != "none" {
+    // Without --passes the recipe runs: its exact transforms, then (unless --no-quantize)
+    // quantization.
+    let recipe = args.passes.is_none();
+    let quantize = recipe && !args.recipe.no_quantize;
+    if !recipe && args.recipe.no_quantize {
         bail!("--passes and --no-quantize both choose the passes; give one");
     }
     if !recipe && (args.recipe.verify || args.recipe.calib.given()) {
+        bail!("--verify and calibration data apply to the recipe: leave out --passes");
+    }
+    if quantize && args.recipe.verify {
         bail!(
-            "--verify and calibration data apply to the recipe: add --no-quantize (quantization is not implemented yet)"
+            "--verify checks the exact transforms: add --no-quantize (a quantized model's outputs differ by design)"
         );
     }
-    let passes = if recipe {
-        args.recipe.pipeline(&mut notes)
+    let quant_config = if quantize {
+        Some(args.quant.config(args.recipe.calib.given(), &mut notes)?)
     } else {
-        args.passes.clone()
+        None
+    };
+    let passes = match &args.passes {
+        None => args.recipe.pipeline(&mut notes),
+        Some(p) => p.clone(),
     };
     let mut pipeline = registry
         .build(&passes)
@@ -216,6 +231,12 @@ fn compile(args: CompileArgs) -> Result<()> {
         perqc_runtime::tune_allocator();
         perqc_passes::canonicalize(&mut model)
             .with_context(|| format!("{}: canonicalizing", input.display()))?;
+        // What would stop quantization (a skip pattern matching nothing, a group size that
+        // does not divide) is found before any calibration.
+        if let Some(c) = &quant_config {
+            c.select(&model)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+        }
         let t = Instant::now();
         // The calibration session copies the weights; their mapped pages go back as it does.
         if let Some(c) = args
@@ -250,6 +271,19 @@ fn compile(args: CompileArgs) -> Result<()> {
     let report = manager
         .run(&mut model, &mut pipeline, &mut opts)
         .with_context(|| input.display().to_string())?;
+    let mut quant_summary = None;
+    if let Some(config) = quant_config {
+        drop(manager);
+        perqc_runtime::trim_allocator();
+        let s = quant::run(&mut model, config, &args.recipe.calib, &|t| {
+            files.release(t)
+        })
+        .with_context(|| format!("{}: quantizing", input.display()))?;
+        if let Some(path) = &args.quant.report {
+            quant::write_report(path, &s.reports)?;
+        }
+        quant_summary = Some(s);
+    }
     if recipe && args.recipe.verify {
         // The original is read again from the file (and canonicalized the same way) rather
         // than kept from before the passes.
@@ -289,6 +323,9 @@ fn compile(args: CompileArgs) -> Result<()> {
         if let Some(t) = calib_time {
             eprintln!("calibration: {t:.2?}");
         }
+        if let Some(q) = &quant_summary {
+            eprint!("{}", quant::summary_text(q));
+        }
         if saved.forced_external {
             eprintln!(
                 "note: the model passes protobuf's 2 GiB limit; tensors went to external data"
@@ -296,10 +333,8 @@ fn compile(args: CompileArgs) -> Result<()> {
         }
         // What was done to the model: passes, weights changed, size before and after.
         let weights = initializers(&model.graph).count();
-        if pipeline.is_empty() {
-            eprintln!(
-                "no passes: the model is written back unchanged (quantization is not implemented yet)"
-            );
+        if pipeline.is_empty() && quant_summary.is_none() {
+            eprintln!("no passes: the model is written back unchanged");
         } else {
             eprintln!(
                 "passes run: {} ({:.2?})",

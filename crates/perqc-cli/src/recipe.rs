@@ -25,12 +25,14 @@ pub struct RecipeArgs {
     /// absmax, random or identity (massdiff, zigzag and absmax need calibration data).
     #[arg(long, value_name = "NAME", default_value = "massdiff")]
     pub permute: PermuteMethod,
-    /// Block size of the online Hadamard and of the permutation's blocks (must divide the
-    /// MLP width).
-    #[arg(long, value_name = "B", default_value_t = 32)]
-    pub block_size: usize,
-    /// Rotation of the residual stream: full (one Hadamard of the model width), block (of
-    /// --block-size) or none.
+    /// Block size of the online Hadamard before each down_proj and of the permutation's
+    /// blocks (must divide the MLP width); full: one Hadamard of the whole width (no
+    /// permutation); none: no online rotation.
+    #[arg(long, value_name = "B", default_value = "32", value_parser = parse_block)]
+    pub block_size: Block,
+    /// Rotation of the residual stream and the value/output heads: full (one Hadamard of
+    /// the model width; per head for V/O), block (residual blocks of --block-size) or none
+    /// (neither).
     #[arg(long, value_name = "KIND", default_value = "full", value_parser = ["full", "block", "none"])]
     pub rotation: String,
     /// Run the original and the transformed model natively on calibration windows (or
@@ -45,17 +47,50 @@ pub struct RecipeArgs {
     pub calib: CalibArgs,
 }
 
+/// The online rotation's block size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Block {
+    Size(usize),
+    Full,
+    None,
+}
+
+fn parse_block(s: &str) -> Result<Block, String> {
+    match s {
+        "full" => Ok(Block::Full),
+        "none" => Ok(Block::None),
+        n => match n.parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!(
+                "`{n}` is not a block size (a positive integer, full or none)"
+            )),
+            Ok(b) => Ok(Block::Size(b)),
+        },
+    }
+}
+
 impl RecipeArgs {
     /// The pass pipeline of the recipe, with notes on what is left out and why.
     pub fn pipeline(&self, notes: &mut Vec<String>) -> String {
-        let b = self.block_size;
         let mut passes = Vec::new();
+        let b = match self.block_size {
+            Block::Size(b) => b,
+            // Without blocks a permutation changes nothing the quantizers see.
+            Block::Full | Block::None => {
+                passes.push("fold-norms".into());
+                self.rotations(&mut passes, 32);
+                if self.block_size == Block::Full {
+                    passes.push("online-hadamard(block=full)".into());
+                }
+                return passes.join(",");
+            }
+        };
+        // The identity permutation is no permutation: nothing to run.
         if self.permute.uses_statistics() && !self.calib.given() {
             notes.push(format!(
                 "no calibration data (--calib-text with --tokenizer, or --calib-ids): the {} permutation is skipped; the rotations need none",
                 self.permute
             ));
-        } else {
+        } else if self.permute != PermuteMethod::Identity {
             let method = match self.permute {
                 PermuteMethod::Random { seed } => format!("method=random,seed={seed}"),
                 m => format!("method={m}"),
@@ -63,13 +98,23 @@ impl RecipeArgs {
             passes.push(format!("permute({method},block={b})"));
         }
         passes.push("fold-norms".into());
-        let residual = match self.rotation.as_str() {
-            "block" => format!("residual=block,block={b}"),
-            other => format!("residual={other}"),
-        };
-        passes.push(format!("rotate({residual})"));
+        self.rotations(&mut passes, b);
         passes.push(format!("online-hadamard(block={b})"));
         passes.join(",")
+    }
+
+    /// R1 and R2 by --rotation (blocks of `b` for `block`).
+    fn rotations(&self, passes: &mut Vec<String>, b: usize) {
+        match self.rotation.as_str() {
+            "none" => {}
+            "block" => passes.push(format!("rotate(residual=block,block={b})")),
+            _ => passes.push("rotate(residual=full)".into()),
+        }
+    }
+
+    /// Whether the pipeline runs a calibrated permutation.
+    fn permutes(&self) -> bool {
+        matches!(self.block_size, Block::Size(_)) && self.permute.uses_statistics()
     }
 
     /// Calibration statistics of what the permutation reads, if there is data and the
@@ -80,7 +125,7 @@ impl RecipeArgs {
         model: &Model,
         release: &dyn Fn(&perqc_ir::Tensor),
     ) -> Result<Option<Calibration>> {
-        if !self.calib.given() || !self.permute.uses_statistics() {
+        if !self.calib.given() || !self.permutes() {
             return Ok(None);
         }
         let shapes = perqc_ops::infer_model(model).context("shape inference")?;

@@ -390,13 +390,20 @@ fn unwritable_output() {
     assert!(!out.exists());
 }
 
-/// Runs `perqc llama_ts.onnx -o OUT` plus `extra` arguments.
+/// Runs `perqc llama_ts.onnx -o OUT` plus `extra` arguments (`--passes none` unless they
+/// choose the passes: the model is written back unchanged).
 fn compile_to(out: &Path, extra: &[&str]) -> std::process::Output {
+    let passes: &[&str] = if extra.contains(&"--passes") {
+        &[]
+    } else {
+        &["--passes", "none"]
+    };
     Command::new(env!("CARGO_BIN_EXE_perqc"))
         .arg(fixture("llama_ts.onnx"))
         .arg("-o")
         .arg(out)
         .arg("--quiet")
+        .args(passes)
         .args(extra)
         .output()
         .unwrap()

@@ -321,6 +321,8 @@ pub enum GraphError {
     NoNode { node: NodeId },
     #[error("a {what} has an empty name; every {what} needs one")]
     EmptyName { what: String },
+    #[error("`{name}` is needed but neither given nor computed in the graph")]
+    NotComputed { name: String },
 }
 
 /// A computation graph (the main graph or a subgraph of a control-flow node).

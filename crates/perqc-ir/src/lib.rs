@@ -5,6 +5,7 @@
 //! data); node order and names are kept so output is deterministic. Tensor payloads stay in
 //! the memory map they were read from until a pass rewrites them.
 
+pub mod cut;
 pub mod dtype;
 pub mod graph;
 pub mod model;
@@ -17,6 +18,7 @@ mod topo;
 pub mod types;
 pub mod verify;
 
+pub use cut::cut;
 pub use dtype::DType;
 pub use graph::{
     AttrValue, Attribute, Graph, GraphError, InfoExtra, Node, NodeExtra, NodeId, NodeSpec, Operand,

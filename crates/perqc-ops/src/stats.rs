@@ -45,6 +45,10 @@ pub struct StatsOptions {
     pub block_moments: Option<usize>,
     /// Accumulate the full Gram matrix X^T X.
     pub gram: bool,
+    /// Keep every `n`-th row seen (rows 0, n, 2n, ... in arrival order) whole: a fixed,
+    /// deterministic subsample for searches that need actual rows (a clip ratio chosen on
+    /// output error). 0 keeps none.
+    pub sample_every: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -67,6 +71,9 @@ pub struct ChannelStats {
     hist: Option<Vec<u32>>,
     block: Option<(usize, Vec<f64>)>,
     gram: Option<Array2<f64>>,
+    sample_every: usize,
+    /// The kept rows, row-major `[kept, channels]`.
+    samples: Vec<f32>,
 }
 
 impl ChannelStats {
@@ -87,6 +94,8 @@ impl ChannelStats {
             hist: opts.quantiles.then(|| vec![0; channels * BINS]),
             block,
             gram: opts.gram.then(|| Array2::zeros((channels, channels))),
+            sample_every: opts.sample_every,
+            samples: Vec::new(),
         })
     }
 
@@ -98,6 +107,14 @@ impl ChannelStats {
                 got: c,
                 want: self.channels,
             });
+        }
+        if self.sample_every > 0 {
+            let every = self.sample_every as u64;
+            // Row r of this batch is row `self.rows + r` overall.
+            let first = (every - self.rows % every) % every;
+            for r in (first..rows as u64).step_by(self.sample_every) {
+                self.samples.extend(x.row(r as usize).iter());
+            }
         }
         self.rows += rows as u64;
         for row in x.axis_iter(Axis(0)) {
@@ -127,8 +144,7 @@ impl ChannelStats {
             }
         }
         if let Some(g) = &mut self.gram {
-            let prod = x.t().dot(&x);
-            g.zip_mut_with(&prod, |acc, &p| *acc += p as f64);
+            gram_update(x, g);
         }
         Ok(())
     }
@@ -197,6 +213,79 @@ impl ChannelStats {
     pub fn gram(&self) -> Option<&Array2<f64>> {
         self.gram.as_ref()
     }
+
+    /// The rows kept by `sample_every`, `[kept, channels]` (empty if none were asked for).
+    pub fn samples(&self) -> ArrayView2<'_, f32> {
+        let n = self.samples.len() / self.channels.max(1);
+        ArrayView2::from_shape((n, self.channels), &self.samples).expect("whole rows")
+    }
+}
+
+/// Column blocks of the Gram product: one task computes one `GRAM_BLOCK`-square block.
+const GRAM_BLOCK: usize = 128;
+
+/// `acc += Xᵀ X` for a batch `x` (`[rows, c]`): the batch product in f32 (one `gemm` call
+/// per block on or below the diagonal, blocks in parallel on the current rayon pool),
+/// mirrored and summed into the f64 accumulator. Each block's sum over rows runs in
+/// `gemm`'s own order, independent of the thread count.
+fn gram_update(x: ArrayView2<f32>, acc: &mut Array2<f64>) {
+    use rayon::prelude::*;
+    let x = x.as_standard_layout();
+    let (rows, c) = x.dim();
+    let nb = c.div_ceil(GRAM_BLOCK);
+    let tasks: Vec<(usize, usize)> = (0..nb).flat_map(|i| (0..=i).map(move |j| (i, j))).collect();
+    let span = |b: usize| {
+        (
+            b * GRAM_BLOCK,
+            ((b + 1) * GRAM_BLOCK).min(c) - b * GRAM_BLOCK,
+        )
+    };
+    let blocks: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(i, j)| {
+            let ((r0, m), (c0, n)) = (span(i), span(j));
+            let mut out = vec![0f32; m * n];
+            let base = x.as_ptr();
+            // Safety: lhs is Xᵀ rows r0..r0+m (x[k, r0 + r] at base + k·c + r0 + r), rhs is
+            // X columns c0..c0+n, both inside `x`; `out` is m x n row-major.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    rows,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    base.add(r0),
+                    c as isize,
+                    1,
+                    base.add(c0),
+                    1,
+                    c as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            out
+        })
+        .collect();
+    for (&(i, j), b) in tasks.iter().zip(&blocks) {
+        let ((r0, m), (c0, n)) = (span(i), span(j));
+        for r in 0..m {
+            for q in 0..n {
+                let v = b[r * n + q] as f64;
+                acc[[r0 + r, c0 + q]] += v;
+                if i != j {
+                    acc[[c0 + q, r0 + r]] += v;
+                }
+            }
+        }
+    }
 }
 
 /// The histogram bin of |x| = `a`.
@@ -245,6 +334,7 @@ mod tests {
             quantiles: true,
             block_moments: Some(b),
             gram: true,
+            sample_every: 3,
         };
         let mut s = ChannelStats::new(channels, &opts).unwrap();
         for batch in &batches {
@@ -254,6 +344,12 @@ mod tests {
         let all = ndarray::concatenate(Axis(0), &views).unwrap();
         let all64 = all.mapv(|v| v as f64);
         assert_eq!(s.rows(), all.nrows() as u64);
+        // Every third row overall, across batch boundaries.
+        let kept: Vec<usize> = (0..all.nrows()).step_by(3).collect();
+        assert_eq!(s.samples().nrows(), kept.len());
+        for (i, &r) in kept.iter().enumerate() {
+            assert_eq!(s.samples().row(i), all.row(r));
+        }
         let n = all.nrows() as f64;
         for c in 0..channels {
             let col = all64.column(c);
@@ -292,6 +388,36 @@ mod tests {
                     .zip(exact.iter())
                     .all(|(a, e)| (a - e).abs() < 1e-5 * scale)
             );
+        }
+    }
+
+    /// The blocked Gram update (3 x 3 blocks of 128, the last partial) against the plain
+    /// product, summed over batches.
+    #[test]
+    fn gram_blocks_match_the_product() {
+        let c = 300;
+        let opts = StatsOptions {
+            gram: true,
+            ..Default::default()
+        };
+        let mut s = ChannelStats::new(c, &opts).unwrap();
+        let batches: Vec<Array2<f32>> = (0..3).map(|i| data(50 + i, c, 7 + i as u64)).collect();
+        let mut want = Array2::<f64>::zeros((c, c));
+        for b in &batches {
+            s.update(b.view()).unwrap();
+            let b64 = b.mapv(|v| v as f64);
+            want += &b64.t().dot(&b64);
+        }
+        let got = s.gram().unwrap();
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (g, w) in got.iter().zip(want.iter()) {
+            assert!((g - w).abs() <= 1e-5 * scale, "{g} vs {w}");
+        }
+        // Symmetric bit for bit.
+        for i in 0..c {
+            for j in 0..i {
+                assert_eq!(got[[i, j]].to_bits(), got[[j, i]].to_bits());
+            }
         }
     }
 

@@ -12,12 +12,23 @@ pub use perqc_ops::stats::{ChannelStats, StatsError, StatsOptions};
 /// across any number of runs.
 pub struct ChannelObserver {
     names: Vec<String>,
-    opts: StatsOptions,
+    /// Per watched name.
+    opts: Vec<StatsOptions>,
     stats: Vec<Option<ChannelStats>>,
 }
 
 impl ChannelObserver {
+    /// Watches `names`, collecting `opts` for each.
     pub fn new(names: Vec<String>, opts: StatsOptions) -> ChannelObserver {
+        let opts = vec![opts; names.len()];
+        let stats = vec![None; names.len()];
+        ChannelObserver { names, opts, stats }
+    }
+
+    /// Watches each name with its own options (a Gram matrix for one value, sampled rows
+    /// for another).
+    pub fn with_options(watch: Vec<(String, StatsOptions)>) -> ChannelObserver {
+        let (names, opts): (Vec<_>, Vec<_>) = watch.into_iter().unzip();
         let stats = vec![None; names.len()];
         ChannelObserver { names, opts, stats }
     }
@@ -68,7 +79,7 @@ impl Observer for ChannelObserver {
             .ok_or_else(|| fail("not watched".into()))?;
         if self.stats[i].is_none() {
             self.stats[i] =
-                Some(ChannelStats::new(channels, &self.opts).map_err(|e| fail(e.to_string()))?);
+                Some(ChannelStats::new(channels, &self.opts[i]).map_err(|e| fail(e.to_string()))?);
         }
         let s = self.stats[i].as_mut().expect("just set");
         s.update(x).map_err(|e| fail(e.to_string()))

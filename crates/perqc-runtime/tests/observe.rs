@@ -73,6 +73,7 @@ fn streamed_statistics_equal_exact_ones() {
         quantiles: true,
         block_moments: Some(16),
         gram: true,
+        sample_every: 5,
     };
     let mut streamed = ChannelObserver::new(names.clone(), opts);
     let mut stored = Store {

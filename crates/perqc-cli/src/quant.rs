@@ -1,0 +1,351 @@
+//! Quantization in the compile command: presets and flags into a
+//! [`perqc_passes::quantize::QuantConfig`], and the driver that calibrates what the weights
+//! and clip ratios need, group of layers by group of layers, so each group sees the
+//! already-quantized prefix and memory holds one group's Gram matrices at a time.
+
+use crate::calib::CalibArgs;
+use crate::staged::Staged;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use perqc_ir::Model;
+use perqc_ops::quant::TokenQuant;
+use perqc_passes::quantize::{QuantConfig, Quantizer, Rounding, SiteReport, Target};
+use perqc_quant::{Format, Granularity, ScaleSearch};
+use perqc_runtime::StatsOptions;
+use std::io::IsTerminal;
+use std::time::Instant;
+
+#[derive(Args, Clone, Debug)]
+pub struct QuantArgs {
+    /// Starting point for the settings below: w4a4 (INT4 weights per channel, INT4
+    /// per-token activations, head float), w4a16 (INT4 weights in groups of 32, head
+    /// included, float activations), w8a8, mxfp4 (MXFP4 weights, float activations).
+    #[arg(long, value_name = "NAME", default_value = "w4a4", value_parser = ["w4a4", "w4a16", "w8a8", "mxfp4"])]
+    pub preset: String,
+    /// Weight bits (2..=8).
+    #[arg(long, value_name = "N")]
+    pub w_bits: Option<u32>,
+    /// Weight scale granularity: channel, tensor, or a group size along the input.
+    #[arg(long, value_name = "G")]
+    pub w_granularity: Option<String>,
+    /// Weight scale choice: mse (clipping search) or max.
+    #[arg(long, value_name = "HOW", value_parser = ["mse", "max"])]
+    pub w_scale: Option<String>,
+    /// Asymmetric weights (unsigned codes with a zero point).
+    #[arg(long)]
+    pub w_asym: bool,
+    /// Weight format: int, fp4 (E2M1 with a float scale per group), mxfp4, mxint8.
+    #[arg(long, value_name = "FMT", value_parser = ["int", "fp4", "mxfp4", "mxint8"])]
+    pub format: Option<String>,
+    /// Activation bits (2..=8), or none for weight-only.
+    #[arg(long, value_name = "N")]
+    pub a_bits: Option<String>,
+    /// Symmetric activation quantizers (default asymmetric).
+    #[arg(long)]
+    pub a_sym: bool,
+    /// Weight rounding: rtn or gptq (default gptq with calibration data, else rtn).
+    #[arg(long, value_name = "HOW", value_parser = ["rtn", "gptq"])]
+    pub rounding: Option<String>,
+    /// Activation clip ratio: search (per quantizer, on calibration output error; the
+    /// default with calibration data), none (1.0) or a fixed ratio in (0, 1].
+    #[arg(long, value_name = "HOW")]
+    pub clip: Option<String>,
+    /// Quantize the head (LM head) too; w4a16 does by default.
+    #[arg(long)]
+    pub quantize_head: bool,
+    /// Leave linears whose node or weight name matches this pattern (`*` wildcard) float
+    /// (repeatable).
+    #[arg(long, value_name = "PATTERN")]
+    pub skip: Vec<String>,
+    /// Export form of the weights: qdq (DequantizeLinear) or ort (com.microsoft
+    /// MatMulNBits, weight-only 4-bit groups).
+    #[arg(long, value_name = "T", default_value = "qdq", value_parser = ["qdq", "ort"])]
+    pub target: String,
+    /// Write the per-linear report as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<std::path::PathBuf>,
+}
+
+impl QuantArgs {
+    /// The configuration the preset and flags give; `calibrated` says whether calibration
+    /// data is there (GPTQ and the clip search default on with it). One-line errors.
+    pub fn config(&self, calibrated: bool, notes: &mut Vec<String>) -> Result<QuantConfig> {
+        let mut c = QuantConfig::default();
+        match self.preset.as_str() {
+            "w4a16" => {
+                c.weights.granularity = Granularity::Group(32);
+                c.act = None;
+                c.head = true;
+            }
+            "w8a8" => {
+                c.weights.bits = 8;
+                c.act = Some(TokenQuant {
+                    bits: 8,
+                    symmetric: false,
+                    clip: 1.0,
+                });
+            }
+            "mxfp4" => {
+                c.weights.format = Format::MxFp4;
+                c.weights.granularity = Granularity::Group(32);
+                c.act = None;
+            }
+            _ => {}
+        }
+        if let Some(b) = self.w_bits {
+            c.weights.bits = b;
+        }
+        if let Some(g) = &self.w_granularity {
+            c.weights.granularity = match g.as_str() {
+                "channel" => Granularity::Channel,
+                "tensor" => Granularity::Tensor,
+                n => Granularity::Group(n.parse().map_err(|_| {
+                    anyhow::anyhow!("--w-granularity: `{n}` is not channel, tensor or a group size")
+                })?),
+            };
+        }
+        if let Some(s) = &self.w_scale {
+            c.weights.scale = if s == "max" {
+                ScaleSearch::Max
+            } else {
+                ScaleSearch::Mse
+            };
+        }
+        if self.w_asym {
+            c.weights.symmetric = false;
+            c.weights.signed = false;
+        }
+        if let Some(f) = &self.format {
+            c.weights.format = match f.as_str() {
+                "fp4" => Format::Fp4,
+                "mxfp4" => Format::MxFp4,
+                "mxint8" => Format::MxInt8,
+                _ => Format::Int,
+            };
+            if matches!(c.weights.format, Format::MxFp4 | Format::MxInt8) {
+                c.weights.granularity = Granularity::Group(32);
+            }
+            c.weights.bits = match c.weights.format {
+                Format::MxInt8 => 8,
+                Format::Int => c.weights.bits,
+                _ => 4,
+            };
+        }
+        match self.a_bits.as_deref() {
+            None => {}
+            Some("none") => c.act = None,
+            Some(b) => {
+                let bits: u32 = b.parse().map_err(|_| {
+                    anyhow::anyhow!("--a-bits: `{b}` is not a bit width 2..=8 or none")
+                })?;
+                c.act = Some(TokenQuant {
+                    bits,
+                    symmetric: false,
+                    clip: 1.0,
+                });
+            }
+        }
+        if let Some(a) = &mut c.act {
+            a.symmetric = self.a_sym;
+        }
+        c.head |= self.quantize_head;
+        c.skip = self.skip.clone();
+        c.target = if self.target == "ort" {
+            Target::Ort
+        } else {
+            Target::Qdq
+        };
+        c.rounding = match self.rounding.as_deref() {
+            Some("gptq") if !calibrated => {
+                bail!(
+                    "--rounding gptq needs calibration data (--calib-text with --tokenizer, or --calib-ids)"
+                )
+            }
+            Some("gptq") => Rounding::Gptq,
+            Some(_) => Rounding::Rtn,
+            None if calibrated => Rounding::Gptq,
+            None => {
+                notes.push(
+                    "no calibration data: weights rounded to nearest (no GPTQ), activation clip ratio 1 (no search)".into(),
+                );
+                Rounding::Rtn
+            }
+        };
+        match self.clip.as_deref() {
+            None => c.clip_search = calibrated && c.act.is_some(),
+            Some("search") if !calibrated => {
+                bail!(
+                    "--clip search needs calibration data (--calib-text with --tokenizer, or --calib-ids)"
+                )
+            }
+            Some("search") => c.clip_search = true,
+            Some("none") => {}
+            Some(r) => {
+                let ratio: f32 = r
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--clip: `{r}` is not search, none or a ratio"))?;
+                match &mut c.act {
+                    Some(a) => a.clip = ratio,
+                    None => bail!(
+                        "--clip applies to activation quantizers; this configuration has none"
+                    ),
+                }
+            }
+        }
+        if c.clip_search && c.act.is_none() {
+            c.clip_search = false;
+        }
+        c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(c)
+    }
+}
+
+/// Rows the clip search samples per quantizer.
+const CLIP_ROWS: usize = 256;
+
+/// What the driver did.
+pub struct QuantSummary {
+    pub reports: Vec<SiteReport>,
+    pub calibration: std::time::Duration,
+    pub rounding: std::time::Duration,
+    pub runs: usize,
+}
+
+/// Quantizes `model` (canonical, transforms applied) by `config`, calibrating on `calib`
+/// where the configuration needs data. `release` gives back mapped weight pages once a
+/// session has its copy.
+pub fn run(
+    model: &mut Model,
+    config: QuantConfig,
+    calib_args: &CalibArgs,
+    release: &dyn Fn(&perqc_ir::Tensor),
+) -> Result<QuantSummary> {
+    let mut q = Quantizer::new(model, config.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut summary = QuantSummary {
+        reports: Vec::new(),
+        calibration: Default::default(),
+        rounding: Default::default(),
+        runs: 0,
+    };
+    let all: Vec<usize> = (0..q.groups.len()).collect();
+    let needs_data = config.rounding == Rounding::Gptq || config.clip_search;
+    if !needs_data {
+        let t = Instant::now();
+        summary.reports = q
+            .quantize(model, &all, None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        summary.rounding += t.elapsed();
+        q.finish(model).map_err(|e| anyhow::anyhow!("{e}"))?;
+        return Ok(summary);
+    }
+    // Group by group in node order, each calibrated on the model with every earlier group
+    // already quantized (one forward pass in all: see `staged`).
+    let gram = StatsOptions {
+        gram: config.rounding == Rounding::Gptq,
+        ..StatsOptions::default()
+    };
+    let samples = StatsOptions {
+        sample_every: (calib_args.calib_seqs * calib_args.calib_len / CLIP_ROWS).max(1),
+        ..StatsOptions::default()
+    };
+    let mut staged = Staged::new(model, calib_args)?;
+    let progress = std::io::stderr().is_terminal();
+    let n = q.groups.len();
+    for g in 0..n {
+        let group = &q.groups[g];
+        let mut watch = Vec::new();
+        if config.rounding == Rounding::Gptq {
+            watch.push((group.output.clone(), gram.clone()));
+        }
+        if config.clip_search && group.act.is_some() {
+            watch.push((group.input.clone(), samples.clone()));
+        }
+        if watch.is_empty() {
+            continue;
+        }
+        let t = Instant::now();
+        let c = staged.run(model, &watch, release).with_context(|| {
+            format!("calibrating the inputs of {}", q.sites[group.sites[0]].name)
+        })?;
+        summary.calibration += t.elapsed();
+        summary.runs += 1;
+        let t = Instant::now();
+        let r = q
+            .quantize(model, &[g], Some(&c))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        summary.rounding += t.elapsed();
+        summary.reports.extend(r);
+        // The quantizer's clip ratio may have changed: its output is computed again.
+        if config.clip_search && q.groups[g].act.is_some() {
+            staged.forget(model, &[q.groups[g].output.clone()]);
+        }
+        if progress {
+            eprint!("\rquantize: {}/{n} activation groups", g + 1);
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    // Groups nothing calibrated (none, with the settings above) are rounded without data.
+    let t = Instant::now();
+    summary.reports.extend(
+        q.quantize(model, &all, None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    summary.rounding += t.elapsed();
+    q.finish(model).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(summary)
+}
+
+/// The per-linear report as JSON.
+pub fn report_json(reports: &[SiteReport]) -> String {
+    let rows: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "linear": r.name,
+                "k": r.k,
+                "n": r.n,
+                "rounding": format!("{:?}", r.rounding).to_lowercase(),
+                "weight_sqnr_db": r.weight_sqnr,
+                "clip": r.clip,
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({ "linears": rows })).unwrap_or_default()
+}
+
+/// Writes the JSON report to `path` through a temporary file (never half-written).
+pub fn write_report(path: &std::path::Path, reports: &[SiteReport]) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, report_json(reports))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("--report: cannot write {}", path.display()))
+}
+
+/// A few lines for the terminal: what was quantized, how long it took, the worst layers.
+pub fn summary_text(s: &QuantSummary) -> String {
+    let mut out = String::new();
+    let n = s.reports.len();
+    if n == 0 {
+        return "quantize: no linear layer quantized\n".into();
+    }
+    let mean = s.reports.iter().map(|r| r.weight_sqnr).sum::<f64>() / n as f64;
+    out.push_str(&format!(
+        "quantize: {n} linears; weight SQNR mean {mean:.1} dB; calibration {:.2?} in {} runs, rounding {:.2?}\n",
+        s.calibration, s.runs, s.rounding
+    ));
+    let mut worst: Vec<&SiteReport> = s.reports.iter().collect();
+    worst.sort_by(|a, b| a.weight_sqnr.total_cmp(&b.weight_sqnr));
+    for r in worst.iter().take(3) {
+        out.push_str(&format!(
+            "  lowest: {} [{}x{}] {:.1} dB{}\n",
+            r.name,
+            r.k,
+            r.n,
+            r.weight_sqnr,
+            r.clip.map(|c| format!(", clip {c}")).unwrap_or_default()
+        ));
+    }
+    out
+}

@@ -1,0 +1,185 @@
+//! Calibration in stages: the calibration windows go through the model one piece at a
+//! time, and what a piece computes that later pieces read is kept (per window) instead of
+//! being computed again from the token ids.
+//!
+//! Each [`Staged::run`] watches some values: it runs only the nodes between what is already
+//! computed and those values ([`perqc_ir::cut`]), so a run of the whole model costs one
+//! forward pass however many stages it is cut into. Between runs the caller may rewrite
+//! the nodes downstream of everything computed so far (quantize the linears that read the
+//! watched values): later stages then see the rewritten prefix, which is what layer-by-layer
+//! GPTQ needs. A value whose producer changed (a quantizer's clip ratio) is dropped with
+//! [`Staged::forget`] and computed again by the next stage that needs it.
+//!
+//! Memory: the values crossing a stage boundary, per window (for a decoder, the residual
+//! stream and the position tables: a few MB per window), and one stage's statistics.
+
+use crate::calib::{self, CalibArgs};
+use crate::corpus::WindowFeeds;
+use anyhow::{Context, Result, bail};
+use perqc_ir::{Model, NodeId, ValueId};
+use perqc_passes::calibration::{Calibration, CalibrationSource};
+use perqc_runtime::{ChannelObserver, RtTensor, Session, SessionOptions, StatsOptions};
+use std::collections::{HashMap, HashSet};
+
+pub struct Staged {
+    /// Per window: the values computed so far that some node not yet run may read.
+    windows: Vec<HashMap<String, RtTensor>>,
+    /// Nodes (of the model's graph) already run.
+    done: HashSet<NodeId>,
+    source: CalibrationSource,
+    file: std::path::PathBuf,
+    opts: SessionOptions,
+}
+
+impl Staged {
+    /// The windows `args` describe, fed to `model`'s inputs.
+    pub fn new(model: &Model, args: &CalibArgs) -> Result<Staged> {
+        let data = calib::windows(args)?;
+        let feeds = WindowFeeds::for_graph(&model.graph, args.calib_len)?;
+        let windows = data
+            .windows
+            .iter()
+            .map(|w| {
+                feeds
+                    .feeds(w)
+                    .into_iter()
+                    .map(|(n, t)| (n.to_string(), t))
+                    .collect()
+            })
+            .collect();
+        Ok(Staged {
+            windows,
+            done: HashSet::new(),
+            source: CalibrationSource {
+                description: data.description,
+                sequences: data.windows.len(),
+                tokens: (data.windows.len() * args.calib_len) as u64,
+            },
+            file: data.source,
+            opts: SessionOptions {
+                threads: args
+                    .calib_threads
+                    .unwrap_or(SessionOptions::default().threads),
+            },
+        })
+    }
+
+    /// Drops computed values by name: the next stage that reads one computes it again.
+    pub fn forget(&mut self, model: &Model, names: &[String]) {
+        for n in names {
+            if let Some((node, _)) = model
+                .graph
+                .find(n)
+                .and_then(|v| model.graph.value(v).producer())
+            {
+                self.done.remove(&node);
+            }
+            for w in &mut self.windows {
+                w.remove(n);
+            }
+        }
+    }
+
+    /// Runs the stage that computes the watched values from what is computed so far, on
+    /// every window, and returns their statistics (each with its own options).
+    pub fn run(
+        &mut self,
+        model: &Model,
+        watch: &[(String, StatsOptions)],
+        release: &dyn Fn(&perqc_ir::Tensor),
+    ) -> Result<Calibration> {
+        let g = &model.graph;
+        self.evict(model);
+        let targets: Vec<ValueId> = watch
+            .iter()
+            .map(|(n, _)| {
+                g.find(n)
+                    .with_context(|| format!("calibration: the graph has no value `{n}`"))
+            })
+            .collect::<Result<_>>()?;
+        let available: HashSet<&str> = self.windows[0].keys().map(String::as_str).collect();
+        let given = |v: ValueId| available.contains(g.value(v).name.as_str());
+        let (mut piece, nodes) = perqc_ir::cut(model, &given, &targets)
+            .context("calibration: cutting the next stage")?;
+        // The watched values, and everything the stage computes that a node outside it
+        // reads, are kept (a watched value may be the input of a node run again after
+        // `forget`).
+        let taken: HashSet<NodeId> = nodes.iter().copied().collect();
+        let mut keep: Vec<String> = watch.iter().map(|(n, _)| n.clone()).collect();
+        for &n in &nodes {
+            for o in g.node(n).outputs().iter().flatten() {
+                let read_later = g.value(*o).uses().iter().any(|u| !taken.contains(&u.node));
+                let name = &g.value(*o).name;
+                if read_later && !keep.contains(name) {
+                    keep.push(name.clone());
+                }
+            }
+        }
+        for name in &keep {
+            let v = piece.graph.find(name).expect("computed by the piece");
+            if !piece.graph.outputs.contains(&v) {
+                piece.graph.outputs.push(v);
+            }
+        }
+        let session = Session::with_release(&piece, &self.opts, release)
+            .context("calibration: planning a stage")?;
+        let inputs: Vec<String> = session.input_names().map(str::to_string).collect();
+        let mut observer = ChannelObserver::with_options(watch.to_vec());
+        let count = self.windows.len();
+        for (i, w) in self.windows.iter_mut().enumerate() {
+            let feeds: Vec<(&str, RtTensor)> = inputs
+                .iter()
+                .map(|n| match w.get(n) {
+                    Some(t) => Ok((n.as_str(), t.clone())),
+                    None => bail!("calibration: stage input `{n}` was not computed"),
+                })
+                .collect::<Result<_>>()?;
+            let outs = session
+                .run_observed(&feeds, &mut observer)
+                .with_context(|| {
+                    format!(
+                        "calibration window {} of {} from {}",
+                        i + 1,
+                        count,
+                        self.file.display()
+                    )
+                })?;
+            for (name, t) in outs {
+                if keep.contains(&name) {
+                    w.insert(name, t);
+                }
+            }
+        }
+        self.done.extend(nodes);
+        let mut calib = Calibration::new(self.source.clone());
+        for (name, stats) in observer.into_stats() {
+            match stats {
+                Some(s) => {
+                    calib.insert(name, s);
+                }
+                None => bail!("calibration: no run produced `{name}`"),
+            }
+        }
+        Ok(calib)
+    }
+
+    /// Drops kept values every reader of which has run.
+    fn evict(&mut self, model: &Model) {
+        let g = &model.graph;
+        let dead: Vec<String> = self.windows[0]
+            .keys()
+            .filter(|n| {
+                g.find(n).is_none_or(|v| {
+                    let uses = g.value(v).uses();
+                    !uses.is_empty() && uses.iter().all(|u| self.done.contains(&u.node))
+                })
+            })
+            .cloned()
+            .collect();
+        for w in &mut self.windows {
+            for n in &dead {
+                w.remove(n);
+            }
+        }
+    }
+}

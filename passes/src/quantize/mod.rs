@@ -1,0 +1,521 @@
+//! `quantize`: weights offline, activations online.
+//!
+//! Assumes a canonical model (linears are `ai.perqc::Linear` with constant weights); run
+//! after the exact transforms. Guarantees: every selected linear reads a quantized weight
+//! (`DequantizeLinear` of packed codes, or `com.microsoft::MatMulNBits` for `target=ort`)
+//! and, unless weight-only, a per-token quantized activation (`ai.perqc::FakeQuantize`,
+//! lowered to QuantizeLinear/DequantizeLinear on export). The head (a linear writing a graph
+//! output directly: the LM head) stays float unless `head=true`.
+//!
+//! Math: weights `Ŵ[n, k] = (code − zp) · s` per output channel, per group of `g` inputs or
+//! per tensor, scales by max or MSE clipping search, codes by round-to-nearest or GPTQ
+//! (`perqc_quant`). Activations per token `Q(x) = (clamp(round(x/s) + z, 0, 2^b − 1) − z) · s`
+//! with `s, z` from the row's clipped range. A linear computes `Q(x) Ŵᵀ`.
+//!
+//! Data: with a `Calibration` resource, GPTQ reads the Gram matrix of each quantizer's
+//! output (its name: [`Group::output`]) and the clip search reads the sampled rows of each
+//! quantizer's input ([`Group::input`]); the CLI's driver calibrates group by group so each
+//! sees the already-quantized prefix.
+//!
+//! Options: `wbits=4`, `wsym=true`, `wgroup=channel|tensor|G`, `wscale=mse|max`,
+//! `format=int|fp4|mxfp4|mxint8`, `abits=4|none`, `asym=true` (asymmetric activations),
+//! `aclip=1.0`, `head=false`, `skip=PAT|PAT` (`*` globs on node or weight names),
+//! `rounding=rtn|gptq`, `target=qdq|ort`.
+
+pub mod activations;
+pub mod sites;
+pub mod weights;
+
+use crate::calibration::Calibration;
+use activations::ActQuant;
+use ndarray::Array2;
+use perqc_ir::{Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
+use perqc_ops::quant::TokenQuant;
+use perqc_quant::{Format, GptqOptions, Granularity, QWeight, QuantSpec, ScaleSearch};
+use rayon::prelude::*;
+use sites::Site;
+
+/// The model metadata key a quantized model carries (the configuration, as text): a
+/// second run does nothing.
+pub const QUANTIZED_KEY: &str = "perqc.quantized";
+
+/// The default-domain opset a quantized model is written in: INT4/UINT4 tensors and
+/// blocked QuantizeLinear/DequantizeLinear.
+pub const QUANTIZED_OPSET: i64 = 21;
+
+/// Clip ratios the activation search tries.
+pub const CLIP_CANDIDATES: [f32; 4] = [1.0, 0.95, 0.9, 0.85];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rounding {
+    Rtn,
+    Gptq,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Standard QuantizeLinear / DequantizeLinear.
+    Qdq,
+    /// ONNX Runtime's `com.microsoft::MatMulNBits` for 4-bit weight-only linears.
+    Ort,
+}
+
+/// What to quantize and how.
+#[derive(Clone, Debug)]
+pub struct QuantConfig {
+    pub weights: QuantSpec,
+    /// Per-token activation quantizer; `None`: weight-only.
+    pub act: Option<TokenQuant>,
+    /// Search the activation clip ratio (needs calibration samples).
+    pub clip_search: bool,
+    /// Quantize the head too.
+    pub head: bool,
+    /// Skip patterns; each must match some linear.
+    pub skip: Vec<String>,
+    pub rounding: Rounding,
+    pub gptq: GptqOptions,
+    pub target: Target,
+}
+
+impl Default for QuantConfig {
+    fn default() -> QuantConfig {
+        QuantConfig {
+            weights: QuantSpec {
+                bits: 4,
+                signed: true,
+                symmetric: true,
+                granularity: Granularity::Channel,
+                format: Format::Int,
+                scale: ScaleSearch::Mse,
+            },
+            act: Some(TokenQuant {
+                bits: 4,
+                symmetric: false,
+                clip: 1.0,
+            }),
+            clip_search: false,
+            head: false,
+            skip: Vec::new(),
+            rounding: Rounding::Rtn,
+            gptq: GptqOptions::default(),
+            target: Target::Qdq,
+        }
+    }
+}
+
+impl QuantConfig {
+    /// Checks what can be checked without a model: one line per problem.
+    pub fn validate(&self) -> Result<(), String> {
+        self.weights.validate().map_err(|e| e.to_string())?;
+        self.weights.for_weights().map_err(|e| e.to_string())?;
+        if let Some(a) = self.act {
+            if !(2..=8).contains(&a.bits) {
+                return Err(format!(
+                    "activation bits must be 2..=8, not {} (or none for weight-only)",
+                    a.bits
+                ));
+            }
+            if !(a.clip > 0.0 && a.clip <= 1.0) {
+                return Err(format!(
+                    "activation clip ratio must be in (0, 1], not {}",
+                    a.clip
+                ));
+            }
+        }
+        if self.target == Target::Ort {
+            if self.act.is_some() {
+                return Err(
+                    "target ort (MatMulNBits) is for weight-only quantization: use no activation quantizer (e.g. the w4a16 preset)"
+                        .into(),
+                );
+            }
+            if self.weights.format != Format::Int || self.weights.bits != 4 {
+                return Err(format!(
+                    "target ort (MatMulNBits) holds 4-bit integer weights, not {}",
+                    self.weights
+                ));
+            }
+            match self.weights.granularity {
+                Granularity::Group(g) if g >= 16 && g.is_power_of_two() => {}
+                _ => {
+                    return Err(format!(
+                        "target ort (MatMulNBits) needs weight groups of a power of two >= 16, not {}",
+                        self.weights
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The selected linears of `model`: errors for a skip pattern that matches nothing and
+    /// for a group size that does not divide a linear's input width.
+    pub fn select(&self, model: &Model) -> Result<Vec<Site>, String> {
+        let all = sites::linears(&model.graph);
+        for p in &self.skip {
+            if !all.iter().any(|s| sites::skipped(&model.graph, s, p)) {
+                return Err(format!(
+                    "--skip `{p}` matches no linear layer (patterns match node or weight names; `*` is a wildcard)"
+                ));
+            }
+        }
+        let chosen: Vec<Site> = all
+            .into_iter()
+            .filter(|s| self.head || !s.head)
+            .filter(|s| !self.skip.iter().any(|p| sites::skipped(&model.graph, s, p)))
+            .collect();
+        for s in &chosen {
+            self.weights
+                .group_len(s.k)
+                .map_err(|e| format!("{} (input width {}): {e}", s.name, s.k))?;
+        }
+        Ok(chosen)
+    }
+}
+
+/// Linears that read one activation, and its quantizer if any.
+#[derive(Clone, Debug)]
+pub struct Group {
+    /// Indices into [`Quantizer::sites`].
+    pub sites: Vec<usize>,
+    /// The activation as computed (before its quantizer): clip search samples it.
+    pub input: String,
+    /// What the linears read (the quantizer's output, or the input when weight-only):
+    /// GPTQ's Hessian is its Gram matrix.
+    pub output: String,
+    pub act: Option<ActQuant>,
+}
+
+/// What one linear got.
+#[derive(Clone, Debug)]
+pub struct SiteReport {
+    pub name: String,
+    pub k: usize,
+    pub n: usize,
+    pub rounding: Rounding,
+    /// SQNR (dB) of the quantized weight against the float one.
+    pub weight_sqnr: f64,
+    /// The clip ratio of the activation quantizer it reads, if any.
+    pub clip: Option<f32>,
+}
+
+/// A model being quantized: sites selected and activation quantizers in place; weights
+/// are quantized group by group with [`Quantizer::quantize`].
+pub struct Quantizer {
+    pub config: QuantConfig,
+    pub sites: Vec<Site>,
+    pub groups: Vec<Group>,
+    done: Vec<bool>,
+}
+
+impl Quantizer {
+    /// Selects the sites and inserts the activation quantizers (clip ratio `act.clip`).
+    pub fn new(model: &mut Model, config: QuantConfig) -> Result<Quantizer, String> {
+        config.validate()?;
+        let sites = config.select(model)?;
+        // Packed 4-bit codes and blocked scales are opset 21 (the nodes added below are
+        // read at the model's opset).
+        crate::opset::upgrade(model, QUANTIZED_OPSET)
+            .map_err(|e| format!("quantized ops need opset {QUANTIZED_OPSET}: {e}"))?;
+        if config.target == Target::Ort && model.opset("com.microsoft").is_none() {
+            model.opset_imports.push(perqc_ir::OpsetImport {
+                domain: Some("com.microsoft".into()),
+                version: Some(1),
+            });
+        }
+        let graph = &mut model.graph;
+        let groups = match config.act {
+            Some(q) => activations::insert(graph, &sites, q)?
+                .into_iter()
+                .map(|a| Group {
+                    sites: a.sites.clone(),
+                    input: graph.value(a.input).name.clone(),
+                    output: graph.value(a.output).name.clone(),
+                    act: Some(a),
+                })
+                .collect(),
+            None => {
+                let mut groups: Vec<Group> = Vec::new();
+                for (i, s) in sites.iter().enumerate() {
+                    let name = graph.value(s.x).name.clone();
+                    match groups.iter_mut().find(|g| g.input == name) {
+                        Some(g) => g.sites.push(i),
+                        None => groups.push(Group {
+                            sites: vec![i],
+                            input: name.clone(),
+                            output: name,
+                            act: None,
+                        }),
+                    }
+                }
+                groups
+            }
+        };
+        let done = vec![false; groups.len()];
+        Ok(Quantizer {
+            config,
+            sites,
+            groups,
+            done,
+        })
+    }
+
+    /// Quantizes the weights of groups `which` (and chooses their clip ratios when the
+    /// calibration has samples of their inputs and the search is on). GPTQ needs the Gram
+    /// matrix of each group's output in `calib`.
+    pub fn quantize(
+        &mut self,
+        model: &mut Model,
+        which: &[usize],
+        calib: Option<&Calibration>,
+    ) -> Result<Vec<SiteReport>, String> {
+        let graph = &model.graph;
+        // (group, site, float weight, Hessian)
+        let mut jobs = Vec::new();
+        for &g in which {
+            if self.done[g] {
+                continue;
+            }
+            let group = &self.groups[g];
+            let hessian = match self.config.rounding {
+                Rounding::Rtn => None,
+                Rounding::Gptq => Some(
+                    calib
+                        .and_then(|c| c.get(&group.output))
+                        .and_then(|s| s.gram())
+                        .ok_or_else(|| {
+                            format!(
+                                "GPTQ needs the Gram matrix of `{}` (calibrate with gram statistics)",
+                                group.output
+                            )
+                        })?,
+                ),
+            };
+            for &i in &group.sites {
+                let w = weights::float_weight(graph, &self.sites[i])?;
+                jobs.push((g, i, w, hessian));
+            }
+        }
+        let spec = self.config.weights;
+        let gptq = self.config.gptq;
+        let quantized: Vec<Result<QWeight, String>> = jobs
+            .par_iter()
+            .map(|(_, i, w, h)| {
+                let r = match h {
+                    None => perqc_quant::quantize_rtn(w.view(), &spec),
+                    Some(h) => perqc_quant::gptq(w.view(), h.view(), &spec, &gptq),
+                };
+                r.map_err(|e| format!("{}: {e}", self.sites[*i].name))
+            })
+            .collect();
+        let quantized: Vec<QWeight> = quantized.into_iter().collect::<Result<_, _>>()?;
+        let deq: Vec<Array2<f32>> = quantized.par_iter().map(|q| q.dequantize()).collect();
+
+        // Clip ratios, group by group, on the sampled rows of each input.
+        let mut clips: Vec<(usize, f32)> = Vec::new();
+        if self.config.clip_search
+            && let Some(calib) = calib
+        {
+            for &g in which {
+                let group = &self.groups[g];
+                let (Some(act), Some(stats)) = (&group.act, calib.get(&group.input)) else {
+                    continue;
+                };
+                let x = stats.samples();
+                if x.nrows() == 0 {
+                    continue;
+                }
+                let linears: Vec<_> = jobs
+                    .iter()
+                    .zip(&deq)
+                    .filter(|((jg, ..), _)| *jg == g)
+                    .map(|((_, _, w, _), d)| (w.view(), d.view()))
+                    .collect();
+                let (best, _) = activations::search_clip(x, &linears, act.quant, &CLIP_CANDIDATES);
+                clips.push((g, best));
+            }
+        }
+        for (g, c) in clips {
+            let act = self.groups[g].act.as_mut().expect("searched");
+            activations::set_clip(&mut model.graph, act, c)?;
+        }
+
+        let mut reports = Vec::with_capacity(jobs.len());
+        for ((g, i, w, _), (q, d)) in jobs.iter().zip(quantized.iter().zip(&deq)) {
+            let site = &self.sites[*i];
+            match self.config.target {
+                Target::Qdq => weights::write_qdq(&mut model.graph, site, q)?,
+                Target::Ort => weights::write_nbits(&mut model.graph, site, q)?,
+            }
+            reports.push(SiteReport {
+                name: site.name.clone(),
+                k: site.k,
+                n: site.n,
+                rounding: self.config.rounding,
+                weight_sqnr: perqc_quant::sqnr_db(
+                    w.as_slice().expect("standard"),
+                    d.as_slice().expect("standard"),
+                ),
+                clip: self.groups[*g].act.as_ref().map(|a| a.quant.clip),
+            });
+        }
+        for &g in which {
+            self.done[g] = true;
+        }
+        Ok(reports)
+    }
+
+    /// Records the configuration in the model's metadata and drops the float weights
+    /// nothing reads any more (after the last group).
+    pub fn finish(&self, model: &mut Model) -> Result<(), String> {
+        crate::Dce::default()
+            .run(model, &mut PassContext::new(None))
+            .map_err(|e| e.to_string())?;
+        let c = &self.config;
+        let act = match c.act {
+            Some(a) => format!(
+                "a{} {} per-token",
+                a.bits,
+                if a.symmetric { "sym" } else { "asym" }
+            ),
+            None => "a16".into(),
+        };
+        let text = format!("w: {}; {act}; rounding {:?}", c.weights, c.rounding);
+        model.metadata.retain(|(k, _)| k != QUANTIZED_KEY);
+        model.metadata.push((QUANTIZED_KEY.to_string(), text));
+        Ok(())
+    }
+}
+
+/// The pass: RTN (or GPTQ from a provided `Calibration` with Gram matrices), all groups.
+#[derive(Debug)]
+pub struct Quantize {
+    config: QuantConfig,
+}
+
+impl std::fmt::Debug for Quantizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Quantizer({} sites)", self.sites.len())
+    }
+}
+
+impl Quantize {
+    pub const NAME: &'static str = "quantize";
+    pub const DESCRIPTION: &'static str = "quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, skip=PAT|PAT, rounding=rtn|gptq, target=qdq|ort";
+
+    pub fn new(config: QuantConfig) -> Quantize {
+        Quantize { config }
+    }
+
+    pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
+        opts.allow_only(&[
+            "wbits", "wsym", "wgroup", "wscale", "format", "abits", "asym", "aclip", "head",
+            "skip", "rounding", "target",
+        ])?;
+        let invalid = |name: &str, value: &str, expected: &str| OptionError::Invalid {
+            pass: Self::NAME.to_string(),
+            option: name.to_string(),
+            value: value.to_string(),
+            expected: expected.to_string(),
+        };
+        let mut c = QuantConfig::default();
+        c.weights.bits = opts.parse_or("wbits", "a bit width 2..=8", 4u32)?;
+        let sym = opts.bool_or("wsym", true)?;
+        c.weights.symmetric = sym;
+        c.weights.signed = sym;
+        c.weights.granularity = match opts.get("wgroup").unwrap_or("channel") {
+            "channel" => Granularity::Channel,
+            "tensor" => Granularity::Tensor,
+            g => Granularity::Group(
+                g.parse()
+                    .map_err(|_| invalid("wgroup", g, "channel, tensor or a group size"))?,
+            ),
+        };
+        c.weights.scale = match opts.choice_or("wscale", &["mse", "max"], "mse")? {
+            "max" => ScaleSearch::Max,
+            _ => ScaleSearch::Mse,
+        };
+        c.weights.format =
+            match opts.choice_or("format", &["int", "fp4", "mxfp4", "mxint8"], "int")? {
+                "fp4" => Format::Fp4,
+                "mxfp4" => Format::MxFp4,
+                "mxint8" => Format::MxInt8,
+                _ => Format::Int,
+            };
+        if matches!(c.weights.format, Format::MxFp4 | Format::MxInt8) {
+            c.weights.granularity = Granularity::Group(32);
+            c.weights.symmetric = true;
+            c.weights.signed = true;
+            c.weights.bits = if c.weights.format == Format::MxInt8 {
+                8
+            } else {
+                4
+            };
+        }
+        c.act = match opts.get("abits").unwrap_or("4") {
+            "none" => None,
+            b => Some(TokenQuant {
+                bits: b
+                    .parse()
+                    .map_err(|_| invalid("abits", b, "a bit width 2..=8 or none"))?,
+                symmetric: !opts.bool_or("asym", true)?,
+                clip: opts.parse_or("aclip", "a ratio in (0, 1]", 1.0f32)?,
+            }),
+        };
+        c.head = opts.bool_or("head", false)?;
+        c.skip = opts
+            .get("skip")
+            .map(|s| {
+                s.split('|')
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        c.rounding = match opts.choice_or("rounding", &["rtn", "gptq"], "rtn")? {
+            "gptq" => Rounding::Gptq,
+            _ => Rounding::Rtn,
+        };
+        c.target = match opts.choice_or("target", &["qdq", "ort"], "qdq")? {
+            "ort" => Target::Ort,
+            _ => Target::Qdq,
+        };
+        c.validate().map_err(|e| invalid("wbits", "", &e))?;
+        Ok(Box::new(Quantize { config: c }))
+    }
+}
+
+impl Pass for Quantize {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn description(&self) -> &'static str {
+        Self::DESCRIPTION
+    }
+
+    fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        if model.metadata.iter().any(|(k, _)| k == QUANTIZED_KEY) {
+            ctx.note(format!("already quantized ({QUANTIZED_KEY}): nothing done"));
+            return Ok(PassOutcome::from_changed(false));
+        }
+        let fail = |e: String| PassError::msg(format!("quantize: {e}"));
+        let mut q = Quantizer::new(model, self.config.clone()).map_err(fail)?;
+        if q.sites.is_empty() {
+            ctx.note("no linear layer to quantize");
+            return Ok(PassOutcome::from_changed(false));
+        }
+        let all: Vec<usize> = (0..q.groups.len()).collect();
+        let calib = ctx.resource::<Calibration>();
+        let reports = q.quantize(model, &all, calib).map_err(fail)?;
+        q.finish(model).map_err(fail)?;
+        let heads = sites::linears(&model.graph).len(); // float linears left
+        Ok(PassOutcome::from_changed(true)
+            .with("linears-quantized", reports.len() as u64)
+            .with(
+                "activation-quantizers",
+                q.groups.iter().filter(|g| g.act.is_some()).count() as u64,
+            )
+            .with("linears-left-float", heads as u64))
+    }
+}

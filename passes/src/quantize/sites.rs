@@ -1,0 +1,131 @@
+//! Which linear layers get quantized: every canonical `ai.perqc::Linear` with a constant
+//! f32 weight `[K, N]` (`[N, K]` with transB), except the head (a linear whose result
+//! reaches a graph output without passing another linear: the LM head of a decoder) unless
+//! asked for, and the ones a skip pattern names.
+
+use perqc_ir::{Graph, NodeId, ValueId};
+use perqc_ops::PERQC_DOMAIN;
+
+/// One linear layer `y = x W (+ b)`.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub node: NodeId,
+    /// The node's name (or its result's, when the node has none): what reports show.
+    pub name: String,
+    /// The activation read (input 0).
+    pub x: ValueId,
+    /// The constant weight (input 1).
+    pub weight: ValueId,
+    /// The weight is stored `[N, K]` (read transposed).
+    pub trans: bool,
+    /// Input width (contracted).
+    pub k: usize,
+    /// Output width.
+    pub n: usize,
+    /// Writes a graph output with no other linear between: the model's head.
+    pub head: bool,
+}
+
+/// Every canonical linear with a constant 2-d f32 weight, in node order.
+pub fn linears(graph: &Graph) -> Vec<Site> {
+    let free = reaches_output_without_linear(graph);
+    graph
+        .node_order()
+        .iter()
+        .filter_map(|&id| {
+            let node = graph.node(id);
+            if node.domain != PERQC_DOMAIN || node.op_type != "Linear" {
+                return None;
+            }
+            let (x, w) = (node.input(0)?, node.input(1)?);
+            let t = graph.const_tensor(w)?;
+            if t.dtype != perqc_ir::DType::F32 || t.dims.len() != 2 {
+                return None;
+            }
+            let trans = node.attr_int("transB").unwrap_or(0) != 0;
+            let (d0, d1) = (t.dims[0] as usize, t.dims[1] as usize);
+            let (k, n) = if trans { (d1, d0) } else { (d0, d1) };
+            let out = node.output(0)?;
+            let name = if node.name.is_empty() {
+                graph.value(out).name.clone()
+            } else {
+                node.name.clone()
+            };
+            Some(Site {
+                node: id,
+                name,
+                x,
+                weight: w,
+                trans,
+                k,
+                n,
+                head: free[out.index()],
+            })
+        })
+        .collect()
+}
+
+/// Per value: a graph output is reachable from it through ops other than linears.
+fn reaches_output_without_linear(graph: &Graph) -> Vec<bool> {
+    let mut free = vec![false; graph.value_capacity()];
+    for &o in &graph.outputs {
+        free[o.index()] = true;
+    }
+    for &id in graph.node_order().iter().rev() {
+        let node = graph.node(id);
+        if node.domain == PERQC_DOMAIN && node.op_type == "Linear" {
+            continue;
+        }
+        if node.outputs().iter().flatten().any(|o| free[o.index()]) {
+            for i in node.inputs().iter().flatten() {
+                free[i.index()] = true;
+            }
+        }
+    }
+    free
+}
+
+/// `pattern` matches `text` whole; `*` stands for any run of characters.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    // Classic two-pointer match with backtracking to the last `*`.
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < t.len() {
+        if i < p.len() && p[i] == b'*' {
+            star = Some((i, j));
+            i += 1;
+        } else if i < p.len() && p[i] == t[j] {
+            i += 1;
+            j += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == b'*')
+}
+
+/// A skip pattern names a site if it matches the node's name or its weight's name.
+pub fn skipped(graph: &Graph, site: &Site, pattern: &str) -> bool {
+    glob(pattern, &site.name) || glob(pattern, &graph.value(site.weight).name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn globs() {
+        assert!(glob("*down_proj*", "/model/layers.3/mlp/down_proj/MatMul"));
+        assert!(glob("a*b*c", "aXXbYYc"));
+        assert!(!glob("a*b*c", "aXXbYY"));
+        assert!(glob("*", ""));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exactly"));
+        assert!(glob("*.0/*", "layers.0/q"));
+    }
+}

@@ -1,0 +1,248 @@
+//! A quantized weight into the graph, in one of two standard spellings:
+//!
+//! - **QDQ** (any format): the codes as a packed initializer `[K, N]` (INT4/UINT4 for up to
+//!   4 bits, INT8/UINT8 above, FLOAT4E2M1 for FP4) with `DequantizeLinear` in front of the
+//!   linear: per axis 1 (one scale per output channel), blocked along axis 0 (groups of `g`
+//!   input rows, scale `[K/g, N]`), or per tensor. The linear then reads `x · DQ(W_q)`
+//!   with transB = 0, the form ONNX Runtime fuses for weight-only graphs.
+//! - **MatMulNBits** (`com.microsoft`, 4-bit integer groups of a power of two >= 16):
+//!   ONNX Runtime's own 4-bit kernel; B is `[N, K/g, g/2]` bytes (low nibble first),
+//!   unsigned codes with a zero point (the default 8 for symmetric codes `c + 8`).
+//!
+//! Either way `DQ(W_q)[k, n] = (code - zp) · scale` in f32: what `QWeight::value` gives.
+
+use super::sites::Site;
+use ndarray::Array2;
+use perqc_ir::{AttrValue, DType, Graph, NodeSpec, Tensor, ValueId};
+use perqc_quant::{Format, Granularity, QWeight};
+
+/// The float weight of `site` as `[N, K]` (rows = output channels), the layout quantizers
+/// and GPTQ work in.
+pub fn float_weight(graph: &Graph, site: &Site) -> Result<Array2<f32>, String> {
+    let t = graph
+        .const_tensor(site.weight)
+        .ok_or_else(|| format!("{}: the weight is not a constant", site.name))?;
+    let v = t
+        .to_f32()
+        .map_err(|e| format!("{}: reading the weight: {e}", site.name))?;
+    let stored = Array2::from_shape_vec((t.dims[0] as usize, t.dims[1] as usize), v)
+        .map_err(|e| format!("{}: {e}", site.name))?;
+    Ok(if site.trans {
+        stored
+    } else {
+        stored.t().as_standard_layout().into_owned()
+    })
+}
+
+/// The element type codes of `q` are stored in.
+fn code_dtype(q: &QWeight) -> DType {
+    match (
+        q.spec.format,
+        q.spec.bits,
+        q.spec.signed || q.spec.symmetric,
+    ) {
+        (Format::Fp4 | Format::MxFp4, _, _) => DType::F4E2M1,
+        (_, b, true) if b <= 4 => DType::I4,
+        (_, b, false) if b <= 4 => DType::U4,
+        (_, _, true) => DType::I8,
+        (_, _, false) => DType::U8,
+    }
+}
+
+/// A tensor of `dtype` holding `values` (codes already in its range).
+fn code_tensor(dims: Vec<i64>, values: &[i16], dtype: DType) -> Result<Tensor, String> {
+    match dtype {
+        DType::I4 | DType::U4 => {
+            let v: Vec<i8> = values.iter().map(|&c| c as i8).collect();
+            Tensor::from_int4(dims, &v, dtype == DType::I4).map_err(|e| e.to_string())
+        }
+        DType::F4E2M1 => {
+            // E2M1 bit patterns, packed two per byte like the 4-bit integers.
+            let raw: Vec<u8> = values
+                .chunks(2)
+                .map(|p| (p[0] as u8 & 0xF) | ((p.get(1).copied().unwrap_or(0) as u8 & 0xF) << 4))
+                .collect();
+            Ok(Tensor::from_raw(DType::F4E2M1, dims, raw.into()))
+        }
+        DType::I8 => {
+            let v: Vec<i8> = values.iter().map(|&c| c as i8).collect();
+            Ok(Tensor::from_slice(dims, &v))
+        }
+        _ => {
+            let v: Vec<u8> = values.iter().map(|&c| c as u8).collect();
+            Ok(Tensor::from_slice(dims, &v))
+        }
+    }
+}
+
+/// `src` (`rows x cols`, row-major) transposed.
+fn transposed<T: Copy>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(src.len());
+    for c in 0..cols {
+        out.extend((0..rows).map(|r| src[r * cols + c]));
+    }
+    out
+}
+
+/// Adds an initializer with a fresh name derived from `base`.
+fn add(graph: &mut Graph, base: &str, t: Tensor) -> Result<ValueId, String> {
+    let name = graph.fresh_name(base);
+    graph.add_initializer(&name, t).map_err(|e| e.to_string())
+}
+
+/// Replaces `site`'s weight by `DequantizeLinear(codes, scale, zp)` (see the module doc).
+/// The original initializer stays while something else reads it (a tied embedding).
+pub fn write_qdq(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), String> {
+    let (k, n) = (site.k, site.n);
+    debug_assert_eq!((q.rows, q.cols), (n, k));
+    let dtype = code_dtype(q);
+    let base = graph.value(site.weight).name.clone();
+    let codes = code_tensor(vec![k as i64, n as i64], &transposed(&q.codes, n, k), dtype)?;
+    let groups = k / q.group;
+    // Scales (and zero points) as the DequantizeLinear layout wants them.
+    let (dims, axis, block): (Vec<i64>, Option<i64>, Option<i64>) = match q.spec.granularity {
+        Granularity::Tensor => (vec![], None, None),
+        _ if groups == 1 => (vec![n as i64], Some(1), None),
+        _ => (vec![groups as i64, n as i64], Some(0), Some(q.group as i64)),
+    };
+    let pick = |v: &[f32]| -> Vec<f32> {
+        match q.spec.granularity {
+            Granularity::Tensor => vec![v[0]],
+            _ => transposed(v, n, groups),
+        }
+    };
+    let scale = Tensor::from_slice(dims.clone(), &pick(&q.scales));
+    let codes_v = add(graph, &format!("{base}.q"), codes)?;
+    let scale_v = add(graph, &format!("{base}.scale"), scale)?;
+    let zp_v = match &q.zero_points {
+        Some(zp) => {
+            let zp = match q.spec.granularity {
+                Granularity::Tensor => vec![zp[0]],
+                _ => transposed(zp, n, groups),
+            };
+            Some(add(
+                graph,
+                &format!("{base}.zero_point"),
+                code_tensor(dims, &zp, dtype)?,
+            )?)
+        }
+        None => None,
+    };
+    let mut spec =
+        NodeSpec::new("DequantizeLinear").named(&graph.fresh_name(&format!("{base}/dq")));
+    if let Some(a) = axis {
+        spec = spec.attr("axis", AttrValue::Int(a));
+    }
+    if let Some(b) = block {
+        spec = spec.attr("block_size", AttrValue::Int(b));
+    }
+    let out = graph.fresh_name(&format!("{base}.dequantized"));
+    graph
+        .insert_node_before(
+            site.node,
+            spec,
+            &[Some(codes_v), Some(scale_v), zp_v],
+            &[out.as_str()],
+        )
+        .map_err(|e| e.to_string())?;
+    let w = graph.find(&out).expect("just defined");
+    let node = graph.node(site.node);
+    let inputs = [node.input(0), Some(w), node.input(2)];
+    let mut linear = NodeSpec::new("Linear").attr("transB", AttrValue::Int(0));
+    linear.domain = perqc_ops::PERQC_DOMAIN.to_string();
+    graph
+        .set_op(site.node, linear, &inputs)
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `q` can be written as `com.microsoft::MatMulNBits`, and why not.
+pub fn nbits_fits(q: &QWeight) -> Result<(), String> {
+    let g = q.group;
+    if q.spec.format != Format::Int || q.spec.bits != 4 {
+        return Err(format!("MatMulNBits holds 4-bit integers, not {}", q.spec));
+    }
+    if !matches!(q.spec.granularity, Granularity::Group(_)) || g < 16 || !g.is_power_of_two() {
+        return Err(format!(
+            "MatMulNBits needs groups of a power of two >= 16 along the input, not {}",
+            q.spec
+        ));
+    }
+    Ok(())
+}
+
+/// Replaces `site` by `com.microsoft::MatMulNBits(x, B, scales, zero_points?, -, bias?)`.
+pub fn write_nbits(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), String> {
+    nbits_fits(q)?;
+    let (k, n, g) = (site.k, site.n, q.group);
+    let blocks = k / g;
+    // Unsigned 4-bit codes: symmetric codes shift by the default zero point 8.
+    let shift: i16 = if q.zero_points.is_none() { 8 } else { 0 };
+    let signed_zp = q.spec.signed && q.zero_points.is_some();
+    let mut packed = vec![0u8; n * blocks * g / 2];
+    for r in 0..n {
+        for c in 0..k {
+            let mut u = q.codes[r * k + c] + shift;
+            if signed_zp {
+                u += 8;
+            }
+            let byte = (r * k + c) / 2;
+            packed[byte] |= ((u as u8) & 0xF) << (4 * (c % 2));
+        }
+    }
+    let base = graph.value(site.weight).name.clone();
+    let b = Tensor::from_slice(vec![n as i64, blocks as i64, (g / 2) as i64], &packed);
+    let b_v = add(graph, &format!("{base}.q4"), b)?;
+    let s_v = add(
+        graph,
+        &format!("{base}.scales"),
+        Tensor::from_slice(vec![(n * blocks) as i64], &q.scales),
+    )?;
+    let zp_v = match &q.zero_points {
+        Some(zp) => {
+            // [N, ceil(blocks / 2)] bytes, two blocks per byte, low nibble first.
+            let per_row = blocks.div_ceil(2);
+            let mut z = vec![0u8; n * per_row];
+            for r in 0..n {
+                for j in 0..blocks {
+                    let v = zp[r * blocks + j] + if signed_zp { 8 } else { 0 };
+                    z[r * per_row + j / 2] |= ((v as u8) & 0xF) << (4 * (j % 2));
+                }
+            }
+            Some(add(
+                graph,
+                &format!("{base}.zero_points"),
+                Tensor::from_slice(vec![(n * per_row) as i64], &z),
+            )?)
+        }
+        None => None,
+    };
+    let node = graph.node(site.node);
+    let (x, bias) = (node.input(0), node.input(2));
+    let mut spec = NodeSpec::new("MatMulNBits")
+        .attr("K", AttrValue::Int(k as i64))
+        .attr("N", AttrValue::Int(n as i64))
+        .attr("bits", AttrValue::Int(4))
+        .attr("block_size", AttrValue::Int(g as i64));
+    spec.domain = "com.microsoft".to_string();
+    let mut inputs = vec![x, Some(b_v), Some(s_v), zp_v];
+    if bias.is_some() {
+        inputs.push(None); // g_idx
+        inputs.push(bias);
+    }
+    graph
+        .set_op(site.node, spec, &inputs)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transposed;
+
+    #[test]
+    fn transposes() {
+        assert_eq!(
+            transposed(&[1, 2, 3, 4, 5, 6], 2, 3),
+            vec![1, 4, 2, 5, 3, 6]
+        );
+    }
+}
