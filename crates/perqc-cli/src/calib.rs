@@ -68,7 +68,7 @@ pub struct Windows {
 pub fn windows(args: &CalibArgs) -> Result<Windows> {
     let (ids, source, description) = match (&args.tokenizer, &args.calib_text, &args.calib_ids) {
         (Some(tok), Some(text), None) => (
-            corpus::tokenize(tok, text, 0)?,
+            corpus::tokenize_prefix(tok, text, args.calib_seqs.saturating_mul(args.calib_len))?,
             text,
             format!("{} (tokenizer {})", text.display(), tok.display()),
         ),
@@ -319,6 +319,22 @@ mod tests {
             "1",
         ])
         .unwrap()
+    }
+
+    /// Tokenizing a prefix gives the whole text's first ids, for counts below and at the
+    /// prefix boundaries (the fixture text is a few thousand tokens).
+    #[test]
+    fn prefix_tokenization_matches_the_whole_text() {
+        let tok = fixture("tiny_tokenizer.json");
+        let text = fixture("tiny_text.txt");
+        let whole = crate::corpus::tokenize(Path::new(&tok), Path::new(&text), 0).unwrap();
+        for need in [1, 7, 100, 511, 512, 600, whole.len() - 2, whole.len() + 50] {
+            let got =
+                crate::corpus::tokenize_prefix(Path::new(&tok), Path::new(&text), need).unwrap();
+            let want = &whole[..need.min(whole.len())];
+            assert_eq!(&got[..want.len()], want, "need {need}");
+            assert!(got.len() >= want.len(), "need {need}");
+        }
     }
 
     #[test]

@@ -31,6 +31,15 @@ pub fn tokenize(tokenizer: &Path, text: &Path, skip_chars: usize) -> Result<Vec<
             text_str.chars().count()
         ),
     };
+    encode(&tok, body, tokenizer, text)
+}
+
+fn encode(
+    tok: &tokenizers::Tokenizer,
+    body: &str,
+    tokenizer: &Path,
+    text: &Path,
+) -> Result<Vec<u32>> {
     let enc = tok.encode(body, true).map_err(|e| {
         anyhow::anyhow!(
             "{}: tokenizing {}: {e}",
@@ -39,6 +48,45 @@ pub fn tokenize(tokenizer: &Path, text: &Path, skip_chars: usize) -> Result<Vec<
         )
     })?;
     Ok(enc.get_ids().to_vec())
+}
+
+/// The first `need` ids of `text` as [`tokenize`] gives them (from character 0), or all of
+/// them if the text has fewer, without tokenizing more of the text than it takes: prefixes
+/// that end at a line break, doubling until one gives more than `need` ids. Tokens never
+/// span a line break in the tokenizers this is used with (their pre-tokenizers split
+/// there), so the prefix's first `need` ids are the whole text's (a test checks it on the
+/// fixture tokenizer). Calibration reads a few thousand tokens of a corpus this way.
+pub fn tokenize_prefix(tokenizer: &Path, text: &Path, need: usize) -> Result<Vec<u32>> {
+    let tok = tokenizers::Tokenizer::from_file(tokenizer).map_err(|e| {
+        anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", tokenizer.display())
+    })?;
+    let raw = std::fs::read(text).with_context(|| format!("{}: cannot read", text.display()))?;
+    let body = std::str::from_utf8(&raw).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 text: invalid byte at offset {}",
+            text.display(),
+            e.valid_up_to()
+        )
+    })?;
+    if body.is_empty() {
+        bail!("{}: the text is empty", text.display());
+    }
+    let mut bytes = need.saturating_mul(8).max(64);
+    loop {
+        if bytes >= body.len() {
+            return encode(&tok, body, tokenizer, text);
+        }
+        // Up to the last line break before `bytes` (a char boundary: '\n' is one byte).
+        if let Some(cut) = body[..body.floor_char_boundary(bytes)].rfind('\n') {
+            let mut ids = encode(&tok, &body[..=cut], tokenizer, text)?;
+            // More than `need`: the ids at the cut (a closing special token) are not kept.
+            if ids.len() > need + 1 {
+                ids.truncate(need);
+                return Ok(ids);
+            }
+        }
+        bytes = bytes.saturating_mul(2);
+    }
 }
 
 /// Pre-tokenized ids: a `.npy` of int64 or int32 (any shape, read in order). Errors name the

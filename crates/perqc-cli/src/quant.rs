@@ -209,6 +209,8 @@ pub struct QuantSummary {
     pub calibration: std::time::Duration,
     pub rounding: std::time::Duration,
     pub runs: usize,
+    /// The most memory the values kept between calibration stages held.
+    pub stage_bytes: usize,
 }
 
 /// Quantizes `model` (canonical, transforms applied) by `config`, calibrating on `calib`
@@ -226,6 +228,7 @@ pub fn run(
         calibration: Default::default(),
         rounding: Default::default(),
         runs: 0,
+        stage_bytes: 0,
     };
     let all: Vec<usize> = (0..q.groups.len()).collect();
     let needs_data = config.rounding == Rounding::Gptq || config.clip_search;
@@ -264,9 +267,18 @@ pub fn run(
             continue;
         }
         let t = Instant::now();
-        let c = staged.run(model, &watch, release).with_context(|| {
-            format!("calibrating the inputs of {}", q.sites[group.sites[0]].name)
-        })?;
+        // With the clip search the quantizer's output is computed again after it (the
+        // ratio changes), so it is not kept.
+        let transient = if config.clip_search && group.act.is_some() {
+            vec![group.output.clone()]
+        } else {
+            Vec::new()
+        };
+        let c = staged
+            .run(model, &watch, &transient, release)
+            .with_context(|| {
+                format!("calibrating the inputs of {}", q.sites[group.sites[0]].name)
+            })?;
         summary.calibration += t.elapsed();
         summary.runs += 1;
         let t = Instant::now();
@@ -275,6 +287,10 @@ pub fn run(
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         summary.rounding += t.elapsed();
         summary.reports.extend(r);
+        // The float weights just replaced and the stage's session are freed: give the
+        // memory back (the allocator keeps freed memory after `tune_allocator`).
+        drop(c);
+        perqc_runtime::trim_allocator();
         // The quantizer's clip ratio may have changed: its output is computed again.
         if config.clip_search && q.groups[g].act.is_some() {
             staged.forget(model, &[q.groups[g].output.clone()]);
@@ -286,6 +302,7 @@ pub fn run(
     if progress {
         eprintln!();
     }
+    summary.stage_bytes = staged.peak_bytes;
     // Groups nothing calibrated (none, with the settings above) are rounded without data.
     let t = Instant::now();
     summary.reports.extend(
@@ -332,8 +349,11 @@ pub fn summary_text(s: &QuantSummary) -> String {
     }
     let mean = s.reports.iter().map(|r| r.weight_sqnr).sum::<f64>() / n as f64;
     out.push_str(&format!(
-        "quantize: {n} linears; weight SQNR mean {mean:.1} dB; calibration {:.2?} in {} runs, rounding {:.2?}\n",
-        s.calibration, s.runs, s.rounding
+        "quantize: {n} linears; weight SQNR mean {mean:.1} dB; calibration {:.2?} in {} stages (kept between stages: {:.0} MiB), rounding {:.2?}\n",
+        s.calibration,
+        s.runs,
+        s.stage_bytes as f64 / (1 << 20) as f64,
+        s.rounding
     ));
     let mut worst: Vec<&SiteReport> = s.reports.iter().collect();
     worst.sort_by(|a, b| a.weight_sqnr.total_cmp(&b.weight_sqnr));

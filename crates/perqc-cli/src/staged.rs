@@ -29,6 +29,8 @@ pub struct Staged {
     source: CalibrationSource,
     file: std::path::PathBuf,
     opts: SessionOptions,
+    /// The most bytes the kept values have held (logical sizes).
+    pub peak_bytes: usize,
 }
 
 impl Staged {
@@ -61,6 +63,7 @@ impl Staged {
                     .calib_threads
                     .unwrap_or(SessionOptions::default().threads),
             },
+            peak_bytes: 0,
         })
     }
 
@@ -81,11 +84,14 @@ impl Staged {
     }
 
     /// Runs the stage that computes the watched values from what is computed so far, on
-    /// every window, and returns their statistics (each with its own options).
+    /// every window, and returns their statistics (each with its own options). Watched
+    /// values named in `transient` are not kept (the caller is about to change what
+    /// computes them).
     pub fn run(
         &mut self,
         model: &Model,
         watch: &[(String, StatsOptions)],
+        transient: &[String],
         release: &dyn Fn(&perqc_ir::Tensor),
     ) -> Result<Calibration> {
         let g = &model.graph;
@@ -105,12 +111,16 @@ impl Staged {
         // reads, are kept (a watched value may be the input of a node run again after
         // `forget`).
         let taken: HashSet<NodeId> = nodes.iter().copied().collect();
-        let mut keep: Vec<String> = watch.iter().map(|(n, _)| n.clone()).collect();
+        let mut keep: Vec<String> = watch
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| !transient.contains(n))
+            .collect();
         for &n in &nodes {
             for o in g.node(n).outputs().iter().flatten() {
                 let read_later = g.value(*o).uses().iter().any(|u| !taken.contains(&u.node));
                 let name = &g.value(*o).name;
-                if read_later && !keep.contains(name) {
+                if read_later && !keep.contains(name) && !transient.contains(name) {
                     keep.push(name.clone());
                 }
             }
@@ -151,6 +161,13 @@ impl Staged {
             }
         }
         self.done.extend(nodes);
+        let bytes: usize = self
+            .windows
+            .iter()
+            .flat_map(|w| w.values())
+            .map(|t| t.len() * t.dtype().bits().unwrap_or(8).div_ceil(8))
+            .sum();
+        self.peak_bytes = self.peak_bytes.max(bytes);
         let mut calib = Calibration::new(self.source.clone());
         for (name, stats) in observer.into_stats() {
             match stats {

@@ -262,91 +262,97 @@ impl Quantizer {
 
     /// Quantizes the weights of groups `which` (and chooses their clip ratios when the
     /// calibration has samples of their inputs and the search is on). GPTQ needs the Gram
-    /// matrix of each group's output in `calib`.
+    /// matrix of each group's output in `calib`. Group by group, so memory holds one
+    /// group's float copies at a time; each float weight nothing else reads is dropped
+    /// once its replacement is in.
     pub fn quantize(
         &mut self,
         model: &mut Model,
         which: &[usize],
         calib: Option<&Calibration>,
     ) -> Result<Vec<SiteReport>, String> {
-        let graph = &model.graph;
-        // (group, site, float weight, Hessian)
-        let mut jobs = Vec::new();
+        let mut reports = Vec::new();
         for &g in which {
-            if self.done[g] {
-                continue;
-            }
-            let group = &self.groups[g];
-            let hessian = match self.config.rounding {
-                Rounding::Rtn => None,
-                Rounding::Gptq => Some(
-                    calib
-                        .and_then(|c| c.get(&group.output))
-                        .and_then(|s| s.gram())
-                        .ok_or_else(|| {
-                            format!(
-                                "GPTQ needs the Gram matrix of `{}` (calibrate with gram statistics)",
-                                group.output
-                            )
-                        })?,
-                ),
-            };
-            for &i in &group.sites {
-                let w = weights::float_weight(graph, &self.sites[i])?;
-                jobs.push((g, i, w, hessian));
+            if !self.done[g] {
+                reports.extend(self.quantize_group(model, g, calib)?);
+                self.done[g] = true;
             }
         }
-        let spec = self.config.weights;
-        let gptq = self.config.gptq;
-        let quantized: Vec<Result<QWeight, String>> = jobs
+        Ok(reports)
+    }
+
+    fn quantize_group(
+        &mut self,
+        model: &mut Model,
+        g: usize,
+        calib: Option<&Calibration>,
+    ) -> Result<Vec<SiteReport>, String> {
+        let group = &self.groups[g];
+        let hessian = match self.config.rounding {
+            Rounding::Rtn => None,
+            Rounding::Gptq => Some(
+                calib
+                    .and_then(|c| c.get(&group.output))
+                    .and_then(|s| s.gram())
+                    .ok_or_else(|| {
+                        format!(
+                            "GPTQ needs the Gram matrix of `{}` (calibrate with gram statistics)",
+                            group.output
+                        )
+                    })?,
+            ),
+        };
+        let floats: Vec<Array2<f32>> = group
+            .sites
+            .iter()
+            .map(|&i| weights::float_weight(&model.graph, &self.sites[i]))
+            .collect::<Result<_, _>>()?;
+        let (spec, gptq) = (self.config.weights, self.config.gptq);
+        let quantized: Vec<QWeight> = group
+            .sites
             .par_iter()
-            .map(|(_, i, w, h)| {
-                let r = match h {
+            .zip(&floats)
+            .map(|(&i, w)| {
+                match hessian {
                     None => perqc_quant::quantize_rtn(w.view(), &spec),
                     Some(h) => perqc_quant::gptq(w.view(), h.view(), &spec, &gptq),
-                };
-                r.map_err(|e| format!("{}: {e}", self.sites[*i].name))
+                }
+                .map_err(|e| format!("{}: {e}", self.sites[i].name))
             })
-            .collect();
-        let quantized: Vec<QWeight> = quantized.into_iter().collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()?;
         let deq: Vec<Array2<f32>> = quantized.par_iter().map(|q| q.dequantize()).collect();
 
-        // Clip ratios, group by group, on the sampled rows of each input.
-        let mut clips: Vec<(usize, f32)> = Vec::new();
-        if self.config.clip_search
-            && let Some(calib) = calib
-        {
-            for &g in which {
-                let group = &self.groups[g];
-                let (Some(act), Some(stats)) = (&group.act, calib.get(&group.input)) else {
-                    continue;
-                };
-                let x = stats.samples();
-                if x.nrows() == 0 {
-                    continue;
-                }
-                let linears: Vec<_> = jobs
-                    .iter()
-                    .zip(&deq)
-                    .filter(|((jg, ..), _)| *jg == g)
-                    .map(|((_, _, w, _), d)| (w.view(), d.view()))
-                    .collect();
-                let (best, _) = activations::search_clip(x, &linears, act.quant, &CLIP_CANDIDATES);
-                clips.push((g, best));
-            }
-        }
-        for (g, c) in clips {
-            let act = self.groups[g].act.as_mut().expect("searched");
-            activations::set_clip(&mut model.graph, act, c)?;
+        // The clip ratio, on the sampled rows of the input.
+        let samples = calib
+            .filter(|_| self.config.clip_search)
+            .and_then(|c| c.get(&group.input))
+            .map(|s| s.samples())
+            .filter(|x| x.nrows() > 0);
+        if let (Some(x), Some(act)) = (samples, &group.act) {
+            let linears: Vec<_> = floats
+                .iter()
+                .zip(&deq)
+                .map(|(w, d)| (w.view(), d.view()))
+                .collect();
+            let (best, _) = activations::search_clip(x, &linears, act.quant, &CLIP_CANDIDATES);
+            let act = self.groups[g].act.as_mut().expect("present");
+            activations::set_clip(&mut model.graph, act, best)?;
         }
 
-        let mut reports = Vec::with_capacity(jobs.len());
-        for ((g, i, w, _), (q, d)) in jobs.iter().zip(quantized.iter().zip(&deq)) {
-            let site = &self.sites[*i];
+        let group = &self.groups[g];
+        let mut reports = Vec::with_capacity(group.sites.len());
+        for ((&i, q), (w, d)) in group
+            .sites
+            .iter()
+            .zip(&quantized)
+            .zip(floats.iter().zip(&deq))
+        {
+            let site = &self.sites[i];
             match self.config.target {
                 Target::Qdq => weights::write_qdq(&mut model.graph, site, q)?,
                 Target::Ort => weights::write_nbits(&mut model.graph, site, q)?,
             }
+            weights::drop_if_unread(&mut model.graph, site.weight);
             reports.push(SiteReport {
                 name: site.name.clone(),
                 k: site.k,
@@ -356,11 +362,8 @@ impl Quantizer {
                     w.as_slice().expect("standard"),
                     d.as_slice().expect("standard"),
                 ),
-                clip: self.groups[*g].act.as_ref().map(|a| a.quant.clip),
+                clip: group.act.as_ref().map(|a| a.quant.clip),
             });
-        }
-        for &g in which {
-            self.done[g] = true;
         }
         Ok(reports)
     }

@@ -155,6 +155,15 @@ pub fn write_qdq(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), Stri
         .map_err(|e| e.to_string())
 }
 
+/// Removes initializer `w` if nothing reads it any more (the float weight a quantized one
+/// replaced; a tied embedding keeps it).
+pub fn drop_if_unread(graph: &mut Graph, w: ValueId) {
+    if graph.value(w).uses().is_empty() && !graph.outputs.contains(&w) {
+        // An initializer with no readers: removal cannot fail.
+        let _ = graph.remove_initializer(w);
+    }
+}
+
 /// Whether `q` can be written as `com.microsoft::MatMulNBits`, and why not.
 pub fn nbits_fits(q: &QWeight) -> Result<(), String> {
     let g = q.group;
