@@ -13,6 +13,10 @@
 //!   query heads that read a key/value head's values get the same block on the output
 //!   projection's input (grouped-query attention).
 //! - `signs=SEED`: randomized Hadamards `H · diag(s)` with seeded random signs.
+//! - `core=M`: R1's full Hadamard built as `H_M ⊗ Sylvester(d / M)` from core order `M`
+//!   (`perqc_ops::hadamard::cores` lists them; 576 has 36, 72, 144, 288 and 576): equally
+//!   exact, but they spread outliers differently (docs/results.md measures them). A width
+//!   without that core gets the default construction, with a note.
 //!
 //! A region that does not allow rotations is skipped with a note giving the region's
 //! reason (a LayerNorm mean, an unfolded gamma, the stream entering as a graph input).
@@ -28,14 +32,16 @@ pub struct Rotate {
     residual: Option<Option<usize>>,
     heads: bool,
     signs: Option<u64>,
+    /// Core order of R1's Hadamard; `None`: the default construction.
+    core: Option<usize>,
 }
 
 impl Rotate {
     pub const NAME: &'static str = "rotate";
-    pub const DESCRIPTION: &'static str = "fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|none, signs=SEED";
+    pub const DESCRIPTION: &'static str = "fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|none, signs=SEED, core=M";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
-        opts.allow_only(&["residual", "block", "heads", "signs"])?;
+        opts.allow_only(&["residual", "block", "heads", "signs", "core"])?;
         let residual = match opts.choice_or("residual", &["full", "block", "none"], "full")? {
             "none" => None,
             "full" => Some(None),
@@ -43,10 +49,15 @@ impl Rotate {
         };
         let heads = opts.choice_or("heads", &["full", "none"], "full")? == "full";
         let signs = transform::seed_option(opts, "signs")?;
+        let core = match opts.get("core") {
+            None => None,
+            Some(_) => Some(opts.parse_or("core", "a Hadamard core order", 0usize)?),
+        };
         Ok(Box::new(Rotate {
             residual,
             heads,
             signs,
+            core,
         }))
     }
 }
@@ -70,7 +81,25 @@ impl Pass for Rotate {
         for (i, region) in regions.regions.iter().enumerate() {
             let op = match (region.kind, self.residual, region.heads) {
                 (RegionKind::Residual, Some(block), _) => {
-                    ChannelOp::hadamard(region.dim, block.unwrap_or(region.dim), self.signs)
+                    // A core the width does not have falls back to the default, with a
+                    // note (a preferred core from the CLI fits some widths only).
+                    let core = self.core.filter(|&m| {
+                        let fits = perqc_ops::hadamard::cores(region.dim).contains(&m);
+                        let choice = !perqc_ops::hadamard::cores(region.dim).is_empty();
+                        if !fits && block.is_none() && choice {
+                            ctx.note(format!(
+                                "R1: {m} is not a Hadamard core of order {}; the default construction is used",
+                                region.dim
+                            ));
+                        }
+                        fits
+                    });
+                    ChannelOp::hadamard_with_core(
+                        region.dim,
+                        block.unwrap_or(region.dim),
+                        if block.is_none() { core } else { None },
+                        self.signs,
+                    )
                 }
                 (RegionKind::AttentionVo, _, Some(h)) if self.heads => {
                     ChannelOp::hadamard(region.dim, h.head_dim, self.signs)

@@ -24,6 +24,9 @@ ROWS = [
     ("W4A4 RTN, no rotation", ["--rotation", "none", "--block-size", "none"] + RTN, "60487"),
     ("W4A4 RTN, full rotation", ["--block-size", "full"] + RTN, "93.42"),
 ] + [
+    (f"W4A4 RTN, full rotation, R1 Hadamard core {m}", ["--block-size", "full", "--hadamard-core", str(m)] + RTN, "")
+    for m in (36, 72, 288, 576)
+] + [
     (f"W4A4 RTN, b = {b}, no permutation", ["--block-size", str(b), "--permute", "identity"] + RTN, ref)
     for b, ref in ((16, "484"), (32, "239"), (64, "146"), (128, "109"))
 ] + [
@@ -178,7 +181,7 @@ peak RSS is the compile process's, over the model file ({size / 2**20:.0f} MiB).
 
 Every row runs `perqc MODEL -o OUT --calib-text handbook.txt --tokenizer tokenizer.json` plus the
 arguments in the last column (defaults: `--preset w4a4 --rotation full --block-size 32 --permute
-massdiff`, GPTQ and the activation clip search).
+massdiff --hadamard-core 144`, GPTQ and the activation clip search).
 
 {table}
 """

@@ -35,6 +35,12 @@ pub struct RecipeArgs {
     /// (neither).
     #[arg(long, value_name = "KIND", default_value = "full", value_parser = ["full", "block", "none"])]
     pub rotation: String,
+    /// Core order of the residual rotation's Hadamard matrix (`H_M ⊗ Sylvester(d / M)`;
+    /// for d = 576: 36, 72, 144, 288 or 576). Default 144 (= 12 ⊗ 12), the best of the five
+    /// on SmolLM2 (docs/results.md), where the width has it; the library's construction
+    /// otherwise.
+    #[arg(long, value_name = "M", default_value_t = 144)]
+    pub hadamard_core: usize,
     /// Run the original and the transformed model natively on calibration windows (or
     /// fixed ids without calibration data) and fail if the logits differ by more than
     /// --verify-tol relative (max abs error / max abs value).
@@ -108,7 +114,7 @@ impl RecipeArgs {
         match self.rotation.as_str() {
             "none" => {}
             "block" => passes.push(format!("rotate(residual=block,block={b})")),
-            _ => passes.push("rotate(residual=full)".into()),
+            _ => passes.push(format!("rotate(residual=full,core={})", self.hadamard_core)),
         }
     }
 

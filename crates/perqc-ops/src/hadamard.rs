@@ -122,10 +122,20 @@ pub enum HadamardError {
     TooLarge { n: usize, max: usize },
     /// [`fwht_normalized`] was given a length that is not a power of two.
     NotPowerOfTwo { len: usize },
+    /// [`hadamard_with_core`]: `m` is not a core of order `n`; `valid` lists those that are.
+    NoCore { n: usize, m: usize, valid: Vec<usize> },
 }
 
 impl fmt::Display for HadamardError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let HadamardError::NoCore { n, m, valid } = self {
+            let list: Vec<String> = valid.iter().map(|v| v.to_string()).collect();
+            return write!(
+                f,
+                "{m} is not a core of a Hadamard matrix of order {n} (cores: {})",
+                if list.is_empty() { "none".to_string() } else { list.join(", ") }
+            );
+        }
         match *self {
             HadamardError::NoConstruction { n, below, above } => {
                 if n % 4 == 0 && n > 0 {
@@ -158,6 +168,7 @@ impl fmt::Display for HadamardError {
                 f,
                 "the Walsh-Hadamard transform needs a power-of-two length, got {len}"
             ),
+            HadamardError::NoCore { .. } => unreachable!("written above"),
         }
     }
 }
@@ -182,6 +193,39 @@ pub fn hadamard(n: usize) -> Result<Hadamard, HadamardError> {
             above: nearest_above(n),
         }),
     }
+}
+
+/// The cores [`hadamard_with_core`] accepts for order `n`: each `m` with `n = m · 2^j`
+/// that is a base matrix or a Kronecker product of base matrices, smallest first (the
+/// first is what [`hadamard`] uses). Empty for powers of two and orders with no
+/// construction.
+pub fn cores(n: usize) -> Vec<usize> {
+    if n == 0 || n > MAX_ORDER || n.is_power_of_two() || !n.is_multiple_of(4) {
+        return Vec::new();
+    }
+    let e = n.trailing_zeros();
+    let odd = n >> e;
+    let mut memo = HashMap::new();
+    (2..=e)
+        .map(|j| odd << j)
+        .filter(|&m| core(m, &mut memo).is_some())
+        .collect()
+}
+
+/// A Hadamard matrix of order `n` built as `H_m ⊗ Sylvester(n / m)` with core order `m`
+/// (one of [`cores`]`(n)`): the same order can be reached from different cores, and the
+/// choice changes how a rotation spreads outliers (measured in docs/results.md). Errors
+/// list the cores `n` has.
+pub fn hadamard_with_core(n: usize, m: usize) -> Result<Hadamard, HadamardError> {
+    let valid = cores(n);
+    if !valid.contains(&m) {
+        return Err(HadamardError::NoCore { n, m, valid });
+    }
+    let cores = core(m, &mut HashMap::new()).expect("listed by cores()");
+    Ok(build(&Plan {
+        cores,
+        sylvester: n / m,
+    }))
 }
 
 /// Whether [`hadamard`]`(n)` succeeds, decided without building the matrix (a few
@@ -1013,6 +1057,25 @@ mod tests {
                 assert_eq!(h.is_sylvester(), n.is_power_of_two(), "n = {n}");
             }
         }
+    }
+
+    #[test]
+    fn cores_of_576() {
+        assert_eq!(cores(576), vec![36, 72, 144, 288, 576]);
+        for m in cores(576) {
+            let h = hadamard_with_core(576, m).unwrap();
+            assert_eq!(h.sylvester_factor(), 576 / m);
+            // Orthogonal rows (sampled pairs; the full check is O(n³)).
+            for (i, j) in [(0, 1), (5, 300), (17, 575), (100, 100)] {
+                let dot: i64 = (0..576).map(|k| (h.get(i, k) * h.get(j, k)) as i64).sum();
+                assert_eq!(dot, if i == j { 576 } else { 0 }, "core {m}: rows {i}, {j}");
+            }
+        }
+        assert_eq!(hadamard_with_core(576, 36).unwrap(), hadamard(576).unwrap());
+        assert_eq!(
+            hadamard_with_core(576, 48).unwrap_err().to_string(),
+            "48 is not a core of a Hadamard matrix of order 576 (cores: 36, 72, 144, 288, 576)"
+        );
     }
 
     #[test]

@@ -148,6 +148,17 @@ impl ChannelOp {
     /// channel's value over its block. A block that does not divide `dim`, or an order with
     /// no construction, is an error that lists the block sizes that work.
     pub fn hadamard(dim: usize, block: usize, signs: Option<u64>) -> Result<ChannelOp, String> {
+        ChannelOp::hadamard_with_core(dim, block, None, signs)
+    }
+
+    /// [`ChannelOp::hadamard`] with the block's Hadamard matrix built from core order
+    /// `core` (`perqc_ops::hadamard::hadamard_with_core`); `None`: the default construction.
+    pub fn hadamard_with_core(
+        dim: usize,
+        block: usize,
+        core: Option<usize>,
+        signs: Option<u64>,
+    ) -> Result<ChannelOp, String> {
         use perqc_ops::hadamard;
         let valid = || {
             let ok: Vec<String> = (1..=dim)
@@ -162,7 +173,10 @@ impl ChannelOp {
                 valid()
             ));
         }
-        let h = hadamard::hadamard(block).map_err(|e| format!("{e}; {}", valid()))?;
+        let h = match core {
+            None => hadamard::hadamard(block).map_err(|e| format!("{e}; {}", valid()))?,
+            Some(m) => hadamard::hadamard_with_core(block, m).map_err(|e| e.to_string())?,
+        };
         let s = h.sylvester_factor();
         let m = block / s;
         let core: Vec<i8> = (0..m * m)
