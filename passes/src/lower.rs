@@ -38,12 +38,14 @@
 //!   asymmetric `s = Max(Div(Sub(Max(ReduceMax(x), 0)·c, Min(ReduceMin(x), 0)·c), hi), TINY)`
 //!   and `zf = Round(Neg(Div(Min(ReduceMin(x), 0)·c, s)))`; symmetric
 //!   `s = Max(Div(ReduceMax(Abs(x))·c, hi), TINY)` (`·c` = `Mul(·, clip)`, absent when clip
-//!   is 1). For 4 and 8 bits the codes are ONNX's: `QuantizeLinear(x, s, zp, axis = -1,
+//!   is 1). For 4 bits the codes are ONNX's: `QuantizeLinear(x, s, zp, axis = -1,
 //!   block_size = D) -> DequantizeLinear(·, s, zp, same)` with one block per row (D the
-//!   last dim, which must be a known number), `zp = Cast(zf, to = uint4 | uint8)`, or no
-//!   zero point and `output_dtype = int4 | int8` when symmetric. Other widths have no ONNX
-//!   code type, so the same rounding is written in float ops: `Mul(Sub(Clip(Add(Round(Div(x,
-//!   s)), zf), 0, hi), zf), s)`, symmetric `Mul(Clip(Round(Div(x, s)), lo, hi), s)`. Both
+//!   last dim, which must be a known number), `zp = Cast(zf, to = uint4)`, or no zero point
+//!   and `output_dtype = int4` when symmetric. Other widths are written in float ops:
+//!   `Mul(Sub(Clip(Add(Round(Div(x, s)), zf), 0, hi), zf), s)`, symmetric
+//!   `Mul(Clip(Round(Div(x, s)), lo, hi), s)` (for 8 bits ONNX has code types, but ONNX
+//!   Runtime fuses an 8-bit per-token QDQ before a MatMul into a kernel that rejects
+//!   per-token zero points; `fuse-fake-quantize` still reads 8-bit QDQ written elsewhere). Both
 //!   compute the kernel's f32 arithmetic step for step (Q/DQ in int32, exact for codes).
 
 use perqc_ir::{
@@ -298,7 +300,11 @@ fn fake_quantize(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
             Some(emit(&mut p, id, op("Round"), &[t], "fq_zero_point_f")),
         )
     };
-    if matches!(q.bits, 4 | 8) {
+    // 4-bit codes as QuantizeLinear/DequantizeLinear; other widths as the same f32
+    // arithmetic. 8 bits too: ONNX Runtime (1.32) fuses an 8-bit per-token QDQ in front of
+    // a MatMul with a dequantized weight into MatMulIntegerToFloat, whose CPU kernel then
+    // rejects the per-token zero points ("Per-Channel is not supported yet").
+    if q.bits == 4 {
         let d = e
             .known_dim(xv, rank - 1)
             .ok_or("the last dim of x (the block size) is not a known number")?;

@@ -123,7 +123,11 @@ pub enum HadamardError {
     /// [`fwht_normalized`] was given a length that is not a power of two.
     NotPowerOfTwo { len: usize },
     /// [`hadamard_with_core`]: `m` is not a core of order `n`; `valid` lists those that are.
-    NoCore { n: usize, m: usize, valid: Vec<usize> },
+    NoCore {
+        n: usize,
+        m: usize,
+        valid: Vec<usize>,
+    },
 }
 
 impl fmt::Display for HadamardError {
@@ -133,7 +137,11 @@ impl fmt::Display for HadamardError {
             return write!(
                 f,
                 "{m} is not a core of a Hadamard matrix of order {n} (cores: {})",
-                if list.is_empty() { "none".to_string() } else { list.join(", ") }
+                if list.is_empty() {
+                    "none".to_string()
+                } else {
+                    list.join(", ")
+                }
             );
         }
         match *self {

@@ -1,10 +1,12 @@
 //! A quantized weight into the graph, in one of two standard spellings:
 //!
-//! - **QDQ** (any format): the codes as a packed initializer `[K, N]` (INT4/UINT4 for up to
-//!   4 bits, INT8/UINT8 above, FLOAT4E2M1 for FP4) with `DequantizeLinear` in front of the
+//! - **QDQ** (integer formats): the codes as a packed initializer `[K, N]` (INT4/UINT4 for up
+//!   to 4 bits, INT8/UINT8 above; MXINT8's power-of-two scales are f32) with `DequantizeLinear` in front of the
 //!   linear: per axis 1 (one scale per output channel), blocked along axis 0 (groups of `g`
 //!   input rows, scale `[K/g, N]`), or per tensor. The linear then reads `x · DQ(W_q)`
-//!   with transB = 0, the form ONNX Runtime fuses for weight-only graphs.
+//!   with transB = 0, the form ONNX Runtime fuses for weight-only graphs. FP4 and MXFP4
+//!   codes are UINT4 bit patterns decoded by a 16-entry table (ONNX Runtime has no FP4
+//!   `DequantizeLinear`): see `write_fp4`.
 //! - **MatMulNBits** (`com.microsoft`, 4-bit integer groups of a power of two >= 16):
 //!   ONNX Runtime's own 4-bit kernel; B is `[N, K/g, g/2]` bytes (low nibble first),
 //!   unsigned codes with a zero point (the default 8 for symmetric codes `c + 8`).
@@ -90,9 +92,137 @@ fn add(graph: &mut Graph, base: &str, t: Tensor) -> Result<ValueId, String> {
     graph.add_initializer(&name, t).map_err(|e| e.to_string())
 }
 
+/// Points `site`'s linear at weight `w` (`[K, N]`, transB = 0).
+fn read_weight(graph: &mut Graph, site: &Site, w: ValueId) -> Result<(), String> {
+    let node = graph.node(site.node);
+    let inputs = [node.input(0), Some(w), node.input(2)];
+    let mut linear = NodeSpec::new("Linear").attr("transB", AttrValue::Int(0));
+    linear.domain = perqc_ops::PERQC_DOMAIN.to_string();
+    graph
+        .set_op(site.node, linear, &inputs)
+        .map_err(|e| e.to_string())
+}
+
+/// Adds node `op(inputs)` before `site`'s linear; returns its result.
+fn node_before(
+    graph: &mut Graph,
+    site: &Site,
+    spec: NodeSpec,
+    inputs: &[ValueId],
+    out: &str,
+) -> Result<ValueId, String> {
+    let out = graph.fresh_name(out);
+    let ins: Vec<Option<ValueId>> = inputs.iter().map(|&v| Some(v)).collect();
+    graph
+        .insert_node_before(site.node, spec, &ins, &[out.as_str()])
+        .map_err(|e| e.to_string())?;
+    Ok(graph.find(&out).expect("just defined"))
+}
+
+/// FP4 weights (FP4 E2M1 codes with a float or OCP MX power-of-two scale per group).
+/// ONNX Runtime (1.32) has no `DequantizeLinear` for FLOAT4E2M1, so the codes are stored
+/// as UINT4 bit patterns and decoded by a 16-entry table:
+/// `W = Reshape(Gather(E2M1, Cast(DQ(codes), int64)) ⊙ scale)` (the scale broadcast over
+/// the groups of `g` input rows); the same values as `QWeight::value`, in 4 bits a weight.
+fn write_fp4(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), String> {
+    let (k, n, g) = (site.k, site.n, q.group);
+    let groups = k / g;
+    let base = graph.value(site.weight).name.clone();
+    let codes = code_tensor(
+        vec![k as i64, n as i64],
+        &transposed(&q.codes, n, k),
+        DType::U4,
+    )?;
+    let codes = add(graph, &format!("{base}.fp4"), codes)?;
+    let one = add(
+        graph,
+        &format!("{base}.one"),
+        Tensor::from_slice(vec![], &[1f32]),
+    )?;
+    let lut = add(
+        graph,
+        "perqc.fp4_e2m1",
+        Tensor::from_slice(vec![16], &perqc_quant::FP4_E2M1_VALUES),
+    )?;
+    let f = node_before(
+        graph,
+        site,
+        NodeSpec::new("DequantizeLinear"),
+        &[codes, one],
+        &format!("{base}.fp4_codes"),
+    )?;
+    let cast = NodeSpec::new("Cast").attr("to", AttrValue::Int(DType::I64.code() as i64));
+    let i = node_before(graph, site, cast, &[f], &format!("{base}.fp4_index"))?;
+    let v = node_before(
+        graph,
+        site,
+        NodeSpec::new("Gather"),
+        &[lut, i],
+        &format!("{base}.fp4_values"),
+    )?;
+    let w = if groups == 1 {
+        let scale = add(
+            graph,
+            &format!("{base}.scale"),
+            Tensor::from_slice(vec![n as i64], &transposed(&q.scales, n, 1)),
+        )?;
+        node_before(
+            graph,
+            site,
+            NodeSpec::new("Mul"),
+            &[v, scale],
+            &format!("{base}.dequantized"),
+        )?
+    } else {
+        let shape3 = add(
+            graph,
+            &format!("{base}.group_shape"),
+            Tensor::from_i64(vec![3], &[groups as i64, g as i64, n as i64]),
+        )?;
+        let shape2 = add(
+            graph,
+            &format!("{base}.shape"),
+            Tensor::from_i64(vec![2], &[k as i64, n as i64]),
+        )?;
+        let scale = add(
+            graph,
+            &format!("{base}.scale"),
+            Tensor::from_slice(
+                vec![groups as i64, 1, n as i64],
+                &transposed(&q.scales, n, groups),
+            ),
+        )?;
+        let r = node_before(
+            graph,
+            site,
+            NodeSpec::new("Reshape"),
+            &[v, shape3],
+            &format!("{base}.fp4_groups"),
+        )?;
+        let m = node_before(
+            graph,
+            site,
+            NodeSpec::new("Mul"),
+            &[r, scale],
+            &format!("{base}.fp4_scaled"),
+        )?;
+        node_before(
+            graph,
+            site,
+            NodeSpec::new("Reshape"),
+            &[m, shape2],
+            &format!("{base}.dequantized"),
+        )?
+    };
+    read_weight(graph, site, w)
+}
+
 /// Replaces `site`'s weight by `DequantizeLinear(codes, scale, zp)` (see the module doc).
 /// The original initializer stays while something else reads it (a tied embedding).
 pub fn write_qdq(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), String> {
+    if matches!(q.spec.format, Format::Fp4 | Format::MxFp4) {
+        return write_fp4(graph, site, q);
+    }
     let (k, n) = (site.k, site.n);
     debug_assert_eq!((q.rows, q.cols), (n, k));
     let dtype = code_dtype(q);
@@ -146,13 +276,7 @@ pub fn write_qdq(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), Stri
         )
         .map_err(|e| e.to_string())?;
     let w = graph.find(&out).expect("just defined");
-    let node = graph.node(site.node);
-    let inputs = [node.input(0), Some(w), node.input(2)];
-    let mut linear = NodeSpec::new("Linear").attr("transB", AttrValue::Int(0));
-    linear.domain = perqc_ops::PERQC_DOMAIN.to_string();
-    graph
-        .set_op(site.node, linear, &inputs)
-        .map_err(|e| e.to_string())
+    read_weight(graph, site, w)
 }
 
 /// Removes initializer `w` if nothing reads it any more (the float weight a quantized one
