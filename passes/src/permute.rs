@@ -110,6 +110,16 @@ fn masses(region: &Region, calib: &Calibration) -> Result<(Vec<f64>, Vec<f32>), 
     Ok((mean, max))
 }
 
+/// The largest block's share of the mass over the mean block's: `max_k Σ_{c∈B_k} m_c` /
+/// `(Σ_c m_c / blocks)` for consecutive blocks of `b` channels (1 when perfectly even).
+fn block_spread(mass: &[f64], b: usize) -> f64 {
+    let b = b.clamp(1, mass.len().max(1));
+    let sums: Vec<f64> = mass.chunks(b).map(|c| c.iter().sum()).collect();
+    let mean = sums.iter().sum::<f64>() / sums.len().max(1) as f64;
+    let max = sums.iter().fold(0f64, |m, &v| m.max(v));
+    if mean > 0.0 { max / mean } else { 1.0 }
+}
+
 impl Permute {
     /// The permutation of one region: per group (key/value head) if it has heads.
     fn choose(&self, region: &Region, calib: Option<&Calibration>) -> Result<ChannelOp, String> {
@@ -151,6 +161,8 @@ impl Pass for Permute {
         let regions = ctx.analysis::<Regions>(model)?;
         let calib = ctx.resource::<Calibration>().cloned();
         let (mut permuted, mut total) = (0u64, transform::Applied::default());
+        // Max block mass over mean block mass, before and after, per permuted region.
+        let mut spread: Vec<(f64, f64)> = Vec::new();
         for (i, region) in regions.regions.iter().enumerate() {
             if !self.kinds.contains(&region.kind) {
                 continue;
@@ -163,6 +175,17 @@ impl Pass for Permute {
             let op = self
                 .choose(region, calib.as_ref())
                 .map_err(|e| PassError::msg(format!("permute: {what}: {e}")))?;
+            if let (Some(c), ChannelOp::Permutation(perm)) = (calib.as_ref(), &op)
+                && self.method.uses_statistics()
+                && region.heads.is_none()
+                && let Ok((mean, _)) = masses(region, c)
+            {
+                let after: Vec<f64> = perm.iter().map(|&i| mean[i]).collect();
+                spread.push((
+                    block_spread(&mean, self.block),
+                    block_spread(&after, self.block),
+                ));
+            }
             if !ctx.rewrite() {
                 break;
             }
@@ -175,6 +198,20 @@ impl Pass for Permute {
         }
         if permuted > 0 {
             transform::record_applied(model, Self::NAME);
+        }
+        if !spread.is_empty() {
+            let n = spread.len() as f64;
+            let (b, a) = spread
+                .iter()
+                .fold((0.0, 0.0), |(x, y), (p, q)| (x + p, y + q));
+            ctx.note(format!(
+                "{}: max / mean mass of a block of {}: {:.2} before, {:.2} after (mean over {} regions)",
+                self.method,
+                self.block,
+                b / n,
+                a / n,
+                spread.len()
+            ));
         }
         Ok(PassOutcome::from_changed(permuted > 0)
             .with("regions-permuted", permuted)

@@ -123,6 +123,12 @@ impl QuantArgs {
                 _ => Format::Int,
             };
             if matches!(c.weights.format, Format::MxFp4 | Format::MxInt8) {
+                if self.w_granularity.as_deref().is_some_and(|g| g != "32") {
+                    bail!(
+                        "--format {f} has blocks of 32 along the input; --w-granularity {} does not fit (leave it out)",
+                        self.w_granularity.as_deref().unwrap_or_default()
+                    );
+                }
                 c.weights.granularity = Granularity::Group(32);
             }
             c.weights.bits = match c.weights.format {
@@ -325,6 +331,7 @@ pub fn report_json(reports: &[SiteReport]) -> String {
                 "n": r.n,
                 "rounding": format!("{:?}", r.rounding).to_lowercase(),
                 "weight_sqnr_db": r.weight_sqnr,
+                "output_sqnr_db": r.output_sqnr,
                 "clip": r.clip,
             })
         })
@@ -340,30 +347,43 @@ pub fn write_report(path: &std::path::Path, reports: &[SiteReport]) -> Result<()
         .with_context(|| format!("--report: cannot write {}", path.display()))
 }
 
-/// A few lines for the terminal: what was quantized, how long it took, the worst layers.
+/// A few lines for the terminal: what was quantized, how long it took, the layers with the
+/// lowest output SQNR (weight SQNR without calibration samples).
 pub fn summary_text(s: &QuantSummary) -> String {
     let mut out = String::new();
     let n = s.reports.len();
     if n == 0 {
         return "quantize: no linear layer quantized\n".into();
     }
-    let mean = s.reports.iter().map(|r| r.weight_sqnr).sum::<f64>() / n as f64;
+    let mean = |f: &dyn Fn(&SiteReport) -> Option<f64>| {
+        let v: Vec<f64> = s.reports.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let w = mean(&|r| Some(r.weight_sqnr)).unwrap_or(f64::NAN);
+    let o = mean(&|r| r.output_sqnr);
     out.push_str(&format!(
-        "quantize: {n} linears; weight SQNR mean {mean:.1} dB; calibration {:.2?} in {} stages (kept between stages: {:.0} MiB), rounding {:.2?}\n",
+        "quantize: {n} linears; SQNR mean: weights {w:.1} dB{}; calibration {:.2?} in {} stages (kept between stages: {:.0} MiB), rounding {:.2?}\n",
+        o.map(|o| format!(", outputs {o:.1} dB on calibration rows")).unwrap_or_default(),
         s.calibration,
         s.runs,
         s.stage_bytes as f64 / (1 << 20) as f64,
         s.rounding
     ));
+    let key = |r: &SiteReport| r.output_sqnr.unwrap_or(r.weight_sqnr);
     let mut worst: Vec<&SiteReport> = s.reports.iter().collect();
-    worst.sort_by(|a, b| a.weight_sqnr.total_cmp(&b.weight_sqnr));
+    worst.sort_by(|a, b| key(a).total_cmp(&key(b)));
     for r in worst.iter().take(3) {
         out.push_str(&format!(
-            "  lowest: {} [{}x{}] {:.1} dB{}\n",
+            "  lowest: {} [{}x{}] {:.1} dB {}{}\n",
             r.name,
             r.k,
             r.n,
-            r.weight_sqnr,
+            key(r),
+            if r.output_sqnr.is_some() {
+                "output"
+            } else {
+                "weight"
+            },
             r.clip.map(|c| format!(", clip {c}")).unwrap_or_default()
         ));
     }

@@ -1,5 +1,6 @@
-//! `perqc MODEL -o OUT --no-quantize`: the recipe's exact part from the command line, with
-//! calibration, `--verify`, the fallback without calibration data, and its errors.
+//! `perqc MODEL -o OUT [--no-quantize]`: the recipe from the command line, with
+//! calibration, `--verify`, the fallback without calibration data, quantization and its
+//! report, and the errors.
 
 mod common;
 
@@ -105,4 +106,93 @@ fn recipe_errors_say_what_to_change() {
     assert!(!ok && err.contains("add --no-quantize"), "{err}");
     let (ok, err) = perqc(&[&m, "-o", &s(&out), "--no-quantize", "--permute", "best"]);
     assert!(!ok && err.contains("massdiff"), "{err}");
+}
+
+/// The default job quantizes: W4A4 with GPTQ and the clip search when there is calibration
+/// text, the report as JSON; the file runs natively and has no float linear but the head.
+#[test]
+fn default_job_quantizes_and_reports() {
+    let dir = scratch("recipe", "quantize");
+    let out = dir.join("q.onnx");
+    let report = dir.join("report.json");
+    let (ok, err) = perqc(&[
+        &s(&fixture("llama_ts.onnx")),
+        "-o",
+        &s(&out),
+        "--calib-text",
+        &s(&fixture("tiny_text.txt")),
+        "--tokenizer",
+        &s(&fixture("tiny_tokenizer.json")),
+        "--calib-seqs",
+        "2",
+        "--calib-len",
+        "64",
+        "--report",
+        &s(&report),
+    ]);
+    assert!(ok, "{err}");
+    for want in [
+        "quantize: 14 linears",
+        "outputs",
+        "max / mean mass of a block of 32",
+        "rotate(residual=full,core=144)",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let rows = json["linears"].as_array().unwrap();
+    assert_eq!(rows.len(), 14);
+    assert!(
+        rows.iter()
+            .all(|r| r["rounding"] == "gptq" && r["output_sqnr_db"].is_f64())
+    );
+    let m = perqc_onnx::load(&out).expect("loads").model;
+    assert_eq!(m.opset(""), Some(21));
+    let dq = m
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "DequantizeLinear")
+        .count();
+    // 14 weights, and 4 activation quantizers a layer (q/k/v, o, gate/up and down read
+    // one each) in 2 layers.
+    assert_eq!(dq, 14 + 8, "weights and activations dequantized");
+    // Without calibration data: round to nearest, and it says so.
+    let (ok, err) = perqc(&[&s(&fixture("llama_ts.onnx")), "-o", &s(&out)]);
+    assert!(
+        ok && err.contains("no calibration data: weights rounded to nearest"),
+        "{err}"
+    );
+}
+
+/// Settings that cannot work fail in one line before any work, and write nothing.
+#[test]
+fn quantization_errors_come_first() {
+    let dir = scratch("recipe", "quant_errors");
+    let out = dir.join("q.onnx");
+    let m = s(&fixture("llama_ts.onnx"));
+    for (args, want) in [
+        (&["--w-bits", "9"][..], "bits"),
+        (&["--a-bits", "1"][..], "activation bits must be 2..=8"),
+        (
+            &["--skip", "*no_such_layer*"][..],
+            "matches no linear layer",
+        ),
+        (&["--w-granularity", "48"][..], "does not divide"),
+        (
+            &["--format", "mxfp4", "--w-granularity", "16"][..],
+            "does not fit",
+        ),
+        (&["--target", "ort"][..], "weight-only"),
+        (&["--rounding", "gptq"][..], "needs calibration data"),
+        (&["--clip", "1.5"][..], "clip ratio"),
+    ] {
+        let mut all = vec![m.as_str(), "-o", out.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let (ok, err) = perqc(&all);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?}: no output on failure");
+    }
 }

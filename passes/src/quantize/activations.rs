@@ -132,3 +132,21 @@ pub fn search_clip(
         .map_or(1.0, |(i, _)| candidates[i]);
     (best, errors)
 }
+
+/// SQNR (dB) of `Q(x) Ŵᵀ` against `x Wᵀ` (weights `[N, K]`, rows `x` `[rows, K]`).
+pub fn output_sqnr(
+    x: ArrayView2<f32>,
+    w: ArrayView2<f32>,
+    wq: ArrayView2<f32>,
+    q: TokenQuant,
+) -> f64 {
+    let y = x.dot(&w.t());
+    let mut xq = x.to_owned();
+    let width = xq.ncols();
+    fake_quantize_rows(xq.as_slice_mut().expect("standard layout"), width, q);
+    let yq = xq.dot(&wq.t());
+    perqc_quant::sqnr_db(
+        y.as_standard_layout().as_slice().expect("standard"),
+        yq.as_standard_layout().as_slice().expect("standard"),
+    )
+}

@@ -195,6 +195,9 @@ pub struct SiteReport {
     pub rounding: Rounding,
     /// SQNR (dB) of the quantized weight against the float one.
     pub weight_sqnr: f64,
+    /// SQNR (dB) of the layer's output `Q(x) Ŵᵀ` against `x Wᵀ` on the sampled
+    /// calibration rows (when the clip search sampled them).
+    pub output_sqnr: Option<f64>,
     /// The clip ratio of the activation quantizer it reads, if any.
     pub clip: Option<f32>,
 }
@@ -328,6 +331,7 @@ impl Quantizer {
             .and_then(|c| c.get(&group.input))
             .map(|s| s.samples())
             .filter(|x| x.nrows() > 0);
+        let mut output_sqnr = vec![None; floats.len()];
         if let (Some(x), Some(act)) = (samples, &group.act) {
             let linears: Vec<_> = floats
                 .iter()
@@ -335,17 +339,25 @@ impl Quantizer {
                 .map(|(w, d)| (w.view(), d.view()))
                 .collect();
             let (best, _) = activations::search_clip(x, &linears, act.quant, &CLIP_CANDIDATES);
+            let quant = perqc_ops::quant::TokenQuant {
+                clip: best,
+                ..act.quant
+            };
+            for (o, (w, d)) in output_sqnr.iter_mut().zip(&linears) {
+                *o = Some(activations::output_sqnr(x, w.view(), d.view(), quant));
+            }
             let act = self.groups[g].act.as_mut().expect("present");
             activations::set_clip(&mut model.graph, act, best)?;
         }
 
         let group = &self.groups[g];
         let mut reports = Vec::with_capacity(group.sites.len());
-        for ((&i, q), (w, d)) in group
+        for (((&i, q), (w, d)), out) in group
             .sites
             .iter()
             .zip(&quantized)
             .zip(floats.iter().zip(&deq))
+            .zip(output_sqnr)
         {
             let site = &self.sites[i];
             match self.config.target {
@@ -362,6 +374,7 @@ impl Quantizer {
                     w.as_slice().expect("standard"),
                     d.as_slice().expect("standard"),
                 ),
+                output_sqnr: out,
                 clip: group.act.as_ref().map(|a| a.quant.clip),
             });
         }
