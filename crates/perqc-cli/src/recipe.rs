@@ -82,7 +82,9 @@ impl RecipeArgs {
             Block::Size(b) => b,
             // Without blocks a permutation changes nothing the quantizers see.
             Block::Full | Block::None => {
-                passes.push("fold-norms".into());
+                if self.rotation != "none" {
+                    passes.push("fold-norms".into());
+                }
                 self.rotations(&mut passes, 32);
                 if self.block_size == Block::Full {
                     passes.push("online-hadamard(block=full)".into());
@@ -103,7 +105,12 @@ impl RecipeArgs {
             };
             passes.push(format!("permute({method},block={b})"));
         }
-        passes.push("fold-norms".into());
+        // Norm gammas fold into the weights only for the residual rotation (it commutes
+        // with a norm without its gamma); otherwise they stay (folded gammas would put
+        // their outliers into the weights' input columns).
+        if self.rotation != "none" {
+            passes.push("fold-norms".into());
+        }
         self.rotations(&mut passes, b);
         passes.push(format!("online-hadamard(block={b})"));
         passes.join(",")
