@@ -2,7 +2,7 @@
 """Cost of the recipe's exact part next to a perplexity run, side by side.
 
 usage: scripts/bench/recipe_cost.py [BENCH_DIR] [--rounds 5] [--perqc target/release/perqc]
-                                    [--baseline OTHER_PERQC] [--out DIR]
+                                    [--baseline OTHER_PERQC] [--quantize] [--out DIR]
 
 BENCH_DIR defaults to $PERQC_BENCH_DIR, else ~/.cache/perqc-bench (scripts/bench-setup builds
 it). Each round runs, on SmolLM2 (the torchscript export, BENCH_DIR/smollm2/model.onnx):
@@ -12,7 +12,12 @@ it). Each round runs, on SmolLM2 (the torchscript export, BENCH_DIR/smollm2/mode
   compile:  perqc MODEL -o OUT --no-quantize --calib-text TEXT --tokenizer TOK
             (calibration on 16 x 512 tokens, the defaults, then the exact transforms and the save)
 
-and, with --baseline, the compile command of another perqc build. The order alternates from
+and, with --baseline, the compile command of another perqc build; with --quantize also
+
+  quantize:      perqc MODEL -o OUT --calib-text TEXT --tokenizer TOK   (the default W4A4 recipe:
+                 GPTQ and the clip search; goal <= 3x eval)
+  quantize rtn:  the same with --rounding rtn (goal <= 1.5x eval)
+ The order alternates from
 round to round (eval first, then compile first) so that a drift of a shared machine's load
 hits both alike. Before every run the model file is read once, so that no run pays for
 reading it from disk. Wall time is measured around each process; peak RSS is the process's
@@ -30,6 +35,8 @@ ap.add_argument("bench", nargs="?", default=os.environ.get("PERQC_BENCH_DIR", os
 ap.add_argument("--rounds", type=int, default=5)
 ap.add_argument("--perqc", default=None, help="the perqc binary (default: target/release/perqc of this clone)")
 ap.add_argument("--baseline", default=None, help="another perqc binary whose compile also runs every round")
+ap.add_argument("--quantize", action="store_true",
+                help="also time the quantizing compile: the default recipe and --rounding rtn (goals: 3x and 1.5x eval)")
 ap.add_argument("--out", default=None,
                 help="folder for the compiled models (default: a temporary folder in /dev/shm if there is one)")
 a = ap.parse_args()
@@ -96,12 +103,17 @@ def detail(kind, out):
 shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 out_dir = a.out or tempfile.mkdtemp(prefix="perqc-recipe-cost-", dir=shm)
 os.makedirs(out_dir, exist_ok=True)
+calib = ["--calib-text", text, "--tokenizer", tok]
 commands = {
     "eval": [perqc, "eval", model, "--tokenizer", tok, "--text", text, "--seq", "512", "--windows", "16",
              "--skip-chars", "200000", "--quiet"],
-    "compile": [perqc, model, "-o", os.path.join(out_dir, "smollm2.nq.onnx"), "--no-quantize",
-                "--calib-text", text, "--tokenizer", tok],
+    "compile": [perqc, model, "-o", os.path.join(out_dir, "smollm2.nq.onnx"), "--no-quantize"] + calib,
 }
+if a.quantize:
+    # The default recipe (GPTQ and the clip search) and round-to-nearest, side by side.
+    commands["quantize"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.q.onnx")] + calib
+    commands["quantize rtn"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.rtn.onnx"),
+                                "--rounding", "rtn"] + calib
 if a.baseline:
     commands["baseline compile"] = [a.baseline, model, "-o", os.path.join(out_dir, "smollm2.baseline.nq.onnx"),
                                     "--no-quantize", "--calib-text", text, "--tokenizer", tok]
@@ -138,7 +150,8 @@ for k, (w, m) in med.items():
 for k in commands:
     if k == "eval":
         continue
-    print(f"{k} / eval wall time: {med[k][0] / med['eval'][0]:.2f} (goal <= 1.5); "
+    goal = {"quantize": 3.0}.get(k, 1.5)
+    print(f"{k} / eval wall time: {med[k][0] / med['eval'][0]:.2f} (goal <= {goal}); "
           f"{k} peak RSS / model file: {med[k][1] * 1024 / size:.2f} (goal < 1.5)")
 if not a.out:
     for f in os.listdir(out_dir):
