@@ -142,7 +142,7 @@ mod tests {
         lower               turn canonical ai.perqc ops back into ops of the model's opset (before export)
         online-hadamard     rotate each mlp region's sink input by a block Hadamard computed in the graph, its transpose folded into the sink (exact); options block=B|full, signs=SEED
         permute             fold calibrated channel permutations into the weights (exact); options method=massdiff|zigzag|absmax|random|identity, seed=N, block=B, mlp=true, residual=false, heads=false
-        quantize            quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, skip=PAT|PAT, rounding=rtn|gptq, target=qdq|ort
+        quantize            quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, embed=false, skip=PAT|PAT, rounding=rtn|gptq, target=qdq|ort
         rotate              fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|none, signs=SEED, core=M
         topo-sort           order every graph's nodes topologically (stable)
         ");

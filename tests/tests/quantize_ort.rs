@@ -135,7 +135,7 @@ const CONFIGS: [(&str, &str); 8] = [
     ("w4a16_g16", "quantize(wgroup=16,abits=none,wsym=false)"),
     (
         "w4a16_ort",
-        "quantize(wgroup=16,abits=none,head=true,target=ort)",
+        "quantize(wgroup=16,abits=none,head=true,embed=true,target=ort)",
     ),
     ("mxfp4", "quantize(format=mxfp4,abits=none)"),
     ("fp4_g16_a4", "quantize(format=fp4,wgroup=16)"),

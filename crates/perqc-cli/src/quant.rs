@@ -53,6 +53,10 @@ pub struct QuantArgs {
     /// Quantize the head (LM head) too; w4a16 does by default.
     #[arg(long)]
     pub quantize_head: bool,
+    /// Quantize the token embedding table (weight-only, the weight settings with one
+    /// scale per entry or per group along the width); w4a16 does by default.
+    #[arg(long)]
+    pub quantize_embedding: bool,
     /// Leave linears whose node or weight name matches this pattern (`*` wildcard) float
     /// (repeatable).
     #[arg(long, value_name = "PATTERN")]
@@ -76,6 +80,7 @@ impl QuantArgs {
                 c.weights.granularity = Granularity::Group(32);
                 c.act = None;
                 c.head = true;
+                c.embedding = true;
             }
             "w8a8" => {
                 c.weights.bits = 8;
@@ -155,6 +160,7 @@ impl QuantArgs {
             a.symmetric = self.a_sym;
         }
         c.head |= self.quantize_head;
+        c.embedding |= self.quantize_embedding;
         c.skip = self.skip.clone();
         c.target = if self.target == "ort" {
             Target::Ort

@@ -19,7 +19,8 @@
 //!
 //! Options: `wbits=4`, `wsym=true`, `wgroup=channel|tensor|G`, `wscale=mse|max`,
 //! `format=int|fp4|mxfp4|mxint8`, `abits=4|none`, `asym=true` (asymmetric activations),
-//! `aclip=1.0`, `head=false`, `skip=PAT|PAT` (`*` globs on node or weight names),
+//! `aclip=1.0`, `head=false`, `embed=false` (the token embedding table too), `skip=PAT|PAT`
+//! (`*` globs on node or weight names),
 //! `rounding=rtn|gptq`, `target=qdq|ort`.
 
 pub mod activations;
@@ -70,6 +71,9 @@ pub struct QuantConfig {
     pub clip_search: bool,
     /// Quantize the head too.
     pub head: bool,
+    /// Quantize lookup tables (the token embedding's Gather) with the weight spec, one
+    /// scale per entry (or per group along the width).
+    pub embedding: bool,
     /// Skip patterns; each must match some linear.
     pub skip: Vec<String>,
     pub rounding: Rounding,
@@ -95,6 +99,7 @@ impl Default for QuantConfig {
             }),
             clip_search: false,
             head: false,
+            embedding: false,
             skip: Vec::new(),
             rounding: Rounding::Rtn,
             gptq: GptqOptions::default(),
@@ -384,6 +389,27 @@ impl Quantizer {
     /// Records the configuration in the model's metadata and drops the float weights
     /// nothing reads any more (after the last group).
     pub fn finish(&self, model: &mut Model) -> Result<(), String> {
+        if self.config.embedding {
+            for t in sites::tables(&model.graph) {
+                let data = model
+                    .graph
+                    .const_tensor(t.table)
+                    .expect("constant")
+                    .to_f32()
+                    .map_err(|e| e.to_string())?;
+                let w =
+                    Array2::from_shape_vec((t.rows, t.cols), data).map_err(|e| e.to_string())?;
+                let mut spec = self.config.weights;
+                if spec.group_len(t.cols).is_err() {
+                    spec.granularity = Granularity::Channel;
+                }
+                let q = perqc_quant::quantize_rtn(w.view(), &spec)
+                    .map_err(|e| format!("embedding table: {e}"))?;
+                drop(w);
+                weights::write_table(&mut model.graph, &t, &q)?;
+                weights::drop_if_unread(&mut model.graph, t.table);
+            }
+        }
         crate::Dce::default()
             .run(model, &mut PassContext::new(None))
             .map_err(|e| e.to_string())?;
@@ -396,7 +422,16 @@ impl Quantizer {
             ),
             None => "a16".into(),
         };
-        let text = format!("w: {}; {act}; rounding {:?}", c.weights, c.rounding);
+        let text = format!(
+            "w: {}; {act}; rounding {:?}{}",
+            c.weights,
+            c.rounding,
+            if c.embedding {
+                "; embedding quantized"
+            } else {
+                ""
+            }
+        );
         model.metadata.retain(|(k, _)| k != QUANTIZED_KEY);
         model.metadata.push((QUANTIZED_KEY.to_string(), text));
         Ok(())
@@ -417,7 +452,7 @@ impl std::fmt::Debug for Quantizer {
 
 impl Quantize {
     pub const NAME: &'static str = "quantize";
-    pub const DESCRIPTION: &'static str = "quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, skip=PAT|PAT, rounding=rtn|gptq, target=qdq|ort";
+    pub const DESCRIPTION: &'static str = "quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, embed=false, skip=PAT|PAT, rounding=rtn|gptq, target=qdq|ort";
 
     pub fn new(config: QuantConfig) -> Quantize {
         Quantize { config }
@@ -426,7 +461,7 @@ impl Quantize {
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&[
             "wbits", "wsym", "wgroup", "wscale", "format", "abits", "asym", "aclip", "head",
-            "skip", "rounding", "target",
+            "embed", "skip", "rounding", "target",
         ])?;
         let invalid = |name: &str, value: &str, expected: &str| OptionError::Invalid {
             pass: Self::NAME.to_string(),
@@ -479,6 +514,7 @@ impl Quantize {
             }),
         };
         c.head = opts.bool_or("head", false)?;
+        c.embedding = opts.bool_or("embed", false)?;
         c.skip = opts
             .get("skip")
             .map(|s| {

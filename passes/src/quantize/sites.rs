@@ -129,3 +129,42 @@ mod tests {
         assert!(glob("*.0/*", "layers.0/q"));
     }
 }
+
+/// A lookup table: `Gather(T, ids)` on axis 0 of a constant f32 table `T [V, d]` (the token
+/// embedding).
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub node: NodeId,
+    pub table: ValueId,
+    /// Entries (rows) and width.
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Every Gather of a constant 2-d f32 table along axis 0, in node order.
+pub fn tables(graph: &Graph) -> Vec<Table> {
+    graph
+        .node_order()
+        .iter()
+        .filter_map(|&id| {
+            let node = graph.node(id);
+            if !node.is_default_domain() || node.op_type != "Gather" {
+                return None;
+            }
+            if node.attr_int("axis").unwrap_or(0) != 0 {
+                return None;
+            }
+            let t = node.input(0)?;
+            let tensor = graph.const_tensor(t)?;
+            if tensor.dtype != perqc_ir::DType::F32 || tensor.dims.len() != 2 {
+                return None;
+            }
+            Some(Table {
+                node: id,
+                table: t,
+                rows: tensor.dims[0] as usize,
+                cols: tensor.dims[1] as usize,
+            })
+        })
+        .collect()
+}

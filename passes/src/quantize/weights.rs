@@ -367,6 +367,78 @@ pub fn write_nbits(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), St
         .map_err(|e| e.to_string())
 }
 
+/// Replaces the table `Gather` reads by `DequantizeLinear` of its codes: `q` is the table
+/// as rows x cols (entries x width), scales per entry (`axis = 0`) or per group of `g`
+/// along the width (`axis = 1, block_size = g`). Integer formats only (an FP4 table would
+/// need the decode of `write_fp4` in front of a Gather; not done).
+pub fn write_table(graph: &mut Graph, t: &super::sites::Table, q: &QWeight) -> Result<(), String> {
+    if !matches!(q.spec.format, Format::Int | Format::MxInt8) {
+        return Err(format!(
+            "an embedding table is quantized to integers, not {}",
+            q.spec
+        ));
+    }
+    let (v, d) = (t.rows, t.cols);
+    let dtype = code_dtype(q);
+    let base = graph.value(t.table).name.clone();
+    let groups = d / q.group;
+    let (dims, axis, block): (Vec<i64>, Option<i64>, Option<i64>) = match q.spec.granularity {
+        Granularity::Tensor => (vec![], None, None),
+        _ if groups == 1 => (vec![v as i64], Some(0), None),
+        _ => (vec![v as i64, groups as i64], Some(1), Some(q.group as i64)),
+    };
+    let pick = |x: &[f32]| -> Vec<f32> {
+        match q.spec.granularity {
+            Granularity::Tensor => vec![x[0]],
+            _ => x.to_vec(),
+        }
+    };
+    let codes = add(
+        graph,
+        &format!("{base}.q"),
+        code_tensor(vec![v as i64, d as i64], &q.codes, dtype)?,
+    )?;
+    let scale = add(
+        graph,
+        &format!("{base}.scale"),
+        Tensor::from_slice(dims.clone(), &pick(&q.scales)),
+    )?;
+    let zp = match &q.zero_points {
+        Some(z) => {
+            let z = match q.spec.granularity {
+                Granularity::Tensor => vec![z[0]],
+                _ => z.clone(),
+            };
+            Some(add(
+                graph,
+                &format!("{base}.zero_point"),
+                code_tensor(dims, &z, dtype)?,
+            )?)
+        }
+        None => None,
+    };
+    let mut spec =
+        NodeSpec::new("DequantizeLinear").named(&graph.fresh_name(&format!("{base}/dq")));
+    if let Some(a) = axis {
+        spec = spec.attr("axis", AttrValue::Int(a));
+    }
+    if let Some(b) = block {
+        spec = spec.attr("block_size", AttrValue::Int(b));
+    }
+    let out = graph.fresh_name(&format!("{base}.dequantized"));
+    graph
+        .insert_node_before(
+            t.node,
+            spec,
+            &[Some(codes), Some(scale), zp],
+            &[out.as_str()],
+        )
+        .map_err(|e| e.to_string())?;
+    let w = graph.find(&out).expect("just defined");
+    graph.set_input(t.node, 0, Some(w));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::transposed;
