@@ -54,6 +54,8 @@ ap.add_argument("--out", default=None, help="markdown file to write (default doc
 ap.add_argument("--perqc", default=None)
 ap.add_argument("--native", action="store_true", help="also score each file with perqc eval")
 ap.add_argument("--keep", default=None, help="keep the compiled models in this folder")
+ap.add_argument("--update", action="store_true",
+                help="replace only the rows run (by name) in the existing --out table, noting the commit")
 a = ap.parse_args()
 
 if a.list:
@@ -165,7 +167,25 @@ table = "\n".join(lines)
 print()
 print(table)
 
-if out_md != "-":
+if out_md != "-" and a.update and os.path.exists(out_md):
+    # Replace the rows run, by their first cell; note where they came from.
+    text = open(out_md).read().splitlines()
+    fresh = {l.split("|")[1].strip(): l for l in lines[2:]}
+    done = set()
+    for i, l in enumerate(text):
+        name = l.split("|")[1].strip() if l.startswith("| ") else None
+        if name in fresh:
+            text[i] = fresh[name]
+            done.add(name)
+    text += [fresh[n] for n in fresh if n not in done]
+    text.append("")
+    text.append(f"Rows re-measured by `results.py --update --rows {a.rows}`: {', '.join(fresh)}; {header}")
+    tmp = out_md + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(text) + "\n")
+    os.replace(tmp, out_md)
+    print(f"\nupdated {out_md}")
+elif out_md != "-":
     md = f"""# Results: W4A4 PeRQ on SmolLM2-135M
 
 Produced by `python3 scripts/bench/results.py` (this file is written by it; edit the script, not
