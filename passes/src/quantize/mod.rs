@@ -328,14 +328,17 @@ impl Quantizer {
                 .map_err(|e| format!("{}: {e}", self.sites[i].name))
             })
             .collect::<Result<_, _>>()?;
-        let deq: Vec<Array2<f32>> = quantized.par_iter().map(|q| q.dequantize()).collect();
-
         // The clip ratio, on the sampled rows of the input.
         let samples = calib
-            .filter(|_| self.config.clip_search)
+            .filter(|_| self.config.clip_search && group.act.is_some())
             .and_then(|c| c.get(&group.input))
             .map(|s| s.samples())
             .filter(|x| x.nrows() > 0);
+        // Dequantized copies only for the search (a quantized LM head is 113 MB of them).
+        let deq: Vec<Array2<f32>> = match samples {
+            Some(_) => quantized.par_iter().map(|q| q.dequantize()).collect(),
+            None => Vec::new(),
+        };
         let mut output_sqnr = vec![None; floats.len()];
         if let (Some(x), Some(act)) = (samples, &group.act) {
             let linears: Vec<_> = floats
@@ -357,11 +360,11 @@ impl Quantizer {
 
         let group = &self.groups[g];
         let mut reports = Vec::with_capacity(group.sites.len());
-        for (((&i, q), (w, d)), out) in group
+        for (((&i, q), w), out) in group
             .sites
             .iter()
             .zip(&quantized)
-            .zip(floats.iter().zip(&deq))
+            .zip(&floats)
             .zip(output_sqnr)
         {
             let site = &self.sites[i];
@@ -375,10 +378,7 @@ impl Quantizer {
                 k: site.k,
                 n: site.n,
                 rounding: self.config.rounding,
-                weight_sqnr: perqc_quant::sqnr_db(
-                    w.as_slice().expect("standard"),
-                    d.as_slice().expect("standard"),
-                ),
+                weight_sqnr: weight_sqnr(w, q),
                 output_sqnr: out,
                 clip: group.act.as_ref().map(|a| a.quant.clip),
             });
@@ -435,6 +435,25 @@ impl Quantizer {
         model.metadata.retain(|(k, _)| k != QUANTIZED_KEY);
         model.metadata.push((QUANTIZED_KEY.to_string(), text));
         Ok(())
+    }
+}
+
+/// SQNR (dB) of `q` against the float weight `w` (`[N, K]`), row by row without a
+/// dequantized copy.
+fn weight_sqnr(w: &Array2<f32>, q: &QWeight) -> f64 {
+    let (signal, noise) = (0..w.nrows())
+        .into_par_iter()
+        .map(|r| {
+            w.row(r).iter().enumerate().fold((0f64, 0f64), |(s, n), (c, &x)| {
+                let e = (x - q.value(r, c)) as f64;
+                (s + (x as f64) * (x as f64), n + e * e)
+            })
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    if noise == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (signal / noise).log10()
     }
 }
 
