@@ -322,6 +322,9 @@ pub fn run(
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     summary.rounding += t.elapsed();
+    // The last stage's session and the float weights are gone: give their memory back
+    // before the embedding table (if asked for) is quantized.
+    perqc_runtime::trim_allocator();
     q.finish(model).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(summary)
 }

@@ -444,10 +444,13 @@ fn weight_sqnr(w: &Array2<f32>, q: &QWeight) -> f64 {
     let (signal, noise) = (0..w.nrows())
         .into_par_iter()
         .map(|r| {
-            w.row(r).iter().enumerate().fold((0f64, 0f64), |(s, n), (c, &x)| {
-                let e = (x - q.value(r, c)) as f64;
-                (s + (x as f64) * (x as f64), n + e * e)
-            })
+            w.row(r)
+                .iter()
+                .enumerate()
+                .fold((0f64, 0f64), |(s, n), (c, &x)| {
+                    let e = (x - q.value(r, c)) as f64;
+                    (s + (x as f64) * (x as f64), n + e * e)
+                })
         })
         .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     if noise == 0.0 {
