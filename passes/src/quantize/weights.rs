@@ -15,7 +15,7 @@
 
 use super::sites::Site;
 use ndarray::Array2;
-use perqc_ir::{AttrValue, DType, Graph, NodeSpec, Tensor, ValueId};
+use perqc_ir::{AttrValue, DType, Graph, NodeId, NodeSpec, Tensor, ValueId};
 use perqc_quant::{Format, Granularity, QWeight};
 
 /// The float weight of `site` as `[N, K]` (rows = output channels), the layout quantizers
@@ -217,38 +217,62 @@ fn write_fp4(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), String> 
     read_weight(graph, site, w)
 }
 
-/// Replaces `site`'s weight by `DequantizeLinear(codes, scale, zp)` (see the module doc).
-/// The original initializer stays while something else reads it (a tied embedding).
-pub fn write_qdq(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), String> {
-    if matches!(q.spec.format, Format::Fp4 | Format::MxFp4) {
-        return write_fp4(graph, site, q);
-    }
-    let (k, n) = (site.k, site.n);
-    debug_assert_eq!((q.rows, q.cols), (n, k));
+/// `DequantizeLinear` of `q` (integer codes, `rows x cols` = output channels x inputs),
+/// inserted before node `before`; returns its result. `transpose`: stored as `[cols,
+/// rows]` (a linear's `[K, N]`: scales on axis 1, groups blocked along axis 0), else as
+/// `[rows, cols]` (a table: scales on axis 0, groups blocked along axis 1). Per tensor: a
+/// scalar scale.
+fn dequantize_node(
+    graph: &mut Graph,
+    before: NodeId,
+    base: &str,
+    q: &QWeight,
+    transpose: bool,
+) -> Result<ValueId, String> {
+    let (rows, cols, g) = (q.rows, q.cols, q.group);
+    let groups = cols / g;
     let dtype = code_dtype(q);
-    let base = graph.value(site.weight).name.clone();
-    let codes = code_tensor(vec![k as i64, n as i64], &transposed(&q.codes, n, k), dtype)?;
-    let groups = k / q.group;
-    // Scales (and zero points) as the DequantizeLinear layout wants them.
-    let (dims, axis, block): (Vec<i64>, Option<i64>, Option<i64>) = match q.spec.granularity {
-        Granularity::Tensor => (vec![], None, None),
-        _ if groups == 1 => (vec![n as i64], Some(1), None),
-        _ => (vec![groups as i64, n as i64], Some(0), Some(q.group as i64)),
-    };
-    let pick = |v: &[f32]| -> Vec<f32> {
-        match q.spec.granularity {
-            Granularity::Tensor => vec![v[0]],
-            _ => transposed(v, n, groups),
+    // Codes, and scales / zero points (`rows x groups` in `q`) in the stored layout.
+    let layout = |v: &[i16], r: usize, c: usize| {
+        if transpose {
+            transposed(v, r, c)
+        } else {
+            v.to_vec()
         }
     };
-    let scale = Tensor::from_slice(dims.clone(), &pick(&q.scales));
-    let codes_v = add(graph, &format!("{base}.q"), codes)?;
-    let scale_v = add(graph, &format!("{base}.scale"), scale)?;
+    let (code_dims, codes) = if transpose {
+        (vec![cols as i64, rows as i64], layout(&q.codes, rows, cols))
+    } else {
+        (vec![rows as i64, cols as i64], q.codes.clone())
+    };
+    let (dims, axis, block): (Vec<i64>, Option<i64>, Option<i64>) = match q.spec.granularity {
+        Granularity::Tensor => (vec![], None, None),
+        _ if groups == 1 => (vec![rows as i64], Some(transpose as i64), None),
+        _ if transpose => (vec![groups as i64, rows as i64], Some(0), Some(g as i64)),
+        _ => (vec![rows as i64, groups as i64], Some(1), Some(g as i64)),
+    };
+    let tensor = q.spec.granularity == Granularity::Tensor;
+    let scales: Vec<f32> = match (tensor, transpose) {
+        (true, _) => vec![q.scales[0]],
+        (false, true) => transposed(&q.scales, rows, groups),
+        (false, false) => q.scales.clone(),
+    };
+    let codes_v = add(
+        graph,
+        &format!("{base}.q"),
+        code_tensor(code_dims, &codes, dtype)?,
+    )?;
+    let scale_v = add(
+        graph,
+        &format!("{base}.scale"),
+        Tensor::from_slice(dims.clone(), &scales),
+    )?;
     let zp_v = match &q.zero_points {
         Some(zp) => {
-            let zp = match q.spec.granularity {
-                Granularity::Tensor => vec![zp[0]],
-                _ => transposed(zp, n, groups),
+            let zp = if tensor {
+                vec![zp[0]]
+            } else {
+                layout(zp, rows, groups)
             };
             Some(add(
                 graph,
@@ -269,13 +293,24 @@ pub fn write_qdq(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), Stri
     let out = graph.fresh_name(&format!("{base}.dequantized"));
     graph
         .insert_node_before(
-            site.node,
+            before,
             spec,
             &[Some(codes_v), Some(scale_v), zp_v],
             &[out.as_str()],
         )
         .map_err(|e| e.to_string())?;
-    let w = graph.find(&out).expect("just defined");
+    Ok(graph.find(&out).expect("just defined"))
+}
+
+/// Replaces `site`'s weight by `DequantizeLinear(codes, scale, zp)` (see the module doc).
+/// The original initializer stays while something else reads it (a tied embedding).
+pub fn write_qdq(graph: &mut Graph, site: &Site, q: &QWeight) -> Result<(), String> {
+    if matches!(q.spec.format, Format::Fp4 | Format::MxFp4) {
+        return write_fp4(graph, site, q);
+    }
+    debug_assert_eq!((q.rows, q.cols), (site.n, site.k));
+    let base = graph.value(site.weight).name.clone();
+    let w = dequantize_node(graph, site.node, &base, q, true)?;
     read_weight(graph, site, w)
 }
 
@@ -378,63 +413,9 @@ pub fn write_table(graph: &mut Graph, t: &super::sites::Table, q: &QWeight) -> R
             q.spec
         ));
     }
-    let (v, d) = (t.rows, t.cols);
-    let dtype = code_dtype(q);
+    debug_assert_eq!((q.rows, q.cols), (t.rows, t.cols));
     let base = graph.value(t.table).name.clone();
-    let groups = d / q.group;
-    let (dims, axis, block): (Vec<i64>, Option<i64>, Option<i64>) = match q.spec.granularity {
-        Granularity::Tensor => (vec![], None, None),
-        _ if groups == 1 => (vec![v as i64], Some(0), None),
-        _ => (vec![v as i64, groups as i64], Some(1), Some(q.group as i64)),
-    };
-    let pick = |x: &[f32]| -> Vec<f32> {
-        match q.spec.granularity {
-            Granularity::Tensor => vec![x[0]],
-            _ => x.to_vec(),
-        }
-    };
-    let codes = add(
-        graph,
-        &format!("{base}.q"),
-        code_tensor(vec![v as i64, d as i64], &q.codes, dtype)?,
-    )?;
-    let scale = add(
-        graph,
-        &format!("{base}.scale"),
-        Tensor::from_slice(dims.clone(), &pick(&q.scales)),
-    )?;
-    let zp = match &q.zero_points {
-        Some(z) => {
-            let z = match q.spec.granularity {
-                Granularity::Tensor => vec![z[0]],
-                _ => z.clone(),
-            };
-            Some(add(
-                graph,
-                &format!("{base}.zero_point"),
-                code_tensor(dims, &z, dtype)?,
-            )?)
-        }
-        None => None,
-    };
-    let mut spec =
-        NodeSpec::new("DequantizeLinear").named(&graph.fresh_name(&format!("{base}/dq")));
-    if let Some(a) = axis {
-        spec = spec.attr("axis", AttrValue::Int(a));
-    }
-    if let Some(b) = block {
-        spec = spec.attr("block_size", AttrValue::Int(b));
-    }
-    let out = graph.fresh_name(&format!("{base}.dequantized"));
-    graph
-        .insert_node_before(
-            t.node,
-            spec,
-            &[Some(codes), Some(scale), zp],
-            &[out.as_str()],
-        )
-        .map_err(|e| e.to_string())?;
-    let w = graph.find(&out).expect("just defined");
+    let w = dequantize_node(graph, t.node, &base, q, false)?;
     graph.set_input(t.node, 0, Some(w));
     Ok(())
 }
