@@ -14,9 +14,9 @@
 //! two), `signs=SEED` (randomized `H · diag(s)`). Counters: `regions-rotated`,
 //! `nodes-inserted`.
 
-use crate::regions::{RegionKind, Regions};
+use crate::regions::{Region, RegionKind, Regions};
 use crate::transform::{self, ChannelOp, Placement};
-use perqc_ir::{Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
+use perqc_ir::{Graph, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
 
 #[derive(Debug)]
 pub struct OnlineHadamard {
@@ -42,6 +42,19 @@ impl OnlineHadamard {
     }
 }
 
+/// Puts the block Hadamard of `block` channels (`None`: the whole width) in front of one
+/// region's sinks, its transpose folded into them.
+pub fn rotate_region(
+    graph: &mut Graph,
+    region: &Region,
+    block: Option<usize>,
+    signs: Option<u64>,
+) -> Result<transform::Applied, String> {
+    let op = ChannelOp::hadamard(region.dim, block.unwrap_or(region.dim), signs)
+        .map_err(|e| e.to_string())?;
+    transform::apply(graph, region, &op, Placement::Online)
+}
+
 impl Pass for OnlineHadamard {
     fn name(&self) -> &'static str {
         Self::NAME
@@ -62,12 +75,13 @@ impl Pass for OnlineHadamard {
                 continue;
             }
             let what = format!("region #{i} (mlp, d = {})", region.dim);
-            let op = ChannelOp::hadamard(region.dim, self.block.unwrap_or(region.dim), self.signs)
+            // A block that does not fit is an error; a region that refuses is a note.
+            ChannelOp::hadamard(region.dim, self.block.unwrap_or(region.dim), self.signs)
                 .map_err(|e| PassError::msg(format!("online-hadamard: {what}: {e}")))?;
             if !ctx.rewrite() {
                 break;
             }
-            match transform::apply(&mut model.graph, region, &op, Placement::Online) {
+            match rotate_region(&mut model.graph, region, self.block, self.signs) {
                 Ok(a) => {
                     rotated += 1;
                     nodes += a.online_nodes as u64;

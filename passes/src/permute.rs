@@ -18,7 +18,7 @@ use crate::calibration::Calibration;
 use crate::permutation::{PermuteMethod, permutation_from};
 use crate::regions::{Region, RegionKind, Regions};
 use crate::transform::{self, ChannelOp, Placement};
-use perqc_ir::{Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
+use perqc_ir::{Graph, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
 
 #[derive(Debug)]
 pub struct Permute {
@@ -68,12 +68,23 @@ impl Permute {
 pub fn calibration_values(regions: &Regions, kinds: &[RegionKind]) -> Vec<String> {
     let mut out = Vec::new();
     for r in regions.regions.iter().filter(|r| kinds.contains(&r.kind)) {
-        for e in &r.sinks {
-            if let Some((_, v)) = e.activation {
-                let name = r.activation_name(v).to_string();
-                if !out.contains(&name) {
-                    out.push(name);
-                }
+        for name in sink_activations(r) {
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
+/// The activations one region's sinks read (whose statistics choose its permutation).
+pub fn sink_activations(region: &Region) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in &region.sinks {
+        if let Some((_, v)) = e.activation {
+            let name = region.activation_name(v).to_string();
+            if !out.contains(&name) {
+                out.push(name);
             }
         }
     }
@@ -121,6 +132,20 @@ fn block_spread(mass: &[f64], b: usize) -> f64 {
 }
 
 impl Permute {
+    /// Permutations of the mlp regions by `method`, in blocks of `block`.
+    pub fn mlp(method: PermuteMethod, block: usize) -> Permute {
+        Permute {
+            method,
+            block,
+            kinds: vec![RegionKind::Mlp],
+        }
+    }
+
+    /// The method choosing the permutations.
+    pub fn method(&self) -> PermuteMethod {
+        self.method
+    }
+
     /// The permutation of one region: per group (key/value head) if it has heads.
     fn choose(&self, region: &Region, calib: Option<&Calibration>) -> Result<ChannelOp, String> {
         let (mean, max) = if self.method.uses_statistics() {
@@ -142,6 +167,52 @@ impl Permute {
             perm.extend(p.into_iter().map(|i| i + g * group));
         }
         Ok(ChannelOp::Permutation(perm))
+    }
+
+    /// Chooses one region's permutation and folds it into the region's weights (the region
+    /// must admit permutations: [`Region::why_not`]). Returns what the mechanism did and,
+    /// for a calibrated method on a region without heads, the block mass spread (max /
+    /// mean block mass) before and after.
+    pub fn apply_region(
+        &self,
+        graph: &mut Graph,
+        region: &Region,
+        calib: Option<&Calibration>,
+    ) -> Result<(transform::Applied, Option<(f64, f64)>), String> {
+        let op = self.choose(region, calib)?;
+        let mut spread = None;
+        if let (Some(c), ChannelOp::Permutation(perm)) = (calib, &op)
+            && self.method.uses_statistics()
+            && region.heads.is_none()
+            && let Ok((mean, _)) = masses(region, c)
+        {
+            let after: Vec<f64> = perm.iter().map(|&i| mean[i]).collect();
+            spread = Some((
+                block_spread(&mean, self.block),
+                block_spread(&after, self.block),
+            ));
+        }
+        let a = transform::apply(graph, region, &op, Placement::Fold)?;
+        Ok((a, spread))
+    }
+
+    /// The note on the block mass spread over the regions permuted (`None` if none).
+    pub fn spread_note(&self, spread: &[(f64, f64)]) -> Option<String> {
+        if spread.is_empty() {
+            return None;
+        }
+        let n = spread.len() as f64;
+        let (b, a) = spread
+            .iter()
+            .fold((0.0, 0.0), |(x, y), (p, q)| (x + p, y + q));
+        Some(format!(
+            "{}: max / mean mass of a block of {}: {:.2} before, {:.2} after (mean over {} regions)",
+            self.method,
+            self.block,
+            b / n,
+            a / n,
+            spread.len()
+        ))
     }
 }
 
@@ -172,25 +243,13 @@ impl Pass for Permute {
                 ctx.note(format!("{what}: no permutation: {why}"));
                 continue;
             }
-            let op = self
-                .choose(region, calib.as_ref())
-                .map_err(|e| PassError::msg(format!("permute: {what}: {e}")))?;
-            if let (Some(c), ChannelOp::Permutation(perm)) = (calib.as_ref(), &op)
-                && self.method.uses_statistics()
-                && region.heads.is_none()
-                && let Ok((mean, _)) = masses(region, c)
-            {
-                let after: Vec<f64> = perm.iter().map(|&i| mean[i]).collect();
-                spread.push((
-                    block_spread(&mean, self.block),
-                    block_spread(&after, self.block),
-                ));
-            }
             if !ctx.rewrite() {
                 break;
             }
-            let a = transform::apply(&mut model.graph, region, &op, Placement::Fold)
+            let (a, s) = self
+                .apply_region(&mut model.graph, region, calib.as_ref())
                 .map_err(|e| PassError::msg(format!("permute: {what}: {e}")))?;
+            spread.extend(s);
             if a != transform::Applied::default() {
                 permuted += 1;
                 total += a;
@@ -199,19 +258,8 @@ impl Pass for Permute {
         if permuted > 0 {
             transform::record_applied(model, Self::NAME);
         }
-        if !spread.is_empty() {
-            let n = spread.len() as f64;
-            let (b, a) = spread
-                .iter()
-                .fold((0.0, 0.0), |(x, y), (p, q)| (x + p, y + q));
-            ctx.note(format!(
-                "{}: max / mean mass of a block of {}: {:.2} before, {:.2} after (mean over {} regions)",
-                self.method,
-                self.block,
-                b / n,
-                a / n,
-                spread.len()
-            ));
+        if let Some(note) = self.spread_note(&spread) {
+            ctx.note(note);
         }
         Ok(PassOutcome::from_changed(permuted > 0)
             .with("regions-permuted", permuted)

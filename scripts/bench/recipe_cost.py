@@ -16,7 +16,8 @@ and, with --baseline, the compile command of another perqc build; with --quantiz
 
   quantize:      perqc MODEL -o OUT --calib-text TEXT --tokenizer TOK   (the default W4A4 recipe:
                  GPTQ and the clip search; goal <= 3x eval)
-  quantize rtn:  the same with --rounding rtn (goal <= 1.5x eval)
+  quantize rtn:  the same with --rounding rtn (the clip search on; goal <= 1.5x eval)
+  quantize rtn noclip:  --rounding rtn --clip none (RTN as the reference runs it)
  The order alternates from
 round to round (eval first, then compile first) so that a drift of a shared machine's load
 hits both alike. Before every run the model file is read once, so that no run pays for
@@ -91,11 +92,12 @@ def detail(kind, out):
         m = re.search(r"seconds=([0-9.]+)", out)
         p = re.search(r"ppl=([0-9.]+)", out)
         return f"scoring {m.group(1)} s, ppl {p.group(1)}" if m and p else ""
-    c = re.search(r"calibration: ([0-9.]+)(m?s)", out)
+    c = re.search(r"calibration:? ([0-9.]+)(m?s)", out)
     s = re.search(r"passes run: .*\(([0-9.]+)(m?s)\)", out)
     w = re.search(r"save ([0-9.]+)(m?s)", out)
+    q = re.search(r"rounding ([0-9.]+)(m?s)", out)
     sec = lambda m: float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
-    parts = [f"{name} {sec(m):.2f} s" for name, m in (("calibration", c), ("passes", s), ("save", w)) if m]
+    parts = [f"{name} {sec(m):.2f} s" for name, m in (("calibration", c), ("passes", s), ("rounding", q), ("save", w)) if m]
     return ", ".join(parts)
 
 
@@ -114,6 +116,9 @@ if a.quantize:
     commands["quantize"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.q.onnx")] + calib
     commands["quantize rtn"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.rtn.onnx"),
                                 "--rounding", "rtn"] + calib
+    # RTN as the reference implementation runs it: no activation clip search.
+    commands["quantize rtn noclip"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.rtn-noclip.onnx"),
+                                       "--rounding", "rtn", "--clip", "none"] + calib
 if a.baseline:
     commands["baseline compile"] = [a.baseline, model, "-o", os.path.join(out_dir, "smollm2.baseline.nq.onnx"),
                                     "--no-quantize", "--calib-text", text, "--tokenizer", tok]
@@ -138,7 +143,7 @@ for r in range(a.rounds):
     for k in order:
         wall, rss, out = run(commands[k])
         results[k].append((wall, rss))
-        print(f"round {r + 1} {k:17} {wall:7.2f} s  peak RSS {rss / 1024:7.1f} MiB  {detail(k.split()[-1], out)}",
+        print(f"round {r + 1} {k:19} {wall:7.2f} s  peak RSS {rss / 1024:7.1f} MiB  {detail(k.split()[-1], out)}",
               flush=True)
 
 print(f"\nload average at end {os.getloadavg()[0]:.2f}; medians over {a.rounds} rounds:")

@@ -206,8 +206,15 @@ fn compile(args: CompileArgs) -> Result<()> {
     } else {
         None
     };
+    // With a calibrating quantizer (GPTQ, clip search) the calibrated mlp permutation and
+    // its online Hadamard are applied layer by layer from the quantizers' forward pass
+    // instead of a calibration pass of their own.
+    let layerwise = quant_config
+        .as_ref()
+        .filter(|c| c.rounding == perqc_passes::quantize::Rounding::Gptq || c.clip_search)
+        .and_then(|_| args.recipe.layerwise());
     let passes = match &args.passes {
-        None => args.recipe.pipeline(&mut notes),
+        None => args.recipe.pipeline(&mut notes, layerwise.is_some()),
         Some(p) => p.clone(),
     };
     let mut pipeline = registry
@@ -239,10 +246,11 @@ fn compile(args: CompileArgs) -> Result<()> {
         }
         let t = Instant::now();
         // The calibration session copies the weights; their mapped pages go back as it does.
-        if let Some(c) = args
-            .recipe
-            .calibrate(&model, &|t| files.release(t))
-            .with_context(|| input.display().to_string())?
+        if layerwise.is_none()
+            && let Some(c) = args
+                .recipe
+                .calibrate(&model, &|t| files.release(t))
+                .with_context(|| input.display().to_string())?
         {
             notes.push(format!("calibrated on {}", c.source()));
             calib_time = Some(t.elapsed());
@@ -275,9 +283,13 @@ fn compile(args: CompileArgs) -> Result<()> {
     if let Some(config) = quant_config {
         drop(manager);
         perqc_runtime::trim_allocator();
-        let s = quant::run(&mut model, config, &args.recipe.calib, &|t| {
-            files.release(t)
-        })
+        let s = quant::run(
+            &mut model,
+            config,
+            &args.recipe.calib,
+            layerwise.as_ref(),
+            &|t| files.release(t),
+        )
         .with_context(|| format!("{}: quantizing", input.display()))?;
         if let Some(path) = &args.quant.report {
             quant::write_report(path, &s.reports)?;
@@ -324,6 +336,9 @@ fn compile(args: CompileArgs) -> Result<()> {
             eprintln!("calibration: {t:.2?}");
         }
         if let Some(q) = &quant_summary {
+            for n in &q.notes {
+                eprintln!("note: {n}");
+            }
             eprint!("{}", quant::summary_text(q));
         }
         if saved.forced_external {

@@ -9,7 +9,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use perqc_ir::Model;
 use perqc_ops::quant::TokenQuant;
+use perqc_passes::permute::Permute;
 use perqc_passes::quantize::{QuantConfig, Quantizer, Rounding, SiteReport, Target};
+use perqc_passes::regions::{Region, RegionKind, Regions, TransformKind};
 use perqc_quant::{Format, Granularity, ScaleSearch};
 use perqc_runtime::StatsOptions;
 use std::io::IsTerminal;
@@ -215,6 +217,27 @@ impl QuantArgs {
 /// Rows the clip search samples per quantizer.
 const CLIP_ROWS: usize = 256;
 
+/// The mlp transforms of the recipe that read calibration statistics (the permutation and
+/// the online block Hadamard behind it), applied by the driver region by region as the
+/// staged calibration reaches each region, instead of by a calibration pass of their own
+/// before the pipeline: the statistics come from the same forward pass as the quantizers',
+/// on the already-quantized prefix.
+pub struct LayerwiseMlp {
+    pub permute: Permute,
+    /// Block of the online Hadamard (the permutation's blocks).
+    pub block: usize,
+}
+
+/// One mlp region waiting for its transforms.
+struct Pending {
+    region: Region,
+    /// What its sinks read: the permutation's statistics.
+    watch: Vec<String>,
+    /// The first group (by index) that quantizes one of its sources, if any: the region is
+    /// transformed after that group's stage (before its weights are rounded).
+    group: Option<usize>,
+}
+
 /// What the driver did.
 pub struct QuantSummary {
     pub reports: Vec<SiteReport>,
@@ -223,6 +246,8 @@ pub struct QuantSummary {
     pub runs: usize,
     /// The most memory the values kept between calibration stages held.
     pub stage_bytes: usize,
+    /// What the layer-by-layer mlp transforms did (notes).
+    pub notes: Vec<String>,
 }
 
 /// Quantizes `model` (canonical, transforms applied) by `config`, calibrating on `calib`
@@ -232,18 +257,37 @@ pub fn run(
     model: &mut Model,
     config: QuantConfig,
     calib_args: &CalibArgs,
+    layerwise: Option<&LayerwiseMlp>,
     release: &dyn Fn(&perqc_ir::Tensor),
 ) -> Result<QuantSummary> {
+    // The regions before any quantizer is in (the analysis reads float linears).
+    let mut pending = match layerwise {
+        Some(_) => mlp_regions(model)?,
+        None => Vec::new(),
+    };
     let mut q = Quantizer::new(model, config.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for p in &mut pending {
+        p.group = q.groups.iter().position(|g| {
+            g.sites
+                .iter()
+                .any(|&i| p.region.sources.iter().any(|e| e.node == q.sites[i].node))
+        });
+    }
     let mut summary = QuantSummary {
         reports: Vec::new(),
         calibration: Default::default(),
         rounding: Default::default(),
         runs: 0,
         stage_bytes: 0,
+        notes: Vec::new(),
     };
     let all: Vec<usize> = (0..q.groups.len()).collect();
     let needs_data = config.rounding == Rounding::Gptq || config.clip_search;
+    if layerwise.is_some() && !needs_data {
+        bail!(
+            "layer-by-layer mlp transforms need a calibrating configuration (GPTQ or the clip search)"
+        );
+    }
     if !needs_data {
         let t = Instant::now();
         summary.reports = q
@@ -265,8 +309,40 @@ pub fn run(
     };
     let mut staged = Staged::new(model, calib_args)?;
     let progress = std::io::stderr().is_terminal();
+    let mut spread = Vec::new();
+    let mut transformed = 0usize;
+    // Regions no group quantizes a source of: transformed from a stage of their own first.
+    let alone: Vec<usize> = (0..pending.len())
+        .filter(|&p| pending[p].group.is_none())
+        .collect();
+    if let Some(layerwise) = layerwise
+        && !alone.is_empty()
+    {
+        let watch: Vec<(String, StatsOptions)> = alone
+            .iter()
+            .flat_map(|&p| pending[p].watch.clone())
+            .map(|n| (n, StatsOptions::default()))
+            .collect();
+        let names: Vec<String> = watch.iter().map(|w| w.0.clone()).collect();
+        let c = staged
+            .run(model, &watch, &names, release)
+            .context("calibrating the mlp permutations")?;
+        for &p in &alone {
+            transformed += transform_region(
+                model,
+                &pending[p],
+                layerwise,
+                &c,
+                &mut spread,
+                &mut summary.notes,
+            )?;
+        }
+        staged.forget(model, &names);
+        summary.runs += 1;
+    }
     let n = q.groups.len();
     for g in 0..n {
+        q.prepare(model, g).map_err(|e| anyhow::anyhow!("{e}"))?;
         let group = &q.groups[g];
         let mut watch = Vec::new();
         if config.rounding == Rounding::Gptq {
@@ -275,17 +351,29 @@ pub fn run(
         if config.clip_search && group.act.is_some() {
             watch.push((group.input.clone(), samples.clone()));
         }
+        // The mlp regions this group feeds: their sinks' inputs, computed with this
+        // group's weights still float (they are permuted before they are rounded).
+        let regions: Vec<usize> = (0..pending.len())
+            .filter(|&p| pending[p].group == Some(g))
+            .collect();
+        let region_values: Vec<String> = regions
+            .iter()
+            .flat_map(|&p| pending[p].watch.clone())
+            .collect();
+        for v in &region_values {
+            watch.push((v.clone(), StatsOptions::default()));
+        }
         if watch.is_empty() {
             continue;
         }
         let t = Instant::now();
         // With the clip search the quantizer's output is computed again after it (the
-        // ratio changes), so it is not kept.
-        let transient = if config.clip_search && group.act.is_some() {
-            vec![group.output.clone()]
-        } else {
-            Vec::new()
-        };
+        // ratio changes), so it is not kept; nor are the region values (the transforms
+        // change what computes them).
+        let mut transient = region_values.clone();
+        if config.clip_search && group.act.is_some() {
+            transient.push(group.output.clone());
+        }
         let c = staged
             .run(model, &watch, &transient, release)
             .with_context(|| {
@@ -293,6 +381,19 @@ pub fn run(
             })?;
         summary.calibration += t.elapsed();
         summary.runs += 1;
+        if let Some(layerwise) = layerwise {
+            for &p in &regions {
+                transformed += transform_region(
+                    model,
+                    &pending[p],
+                    layerwise,
+                    &c,
+                    &mut spread,
+                    &mut summary.notes,
+                )?;
+            }
+            staged.forget(model, &region_values);
+        }
         let t = Instant::now();
         let r = q
             .quantize(model, &[g], Some(&c))
@@ -314,6 +415,17 @@ pub fn run(
     if progress {
         eprintln!();
     }
+    if let Some(layerwise) = layerwise {
+        if let Some(note) = layerwise.permute.spread_note(&spread) {
+            summary.notes.push(note);
+        }
+        summary.notes.push(format!(
+            "layer by layer: permute ({}) and online-hadamard (block {}) applied to {transformed} of {} mlp regions as calibration reached them",
+            layerwise.permute.method(),
+            layerwise.block,
+            pending.len()
+        ));
+    }
     summary.stage_bytes = staged.peak_bytes;
     // Groups nothing calibrated (none, with the settings above) are rounded without data.
     let t = Instant::now();
@@ -327,6 +439,80 @@ pub fn run(
     perqc_runtime::trim_allocator();
     q.finish(model).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(summary)
+}
+
+/// The mlp regions of `model` (transforms before quantization applied, no quantizer yet),
+/// with what their sinks read.
+fn mlp_regions(model: &Model) -> Result<Vec<Pending>> {
+    let shapes = perqc_ops::infer_model(model).context("shape inference")?;
+    let regions = Regions::find(model, &shapes);
+    Ok(regions
+        .regions
+        .into_iter()
+        .filter(|r| r.kind == RegionKind::Mlp)
+        .map(|region| Pending {
+            watch: perqc_passes::permute::sink_activations(&region),
+            region,
+            group: None,
+        })
+        .collect())
+}
+
+/// Permutes one region by its statistics in `calib` (where it admits a permutation) and
+/// puts the online Hadamard in front of its sinks; returns 1 if the rotation went in (a
+/// refusal is noted, as the pipeline's pass notes it).
+fn transform_region(
+    model: &mut Model,
+    p: &Pending,
+    layerwise: &LayerwiseMlp,
+    calib: &perqc_passes::calibration::Calibration,
+    spread: &mut Vec<(f64, f64)>,
+    notes: &mut Vec<String>,
+) -> Result<usize> {
+    let mut region = std::borrow::Cow::Borrowed(&p.region);
+    match region.why_not(TransformKind::Permutation) {
+        Some(why) => notes.push(format!(
+            "an mlp region (d = {}): no permutation: {why}",
+            region.dim
+        )),
+        None => {
+            let (a, s) = layerwise
+                .permute
+                .apply_region(&mut model.graph, &region, Some(calib))
+                .map_err(|e| anyhow::anyhow!("permuting an mlp region: {e}"))?;
+            spread.extend(s);
+            if a.untied > 0 {
+                // A shared weight got its own copy: the region's endpoints are read again.
+                let sinks: Vec<_> = region.sinks.iter().map(|e| e.node).collect();
+                let fresh = mlp_regions(model)?
+                    .into_iter()
+                    .find(|r| {
+                        r.region
+                            .sinks
+                            .iter()
+                            .map(|e| e.node)
+                            .eq(sinks.iter().copied())
+                    })
+                    .context("the permuted mlp region is no longer found")?;
+                region = std::borrow::Cow::Owned(fresh.region);
+            }
+        }
+    }
+    match perqc_passes::online_hadamard::rotate_region(
+        &mut model.graph,
+        &region,
+        Some(layerwise.block),
+        None,
+    ) {
+        Ok(_) => Ok(1),
+        Err(why) => {
+            notes.push(format!(
+                "an mlp region (d = {}): no online Hadamard: {why}",
+                region.dim
+            ));
+            Ok(0)
+        }
+    }
 }
 
 /// The per-linear report as JSON.

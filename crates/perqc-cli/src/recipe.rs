@@ -6,11 +6,13 @@
 
 use crate::calib::{self, CalibArgs};
 use crate::corpus::WindowFeeds;
+use crate::quant::LayerwiseMlp;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use perqc_ir::Model;
 use perqc_passes::calibration::Calibration;
 use perqc_passes::permutation::PermuteMethod;
+use perqc_passes::permute::Permute;
 use perqc_passes::regions::{RegionKind, Regions};
 use perqc_runtime::{RtTensor, Session, SessionOptions, StatsOptions};
 use std::path::Path;
@@ -75,8 +77,23 @@ fn parse_block(s: &str) -> Result<Block, String> {
 }
 
 impl RecipeArgs {
-    /// The pass pipeline of the recipe, with notes on what is left out and why.
-    pub fn pipeline(&self, notes: &mut Vec<String>) -> String {
+    /// The calibrated mlp permutation and the online Hadamard behind it, for the quantizing
+    /// driver to apply layer by layer (`None` when the recipe has no calibrated permutation
+    /// or no calibration data).
+    pub fn layerwise(&self) -> Option<LayerwiseMlp> {
+        match self.block_size {
+            Block::Size(b) if self.permutes() && self.calib.given() => Some(LayerwiseMlp {
+                permute: Permute::mlp(self.permute, b),
+                block: b,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The pass pipeline of the recipe, with notes on what is left out and why. With
+    /// `layerwise` the calibrated permutation and the online Hadamard are left to the
+    /// quantizing driver ([`RecipeArgs::layerwise`]).
+    pub fn pipeline(&self, notes: &mut Vec<String>, layerwise: bool) -> String {
         let mut passes = Vec::new();
         let b = match self.block_size {
             Block::Size(b) => b,
@@ -98,7 +115,7 @@ impl RecipeArgs {
                 "no calibration data (--calib-text with --tokenizer, or --calib-ids): the {} permutation is skipped; the rotations need none",
                 self.permute
             ));
-        } else if self.permute != PermuteMethod::Identity {
+        } else if self.permute != PermuteMethod::Identity && !layerwise {
             let method = match self.permute {
                 PermuteMethod::Random { seed } => format!("method=random,seed={seed}"),
                 m => format!("method={m}"),
@@ -112,7 +129,9 @@ impl RecipeArgs {
             passes.push("fold-norms".into());
         }
         self.rotations(&mut passes, b);
-        passes.push(format!("online-hadamard(block={b})"));
+        if !layerwise {
+            passes.push(format!("online-hadamard(block={b})"));
+        }
         passes.join(",")
     }
 

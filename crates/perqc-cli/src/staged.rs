@@ -67,18 +67,30 @@ impl Staged {
         })
     }
 
-    /// Drops computed values by name: the next stage that reads one computes it again.
+    /// Drops computed values by name: the next stage that reads one computes it again, and
+    /// so do the nodes between it and the kept values it is computed from (they no longer
+    /// count as run, so what they read is not evicted).
     pub fn forget(&mut self, model: &Model, names: &[String]) {
-        for n in names {
-            if let Some((node, _)) = model
-                .graph
-                .find(n)
-                .and_then(|v| model.graph.value(v).producer())
-            {
-                self.done.remove(&node);
-            }
-            for w in &mut self.windows {
+        let g = &model.graph;
+        for w in &mut self.windows {
+            for n in names {
                 w.remove(n);
+            }
+        }
+        let mut stack: Vec<NodeId> = names
+            .iter()
+            .filter_map(|n| g.find(n).and_then(|v| g.value(v).producer()).map(|p| p.0))
+            .collect();
+        while let Some(node) = stack.pop() {
+            if !self.done.remove(&node) {
+                continue;
+            }
+            for v in g.node(node).inputs().iter().flatten() {
+                if !self.windows[0].contains_key(&g.value(*v).name)
+                    && let Some((p, _)) = g.value(*v).producer()
+                {
+                    stack.push(p);
+                }
             }
         }
     }

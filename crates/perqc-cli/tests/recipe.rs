@@ -165,6 +165,59 @@ fn default_job_quantizes_and_reports() {
     );
 }
 
+/// With a calibrating quantizer the mlp permutation and its online Hadamard are applied
+/// layer by layer inside the quantizers' forward pass; without one (RTN, no clip search)
+/// by the pipeline after a calibration pass of their own. Both give the same graph: every
+/// transform in, each activation quantizer behind the rotation its linears read.
+#[test]
+fn layer_by_layer_transforms_build_the_pipelines_graph() {
+    let dir = scratch("recipe", "layerwise");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec![
+            s(&fixture("llama_ts.onnx")),
+            "-o".into(),
+            s(&out),
+            "--calib-text".into(),
+            s(&fixture("tiny_text.txt")),
+            "--tokenizer".into(),
+            s(&fixture("tiny_tokenizer.json")),
+            "--calib-seqs".into(),
+            "2".into(),
+            "--calib-len".into(),
+            "64".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, err) = perqc(&refs);
+        assert!(ok, "{err}");
+        let m = perqc_onnx::load(&out).expect("loads").model;
+        // Mul left out: a clip ratio below 1 (searched in one run, not the other) scales
+        // the quantizer's range.
+        let ops: Vec<String> = m
+            .graph
+            .node_order()
+            .iter()
+            .map(|&n| m.graph.node(n).op_type.clone())
+            .filter(|op| op != "Mul")
+            .collect();
+        (ops, err)
+    };
+    let (layerwise, err) = run("layerwise.onnx", &["--rounding", "rtn"]);
+    assert!(
+        err.contains("layer by layer: permute (massdiff) and online-hadamard (block 32) applied to 2 of 2 mlp regions")
+            && !err.contains("permute(method=massdiff"),
+        "{err}"
+    );
+    let (piped, err) = run("piped.onnx", &["--rounding", "rtn", "--clip", "none"]);
+    assert!(
+        err.contains("permute(method=massdiff,block=32)")
+            && err.contains("online-hadamard(block=32)"),
+        "{err}"
+    );
+    assert_eq!(layerwise, piped);
+}
+
 /// Settings that cannot work fail in one line before any work, and write nothing.
 #[test]
 fn quantization_errors_come_first() {

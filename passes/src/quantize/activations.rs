@@ -11,6 +11,7 @@
 use super::sites::Site;
 use ndarray::{Array2, ArrayView2};
 use perqc_ir::{AttrValue, Graph, NodeId, NodeSpec, ValueId};
+use perqc_ops::kernels::linalg::matmul_2d;
 use perqc_ops::quant::{TokenQuant, fake_quantize_rows};
 use std::collections::HashMap;
 
@@ -38,44 +39,61 @@ fn spec(name: &str, q: TokenQuant) -> NodeSpec {
     s
 }
 
-/// Inserts a quantizer per distinct input of `sites` (in order of first reader).
-pub fn insert(graph: &mut Graph, sites: &[Site], q: TokenQuant) -> Result<Vec<ActQuant>, String> {
+/// The sites grouped by the activation they read (in order of first reader): each group
+/// gets one quantizer.
+pub fn groups(sites: &[Site]) -> Vec<Vec<usize>> {
     let mut by_input: HashMap<ValueId, usize> = HashMap::new();
-    let mut acts: Vec<ActQuant> = Vec::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, s) in sites.iter().enumerate() {
         match by_input.get(&s.x) {
-            Some(&a) => acts[a].sites.push(i),
+            Some(&g) => groups[g].push(i),
             None => {
-                by_input.insert(s.x, acts.len());
-                acts.push(ActQuant {
-                    node: s.node, // replaced below
-                    input: s.x,
-                    output: s.x,
-                    sites: vec![i],
-                    quant: q,
-                });
+                by_input.insert(s.x, groups.len());
+                groups.push(vec![i]);
             }
         }
     }
-    for a in &mut acts {
-        let first = a
-            .sites
-            .iter()
-            .map(|&i| sites[i].node)
-            .min_by_key(|&n| graph.order_position(n).unwrap_or(usize::MAX))
-            .expect("at least one site");
-        let xname = graph.value(a.input).name.clone();
-        let out = graph.fresh_name(&format!("{xname}.quantized"));
-        let name = graph.fresh_name(&format!("{xname}/quantize"));
-        a.node = graph
-            .insert_node_before(first, spec(&name, q), &[Some(a.input)], &[out.as_str()])
-            .map_err(|e| e.to_string())?;
-        a.output = graph.find(&out).expect("just defined");
-        for &i in &a.sites {
-            graph.set_input(sites[i].node, 0, Some(a.output));
-        }
+    groups
+}
+
+/// Inserts the quantizer of one group: before the first of its linears, on the activation
+/// they read now (an exact transform applied since the grouping may have put a node in
+/// front of them; they still share their input).
+pub fn insert(
+    graph: &mut Graph,
+    sites: &[Site],
+    group: &[usize],
+    q: TokenQuant,
+) -> Result<ActQuant, String> {
+    let first = group
+        .iter()
+        .map(|&i| sites[i].node)
+        .min_by_key(|&n| graph.order_position(n).unwrap_or(usize::MAX))
+        .ok_or("an activation group without linears")?;
+    let input = sites[group[0]].x;
+    if let Some(&i) = group.iter().find(|&&i| sites[i].x != input) {
+        return Err(format!(
+            "{} and {} no longer read one activation",
+            sites[group[0]].name, sites[i].name
+        ));
     }
-    Ok(acts)
+    let xname = graph.value(input).name.clone();
+    let out = graph.fresh_name(&format!("{xname}.quantized"));
+    let name = graph.fresh_name(&format!("{xname}/quantize"));
+    let node = graph
+        .insert_node_before(first, spec(&name, q), &[Some(input)], &[out.as_str()])
+        .map_err(|e| e.to_string())?;
+    let output = graph.find(&out).expect("just defined");
+    for &i in group {
+        graph.set_input(sites[i].node, 0, Some(output));
+    }
+    Ok(ActQuant {
+        node,
+        input,
+        output,
+        sites: group.to_vec(),
+        quant: q,
+    })
 }
 
 /// Sets quantizer `a`'s clip ratio.
@@ -89,17 +107,38 @@ pub fn set_clip(graph: &mut Graph, a: &mut ActQuant, clip: f32) -> Result<(), St
         .map_err(|e| e.to_string())
 }
 
+/// What the clip search found on the sampled rows.
+#[derive(Clone, Debug)]
+pub struct ClipChoice {
+    /// The candidate with the least summed output error.
+    pub ratio: f32,
+    /// `E(c)` per candidate, in candidate order.
+    pub errors: Vec<f64>,
+    /// Per linear: SQNR (dB) of `Q_c(X) Ŵᵀ` against `X Wᵀ` at the chosen ratio.
+    pub sqnr: Vec<f64>,
+}
+
 /// The candidate of `candidates` with the least summed output error `E(c)` (module doc) on
 /// rows `x` (`[rows, K]`), for the linears given as (float `[N, K]`, quantized `[N, K]`)
-/// weights; returns it and each candidate's error (in candidate order).
+/// weights. Products on the current rayon pool's threads; each reference product `X Wᵀ` is
+/// computed once.
 pub fn search_clip(
     x: ArrayView2<f32>,
     linears: &[(ArrayView2<f32>, ArrayView2<f32>)],
     base: TokenQuant,
     candidates: &[f32],
-) -> (f32, Vec<f64>) {
-    let reference: Vec<Array2<f32>> = linears.iter().map(|(w, _)| x.dot(&w.t())).collect();
-    let errors: Vec<f64> = candidates
+) -> ClipChoice {
+    let threads = rayon::current_num_threads();
+    let reference: Vec<Array2<f32>> = linears
+        .iter()
+        .map(|(w, _)| matmul_2d(x, w.t(), threads))
+        .collect();
+    let signal: Vec<f64> = reference
+        .iter()
+        .map(|y| sum_sq(y.iter().copied()))
+        .collect();
+    // [candidate][linear] squared output error.
+    let per: Vec<Vec<f64>> = candidates
         .iter()
         .map(|&c| {
             let mut xq = x.to_owned();
@@ -113,40 +152,37 @@ pub fn search_clip(
                 .iter()
                 .zip(&reference)
                 .map(|((_, wq), y)| {
-                    let yq = xq.dot(&wq.t());
-                    y.iter()
-                        .zip(yq.iter())
-                        .map(|(a, b)| {
-                            let d = (a - b) as f64;
-                            d * d
-                        })
-                        .sum::<f64>()
+                    let yq = matmul_2d(xq.view(), wq.t(), threads);
+                    sum_sq(y.iter().zip(yq.iter()).map(|(a, b)| a - b))
                 })
-                .sum()
+                .collect()
         })
         .collect();
+    let errors: Vec<f64> = per.iter().map(|e| e.iter().sum()).collect();
     let best = errors
         .iter()
         .enumerate()
         .min_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(1.0, |(i, _)| candidates[i]);
-    (best, errors)
+        .map_or(0, |(i, _)| i);
+    let sqnr = signal
+        .iter()
+        .zip(per.get(best).map_or(&[][..], |e| &e[..]))
+        .map(|(&s, &n)| {
+            if n == 0.0 {
+                f64::INFINITY
+            } else {
+                10.0 * (s / n).log10()
+            }
+        })
+        .collect();
+    ClipChoice {
+        ratio: candidates.get(best).copied().unwrap_or(1.0),
+        errors,
+        sqnr,
+    }
 }
 
-/// SQNR (dB) of `Q(x) Ŵᵀ` against `x Wᵀ` (weights `[N, K]`, rows `x` `[rows, K]`).
-pub fn output_sqnr(
-    x: ArrayView2<f32>,
-    w: ArrayView2<f32>,
-    wq: ArrayView2<f32>,
-    q: TokenQuant,
-) -> f64 {
-    let y = x.dot(&w.t());
-    let mut xq = x.to_owned();
-    let width = xq.ncols();
-    fake_quantize_rows(xq.as_slice_mut().expect("standard layout"), width, q);
-    let yq = xq.dot(&wq.t());
-    perqc_quant::sqnr_db(
-        y.as_standard_layout().as_slice().expect("standard"),
-        yq.as_standard_layout().as_slice().expect("standard"),
-    )
+/// `Σ v²` in f64.
+fn sum_sq(v: impl Iterator<Item = f32>) -> f64 {
+    v.map(|d| f64::from(d) * f64::from(d)).sum()
 }

@@ -207,17 +207,20 @@ pub struct SiteReport {
     pub clip: Option<f32>,
 }
 
-/// A model being quantized: sites selected and activation quantizers in place; weights
-/// are quantized group by group with [`Quantizer::quantize`].
+/// A model being quantized: sites selected and grouped by the activation they read; each
+/// group gets its activation quantizer ([`Quantizer::prepare`]) and then its weights
+/// ([`Quantizer::quantize`]), group by group.
 pub struct Quantizer {
     pub config: QuantConfig,
     pub sites: Vec<Site>,
     pub groups: Vec<Group>,
     done: Vec<bool>,
+    prepared: Vec<bool>,
 }
 
 impl Quantizer {
-    /// Selects the sites and inserts the activation quantizers (clip ratio `act.clip`).
+    /// Selects the sites and groups them (activation quantizers come with
+    /// [`Quantizer::prepare`], clip ratio `act.clip`).
     pub fn new(model: &mut Model, config: QuantConfig) -> Result<Quantizer, String> {
         config.validate()?;
         let sites = config.select(model)?;
@@ -231,41 +234,71 @@ impl Quantizer {
                 version: Some(1),
             });
         }
-        let graph = &mut model.graph;
-        let groups = match config.act {
-            Some(q) => activations::insert(graph, &sites, q)?
-                .into_iter()
-                .map(|a| Group {
-                    sites: a.sites.clone(),
-                    input: graph.value(a.input).name.clone(),
-                    output: graph.value(a.output).name.clone(),
-                    act: Some(a),
-                })
-                .collect(),
-            None => {
-                let mut groups: Vec<Group> = Vec::new();
-                for (i, s) in sites.iter().enumerate() {
-                    let name = graph.value(s.x).name.clone();
-                    match groups.iter_mut().find(|g| g.input == name) {
-                        Some(g) => g.sites.push(i),
-                        None => groups.push(Group {
-                            sites: vec![i],
-                            input: name.clone(),
-                            output: name,
-                            act: None,
-                        }),
-                    }
+        // Quantizers are placed group by group ([`Quantizer::prepare`]): until then a
+        // group's input is the activation its linears read.
+        let groups = activations::groups(&sites)
+            .into_iter()
+            .map(|g| {
+                let name = model.graph.value(sites[g[0]].x).name.clone();
+                Group {
+                    sites: g,
+                    input: name.clone(),
+                    output: name,
+                    act: None,
                 }
-                groups
-            }
-        };
+            })
+            .collect::<Vec<_>>();
         let done = vec![false; groups.len()];
+        let prepared = vec![false; groups.len()];
         Ok(Quantizer {
             config,
             sites,
             groups,
             done,
+            prepared,
         })
+    }
+
+    /// Places group `g`'s activation quantizer (if any) in front of its linears, on the
+    /// activation they read now, and fixes [`Group::input`] and [`Group::output`]. Exact
+    /// transforms may change the graph in front of a group (and its linears' weights)
+    /// until then; calibration of the group reads these names. Idempotent.
+    pub fn prepare(&mut self, model: &mut Model, g: usize) -> Result<(), String> {
+        if self.prepared[g] {
+            return Ok(());
+        }
+        let graph = &mut model.graph;
+        for &i in &self.groups[g].sites {
+            let site = &mut self.sites[i];
+            let node = graph.node(site.node);
+            match (node.input(0), node.input(1)) {
+                (Some(x), Some(w)) if graph.const_tensor(w).is_some() => {
+                    site.x = x;
+                    site.weight = w;
+                }
+                _ => {
+                    return Err(format!(
+                        "{}: no longer a linear with a constant weight",
+                        site.name
+                    ));
+                }
+            }
+        }
+        let group = &mut self.groups[g];
+        match self.config.act {
+            Some(q) => {
+                let a = activations::insert(graph, &self.sites, &group.sites, q)?;
+                group.input = graph.value(a.input).name.clone();
+                group.output = graph.value(a.output).name.clone();
+                group.act = Some(a);
+            }
+            None => {
+                group.input = graph.value(self.sites[group.sites[0]].x).name.clone();
+                group.output = group.input.clone();
+            }
+        }
+        self.prepared[g] = true;
+        Ok(())
     }
 
     /// Quantizes the weights of groups `which` (and chooses their clip ratios when the
@@ -282,6 +315,7 @@ impl Quantizer {
         let mut reports = Vec::new();
         for &g in which {
             if !self.done[g] {
+                self.prepare(model, g)?;
                 reports.extend(self.quantize_group(model, g, calib)?);
                 self.done[g] = true;
             }
@@ -346,14 +380,11 @@ impl Quantizer {
                 .zip(&deq)
                 .map(|(w, d)| (w.view(), d.view()))
                 .collect();
-            let (best, _) = activations::search_clip(x, &linears, act.quant, &CLIP_CANDIDATES);
-            let quant = perqc_ops::quant::TokenQuant {
-                clip: best,
-                ..act.quant
-            };
-            for (o, (w, d)) in output_sqnr.iter_mut().zip(&linears) {
-                *o = Some(activations::output_sqnr(x, w.view(), d.view(), quant));
+            let choice = activations::search_clip(x, &linears, act.quant, &CLIP_CANDIDATES);
+            for (o, s) in output_sqnr.iter_mut().zip(&choice.sqnr) {
+                *o = Some(*s);
             }
+            let best = choice.ratio;
             let act = self.groups[g].act.as_mut().expect("present");
             activations::set_clip(&mut model.graph, act, best)?;
         }

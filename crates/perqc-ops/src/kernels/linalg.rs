@@ -8,7 +8,7 @@ use crate::kernel::{
     KernelCtx, KernelError, RtTensor, broadcast_shape, opt, output_vec, req, req_f32,
 };
 use gemm::Parallelism;
-use ndarray::{ArrayD, ArrayView2, IxDyn, Zip};
+use ndarray::{Array2, ArrayD, ArrayView2, IxDyn, Zip};
 use rayon::prelude::*;
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
@@ -124,6 +124,39 @@ unsafe fn gemm_par(
             one(part, (0, n))
         }
     });
+}
+
+/// `a (m x k) · b (k x n)` for 2-D views of any strides (a transposed view costs no copy),
+/// split over `threads` threads of the current rayon pool as MatMul splits it (so 1 and 2
+/// threads agree bitwise). For offline work on whole matrices (calibration searches); the
+/// graph's MatMul goes through [`matmul`]. Panics if the inner dimensions differ.
+pub fn matmul_2d(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, threads: usize) -> Array2<f32> {
+    let ((m, k), (k2, n)) = (a.dim(), b.dim());
+    assert_eq!(k, k2, "matmul_2d: inner dimensions {k} and {k2} differ");
+    let mut out = Array2::<f32>::zeros((m, n));
+    if m * n == 0 || k == 0 {
+        return out;
+    }
+    let mat = |v: &ArrayView2<'_, f32>| Mat {
+        ptr: v.as_ptr(),
+        rs: v.strides()[0],
+        cs: v.strides()[1],
+    };
+    // Safety: the views are live m x k and k x n matrices with these strides; `out` is a
+    // fresh row-major m x n buffer.
+    unsafe {
+        gemm_par(
+            (m, n, k),
+            out.as_mut_ptr(),
+            n,
+            mat(&a),
+            mat(&b),
+            0.0,
+            1.0,
+            threads.max(1),
+        )
+    };
+    out
 }
 
 /// MatMul with numpy semantics: 1-d operands are promoted (and the added axis removed from
