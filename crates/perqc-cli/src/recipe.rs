@@ -27,6 +27,12 @@ pub struct RecipeArgs {
     /// absmax, random or identity (massdiff, zigzag and absmax need calibration data).
     #[arg(long, value_name = "NAME", default_value = "massdiff")]
     pub permute: PermuteMethod,
+    /// Where the calibrated permutation's statistics come from when quantizing with GPTQ or
+    /// the clip search: quantized (layer by layer, from the quantizers' own forward pass,
+    /// each mlp seeing the quantized layers before it) or float (a calibration pass of the
+    /// float model first, as the reference does; one forward pass more).
+    #[arg(long, value_name = "FROM", default_value = "quantized", value_parser = ["quantized", "float"])]
+    pub permute_stats: String,
     /// Block size of the online Hadamard before each down_proj and of the permutation's
     /// blocks (must divide the MLP width); full: one Hadamard of the whole width (no
     /// permutation); none: no online rotation.
@@ -82,10 +88,14 @@ impl RecipeArgs {
     /// or no calibration data).
     pub fn layerwise(&self) -> Option<LayerwiseMlp> {
         match self.block_size {
-            Block::Size(b) if self.permutes() && self.calib.given() => Some(LayerwiseMlp {
-                permute: Permute::mlp(self.permute, b),
-                block: b,
-            }),
+            Block::Size(b)
+                if self.permutes() && self.calib.given() && self.permute_stats == "quantized" =>
+            {
+                Some(LayerwiseMlp {
+                    permute: Permute::mlp(self.permute, b),
+                    block: b,
+                })
+            }
             _ => None,
         }
     }

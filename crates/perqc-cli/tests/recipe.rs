@@ -216,6 +216,16 @@ fn layer_by_layer_transforms_build_the_pipelines_graph() {
         "{err}"
     );
     assert_eq!(layerwise, piped);
+    // The float model's statistics, asked for: the pipeline's route with the clip search.
+    let (float, err) = run(
+        "float.onnx",
+        &["--rounding", "rtn", "--permute-stats", "float"],
+    );
+    assert!(
+        err.contains("permute(method=massdiff,block=32)") && err.contains("calibrated on"),
+        "{err}"
+    );
+    assert_eq!(layerwise, float);
 }
 
 /// Settings that cannot work fail in one line before any work, and write nothing.

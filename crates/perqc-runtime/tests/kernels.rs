@@ -76,6 +76,34 @@ fn matmul_broadcasts_and_promotes_vectors() {
     assert_eq!(vals(&y[0]), vec![-2., -2., -2., -2.]);
 }
 
+/// The offline product (`matmul_2d`, calibration searches) splits as MatMul does: a
+/// transposed right operand, 1 and 2 threads bitwise equal, the f64 reference within
+/// round-off.
+#[test]
+fn matmul_2d_of_views_is_exact_and_deterministic() {
+    use perqc_ops::kernels::linalg::matmul_2d;
+    for (m, k, n) in [(256, 96, 200), (5, 7, 3), (0, 4, 6)] {
+        let a = ndarray::Array2::from_shape_vec((m, k), noise(m * k, 5)).unwrap();
+        let w = ndarray::Array2::from_shape_vec((n, k), noise(n * k, 6)).unwrap();
+        let pool = |t: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        };
+        let one = pool(1).install(|| matmul_2d(a.view(), w.t(), 1));
+        let two = pool(2).install(|| matmul_2d(a.view(), w.t(), 2));
+        assert_eq!(one, two, "{m}x{k}x{n}: result depends on the thread count");
+        for ((i, j), &got) in two.indexed_iter() {
+            let want: f64 = (0..k).map(|p| a[[i, p]] as f64 * w[[j, p]] as f64).sum();
+            assert!(
+                (got as f64 - want).abs() < 1e-4,
+                "[{i},{j}]: {got} vs {want}"
+            );
+        }
+    }
+}
+
 #[test]
 fn matmul_split_over_threads_is_exact_and_deterministic() {
     // Column split (wide), row split (tall), narrow output (rows), and a product below the
