@@ -40,6 +40,9 @@ ROWS = [
     ("W4A4 GPTQ + clip (default), full rotation", ["--block-size", "full"], ""),
     ("W4A4 GPTQ + clip (default), b = 32, MassDiff", [], ""),
     ("W4A4 GPTQ + clip (default), b = 16, MassDiff", ["--block-size", "16"], ""),
+    ("W4A4 GPTQ + clip, b = 32, MassDiff from the quantized prefix", ["--permute-stats", "quantized"], ""),
+    ("W4A4 GPTQ + clip, b = 16, MassDiff from the quantized prefix",
+     ["--block-size", "16", "--permute-stats", "quantized"], ""),
     ("W4A4 GPTQ + clip (default), b = 16, no permutation", ["--block-size", "16", "--permute", "identity"], ""),
     ("w4a16 preset (INT4 groups of 32, GPTQ, lm_head included)", ["--preset", "w4a16"], "27.56 (ORT HQQ)"),
     ("w4a16 preset, --target ort (MatMulNBits)", ["--preset", "w4a16", "--target", "ort"], "27.56 (ORT HQQ)"),
@@ -177,7 +180,9 @@ if out_md != "-" and a.update and os.path.exists(out_md):
         if name in fresh:
             text[i] = fresh[name]
             done.add(name)
-    text += [fresh[n] for n in fresh if n not in done]
+    # New rows go after the table's last row.
+    last = max((i for i, l in enumerate(text) if l.startswith("| ")), default=len(text) - 1)
+    text[last + 1:last + 1] = [fresh[n] for n in fresh if n not in done]
     text.append("")
     text.append(f"Rows re-measured by `results.py --update --rows {a.rows}`: {', '.join(fresh)}; {header}")
     tmp = out_md + ".tmp"

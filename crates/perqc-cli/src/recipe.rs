@@ -28,10 +28,11 @@ pub struct RecipeArgs {
     #[arg(long, value_name = "NAME", default_value = "massdiff")]
     pub permute: PermuteMethod,
     /// Where the calibrated permutation's statistics come from when quantizing with GPTQ or
-    /// the clip search: quantized (layer by layer, from the quantizers' own forward pass,
-    /// each mlp seeing the quantized layers before it) or float (a calibration pass of the
-    /// float model first, as the reference does; one forward pass more).
-    #[arg(long, value_name = "FROM", default_value = "quantized", value_parser = ["quantized", "float"])]
+    /// the clip search: float (a calibration pass of the float model first, as the
+    /// reference does; better on every row measured, docs/quantization.md) or quantized
+    /// (layer by layer from the quantizers' own forward pass, each mlp seeing the quantized
+    /// layers before it: one forward pass less).
+    #[arg(long, value_name = "FROM", default_value = "float", value_parser = ["float", "quantized"])]
     pub permute_stats: String,
     /// Block size of the online Hadamard before each down_proj and of the permutation's
     /// blocks (must divide the MLP width); full: one Hadamard of the whole width (no

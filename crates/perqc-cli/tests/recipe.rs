@@ -165,10 +165,11 @@ fn default_job_quantizes_and_reports() {
     );
 }
 
-/// With a calibrating quantizer the mlp permutation and its online Hadamard are applied
-/// layer by layer inside the quantizers' forward pass; without one (RTN, no clip search)
-/// by the pipeline after a calibration pass of their own. Both give the same graph: every
-/// transform in, each activation quantizer behind the rotation its linears read.
+/// With `--permute-stats quantized` (and a calibrating quantizer) the mlp permutation and
+/// its online Hadamard are applied layer by layer inside the quantizers' forward pass;
+/// otherwise by the pipeline after a calibration pass of their own. Both give the same
+/// graph: every transform in, each activation quantizer behind the rotation its linears
+/// read.
 #[test]
 fn layer_by_layer_transforms_build_the_pipelines_graph() {
     let dir = scratch("recipe", "layerwise");
@@ -203,7 +204,10 @@ fn layer_by_layer_transforms_build_the_pipelines_graph() {
             .collect();
         (ops, err)
     };
-    let (layerwise, err) = run("layerwise.onnx", &["--rounding", "rtn"]);
+    let (layerwise, err) = run(
+        "layerwise.onnx",
+        &["--rounding", "rtn", "--permute-stats", "quantized"],
+    );
     assert!(
         err.contains("layer by layer: permute (massdiff) and online-hadamard (block 32) applied to 2 of 2 mlp regions")
             && !err.contains("permute(method=massdiff"),
