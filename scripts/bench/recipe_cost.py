@@ -41,6 +41,8 @@ ap.add_argument("--quantize", action="store_true",
                 help="also time the quantizing compile: the default recipe and --rounding rtn (goals: 3x and 1.5x eval)")
 ap.add_argument("--out", default=None,
                 help="folder for the compiled models (default: a temporary folder in /dev/shm if there is one)")
+ap.add_argument("--only", default=None,
+                help="comma-separated command names to time (eval always runs), e.g. 'quantize,quantize rtn'")
 a = ap.parse_args()
 
 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,6 +130,13 @@ if a.quantize:
 if a.baseline:
     commands["baseline compile"] = [a.baseline, model, "-o", os.path.join(out_dir, "smollm2.baseline.nq.onnx"),
                                     "--no-quantize", "--calib-text", text, "--tokenizer", tok]
+
+if a.only:
+    keep = {"eval"} | {n.strip() for n in a.only.split(",")}
+    unknown = keep - set(commands)
+    if unknown:
+        sys.exit(f"recipe_cost.py: --only: no command {', '.join(sorted(unknown))}; have {', '.join(commands)}")
+    commands = {k: v for k, v in commands.items() if k in keep}
 
 try:
     commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,

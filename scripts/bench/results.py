@@ -155,6 +155,9 @@ for i, (name, args, ref) in enumerate(rows):
             if os.path.exists(p):
                 os.remove(p)
 
+if not a.keep:
+    os.rmdir(work)
+
 lines = ["| config | perqc ppl (ORT) | " + ("perqc eval ppl | " if a.native else "") +
          "reference ppl | compile | compile / eval | peak RSS / file | file size | perqc arguments |",
          "|---|---|" + ("---|" if a.native else "") + "---|---|---|---|---|---|"]

@@ -274,18 +274,32 @@ fn gram_update(x: ArrayView2<f32>, acc: &mut Array2<f64>) {
             out
         })
         .collect();
-    for (&(i, j), b) in tasks.iter().zip(&blocks) {
-        let ((r0, m), (c0, n)) = (span(i), span(j));
-        for r in 0..m {
-            for q in 0..n {
-                let v = b[r * n + q] as f64;
-                acc[[r0 + r, c0 + q]] += v;
-                if i != j {
-                    acc[[c0 + q, r0 + r]] += v;
+    // Row by row of the accumulator, in parallel: row r of block row I takes row r of the
+    // blocks (I, J) for J <= I and, mirrored, column r of the blocks (J, I) for J > I. Each
+    // element gets exactly one addition per batch.
+    let acc = acc
+        .as_slice_mut()
+        .expect("the accumulator is standard layout");
+    acc.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
+        let bi = r / GRAM_BLOCK;
+        let rr = r - bi * GRAM_BLOCK;
+        for bj in 0..nb {
+            let (c0, n) = span(bj);
+            let dst = &mut row[c0..c0 + n];
+            if bj <= bi {
+                let b = &blocks[bi * (bi + 1) / 2 + bj];
+                for (d, &v) in dst.iter_mut().zip(&b[rr * n..(rr + 1) * n]) {
+                    *d += f64::from(v);
+                }
+            } else {
+                let width = span(bi).1;
+                let b = &blocks[bj * (bj + 1) / 2 + bi];
+                for (q, d) in dst.iter_mut().enumerate() {
+                    *d += f64::from(b[q * width + rr]);
                 }
             }
         }
-    }
+    });
 }
 
 /// The histogram bin of |x| = `a`.

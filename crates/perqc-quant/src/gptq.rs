@@ -98,16 +98,93 @@ multiversion! {
     }
 }
 
-/// GPTQ-quantizes `w` (`rows = output channels x cols = input dim`) given the Hessian
-/// proxy `h = X^T X` (`cols x cols`, f64, accumulated over calibration rows; any positive
-/// multiple gives the same result). See the module doc for the algorithm.
-pub fn gptq(
-    w: ArrayView2<'_, f32>,
-    h: ArrayView2<'_, f64>,
-    spec: &QuantSpec,
-    opts: &GptqOptions,
-) -> Result<QWeight, QuantError> {
-    spec.for_weights()?;
+/// What GPTQ derives from the Hessian alone (steps 1, 3 and 4 of the module doc): shared
+/// by every linear that reads one input (q/k/v, gate/up), so it is computed once for them.
+#[derive(Clone, Debug)]
+pub struct GptqFactor {
+    n: usize,
+    /// Input columns that never fired (`H_ii == 0`): their weights are zeroed.
+    dead: Vec<usize>,
+    /// Processing order of the columns.
+    perm: Vec<usize>,
+    /// Upper Cholesky factor of the damped `H^-1`, in processing order, row-major `n x n`.
+    u: Vec<f64>,
+}
+
+impl GptqFactor {
+    /// Damps and factors `h = X^T X` (`n x n`, f64; only the lower triangle is read) by
+    /// `opts` (the damping retries of the module doc).
+    pub fn new(h: ArrayView2<'_, f64>, opts: &GptqOptions) -> Result<GptqFactor, QuantError> {
+        check_options(opts)?;
+        let n = h.nrows();
+        if h.ncols() != n {
+            return Err(QuantError::Shape(format!(
+                "hessian is {} x {}, not square",
+                h.nrows(),
+                h.ncols()
+            )));
+        }
+        for ((r, c), &v) in h.indexed_iter() {
+            if c <= r && !v.is_finite() {
+                return Err(QuantError::NonFiniteHessian {
+                    row: r,
+                    col: c,
+                    value: v,
+                });
+            }
+        }
+
+        // 1. Dead columns.
+        let mut diag: Vec<f64> = (0..n).map(|i| h[[i, i]]).collect();
+        let dead: Vec<usize> = (0..n).filter(|&i| diag[i] == 0.0).collect();
+        for &i in &dead {
+            diag[i] = 1.0;
+        }
+
+        // 3. Column order.
+        let mut perm: Vec<usize> = (0..n).collect();
+        if opts.act_order {
+            perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
+        }
+
+        // 4. Damping and U.
+        let mean = diag.iter().sum::<f64>() / n as f64;
+        let entry = |a: usize, b: usize| {
+            // H in processing order, lower triangle of the original read.
+            let (pa, pb) = (perm[a], perm[b]);
+            if pa == pb {
+                diag[pa]
+            } else {
+                h[[pa.max(pb), pa.min(pb)]]
+            }
+        };
+        let mut tried = Vec::new();
+        let mut damp = opts.damp;
+        let u = loop {
+            tried.push(damp);
+            let mut rev = vec![0f64; n * n];
+            rev.par_chunks_mut(n.max(1)).enumerate().for_each(|(a, row)| {
+                for (b, v) in row[..=a].iter_mut().enumerate() {
+                    *v = entry(n - 1 - a, n - 1 - b);
+                }
+                row[a] += damp * mean;
+            });
+            match linalg::inverse_upper_factor(&mut rev, n) {
+                Ok(u) => break u,
+                Err(pivot) if tried.len() > 3 => {
+                    return Err(QuantError::NotPositiveDefinite {
+                        pivot: perm[n - 1 - pivot],
+                        tried,
+                    });
+                }
+                Err(_) => damp = if damp > 0.0 { damp * 10.0 } else { 1e-3 },
+            }
+        };
+        Ok(GptqFactor { n, dead, perm, u })
+    }
+}
+
+fn check_options(opts: &GptqOptions) -> Result<(), QuantError> {
     if !(opts.damp.is_finite() && opts.damp >= 0.0) {
         return Err(QuantError::Options(format!(
             "damp = {} is not allowed; allowed: a finite value >= 0",
@@ -119,7 +196,21 @@ pub fn gptq(
             "block = 0 is not allowed; allowed: block >= 1".into(),
         ));
     }
-    let (rows, n) = w.dim();
+    Ok(())
+}
+
+/// GPTQ-quantizes `w` (`rows = output channels x cols = input dim`) given the Hessian
+/// proxy `h = X^T X` (`cols x cols`, f64, accumulated over calibration rows; any positive
+/// multiple gives the same result). See the module doc for the algorithm.
+pub fn gptq(
+    w: ArrayView2<'_, f32>,
+    h: ArrayView2<'_, f64>,
+    spec: &QuantSpec,
+    opts: &GptqOptions,
+) -> Result<QWeight, QuantError> {
+    spec.for_weights()?;
+    check_options(opts)?;
+    let n = w.ncols();
     if h.dim() != (n, n) {
         return Err(QuantError::Shape(format!(
             "hessian is {} x {} but the weight has {n} input columns (expected {n} x {n})",
@@ -127,22 +218,28 @@ pub fn gptq(
             h.dim().1
         )));
     }
-    let mut data = contiguous(w)?.into_owned();
-    for ((r, c), &v) in h.indexed_iter() {
-        if c <= r && !v.is_finite() {
-            return Err(QuantError::NonFiniteHessian {
-                row: r,
-                col: c,
-                value: v,
-            });
-        }
-    }
+    gptq_with(w, &GptqFactor::new(h, opts)?, spec, opts)
+}
 
-    // 1. Dead columns.
-    let mut diag: Vec<f64> = (0..n).map(|i| h[[i, i]]).collect();
-    let dead: Vec<usize> = (0..n).filter(|&i| diag[i] == 0.0).collect();
-    for &i in &dead {
-        diag[i] = 1.0;
+/// [`gptq`] with the Hessian's factor computed once ([`GptqFactor::new`] with the same
+/// `opts`) for every linear that reads one input.
+pub fn gptq_with(
+    w: ArrayView2<'_, f32>,
+    factor: &GptqFactor,
+    spec: &QuantSpec,
+    opts: &GptqOptions,
+) -> Result<QWeight, QuantError> {
+    spec.for_weights()?;
+    check_options(opts)?;
+    let (rows, n) = w.dim();
+    if factor.n != n {
+        return Err(QuantError::Shape(format!(
+            "hessian is {0} x {0} but the weight has {n} input columns (expected {n} x {n})",
+            factor.n
+        )));
+    }
+    let mut data = contiguous(w)?.into_owned();
+    for &i in &factor.dead {
         for row in data.chunks_exact_mut(n) {
             row[i] = 0.0;
         }
@@ -151,53 +248,14 @@ pub fn gptq(
     // 2. Static group parameters.
     let params = params::compute(&data, rows, n, spec)?;
     let grid = Grid::of(spec);
-
-    // 3. Column order.
-    let mut perm: Vec<usize> = (0..n).collect();
-    if opts.act_order {
-        perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
-    }
-
-    // 4. Damping and U.
-    let mean = diag.iter().sum::<f64>() / n as f64;
-    let entry = |a: usize, b: usize| {
-        // H in processing order, lower triangle of the original read.
-        let (pa, pb) = (perm[a], perm[b]);
-        if pa == pb {
-            diag[pa]
-        } else {
-            h[[pa.max(pb), pa.min(pb)]]
-        }
-    };
-    let mut tried = Vec::new();
-    let mut damp = opts.damp;
-    let u = loop {
-        tried.push(damp);
-        let mut rev = vec![0f64; n * n];
-        rev.par_chunks_mut(n).enumerate().for_each(|(a, row)| {
-            for (b, v) in row[..=a].iter_mut().enumerate() {
-                *v = entry(n - 1 - a, n - 1 - b);
-            }
-            row[a] += damp * mean;
-        });
-        match linalg::inverse_upper_factor(&mut rev, n) {
-            Ok(u) => break u,
-            Err(pivot) if tried.len() > 3 => {
-                return Err(QuantError::NotPositiveDefinite {
-                    pivot: perm[n - 1 - pivot],
-                    tried,
-                });
-            }
-            Err(_) => damp = if damp > 0.0 { damp * 10.0 } else { 1e-3 },
-        }
-    };
+    let (perm, u) = (&factor.perm, &factor.u);
 
     // 5. The column loop, rows in parallel chunks.
     let mut wp = vec![0f64; rows * n];
     wp.par_chunks_mut(n)
         .zip(data.par_chunks(n))
         .for_each(|(dst, src)| {
-            for (d, &p) in dst.iter_mut().zip(&perm) {
+            for (d, &p) in dst.iter_mut().zip(perm) {
                 *d = src[p] as f64;
             }
         });
@@ -217,8 +275,8 @@ pub fn gptq(
                     block_row(
                         grid,
                         &params,
-                        &perm,
-                        &u,
+                        perm,
+                        u,
                         (r0 + r, i1, i2),
                         &mut wc[r * n..(r + 1) * n],
                         &mut cc[r * n..(r + 1) * n],
@@ -247,7 +305,7 @@ pub fn gptq(
         .par_chunks_mut(n)
         .zip(codes_p.par_chunks(n))
         .for_each(|(dst, src)| {
-            for (&c, &p) in src.iter().zip(&perm) {
+            for (&c, &p) in src.iter().zip(perm) {
                 dst[p] = c;
             }
         });

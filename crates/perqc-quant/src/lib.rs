@@ -25,7 +25,7 @@ mod simd;
 mod spec;
 
 pub use error::QuantError;
-pub use gptq::{GptqOptions, gptq};
+pub use gptq::{GptqFactor, GptqOptions, gptq, gptq_with};
 pub use grid::FP4_E2M1_VALUES;
 pub use metrics::sqnr_db;
 pub use qweight::QWeight;

@@ -263,3 +263,28 @@ fn bad_inputs_are_errors() {
         Err(QuantError::NonFiniteHessian { row: 3, col: 1, .. })
     ));
 }
+
+/// One factor of the Hessian serves every linear that reads the input: `gptq_with` equals
+/// `gptq` exactly, dead columns included.
+#[test]
+fn shared_factor_equals_per_linear_gptq() {
+    let (w, mut h) = setup(41, 24, 96);
+    for j in 0..96 {
+        h[[7, j]] = 0.0;
+        h[[j, 7]] = 0.0;
+    }
+    let (w2, _) = setup(42, 40, 96);
+    let opts = GptqOptions::default();
+    let spec = int(4, true, Granularity::Channel, ScaleSearch::Mse);
+    let f = perqc_quant::GptqFactor::new(h.view(), &opts).unwrap();
+    for w in [&w, &w2] {
+        let a = perqc_quant::gptq_with(w.view(), &f, &spec, &opts).unwrap();
+        assert_eq!(a, gptq(w.view(), h.view(), &spec, &opts).unwrap());
+        assert!((0..a.rows).all(|r| a.value(r, 7) == 0.0), "dead column zeroed");
+    }
+    let narrow = Array2::<f32>::zeros((4, 95));
+    assert!(matches!(
+        perqc_quant::gptq_with(narrow.view(), &f, &spec, &opts),
+        Err(QuantError::Shape(_))
+    ));
+}

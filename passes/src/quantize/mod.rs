@@ -350,14 +350,19 @@ impl Quantizer {
             .map(|&i| weights::float_weight(&model.graph, &self.sites[i]))
             .collect::<Result<_, _>>()?;
         let (spec, gptq) = (self.config.weights, self.config.gptq);
+        // The linears of a group read one input: one Hessian, factored once.
+        let factor = hessian
+            .map(|h| perqc_quant::GptqFactor::new(h.view(), &gptq))
+            .transpose()
+            .map_err(|e| format!("{}: {e}", self.sites[group.sites[0]].name))?;
         let quantized: Vec<QWeight> = group
             .sites
             .par_iter()
             .zip(&floats)
             .map(|(&i, w)| {
-                match hessian {
+                match &factor {
                     None => perqc_quant::quantize_rtn(w.view(), &spec),
-                    Some(h) => perqc_quant::gptq(w.view(), h.view(), &spec, &gptq),
+                    Some(f) => perqc_quant::gptq_with(w.view(), f, &spec, &gptq),
                 }
                 .map_err(|e| format!("{}: {e}", self.sites[i].name))
             })
