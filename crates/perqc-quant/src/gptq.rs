@@ -163,12 +163,14 @@ impl GptqFactor {
         let u = loop {
             tried.push(damp);
             let mut rev = vec![0f64; n * n];
-            rev.par_chunks_mut(n.max(1)).enumerate().for_each(|(a, row)| {
-                for (b, v) in row[..=a].iter_mut().enumerate() {
-                    *v = entry(n - 1 - a, n - 1 - b);
-                }
-                row[a] += damp * mean;
-            });
+            rev.par_chunks_mut(n.max(1))
+                .enumerate()
+                .for_each(|(a, row)| {
+                    for (b, v) in row[..=a].iter_mut().enumerate() {
+                        *v = entry(n - 1 - a, n - 1 - b);
+                    }
+                    row[a] += damp * mean;
+                });
             match linalg::inverse_upper_factor(&mut rev, n) {
                 Ok(u) => break u,
                 Err(pivot) if tried.len() > 3 => {

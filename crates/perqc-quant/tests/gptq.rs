@@ -280,7 +280,10 @@ fn shared_factor_equals_per_linear_gptq() {
     for w in [&w, &w2] {
         let a = perqc_quant::gptq_with(w.view(), &f, &spec, &opts).unwrap();
         assert_eq!(a, gptq(w.view(), h.view(), &spec, &opts).unwrap());
-        assert!((0..a.rows).all(|r| a.value(r, 7) == 0.0), "dead column zeroed");
+        assert!(
+            (0..a.rows).all(|r| a.value(r, 7) == 0.0),
+            "dead column zeroed"
+        );
     }
     let narrow = Array2::<f32>::zeros((4, 95));
     assert!(matches!(
