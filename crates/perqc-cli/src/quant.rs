@@ -311,7 +311,9 @@ pub fn run(
     let progress = std::io::stderr().is_terminal();
     let mut spread = Vec::new();
     let mut transformed = 0usize;
-    // Regions no group quantizes a source of: transformed from a stage of their own first.
+    // Regions no group quantizes a source of: transformed first, from a calibration run of
+    // their own (a separate `Staged`, so none of its values, computed before any quantizer,
+    // is reused by the stages below).
     let alone: Vec<usize> = (0..pending.len())
         .filter(|&p| pending[p].group.is_none())
         .collect();
@@ -324,7 +326,7 @@ pub fn run(
             .map(|n| (n, StatsOptions::default()))
             .collect();
         let names: Vec<String> = watch.iter().map(|w| w.0.clone()).collect();
-        let c = staged
+        let c = Staged::new(model, calib_args)?
             .run(model, &watch, &names, release)
             .context("calibrating the mlp permutations")?;
         for &p in &alone {
@@ -337,7 +339,6 @@ pub fn run(
                 &mut summary.notes,
             )?;
         }
-        staged.forget(model, &names);
         summary.runs += 1;
     }
     let n = q.groups.len();

@@ -230,6 +230,22 @@ fn layer_by_layer_transforms_build_the_pipelines_graph() {
         "{err}"
     );
     assert_eq!(layerwise, float);
+    // A region whose sources stay float is transformed from a calibration run of its own.
+    let (_, err) = run(
+        "alone.onnx",
+        &[
+            "--permute-stats",
+            "quantized",
+            "--skip",
+            "*layers.0/mlp/gate_proj*",
+            "--skip",
+            "*layers.0/mlp/up_proj*",
+        ],
+    );
+    assert!(
+        err.contains("quantize: 12 linears") && err.contains("applied to 2 of 2 mlp regions"),
+        "{err}"
+    );
 }
 
 /// Settings that cannot work fail in one line before any work, and write nothing.
