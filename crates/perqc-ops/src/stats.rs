@@ -232,6 +232,9 @@ fn gram_update(x: ArrayView2<f32>, acc: &mut Array2<f64>) {
     use rayon::prelude::*;
     let x = x.as_standard_layout();
     let (rows, c) = x.dim();
+    if c == 0 {
+        return;
+    }
     let nb = c.div_ceil(GRAM_BLOCK);
     let tasks: Vec<(usize, usize)> = (0..nb).flat_map(|i| (0..=i).map(move |j| (i, j))).collect();
     let span = |b: usize| {
@@ -276,7 +279,8 @@ fn gram_update(x: ArrayView2<f32>, acc: &mut Array2<f64>) {
         .collect();
     // Row by row of the accumulator, in parallel: row r of block row I takes row r of the
     // blocks (I, J) for J <= I and, mirrored, column r of the blocks (J, I) for J > I. Each
-    // element gets exactly one addition per batch.
+    // element gets exactly one addition per batch. `blocks` is in task order, (I, J <= I)
+    // row by row: block (I, J) is at I (I + 1) / 2 + J.
     let acc = acc
         .as_slice_mut()
         .expect("the accumulator is standard layout");
