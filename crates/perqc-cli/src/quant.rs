@@ -320,26 +320,26 @@ pub fn run(
     if let Some(layerwise) = layerwise
         && !alone.is_empty()
     {
-        let watch: Vec<(String, StatsOptions)> = alone
+        let t = Instant::now();
+        let names = watched(&pending, &alone);
+        let watch: Vec<(String, StatsOptions)> = names
             .iter()
-            .flat_map(|&p| pending[p].watch.clone())
-            .map(|n| (n, StatsOptions::default()))
+            .map(|n| (n.clone(), StatsOptions::default()))
             .collect();
-        let names: Vec<String> = watch.iter().map(|w| w.0.clone()).collect();
         let c = Staged::new(model, calib_args)?
             .run(model, &watch, &names, release)
             .context("calibrating the mlp permutations")?;
-        for &p in &alone {
-            transformed += transform_region(
-                model,
-                &pending[p],
-                layerwise,
-                &c,
-                &mut spread,
-                &mut summary.notes,
-            )?;
-        }
+        summary.calibration += t.elapsed();
         summary.runs += 1;
+        transformed += transform_regions(
+            model,
+            &pending,
+            &alone,
+            layerwise,
+            &c,
+            &mut spread,
+            &mut summary.notes,
+        )?;
     }
     let n = q.groups.len();
     for g in 0..n {
@@ -357,10 +357,7 @@ pub fn run(
         let regions: Vec<usize> = (0..pending.len())
             .filter(|&p| pending[p].group == Some(g))
             .collect();
-        let region_values: Vec<String> = regions
-            .iter()
-            .flat_map(|&p| pending[p].watch.clone())
-            .collect();
+        let region_values = watched(&pending, &regions);
         for v in &region_values {
             watch.push((v.clone(), StatsOptions::default()));
         }
@@ -383,16 +380,15 @@ pub fn run(
         summary.calibration += t.elapsed();
         summary.runs += 1;
         if let Some(layerwise) = layerwise {
-            for &p in &regions {
-                transformed += transform_region(
-                    model,
-                    &pending[p],
-                    layerwise,
-                    &c,
-                    &mut spread,
-                    &mut summary.notes,
-                )?;
-            }
+            transformed += transform_regions(
+                model,
+                &pending,
+                &regions,
+                layerwise,
+                &c,
+                &mut spread,
+                &mut summary.notes,
+            )?;
             staged.forget(model, &region_values);
         }
         let t = Instant::now();
@@ -457,6 +453,31 @@ fn mlp_regions(model: &Model) -> Result<Vec<Pending>> {
             group: None,
         })
         .collect())
+}
+
+/// What the sinks of regions `which` read.
+fn watched(pending: &[Pending], which: &[usize]) -> Vec<String> {
+    which
+        .iter()
+        .flat_map(|&p| pending[p].watch.iter().cloned())
+        .collect()
+}
+
+/// [`transform_region`] on regions `which`; returns how many got their rotation.
+fn transform_regions(
+    model: &mut Model,
+    pending: &[Pending],
+    which: &[usize],
+    layerwise: &LayerwiseMlp,
+    calib: &perqc_passes::calibration::Calibration,
+    spread: &mut Vec<(f64, f64)>,
+    notes: &mut Vec<String>,
+) -> Result<usize> {
+    let mut rotated = 0;
+    for &p in which {
+        rotated += transform_region(model, &pending[p], layerwise, calib, spread, notes)?;
+    }
+    Ok(rotated)
 }
 
 /// Permutes one region by its statistics in `calib` (where it admits a permutation) and

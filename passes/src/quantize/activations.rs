@@ -112,8 +112,6 @@ pub fn set_clip(graph: &mut Graph, a: &mut ActQuant, clip: f32) -> Result<(), St
 pub struct ClipChoice {
     /// The candidate with the least summed output error.
     pub ratio: f32,
-    /// `E(c)` per candidate, in candidate order.
-    pub errors: Vec<f64>,
     /// Per linear: SQNR (dB) of `Q_c(X) Ŵᵀ` against `X Wᵀ` at the chosen ratio.
     pub sqnr: Vec<f64>,
 }
@@ -177,7 +175,6 @@ pub fn search_clip(
         .collect();
     ClipChoice {
         ratio: candidates.get(best).copied().unwrap_or(1.0),
-        errors,
         sqnr,
     }
 }
