@@ -8,6 +8,7 @@ pub mod calibration;
 pub mod canonicalize;
 pub mod dce;
 pub mod fold_norms;
+pub mod fuse_int_linear;
 pub mod infer_shapes;
 pub mod lower;
 pub mod online_hadamard;
@@ -23,6 +24,7 @@ pub mod transform;
 pub use canonicalize::Canonicalize;
 pub use dce::Dce;
 pub use fold_norms::FoldNorms;
+pub use fuse_int_linear::FuseIntLinear;
 pub use infer_shapes::InferShapes;
 pub use lower::Lower;
 pub use online_hadamard::OnlineHadamard;
@@ -46,6 +48,12 @@ pub fn lower_for_export(model: &mut Model) -> Result<PassOutcome, PassError> {
 /// transforms match on.
 pub fn canonicalize(model: &mut Model) -> Result<PassOutcome, PassError> {
     Canonicalize.run(model, &mut PassContext::new(None))
+}
+
+/// Runs `fuse-int-linear` on `model` (after `canonicalize`): the quantized linears the
+/// native runtime's integer kernels run.
+pub fn fuse_int_linear(model: &mut Model) -> Result<PassOutcome, PassError> {
+    FuseIntLinear.run(model, &mut PassContext::new(None))
 }
 
 /// The passes that rewrite weights by channel transforms: exact up to float round-off (not
@@ -73,6 +81,11 @@ pub fn registry() -> PassRegistry {
             FoldNorms::NAME,
             FoldNorms::DESCRIPTION,
             FoldNorms::from_options,
+        )
+        .register(
+            FuseIntLinear::NAME,
+            FuseIntLinear::DESCRIPTION,
+            FuseIntLinear::from_options,
         )
         .register(
             InferShapes::NAME,
@@ -138,6 +151,7 @@ mod tests {
         fuse-fake-quantize  per-token dynamic Q/DQ (row max/min scale, blocked QuantizeLinear -> DequantizeLinear, or its float form) -> ai.perqc::FakeQuantize
         dce                 remove nodes and initializers whose results nothing reads
         fold-norms          fold RMS norm gammas into the linear layers that read the norms (exact)
+        fuse-int-linear     MatMul(FakeQuantize(x), DequantizeLinear(int4 W, per-column scale)) -> ai.perqc::QuantizedLinear, the native runtime's integer product (not bit-exact; no ONNX lowering)
         infer-shapes        infer symbolic shapes and element types of every value from the op table
         lower               turn canonical ai.perqc ops back into ops of the model's opset (before export)
         online-hadamard     rotate each mlp region's sink input by a block Hadamard computed in the graph, its transpose folded into the sink (exact); options block=B|full, signs=SEED

@@ -99,6 +99,49 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
         lowered_err < 1e-5,
         "{name} {tag}: fused vs lowered quantizers differ by {lowered_err:e}"
     );
+    // ...and on the integer kernels, where the quantized linears have 4-bit per-column
+    // weights (the products are exact integers there, so only f32 round-off of the float
+    // sums separates the two; one flipped activation code is the margin).
+    let mut int_plan = native.clone();
+    let fused = perqc_passes::fuse_int_linear(&mut int_plan).unwrap();
+    let quantized_4bit = tag.starts_with("w4a4");
+    assert_eq!(
+        fused.counter("fused") > 0,
+        quantized_4bit,
+        "{name} {tag}: fused {} linears",
+        fused.counter("fused")
+    );
+    if quantized_4bit {
+        assert_eq!(fused.counter("left-float"), 0, "{name} {tag}");
+        let y_int = first_output(&int_plan, &input_name, &x);
+        let int_err = rel(&y, &y_int);
+        assert!(
+            int_err < 5e-3,
+            "{name} {tag}: integer vs float kernels differ by {int_err:e}"
+        );
+        let err = perqc_passes::lower_for_export(&mut int_plan).unwrap_err();
+        assert!(err.to_string().contains("QuantizedLinear"), "{err}");
+        // ONNX Runtime on the emitted file against the integer plan.
+        let out_name = emitted.graph.value(emitted.graph.outputs[0]).name.clone();
+        let shape = Session::new(&native)
+            .unwrap()
+            .run(&[(input_name.as_str(), x.clone())])
+            .unwrap()[0]
+            .1
+            .shape()
+            .to_vec();
+        native_case(
+            &format!("quantized_{stem}_{tag}_int"),
+            &dir,
+            &out,
+            &[(input_name.as_str(), &x)],
+            &[(
+                out_name,
+                RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&shape), y_int).unwrap()),
+            )],
+            5e-3,
+        );
+    }
     let shape: Vec<usize> = {
         let s = Session::new(&native).unwrap();
         let out = s.run(&[(input_name.as_str(), x.clone())]).unwrap();

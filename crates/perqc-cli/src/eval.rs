@@ -37,6 +37,10 @@ pub struct EvalArgs {
     /// Threads, at least 1 (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Run quantized linears on the float kernels (fake quantization) instead of the
+    /// integer ones (`fuse-int-linear`).
+    #[arg(long)]
+    no_int: bool,
     /// No progress bar.
     #[arg(short, long)]
     quiet: bool,
@@ -62,6 +66,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // The canonical graph runs exported attention, RMS norm and SiLU chains as one op each.
     perqc_passes::canonicalize(&mut loaded.model)
         .with_context(|| format!("{}: canonicalize", args.model.display()))?;
+    if !args.no_int {
+        let fused = perqc_passes::fuse_int_linear(&mut loaded.model)
+            .with_context(|| format!("{}: fuse-int-linear", args.model.display()))?;
+        if fused.counter("fused") > 0 && !args.quiet {
+            eprintln!(
+                "integer kernels ({:?}) for {} quantized linears{}",
+                perqc_ops::kernels::igemm::Level::detect(),
+                fused.counter("fused"),
+                match fused.counter("left-float") {
+                    0 => String::new(),
+                    n => format!("; {n} keep the float path"),
+                }
+            );
+        }
+    }
     let opts = SessionOptions {
         threads: args.threads.unwrap_or(SessionOptions::default().threads),
     };

@@ -11,8 +11,8 @@ use crate::OpDef;
 use crate::channel as ch;
 use crate::kernels::control as kc;
 use crate::kernels::{
-    attention as katt, elementwise as kew, hadamard as khad, index as kix, linalg as kla,
-    misc as kmisc, movement as kmv, norm as knorm, reduce as krd, rotary as krot,
+    attention as katt, elementwise as kew, hadamard as khad, igemm as kigemm, index as kix,
+    linalg as kla, misc as kmisc, movement as kmv, norm as knorm, reduce as krd, rotary as krot,
 };
 use crate::rules::elementwise as ew;
 use crate::rules::{index as ix, linalg as la, misc, movement as mv, reduce as rd};
@@ -423,6 +423,9 @@ pub static OPS: &[OpDef] = &[
     OpDef::custom(PERQC, "FakeQuantize", 1, misc::fake_quantize)
         .kernel(kmisc::fake_quantize)
         .channel(ch::fake_quantize),
+    OpDef::custom(PERQC, "QuantizedLinear", 1, misc::quantized_linear)
+        .kernel(kigemm::quantized_linear)
+        .channel(ch::quantized_linear),
     // ---- com.microsoft ----
     OpDef::custom(MS, "Gelu", 1, ew::unary).channel(ch::pointwise),
     OpDef::custom(MS, "FastGelu", 1, ew::unary),

@@ -1,11 +1,12 @@
 //! One forward pass of a causal LM (input `input_ids` [1, seq]) natively, timed.
 //!
 //! usage: bench_forward MODEL [--seq 512] [--reps 3] [--threads 2] [--seed 0]
-//!                            [--vocab 49152] [--save DIR] [--profile] [--as-is]
+//!                            [--vocab 49152] [--save DIR] [--profile] [--as-is] [--no-int]
 //! Prints load, plan and per-run wall times and the median. With `--save`, writes
 //! `DIR/input_ids.npy` and `DIR/<output>.npy` (for comparison with ONNX Runtime, see
 //! `scripts/bench_runtime.py`). The model is canonicalized first (exported attention, RMS
-//! norm and SiLU chains become one op each) unless `--as-is`.
+//! norm and SiLU chains become one op each) unless `--as-is`, and its quantized linears run
+//! on the integer kernels (`fuse-int-linear`) unless `--no-int` or `--as-is`.
 
 use anyhow::{Context, Result, bail};
 use ndarray::{ArrayD, IxDyn};
@@ -21,6 +22,7 @@ fn main() -> Result<()> {
     let mut save: Option<PathBuf> = None;
     let mut profile = None;
     let mut as_is = false;
+    let mut int = true;
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -32,6 +34,7 @@ fn main() -> Result<()> {
             "--save" => save = Some(val()?.into()),
             "--profile" => profile = Some(Profile::default()),
             "--as-is" => as_is = true,
+            "--no-int" => int = false,
             s if s.starts_with("--") => bail!("unknown option {s}"),
             s => model = Some(PathBuf::from(s)),
         }
@@ -44,6 +47,12 @@ fn main() -> Result<()> {
     perqc_runtime::tune_allocator();
     if !as_is {
         perqc_passes::canonicalize(&mut loaded.model)?;
+        if int {
+            let fused = perqc_passes::fuse_int_linear(&mut loaded.model)?.counter("fused");
+            if fused > 0 {
+                println!("{fused} quantized linears on the integer kernels");
+            }
+        }
     }
     let sess = Session::with_options(&loaded.model, &SessionOptions { threads })?;
     let plan_s = t.elapsed().as_secs_f64();

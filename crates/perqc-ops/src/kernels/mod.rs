@@ -5,6 +5,7 @@ pub mod attention;
 pub mod control;
 pub mod elementwise;
 pub mod hadamard;
+pub mod igemm;
 pub mod index;
 pub(crate) mod layout;
 pub mod linalg;

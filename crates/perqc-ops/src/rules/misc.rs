@@ -246,6 +246,57 @@ pub fn fake_quantize(ctx: &InferCtx<'_>) -> RuleResult {
     Ok(vec![Facts::new(Some(DType::F32), x.shape.clone())])
 }
 
+/// `ai.perqc::QuantizedLinear(x [.., K], w_packed u8 [P, G, 64], w_scale f32 [N],
+/// w_sum i32 [N])`: f32 `[.., N]` (see `kernels::igemm`). The packed weight holds
+/// `P = ceil(N / 32)` panels of `G = ceil(K / 4)` groups.
+pub fn quantized_linear(ctx: &InferCtx<'_>) -> RuleResult {
+    let (x, w, scale, sum) = (ctx.req(0)?, ctx.req(1)?, ctx.req(2)?, ctx.req(3)?);
+    for (what, f, want) in [
+        ("x", x, DType::F32),
+        ("w_packed", w, DType::U8),
+        ("w_scale", scale, DType::F32),
+        ("w_sum", sum, DType::I32),
+    ] {
+        if let Some(d) = f.dtype
+            && d != want
+        {
+            return Err(ShapeError::Invalid(format!(
+                "QuantizedLinear {what} must be {want}, got {d}"
+            )));
+        }
+    }
+    crate::kernels::misc::token_quant(ctx.node).map_err(ShapeError::Invalid)?;
+    let n = scale.shape.as_ref().and_then(|s| match s.as_slice() {
+        [d] => Some(d.clone()),
+        _ => None,
+    });
+    let known = |f: &Facts, i: usize| f.shape.as_ref().and_then(|s| s.get(i)?.known());
+    if let (Some(Known(n)), Some(p)) = (&n, known(w, 0))
+        && p != (n + crate::kernels::igemm::NR as i64 - 1) / crate::kernels::igemm::NR as i64
+    {
+        return Err(ShapeError::Invalid(format!(
+            "QuantizedLinear: {p} weight panels do not hold {n} columns"
+        )));
+    }
+    let shape = match (&x.shape, n) {
+        (Some(xs), Some(n)) if !xs.is_empty() => {
+            if let (Some(k), Some(g)) = (xs[xs.len() - 1].known(), known(w, 1))
+                && g != (k + crate::kernels::igemm::KG as i64 - 1)
+                    / crate::kernels::igemm::KG as i64
+            {
+                return Err(ShapeError::Invalid(format!(
+                    "QuantizedLinear: {g} weight groups do not hold the {k} channels of x"
+                )));
+            }
+            let mut s = xs.clone();
+            *s.last_mut().expect("non-empty") = n;
+            Some(s)
+        }
+        _ => None,
+    };
+    Ok(vec![Facts::new(Some(DType::F32), shape)])
+}
+
 /// DynamicQuantizeLinear: y (u8, x's shape), scalar f32 scale and u8 zero point.
 pub fn dynamic_quantize_linear(ctx: &InferCtx<'_>) -> RuleResult {
     let x = ctx.req(0)?;

@@ -1,0 +1,723 @@
+//! Integer products for quantized linears: 4-bit weights times 8-bit activation codes,
+//! accumulated exactly in i32, scaled once per output element.
+//!
+//! **What is computed.** A linear `y = FQ(x) · DQ(W)` whose activation quantizer is
+//! per-token (`FQ`: codes `q`, scale `s_r` and zero point `z_r` per row, see
+//! [`crate::quant`]) and whose weight is symmetric with at most 4 bits and one scale per
+//! output column (`W[k, n] = w[k, n] · t_n`, `w` in -8..=7) is, in exact arithmetic,
+//!
+//! ```text
+//! y[r, n] = s_r · t_n · Σ_k (q[r, k] - z_r) · w[k, n]
+//! ```
+//!
+//! The sum is an integer, computed exactly here; the result is `f32(int) · f32(s_r · t_n)`
+//! (two roundings, in that order, at every level). The float path computes the same
+//! value with a rounding per product and per partial sum, so the two agree within f32
+//! round-off of the sum, not bit for bit.
+//!
+//! **Operands.** The instructions multiply unsigned bytes by signed bytes (`vpdpbusd`,
+//! `vpmaddubsw`). Weights are stored unsigned, `u = w + 8` in 0..=15, two per byte; the
+//! activation codes are the signed side, `c = q - off` in -128..=127 (`off` = 128 for
+//! 8-bit asymmetric codes, else 0). With `acc = Σ_k u·c`, exact in i32 (|acc| <= K·15·128):
+//!
+//! ```text
+//! Σ_k w·(q - z) = Σ_k (u - 8)·c + (off - z)·Σ_k w = acc - 8·Σ_k c + (off - z)·colsum_n
+//! ```
+//!
+//! so each row carries `rowcorr = -8·Σ_k c` and `zcorr = off - z`, each column
+//! `colsum = Σ_k w`. `vpmaddubsw` adds two `u·c` products in i16 with saturation; they
+//! are at most 2·15·128 = 3840, so it never saturates here.
+//!
+//! **Packed weight layout** (fixed, the same for every level): columns in panels of
+//! [`NR`] = 32, K padded with zeros (`u = 8`) to a multiple of [`KG`] = 4; per panel and
+//! group of 4 k, 64 bytes: byte `4·l + j` holds `u[k0 + j, c0 + l]` in its low nibble and
+//! `u[k0 + j, c0 + 16 + l]` in its high nibble (l in 0..16). A 64-byte load is then two
+//! 16-lane vectors of four k each, the operand shape of `vpdpbusd`. Padding columns hold
+//! `u = 8` and are never written out.
+//!
+//! **Levels.** AVX-512 VNNI (`vpdpbusd`), AVX-512BW and AVX2 (`vpmaddubsw` + `vpmaddwd`)
+//! and portable code, picked at run time. Every level computes the same integers and the
+//! same two roundings, so all give the same bits (tested on odd shapes at every level the
+//! CPU has, and 1 against 2 threads).
+
+use super::layout::{PAR_MIN_ELEMS, standard};
+use crate::kernel::{KernelCtx, KernelError, RtTensor, output_vec, req, req_f32};
+use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+type In<'a, 'b> = &'a [Option<&'b RtTensor>];
+type Out = Result<Vec<RtTensor>, KernelError>;
+
+/// Columns per weight panel.
+pub const NR: usize = 32;
+/// K per group: four bytes per 32-bit lane.
+pub const KG: usize = 4;
+/// Bytes per panel and group.
+pub const GROUP_BYTES: usize = NR * KG / 2;
+/// Rows per micro-kernel call; activation code buffers are padded to a multiple of it.
+pub const MR: usize = 8;
+
+/// An instruction-set level of the integer kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// Portable code.
+    Scalar,
+    /// 8-lane AVX2 `vpmaddubsw` / `vpmaddwd`.
+    Avx2,
+    /// 16-lane AVX-512BW `vpmaddubsw` / `vpmaddwd`.
+    Avx512Bw,
+    /// 16-lane AVX-512 VNNI `vpdpbusd`.
+    Avx512Vnni,
+}
+
+impl Level {
+    /// Every level, narrowest first.
+    pub const ALL: [Level; 4] = [
+        Level::Scalar,
+        Level::Avx2,
+        Level::Avx512Bw,
+        Level::Avx512Vnni,
+    ];
+
+    /// The fastest level this CPU runs.
+    pub fn detect() -> Level {
+        *Level::ALL
+            .iter()
+            .rev()
+            .find(|l| l.available())
+            .expect("scalar is always available")
+    }
+
+    /// Whether this CPU runs the level.
+    pub fn available(self) -> bool {
+        match self {
+            Level::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Bw => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Vnni => {
+                Level::Avx512Bw.available() && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// K rounded up to whole groups.
+pub fn padded_k(k: usize) -> usize {
+    k.div_ceil(KG) * KG
+}
+
+/// The packed weight tensor's shape: `[panels, groups, GROUP_BYTES]`.
+pub fn packed_shape(k: usize, n: usize) -> [usize; 3] {
+    [n.div_ceil(NR), k.div_ceil(KG), GROUP_BYTES]
+}
+
+/// A weight packed for [`gemm`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedWeights {
+    /// `packed_shape(k, n)` bytes in the layout of the module docs.
+    pub data: Vec<u8>,
+    /// `Σ_k w[k, n]` per column.
+    pub col_sums: Vec<i32>,
+}
+
+/// Packs row-major `w` `[k, n]` (values in -8..=7). Errors name the first value out of range.
+pub fn pack_weights(w: &[i8], k: usize, n: usize) -> Result<PackedWeights, String> {
+    if w.len() != k * n {
+        return Err(format!("weight has {} values, not {k} x {n}", w.len()));
+    }
+    if let Some(i) = w.iter().position(|v| !(-8..=7).contains(v)) {
+        return Err(format!(
+            "weight value {} at [{}, {}] is not a 4-bit signed code",
+            w[i],
+            i / n,
+            i % n
+        ));
+    }
+    let [panels, groups, _] = packed_shape(k, n);
+    // 0x88: u = 8 (w = 0) in both nibbles, for the padding.
+    let mut data = vec![0x88u8; panels * groups * GROUP_BYTES];
+    for kk in 0..k {
+        let (g, j) = (kk / KG, kk % KG);
+        for (c, &v) in w[kk * n..(kk + 1) * n].iter().enumerate() {
+            let (p, l) = (c / NR, c % NR);
+            let byte = &mut data[(p * groups + g) * GROUP_BYTES + 4 * (l % 16) + j];
+            let u = (v + 8) as u8;
+            *byte = if l < 16 {
+                (*byte & 0xf0) | u
+            } else {
+                (*byte & 0x0f) | (u << 4)
+            };
+        }
+    }
+    let mut col_sums = vec![0i32; n];
+    for row in w.chunks_exact(n.max(1)).take(k) {
+        for (s, &v) in col_sums.iter_mut().zip(row) {
+            *s += i32::from(v);
+        }
+    }
+    Ok(PackedWeights { data, col_sums })
+}
+
+/// The signed weight code `w[kk, c]` of a packed weight (the inverse of [`pack_weights`]).
+pub fn unpacked_weight(data: &[u8], k: usize, kk: usize, c: usize) -> i8 {
+    let groups = k.div_ceil(KG);
+    let (p, l) = (c / NR, c % NR);
+    let byte = data[(p * groups + kk / KG) * GROUP_BYTES + 4 * (l % 16) + kk % KG];
+    let u = if l < 16 { byte & 0x0f } else { byte >> 4 };
+    u as i8 - 8
+}
+
+/// Per-row terms of the product (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowTerms {
+    /// The row's activation scale `s_r`.
+    pub scale: f32,
+    /// `-8 · Σ_k c`.
+    pub rowcorr: i32,
+    /// `off - z_r`.
+    pub zcorr: i32,
+}
+
+/// Quantizes each `k`-element row of `x` with `p` into signed codes `c = q - off` (row
+/// stride [`padded_k`]`(k)`, padding 0) and its [`RowTerms`]. The codes are the ones
+/// [`crate::quant::fake_quantize_rows`] computes: same scale, zero point and rounding.
+/// `codes` and `terms` may be longer than needed (padding rows are left as they are).
+pub fn quantize_rows(
+    x: &[f32],
+    k: usize,
+    p: crate::quant::TokenQuant,
+    codes: &mut [i8],
+    terms: &mut [RowTerms],
+) {
+    let kp = padded_k(k);
+    if k == 0 {
+        return;
+    }
+    let (lo, hi) = p.code_range();
+    let off = if !p.symmetric && hi > 127.0 {
+        128.0
+    } else {
+        0.0
+    };
+    for ((row, out), t) in x
+        .chunks_exact(k)
+        .zip(codes.chunks_exact_mut(kp))
+        .zip(terms.iter_mut())
+    {
+        let (s, zp) = p.params(row);
+        let sum = quantize_row(row, &mut out[..k], s, zp, lo, hi, off);
+        out[k..].fill(0);
+        *t = RowTerms {
+            scale: s,
+            rowcorr: -8 * sum,
+            zcorr: (off - zp) as i32,
+        };
+    }
+}
+
+crate::kernels::vmath::multiversion! {
+    /// `c = clamp(round(x / s) + zp, lo, hi) - off` per element; returns `Σ c`.
+    fn quantize_row(row: &[f32], out: &mut [i8], s: f32, zp: f32, lo: f32, hi: f32, off: f32) -> i32 {
+        let mut sum = 0i32;
+        for (o, &v) in out.iter_mut().zip(row) {
+            let q = ((v / s).round_ties_even() + zp).clamp(lo, hi) - off;
+            let c = q as i32;
+            sum += c;
+            *o = c as i8;
+        }
+        sum
+    }
+}
+
+/// The operands of one product: `m` rows of codes (stride `padded_k(k)`, at least
+/// `m.div_ceil(MR) · MR` rows) with their terms, a packed `[k, n]` weight with its column
+/// sums and scales.
+pub struct Operands<'a> {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub codes: &'a [i8],
+    pub terms: &'a [RowTerms],
+    pub weights: &'a [u8],
+    pub col_sums: &'a [i32],
+    pub w_scale: &'a [f32],
+}
+
+impl Operands<'_> {
+    fn check(&self) {
+        let rows = self.m.div_ceil(MR) * MR;
+        let [panels, groups, bytes] = packed_shape(self.k, self.n);
+        assert!(
+            self.codes.len() >= rows * padded_k(self.k),
+            "igemm: codes too short"
+        );
+        assert!(self.terms.len() >= rows, "igemm: row terms too short");
+        assert_eq!(
+            self.weights.len(),
+            panels * groups * bytes,
+            "igemm: packed weight"
+        );
+        assert_eq!(self.col_sums.len(), self.n, "igemm: column sums");
+        assert_eq!(self.w_scale.len(), self.n, "igemm: weight scales");
+    }
+}
+
+/// `out[r, c]` (row-major `[m, n]`, every element written) = the product of the module
+/// docs, computed at `level` with panels spread over the current rayon pool when
+/// `parallel`. Panics (a caller's bug) on operand sizes that do not fit or a level the CPU
+/// lacks.
+pub fn gemm(ops: &Operands<'_>, out: &mut [MaybeUninit<f32>], level: Level, parallel: bool) {
+    ops.check();
+    assert_eq!(out.len(), ops.m * ops.n, "igemm: output size");
+    assert!(level.available(), "igemm: this CPU does not run {level:?}");
+    if ops.m == 0 || ops.n == 0 {
+        return;
+    }
+    let panels = ops.n.div_ceil(NR);
+    let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
+    let run = |p: usize| {
+        // Safety: panel p writes only columns p·NR .. min((p + 1)·NR, n) of every row,
+        // disjoint from every other panel's.
+        unsafe { panel(ops, p, out_ptr, level) }
+    };
+    if parallel && panels > 1 {
+        (0..panels).into_par_iter().for_each(run);
+    } else {
+        (0..panels).for_each(run);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// One panel of columns for every row block.
+///
+/// # Safety
+/// `ops` checked, `out` points to `m · n` f32 that no other thread writes in this panel's
+/// columns, `level` available.
+unsafe fn panel(ops: &Operands<'_>, p: usize, out: SendPtr, level: Level) {
+    let groups = ops.k.div_ceil(KG);
+    let kp = groups * KG;
+    let w = &ops.weights[p * groups * GROUP_BYTES..(p + 1) * groups * GROUP_BYTES];
+    let c0 = p * NR;
+    let cols = (ops.n - c0).min(NR);
+    let mut col_sum = [0i32; NR];
+    let mut col_scale = [0f32; NR];
+    col_sum[..cols].copy_from_slice(&ops.col_sums[c0..c0 + cols]);
+    col_scale[..cols].copy_from_slice(&ops.w_scale[c0..c0 + cols]);
+    for r0 in (0..ops.m).step_by(MR) {
+        let mut acc = [[0i32; NR]; MR];
+        let a = &ops.codes[r0 * kp..(r0 + MR) * kp];
+        match level {
+            Level::Scalar => tile_scalar(a, kp, w, &mut acc),
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { x86::tile_avx2(a, kp, w, &mut acc) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Bw => unsafe { x86::tile_avx512bw(a, kp, w, &mut acc) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Vnni => unsafe { x86::tile_avx512vnni(a, kp, w, &mut acc) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("checked available"),
+        }
+        for (i, acc_row) in acc.iter().enumerate().take((ops.m - r0).min(MR)) {
+            let r = r0 + i;
+            let t = ops.terms[r];
+            // Safety: row r < m, columns c0 .. c0 + cols < n.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * ops.n + c0), cols) };
+            for (j, d) in dst.iter_mut().enumerate() {
+                let int = acc_row[j] + t.rowcorr + t.zcorr * col_sum[j];
+                *d = int as f32 * (t.scale * col_scale[j]);
+            }
+        }
+    }
+}
+
+/// `acc[i][l] = Σ_k u[k, l] · c[i, k]` for one panel (`w`, all groups) and `MR` code rows
+/// (`a`, stride `kp`): the reference every level matches.
+fn tile_scalar(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
+    for (g, block) in w.chunks_exact(GROUP_BYTES).enumerate() {
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            let c = &a[i * kp + g * KG..i * kp + g * KG + KG];
+            for l in 0..16 {
+                for j in 0..KG {
+                    let byte = block[4 * l + j];
+                    let cv = i32::from(c[j]);
+                    acc_row[l] += i32::from(byte & 0x0f) * cv;
+                    acc_row[l + 16] += i32::from(byte >> 4) * cv;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{GROUP_BYTES, KG, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Four code bytes of row `i`, group `g`, as one 32-bit lane value.
+    #[inline(always)]
+    unsafe fn lane(a: &[i8], kp: usize, i: usize, g: usize) -> i32 {
+        debug_assert!(i * kp + g * KG + KG <= a.len());
+        unsafe { std::ptr::read_unaligned(a.as_ptr().add(i * kp + g * KG).cast::<i32>()) }
+    }
+
+    /// AVX-512 tile: per group, one 64-byte load makes two 16-lane weight vectors (low
+    /// and high nibbles: columns 0..16 and 16..32); each code row is broadcast and
+    /// multiplied into two accumulators. `$dot(acc, u, c)` adds the 4-byte dot products.
+    macro_rules! tile512 {
+        ($name:ident, $features:literal, $dot:expr) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
+                let dot = $dot;
+                let mask = _mm512_set1_epi8(0x0f);
+                let mut lo = [_mm512_setzero_si512(); MR];
+                let mut hi = [_mm512_setzero_si512(); MR];
+                for (g, block) in w.chunks_exact(GROUP_BYTES).enumerate() {
+                    let v = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
+                    let u0 = _mm512_and_si512(v, mask);
+                    let u1 = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+                    for i in 0..MR {
+                        let c = _mm512_set1_epi32(unsafe { lane(a, kp, i, g) });
+                        lo[i] = dot(lo[i], u0, c);
+                        hi[i] = dot(hi[i], u1, c);
+                    }
+                }
+                for i in 0..MR {
+                    unsafe {
+                        _mm512_storeu_si512(acc[i].as_mut_ptr().cast(), lo[i]);
+                        _mm512_storeu_si512(acc[i].as_mut_ptr().add(16).cast(), hi[i]);
+                    }
+                }
+            }
+        };
+    }
+
+    tile512!(
+        tile_avx512vnni,
+        "avx512f,avx512bw,avx512vnni",
+        |acc, u, c| _mm512_dpbusd_epi32(acc, u, c)
+    );
+    tile512!(tile_avx512bw, "avx512f,avx512bw", |acc, u, c| {
+        let pairs = _mm512_maddubs_epi16(u, c);
+        _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+    });
+
+    /// AVX2 tile, in two halves of the 64-byte group: bytes 0..32 hold columns 0..8
+    /// (low nibbles) and 16..24 (high), bytes 32..64 columns 8..16 and 24..32.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn tile_avx2(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
+        let mask = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        const HALF: usize = MR / 2;
+        for half in 0..2 {
+            for rows in [0..HALF, HALF..MR] {
+                let mut lo = [_mm256_setzero_si256(); HALF];
+                let mut hi = [_mm256_setzero_si256(); HALF];
+                for (g, block) in w.chunks_exact(GROUP_BYTES).enumerate() {
+                    let v = unsafe { _mm256_loadu_si256(block.as_ptr().add(32 * half).cast()) };
+                    let u0 = _mm256_and_si256(v, mask);
+                    let u1 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+                    for (j, i) in rows.clone().enumerate() {
+                        let c = _mm256_set1_epi32(unsafe { lane(a, kp, i, g) });
+                        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, c), ones);
+                        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, c), ones);
+                        lo[j] = _mm256_add_epi32(lo[j], p0);
+                        hi[j] = _mm256_add_epi32(hi[j], p1);
+                    }
+                }
+                for (j, i) in rows.enumerate() {
+                    unsafe {
+                        let base = acc[i].as_mut_ptr().add(8 * half);
+                        _mm256_storeu_si256(base.cast(), lo[j]);
+                        _mm256_storeu_si256(base.add(16).cast(), hi[j]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `ai.perqc::QuantizedLinear(x, w_packed, w_scale, w_sum)` (attributes `bits`,
+/// `symmetric`, `clip` of the activation quantizer): every row of x's last axis quantized
+/// per token and multiplied by the packed 4-bit weight in integers (the module docs).
+pub fn quantized_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let x = req_f32(inputs, 0)?;
+    let p = super::misc::token_quant(ctx.node).map_err(KernelError::Invalid)?;
+    let (RtTensor::U8(w), Some(w_scale), RtTensor::I32(w_sum)) =
+        (req(inputs, 1)?, req(inputs, 2)?.as_f32(), req(inputs, 3)?)
+    else {
+        return Err(KernelError::Invalid(
+            "QuantizedLinear takes u8 packed weights, f32 scales and i32 column sums".into(),
+        ));
+    };
+    let (Some(&k), n) = (x.shape().last(), w_scale.len()) else {
+        return Err(KernelError::Invalid(
+            "QuantizedLinear: x must have rank >= 1".into(),
+        ));
+    };
+    if w.shape() != packed_shape(k, n) || w_sum.len() != n || w_scale.ndim() != 1 {
+        return Err(KernelError::Invalid(format!(
+            "QuantizedLinear: packed weight {:?}, scales {:?} and sums {:?} do not make a \
+             [{k}, {n}] weight (packed shape {:?})",
+            w.shape(),
+            w_scale.shape(),
+            w_sum.shape(),
+            packed_shape(k, n)
+        )));
+    }
+    let m: usize = x.shape()[..x.ndim() - 1].iter().product();
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = n;
+    let rows = m.div_ceil(MR) * MR;
+    let kp = padded_k(k);
+    let x = standard(x);
+    let x = x.as_slice().expect("standard layout");
+    let mut codes = vec![0i8; rows * kp];
+    let mut terms = vec![RowTerms::default(); rows];
+    let parallel = ctx.threads > 1;
+    if parallel && m * k >= PAR_MIN_ELEMS && k > 0 {
+        let per = (PAR_MIN_ELEMS / 4).div_ceil(k).max(1);
+        x.par_chunks(per * k)
+            .zip(codes.par_chunks_mut(per * kp))
+            .zip(terms.par_chunks_mut(per))
+            .for_each(|((x, c), t)| quantize_rows(x, k, p, c, t));
+    } else {
+        quantize_rows(x, k, p, &mut codes, &mut terms);
+    }
+    let mut out = output_vec::<f32>(m * n);
+    let (w, w_sum, w_scale) = (standard(w), standard(w_sum), standard(w_scale));
+    let ops = Operands {
+        m,
+        k,
+        n,
+        codes: &codes,
+        terms: &terms,
+        weights: w.as_slice().expect("standard layout"),
+        col_sums: w_sum.as_slice().expect("standard layout"),
+        w_scale: w_scale.as_slice().expect("standard layout"),
+    };
+    gemm(&ops, out.spare_capacity_mut(), Level::detect(), parallel);
+    // Safety: `gemm` wrote all m · n elements.
+    unsafe { out.set_len(m * n) };
+    Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
+        IxDyn(&shape),
+        out,
+    )?)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::TokenQuant;
+
+    fn lcg(state: &mut u64) -> u32 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*state >> 33) as u32
+    }
+
+    /// The product in i64 from unpacked operands, scaled as the kernel scales.
+    fn reference(
+        x: &[f32],
+        w: &[i8],
+        w_scale: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        p: TokenQuant,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for r in 0..m {
+            let row = &x[r * k..(r + 1) * k];
+            let (s, zp) = p.params(row);
+            let (lo, hi) = p.code_range();
+            let q: Vec<i64> = row
+                .iter()
+                .map(|&v| ((v / s).round_ties_even() + zp).clamp(lo, hi) as i64)
+                .collect();
+            for c in 0..n {
+                let int: i64 = (0..k)
+                    .map(|kk| (q[kk] - zp as i64) * w[kk * n + c] as i64)
+                    .sum();
+                out[r * n + c] = int as i32 as f32 * (s * w_scale[c]);
+            }
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        x: &[f32],
+        packed: &PackedWeights,
+        w_scale: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        p: TokenQuant,
+        level: Level,
+        parallel: bool,
+    ) -> Vec<f32> {
+        let rows = m.div_ceil(MR) * MR;
+        let mut codes = vec![0i8; rows * padded_k(k)];
+        let mut terms = vec![RowTerms::default(); rows];
+        quantize_rows(x, k, p, &mut codes, &mut terms);
+        let ops = Operands {
+            m,
+            k,
+            n,
+            codes: &codes,
+            terms: &terms,
+            weights: &packed.data,
+            col_sums: &packed.col_sums,
+            w_scale,
+        };
+        let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
+        gemm(&ops, &mut out, level, parallel);
+        out.into_iter()
+            .map(|v| unsafe { v.assume_init() })
+            .collect()
+    }
+
+    #[test]
+    fn packing_round_trips() {
+        let (k, n) = (13, 45);
+        let mut st = 7;
+        let w: Vec<i8> = (0..k * n).map(|_| (lcg(&mut st) % 16) as i8 - 8).collect();
+        let packed = pack_weights(&w, k, n).unwrap();
+        for kk in 0..k {
+            for c in 0..n {
+                assert_eq!(unpacked_weight(&packed.data, k, kk, c), w[kk * n + c]);
+            }
+        }
+        assert!(pack_weights(&[9], 1, 1).unwrap_err().contains("[0, 0]"));
+    }
+
+    /// Every level the CPU runs gives the reference's bits on odd shapes, every quantizer
+    /// kind, serial and parallel.
+    #[test]
+    fn every_level_matches_the_reference() {
+        let shapes = [
+            (1, 4, 1),
+            (3, 5, 7),
+            (9, 13, 33),
+            (17, 64, 32),
+            (8, 96, 70),
+            (33, 200, 65),
+        ];
+        let quantizers = [
+            TokenQuant {
+                bits: 4,
+                symmetric: false,
+                clip: 1.0,
+            },
+            TokenQuant {
+                bits: 4,
+                symmetric: true,
+                clip: 0.9,
+            },
+            TokenQuant {
+                bits: 8,
+                symmetric: false,
+                clip: 1.0,
+            },
+            TokenQuant {
+                bits: 8,
+                symmetric: true,
+                clip: 1.0,
+            },
+            TokenQuant {
+                bits: 3,
+                symmetric: false,
+                clip: 0.85,
+            },
+        ];
+        let mut st = 1;
+        for &(m, k, n) in &shapes {
+            let x: Vec<f32> = (0..m * k)
+                .map(|_| (lcg(&mut st) % 2001) as f32 / 100.0 - 9.0)
+                .collect();
+            let w: Vec<i8> = (0..k * n).map(|_| (lcg(&mut st) % 16) as i8 - 8).collect();
+            let w_scale: Vec<f32> = (0..n)
+                .map(|_| (lcg(&mut st) % 100 + 1) as f32 / 700.0)
+                .collect();
+            let packed = pack_weights(&w, k, n).unwrap();
+            for &p in &quantizers {
+                let want = reference(&x, &w, &w_scale, m, k, n, p);
+                for level in Level::ALL.into_iter().filter(|l| l.available()) {
+                    for parallel in [false, true] {
+                        let got = run(&x, &packed, &w_scale, m, k, n, p, level, parallel);
+                        assert_eq!(
+                            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{m}x{k}x{n} {p:?} {level:?} parallel {parallel}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The codes are FakeQuantize's: dequantized they give its output bit for bit.
+    #[test]
+    fn codes_are_fake_quantize_codes() {
+        let k = 37;
+        let mut st = 3;
+        let x: Vec<f32> = (0..5 * k)
+            .map(|_| (lcg(&mut st) % 3001) as f32 / 77.0 - 20.0)
+            .collect();
+        for p in [
+            TokenQuant {
+                bits: 4,
+                symmetric: false,
+                clip: 0.9,
+            },
+            TokenQuant {
+                bits: 8,
+                symmetric: false,
+                clip: 1.0,
+            },
+            TokenQuant {
+                bits: 6,
+                symmetric: true,
+                clip: 1.0,
+            },
+        ] {
+            let mut fq = x.clone();
+            crate::quant::fake_quantize_rows_serial(&mut fq, k, p);
+            let kp = padded_k(k);
+            let mut codes = vec![0i8; 8 * kp];
+            let mut terms = vec![RowTerms::default(); 8];
+            quantize_rows(&x, k, p, &mut codes, &mut terms);
+            let (_, hi) = p.code_range();
+            let off = if !p.symmetric && hi > 127.0 { 128 } else { 0 };
+            for r in 0..5 {
+                let t = terms[r];
+                let zp = off - t.zcorr;
+                let sum: i32 = codes[r * kp..r * kp + k].iter().map(|&c| c as i32).sum();
+                assert_eq!(t.rowcorr, -8 * sum);
+                for j in 0..k {
+                    let q = codes[r * kp + j] as i32 + off;
+                    // Equal as numbers (FakeQuantize writes -0 where a code is the zero point).
+                    assert_eq!(
+                        (q - zp) as f32 * t.scale,
+                        fq[r * k + j],
+                        "{p:?} row {r} col {j}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! `fuse-int-linear`: quantized linears -> the runtime's integer linear.
+//!
+//! ```text
+//! MatMul(ai.perqc::FakeQuantize(x), DequantizeLinear(w, t, axis = 1))
+//!     == ai.perqc::QuantizedLinear(x, pack(w), t, colsum(w))      (up to f32 round-off)
+//! ```
+//!
+//! for a constant `w` `[K, N]` of signed 4-bit codes (int4, or int8 holding values in
+//! -8..=7) with one f32 scale per column and no zero point (or an all-zero one), and a
+//! FakeQuantize of any width (per-token, 2..8 bits; the codes fit a signed byte, see
+//! `perqc_ops::kernels::igemm`). The kernel sums the products of the codes exactly in
+//! integers and scales each result once; the float graph rounds every product and partial
+//! sum. So the rewrite is not bit-exact: it is an execution plan, not a canonical form,
+//! and is not part of `canonicalize`. `perqc eval` runs it unless `--no-int`.
+//!
+//! The packed weight is a u8 initializer in the kernel's layout (panels of 32 columns,
+//! two codes per byte), so a session holds the weight at 4 bits. Everything else (blocked
+//! or asymmetric weights, FP4/MX formats, weight-only graphs) keeps the float path; the
+//! pass counts what it left and why.
+//!
+//! `lower` has no ONNX spelling for the op: export the graph before this pass.
+
+use crate::Dce;
+use perqc_ir::{
+    DType, Matcher, Model, NodeId, OptionError, Pass, PassContext, PassError, PassOptions,
+    PassOutcome, Patch, Tensor, ValueId,
+};
+use perqc_ops::kernels::igemm;
+use perqc_ops::{PERQC_DOMAIN, ShapeMap};
+
+#[derive(Debug, Default)]
+pub struct FuseIntLinear;
+
+impl FuseIntLinear {
+    pub const NAME: &'static str = "fuse-int-linear";
+    pub const DESCRIPTION: &'static str = "MatMul(FakeQuantize(x), DequantizeLinear(int4 W, per-column scale)) -> ai.perqc::QuantizedLinear, the native runtime's integer product (not bit-exact; no ONNX lowering)";
+
+    pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
+        opts.allow_only(&[])?;
+        Ok(Box::new(FuseIntLinear))
+    }
+}
+
+/// Why a MatMul that reads a FakeQuantize was not fused.
+const LEFT_FLOAT: &str = "left-float";
+
+/// The weight side: signed 4-bit codes `[K, N]` and their per-column scale value.
+struct Weight {
+    codes: Vec<i8>,
+    k: usize,
+    n: usize,
+    scale: ValueId,
+    name: String,
+}
+
+/// `DequantizeLinear(w, t, z?)` with `w` constant `[K, N]` int4 (or int8 in -8..=7), `t`
+/// constant f32 `[N]` on axis 1, no block size, `z` absent or zero.
+fn weight(m: &Matcher<'_>, v: ValueId) -> Option<Weight> {
+    let dq = m.def_op(v, "DequantizeLinear")?;
+    let n = m.node(dq);
+    let (w, t) = (n.input(0)?, n.input(1)?);
+    let wt = m.constant(w)?;
+    if wt.dims.len() != 2 || !matches!(wt.dtype, DType::I4 | DType::I8) {
+        return None;
+    }
+    let (k, cols) = (wt.dims[0] as usize, wt.dims[1] as usize);
+    let axis = n.attr_int("axis").unwrap_or(1);
+    if (axis != 1 && axis != -1) || n.attr_int("block_size").unwrap_or(0) != 0 {
+        return None;
+    }
+    let tt = m.constant(t)?;
+    if tt.dtype != DType::F32 || tt.dims != [cols as i64] {
+        return None;
+    }
+    if let Some(z) = n.input(2) {
+        let zt = perqc_ops::RtTensor::from_tensor(&*m.constant(z)?).ok()?;
+        let zero = match &zt {
+            perqc_ops::RtTensor::I4(a) | perqc_ops::RtTensor::I8(a) => a.iter().all(|&v| v == 0),
+            _ => false,
+        };
+        if !zero {
+            return None;
+        }
+    }
+    let codes = match perqc_ops::RtTensor::from_tensor(&wt).ok()? {
+        perqc_ops::RtTensor::I4(a) | perqc_ops::RtTensor::I8(a) => {
+            a.as_standard_layout().iter().copied().collect::<Vec<i8>>()
+        }
+        _ => return None,
+    };
+    if codes.iter().any(|c| !(-8..=7).contains(c)) {
+        return None;
+    }
+    Some(Weight {
+        codes,
+        k,
+        n: cols,
+        scale: t,
+        name: m.graph.value(w).name.clone(),
+    })
+}
+
+/// The rewrite at MatMul `end`, or `None` when it is not a quantized linear of this shape.
+fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
+    if !m.is_op(end, "MatMul") {
+        return None;
+    }
+    let (a, b) = m.two(end)?;
+    let fq = m.producer(a)?;
+    let fq_node = m.node(fq);
+    if fq_node.domain != PERQC_DOMAIN || fq_node.op_type != "FakeQuantize" {
+        return None;
+    }
+    perqc_ops::kernels::misc::token_quant(fq_node).ok()?;
+    let x = fq_node.input(0)?;
+    if m.rank(x).is_some_and(|r| r < 1) {
+        return None;
+    }
+    let w = weight(m, b)?;
+    let packed = igemm::pack_weights(&w.codes, w.k, w.n).ok()?;
+    let dims: Vec<i64> = igemm::packed_shape(w.k, w.n)
+        .iter()
+        .map(|&d| d as i64)
+        .collect();
+    let mut p = Patch::new();
+    let sums = p.add_initializer(
+        &format!("{}.colsum", w.name),
+        Tensor::from_slice(vec![w.n as i64], &packed.col_sums),
+    );
+    let packed = p.add_initializer(
+        &format!("{}.packed", w.name),
+        Tensor::from_slice(dims, &packed.data),
+    );
+    let mut spec = crate::canonicalize::canonical("QuantizedLinear");
+    for name in ["bits", "symmetric", "clip"] {
+        if let Some(v) = fq_node.attr(name) {
+            spec = spec.attr(name, v.clone());
+        }
+    }
+    p.set_op(
+        end,
+        spec,
+        [
+            Some(x.into()),
+            Some(packed),
+            Some(w.scale.into()),
+            Some(sums),
+        ],
+    );
+    Some(p)
+}
+
+impl Pass for FuseIntLinear {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn description(&self) -> &'static str {
+        Self::DESCRIPTION
+    }
+
+    fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        let shapes = ctx.analysis::<ShapeMap>(model)?;
+        let (mut fused, mut left) = (0u64, 0u64);
+        for id in model.graph.node_order().to_vec() {
+            if model.graph.try_node(id).is_none() {
+                continue;
+            }
+            let m = Matcher::new(&model.graph, &*shapes);
+            let reads_fq = m.is_op(id, "MatMul")
+                && m.input(id, 0).and_then(|a| m.producer(a)).is_some_and(|p| {
+                    let n = m.node(p);
+                    n.domain == PERQC_DOMAIN && n.op_type == "FakeQuantize"
+                });
+            if !reads_fq {
+                continue;
+            }
+            let Some(patch) = rewrite(&m, id) else {
+                left += 1;
+                continue;
+            };
+            if !ctx.rewrite() {
+                break;
+            }
+            patch.apply(&mut model.graph)?;
+            fused += 1;
+        }
+        let mut removed = 0;
+        if fused > 0 {
+            ctx.invalidate_analyses();
+            removed = Dce::default().run(model, ctx)?.counter("nodes-removed");
+        }
+        if left > 0 {
+            ctx.note(format!(
+                "{left} quantized MatMul(s) keep the float path (weights not symmetric per-column 4-bit codes)"
+            ));
+        }
+        Ok(PassOutcome::from_changed(fused > 0)
+            .with("fused", fused)
+            .with(LEFT_FLOAT, left)
+            .with("nodes-removed", removed))
+    }
+}
