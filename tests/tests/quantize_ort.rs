@@ -65,6 +65,13 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
     PassManager::new()
         .run(&mut model, &mut p, &mut RunOptions::default())
         .unwrap_or_else(|e| panic!("{name} {pipeline}: {e}"));
+    let attention = |m: &Model| {
+        m.graph
+            .nodes()
+            .filter(|(_, n)| n.op_type == "Attention")
+            .count()
+    };
+    let fused_attention = attention(&model);
     perqc_passes::lower_for_export(&mut model).expect("lowers");
     let stem = name.trim_end_matches(".onnx");
     let dir = out_dir(&format!("quantize_{stem}_{tag}"));
@@ -90,6 +97,12 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
     // The emitted file, as `perqc eval` runs it (canonicalized).
     let mut native = emitted.clone();
     perqc_passes::canonicalize(&mut native).unwrap();
+    // The attention `lower` wrote (grouped below opset 23) reads back fused.
+    assert_eq!(
+        attention(&native),
+        fused_attention,
+        "{name} {tag}: attention"
+    );
     let y = first_output(&native, &input_name, &x);
     assert!(y.iter().all(|v| v.is_finite()), "{name} {tag}: non-finite");
     // ...and as written (the lowered QDQ ops), which must agree with the fused kernels.

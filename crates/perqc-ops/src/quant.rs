@@ -68,19 +68,12 @@ impl TokenQuant {
     /// The row's scale and zero point (0 when symmetric) as the graph computes them.
     pub fn params(&self, row: &[f32]) -> (f32, f32) {
         let (_, hi) = self.code_range();
-        let (mut lo_x, mut hi_x) = (f32::INFINITY, f32::NEG_INFINITY);
         if self.symmetric {
-            let mut m = f32::NEG_INFINITY;
-            for &v in row {
-                m = m.max(v.abs());
-            }
+            let m = abs_max(row);
             let m = if self.clip != 1.0 { m * self.clip } else { m };
             return ((m / hi).max(TINY), 0.0);
         }
-        for &v in row {
-            hi_x = hi_x.max(v);
-            lo_x = lo_x.min(v);
-        }
+        let (lo_x, hi_x) = min_max(row);
         let mut mx = hi_x.max(0.0);
         let mut mn = lo_x.min(0.0);
         if self.clip != 1.0 {
@@ -89,6 +82,54 @@ impl TokenQuant {
         }
         let s = ((mx - mn) / hi).max(TINY);
         (s, (-(mn / s)).round_ties_even())
+    }
+}
+
+/// Lanes of the row reductions: wide enough for one AVX-512 vector.
+const LANES: usize = 16;
+
+crate::kernels::vmath::multiversion! {
+    /// `(min, max)` of the row, NaNs skipped (`(inf, -inf)` when empty or all NaN). Min and
+    /// max are exact, so the lane order does not change the result (up to the sign of a
+    /// zero, which the quantizer's `max(·, 0)` / `min(·, 0)` make irrelevant).
+    fn min_max(row: &[f32]) -> (f32, f32) {
+        let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
+                hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
+            }
+        }
+        let (mut l, mut h) = (f32::INFINITY, f32::NEG_INFINITY);
+        for &v in lo.iter().chain(tail) {
+            l = if v < l { v } else { l };
+        }
+        for &v in hi.iter().chain(tail) {
+            h = if v > h { v } else { h };
+        }
+        (l, h)
+    }
+}
+
+crate::kernels::vmath::multiversion! {
+    /// `max |x|` over the row, NaNs skipped (`-inf` when empty or all NaN).
+    fn abs_max(row: &[f32]) -> f32 {
+        let mut m = [f32::NEG_INFINITY; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                let a = c[i].abs();
+                m[i] = if a > m[i] { a } else { m[i] };
+            }
+        }
+        let mut r = f32::NEG_INFINITY;
+        for v in m.into_iter().chain(tail.iter().map(|v| v.abs())) {
+            r = if v > r { v } else { r };
+        }
+        r
     }
 }
 

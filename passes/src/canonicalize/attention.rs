@@ -33,38 +33,14 @@ pub static PATTERN: Pattern = Pattern {
 };
 
 fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
+    if m.is_op(end, "Reshape") {
+        return rewrite_grouped(m, end);
+    }
     if !m.is_op(end, "MatMul") {
         return None;
     }
     let (p, v) = m.two(end)?;
-    let p = m.skip_noop_casts(p);
-    let softmax = m.sole_op(p, "Softmax")?;
-    let opset = m.opset()?;
-    if opset < 13 || m.node(softmax).attr_int("axis").unwrap_or(-1) != -1 {
-        return None;
-    }
-    let mut s = m.input(softmax, 0)?;
-    let mut mask = None;
-    if let Some(add) = m.sole_op(s, "Add") {
-        // The scores come from the Mul / MatMul chain; the other operand is the mask.
-        let (a, b) = m.two(add)?;
-        let scores_from = |x: ValueId| m.sole_op(x, "Mul").or(m.sole_op(x, "MatMul"));
-        let (scores, mk) = m.either(a, b, |x, y| scores_from(x).map(|_| (x, y)))?;
-        mask = Some(mk);
-        s = scores;
-    }
-    let mut scale = 1.0f32;
-    if let Some(mul) = m.sole_op(s, "Mul") {
-        let (a, b) = m.two(mul)?;
-        let (scores, c) = m.either(a, b, |x, y| m.scalar(y).map(|c| (x, c)))?;
-        scale = c;
-        s = scores;
-    } else if let Some(div) = m.sole_op(s, "Div") {
-        let (scores, d) = m.two(div)?;
-        scale = 1.0 / m.scalar(d)?;
-        s = scores;
-    }
-    let qk = m.sole_op(s, "MatMul")?;
+    let Scores { qk, mask, scale } = scores(m, p)?;
     let (q, kt) = m.two(qk)?;
     let t = m.sole_op(kt, "Transpose")?;
     // kᵀ = Transpose(x, perm) of some layout x of k: k itself is x transposed by `perm`
@@ -105,6 +81,117 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
         [
             Some(q.into()),
             Some(k),
+            Some(v.into()),
+            mask.map(Into::into),
+        ],
+    );
+    Some(patch)
+}
+
+/// The scores side of the chain, from the probabilities `p` up: the `q kᵀ` MatMul, the
+/// mask and the scale.
+struct Scores {
+    qk: NodeId,
+    mask: Option<ValueId>,
+    scale: f32,
+}
+
+/// `Cast*(Softmax(Add?(Mul?(MatMul(..), c), mask), axis = -1))` at `p` (see the module docs).
+fn scores(m: &Matcher<'_>, p: ValueId) -> Option<Scores> {
+    let p = m.skip_noop_casts(p);
+    let softmax = m.sole_op(p, "Softmax")?;
+    let opset = m.opset()?;
+    if opset < 13 || m.node(softmax).attr_int("axis").unwrap_or(-1) != -1 {
+        return None;
+    }
+    let mut s = m.input(softmax, 0)?;
+    let mut mask = None;
+    if let Some(add) = m.sole_op(s, "Add") {
+        // The scores come from the Mul / MatMul chain; the other operand is the mask.
+        let (a, b) = m.two(add)?;
+        let scores_from = |x: ValueId| m.sole_op(x, "Mul").or(m.sole_op(x, "MatMul"));
+        let (scores, mk) = m.either(a, b, |x, y| scores_from(x).map(|_| (x, y)))?;
+        mask = Some(mk);
+        s = scores;
+    }
+    let mut scale = 1.0f32;
+    if let Some(mul) = m.sole_op(s, "Mul") {
+        let (a, b) = m.two(mul)?;
+        let (scores, c) = m.either(a, b, |x, y| m.scalar(y).map(|c| (x, c)))?;
+        scale = c;
+        s = scores;
+    } else if let Some(div) = m.sole_op(s, "Div") {
+        let (scores, d) = m.two(div)?;
+        scale = 1.0 / m.scalar(d)?;
+        s = scores;
+    }
+    Some(Scores {
+        qk: m.sole_op(s, "MatMul")?,
+        mask,
+        scale,
+    })
+}
+
+/// The grouped-query spelling `lower` writes below opset 23 (see passes/src/lower.rs):
+///
+/// ```text
+/// Reshape(MatMul(Softmax(Add?(Mul?(MatMul(Reshape(q, [0, Hkv, G, -1, D]),
+///     Transpose(Unsqueeze(k, [2]), [0, 1, 2, 4, 3])), c), mask'), axis = -1),
+///     Unsqueeze(v, [2])), [0, Hkv·G, -1, Dv])
+///   == ai.perqc::Attention(q, k, v, mask?, scale = c)
+/// ```
+///
+/// with `mask' = mask` of rank <= 2, or `Unsqueeze(mask, [r - 2])` of a rank-r mask whose
+/// head axis is 1. So a model perqc wrote reads back with its attention fused.
+fn rewrite_grouped(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
+    let (y, _) = m.two(end)?;
+    let pv = m.sole_op(y, "MatMul")?;
+    let (p, v5) = m.two(pv)?;
+    let Scores { qk, mask, scale } = scores(m, p)?;
+    let (q5, kt5) = m.two(qk)?;
+    let t = m.sole_op(kt5, "Transpose")?;
+    if m.node(t).attr_ints("perm")? != [0, 1, 2, 4, 3] {
+        return None;
+    }
+    let at_2 = |x: ValueId| {
+        let u = m.def_op(x, "Unsqueeze")?;
+        (m.attr_or_input_ints(u, "axes", 1)? == [2]).then(|| m.input(u, 0))?
+    };
+    let (k, v) = (at_2(m.input(t, 0)?)?, at_2(v5)?);
+    let q = m.input(m.def_op(q5, "Reshape")?, 0)?;
+    let mask = match mask {
+        Some(mk) if m.rank(mk)? > 2 => {
+            let u = m.def_op(mk, "Unsqueeze")?;
+            let inner = m.input(u, 0)?;
+            let r = m.rank(inner)?;
+            let axes = m.attr_or_input_ints(u, "axes", 1)?;
+            (r <= 4 && axes == [r as i64 - 2] && m.shape(inner)?[r - 3].known() == Some(1))
+                .then_some(Some(inner))?
+        }
+        other => other,
+    };
+    // q [B, Hq, S, D] grouped as [B, Hkv, G, S, D]; k, v [B, Hkv, L, .]; the result
+    // [B, Hq, S, Dv].
+    let (qs, q5s, ks) = (m.shape(q)?, m.shape(q5)?, m.shape(k)?);
+    let ok = [q, k, v]
+        .iter()
+        .all(|&x| m.rank(x) == Some(4) && m.is_f32(x))
+        && m.rank(m.node(end).output(0)?) == Some(4)
+        && q5s.len() == 5
+        && match (qs[1].known(), q5s[1].known(), q5s[2].known(), ks[1].known()) {
+            (Some(hq), Some(hkv), Some(g), Some(hk)) => hkv * g == hq && hk == hkv,
+            _ => false,
+        };
+    if !ok {
+        return None;
+    }
+    let mut patch = Patch::new();
+    patch.set_op(
+        end,
+        canonical("Attention").attr("scale", AttrValue::Float(scale)),
+        [
+            Some(q.into()),
+            Some(k.into()),
             Some(v.into()),
             mask.map(Into::into),
         ],

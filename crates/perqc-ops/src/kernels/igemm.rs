@@ -224,15 +224,39 @@ pub fn quantize_rows(
     }
 }
 
+/// `c` for one element: `clamp(round(x / s) + zp, lo, hi) - off`, an integer in
+/// -128..=127 (FakeQuantize's arithmetic up to the subtraction, which is exact), read out
+/// of the f32 through the 1.5·2²³ trick: `c + 1.5·2²³` is exact and holds `c` in its low
+/// mantissa bits (no saturating float-to-int conversion in the loop).
+#[inline(always)]
+fn code(v: f32, s: f32, zp: f32, lo: f32, hi: f32, off: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let q = ((v / s).round_ties_even() + zp).clamp(lo, hi) - off;
+    ((q + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32)
+}
+
 crate::kernels::vmath::multiversion! {
-    /// `c = clamp(round(x / s) + zp, lo, hi) - off` per element; returns `Σ c`.
+    /// `c = code(x)` per element, in lanes of 16; returns `Σ c`.
     fn quantize_row(row: &[f32], out: &mut [i8], s: f32, zp: f32, lo: f32, hi: f32, off: f32) -> i32 {
-        let mut sum = 0i32;
-        for (o, &v) in out.iter_mut().zip(row) {
-            let q = ((v / s).round_ties_even() + zp).clamp(lo, hi) - off;
-            let c = q as i32;
-            sum += c;
+        const L: usize = 16;
+        let mut sums = [0i32; L];
+        let mut outs = out.chunks_exact_mut(L);
+        let mut rows = row.chunks_exact(L);
+        for (o, v) in (&mut outs).zip(&mut rows) {
+            let mut c = [0i32; L];
+            for i in 0..L {
+                c[i] = code(v[i], s, zp, lo, hi, off);
+            }
+            for i in 0..L {
+                o[i] = c[i] as i8;
+                sums[i] += c[i];
+            }
+        }
+        let mut sum: i32 = sums.iter().sum();
+        for (o, &v) in outs.into_remainder().iter_mut().zip(rows.remainder()) {
+            let c = code(v, s, zp, lo, hi, off);
             *o = c as i8;
+            sum += c;
         }
         sum
     }

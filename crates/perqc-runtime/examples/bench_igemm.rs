@@ -1,0 +1,152 @@
+//! The integer-kernel figures of docs/runtime.md, side by side in one process, on
+//! SmolLM2's seq-512 linear shapes: the float MatMul kernel (f32 weights), the
+//! `QuantizedLinear` kernel (per-token quantization + integer product + scaling, packed
+//! 4-bit weights) and its parts: the activation quantization alone and the integer product
+//! alone at each instruction-set level the CPU runs.
+//!
+//! usage: bench_igemm [--threads 2] [--reps 15]
+//!
+//! GOP/s counts 2·m·k·n operations (one multiply and one add per product).
+
+use ndarray::{ArrayD, IxDyn};
+use perqc_ir::{AttrValue, Graph, NodeSpec};
+use perqc_ops::kernels::igemm::{self, Level, Operands, RowTerms};
+use perqc_ops::quant::TokenQuant;
+use perqc_ops::{KernelCtx, RtTensor, lookup};
+use std::mem::MaybeUninit;
+use std::time::Instant;
+
+fn median(mut t: Vec<f64>) -> f64 {
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut threads, mut reps) = (2usize, 15usize);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--threads" => threads = args.next().unwrap_or_default().parse()?,
+            "--reps" => reps = args.next().unwrap_or_default().parse()?,
+            other => anyhow::bail!("unknown option {other}"),
+        }
+    }
+    perqc_runtime::tune_allocator();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let mut g = Graph::new("bench");
+    let mm = g.add_node(NodeSpec::new("MatMul").named("mm"), &[], &["y"])?;
+    let ql = g.add_node(
+        NodeSpec::new("QuantizedLinear")
+            .named("ql")
+            .attr("bits", AttrValue::Int(4)),
+        &[],
+        &["z"],
+    )?;
+    let matmul = lookup("", "MatMul", 13)
+        .and_then(|d| d.kernel)
+        .expect("MatMul");
+    let qlinear = lookup(perqc_ops::PERQC_DOMAIN, "QuantizedLinear", 1)
+        .and_then(|d| d.kernel)
+        .expect("QuantizedLinear");
+    let ctx = |id| KernelCtx {
+        node: g.node(id),
+        opset: 13,
+        threads,
+        subgraphs: None,
+    };
+    let time = |f: &mut (dyn FnMut() + Send)| {
+        pool.install(|| {
+            median(
+                (0..reps)
+                    .map(|_| {
+                        let t = Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect(),
+            )
+        })
+    };
+    let levels: Vec<Level> = Level::ALL.into_iter().filter(|l| l.available()).collect();
+    println!(
+        "ms, median of {reps}, {threads} threads; integer level picked: {:?}",
+        Level::detect()
+    );
+    let mut header = format!(
+        "{:>16} {:>10} {:>16} {:>9}",
+        "m x k x n", "f32 MatMul", "QuantizedLinear", "quantize"
+    );
+    for l in &levels {
+        header += &format!(" {:>16}", format!("product {l:?}"));
+    }
+    println!("{header}");
+    let p = TokenQuant {
+        bits: 4,
+        symmetric: false,
+        clip: 1.0,
+    };
+    for (m, k, n) in [
+        (512, 576, 1536),
+        (512, 1536, 576),
+        (512, 576, 576),
+        (512, 576, 192),
+    ] {
+        let mut s = 1u64;
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let x: Vec<f32> = (0..m * k)
+            .map(|_| (next() % 2001) as f32 / 100.0 - 10.0)
+            .collect();
+        let w: Vec<i8> = (0..k * n).map(|_| (next() % 16) as i8 - 8).collect();
+        let w_scale: Vec<f32> = (0..n).map(|_| (next() % 97 + 1) as f32 / 900.0).collect();
+        let wf: Vec<f32> = w.iter().map(|&v| v as f32 * 0.01).collect();
+        let packed = igemm::pack_weights(&w, k, n).map_err(anyhow::Error::msg)?;
+
+        let tx = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[1, m, k]), x.clone())?);
+        let tw = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[k, n]), wf)?);
+        let f32_ms = time(&mut || drop(matmul(&ctx(mm), &[Some(&tx), Some(&tw)]).unwrap()));
+        let shape = igemm::packed_shape(k, n);
+        let tp =
+            RtTensor::U8(ArrayD::from_shape_vec(IxDyn(&shape), packed.data.clone())?.into_shared());
+        let ts = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[n]), w_scale.clone())?);
+        let tc = RtTensor::I32(
+            ArrayD::from_shape_vec(IxDyn(&[n]), packed.col_sums.clone())?.into_shared(),
+        );
+        let ql_ms = time(&mut || {
+            drop(qlinear(&ctx(ql), &[Some(&tx), Some(&tp), Some(&ts), Some(&tc)]).unwrap())
+        });
+
+        let rows = m.div_ceil(igemm::MR) * igemm::MR;
+        let mut codes = vec![0i8; rows * igemm::padded_k(k)];
+        let mut terms = vec![RowTerms::default(); rows];
+        let q_ms = time(&mut || igemm::quantize_rows(&x, k, p, &mut codes, &mut terms));
+        let ops = Operands {
+            m,
+            k,
+            n,
+            codes: &codes,
+            terms: &terms,
+            weights: &packed.data,
+            col_sums: &packed.col_sums,
+            w_scale: &w_scale,
+        };
+        let mut out = vec![MaybeUninit::<f32>::uninit(); m * n];
+        let mut row = format!(
+            "{:>16} {f32_ms:>10.3} {ql_ms:>16.3} {q_ms:>9.3}",
+            format!("{m}x{k}x{n}")
+        );
+        let gop = 2.0 * (m * k * n) as f64 / 1e9;
+        for &l in &levels {
+            let t = time(&mut || igemm::gemm(&ops, &mut out, l, threads > 1));
+            row += &format!(" {:>16}", format!("{t:.3} ({:.0} GOP/s)", gop / t * 1e3));
+        }
+        println!("{row}");
+    }
+    Ok(())
+}
