@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
+    ap.add_argument("--opt-level", choices=["disable", "basic", "extended", "all"], default="all",
+                    help="ORT graph optimization level (default: all, ORT's default)")
     a = ap.parse_args()
     if a.seq < 2 or a.windows < 1:
         sys.exit("--seq must be at least 2 and --windows at least 1")
@@ -86,6 +88,12 @@ def main():
     opts = ort.SessionOptions()
     if a.threads:
         opts.intra_op_num_threads = a.threads
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[a.opt_level]
     sess = ort.InferenceSession(a.model, opts, providers=["CPUExecutionProvider"])
     feed = sess.get_inputs()[0].name
     extra = cache_feeds(sess, a.model, a.seq)

@@ -3,7 +3,7 @@
 //! usage: bench_forward MODEL [--seq 512] [--reps 3] [--threads 2] [--seed 0]
 //!                            [--vocab 49152] [--save DIR] [--profile] [--as-is] [--no-int]
 //! Prints load, plan and per-run wall times and the median. With `--save`, writes
-//! `DIR/input_ids.npy` and `DIR/<output>.npy` (for comparison with ONNX Runtime, see
+//! `DIR/input_ids.npy` and `DIR/<output>.npy` (`/` in a name written `_`) (for comparison with ONNX Runtime, see
 //! `scripts/bench_runtime.py`). The model is canonicalized first (exported attention, RMS
 //! norm and SiLU chains become one op each) unless `--as-is`, and its quantized linears run
 //! on the integer kernels (`fuse-int-linear`) unless `--no-int` or `--as-is`.
@@ -96,7 +96,7 @@ fn main() -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         write_npy(&dir.join("input_ids.npy"), &x)?;
         for (name, t) in &outs {
-            write_npy(&dir.join(format!("{name}.npy")), t)?;
+            write_npy(&dir.join(format!("{}.npy", name.replace('/', "_"))), t)?;
         }
     }
     Ok(())

@@ -2,7 +2,10 @@
 //! SmolLM2's seq-512 linear shapes: the float MatMul kernel (f32 weights), the
 //! `QuantizedLinear` kernel (per-token quantization + integer product + scaling, packed
 //! 4-bit weights) and its parts: the activation quantization alone and the integer product
-//! alone at each instruction-set level the CPU runs.
+//! alone at each instruction-set level the CPU runs; and rten-gemm's u8 x i8 -> i32 product
+//! on the same codes with the weight as prepacked i8 (one byte per weight: the library has
+//! no 4-bit weight layout for products of many rows), its zero-point correction left out
+//! (ours is in the epilogue above).
 //!
 //! usage: bench_igemm [--threads 2] [--reps 15]
 //!
@@ -13,6 +16,7 @@ use perqc_ir::{AttrValue, Graph, NodeSpec};
 use perqc_ops::kernels::igemm::{self, Level, Operands, RowTerms};
 use perqc_ops::quant::TokenQuant;
 use perqc_ops::{KernelCtx, RtTensor, lookup};
+use rten_tensor::prelude::*;
 use std::mem::MaybeUninit;
 use std::time::Instant;
 
@@ -81,6 +85,7 @@ fn main() -> anyhow::Result<()> {
     for l in &levels {
         header += &format!(" {:>16}", format!("product {l:?}"));
     }
+    header += &format!(" {:>16}", "rten-gemm u8i8");
     println!("{header}");
     let p = TokenQuant {
         bits: 4,
@@ -146,6 +151,28 @@ fn main() -> anyhow::Result<()> {
             let t = time(&mut || igemm::gemm(&ops, &mut out, l, threads > 1));
             row += &format!(" {:>16}", format!("{t:.3} ({:.0} GOP/s)", gop / t * 1e3));
         }
+        // rten-gemm: codes as u8 (c + 128), weights as i8, B prepacked once.
+        let exec: rten_gemm::GemmExecutor<u8, i8, i32> = rten_gemm::GemmExecutor::new();
+        let a_u8: Vec<u8> = codes[..m * igemm::padded_k(k)]
+            .iter()
+            .map(|&c| (c as i16 + 128) as u8)
+            .collect();
+        let a_mat = rten_tensor::NdTensor::from_data([m, igemm::padded_k(k)], a_u8);
+        let mut w_pad = w.clone();
+        w_pad.resize(igemm::padded_k(k) * n, 0);
+        let b_mat = rten_tensor::NdTensor::from_data([igemm::padded_k(k), n], w_pad);
+        let b_packed = exec.prepack_b(b_mat.view());
+        let mut out_i32 = vec![0i32; m * n];
+        let t = time(&mut || {
+            exec.gemm(
+                &mut out_i32,
+                rten_gemm::GemmInputA::Unpacked(a_mat.view()),
+                rten_gemm::GemmInputB::Packed(&b_packed),
+                rten_gemm::GemmOptions::default(),
+            )
+            .unwrap()
+        });
+        row += &format!(" {:>16}", format!("{t:.3} ({:.0} GOP/s)", gop / t * 1e3));
         println!("{row}");
     }
     Ok(())
