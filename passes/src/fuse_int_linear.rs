@@ -1,24 +1,28 @@
-//! `fuse-int-linear`: quantized linears -> the runtime's integer linear.
+//! `fuse-int-linear`: quantized linears -> the runtime's integer linears.
 //!
 //! ```text
-//! MatMul(ai.perqc::FakeQuantize(x), DequantizeLinear(w, t, axis = 1))
-//!     == ai.perqc::QuantizedLinear(x, pack(w), t, colsum(w))      (up to f32 round-off)
+//! a = ai.perqc::FakeQuantize(x);  MatMul(a, DequantizeLinear(w_i, t_i, axis = 1))  (i = 1..)
+//!     == (codes, terms) = ai.perqc::QuantizeTokens(x);
+//!        ai.perqc::QuantizedLinear(codes, terms, pack(w_i), t_i, colsum(w_i))   (up to f32 round-off)
 //! ```
 //!
-//! for a constant `w` `[K, N]` of signed 4-bit codes (int4, or int8 holding values in
+//! for constant `w_i` `[K, N_i]` of signed 4-bit codes (int4, or int8 holding values in
 //! -8..=7) with one f32 scale per column and no zero point (or an all-zero one), and a
 //! FakeQuantize of any width (per-token, 2..8 bits; the codes fit a signed byte, see
-//! `perqc_ops::kernels::igemm`). The kernel sums the products of the codes exactly in
-//! integers and scales each result once; the float graph rounds every product and partial
-//! sum. So the rewrite is not bit-exact: it is an execution plan, not a canonical form,
-//! and is not part of `canonicalize`. `perqc eval` runs it unless `--no-int`.
+//! `perqc_ops::kernels::igemm`). One `QuantizeTokens` serves every linear that reads the
+//! same FakeQuantize (q/k/v, gate/up), so each activation is quantized once. The kernel sums
+//! the products of the codes exactly in integers and scales each result once; the float
+//! graph rounds every product and partial sum. So the rewrite is not bit-exact: it is an
+//! execution plan, not a canonical form, and is not part of `canonicalize`. `perqc eval`
+//! runs it unless `--no-int`.
 //!
 //! The packed weight is a u8 initializer in the kernel's layout (panels of 32 columns,
 //! two codes per byte), so a session holds the weight at 4 bits. Everything else (blocked
 //! or asymmetric weights, FP4/MX formats, weight-only graphs) keeps the float path; the
-//! pass counts what it left and why.
+//! pass counts what it left. A FakeQuantize with readers of both kinds stays for the
+//! float ones.
 //!
-//! `lower` has no ONNX spelling for the op: export the graph before this pass.
+//! `lower` has no ONNX spelling for the ops: export the graph before this pass.
 
 use crate::Dce;
 use perqc_ir::{
@@ -100,54 +104,75 @@ fn weight(m: &Matcher<'_>, v: ValueId) -> Option<Weight> {
     })
 }
 
-/// The rewrite at MatMul `end`, or `None` when it is not a quantized linear of this shape.
-fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
-    if !m.is_op(end, "MatMul") {
-        return None;
-    }
-    let (a, b) = m.two(end)?;
-    let fq = m.producer(a)?;
+/// The rewrite of every fusable MatMul reading FakeQuantize node `fq` (one patch: the
+/// `QuantizeTokens` they share and their `QuantizedLinear`s), with the count of MatMuls
+/// reading it that stay float; `None` when none is fusable.
+fn rewrite(m: &Matcher<'_>, fq: NodeId) -> Option<(Patch, u64, u64)> {
     let fq_node = m.node(fq);
-    if fq_node.domain != PERQC_DOMAIN || fq_node.op_type != "FakeQuantize" {
-        return None;
-    }
     perqc_ops::kernels::misc::token_quant(fq_node).ok()?;
-    let x = fq_node.input(0)?;
+    let (x, a) = (fq_node.input(0)?, fq_node.output(0)?);
     if m.rank(x).is_some_and(|r| r < 1) {
         return None;
     }
-    let w = weight(m, b)?;
-    let packed = igemm::pack_weights(&w.codes, w.k, w.n).ok()?;
-    let dims: Vec<i64> = igemm::packed_shape(w.k, w.n)
-        .iter()
-        .map(|&d| d as i64)
-        .collect();
+    let mut fused = Vec::new();
+    let mut left = 0u64;
+    for u in m.graph.value(a).uses() {
+        let end = u.node;
+        if !m.is_op(end, "MatMul") || m.input(end, 0) != Some(a) {
+            continue;
+        }
+        match m.input(end, 1).and_then(|b| weight(m, b)) {
+            Some(w) => fused.push((end, w)),
+            None => left += 1,
+        }
+    }
+    if fused.is_empty() {
+        return None;
+    }
     let mut p = Patch::new();
-    let sums = p.add_initializer(
-        &format!("{}.colsum", w.name),
-        Tensor::from_slice(vec![w.n as i64], &packed.col_sums),
-    );
-    let packed = p.add_initializer(
-        &format!("{}.packed", w.name),
-        Tensor::from_slice(dims, &packed.data),
-    );
-    let mut spec = crate::canonicalize::canonical("QuantizedLinear");
+    let mut spec =
+        crate::canonicalize::canonical("QuantizeTokens").named(&format!("{}/codes", fq_node.name));
     for name in ["bits", "symmetric", "clip"] {
         if let Some(v) = fq_node.attr(name) {
             spec = spec.attr(name, v.clone());
         }
     }
-    p.set_op(
-        end,
+    let base = m.graph.value(x).name.clone();
+    let q = p.insert(
+        fq,
         spec,
-        [
-            Some(x.into()),
-            Some(packed),
-            Some(w.scale.into()),
-            Some(sums),
-        ],
+        [Some(x.into())],
+        &[&format!("{base}.codes"), &format!("{base}.terms")],
     );
-    Some(p)
+    let (codes, terms) = (q[0], q[1]);
+    let count = fused.len() as u64;
+    for (end, w) in fused {
+        let packed = igemm::pack_weights(&w.codes, w.k, w.n).ok()?;
+        let dims: Vec<i64> = igemm::packed_shape(w.k, w.n)
+            .iter()
+            .map(|&d| d as i64)
+            .collect();
+        let sums = p.add_initializer(
+            &format!("{}.colsum", w.name),
+            Tensor::from_slice(vec![w.n as i64], &packed.col_sums),
+        );
+        let packed = p.add_initializer(
+            &format!("{}.packed", w.name),
+            Tensor::from_slice(dims, &packed.data),
+        );
+        p.set_op(
+            end,
+            crate::canonicalize::canonical("QuantizedLinear"),
+            [
+                Some(codes),
+                Some(terms),
+                Some(packed),
+                Some(w.scale.into()),
+                Some(sums),
+            ],
+        );
+    }
+    Some((p, count, left))
 }
 
 impl Pass for FuseIntLinear {
@@ -163,27 +188,32 @@ impl Pass for FuseIntLinear {
         let shapes = ctx.analysis::<ShapeMap>(model)?;
         let (mut fused, mut left) = (0u64, 0u64);
         for id in model.graph.node_order().to_vec() {
-            if model.graph.try_node(id).is_none() {
+            let is_fq = model
+                .graph
+                .try_node(id)
+                .is_some_and(|n| n.domain == PERQC_DOMAIN && n.op_type == "FakeQuantize");
+            if !is_fq {
                 continue;
             }
             let m = Matcher::new(&model.graph, &*shapes);
-            let reads_fq = m.is_op(id, "MatMul")
-                && m.input(id, 0).and_then(|a| m.producer(a)).is_some_and(|p| {
-                    let n = m.node(p);
-                    n.domain == PERQC_DOMAIN && n.op_type == "FakeQuantize"
+            let Some((patch, n, l)) = rewrite(&m, id) else {
+                let a = model.graph.node(id).output(0);
+                left += a.map_or(0, |a| {
+                    m.graph
+                        .value(a)
+                        .uses()
+                        .iter()
+                        .filter(|u| m.is_op(u.node, "MatMul"))
+                        .count() as u64
                 });
-            if !reads_fq {
-                continue;
-            }
-            let Some(patch) = rewrite(&m, id) else {
-                left += 1;
                 continue;
             };
             if !ctx.rewrite() {
                 break;
             }
             patch.apply(&mut model.graph)?;
-            fused += 1;
+            fused += n;
+            left += l;
         }
         let mut removed = 0;
         if fused > 0 {

@@ -626,10 +626,12 @@ impl Pass for Lower {
                         "LayerNormalization" => layer_norm(&e, id),
                         "Hadamard" => hadamard(&e, id),
                         "FakeQuantize" => fake_quantize(&e, id),
-                        "QuantizedLinear" => Err("it is the native runtime's integer linear \
-                             (packed weights, from fuse-int-linear), which has no ONNX spelling; \
-                             export the graph before that pass"
-                            .into()),
+                        "QuantizeTokens" | "QuantizedLinear" => Err(
+                            "it is part of the native runtime's integer linears (codes and \
+                             packed weights, from fuse-int-linear), which have no ONNX \
+                             spelling; export the graph before that pass"
+                                .into(),
+                        ),
                         other => Err(format!("no lowering for ai.perqc::{other}")),
                     }
                 };

@@ -126,6 +126,20 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
     );
     if quantized_4bit {
         assert_eq!(fused.counter("left-float"), 0, "{name} {tag}");
+        // Each activation is quantized once for all the linears reading it (q/k/v share one).
+        let count = |op: &str| {
+            int_plan
+                .graph
+                .nodes()
+                .filter(|(_, n)| n.op_type == op)
+                .count()
+        };
+        let (tokens, linears) = (count("QuantizeTokens"), count("QuantizedLinear"));
+        assert_eq!(linears as u64, fused.counter("fused"), "{name} {tag}");
+        assert!(
+            tokens < linears && count("FakeQuantize") == 0,
+            "{name} {tag}: {tokens} / {linears}"
+        );
         let y_int = first_output(&int_plan, &input_name, &x);
         let int_err = rel(&y, &y_int);
         assert!(
@@ -133,7 +147,7 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
             "{name} {tag}: integer vs float kernels differ by {int_err:e}"
         );
         let err = perqc_passes::lower_for_export(&mut int_plan).unwrap_err();
-        assert!(err.to_string().contains("QuantizedLinear"), "{err}");
+        assert!(err.to_string().contains("fuse-int-linear"), "{err}");
         // ONNX Runtime on the emitted file against the integer plan.
         let out_name = emitted.graph.value(emitted.graph.outputs[0]).name.clone();
         let shape = Session::new(&native)

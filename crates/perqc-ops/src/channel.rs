@@ -907,9 +907,9 @@ pub fn fake_quantize(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     ChannelFlow::through(vec![(0, ctx.axis)], PERM)
 }
 
-/// `ai.perqc::QuantizedLinear`: the runtime's fused integer linear. Its weight is packed
-/// integer codes, which no transform folds into, so every axis is a barrier; the
-/// transforms run on the graph before quantization.
+/// `ai.perqc::QuantizeTokens` and `QuantizedLinear`: the runtime's integer linears. Their
+/// values are integer codes and packed weights, which no transform folds into, so every
+/// axis is a barrier; the transforms run on the graph before quantization.
 pub fn quantized_linear(_: &ChannelCtx<'_>) -> ChannelFlow {
     ChannelFlow::Barrier("packed integer weights (the runtime's fused quantized linear)")
 }

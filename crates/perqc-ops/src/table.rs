@@ -423,6 +423,9 @@ pub static OPS: &[OpDef] = &[
     OpDef::custom(PERQC, "FakeQuantize", 1, misc::fake_quantize)
         .kernel(kmisc::fake_quantize)
         .channel(ch::fake_quantize),
+    OpDef::custom(PERQC, "QuantizeTokens", 1, misc::quantize_tokens)
+        .kernel(kigemm::quantize_tokens)
+        .channel(ch::quantized_linear),
     OpDef::custom(PERQC, "QuantizedLinear", 1, misc::quantized_linear)
         .kernel(kigemm::quantized_linear)
         .channel(ch::quantized_linear),

@@ -1,8 +1,8 @@
 //! The integer-kernel figures of docs/runtime.md, side by side in one process, on
 //! SmolLM2's seq-512 linear shapes: the float MatMul kernel (f32 weights), the
-//! `QuantizedLinear` kernel (per-token quantization + integer product + scaling, packed
-//! 4-bit weights) and its parts: the activation quantization alone and the integer product
-//! alone at each instruction-set level the CPU runs; and rten-gemm's u8 x i8 -> i32 product
+//! integer step (`QuantizeTokens` then `QuantizedLinear`: per-token quantization, integer
+//! product, scaling, packed 4-bit weights) and its parts: the activation quantization alone
+//! and the integer product alone at each instruction-set level the CPU runs; and rten-gemm's u8 x i8 -> i32 product
 //! on the same codes with the weight as prepacked i8 (one byte per weight: the library has
 //! no 4-bit weight layout for products of many rows), its zero-point correction left out
 //! (ours is in the epilogue above).
@@ -41,19 +41,23 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let mut g = Graph::new("bench");
     let mm = g.add_node(NodeSpec::new("MatMul").named("mm"), &[], &["y"])?;
-    let ql = g.add_node(
-        NodeSpec::new("QuantizedLinear")
-            .named("ql")
+    let qt = g.add_node(
+        NodeSpec::new("QuantizeTokens")
+            .named("qt")
             .attr("bits", AttrValue::Int(4)),
         &[],
-        &["z"],
+        &["codes", "terms"],
     )?;
+    let ql = g.add_node(NodeSpec::new("QuantizedLinear").named("ql"), &[], &["z"])?;
     let matmul = lookup("", "MatMul", 13)
         .and_then(|d| d.kernel)
         .expect("MatMul");
     let qlinear = lookup(perqc_ops::PERQC_DOMAIN, "QuantizedLinear", 1)
         .and_then(|d| d.kernel)
         .expect("QuantizedLinear");
+    let qtokens = lookup(perqc_ops::PERQC_DOMAIN, "QuantizeTokens", 1)
+        .and_then(|d| d.kernel)
+        .expect("QuantizeTokens");
     let ctx = |id| KernelCtx {
         node: g.node(id),
         opset: 13,
@@ -80,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     );
     let mut header = format!(
         "{:>16} {:>10} {:>16} {:>9}",
-        "m x k x n", "f32 MatMul", "QuantizedLinear", "quantize"
+        "m x k x n", "f32 MatMul", "integer step", "quantize"
     );
     for l in &levels {
         header += &format!(" {:>16}", format!("product {l:?}"));
@@ -124,12 +128,13 @@ fn main() -> anyhow::Result<()> {
             ArrayD::from_shape_vec(IxDyn(&[n]), packed.col_sums.clone())?.into_shared(),
         );
         let ql_ms = time(&mut || {
-            drop(qlinear(&ctx(ql), &[Some(&tx), Some(&tp), Some(&ts), Some(&tc)]).unwrap())
+            let q = qtokens(&ctx(qt), &[Some(&tx)]).unwrap();
+            let args = [Some(&q[0]), Some(&q[1]), Some(&tp), Some(&ts), Some(&tc)];
+            drop(qlinear(&ctx(ql), &args).unwrap())
         });
 
-        let rows = m.div_ceil(igemm::MR) * igemm::MR;
-        let mut codes = vec![0i8; rows * igemm::padded_k(k)];
-        let mut terms = vec![RowTerms::default(); rows];
+        let mut codes = vec![0i8; m * igemm::padded_k(k)];
+        let mut terms = vec![RowTerms::default(); m];
         let q_ms = time(&mut || igemm::quantize_rows(&x, k, p, &mut codes, &mut terms));
         let ops = Operands {
             m,

@@ -190,7 +190,7 @@ pub struct RowTerms {
 /// Quantizes each `k`-element row of `x` with `p` into signed codes `c = q - off` (row
 /// stride [`padded_k`]`(k)`, padding 0) and its [`RowTerms`]. The codes are the ones
 /// [`crate::quant::fake_quantize_rows`] computes: same scale, zero point and rounding.
-/// `codes` and `terms` may be longer than needed (padding rows are left as they are).
+/// `codes` and `terms` may be longer than needed (rows past x's are left as they are).
 pub fn quantize_rows(
     x: &[f32],
     k: usize,
@@ -262,9 +262,8 @@ crate::kernels::vmath::multiversion! {
     }
 }
 
-/// The operands of one product: `m` rows of codes (stride `padded_k(k)`, at least
-/// `m.div_ceil(MR) · MR` rows) with their terms, a packed `[k, n]` weight with its column
-/// sums and scales.
+/// The operands of one product: `m` rows of codes (stride `padded_k(k)`) with their terms,
+/// a packed `[k, n]` weight with its column sums and scales.
 pub struct Operands<'a> {
     pub m: usize,
     pub k: usize,
@@ -278,13 +277,12 @@ pub struct Operands<'a> {
 
 impl Operands<'_> {
     fn check(&self) {
-        let rows = self.m.div_ceil(MR) * MR;
         let [panels, groups, bytes] = packed_shape(self.k, self.n);
         assert!(
-            self.codes.len() >= rows * padded_k(self.k),
+            self.codes.len() >= self.m * padded_k(self.k),
             "igemm: codes too short"
         );
-        assert!(self.terms.len() >= rows, "igemm: row terms too short");
+        assert!(self.terms.len() >= self.m, "igemm: row terms too short");
         assert_eq!(
             self.weights.len(),
             panels * groups * bytes,
@@ -308,10 +306,16 @@ pub fn gemm(ops: &Operands<'_>, out: &mut [MaybeUninit<f32>], level: Level, para
     }
     let panels = ops.n.div_ceil(NR);
     let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
+    // The last rows when m is not a multiple of MR, padded with zero codes: the tiles
+    // always read MR rows.
+    let kp = padded_k(ops.k);
+    let full = ops.m / MR * MR;
+    let mut tail = vec![0i8; if full < ops.m { MR * kp } else { 0 }];
+    tail[..(ops.m - full) * kp].copy_from_slice(&ops.codes[full * kp..ops.m * kp]);
     let run = |p: usize| {
         // Safety: panel p writes only columns p·NR .. min((p + 1)·NR, n) of every row,
         // disjoint from every other panel's.
-        unsafe { panel(ops, p, out_ptr, level) }
+        unsafe { panel(ops, &tail, p, out_ptr, level) }
     };
     if parallel && panels > 1 {
         (0..panels).into_par_iter().for_each(run);
@@ -328,9 +332,10 @@ unsafe impl Sync for SendPtr {}
 /// One panel of columns for every row block.
 ///
 /// # Safety
-/// `ops` checked, `out` points to `m · n` f32 that no other thread writes in this panel's
-/// columns, `level` available.
-unsafe fn panel(ops: &Operands<'_>, p: usize, out: SendPtr, level: Level) {
+/// `ops` checked, `tail` the padded last row block (empty when `MR` divides m), `out`
+/// points to `m · n` f32 that no other thread writes in this panel's columns, `level`
+/// available.
+unsafe fn panel(ops: &Operands<'_>, tail: &[i8], p: usize, out: SendPtr, level: Level) {
     let groups = ops.k.div_ceil(KG);
     let kp = groups * KG;
     let w = &ops.weights[p * groups * GROUP_BYTES..(p + 1) * groups * GROUP_BYTES];
@@ -342,7 +347,11 @@ unsafe fn panel(ops: &Operands<'_>, p: usize, out: SendPtr, level: Level) {
     col_scale[..cols].copy_from_slice(&ops.w_scale[c0..c0 + cols]);
     for r0 in (0..ops.m).step_by(MR) {
         let mut acc = [[0i32; NR]; MR];
-        let a = &ops.codes[r0 * kp..(r0 + MR) * kp];
+        let a = if r0 + MR <= ops.m {
+            &ops.codes[r0 * kp..(r0 + MR) * kp]
+        } else {
+            tail
+        };
         match level {
             Level::Scalar => tile_scalar(a, kp, w, &mut acc),
             #[cfg(target_arch = "x86_64")]
@@ -473,45 +482,36 @@ mod x86 {
     }
 }
 
-/// `ai.perqc::QuantizedLinear(x, w_packed, w_scale, w_sum)` (attributes `bits`,
-/// `symmetric`, `clip` of the activation quantizer): every row of x's last axis quantized
-/// per token and multiplied by the packed 4-bit weight in integers (the module docs).
-pub fn quantized_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+/// Values per row of the terms tensor: scale, rowcorr, zcorr (the integers exact in f32:
+/// |rowcorr| <= 8·128·K < 2²⁴ for K < 16384, checked).
+pub const TERMS: usize = 3;
+
+/// `ai.perqc::QuantizeTokens(x)` (attributes `bits`, `symmetric`, `clip`, as FakeQuantize):
+/// the codes of every row of x's last axis, i8 `[.., padded_k(K)]`, and the row terms, f32
+/// `[.., 3]` (scale, rowcorr, zcorr; see the module docs). One per quantized activation,
+/// read by every `QuantizedLinear` of that activation.
+pub fn quantize_tokens(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let x = req_f32(inputs, 0)?;
     let p = super::misc::token_quant(ctx.node).map_err(KernelError::Invalid)?;
-    let (RtTensor::U8(w), Some(w_scale), RtTensor::I32(w_sum)) =
-        (req(inputs, 1)?, req(inputs, 2)?.as_f32(), req(inputs, 3)?)
-    else {
+    let Some(&k) = x.shape().last() else {
         return Err(KernelError::Invalid(
-            "QuantizedLinear takes u8 packed weights, f32 scales and i32 column sums".into(),
+            "QuantizeTokens: x must have rank >= 1".into(),
         ));
     };
-    let (Some(&k), n) = (x.shape().last(), w_scale.len()) else {
-        return Err(KernelError::Invalid(
-            "QuantizedLinear: x must have rank >= 1".into(),
-        ));
-    };
-    if w.shape() != packed_shape(k, n) || w_sum.len() != n || w_scale.ndim() != 1 {
+    if k >= 16384 {
         return Err(KernelError::Invalid(format!(
-            "QuantizedLinear: packed weight {:?}, scales {:?} and sums {:?} do not make a \
-             [{k}, {n}] weight (packed shape {:?})",
-            w.shape(),
-            w_scale.shape(),
-            w_sum.shape(),
-            packed_shape(k, n)
+            "QuantizeTokens: rows of {k} channels; the integer kernels take fewer than 16384"
         )));
     }
     let m: usize = x.shape()[..x.ndim() - 1].iter().product();
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().expect("rank >= 1") = n;
-    let rows = m.div_ceil(MR) * MR;
     let kp = padded_k(k);
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = kp;
     let x = standard(x);
     let x = x.as_slice().expect("standard layout");
-    let mut codes = vec![0i8; rows * kp];
-    let mut terms = vec![RowTerms::default(); rows];
-    let parallel = ctx.threads > 1;
-    if parallel && m * k >= PAR_MIN_ELEMS && k > 0 {
+    let mut codes = vec![0i8; m * kp];
+    let mut terms = vec![RowTerms::default(); m];
+    if ctx.threads > 1 && m * k >= PAR_MIN_ELEMS && k > 0 {
         let per = (PAR_MIN_ELEMS / 4).div_ceil(k).max(1);
         x.par_chunks(per * k)
             .zip(codes.par_chunks_mut(per * kp))
@@ -520,19 +520,95 @@ pub fn quantized_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     } else {
         quantize_rows(x, k, p, &mut codes, &mut terms);
     }
+    let flat: Vec<f32> = terms
+        .iter()
+        .flat_map(|t| [t.scale, t.rowcorr as f32, t.zcorr as f32])
+        .collect();
+    let codes = RtTensor::I8(ArrayD::from_shape_vec(IxDyn(&shape), codes)?.into_shared());
+    *shape.last_mut().expect("rank >= 1") = TERMS;
+    Ok(vec![
+        codes,
+        RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&shape), flat)?),
+    ])
+}
+
+/// `ai.perqc::QuantizedLinear(codes, terms, w_packed, w_scale, w_sum)`: the codes and terms
+/// of `QuantizeTokens` times the packed 4-bit weight, in integers, scaled once per element
+/// (the module docs); f32 `[.., N]`.
+pub fn quantized_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let (RtTensor::I8(codes), Some(terms), RtTensor::U8(w), Some(w_scale), RtTensor::I32(w_sum)) = (
+        req(inputs, 0)?,
+        req(inputs, 1)?.as_f32(),
+        req(inputs, 2)?,
+        req(inputs, 3)?.as_f32(),
+        req(inputs, 4)?,
+    ) else {
+        return Err(KernelError::Invalid(
+            "QuantizedLinear takes i8 codes, f32 row terms, u8 packed weights, f32 scales \
+             and i32 column sums"
+                .into(),
+        ));
+    };
+    let (Some(&kp), n) = (codes.shape().last(), w_scale.len()) else {
+        return Err(KernelError::Invalid(
+            "QuantizedLinear: codes must have rank >= 1".into(),
+        ));
+    };
+    let m: usize = codes.shape()[..codes.ndim() - 1].iter().product();
+    let terms_shape: Vec<usize> = codes.shape()[..codes.ndim() - 1]
+        .iter()
+        .copied()
+        .chain([TERMS])
+        .collect();
+    if !kp.is_multiple_of(KG)
+        || w.shape() != packed_shape(kp, n)
+        || w_sum.len() != n
+        || w_scale.ndim() != 1
+        || terms.shape() != terms_shape
+    {
+        return Err(KernelError::Invalid(format!(
+            "QuantizedLinear: codes {:?}, terms {:?}, packed weight {:?}, scales {:?} and \
+             sums {:?} do not fit (packed shape for {kp} x {n}: {:?})",
+            codes.shape(),
+            terms.shape(),
+            w.shape(),
+            w_scale.shape(),
+            w_sum.shape(),
+            packed_shape(kp, n)
+        )));
+    }
+    let codes = standard(codes);
+    let terms = standard(terms);
+    let terms: Vec<RowTerms> = terms
+        .as_slice()
+        .expect("standard layout")
+        .chunks_exact(TERMS)
+        .map(|t| RowTerms {
+            scale: t[0],
+            rowcorr: t[1] as i32,
+            zcorr: t[2] as i32,
+        })
+        .collect();
+    let mut shape = codes.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = n;
     let mut out = output_vec::<f32>(m * n);
     let (w, w_sum, w_scale) = (standard(w), standard(w_sum), standard(w_scale));
     let ops = Operands {
         m,
-        k,
+        k: kp,
         n,
-        codes: &codes,
+        codes: codes.as_slice().expect("standard layout"),
         terms: &terms,
         weights: w.as_slice().expect("standard layout"),
         col_sums: w_sum.as_slice().expect("standard layout"),
         w_scale: w_scale.as_slice().expect("standard layout"),
     };
-    gemm(&ops, out.spare_capacity_mut(), Level::detect(), parallel);
+    gemm(
+        &ops,
+        out.spare_capacity_mut(),
+        Level::detect(),
+        ctx.threads > 1,
+    );
     // Safety: `gemm` wrote all m · n elements.
     unsafe { out.set_len(m * n) };
     Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
@@ -594,9 +670,8 @@ mod tests {
         level: Level,
         parallel: bool,
     ) -> Vec<f32> {
-        let rows = m.div_ceil(MR) * MR;
-        let mut codes = vec![0i8; rows * padded_k(k)];
-        let mut terms = vec![RowTerms::default(); rows];
+        let mut codes = vec![0i8; m * padded_k(k)];
+        let mut terms = vec![RowTerms::default(); m];
         quantize_rows(x, k, p, &mut codes, &mut terms);
         let ops = Operands {
             m,

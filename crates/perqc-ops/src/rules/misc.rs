@@ -246,13 +246,52 @@ pub fn fake_quantize(ctx: &InferCtx<'_>) -> RuleResult {
     Ok(vec![Facts::new(Some(DType::F32), x.shape.clone())])
 }
 
-/// `ai.perqc::QuantizedLinear(x [.., K], w_packed u8 [P, G, 64], w_scale f32 [N],
-/// w_sum i32 [N])`: f32 `[.., N]` (see `kernels::igemm`). The packed weight holds
-/// `P = ceil(N / 32)` panels of `G = ceil(K / 4)` groups.
+/// `ai.perqc::QuantizeTokens(x [.., K])`: codes i8 `[.., ceil(K / 4)·4]` and row terms f32
+/// `[.., 3]` (see `kernels::igemm`).
+pub fn quantize_tokens(ctx: &InferCtx<'_>) -> RuleResult {
+    let x = ctx.req(0)?;
+    if let Some(d) = x.dtype
+        && d != DType::F32
+    {
+        return Err(ShapeError::Invalid(format!(
+            "QuantizeTokens takes f32 activations, got {d}"
+        )));
+    }
+    crate::kernels::misc::token_quant(ctx.node).map_err(ShapeError::Invalid)?;
+    let with_last = |last: Dim| {
+        x.shape.as_ref().and_then(|s| {
+            let (_, lead) = s.split_last()?;
+            Some(lead.iter().cloned().chain([last]).collect::<Vec<_>>())
+        })
+    };
+    let kg = crate::kernels::igemm::KG as i64;
+    let kp = match x.shape.as_ref().and_then(|s| s.last()?.known()) {
+        Some(k) => Known((k + kg - 1) / kg * kg),
+        None => Unknown,
+    };
+    Ok(vec![
+        Facts::new(Some(DType::I8), with_last(kp)),
+        Facts::new(
+            Some(DType::F32),
+            with_last(Known(crate::kernels::igemm::TERMS as i64)),
+        ),
+    ])
+}
+
+/// `ai.perqc::QuantizedLinear(codes i8 [.., Kp], terms f32 [.., 3], w_packed u8 [P, G, 64],
+/// w_scale f32 [N], w_sum i32 [N])`: f32 `[.., N]` (see `kernels::igemm`). The packed
+/// weight holds `P = ceil(N / 32)` panels of `G = Kp / 4` groups.
 pub fn quantized_linear(ctx: &InferCtx<'_>) -> RuleResult {
-    let (x, w, scale, sum) = (ctx.req(0)?, ctx.req(1)?, ctx.req(2)?, ctx.req(3)?);
+    let (codes, terms, w, scale, sum) = (
+        ctx.req(0)?,
+        ctx.req(1)?,
+        ctx.req(2)?,
+        ctx.req(3)?,
+        ctx.req(4)?,
+    );
     for (what, f, want) in [
-        ("x", x, DType::F32),
+        ("codes", codes, DType::I8),
+        ("terms", terms, DType::F32),
         ("w_packed", w, DType::U8),
         ("w_scale", scale, DType::F32),
         ("w_sum", sum, DType::I32),
@@ -265,30 +304,29 @@ pub fn quantized_linear(ctx: &InferCtx<'_>) -> RuleResult {
             )));
         }
     }
-    crate::kernels::misc::token_quant(ctx.node).map_err(ShapeError::Invalid)?;
     let n = scale.shape.as_ref().and_then(|s| match s.as_slice() {
         [d] => Some(d.clone()),
         _ => None,
     });
     let known = |f: &Facts, i: usize| f.shape.as_ref().and_then(|s| s.get(i)?.known());
+    let nr = crate::kernels::igemm::NR as i64;
     if let (Some(Known(n)), Some(p)) = (&n, known(w, 0))
-        && p != (n + crate::kernels::igemm::NR as i64 - 1) / crate::kernels::igemm::NR as i64
+        && p != (n + nr - 1) / nr
     {
         return Err(ShapeError::Invalid(format!(
             "QuantizedLinear: {p} weight panels do not hold {n} columns"
         )));
     }
-    let shape = match (&x.shape, n) {
-        (Some(xs), Some(n)) if !xs.is_empty() => {
-            if let (Some(k), Some(g)) = (xs[xs.len() - 1].known(), known(w, 1))
-                && g != (k + crate::kernels::igemm::KG as i64 - 1)
-                    / crate::kernels::igemm::KG as i64
+    let shape = match (&codes.shape, n) {
+        (Some(cs), Some(n)) if !cs.is_empty() => {
+            if let (Some(kp), Some(g)) = (cs[cs.len() - 1].known(), known(w, 1))
+                && g * crate::kernels::igemm::KG as i64 != kp
             {
                 return Err(ShapeError::Invalid(format!(
-                    "QuantizedLinear: {g} weight groups do not hold the {k} channels of x"
+                    "QuantizedLinear: {g} weight groups do not hold the {kp} codes per row"
                 )));
             }
-            let mut s = xs.clone();
+            let mut s = cs.clone();
             *s.last_mut().expect("non-empty") = n;
             Some(s)
         }
