@@ -10,7 +10,9 @@
 //! -8..=7) with one f32 scale per column and no zero point (or an all-zero one), and a
 //! FakeQuantize of any width (per-token, 2..8 bits; the codes fit a signed byte, see
 //! `perqc_ops::kernels::igemm`). One `QuantizeTokens` serves every linear that reads the
-//! same FakeQuantize (q/k/v, gate/up), so each activation is quantized once. The kernel sums
+//! same FakeQuantize (q/k/v, gate/up), so each activation is quantized once. When the
+//! quantizer's input is PeRQ's online block rotation `ai.perqc::Hadamard(x0, H)` (a scaled
+//! Sylvester H, read by nothing else), `QuantizeTokens(x0, H)` rotates the rows itself. The kernel sums
 //! the products of the codes exactly in integers and scales each result once; the float
 //! graph rounds every product and partial sum. So the rewrite is not bit-exact: it is an
 //! execution plan, not a canonical form, and is not part of `canonicalize`. `perqc eval`
@@ -138,10 +140,11 @@ fn rewrite(m: &Matcher<'_>, fq: NodeId) -> Option<(Patch, u64, u64)> {
         }
     }
     let base = m.graph.value(x).name.clone();
+    let (src, rotation) = rotated_input(m, x).map_or((x, None), |(x0, h)| (x0, Some(h)));
     let q = p.insert(
         fq,
         spec,
-        [Some(x.into())],
+        [Some(src.into()), rotation.map(Into::into)],
         &[&format!("{base}.codes"), &format!("{base}.terms")],
     );
     let (codes, terms) = (q[0], q[1]);
@@ -173,6 +176,26 @@ fn rewrite(m: &Matcher<'_>, fq: NodeId) -> Option<(Patch, u64, u64)> {
         );
     }
     Some((p, count, left))
+}
+
+/// `x = ai.perqc::Hadamard(x0, H)` read only by the quantizer, with H a constant scaled
+/// Sylvester matrix (the fast transform's case): `(x0, H)`, which `QuantizeTokens` rotates
+/// itself.
+fn rotated_input(m: &Matcher<'_>, x: ValueId) -> Option<(ValueId, ValueId)> {
+    let had = m.producer(x)?;
+    let n = m.node(had);
+    if n.domain != PERQC_DOMAIN || n.op_type != "Hadamard" || !m.single_reader(x) {
+        return None;
+    }
+    let (x0, h) = (n.input(0)?, n.input(1)?);
+    let t = m.constant(h)?;
+    let b = *t.dims.first()? as usize;
+    let k = m.shape(x0)?.last()?.known()? as usize;
+    let vals = t.to_f32().ok()?;
+    (t.dims.len() == 2 && b > 0 && k.is_multiple_of(b))
+        .then(|| perqc_ops::kernels::hadamard::sylvester_scale(&vals, b))
+        .flatten()
+        .map(|_| (x0, h))
 }
 
 impl Pass for FuseIntLinear {

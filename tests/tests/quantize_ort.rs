@@ -140,6 +140,8 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
             tokens < linears && count("FakeQuantize") == 0,
             "{name} {tag}: {tokens} / {linears}"
         );
+        // The online block rotations run inside the quantizers.
+        assert_eq!(count("Hadamard"), 0, "{name} {tag}");
         let y_int = first_output(&int_plan, &input_name, &x);
         let int_err = rel(&y, &y_int);
         assert!(

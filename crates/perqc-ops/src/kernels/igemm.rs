@@ -41,7 +41,7 @@
 //! CPU has, and 1 against 2 threads).
 
 use super::layout::{PAR_MIN_ELEMS, standard};
-use crate::kernel::{KernelCtx, KernelError, RtTensor, output_vec, req, req_f32};
+use crate::kernel::{KernelCtx, KernelError, RtTensor, opt, output_vec, req, req_f32};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -482,17 +482,49 @@ mod x86 {
     }
 }
 
+/// Rows rotated at a time before quantization (see [`quantize_tokens`]).
+const ROTATE_ROWS: usize = 16;
+
 /// Values per row of the terms tensor: scale, rowcorr, zcorr (the integers exact in f32:
 /// |rowcorr| <= 8·128·K < 2²⁴ for K < 16384, checked).
 pub const TERMS: usize = 3;
 
-/// `ai.perqc::QuantizeTokens(x)` (attributes `bits`, `symmetric`, `clip`, as FakeQuantize):
-/// the codes of every row of x's last axis, i8 `[.., padded_k(K)]`, and the row terms, f32
-/// `[.., 3]` (scale, rowcorr, zcorr; see the module docs). One per quantized activation,
-/// read by every `QuantizedLinear` of that activation.
+/// `ai.perqc::QuantizeTokens(x, H?)` (attributes `bits`, `symmetric`, `clip`, as
+/// FakeQuantize): the codes of every row of x's last axis, i8 `[.., padded_k(K)]`, and the
+/// row terms, f32 `[.., 3]` (scale, rowcorr, zcorr; see the module docs). One per quantized
+/// activation, read by every `QuantizedLinear` of that activation.
+///
+/// With `H` (`[b, b]`, a scaled Sylvester matrix: PeRQ's online block rotation) the rows are
+/// first rotated as `ai.perqc::Hadamard(x, H)` computes it (the same fast Walsh-Hadamard
+/// transform, so the same bits), a few rows at a time in a buffer that stays in cache,
+/// instead of in a pass of its own over the activation.
 pub fn quantize_tokens(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let x = req_f32(inputs, 0)?;
     let p = super::misc::token_quant(ctx.node).map_err(KernelError::Invalid)?;
+    let rotation = match opt(inputs, 1) {
+        None => None,
+        Some(h) => {
+            let h = h
+                .as_f32()
+                .ok_or_else(|| KernelError::Invalid("QuantizeTokens: H must be f32".into()))?;
+            let b = h.shape().first().copied().unwrap_or(0);
+            let hs = standard(h);
+            let scale = (h.shape() == [b, b])
+                .then(|| super::hadamard::sylvester_scale(hs.as_slice().expect("standard"), b))
+                .flatten();
+            match scale {
+                Some(c) if x.shape().last().is_some_and(|&k| k % b == 0) => Some((b, c)),
+                _ => {
+                    return Err(KernelError::Invalid(format!(
+                        "QuantizeTokens: H {:?} must be a scaled natural-order Sylvester \
+                         matrix whose order divides the last dim of x {:?}",
+                        h.shape(),
+                        x.shape()
+                    )));
+                }
+            }
+        }
+    };
     let Some(&k) = x.shape().last() else {
         return Err(KernelError::Invalid(
             "QuantizeTokens: x must have rank >= 1".into(),
@@ -511,14 +543,34 @@ pub fn quantize_tokens(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let x = x.as_slice().expect("standard layout");
     let mut codes = vec![0i8; m * kp];
     let mut terms = vec![RowTerms::default(); m];
+    let level = super::hadamard::Level::detect();
+    // Rows at a time: a piece of the work, and the rotation buffer (16 rows of 1536 f32:
+    // 96 KiB).
+    let rows_per = ROTATE_ROWS.min(m.max(1));
+    let quantize = |x: &[f32], c: &mut [i8], t: &mut [RowTerms]| match rotation {
+        None => quantize_rows(x, k, p, c, t),
+        Some((b, scale)) => {
+            let mut buf = vec![0f32; rows_per * k];
+            for ((x, c), t) in x
+                .chunks(rows_per * k)
+                .zip(c.chunks_mut(rows_per * kp))
+                .zip(t.chunks_mut(rows_per))
+            {
+                let buf = &mut buf[..x.len()];
+                buf.copy_from_slice(x);
+                super::hadamard::fwht_in_place(buf, b, scale, level);
+                quantize_rows(buf, k, p, c, t);
+            }
+        }
+    };
     if ctx.threads > 1 && m * k >= PAR_MIN_ELEMS && k > 0 {
         let per = (PAR_MIN_ELEMS / 4).div_ceil(k).max(1);
         x.par_chunks(per * k)
             .zip(codes.par_chunks_mut(per * kp))
             .zip(terms.par_chunks_mut(per))
-            .for_each(|((x, c), t)| quantize_rows(x, k, p, c, t));
+            .for_each(|((x, c), t)| quantize(x, c, t));
     } else {
-        quantize_rows(x, k, p, &mut codes, &mut terms);
+        quantize(x, &mut codes, &mut terms);
     }
     let flat: Vec<f32> = terms
         .iter()
@@ -766,6 +818,57 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// `QuantizeTokens(x, H)` gives the bits of `QuantizeTokens(Hadamard(x, H))`, serial and
+    /// parallel, and rejects an H that is not a scaled Sylvester matrix.
+    #[test]
+    fn rotation_inside_equals_hadamard_first() {
+        use perqc_ir::{AttrValue, Graph, NodeSpec};
+        // 701 rows of 96: past the parallel threshold with 2 threads.
+        let (m, k, b) = (701usize, 96usize, 32usize);
+        let mut st = 11;
+        let x: Vec<f32> = (0..m * k)
+            .map(|_| (lcg(&mut st) % 4001) as f32 / 97.0 - 20.0)
+            .collect();
+        let c = 1.0 / (b as f32).sqrt();
+        let h: Vec<f32> = (0..b * b)
+            .map(|i| {
+                if ((i / b) & (i % b)).count_ones() % 2 == 0 {
+                    c
+                } else {
+                    -c
+                }
+            })
+            .collect();
+        let tx = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[1, m, k]), x).unwrap());
+        let th = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[b, b]), h.clone()).unwrap());
+        let mut g = Graph::new("t");
+        let q = g
+            .add_node(
+                NodeSpec::new("QuantizeTokens").attr("bits", AttrValue::Int(4)),
+                &[],
+                &["c", "t"],
+            )
+            .unwrap();
+        let had = g.add_node(NodeSpec::new("Hadamard"), &[], &["y"]).unwrap();
+        for threads in [1, 2] {
+            let ctx = |id| KernelCtx {
+                node: g.node(id),
+                opset: 1,
+                threads,
+                subgraphs: None,
+            };
+            let rotated =
+                crate::kernels::hadamard::hadamard(&ctx(had), &[Some(&tx), Some(&th)]).unwrap();
+            let want = quantize_tokens(&ctx(q), &[Some(&rotated[0])]).unwrap();
+            let got = quantize_tokens(&ctx(q), &[Some(&tx), Some(&th)]).unwrap();
+            assert_eq!(got, want, "threads {threads}");
+            let mut bad = h.clone();
+            bad[5] = -bad[5];
+            let tb = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[b, b]), bad).unwrap());
+            assert!(quantize_tokens(&ctx(q), &[Some(&tx), Some(&tb)]).is_err());
         }
     }
 

@@ -246,10 +246,23 @@ pub fn fake_quantize(ctx: &InferCtx<'_>) -> RuleResult {
     Ok(vec![Facts::new(Some(DType::F32), x.shape.clone())])
 }
 
-/// `ai.perqc::QuantizeTokens(x [.., K])`: codes i8 `[.., ceil(K / 4)·4]` and row terms f32
-/// `[.., 3]` (see `kernels::igemm`).
+/// `ai.perqc::QuantizeTokens(x [.., K], H [b, b]?)`: codes i8 `[.., ceil(K / 4)·4]` and row
+/// terms f32 `[.., 3]` (see `kernels::igemm`); b must divide K.
 pub fn quantize_tokens(ctx: &InferCtx<'_>) -> RuleResult {
     let x = ctx.req(0)?;
+    if let Some(h) = ctx.input(1)
+        && let (Some(hs), Some(xs)) = (&h.shape, &x.shape)
+        && let (Some(b), Some(k)) = (
+            hs.first().and_then(|d| d.known()),
+            xs.last().and_then(|d| d.known()),
+        )
+        && (hs.len() != 2 || b == 0 || k % b != 0)
+    {
+        return Err(ShapeError::Invalid(format!(
+            "QuantizeTokens: H {} is not a square block dividing the {k} channels of x",
+            crate::facts::fmt_shape(hs)
+        )));
+    }
     if let Some(d) = x.dtype
         && d != DType::F32
     {
