@@ -80,13 +80,27 @@ impl Level {
         Level::Avx512Vnni,
     ];
 
-    /// The fastest level this CPU runs.
+    /// The fastest level this CPU runs, or a narrower one named by the environment
+    /// variable `PERQC_INT_LEVEL` (`scalar`, `avx2`, `avx512bw`, `avx512vnni`; to measure
+    /// what a CPU without the wider instructions gets). Read once per process.
     pub fn detect() -> Level {
-        *Level::ALL
-            .iter()
-            .rev()
-            .find(|l| l.available())
-            .expect("scalar is always available")
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let widest = *Level::ALL
+                .iter()
+                .rev()
+                .find(|l| l.available())
+                .expect("scalar is always available");
+            let asked = std::env::var("PERQC_INT_LEVEL").ok().and_then(|v| {
+                Level::ALL
+                    .into_iter()
+                    .find(|l| format!("{l:?}").eq_ignore_ascii_case(&v))
+            });
+            match asked {
+                Some(l) if l.available() => l,
+                _ => widest,
+            }
+        })
     }
 
     /// Whether this CPU runs the level.
