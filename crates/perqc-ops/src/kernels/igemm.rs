@@ -383,7 +383,10 @@ unsafe fn panel(ops: &Operands<'_>, tail: &[i8], p: usize, out: SendPtr, level: 
             // Safety: row r < m, columns c0 .. c0 + cols < n.
             let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * ops.n + c0), cols) };
             for (j, d) in dst.iter_mut().enumerate() {
-                let int = acc_row[j] + t.rowcorr + t.zcorr * col_sum[j];
+                // Exact for terms QuantizeTokens made; wrapping (not a panic) for others.
+                let int = acc_row[j]
+                    .wrapping_add(t.rowcorr)
+                    .wrapping_add(t.zcorr.wrapping_mul(col_sum[j]));
                 *d = int as f32 * (t.scale * col_scale[j]);
             }
         }
@@ -884,6 +887,73 @@ mod tests {
             let tb = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[b, b]), bad).unwrap());
             assert!(quantize_tokens(&ctx(q), &[Some(&tx), Some(&tb)]).is_err());
         }
+    }
+
+    /// Operands that do not fit are errors naming the shapes, not panics.
+    #[test]
+    fn mismatched_operands_are_errors() {
+        use perqc_ir::{Graph, NodeSpec};
+        let mut g = Graph::new("t");
+        let id = g
+            .add_node(NodeSpec::new("QuantizedLinear"), &[], &["y"])
+            .unwrap();
+        let ctx = KernelCtx {
+            node: g.node(id),
+            opset: 1,
+            threads: 1,
+            subgraphs: None,
+        };
+        let t = |shape: &[usize]| RtTensor::f32(ArrayD::zeros(IxDyn(shape)));
+        let codes = RtTensor::I8(ArrayD::zeros(IxDyn(&[2, 8])).into_shared());
+        let sums = RtTensor::I32(ArrayD::zeros(IxDyn(&[40])).into_shared());
+        // 8 codes per row are 2 groups; a weight packed for 3 groups does not fit.
+        let w = RtTensor::U8(ArrayD::zeros(IxDyn(&[2, 3, GROUP_BYTES])).into_shared());
+        let e = quantized_linear(
+            &ctx,
+            &[
+                Some(&codes),
+                Some(&t(&[2, 3])),
+                Some(&w),
+                Some(&t(&[40])),
+                Some(&sums),
+            ],
+        );
+        assert!(e.unwrap_err().to_string().contains("do not fit"));
+        let w = RtTensor::U8(ArrayD::zeros(IxDyn(&[2, 2, GROUP_BYTES])).into_shared());
+        let e = quantized_linear(
+            &ctx,
+            &[
+                Some(&codes),
+                Some(&t(&[2, 2])),
+                Some(&w),
+                Some(&t(&[40])),
+                Some(&sums),
+            ],
+        );
+        assert!(e.is_err(), "terms must be [.., 3]");
+        let y = quantized_linear(
+            &ctx,
+            &[
+                Some(&codes),
+                Some(&t(&[2, 3])),
+                Some(&w),
+                Some(&t(&[40])),
+                Some(&sums),
+            ],
+        )
+        .unwrap();
+        assert_eq!(y[0].shape(), [2, 40]);
+        let e = quantized_linear(
+            &ctx,
+            &[
+                Some(&t(&[2, 8])),
+                Some(&t(&[2, 3])),
+                Some(&w),
+                Some(&t(&[40])),
+                Some(&sums),
+            ],
+        );
+        assert!(e.is_err(), "codes must be i8");
     }
 
     /// The codes are FakeQuantize's: dequantized they give its output bit for bit.
