@@ -38,7 +38,7 @@ pub struct EvalArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Run quantized linears on the float kernels (fake quantization) instead of the
-    /// integer ones (`fuse-int-linear`).
+    /// integer ones (`fuse-int-linear`; used where the CPU has AVX2 or AVX-512).
     #[arg(long)]
     no_int: bool,
     /// No progress bar.
@@ -66,13 +66,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // The canonical graph runs exported attention, RMS norm and SiLU chains as one op each.
     perqc_passes::canonicalize(&mut loaded.model)
         .with_context(|| format!("{}: canonicalize", args.model.display()))?;
-    if !args.no_int {
+    // The portable integer level is a plain loop, slower than the float kernels: without a
+    // SIMD level the quantized linears stay on the float path.
+    let level = perqc_ops::kernels::igemm::Level::detect();
+    let quantized = loaded
+        .model
+        .graph
+        .nodes()
+        .any(|(_, n)| n.op_type == "FakeQuantize");
+    if !args.no_int && level == perqc_ops::kernels::igemm::Level::Scalar && quantized && !args.quiet
+    {
+        eprintln!(
+            "note: no SIMD level of the integer kernels (AVX2 or AVX-512) on this CPU or \
+             under PERQC_INT_LEVEL; the quantized linears run on the float kernels"
+        );
+    }
+    if !args.no_int && level != perqc_ops::kernels::igemm::Level::Scalar {
         let fused = perqc_passes::fuse_int_linear(&mut loaded.model)
             .with_context(|| format!("{}: fuse-int-linear", args.model.display()))?;
         if fused.counter("fused") > 0 && !args.quiet {
             eprintln!(
-                "integer kernels ({:?}) for {} quantized linears{}",
-                perqc_ops::kernels::igemm::Level::detect(),
+                "integer kernels ({level:?}) for {} quantized linears{}",
                 fused.counter("fused"),
                 match fused.counter("left-float") {
                     0 => String::new(),
