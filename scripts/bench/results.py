@@ -10,7 +10,8 @@ it). For each row: compile SmolLM2 (the torchscript export) with `perqc MODEL -o
 characters [0, 200000), perqc's defaults), measuring wall time and peak RSS (wait4's
 ru_maxrss) of that process; then score the emitted file with ONNX Runtime by the bench
 protocol (scripts/bench/ppl_ort.py: characters from 200000 on, 16 windows of 512 tokens).
-With --native, `perqc eval` scores the same file too (the agreement column). The reference
+With --native, `perqc eval --no-int` scores the same file too (the agreement column: the
+native float kernels; the integer plan's agreement is in docs/runtime.md). The reference
 column is Brevitas 0.13.4's PeRQ under the same protocol (the bench protocol, docs/eval.md).
 Writes the table with the CPU, the commit and the commands to --out (default docs/results.md),
 and prints it. Rows: --list shows them.
@@ -142,8 +143,10 @@ for i, (name, args, ref) in enumerate(rows):
     ppl = ppl_of(pout)
     native = None
     if a.native:
+        # The float kernels (fake quantization), as this column has always been measured;
+        # the integer plan's agreement is in docs/runtime.md.
         _, _, nout = run([perqc, "eval", path, "--tokenizer", tok, "--text", text, "--seq", "512",
-                          "--windows", "16", "--skip-chars", "200000", "--quiet"])
+                          "--windows", "16", "--skip-chars", "200000", "--quiet", "--no-int"])
         native = ppl_of(nout)
     fsize = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
     results.append((name, args, ref, ppl, native, wall, rss, fsize))
@@ -203,7 +206,8 @@ emitted file over 16 windows of 512 tokens from character 200000. The reference 
 Brevitas 0.13.4's PeRQ under the same protocol (W INT4 symmetric per-channel MSE, RTN; A INT4
 asymmetric per-token dynamic; lm_head float). "compile / eval" divides the compile's wall time by
 `perqc eval`'s on the float model (16 x 512), measured in the same run ({eval_wall:.1f} s);
-peak RSS is the compile process's, over the model file ({size / 2**20:.0f} MiB).
+peak RSS is the compile process's, over the model file ({size / 2**20:.0f} MiB). "perqc eval
+ppl" is the native runtime's float kernels (`perqc eval --no-int`; the integer plan: runtime.md).
 
 {header}
 
