@@ -307,3 +307,69 @@ fn fewer_windows_than_asked_are_reported() {
         "{stderr}"
     );
 }
+
+/// A W4A4 file scored on the integer kernels (the default) and on the float kernels
+/// (`--no-int`): the run says which, and the two perplexities agree (the fixture's
+/// weights are random, so no code flips matter at this size; on SmolLM2 the two differ
+/// by 0.05-0.4%, see docs/runtime.md).
+#[test]
+fn integer_plan_and_float_plan_agree() {
+    let dir = scratch("int_plan");
+    let q = dir.join("w4a4.onnx");
+    let (tok, text) = (fixture("tiny_tokenizer.json"), fixture("tiny_text.txt"));
+    let compiled = perqc(&[
+        fixture("llama_ts.onnx").to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+        "--calib-text",
+        text.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--calib-seqs",
+        "2",
+        "--calib-len",
+        "64",
+        "--rounding",
+        "rtn",
+        "--quiet",
+    ]);
+    assert!(
+        compiled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compiled.stderr)
+    );
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            q.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--seq",
+            "64",
+            "--windows",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        perqc(&args)
+    };
+    let (int, float) = (run(&[]), run(&["--no-int"]));
+    let said = String::from_utf8_lossy(&int.stderr);
+    let simd =
+        perqc_ops::kernels::igemm::Level::detect() != perqc_ops::kernels::igemm::Level::Scalar;
+    if simd {
+        assert!(
+            said.contains("integer kernels") && said.contains("quantized linears"),
+            "{said}"
+        );
+    } else {
+        assert!(said.contains("run on the float kernels"), "{said}");
+    }
+    assert!(!String::from_utf8_lossy(&float.stderr).contains("integer kernels"));
+    let (a, b) = (ppl(&int), ppl(&float));
+    assert!(
+        (a - b).abs() <= 1e-3 * b,
+        "integer plan {a} vs float plan {b}"
+    );
+}
