@@ -39,7 +39,7 @@ pub struct FuseIntLinear;
 
 impl FuseIntLinear {
     pub const NAME: &'static str = "fuse-int-linear";
-    pub const DESCRIPTION: &'static str = "MatMul(FakeQuantize(x), DequantizeLinear(int4 W, per-column scale)) -> ai.perqc::QuantizedLinear, the native runtime's integer product (not bit-exact; no ONNX lowering)";
+    pub const DESCRIPTION: &'static str = "MatMul(FakeQuantize(x), DequantizeLinear(int4 W, per-column scale)) -> ai.perqc::QuantizeTokens (once per activation) + QuantizedLinear, the native runtime's integer product (not bit-exact; no ONNX lowering)";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&[])?;
@@ -47,7 +47,7 @@ impl FuseIntLinear {
     }
 }
 
-/// Why a MatMul that reads a FakeQuantize was not fused.
+/// The counter of MatMuls reading a FakeQuantize that keep the float path.
 const LEFT_FLOAT: &str = "left-float";
 
 /// The weight side: signed 4-bit codes `[K, N]` and their per-column scale value.

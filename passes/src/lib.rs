@@ -151,7 +151,7 @@ mod tests {
         fuse-fake-quantize  per-token dynamic Q/DQ (row max/min scale, blocked QuantizeLinear -> DequantizeLinear, or its float form) -> ai.perqc::FakeQuantize
         dce                 remove nodes and initializers whose results nothing reads
         fold-norms          fold RMS norm gammas into the linear layers that read the norms (exact)
-        fuse-int-linear     MatMul(FakeQuantize(x), DequantizeLinear(int4 W, per-column scale)) -> ai.perqc::QuantizedLinear, the native runtime's integer product (not bit-exact; no ONNX lowering)
+        fuse-int-linear     MatMul(FakeQuantize(x), DequantizeLinear(int4 W, per-column scale)) -> ai.perqc::QuantizeTokens (once per activation) + QuantizedLinear, the native runtime's integer product (not bit-exact; no ONNX lowering)
         infer-shapes        infer symbolic shapes and element types of every value from the op table
         lower               turn canonical ai.perqc ops back into ops of the model's opset (before export)
         online-hadamard     rotate each mlp region's sink input by a block Hadamard computed in the graph, its transpose folded into the sink (exact); options block=B|full, signs=SEED

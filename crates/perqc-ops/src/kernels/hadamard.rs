@@ -532,11 +532,11 @@ pub fn hadamard(ctx: &KernelCtx<'_>, inputs: In) -> Out {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// Natural-order Sylvester matrix times `c`, row-major.
-    fn sylvester(b: usize, c: f32) -> Vec<f32> {
+    /// Natural-order Sylvester matrix times `c`, row-major (also the integer kernels' tests).
+    pub(crate) fn sylvester(b: usize, c: f32) -> Vec<f32> {
         (0..b * b)
             .map(|k| {
                 let (j, i) = (k / b, k % b);

@@ -181,15 +181,6 @@ pub fn pack_weights(w: &[i8], k: usize, n: usize) -> Result<PackedWeights, Strin
     Ok(PackedWeights { data, col_sums })
 }
 
-/// The signed weight code `w[kk, c]` of a packed weight (the inverse of [`pack_weights`]).
-pub fn unpacked_weight(data: &[u8], k: usize, kk: usize, c: usize) -> i8 {
-    let groups = k.div_ceil(KG);
-    let (p, l) = (c / NR, c % NR);
-    let byte = data[(p * groups + kk / KG) * GROUP_BYTES + 4 * (l % 16) + kk % KG];
-    let u = if l < 16 { byte & 0x0f } else { byte >> 4 };
-    u as i8 - 8
-}
-
 /// Per-row terms of the product (see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RowTerms {
@@ -746,6 +737,15 @@ mod tests {
             .collect()
     }
 
+    /// The signed weight code `w[kk, c]` of a packed weight (the inverse of [`pack_weights`]).
+    fn unpacked_weight(data: &[u8], k: usize, kk: usize, c: usize) -> i8 {
+        let groups = k.div_ceil(KG);
+        let (p, l) = (c / NR, c % NR);
+        let byte = data[(p * groups + kk / KG) * GROUP_BYTES + 4 * (l % 16) + kk % KG];
+        let u = if l < 16 { byte & 0x0f } else { byte >> 4 };
+        u as i8 - 8
+    }
+
     #[test]
     fn packing_round_trips() {
         let (k, n) = (13, 45);
@@ -836,16 +836,7 @@ mod tests {
         let x: Vec<f32> = (0..m * k)
             .map(|_| (lcg(&mut st) % 4001) as f32 / 97.0 - 20.0)
             .collect();
-        let c = 1.0 / (b as f32).sqrt();
-        let h: Vec<f32> = (0..b * b)
-            .map(|i| {
-                if ((i / b) & (i % b)).count_ones() % 2 == 0 {
-                    c
-                } else {
-                    -c
-                }
-            })
-            .collect();
+        let h = crate::kernels::hadamard::tests::sylvester(b, 1.0 / (b as f32).sqrt());
         let tx = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[1, m, k]), x).unwrap());
         let th = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[b, b]), h.clone()).unwrap());
         let mut g = Graph::new("t");
