@@ -18,6 +18,7 @@ pub mod permute;
 pub mod quantize;
 pub mod regions;
 pub mod rotate;
+pub mod smooth;
 pub mod topo_sort;
 pub mod transform;
 
@@ -31,6 +32,7 @@ pub use online_hadamard::OnlineHadamard;
 pub use permute::Permute;
 pub use quantize::Quantize;
 pub use rotate::Rotate;
+pub use smooth::Smooth;
 pub use topo_sort::TopoSort;
 
 use perqc_ir::{Model, Pass, PassContext, PassError, PassOutcome, PassRegistry};
@@ -58,8 +60,9 @@ pub fn fuse_int_linear(model: &mut Model) -> Result<PassOutcome, PassError> {
 
 /// The passes that rewrite weights by channel transforms: exact up to float round-off (not
 /// bit for bit), and run once per model (see [`transform::APPLIED_KEY`]).
-pub const TRANSFORM_PASSES: [&str; 4] = [
+pub const TRANSFORM_PASSES: [&str; 5] = [
     FoldNorms::NAME,
+    Smooth::NAME,
     Permute::NAME,
     Rotate::NAME,
     OnlineHadamard::NAME,
@@ -105,6 +108,7 @@ pub fn registry() -> PassRegistry {
             Quantize::from_options,
         )
         .register(Rotate::NAME, Rotate::DESCRIPTION, Rotate::from_options)
+        .register(Smooth::NAME, Smooth::DESCRIPTION, Smooth::from_options)
         .register(
             TopoSort::NAME,
             TopoSort::DESCRIPTION,
@@ -158,6 +162,7 @@ mod tests {
         permute             fold calibrated channel permutations into the weights (exact); options method=massdiff|zigzag|absmax|random|identity, seed=N, block=B, mlp=true, residual=false, heads=false
         quantize            quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, embed=false, skip=PAT|PAT, rounding=rtn|gptq, target=qdq|ort
         rotate              fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|none, signs=SEED, core=M
+        smooth              divide each mlp region's sink input by calibrated channel scales a^alpha / w^(1-alpha), folded into up_proj and down_proj (exact); options method=max|quantile, alpha=0.5, q=0.999
         topo-sort           order every graph's nodes topologically (stable)
         ");
     }

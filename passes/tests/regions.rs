@@ -1,17 +1,24 @@
 //! The region analysis on the fixtures: counts, dimensions, heads and legality, for both
 //! Llama exports, the Gemma-like decoder, the LayerNorm encoder and the packed-weight decoder.
 
-use perqc_passes::regions::{RegionKind, Regions, TransformKind};
+use perqc_ir::Model;
+use perqc_passes::regions::{Region, RegionKind, Regions, TransformKind};
 use std::path::PathBuf;
 
 fn regions(name: &str) -> Regions {
+    regions_of(name).1
+}
+
+/// The canonicalized fixture and its regions.
+fn regions_of(name: &str) -> (Model, Regions) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../fixtures")
         .join(name);
     let mut model = perqc_onnx::load(&path).expect("fixture loads").model;
     perqc_passes::canonicalize(&mut model).expect("canonicalizes");
     let shapes = perqc_ops::infer_model(&model).expect("shapes");
-    Regions::find(&model, &shapes)
+    let r = Regions::find(&model, &shapes);
+    (model, r)
 }
 
 fn count(r: &Regions, kind: RegionKind) -> usize {
@@ -23,7 +30,7 @@ fn count(r: &Regions, kind: RegionKind) -> usize {
 /// q/k/v/gate/up of every layer and the lm_head read it), one mlp and one attention_vo
 /// region per layer, and query-key regions that rotary embeddings block.
 fn llama(name: &str) {
-    let r = regions(name);
+    let (model, r) = regions_of(name);
     assert_eq!(count(&r, RegionKind::Residual), 1, "{}", r.summary());
     assert_eq!(count(&r, RegionKind::Mlp), 2, "{}", r.summary());
     assert_eq!(count(&r, RegionKind::AttentionVo), 2, "{}", r.summary());
@@ -57,6 +64,15 @@ fn llama(name: &str) {
         assert_eq!((mlp.sources.len(), mlp.sinks.len()), (2, 1));
         assert!(mlp.why_not(TransformKind::Permutation).is_none());
         assert!(mlp.why_not(TransformKind::Rotation).is_some());
+        scales_through_up_alone(&model, mlp);
+    }
+    // The residual stream's scales stop at the norms; the value/output heads take them
+    // whole (v_proj is their only source).
+    let why = res.why_not(TransformKind::Scale).expect("norms");
+    assert!(why.contains("RMSNormalization"), "{why}");
+    for vo in r.of_kind(RegionKind::AttentionVo) {
+        assert!(vo.why_not(TransformKind::SignedScale).is_none());
+        assert_eq!(vo.sources_for(TransformKind::Scale).len(), vo.sources.len());
     }
     for vo in r.of_kind(RegionKind::AttentionVo) {
         assert_eq!(vo.dim, 32, "2 key/value heads of 16");
@@ -72,6 +88,30 @@ fn llama(name: &str) {
     for qk in r.of_kind(RegionKind::AttentionQk) {
         assert_eq!(qk.sources.len(), 2, "q_proj and k_proj");
         assert!(qk.why_not(TransformKind::Permutation).is_some(), "rotary");
+    }
+}
+
+/// A gated mlp `down(act(gate(x)) ⊙ up(x))`: a channel scale goes through the product's
+/// `up` factor alone (the activation does not commute with it), so it folds into up_proj
+/// and not gate_proj, any sign.
+fn scales_through_up_alone(model: &Model, mlp: &Region) {
+    let g = &model.graph;
+    // The op reading a source's output.
+    let reader = |node| {
+        let out = g.node(node).output(0).expect("a result");
+        let u = g.value(out).uses()[0].node;
+        g.node(u).op_type.clone()
+    };
+    let gate: Vec<String> = mlp.sources.iter().map(|e| reader(e.node)).collect();
+    assert!(
+        gate.iter().any(|op| op == "Swish" || op == "Gelu"),
+        "{gate:?}"
+    );
+    for kind in [TransformKind::Scale, TransformKind::SignedScale] {
+        assert!(mlp.why_not(kind).is_none(), "{:?}", mlp.why_not(kind));
+        let into = mlp.sources_for(kind);
+        assert_eq!(into.len(), 1);
+        assert_eq!(reader(into[0].node), "Mul", "up_proj feeds the product");
     }
 }
 
@@ -105,7 +145,7 @@ fn llama_dynamo_regions() {
 /// `gemma_attention_regions_with_one_key_value_head`.
 #[test]
 fn gemma_regions() {
-    let r = regions("gemma_like.onnx");
+    let (model, r) = regions_of("gemma_like.onnx");
     assert_eq!(count(&r, RegionKind::Residual), 1, "{}", r.summary());
     assert_eq!(count(&r, RegionKind::Mlp), 2, "{}", r.summary());
     assert_eq!(count(&r, RegionKind::AttentionQk), 2, "{}", r.summary());
@@ -159,6 +199,7 @@ fn gemma_regions() {
         assert!(mlp.why_not(TransformKind::Permutation).is_none());
         let why = mlp.why_not(TransformKind::Rotation).expect("GELU");
         assert!(why.contains("Gelu"), "{why}");
+        scales_through_up_alone(&model, mlp);
     }
     for qk in r.of_kind(RegionKind::AttentionQk) {
         assert_eq!(qk.dim, 256);
@@ -235,6 +276,9 @@ fn encoder_regions() {
             "fc1 weight and bias"
         );
         assert!(mlp.why_not(TransformKind::Permutation).is_none());
+        // fc2(gelu(fc1 x + b)): no factor to take a scale past the GELU.
+        let why = mlp.why_not(TransformKind::Scale).expect("GELU");
+        assert!(why.contains("Gelu") && why.contains("scales"), "{why}");
     }
     for qk in r.of_kind(RegionKind::AttentionQk) {
         assert!(qk.why_not(TransformKind::Rotation).is_none());

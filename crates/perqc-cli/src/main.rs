@@ -193,13 +193,20 @@ fn compile(args: CompileArgs) -> Result<()> {
     if !recipe && args.recipe.no_quantize {
         bail!("--passes and --no-quantize both choose the passes; give one");
     }
-    if !recipe && (args.recipe.verify || args.recipe.calib.given()) {
-        bail!("--verify and calibration data apply to the recipe: leave out --passes");
+    if !recipe
+        && (args.recipe.verify
+            || args.recipe.calib.given()
+            || args.recipe.smooth != recipe::Smooth::None)
+    {
+        bail!("--verify, --smooth and calibration data apply to the recipe: leave out --passes");
     }
     if quantize && args.recipe.verify {
         bail!(
             "--verify checks the exact transforms: add --no-quantize (a quantized model's outputs differ by design)"
         );
+    }
+    if recipe {
+        args.recipe.check()?;
     }
     let quant_config = if quantize {
         Some(args.quant.config(args.recipe.calib.given(), &mut notes)?)
@@ -246,11 +253,10 @@ fn compile(args: CompileArgs) -> Result<()> {
         }
         let t = Instant::now();
         // The calibration session copies the weights; their mapped pages go back as it does.
-        if layerwise.is_none()
-            && let Some(c) = args
-                .recipe
-                .calibrate(&model, &|t| files.release(t))
-                .with_context(|| input.display().to_string())?
+        if let Some(c) = args
+            .recipe
+            .calibrate(&model, layerwise.is_some(), &|t| files.release(t))
+            .with_context(|| input.display().to_string())?
         {
             notes.push(format!("calibrated on {}", c.source()));
             calib_time = Some(t.elapsed());

@@ -14,6 +14,7 @@ use perqc_passes::calibration::Calibration;
 use perqc_passes::permutation::PermuteMethod;
 use perqc_passes::permute::Permute;
 use perqc_passes::regions::{RegionKind, Regions};
+use perqc_passes::smooth::Smoothing;
 use perqc_runtime::{RtTensor, Session, SessionOptions, StatsOptions};
 use std::path::Path;
 
@@ -34,6 +35,13 @@ pub struct RecipeArgs {
     /// layers before it: one forward pass less).
     #[arg(long, value_name = "FROM", default_value = "float", value_parser = ["float", "quantized"])]
     pub permute_stats: String,
+    /// Smoothing of each down_proj input before its rotation: channel j divided by
+    /// s_j = a_j^alpha / max_i |W_down[i, j]|^(1 - alpha), folded into up_proj and
+    /// down_proj (exact). quantile(q=Q,alpha=A): a_j is the q-quantile of |x_j| over the
+    /// calibration tokens (defaults q 0.999, alpha 0.5); max(alpha=A): its maximum; none.
+    /// Needs calibration data.
+    #[arg(long, value_name = "SPEC", default_value = "none", value_parser = parse_smooth)]
+    pub smooth: Smooth,
     /// Block size of the online Hadamard before each down_proj and of the permutation's
     /// blocks (must divide the MLP width); full: one Hadamard of the whole width (no
     /// permutation); none: no online rotation.
@@ -60,6 +68,20 @@ pub struct RecipeArgs {
     pub verify_tol: f64,
     #[command(flatten)]
     pub calib: CalibArgs,
+}
+
+/// `--smooth`: none or a smoothing applied to every mlp region.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Smooth {
+    None,
+    Fixed(Smoothing),
+}
+
+fn parse_smooth(s: &str) -> Result<Smooth, String> {
+    match s {
+        "none" => Ok(Smooth::None),
+        spec => Smoothing::parse(spec).map(Smooth::Fixed),
+    }
 }
 
 /// The online rotation's block size.
@@ -106,6 +128,10 @@ impl RecipeArgs {
     /// quantizing driver ([`RecipeArgs::layerwise`]).
     pub fn pipeline(&self, notes: &mut Vec<String>, layerwise: bool) -> String {
         let mut passes = Vec::new();
+        // Smoothing first: the permutation then sorts the smoothed channels.
+        if let Smooth::Fixed(s) = self.smooth {
+            passes.push(s.pass_spec());
+        }
         let b = match self.block_size {
             Block::Size(b) => b,
             // Without blocks a permutation changes nothing the quantizers see.
@@ -160,15 +186,32 @@ impl RecipeArgs {
         matches!(self.block_size, Block::Size(_)) && self.permute.uses_statistics()
     }
 
-    /// Calibration statistics of what the permutation reads, if there is data and the
-    /// permutation needs them. `model` is canonicalized; `release` is called on each
+    /// Refuses a recipe that cannot run: smoothing without calibration data.
+    pub fn check(&self) -> Result<()> {
+        if self.smooth != Smooth::None && !self.calib.given() {
+            bail!(
+                "--smooth needs calibration data (--calib-text with --tokenizer, or --calib-ids)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Calibration statistics of what the smoothing and the permutation read (the mlp
+    /// sinks' inputs), if there is data and a pass needs them; with `layerwise` the
+    /// permutation gathers its own. `model` is canonicalized; `release` is called on each
     /// weight once the calibration session has its copy.
     pub fn calibrate(
         &self,
         model: &Model,
+        layerwise: bool,
         release: &dyn Fn(&perqc_ir::Tensor),
     ) -> Result<Option<Calibration>> {
-        if !self.calib.given() || !self.permutes() {
+        let smooths = match self.smooth {
+            Smooth::None => None,
+            Smooth::Fixed(s) => Some(s),
+        };
+        let permutes = self.permutes() && !layerwise;
+        if !self.calib.given() || (smooths.is_none() && !permutes) {
             return Ok(None);
         }
         let shapes = perqc_ops::infer_model(model).context("shape inference")?;
@@ -177,7 +220,11 @@ impl RecipeArgs {
         if watch.is_empty() {
             return Ok(None);
         }
-        calib::calibrate(model, &watch, &self.calib, StatsOptions::default(), release).map(Some)
+        let opts = StatsOptions {
+            quantiles: smooths.is_some_and(|s| s.needs_quantiles()),
+            ..StatsOptions::default()
+        };
+        calib::calibrate(model, &watch, &self.calib, opts, release).map(Some)
     }
 
     /// Runs the original model (read again from `input` and canonicalized) and the

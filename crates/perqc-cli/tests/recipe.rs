@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, scratch};
+use common::{close_case, fixture, scratch};
 use std::process::Command;
 
 fn perqc(args: &[&str]) -> (bool, String) {
@@ -89,6 +89,57 @@ fn without_calibration_the_permutation_is_skipped_with_a_note() {
     assert!(ok && err.contains("permute(method=random"), "{err}");
 }
 
+/// `--smooth` (max and quantile) before the PeRQ transforms and before full rotation: the
+/// native `--verify` and ONNX Runtime (a conformance case against the original fixture)
+/// both see the original outputs; the gated mlps are smoothed through up_proj.
+#[test]
+fn smoothing_is_exact() {
+    let calib = [
+        "--calib-text".to_string(),
+        s(&fixture("tiny_text.txt")),
+        "--tokenizer".into(),
+        s(&fixture("tiny_tokenizer.json")),
+        "--calib-seqs".into(),
+        "3".into(),
+        "--calib-len".into(),
+        "64".into(),
+    ];
+    for model in ["llama_ts.onnx", "llama_dynamo.onnx", "gemma_like.onnx"] {
+        for (tag, spec, block) in [
+            ("max", "max(alpha=0.5)", "32"),
+            ("quantile", "quantile(q=0.99,alpha=0.6)", "32"),
+            ("quantile_full", "quantile", "full"),
+        ] {
+            let stem = model.trim_end_matches(".onnx");
+            let dir = scratch("recipe", &format!("smooth_{stem}_{tag}"));
+            let out = dir.join("m.onnx");
+            let mut args = vec![
+                s(&fixture(model)),
+                "-o".into(),
+                s(&out),
+                "--no-quantize".into(),
+                "--smooth".into(),
+                spec.into(),
+                "--block-size".into(),
+                block.into(),
+                "--verify".into(),
+            ];
+            args.extend(calib.iter().cloned());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (ok, err) = perqc(&args);
+            assert!(ok, "{model} {spec}: {err}");
+            for want in [
+                "regions-smoothed=2",
+                "weights-rewritten=4",
+                "--verify: outputs match",
+            ] {
+                assert!(err.contains(want), "{model} {spec}: no `{want}` in\n{err}");
+            }
+            close_case(&format!("smooth_{stem}_{tag}"), &fixture(model), &out, 1e-4);
+        }
+    }
+}
+
 #[test]
 fn recipe_errors_say_what_to_change() {
     let dir = scratch("recipe", "errors");
@@ -106,6 +157,23 @@ fn recipe_errors_say_what_to_change() {
     assert!(!ok && err.contains("add --no-quantize"), "{err}");
     let (ok, err) = perqc(&[&m, "-o", &s(&out), "--no-quantize", "--permute", "best"]);
     assert!(!ok && err.contains("massdiff"), "{err}");
+    // Smoothing: calibration data, known statistics, options in range.
+    let (ok, err) = perqc(&[&m, "-o", &s(&out), "--no-quantize", "--smooth", "max"]);
+    assert!(
+        !ok && err.contains("--smooth needs calibration data"),
+        "{err}"
+    );
+    for (spec, want) in [
+        ("median", "not a smoothing (max, quantile"),
+        ("max(q=0.9)", "no option `q` (valid: alpha)"),
+        ("quantile(q=1.5)", "q = 1.5 is not in (0, 1]"),
+        ("quantile(alpha=x)", "alpha = `x` is not a number"),
+        ("max(alpha=0.5", "missing `)`"),
+    ] {
+        let (ok, err) = perqc(&[&m, "-o", &s(&out), "--smooth", spec]);
+        assert!(!ok && err.contains(want), "{spec}: {err}");
+    }
+    assert!(!out.exists(), "no output on failure");
 }
 
 /// The default job quantizes: W4A4 with GPTQ and the clip search when there is calibration

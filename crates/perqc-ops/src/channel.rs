@@ -27,6 +27,13 @@ pub struct Commutes {
     pub positive_scale: bool,
     /// Every diagonal scale, signs included (linear ops; a norm's gamma).
     pub signed_scale: bool,
+    /// The op is linear in this operand by itself: a diagonal scale (any sign) of this
+    /// operand alone, every other operand left as it is, scales the result the same way (a
+    /// factor of `x · y`, the dividend of `x / y`). It matters where other operands carry
+    /// the channels too (`with`) and the kinds above, which apply to all of them together,
+    /// rule scales out: the region analysis then sends a scale through one factor
+    /// (smoothing `silu(gate) · up` through `up`).
+    pub factor: bool,
 }
 
 /// Permutations only (elementwise non-linear ops).
@@ -35,6 +42,7 @@ pub const PERM: Commutes = Commutes {
     rotation: false,
     positive_scale: false,
     signed_scale: false,
+    factor: false,
 };
 /// Permutations and positive scales (ReLU).
 pub const PERM_SCALE: Commutes = Commutes {
@@ -47,6 +55,7 @@ pub const LINEAR: Commutes = Commutes {
     rotation: true,
     positive_scale: true,
     signed_scale: true,
+    factor: false,
 };
 /// Permutations and rotations, not scales (norms over the axis).
 pub const ORTHOGONAL: Commutes = Commutes {
@@ -216,14 +225,19 @@ pub fn add_sub(ctx: &ChannelCtx<'_>) -> ChannelFlow {
 }
 
 /// Products and quotients: channels of both operands multiply elementwise (only a common
-/// permutation commutes); a factor broadcast along the axis (a per-row scalar such as an
-/// RMS) commutes with every linear map: `T (x · r) == (T x) · r`. A divisor carrying the
-/// channels is non-linear in them.
+/// permutation commutes with both), but the product is linear in each factor alone, so a
+/// scale may go through one of them: `D (x · y) == (D x) · y`; a factor broadcast along the
+/// axis (a per-row scalar such as an RMS) commutes with every linear map: `T (x · r) ==
+/// (T x) · r`. A divisor carrying the channels is non-linear in them.
 pub fn mul_div(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     if ctx.node.op_type == "Div" && ctx.input == 1 {
         return broadcasting(ctx, PERM, PERM);
     }
-    broadcasting(ctx, PERM, LINEAR)
+    let factor = Commutes {
+        factor: true,
+        ..PERM
+    };
+    broadcasting(ctx, factor, LINEAR)
 }
 
 /// Elementwise ops that are not linear (Max, Pow, Where, comparisons, ...): permutations.
@@ -619,6 +633,7 @@ fn norm_param(ctx: &ChannelCtx<'_>, rank: usize, first: usize) -> ChannelFlow {
                 rotation: false,
                 positive_scale: true,
                 signed_scale: true,
+                factor: false,
             },
         );
     }

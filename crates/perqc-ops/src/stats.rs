@@ -57,6 +57,8 @@ pub enum StatsError {
     Channels { got: usize, want: usize },
     #[error("block size {block} does not divide {channels} channels")]
     Block { block: usize, channels: usize },
+    #[error("channel {channel}: divisor {value} is not positive and finite")]
+    Divisor { channel: usize, value: f64 },
 }
 
 /// Running statistics of one value, per channel (its last axis).
@@ -69,6 +71,9 @@ pub struct ChannelStats {
     sum_sq: Vec<f64>,
     /// `[channels, BINS]` counts, if quantiles were requested.
     hist: Option<Vec<u32>>,
+    /// Per channel, what the histogram's values are to be multiplied by (1 until
+    /// [`ChannelStats::divide_channels`]; its bins stay those of the values seen).
+    hist_scale: Vec<f64>,
     block: Option<(usize, Vec<f64>)>,
     gram: Option<Array2<f64>>,
     sample_every: usize,
@@ -92,6 +97,7 @@ impl ChannelStats {
             max_abs: vec![0.0; channels],
             sum_sq: vec![0.0; channels],
             hist: opts.quantiles.then(|| vec![0; channels * BINS]),
+            hist_scale: vec![1.0; channels],
             block,
             gram: opts.gram.then(|| Array2::zeros((channels, channels))),
             sample_every: opts.sample_every,
@@ -194,13 +200,63 @@ impl ChannelStats {
                     for (i, &n) in h[ch * BINS..(ch + 1) * BINS].iter().enumerate() {
                         seen += n as u64;
                         if seen >= target {
-                            return bin_upper(i).min(self.max_abs[ch]);
+                            let q = (f64::from(bin_upper(i)) * self.hist_scale[ch]) as f32;
+                            return q.min(self.max_abs[ch]);
                         }
                     }
                     self.max_abs[ch]
                 })
                 .collect(),
         )
+    }
+
+    /// Turns these into the statistics of `x_c / s_c`, as if the values had been divided
+    /// channel by channel before they were seen (a smoothing scale folded into the
+    /// weights): sums of |x| and the maxima divide by `s_c`, second moments by `s_i s_j`,
+    /// kept rows by `s_c`; quantiles divide by `s_c` when read. Every `s_c` must be
+    /// positive and finite.
+    pub fn divide_channels(&mut self, s: &[f64]) -> Result<(), StatsError> {
+        if s.len() != self.channels {
+            return Err(StatsError::Channels {
+                got: s.len(),
+                want: self.channels,
+            });
+        }
+        if let Some((channel, &value)) = s
+            .iter()
+            .enumerate()
+            .find(|(_, d)| !(d.is_finite() && **d > 0.0))
+        {
+            return Err(StatsError::Divisor { channel, value });
+        }
+        let c = self.channels;
+        for (ch, &d) in s.iter().enumerate() {
+            self.sum_abs[ch] /= d;
+            self.sum_sq[ch] /= d * d;
+            self.max_abs[ch] = (f64::from(self.max_abs[ch]) / d) as f32;
+            self.hist_scale[ch] /= d;
+        }
+        for row in self.samples.chunks_mut(c.max(1)) {
+            for (x, d) in row.iter_mut().zip(s) {
+                *x = (f64::from(*x) / d) as f32;
+            }
+        }
+        if let Some((b, m)) = &mut self.block {
+            let b = *b;
+            for (k, blk) in m.chunks_mut(b * b).enumerate() {
+                for i in 0..b {
+                    for j in 0..b {
+                        blk[i * b + j] /= s[k * b + i] * s[k * b + j];
+                    }
+                }
+            }
+        }
+        if let Some(g) = &mut self.gram {
+            for ((i, j), v) in g.indexed_iter_mut() {
+                *v /= s[i] * s[j];
+            }
+        }
+        Ok(())
     }
 
     /// Second-moment matrix of block `k` (`b x b`, row-major), if requested.
@@ -407,6 +463,83 @@ mod tests {
                     .all(|(a, e)| (a - e).abs() < 1e-5 * scale)
             );
         }
+    }
+
+    /// Statistics of `x` divided by `s` afterwards are those of `x / s`: exactly for
+    /// powers of two (then even the histogram's bins move by whole octaves), within
+    /// round-off and one bin otherwise.
+    #[test]
+    fn dividing_channels_is_observing_the_divided_values() {
+        let (channels, b) = (8, 4);
+        let opts = StatsOptions {
+            quantiles: true,
+            block_moments: Some(b),
+            gram: true,
+            sample_every: 2,
+        };
+        let x = data(91, channels, 3);
+        for s in [
+            vec![2.0, 0.5, 4.0, 8.0, 1.0, 0.25, 2.0, 16.0],
+            vec![1.3, 0.7, 3.1, 9.0, 1.0, 0.2, 2.5, 17.0],
+        ] {
+            let exact = s.iter().all(|v: &f64| v.log2().fract() == 0.0);
+            let mut divided = ChannelStats::new(channels, &opts).unwrap();
+            divided.update(x.view()).unwrap();
+            divided.divide_channels(&s).unwrap();
+            let xs = Array2::from_shape_fn(x.dim(), |(r, c)| (f64::from(x[(r, c)]) / s[c]) as f32);
+            let mut direct = ChannelStats::new(channels, &opts).unwrap();
+            direct.update(xs.view()).unwrap();
+            let close = |a: f64, e: f64| {
+                if exact {
+                    a == e
+                } else {
+                    (a - e).abs() <= 1e-5 * e.abs().max(1e-6)
+                }
+            };
+            for c in 0..channels {
+                assert!(close(divided.mean_abs()[c], direct.mean_abs()[c]));
+                assert!(close(divided.sum_sq()[c], direct.sum_sq()[c]));
+                assert!(close(
+                    divided.max_abs()[c].into(),
+                    direct.max_abs()[c].into()
+                ));
+                let (qa, qd) = (
+                    divided.abs_quantile(0.9).unwrap()[c],
+                    direct.abs_quantile(0.9).unwrap()[c],
+                );
+                let bin = 2f32.powf(1.0 / SUB as f32) * 1.0001;
+                assert!(if exact {
+                    qa == qd
+                } else {
+                    qa <= qd * bin && qd <= qa * bin
+                });
+            }
+            for (a, e) in divided.samples().iter().zip(direct.samples().iter()) {
+                assert!(close(f64::from(*a), f64::from(*e)));
+            }
+            for (a, e) in divided.gram().unwrap().iter().zip(direct.gram().unwrap()) {
+                assert!((a - e).abs() <= 1e-4 * e.abs().max(1e-3));
+            }
+            for k in 0..channels / b {
+                let (a, e) = (
+                    divided.block_moment(k).unwrap(),
+                    direct.block_moment(k).unwrap(),
+                );
+                assert!(
+                    a.iter()
+                        .zip(e)
+                        .all(|(a, e)| (a - e).abs() <= 1e-4 * e.abs().max(1e-3))
+                );
+            }
+        }
+        let mut s = ChannelStats::new(channels, &opts).unwrap();
+        assert!(s.divide_channels(&[1.0; 3]).is_err());
+        let mut zero = [1.0; 8];
+        zero[5] = 0.0;
+        assert_eq!(
+            s.divide_channels(&zero).unwrap_err().to_string(),
+            "channel 5: divisor 0 is not positive and finite"
+        );
     }
 
     /// The blocked Gram update (3 x 3 blocks of 128, the last partial) against the plain

@@ -1224,12 +1224,16 @@ fn broadcast_operands_and_reductions() {
             uniform: vec![]
         }
     );
-    // Times a per-channel gain: only a permutation applied to both.
+    // Times a per-channel gain: only a permutation applied to both, or a scale applied to
+    // one factor alone.
     assert_eq!(
         at(gained, 0, 1),
         F::Through {
             outputs: vec![(0, 1)],
-            commutes: PERM,
+            commutes: crate::channel::Commutes {
+                factor: true,
+                ..PERM
+            },
             with: vec![(1, 0)],
             uniform: vec![]
         }

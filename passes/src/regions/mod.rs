@@ -16,6 +16,7 @@
 //! where the channels escape (then nothing is legal), an op between that commutes only
 //! with some kinds, or per-channel parameters (a norm's gamma) that are not uniform.
 
+mod scale;
 mod trace;
 
 use perqc_ir::{Analysis, Model, NodeId, PassError, ValueId};
@@ -133,6 +134,12 @@ pub struct Region {
     kinds: Kinds,
     /// Whether each param tensor is uniform along its axis, by `params` index.
     uniform_params: Vec<bool>,
+    /// The sources a positive diagonal scale folds into (`None`: not legal, `kinds.scale`
+    /// says why), by `sources` index: all of them, or fewer where the scale passes one
+    /// factor of a product ([`scale`]).
+    scale_sources: Option<Vec<usize>>,
+    /// Likewise for diagonals with negative entries.
+    signed_scale_sources: Option<Vec<usize>>,
     pub(crate) names: Names,
 }
 
@@ -169,6 +176,20 @@ impl Region {
             ));
         }
         None
+    }
+
+    /// The sources a diagonal scale of `kind` (`Scale` or `SignedScale`) folds into when
+    /// it is legal; every source for the other kinds.
+    pub fn sources_for(&self, kind: TransformKind) -> Vec<&Endpoint> {
+        let picked = match kind {
+            TransformKind::Scale => self.scale_sources.as_deref(),
+            TransformKind::SignedScale => self.signed_scale_sources.as_deref(),
+            _ => None,
+        };
+        match picked {
+            Some(idx) => idx.iter().map(|&i| &self.sources[i]).collect(),
+            None => self.sources.iter().collect(),
+        }
     }
 
     /// Every reason a transform kind is illegal, for reports.
@@ -281,14 +302,21 @@ impl Regions {
             let heads = r.heads.map_or("-".to_string(), |h| {
                 format!("{}/{} x {}", h.heads, h.kv_heads, h.head_dim)
             });
-            let legal: Vec<&str> = [
+            let legal: Vec<String> = [
                 TransformKind::Permutation,
                 TransformKind::Rotation,
                 TransformKind::Scale,
             ]
             .into_iter()
             .filter(|&k| r.why_not(k).is_none())
-            .map(TransformKind::as_str)
+            .map(|k| match k {
+                TransformKind::Scale if r.sources_for(k).len() < r.sources.len() => format!(
+                    "scale (into {} of {} sources)",
+                    r.sources_for(k).len(),
+                    r.sources.len()
+                ),
+                k => k.as_str().to_string(),
+            })
             .collect();
             let legal = if legal.is_empty() {
                 "none".to_string()
@@ -373,6 +401,12 @@ impl Regions {
                         "rotation": legal(TransformKind::Rotation),
                         "scale": legal(TransformKind::Scale),
                     },
+                    "scale_sources": legal(TransformKind::Scale).then(|| {
+                        r.sources_for(TransformKind::Scale)
+                            .into_iter()
+                            .map(|e| endpoint(r, e))
+                            .collect::<Vec<_>>()
+                    }),
                     "blocked_by": blocked,
                 })
             })
@@ -505,6 +539,11 @@ fn classify(env: &Env<'_>, mut t: Trace, force: Option<RegionKind>) -> Option<Re
         _ => return None,
     };
     let uniform_params = params.iter().map(|p| is_uniform(env, p.weight)).collect();
+    let mut kinds = std::mem::take(&mut t.kinds);
+    let positive = scale::scaled_sources(env, &t.roles, &sources, &sinks, false);
+    let signed = scale::scaled_sources(env, &t.roles, &sources, &sinks, true);
+    kinds.scale = positive.as_ref().err().cloned();
+    kinds.signed_scale = signed.as_ref().err().cloned();
     let mut names = Names::default();
     for &n in t
         .nodes
@@ -532,8 +571,10 @@ fn classify(env: &Env<'_>, mut t: Trace, force: Option<RegionKind>) -> Option<Re
         heads,
         groups,
         barriers: std::mem::take(&mut t.blockers),
-        kinds: std::mem::take(&mut t.kinds),
+        kinds,
         uniform_params,
+        scale_sources: positive.ok(),
+        signed_scale_sources: signed.ok(),
         names,
     })
 }

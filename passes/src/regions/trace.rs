@@ -87,16 +87,65 @@ pub(super) struct Trace {
     pub nodes: Vec<NodeId>,
     pub head_ports: Vec<HeadPort>,
     pub blockers: Vec<Blocker>,
-    /// What commutes with every op between sources and sinks, with the first op that
-    /// ruled each kind out.
+    /// Whether permutations and rotations commute with every op between sources and
+    /// sinks, with the first op that ruled each out (scales: [`super::scale`]).
     pub kinds: Kinds,
     /// Two channel streams are added (a residual connection).
     pub sums_streams: bool,
     /// The channels end in an invariant (a query-key product) somewhere.
     pub invariant_ends: bool,
+    /// Per node, how a diagonal scale passes each operand that carries the channels
+    /// (constant ones included: sources), by operand index.
+    pub roles: HashMap<NodeId, Vec<(usize, ScaleRole)>>,
     seen: HashMap<ValueId, (Axes, Vec<u32>)>,
     done_nodes: HashMap<(NodeId, usize), ()>,
     queue: VecDeque<ValueId>,
+}
+
+/// How a diagonal scale of the channels passes one operand of a node, from the rule's
+/// answers on its channel axes (all of them must allow it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ScaleRole {
+    /// A positive diagonal on this operand and every operand paired with it scales the
+    /// result the same way.
+    pub positive: bool,
+    /// Likewise for diagonals with negative entries.
+    pub signed: bool,
+    /// The op is linear in this operand alone ([`Commutes::factor`]).
+    pub factor: bool,
+    /// The result does not carry the channels ([`ChannelFlow::Invariant`]): a scale it
+    /// commutes with leaves it as it is.
+    pub invariant: bool,
+}
+
+impl ScaleRole {
+    /// From the flows of the operand's channel axes: reshapes and heads only move the
+    /// channels, so a diagonal in region channels passes them.
+    fn of(flows: &[ChannelFlow]) -> ScaleRole {
+        let mut r = ScaleRole {
+            positive: true,
+            signed: true,
+            factor: true,
+            invariant: false,
+        };
+        for f in flows {
+            match f {
+                ChannelFlow::Through { commutes, .. } | ChannelFlow::Invariant { commutes, .. } => {
+                    r.positive &= commutes.positive_scale;
+                    r.signed &= commutes.signed_scale;
+                    r.factor &= commutes.factor;
+                    r.invariant |= matches!(f, ChannelFlow::Invariant { .. });
+                }
+                ChannelFlow::Regroup | ChannelFlow::Heads { .. } => {}
+                ChannelFlow::Contracted { .. } | ChannelFlow::Barrier(_) => {
+                    r.positive = false;
+                    r.signed = false;
+                    r.factor = false;
+                }
+            }
+        }
+        r
+    }
 }
 
 /// The graph and its facts, shared by every trace.
@@ -217,15 +266,6 @@ impl Trace {
         }
         if !c.rotation && k.rotation.is_none() {
             k.rotation = Some(format!("{} does not commute with rotations", label()));
-        }
-        if !c.positive_scale && k.scale.is_none() {
-            k.scale = Some(format!("{} does not commute with channel scales", label()));
-        }
-        if !c.signed_scale && k.signed_scale.is_none() {
-            k.signed_scale = Some(format!(
-                "{} does not commute with channel scales of either sign",
-                label()
-            ));
         }
     }
 
@@ -453,6 +493,15 @@ impl Trace {
         }
         if !self.nodes.contains(&node) {
             self.nodes.push(node);
+        }
+        if !flows
+            .iter()
+            .any(|f| matches!(f, ChannelFlow::Contracted { .. }))
+        {
+            self.roles
+                .entry(node)
+                .or_default()
+                .push((input, ScaleRole::of(&flows)));
         }
         // A constant operand is an endpoint on the writing side; its other readers are
         // not followed (a weight is not a stream).

@@ -3,7 +3,9 @@
 //!
 //! A transform `T` ([`ChannelOp`]) on a region has
 //! - a **source side**: each weight that writes the channels takes `W ← T W` on that axis
-//!   (a bias or a LayerNorm parameter, which carry the channels too, likewise);
+//!   (a bias or a LayerNorm parameter, which carry the channels too, likewise); a diagonal
+//!   goes into the sources the region's scale walk chose ([`Region::sources_for`]: `up`
+//!   and not `gate` in a gated MLP, through one factor of the product);
 //! - a **sink side**: each weight that reads them takes `W ← W T⁻¹`, i.e. `T⁻ᵀ` along its
 //!   reading axis;
 //! - an **online part** where `T` does not commute with what lies between (a rotation
@@ -146,7 +148,8 @@ pub fn apply(
             } else if let Some(why) = region.why_not(kind) {
                 return Err(format!("no {}: {why}", kind.as_str()));
             }
-            for e in &region.sources {
+            // A scale may go into some sources only (one factor of a product).
+            for e in region.sources_for(kind) {
                 updates.push(update(graph, region, e, op)?);
             }
             // Parameters that are uniform stay as they are; permutations move any.
