@@ -92,7 +92,7 @@ pub fn sink_activations(region: &Region) -> Vec<String> {
 }
 
 /// Per region channel: the summed mean |x| and the largest |x| over what the sinks read.
-fn masses(region: &Region, calib: &Calibration) -> Result<(Vec<f64>, Vec<f32>), String> {
+pub(crate) fn masses(region: &Region, calib: &Calibration) -> Result<(Vec<f64>, Vec<f32>), String> {
     let mut mean = vec![0f64; region.dim];
     let mut max = vec![0f32; region.dim];
     let mut seen = Vec::new();

@@ -221,7 +221,9 @@ fn compile(args: CompileArgs) -> Result<()> {
         .filter(|c| c.rounding == perqc_passes::quantize::Rounding::Gptq || c.clip_search)
         .and_then(|_| args.recipe.layerwise());
     let passes = match &args.passes {
-        None => args.recipe.pipeline(&mut notes, layerwise.is_some()),
+        None => args
+            .recipe
+            .pipeline(&mut notes, layerwise.is_some(), quant_config.as_ref()),
         Some(p) => p.clone(),
     };
     let mut pipeline = registry

@@ -38,8 +38,10 @@ pub struct RecipeArgs {
     /// Smoothing of each down_proj input before its rotation: channel j divided by
     /// s_j = a_j^alpha / max_i |W_down[i, j]|^(1 - alpha), folded into up_proj and
     /// down_proj (exact). quantile(q=Q,alpha=A): a_j is the q-quantile of |x_j| over the
-    /// calibration tokens (defaults q 0.999, alpha 0.5); max(alpha=A): its maximum; none.
-    /// Needs calibration data.
+    /// calibration tokens (defaults q 0.999, alpha 0.5); max(alpha=A): its maximum; search:
+    /// (alpha, statistic) per layer by the down_proj's quantized error on sampled
+    /// calibration rows, with the permutation and rotation that follow; none. Needs
+    /// calibration data.
     #[arg(long, value_name = "SPEC", default_value = "none", value_parser = parse_smooth)]
     pub smooth: Smooth,
     /// Block size of the online Hadamard before each down_proj and of the permutation's
@@ -75,14 +77,20 @@ pub struct RecipeArgs {
 pub enum Smooth {
     None,
     Fixed(Smoothing),
+    Search,
 }
 
 fn parse_smooth(s: &str) -> Result<Smooth, String> {
     match s {
         "none" => Ok(Smooth::None),
+        "search" => Ok(Smooth::Search),
         spec => Smoothing::parse(spec).map(Smooth::Fixed),
     }
 }
+
+/// Calibration rows kept whole per smoothed activation (for the probed layer error): about
+/// this many, evenly over the calibration tokens.
+const SMOOTH_SAMPLES: usize = 256;
 
 /// The online rotation's block size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,11 +134,36 @@ impl RecipeArgs {
     /// The pass pipeline of the recipe, with notes on what is left out and why. With
     /// `layerwise` the calibrated permutation and the online Hadamard are left to the
     /// quantizing driver ([`RecipeArgs::layerwise`]).
-    pub fn pipeline(&self, notes: &mut Vec<String>, layerwise: bool) -> String {
+    pub fn pipeline(
+        &self,
+        notes: &mut Vec<String>,
+        layerwise: bool,
+        quant: Option<&perqc_passes::quantize::QuantConfig>,
+    ) -> String {
         let mut passes = Vec::new();
-        // Smoothing first: the permutation then sorts the smoothed channels.
-        if let Smooth::Fixed(s) = self.smooth {
-            passes.push(s.pass_spec());
+        // Smoothing first: the permutation then sorts the smoothed channels. Its probe
+        // quantizes as the recipe will (W4A4 without quantization).
+        if self.smooth != Smooth::None {
+            let method = match self.smooth {
+                Smooth::Fixed(s) => s.pass_spec(),
+                _ => "smooth(method=search".into(),
+            };
+            let method = method.trim_end_matches(')');
+            let block = match self.block_size {
+                Block::Size(b) => b.to_string(),
+                Block::Full => "full".into(),
+                Block::None => "none".into(),
+            };
+            let permute = match self.permute {
+                PermuteMethod::Random { .. } => "identity".to_string(),
+                m => m.to_string(),
+            };
+            let (wbits, abits) =
+                quant.map_or((4, Some(4)), |q| (q.weights.bits, q.act.map(|a| a.bits)));
+            let abits = abits.map_or("none".to_string(), |b| b.to_string());
+            passes.push(format!(
+                "{method},permute={permute},block={block},wbits={wbits},abits={abits})"
+            ));
         }
         let b = match self.block_size {
             Block::Size(b) => b,
@@ -206,12 +239,9 @@ impl RecipeArgs {
         layerwise: bool,
         release: &dyn Fn(&perqc_ir::Tensor),
     ) -> Result<Option<Calibration>> {
-        let smooths = match self.smooth {
-            Smooth::None => None,
-            Smooth::Fixed(s) => Some(s),
-        };
+        let smooths = self.smooth != Smooth::None;
         let permutes = self.permutes() && !layerwise;
-        if !self.calib.given() || (smooths.is_none() && !permutes) {
+        if !self.calib.given() || (!smooths && !permutes) {
             return Ok(None);
         }
         let shapes = perqc_ops::infer_model(model).context("shape inference")?;
@@ -220,8 +250,14 @@ impl RecipeArgs {
         if watch.is_empty() {
             return Ok(None);
         }
+        let tokens = self.calib.calib_seqs * self.calib.calib_len;
         let opts = StatsOptions {
-            quantiles: smooths.is_some_and(|s| s.needs_quantiles()),
+            quantiles: smooths,
+            sample_every: if smooths {
+                (tokens / SMOOTH_SAMPLES).max(1)
+            } else {
+                0
+            },
             ..StatsOptions::default()
         };
         calib::calibrate(model, &watch, &self.calib, opts, release).map(Some)

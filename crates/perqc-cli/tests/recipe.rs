@@ -109,6 +109,7 @@ fn smoothing_is_exact() {
             ("max", "max(alpha=0.5)", "32"),
             ("quantile", "quantile(q=0.99,alpha=0.6)", "32"),
             ("quantile_full", "quantile", "full"),
+            ("search", "search", "16"),
         ] {
             let stem = model.trim_end_matches(".onnx");
             let dir = scratch("recipe", &format!("smooth_{stem}_{tag}"));
@@ -134,6 +135,22 @@ fn smoothing_is_exact() {
                 "--verify: outputs match",
             ] {
                 assert!(err.contains(want), "{model} {spec}: no `{want}` in\n{err}");
+            }
+            // The probed down_proj error: smoothing lowers it here (an outlier-heavy
+            // fixture), and the search never ends above no smoothing.
+            let probed = err
+                .lines()
+                .find(|l| l.contains("down_proj quantized error"))
+                .unwrap_or_else(|| panic!("{model} {spec}: no probed error in\n{err}"));
+            let pct: f64 = probed
+                .rsplit('(')
+                .next()
+                .and_then(|p| p.trim_end_matches("%)").parse().ok())
+                .unwrap_or_else(|| panic!("{probed}"));
+            assert!(pct <= 0.0, "{model} {spec}: {probed}");
+            if tag == "search" {
+                assert!(err.contains("search chose:"), "{err}");
+                assert!(err.contains("search grid alpha=0.5: q=0.95"), "{err}");
             }
             close_case(&format!("smooth_{stem}_{tag}"), &fixture(model), &out, 1e-4);
         }
