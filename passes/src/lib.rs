@@ -6,6 +6,7 @@
 
 pub mod calibration;
 pub mod canonicalize;
+pub mod cat;
 pub mod dce;
 pub mod fold_norms;
 pub mod fuse_int_linear;
@@ -24,6 +25,7 @@ pub mod topo_sort;
 pub mod transform;
 
 pub use canonicalize::Canonicalize;
+pub use cat::Cat;
 pub use dce::Dce;
 pub use fold_norms::FoldNorms;
 pub use fuse_int_linear::FuseIntLinear;
@@ -61,7 +63,8 @@ pub fn fuse_int_linear(model: &mut Model) -> Result<PassOutcome, PassError> {
 
 /// The passes that rewrite weights by channel transforms: exact up to float round-off (not
 /// bit for bit), and run once per model (see [`transform::APPLIED_KEY`]).
-pub const TRANSFORM_PASSES: [&str; 5] = [
+pub const TRANSFORM_PASSES: [&str; 6] = [
+    Cat::NAME,
     FoldNorms::NAME,
     Smooth::NAME,
     Permute::NAME,
@@ -80,6 +83,7 @@ pub fn registry() -> PassRegistry {
     for (p, f) in canonicalize::PATTERNS.iter().zip(canonicalize::FACTORIES) {
         r.register(p.name, p.description, f);
     }
+    r.register(Cat::NAME, Cat::DESCRIPTION, Cat::from_options);
     r.register(Dce::NAME, Dce::DESCRIPTION, Dce::from_options)
         .register(
             FoldNorms::NAME,
@@ -154,6 +158,7 @@ mod tests {
         fuse-gelu           GELU (erf or tanh form, com.microsoft Gelu/FastGelu, ONNX Gelu) -> ai.perqc::Gelu
         fuse-hadamard       Reshape(MatMul(Reshape(x, [.., f/b, b]), H [b, b] constant), [.., f]) -> ai.perqc::Hadamard
         fuse-fake-quantize  per-token dynamic Q/DQ (row max/min scale, blocked QuantizeLinear -> DequantizeLinear, or its float form) -> ai.perqc::FakeQuantize
+        cat                 block concentration-alignment transform on each mlp region's sink input: M = (S_x^-1 # S_w)^1/2 per k x k block, then the block Hadamard, computed online with the inverse folded into the sink (exact); options k=64, block=32|full|none, damp=0.01, and for the probed error wbits=4, abits=4|none
         dce                 remove nodes and initializers whose results nothing reads
         fold-norms          fold RMS norm gammas into the linear layers that read the norms (exact)
         fuse-int-linear     MatMul(FakeQuantize(x), DequantizeLinear(int4 W, per-column scale)) -> ai.perqc::QuantizeTokens (once per activation) + QuantizedLinear, the native runtime's integer product (not bit-exact; no ONNX lowering)

@@ -13,9 +13,11 @@
 //! activation quantizer (none: weight-only). [`LayerError`] keeps `E` and the signal
 //! `‖x W‖²_F`: SQNR = 10 log10(signal / E).
 
+use crate::calibration::Calibration;
+use crate::regions::Region;
 use crate::transform::ChannelOp;
 use ndarray::{Array2, ArrayView2};
-use perqc_ir::Tensor;
+use perqc_ir::{Graph, Tensor};
 use perqc_ops::kernels::linalg::matmul_2d;
 use perqc_ops::quant::{TokenQuant, fake_quantize_rows};
 use perqc_quant::QuantSpec;
@@ -63,6 +65,27 @@ fn apply(a: &Array2<f32>, op: &ChannelOp, axis: usize) -> Result<Array2<f32>, St
 }
 
 impl Probe {
+    /// Integer weights of `wbits` (symmetric, per output channel, MSE scales) and
+    /// activations of `abits` (asymmetric, per token; `None`: weight-only): the recipe's
+    /// quantizers.
+    pub fn w_int_a_int(wbits: u32, abits: Option<u32>) -> Probe {
+        Probe {
+            weights: perqc_quant::QuantSpec {
+                bits: wbits,
+                signed: true,
+                symmetric: true,
+                granularity: perqc_quant::Granularity::Channel,
+                format: perqc_quant::Format::Int,
+                scale: perqc_quant::ScaleSearch::Mse,
+            },
+            act: abits.map(|bits| TokenQuant {
+                bits,
+                symmetric: false,
+                clip: 1.0,
+            }),
+        }
+    }
+
     /// `x̃ = T x` (rows) and `W̃ = T^-T W` for the chain `ops` (applied first to last).
     pub fn transform(
         x: ArrayView2<f32>,
@@ -119,6 +142,72 @@ impl Probe {
             signal: y.iter().map(|&v| sq(v)).sum(),
             error: y.iter().zip(yq.iter()).map(|(&a, &b)| sq(a - b)).sum(),
         })
+    }
+}
+
+/// One sink of a region as the probe sees it: sampled input rows `[R, dim]` and the weight
+/// `[dim, N]`, both in region channel order, and the float product.
+pub struct SinkSample {
+    pub x: Array2<f32>,
+    pub w: Array2<f32>,
+    pub y: Array2<f32>,
+}
+
+/// The region's sinks with their sampled inputs, or why there are none (no samples, a sink
+/// that reads the channels in another order or through a weight that is not 2-d).
+pub fn sink_samples(
+    graph: &Graph,
+    region: &Region,
+    calib: &Calibration,
+) -> Result<Vec<SinkSample>, String> {
+    let mut out = Vec::new();
+    for e in &region.sinks {
+        let Some((_, v)) = e.activation else { continue };
+        let name = region.activation_name(v);
+        let x = calib
+            .get(name)
+            .map(|s| s.samples().to_owned())
+            .filter(|x| x.nrows() > 0)
+            .ok_or_else(|| format!("no sampled rows of `{name}`"))?;
+        if e.channels.iter().enumerate().any(|(i, &c)| c as usize != i) || x.ncols() != region.dim {
+            return Err(format!(
+                "`{name}` does not carry the channels in region order"
+            ));
+        }
+        let t = graph
+            .const_tensor(e.weight)
+            .ok_or_else(|| format!("`{}` is not a constant", region.value_name(e.weight)))?;
+        if t.dims.len() != 2 {
+            return Err(format!("`{}` is not 2-d", region.value_name(e.weight)));
+        }
+        let (r, c) = (t.dims[0] as usize, t.dims[1] as usize);
+        let w = Array2::from_shape_vec((r, c), t.to_f32().map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let w = if e.axis == 0 {
+            w
+        } else {
+            w.t().as_standard_layout().into_owned()
+        };
+        let y = matmul_2d(x.view(), w.view(), rayon::current_num_threads());
+        out.push(SinkSample { x, w, y });
+    }
+    Ok(out)
+}
+
+impl Probe {
+    /// The summed error over a region's sinks under the chain `ops`.
+    pub fn region_error(
+        &self,
+        sinks: &[SinkSample],
+        ops: &[ChannelOp],
+    ) -> Result<LayerError, String> {
+        let mut total = LayerError::default();
+        for l in sinks {
+            let e = self.error(l.x.view(), l.w.view(), ops, Some(&l.y))?;
+            total.signal += e.signal;
+            total.error += e.error;
+        }
+        Ok(total)
     }
 }
 

@@ -30,14 +30,10 @@
 use crate::calibration::Calibration;
 use crate::permutation::{PermuteMethod, permutation_from};
 use crate::permute::{masses, sink_activations};
-use crate::probe::{LayerError, Probe};
+use crate::probe::{LayerError, Probe, SinkSample, sink_samples};
 use crate::regions::{Region, RegionKind, Regions, TransformKind};
 use crate::transform::{self, ChannelOp, Placement};
-use ndarray::Array2;
 use perqc_ir::{Graph, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
-use perqc_ops::kernels::linalg::matmul_2d;
-use perqc_ops::quant::TokenQuant;
-use perqc_quant::{Format, Granularity, QuantSpec, ScaleSearch};
 use std::fmt;
 
 /// Which statistic of `|x_j|` sets the scale.
@@ -276,21 +272,7 @@ impl Smooth {
             }
         };
         let wbits = bits("wbits")?.ok_or_else(|| invalid("wbits", "2..8"))?;
-        let probe = Probe {
-            weights: QuantSpec {
-                bits: wbits,
-                signed: true,
-                symmetric: true,
-                granularity: Granularity::Channel,
-                format: Format::Int,
-                scale: ScaleSearch::Mse,
-            },
-            act: bits("abits")?.map(|bits| TokenQuant {
-                bits,
-                symmetric: false,
-                clip: 1.0,
-            }),
-        };
+        let probe = Probe::w_int_a_int(wbits, bits("abits")?);
         Ok(Box::new(Smooth {
             mode,
             probing: Probing {
@@ -381,60 +363,11 @@ fn spread(a: &[f64]) -> f64 {
     v[v.len() - 1] / v[v.len() / 2]
 }
 
-/// One sink of a region as the probe sees it: sampled input rows `[R, dim]` and the weight
-/// `[dim, N]`, both in region channel order, and the float product.
-struct ProbeLayer {
-    x: Array2<f32>,
-    w: Array2<f32>,
-    y: Array2<f32>,
-}
-
-/// The region's sinks with their sampled inputs, or why there are none (no samples, a sink
-/// that reads the channels in another order or through a weight that is not 2-d).
-fn probe_layers(
-    graph: &Graph,
-    region: &Region,
-    calib: &Calibration,
-) -> Result<Vec<ProbeLayer>, String> {
-    let mut out = Vec::new();
-    for e in &region.sinks {
-        let Some((_, v)) = e.activation else { continue };
-        let name = region.activation_name(v);
-        let x = calib
-            .get(name)
-            .map(|s| s.samples().to_owned())
-            .filter(|x| x.nrows() > 0)
-            .ok_or_else(|| format!("no sampled rows of `{name}`"))?;
-        if e.channels.iter().enumerate().any(|(i, &c)| c as usize != i) || x.ncols() != region.dim {
-            return Err(format!(
-                "`{name}` does not carry the channels in region order"
-            ));
-        }
-        let t = graph
-            .const_tensor(e.weight)
-            .ok_or_else(|| format!("`{}` is not a constant", region.value_name(e.weight)))?;
-        if t.dims.len() != 2 {
-            return Err(format!("`{}` is not 2-d", region.value_name(e.weight)));
-        }
-        let (r, c) = (t.dims[0] as usize, t.dims[1] as usize);
-        let w = Array2::from_shape_vec((r, c), t.to_f32().map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-        let w = if e.axis == 0 {
-            w
-        } else {
-            w.t().as_standard_layout().into_owned()
-        };
-        let y = matmul_2d(x.view(), w.view(), rayon::current_num_threads());
-        out.push(ProbeLayer { x, w, y });
-    }
-    Ok(out)
-}
-
 /// The region's probed error with smoothing `s` (`None`: unsmoothed) and what follows it.
 fn probed_error(
     region: &Region,
     calib: &Calibration,
-    layers: &[ProbeLayer],
+    layers: &[SinkSample],
     s: Option<&[f64]>,
     probing: &Probing,
 ) -> Result<LayerError, String> {
@@ -461,15 +394,7 @@ fn probed_error(
         }
         chain.push(ChannelOp::hadamard(region.dim, b, None).map_err(|e| e.to_string())?);
     }
-    let mut total = LayerError::default();
-    for l in layers {
-        let e = probing
-            .probe
-            .error(l.x.view(), l.w.view(), &chain, Some(&l.y))?;
-        total.signal += e.signal;
-        total.error += e.error;
-    }
-    Ok(total)
+    probing.probe.region_error(layers, &chain)
 }
 
 /// Smooths one region by `smoothing`: returns the scales `s` (activations divided by them)
@@ -542,7 +467,7 @@ impl Smooth {
         region: &Region,
         calib: &Calibration,
     ) -> Result<Choice, String> {
-        let layers = probe_layers(graph, region, calib);
+        let layers = sink_samples(graph, region, calib);
         let w = weight_max(graph, region)?;
         let scales = |c: &Smoothing| -> Result<Vec<f64>, String> {
             Ok(c.scales(&activation_stat(region, calib, c.statistic)?, &w))
@@ -580,12 +505,13 @@ impl Smooth {
         model: &mut Model,
         ctx: &mut PassContext,
     ) -> Result<Vec<RegionChoice>, PassError> {
-        let Some(mut calib) = ctx.resource::<Calibration>().cloned() else {
+        let regions = ctx.analysis::<Regions>(model)?;
+        // Taken out and provided back changed (no copy of the statistics).
+        let Some(mut calib) = ctx.take_resource::<Calibration>() else {
             return Err(PassError::msg(
                 "smooth: needs calibration statistics (--calib-text with --tokenizer, or --calib-ids)",
             ));
         };
-        let regions = ctx.analysis::<Regions>(model)?;
         let mut out = Vec::new();
         for (i, region) in regions.regions.iter().enumerate() {
             if region.kind != RegionKind::Mlp {
@@ -600,8 +526,13 @@ impl Smooth {
                 break;
             }
             let fail = |e: String| PassError::msg(format!("smooth: {what}: {e}"));
-            let (smoothing, errors, grid) =
-                self.choose(&model.graph, region, &calib).map_err(fail)?;
+            let (smoothing, errors, grid) = match self.choose(&model.graph, region, &calib) {
+                Ok(c) => c,
+                Err(e) => {
+                    ctx.provide(calib);
+                    return Err(fail(e));
+                }
+            };
             let (mut spread_, mut applied) = (None, transform::Applied::default());
             if let Some(sm) = smoothing {
                 let a = activation_stat(region, &calib, sm.statistic).map_err(fail)?;
@@ -622,9 +553,7 @@ impl Smooth {
                 grid,
             });
         }
-        if out.iter().any(|c| c.smoothing.is_some()) {
-            ctx.provide(calib);
-        }
+        ctx.provide(calib);
         Ok(out)
     }
 }

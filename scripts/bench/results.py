@@ -48,6 +48,19 @@ ROWS = [
     ("w4a16 preset (INT4 groups of 32, GPTQ, lm_head included)", ["--preset", "w4a16"], "27.56 (ORT HQQ)"),
     ("w4a16 preset, --target ort (MatMulNBits)", ["--preset", "w4a16", "--target", "ort"], "27.56 (ORT HQQ)"),
     ("w8a8 preset", ["--preset", "w8a8"], ""),
+] + [
+    (f"W4A4 RTN, b = 32, MassDiff, {what} smoothing", ["--smooth", spec] + RTN, "")
+    for what, spec in (("max", "max"), ("quantile", "quantile"), ("searched", "search"))
+] + [
+    (f"W4A4 GPTQ + clip, b = 32, MassDiff, {what} smoothing", ["--smooth", spec], "")
+    for what, spec in (("max", "max"), ("quantile", "quantile"), ("searched", "search"))
+] + [
+    (f"W4A4 {rounding}, b = 32, {what}", args + extra, "")
+    for rounding, extra in (("RTN", RTN), ("GPTQ + clip", []))
+    for what, args in (
+        ("CAT (k = 64), no permutation", ["--cat", "block(k=64)", "--permute", "identity"]),
+        ("MassDiff + CAT (k = 64)", ["--cat", "block(k=64)"]),
+    )
 ]
 
 ap = argparse.ArgumentParser()

@@ -205,9 +205,6 @@ fn compile(args: CompileArgs) -> Result<()> {
             "--verify checks the exact transforms: add --no-quantize (a quantized model's outputs differ by design)"
         );
     }
-    if recipe {
-        args.recipe.check()?;
-    }
     let quant_config = if quantize {
         Some(args.quant.config(args.recipe.calib.given(), &mut notes)?)
     } else {
@@ -220,6 +217,9 @@ fn compile(args: CompileArgs) -> Result<()> {
         .as_ref()
         .filter(|c| c.rounding == perqc_passes::quantize::Rounding::Gptq || c.clip_search)
         .and_then(|_| args.recipe.layerwise());
+    if recipe {
+        args.recipe.check(layerwise.is_some())?;
+    }
     let passes = match &args.passes {
         None => args
             .recipe
@@ -287,6 +287,32 @@ fn compile(args: CompileArgs) -> Result<()> {
     let report = manager
         .run(&mut model, &mut pipeline, &mut opts)
         .with_context(|| input.display().to_string())?;
+    // CAT: its statistics are of the inputs as the first stage left them.
+    let mut cat_report = None;
+    if let Some(stage) = recipe
+        .then(|| args.recipe.cat_pipeline(quant_config.as_ref()))
+        .flatten()
+    {
+        let mut cat = registry
+            .build(&stage)
+            .map_err(|e| anyhow::anyhow!("--cat: {e}"))?;
+        drop(manager);
+        perqc_runtime::trim_allocator();
+        let mut m = PassManager::new();
+        if let Some(c) = args
+            .recipe
+            .calibrate_cat(&model, &|t| files.release(t))
+            .with_context(|| format!("{}: calibrating for --cat", input.display()))?
+        {
+            m.provide(c);
+        }
+        perqc_runtime::trim_allocator();
+        cat_report = Some(
+            m.run(&mut model, &mut cat, &mut opts)
+                .with_context(|| input.display().to_string())?,
+        );
+        manager = m;
+    }
     let mut quant_summary = None;
     if let Some(config) = quant_config {
         drop(manager);
@@ -336,6 +362,9 @@ fn compile(args: CompileArgs) -> Result<()> {
     if !args.quiet {
         if !pipeline.is_empty() {
             eprint!("{report}");
+        }
+        if let Some(r) = &cat_report {
+            eprint!("{r}");
         }
         for n in &notes {
             eprintln!("note: {n}");

@@ -44,6 +44,13 @@ pub struct RecipeArgs {
     /// calibration data.
     #[arg(long, value_name = "SPEC", default_value = "none", value_parser = parse_smooth)]
     pub smooth: Smooth,
+    /// Block concentration-alignment transform (CAT) of each down_proj input: block(k=K)
+    /// computes M = (S_x^-1 # S_w)^1/2 per K x K block from the input's second moments
+    /// (calibrated again after the permutation and rotations) and runs M, then the online
+    /// Hadamard, before down_proj with the inverse folded in (exact); none. K must divide
+    /// the MLP width, and K and --block-size divide one another.
+    #[arg(long, value_name = "SPEC", default_value = "none", value_parser = parse_cat)]
+    pub cat: CatSpec,
     /// Block size of the online Hadamard before each down_proj and of the permutation's
     /// blocks (must divide the MLP width); full: one Hadamard of the whole width (no
     /// permutation); none: no online rotation.
@@ -88,9 +95,34 @@ fn parse_smooth(s: &str) -> Result<Smooth, String> {
     }
 }
 
-/// Calibration rows kept whole per smoothed activation (for the probed layer error): about
+/// `--cat`: the CAT block size, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CatSpec(pub Option<usize>);
+
+fn parse_cat(s: &str) -> Result<CatSpec, String> {
+    if s == "none" {
+        return Ok(CatSpec(None));
+    }
+    let k = match s.trim() {
+        "block" => Some("64"),
+        t => t
+            .strip_prefix("block(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|r| r.trim().strip_prefix("k="))
+            .map(str::trim),
+    };
+    match k.map(str::parse::<usize>) {
+        Some(Ok(k)) if k > 0 => Ok(CatSpec(Some(k))),
+        _ => Err(format!(
+            "`{s}` is not a CAT spec (block, block(k=K) with K > 0, or none)"
+        )),
+    }
+}
+
+/// Calibration rows kept whole per smoothed (or CAT-transformed) activation, for the probed
+/// layer error: about
 /// this many, evenly over the calibration tokens.
-const SMOOTH_SAMPLES: usize = 256;
+const PROBE_ROWS: usize = 256;
 
 /// The online rotation's block size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,7 +205,7 @@ impl RecipeArgs {
                     passes.push("fold-norms".into());
                 }
                 self.rotations(&mut passes, 32);
-                if self.block_size == Block::Full {
+                if self.block_size == Block::Full && self.cat.0.is_none() {
                     passes.push("online-hadamard(block=full)".into());
                 }
                 return passes.join(",");
@@ -199,10 +231,53 @@ impl RecipeArgs {
             passes.push("fold-norms".into());
         }
         self.rotations(&mut passes, b);
-        if !layerwise {
+        if !layerwise && self.cat.0.is_none() {
             passes.push(format!("online-hadamard(block={b})"));
         }
         passes.join(",")
+    }
+
+    /// The CAT stage, run after [`RecipeArgs::pipeline`] on statistics calibrated again:
+    /// `cat(k=K,block=B)` (its online map includes the Hadamard that stage left out).
+    pub fn cat_pipeline(
+        &self,
+        quant: Option<&perqc_passes::quantize::QuantConfig>,
+    ) -> Option<String> {
+        let k = self.cat.0?;
+        let (wbits, abits) =
+            quant.map_or((4, Some(4)), |q| (q.weights.bits, q.act.map(|a| a.bits)));
+        let abits = abits.map_or("none".to_string(), |b| b.to_string());
+        let block = match self.block_size {
+            Block::Size(b) => b.to_string(),
+            Block::Full => "full".into(),
+            Block::None => "none".into(),
+        };
+        Some(format!(
+            "cat(k={k},block={block},wbits={wbits},abits={abits})"
+        ))
+    }
+
+    /// Calibration statistics for the CAT stage: the block moments of the mlp sinks'
+    /// inputs of `model` as transformed by the first stage.
+    pub fn calibrate_cat(
+        &self,
+        model: &Model,
+        release: &dyn Fn(&perqc_ir::Tensor),
+    ) -> Result<Option<Calibration>> {
+        let Some(k) = self.cat.0 else { return Ok(None) };
+        let shapes = perqc_ops::infer_model(model).context("shape inference")?;
+        let regions = Regions::find(model, &shapes);
+        let watch = perqc_passes::permute::calibration_values(&regions, &[RegionKind::Mlp]);
+        if watch.is_empty() {
+            return Ok(None);
+        }
+        let tokens = self.calib.calib_seqs * self.calib.calib_len;
+        let opts = StatsOptions {
+            block_moments: Some(k),
+            sample_every: (tokens / PROBE_ROWS).max(1),
+            ..StatsOptions::default()
+        };
+        calib::calibrate(model, &watch, &self.calib, opts, release).map(Some)
     }
 
     /// R1 and R2 by --rotation (blocks of `b` for `block`).
@@ -220,10 +295,18 @@ impl RecipeArgs {
     }
 
     /// Refuses a recipe that cannot run: smoothing without calibration data.
-    pub fn check(&self) -> Result<()> {
+    pub fn check(&self, layerwise: bool) -> Result<()> {
         if self.smooth != Smooth::None && !self.calib.given() {
             bail!(
                 "--smooth needs calibration data (--calib-text with --tokenizer, or --calib-ids)"
+            );
+        }
+        if self.cat.0.is_some() && !self.calib.given() {
+            bail!("--cat needs calibration data (--calib-text with --tokenizer, or --calib-ids)");
+        }
+        if self.cat.0.is_some() && layerwise {
+            bail!(
+                "--cat replaces the online Hadamard the layer-by-layer driver applies: use --permute-stats float"
             );
         }
         Ok(())
@@ -254,7 +337,7 @@ impl RecipeArgs {
         let opts = StatsOptions {
             quantiles: smooths,
             sample_every: if smooths {
-                (tokens / SMOOTH_SAMPLES).max(1)
+                (tokens / PROBE_ROWS).max(1)
             } else {
                 0
             },

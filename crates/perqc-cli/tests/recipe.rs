@@ -157,6 +157,61 @@ fn smoothing_is_exact() {
     }
 }
 
+/// `--cat` (block CAT with the online Hadamard after it, alone and after smoothing): the
+/// native `--verify` and ONNX Runtime see the original outputs; the online map is standard
+/// ONNX (a block-wise MatMul between Reshapes).
+#[test]
+fn cat_is_exact() {
+    for model in ["llama_ts.onnx", "llama_dynamo.onnx", "gemma_like.onnx"] {
+        for (tag, extra) in [
+            ("k32", &["--cat", "block(k=32)"][..]),
+            (
+                "k64_b16",
+                &["--cat", "block(k=64)", "--block-size", "16"][..],
+            ),
+            (
+                "k16_smooth",
+                &["--cat", "block(k=16)", "--smooth", "quantile"][..],
+            ),
+        ] {
+            let stem = model.trim_end_matches(".onnx");
+            let dir = scratch("recipe", &format!("cat_{stem}_{tag}"));
+            let out = dir.join("m.onnx");
+            let (m, o) = (s(&fixture(model)), s(&out));
+            let (text, tok) = (
+                s(&fixture("tiny_text.txt")),
+                s(&fixture("tiny_tokenizer.json")),
+            );
+            let mut args = vec![
+                m.as_str(),
+                "-o",
+                o.as_str(),
+                "--no-quantize",
+                "--verify",
+                "--calib-text",
+                text.as_str(),
+                "--tokenizer",
+                tok.as_str(),
+                "--calib-seqs",
+                "3",
+                "--calib-len",
+                "64",
+            ];
+            args.extend_from_slice(extra);
+            let (ok, err) = perqc(&args);
+            assert!(ok, "{model} {tag}: {err}");
+            for want in ["regions-transformed=2", "--verify: outputs match"] {
+                assert!(err.contains(want), "{model} {tag}: no `{want}` in\n{err}");
+            }
+            assert!(
+                !err.contains("online-hadamard"),
+                "CAT brings its own rotation: {err}"
+            );
+            close_case(&format!("cat_{stem}_{tag}"), &fixture(model), &out, 1e-4);
+        }
+    }
+}
+
 #[test]
 fn recipe_errors_say_what_to_change() {
     let dir = scratch("recipe", "errors");
@@ -191,6 +246,10 @@ fn recipe_errors_say_what_to_change() {
         assert!(!ok && err.contains(want), "{spec}: {err}");
     }
     assert!(!out.exists(), "no output on failure");
+    let (ok, err) = perqc(&[&m, "-o", &s(&out), "--cat", "block(k=0)"]);
+    assert!(!ok && err.contains("not a CAT spec"), "{err}");
+    let (ok, err) = perqc(&[&m, "-o", &s(&out), "--no-quantize", "--cat", "block"]);
+    assert!(!ok && err.contains("--cat needs calibration data"), "{err}");
 }
 
 /// The default job quantizes: W4A4 with GPTQ and the clip search when there is calibration

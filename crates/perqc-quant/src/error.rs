@@ -28,6 +28,9 @@ pub enum QuantError {
         "gptq: the damped hessian is not positive definite (cholesky pivot {pivot} not > 0) with relative damping {tried:?}; raise GptqOptions::damp or calibrate on more rows"
     )]
     NotPositiveDefinite { pivot: usize, tried: Vec<f64> },
+    /// A matrix that must be positive definite is not (the message says which).
+    #[error("{0}")]
+    Singular(String),
     /// A combination this crate does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),

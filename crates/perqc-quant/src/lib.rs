@@ -22,6 +22,7 @@ pub mod params;
 mod qweight;
 mod rtn;
 mod simd;
+pub mod spd;
 mod spec;
 
 pub use error::QuantError;

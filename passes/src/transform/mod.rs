@@ -10,7 +10,8 @@
 //!   reading axis;
 //! - an **online part** where `T` does not commute with what lies between (a rotation
 //!   across a SiLU): then `x̃ = T x` is computed in the graph right before the sinks, and
-//!   only the sink side is folded.
+//!   only the sink side is folded (repeated blocks: one `ai.perqc::Hadamard`; blocks that
+//!   differ, CAT's: a block-wise `MatMul` between two `Reshape`s).
 //!
 //! Folding is legal only if the region allows `T`'s kind ([`Region::why_not`]); the
 //! refusal carries the region's reason. A weight read by several endpoints that all need
@@ -310,12 +311,19 @@ fn insert_online(graph: &mut Graph, region: &Region, op: &ChannelOp) -> Result<u
             .node;
         let xname = graph.value(x).name.clone();
         let out = graph.fresh_name(&format!("{xname}.transformed"));
-        let (spec, extra) = online_node(graph, op, &xname)?;
-        let mut inputs = vec![Some(x)];
-        inputs.extend(extra.into_iter().map(Some));
-        graph
-            .insert_node_before(first, spec, &inputs, &[out.as_str()])
-            .map_err(|e| e.to_string())?;
+        match op {
+            ChannelOp::Blocks { size, blocks } if blocks.windows(2).any(|w| w[0] != w[1]) => {
+                insert_block_map(graph, first, x, *size, blocks, &out)?;
+            }
+            _ => {
+                let (spec, extra) = online_node(graph, op, &xname)?;
+                let mut inputs = vec![Some(x)];
+                inputs.extend(extra.into_iter().map(Some));
+                graph
+                    .insert_node_before(first, spec, &inputs, &[out.as_str()])
+                    .map_err(|e| e.to_string())?;
+            }
+        }
         let y = graph.find(&out).expect("just defined");
         for e in sinks {
             let (slot, _) = e.activation.expect("checked");
@@ -324,6 +332,73 @@ fn insert_online(graph: &mut Graph, region: &Region, op: &ChannelOp) -> Result<u
         inserted += 1;
     }
     Ok(inserted)
+}
+
+/// `out = T x` on the last axis of `x` for a block-diagonal `T` whose blocks differ (CAT's
+/// per-block matrices), in standard ops before node `first`: the rows cut into blocks,
+/// `Reshape(x, [-1, nb, 1, b])`, one product per block against the stacked `B_jᵀ`
+/// (`MatMul` with a `[nb, b, b]` constant: `y_j = x_j B_jᵀ`), and the result put back in
+/// x's shape (`Reshape(y, Shape(x))`).
+fn insert_block_map(
+    graph: &mut Graph,
+    first: NodeId,
+    x: ValueId,
+    b: usize,
+    blocks: &[Vec<f64>],
+    out: &str,
+) -> Result<(), String> {
+    let nb = blocks.len();
+    if blocks.iter().any(|m| m.len() != b * b) {
+        return Err(format!("an online map with blocks that are not {b} x {b}"));
+    }
+    let xname = graph.value(x).name.clone();
+    let mut stacked = Vec::with_capacity(nb * b * b);
+    for m in blocks {
+        stacked.extend((0..b * b).map(|k| m[(k % b) * b + k / b] as f32));
+    }
+    let mats = graph.fresh_name(&format!("{xname}/online_blocks"));
+    let mats = graph
+        .add_initializer(
+            &mats,
+            Tensor::from_slice(vec![nb as i64, b as i64, b as i64], &stacked),
+        )
+        .map_err(|e| e.to_string())?;
+    let split = graph.fresh_name(&format!("{xname}/online_split"));
+    let split = graph
+        .add_initializer(
+            &split,
+            Tensor::from_slice(vec![4], &[-1i64, nb as i64, 1, b as i64]),
+        )
+        .map_err(|e| e.to_string())?;
+    let mut step = |spec: perqc_ir::NodeSpec, inputs: &[Option<ValueId>], name: &str| {
+        let v = if name == out {
+            out.to_string()
+        } else {
+            graph.fresh_name(&format!("{xname}/{name}"))
+        };
+        let spec = spec.named(&graph.fresh_name(&format!("{xname}/{name}")));
+        graph
+            .insert_node_before(first, spec, inputs, &[v.as_str()])
+            .map_err(|e| e.to_string())?;
+        Ok::<ValueId, String>(graph.find(&v).expect("just defined"))
+    };
+    let shape = step(perqc_ir::NodeSpec::new("Shape"), &[Some(x)], "online_shape")?;
+    let xb = step(
+        perqc_ir::NodeSpec::new("Reshape"),
+        &[Some(x), Some(split)],
+        "online_rows",
+    )?;
+    let yb = step(
+        perqc_ir::NodeSpec::new("MatMul"),
+        &[Some(xb), Some(mats)],
+        "online_product",
+    )?;
+    step(
+        perqc_ir::NodeSpec::new("Reshape"),
+        &[Some(yb), Some(shape)],
+        out,
+    )?;
+    Ok(())
 }
 
 /// The node computing `T x` on the last axis, and the constants it reads.

@@ -110,6 +110,15 @@ impl PassContext {
         self.resources.get(&TypeId::of::<T>())?.downcast_ref()
     }
 
+    /// Takes the value of type `T` out of the context, to change it and
+    /// [`provide`](PassContext::provide) it again without a copy (a copy when something
+    /// else still shares it).
+    pub fn take_resource<T: Any + Send + Sync + Clone>(&mut self) -> Option<T> {
+        let arc = self.resources.remove(&TypeId::of::<T>())?;
+        let arc = arc.downcast::<T>().ok()?;
+        Some(Arc::try_unwrap(arc).unwrap_or_else(|shared| (*shared).clone()))
+    }
+
     /// Moves the resources out (the manager keeps them between runs).
     pub(super) fn take_resources(&mut self) -> AnyMapBox {
         AnyMapBox(std::mem::take(&mut self.resources))
