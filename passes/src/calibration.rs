@@ -83,6 +83,11 @@ impl Calibration {
         self.index.get(name).map(|&i| &self.entries[i].1)
     }
 
+    /// The statistics of value `name` to change in place.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut ChannelStats> {
+        self.index.get(name).map(|&i| &mut self.entries[i].1)
+    }
+
     /// Whether value `name` was calibrated.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)

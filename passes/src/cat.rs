@@ -275,7 +275,7 @@ impl Pass for Cat {
                 .iter()
                 .fold((0.0, 0.0), |(x, y), (p, q)| (x + p, y + q));
             ctx.note(format!(
-                "cat: down_proj quantized error on sampled rows (mean E / |xW|^2 over {} regions): {:.5} with the Hadamard alone, {:.5} with CAT ({:+.1}%)",
+                "down_proj quantized error on sampled rows (mean E / |xW|^2 over {} regions): {:.5} with the Hadamard alone, {:.5} with CAT ({:+.1}%)",
                 probed.len(),
                 b / n,
                 a / n,

@@ -426,9 +426,8 @@ fn divide_statistics(calib: &mut Calibration, region: &Region, s: &[f64]) -> Res
             })
             .expect("a sink reads it");
         let local: Vec<f64> = e.channels.iter().map(|&c| s[c as usize]).collect();
-        if let Some(mut stats) = calib.get(&name).cloned() {
+        if let Some(stats) = calib.get_mut(&name) {
             stats.divide_channels(&local).map_err(|e| e.to_string())?;
-            calib.insert(name, stats);
         }
     }
     Ok(())
@@ -552,6 +551,15 @@ impl Smooth {
                 applied,
                 grid,
             });
+        }
+        // What only smoothing reads (the |x| histograms, the sampled rows) is not carried
+        // through the passes after it: the permutation reads the sums and maxima.
+        for region in regions.regions.iter().filter(|r| r.kind == RegionKind::Mlp) {
+            for name in sink_activations(region) {
+                if let Some(stats) = calib.get_mut(&name) {
+                    stats.drop_sketch_and_rows();
+                }
+            }
         }
         ctx.provide(calib);
         Ok(out)

@@ -268,6 +268,8 @@ fn compile(args: CompileArgs) -> Result<()> {
             perqc_runtime::trim_allocator();
             files.will_need();
         }
+        // The passes are not sessions: their transient buffers go back as they are freed.
+        perqc_runtime::untune_allocator();
     }
     let size_before = files_size(&input, &model.graph);
     // The initializers as loaded, to count what the passes changed (none run: none changed).
@@ -298,6 +300,7 @@ fn compile(args: CompileArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("--cat: {e}"))?;
         drop(manager);
         perqc_runtime::trim_allocator();
+        perqc_runtime::tune_allocator();
         let mut m = PassManager::new();
         if let Some(c) = args
             .recipe
@@ -307,6 +310,7 @@ fn compile(args: CompileArgs) -> Result<()> {
             m.provide(c);
         }
         perqc_runtime::trim_allocator();
+        perqc_runtime::untune_allocator();
         cat_report = Some(
             m.run(&mut model, &mut cat, &mut opts)
                 .with_context(|| input.display().to_string())?,
@@ -317,6 +321,8 @@ fn compile(args: CompileArgs) -> Result<()> {
     if let Some(config) = quant_config {
         drop(manager);
         perqc_runtime::trim_allocator();
+        // The quantizers' calibration runs sessions again.
+        perqc_runtime::tune_allocator();
         let s = quant::run(
             &mut model,
             config,

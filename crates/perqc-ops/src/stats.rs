@@ -261,6 +261,14 @@ impl ChannelStats {
         Ok(())
     }
 
+    /// Frees the quantile sketch and the kept rows (the sums, maxima and second moments
+    /// stay): what a consumer does once it has read them, so that later work does not
+    /// carry them.
+    pub fn drop_sketch_and_rows(&mut self) {
+        self.hist = None;
+        self.samples = Vec::new();
+    }
+
     /// Second-moment matrix of block `k` (`b x b`, row-major), if requested.
     pub fn block_moment(&self, k: usize) -> Option<&[f64]> {
         let (b, m) = self.block.as_ref()?;

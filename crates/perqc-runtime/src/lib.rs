@@ -19,5 +19,5 @@ pub use observe::{ChannelObserver, ChannelStats, StatsError, StatsOptions};
 pub use perqc_ops::RtTensor;
 pub use session::{
     Observer, Profile, RuntimeError, Session, SessionOptions, Unsupported, trim_allocator,
-    tune_allocator,
+    tune_allocator, untune_allocator,
 };

@@ -681,17 +681,27 @@ impl Session {
 /// threshold to 512 MiB makes the heap reuse them. Peak RSS is unchanged (the live set
 /// still bounds it); freed memory below 512 MiB is kept for the next run.
 pub fn tune_allocator() {
+    set_allocator(32 << 20, 512 << 20);
+}
+
+/// Undoes [`tune_allocator`] for work that is not a session (the compiler's passes between
+/// calibration and quantization): buffers from 1 MiB up are mapped and unmapped on their
+/// own, and the heap is trimmed above 32 MiB free, so transient copies (weights being
+/// rewritten, a probe's products on several threads' arenas) do not stay in the process
+/// and add up to the peak. [`tune_allocator`] turns the reuse back on.
+pub fn untune_allocator() {
+    set_allocator(1 << 20, 32 << 20);
+}
+
+fn set_allocator(mmap_threshold: i32, trim_threshold: i32) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            // Safety: mallopt only changes allocator parameters; it is thread-safe in glibc.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
-            }
-        });
+    // Safety: mallopt only changes allocator parameters; it is thread-safe in glibc.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, mmap_threshold);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, trim_threshold);
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = (mmap_threshold, trim_threshold);
 }
 
 /// Gives the allocator's free memory back to the system (glibc's `malloc_trim(0)`; a no-op
