@@ -208,6 +208,9 @@ impl RecipeArgs {
                 if self.block_size == Block::Full && self.cat.0.is_none() {
                     passes.push("online-hadamard(block=full)".into());
                 }
+                if self.cat_in_first_stage() {
+                    passes.extend(self.cat_spec(quant));
+                }
                 return passes.join(",");
             }
         };
@@ -234,15 +237,36 @@ impl RecipeArgs {
         if !layerwise && self.cat.0.is_none() {
             passes.push(format!("online-hadamard(block={b})"));
         }
+        if self.cat_in_first_stage() {
+            passes.extend(self.cat_spec(quant));
+        }
         passes.join(",")
     }
 
-    /// The CAT stage, run after [`RecipeArgs::pipeline`] on statistics calibrated again:
-    /// `cat(k=K,block=B)` (its online map includes the Hadamard that stage left out).
+    /// Whether the CAT pass can read the first calibration: no permutation runs before it
+    /// (block moments cannot be permuted; smoothing divides them exactly, and the
+    /// rotations and norm folding leave the down_proj inputs as they are).
+    fn cat_in_first_stage(&self) -> bool {
+        let permuted = matches!(self.block_size, Block::Size(_))
+            && self.permute != PermuteMethod::Identity
+            && (self.calib.given() || !self.permute.uses_statistics());
+        self.cat.0.is_some() && !permuted
+    }
+
+    /// The CAT stage when a permutation runs first: run after [`RecipeArgs::pipeline`] on
+    /// statistics calibrated again (`None` without CAT, or when the first stage runs it).
     pub fn cat_pipeline(
         &self,
         quant: Option<&perqc_passes::quantize::QuantConfig>,
     ) -> Option<String> {
+        if self.cat_in_first_stage() {
+            return None;
+        }
+        self.cat_spec(quant)
+    }
+
+    /// `cat(k=K,block=B,...)`: its online map includes the Hadamard the pipeline leaves out.
+    fn cat_spec(&self, quant: Option<&perqc_passes::quantize::QuantConfig>) -> Option<String> {
         let k = self.cat.0?;
         let (wbits, abits) =
             quant.map_or((4, Some(4)), |q| (q.weights.bits, q.act.map(|a| a.bits)));
@@ -324,7 +348,8 @@ impl RecipeArgs {
     ) -> Result<Option<Calibration>> {
         let smooths = self.smooth != Smooth::None;
         let permutes = self.permutes() && !layerwise;
-        if !self.calib.given() || (!smooths && !permutes) {
+        let cat = self.cat.0.filter(|_| self.cat_in_first_stage());
+        if !self.calib.given() || (!smooths && !permutes && cat.is_none()) {
             return Ok(None);
         }
         let shapes = perqc_ops::infer_model(model).context("shape inference")?;
@@ -336,11 +361,12 @@ impl RecipeArgs {
         let tokens = self.calib.calib_seqs * self.calib.calib_len;
         let opts = StatsOptions {
             quantiles: smooths,
-            sample_every: if smooths {
+            sample_every: if smooths || cat.is_some() {
                 (tokens / PROBE_ROWS).max(1)
             } else {
                 0
             },
+            block_moments: cat,
             ..StatsOptions::default()
         };
         calib::calibrate(model, &watch, &self.calib, opts, release).map(Some)

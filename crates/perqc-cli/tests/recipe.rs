@@ -157,9 +157,10 @@ fn smoothing_is_exact() {
     }
 }
 
-/// `--cat` (block CAT with the online Hadamard after it, alone and after smoothing): the
-/// native `--verify` and ONNX Runtime see the original outputs; the online map is standard
-/// ONNX (a block-wise MatMul between Reshapes).
+/// `--cat` (block CAT with the online Hadamard after it, alone and after smoothing; after a
+/// permutation on statistics calibrated again, else on the first ones): the native
+/// `--verify` and ONNX Runtime see the original outputs; the online map is standard ONNX (a
+/// block-wise MatMul between Reshapes).
 #[test]
 fn cat_is_exact() {
     for model in ["llama_ts.onnx", "llama_dynamo.onnx", "gemma_like.onnx"] {
@@ -172,6 +173,18 @@ fn cat_is_exact() {
             (
                 "k16_smooth",
                 &["--cat", "block(k=16)", "--smooth", "quantile"][..],
+            ),
+            // No permutation: CAT reads the first calibration (smoothing divides it).
+            (
+                "k32_identity_smooth",
+                &[
+                    "--cat",
+                    "block(k=32)",
+                    "--permute",
+                    "identity",
+                    "--smooth",
+                    "max",
+                ][..],
             ),
         ] {
             let stem = model.trim_end_matches(".onnx");
