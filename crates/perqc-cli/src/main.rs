@@ -394,11 +394,13 @@ fn compile(args: CompileArgs) -> Result<()> {
         if pipeline.is_empty() && quant_summary.is_none() {
             eprintln!("no passes: the model is written back unchanged");
         } else {
-            eprintln!(
-                "passes run: {} ({:.2?})",
-                pipeline.names().join(", "),
-                report.total_time()
-            );
+            // The CAT stage, when it ran on its own calibration, counts too.
+            let (mut names, mut time) = (pipeline.names(), report.total_time());
+            if let Some(r) = &cat_report {
+                names.push(perqc_passes::Cat::NAME);
+                time += r.total_time();
+            }
+            eprintln!("passes run: {} ({time:.2?})", names.join(", "));
         }
         let (changed, before) = weights_before.as_ref().map_or((0, weights), |before| {
             (changed_weights(before, &model.graph, &files), before.len())
