@@ -124,11 +124,6 @@ impl Smoothing {
         Ok(s)
     }
 
-    /// The statistics option the calibration needs for this smoothing.
-    pub fn needs_quantiles(&self) -> bool {
-        matches!(self.statistic, Statistic::Quantile(_))
-    }
-
     /// Checks the ranges.
     pub fn validate(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.alpha) {
