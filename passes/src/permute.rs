@@ -19,6 +19,7 @@ use crate::permutation::{PermuteMethod, permutation_from};
 use crate::regions::{Region, RegionKind, Regions};
 use crate::transform::{self, ChannelOp, Placement};
 use perqc_ir::{Graph, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
+use perqc_ops::stats::ChannelStats;
 
 #[derive(Debug)]
 pub struct Permute {
@@ -91,18 +92,24 @@ pub fn sink_activations(region: &Region) -> Vec<String> {
     out
 }
 
-/// Per region channel: the summed mean |x| and the largest |x| over what the sinks read.
-pub(crate) fn masses(region: &Region, calib: &Calibration) -> Result<(Vec<f64>, Vec<f32>), String> {
-    let mut mean = vec![0f64; region.dim];
-    let mut max = vec![0f32; region.dim];
-    let mut seen = Vec::new();
+/// One activation a region's sinks read: the region channel of each index, its statistics,
+/// its name.
+pub(crate) type SinkStats<'a> = (&'a [u32], &'a ChannelStats, &'a str);
+
+/// Each distinct activation the region's sinks read: the region channel of each of its
+/// indices, its statistics and its name. An error names an activation without statistics
+/// or with another channel count.
+pub(crate) fn sink_stats<'a>(
+    region: &'a Region,
+    calib: &'a Calibration,
+) -> Result<Vec<SinkStats<'a>>, String> {
+    let mut out: Vec<SinkStats<'a>> = Vec::new();
     for e in &region.sinks {
         let Some((_, v)) = e.activation else { continue };
-        if seen.contains(&v) {
+        let name = region.activation_name(v);
+        if out.iter().any(|o| o.2 == name) {
             continue;
         }
-        seen.push(v);
-        let name = region.activation_name(v);
         let stats = calib.get(name).ok_or_else(|| {
             format!("no calibration statistics for `{name}` (calibrate with --calib-text or --calib-ids)")
         })?;
@@ -113,7 +120,17 @@ pub(crate) fn masses(region: &Region, calib: &Calibration) -> Result<(Vec<f64>, 
                 e.channels.len()
             ));
         }
-        for ((&c, m), &x) in e.channels.iter().zip(stats.mean_abs()).zip(stats.max_abs()) {
+        out.push((&e.channels, stats, name));
+    }
+    Ok(out)
+}
+
+/// Per region channel: the summed mean |x| and the largest |x| over what the sinks read.
+pub(crate) fn masses(region: &Region, calib: &Calibration) -> Result<(Vec<f64>, Vec<f32>), String> {
+    let mut mean = vec![0f64; region.dim];
+    let mut max = vec![0f32; region.dim];
+    for (channels, stats, _) in sink_stats(region, calib)? {
+        for ((&c, m), &x) in channels.iter().zip(stats.mean_abs()).zip(stats.max_abs()) {
             mean[c as usize] += m;
             max[c as usize] = max[c as usize].max(x);
         }

@@ -29,7 +29,7 @@
 
 use crate::calibration::Calibration;
 use crate::permutation::{PermuteMethod, permutation_from};
-use crate::permute::{masses, sink_activations};
+use crate::permute::{masses, sink_activations, sink_stats};
 use crate::probe::{LayerError, Probe, SinkSample, sink_samples};
 use crate::regions::{Region, RegionKind, Regions, TransformKind};
 use crate::transform::{self, ChannelOp, Placement};
@@ -312,24 +312,7 @@ fn activation_stat(
     statistic: Statistic,
 ) -> Result<Vec<f64>, String> {
     let mut out = vec![0f64; region.dim];
-    let mut seen = Vec::new();
-    for e in &region.sinks {
-        let Some((_, v)) = e.activation else { continue };
-        if seen.contains(&v) {
-            continue;
-        }
-        seen.push(v);
-        let name = region.activation_name(v);
-        let stats = calib.get(name).ok_or_else(|| {
-            format!("no calibration statistics for `{name}` (calibrate with --calib-text or --calib-ids)")
-        })?;
-        if stats.channels() != e.channels.len() {
-            return Err(format!(
-                "statistics of `{name}` have {} channels, the region reads {}",
-                stats.channels(),
-                e.channels.len()
-            ));
-        }
+    for (channels, stats, name) in sink_stats(region, calib)? {
         let a: Vec<f64> = match statistic {
             Statistic::Max => stats.max_abs().iter().map(|&m| f64::from(m)).collect(),
             Statistic::Quantile(q) => stats
@@ -341,7 +324,7 @@ fn activation_stat(
                 .map(f64::from)
                 .collect(),
         };
-        for (&c, a) in e.channels.iter().zip(a) {
+        for (&c, a) in channels.iter().zip(a) {
             out[c as usize] = out[c as usize].max(a);
         }
     }

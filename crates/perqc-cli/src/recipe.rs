@@ -289,18 +289,32 @@ impl RecipeArgs {
         release: &dyn Fn(&perqc_ir::Tensor),
     ) -> Result<Option<Calibration>> {
         let Some(k) = self.cat.0 else { return Ok(None) };
+        let opts = StatsOptions {
+            block_moments: Some(k),
+            sample_every: self.probe_every(),
+            ..StatsOptions::default()
+        };
+        self.calibrate_mlp_sinks(model, opts, release)
+    }
+
+    /// Keeping every this many calibration rows gives about [`PROBE_ROWS`].
+    fn probe_every(&self) -> usize {
+        (self.calib.calib_seqs * self.calib.calib_len / PROBE_ROWS).max(1)
+    }
+
+    /// Statistics `opts` of the mlp sinks' inputs of `model` (`None` if it has none).
+    fn calibrate_mlp_sinks(
+        &self,
+        model: &Model,
+        opts: StatsOptions,
+        release: &dyn Fn(&perqc_ir::Tensor),
+    ) -> Result<Option<Calibration>> {
         let shapes = perqc_ops::infer_model(model).context("shape inference")?;
         let regions = Regions::find(model, &shapes);
         let watch = perqc_passes::permute::calibration_values(&regions, &[RegionKind::Mlp]);
         if watch.is_empty() {
             return Ok(None);
         }
-        let tokens = self.calib.calib_seqs * self.calib.calib_len;
-        let opts = StatsOptions {
-            block_moments: Some(k),
-            sample_every: (tokens / PROBE_ROWS).max(1),
-            ..StatsOptions::default()
-        };
         calib::calibrate(model, &watch, &self.calib, opts, release).map(Some)
     }
 
@@ -352,24 +366,17 @@ impl RecipeArgs {
         if !self.calib.given() || (!smooths && !permutes && cat.is_none()) {
             return Ok(None);
         }
-        let shapes = perqc_ops::infer_model(model).context("shape inference")?;
-        let regions = Regions::find(model, &shapes);
-        let watch = perqc_passes::permute::calibration_values(&regions, &[RegionKind::Mlp]);
-        if watch.is_empty() {
-            return Ok(None);
-        }
-        let tokens = self.calib.calib_seqs * self.calib.calib_len;
         let opts = StatsOptions {
             quantiles: smooths,
             sample_every: if smooths || cat.is_some() {
-                (tokens / PROBE_ROWS).max(1)
+                self.probe_every()
             } else {
                 0
             },
             block_moments: cat,
             ..StatsOptions::default()
         };
-        calib::calibrate(model, &watch, &self.calib, opts, release).map(Some)
+        self.calibrate_mlp_sinks(model, opts, release)
     }
 
     /// Runs the original model (read again from `input` and canonicalized) and the
