@@ -11,6 +11,7 @@ mod inspect;
 mod ppl;
 mod quant;
 mod recipe;
+mod sqnr;
 mod staged;
 
 use anyhow::{Context, Result, bail};
@@ -48,7 +49,7 @@ enum Command {
     /// Perplexity of a causal LM on a text, run natively (prints `ppl=<value>` last).
     Eval(eval::EvalArgs),
     /// What the analyses find in a model (`--regions`: permutation-equivariant regions).
-    Inspect(inspect::InspectArgs),
+    Inspect(Box<inspect::InspectArgs>),
 }
 
 #[derive(Args)]
@@ -117,7 +118,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Print { model }) => print(model),
         Some(Command::Eval(args)) => eval::run(args),
-        Some(Command::Inspect(args)) => inspect::run(args),
+        Some(Command::Inspect(args)) => inspect::run(*args),
         None => compile(cli.compile),
     };
     match result {
@@ -154,6 +155,13 @@ fn unknown_command(e: &clap::Error) -> Option<String> {
         return None;
     }
     let first = std::env::args_os().nth(1)?.into_string().ok()?;
+    // A known command with bad arguments is clap's to explain.
+    if Cli::command()
+        .get_subcommands()
+        .any(|c| c.get_name() == first)
+    {
+        return None;
+    }
     let path_like = first.contains(['/', '.']) || Path::new(&first).exists();
     (!first.is_empty() && !first.starts_with('-') && !path_like).then_some(first)
 }
@@ -223,7 +231,8 @@ fn compile(args: CompileArgs) -> Result<()> {
     let passes = match &args.passes {
         None => args
             .recipe
-            .pipeline(&mut notes, layerwise.is_some(), quant_config.as_ref()),
+            .pipeline(&mut notes, layerwise.is_some(), quant_config.as_ref())
+            .join(","),
         Some(p) => p.clone(),
     };
     let mut pipeline = registry
@@ -421,6 +430,19 @@ fn compile(args: CompileArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it: `path` is either
+/// the old file or the whole new one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
 }
 
 /// The initializers of `g`, by name.

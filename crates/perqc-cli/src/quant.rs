@@ -558,9 +558,7 @@ pub fn report_json(reports: &[SiteReport]) -> String {
 
 /// Writes the JSON report to `path` through a temporary file (never half-written).
 pub fn write_report(path: &std::path::Path, reports: &[SiteReport]) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, report_json(reports))
-        .and_then(|_| std::fs::rename(&tmp, path))
+    crate::write_atomically(path, report_json(reports).as_bytes())
         .with_context(|| format!("--report: cannot write {}", path.display()))
 }
 

@@ -171,7 +171,7 @@ impl RecipeArgs {
         notes: &mut Vec<String>,
         layerwise: bool,
         quant: Option<&perqc_passes::quantize::QuantConfig>,
-    ) -> String {
+    ) -> Vec<String> {
         let mut passes = Vec::new();
         // Smoothing first: the permutation then sorts the smoothed channels. Its probe
         // quantizes as the recipe will (W4A4 without quantization).
@@ -211,7 +211,7 @@ impl RecipeArgs {
                 if self.cat_in_first_stage() {
                     passes.extend(self.cat_spec(quant));
                 }
-                return passes.join(",");
+                return passes;
             }
         };
         // The identity permutation is no permutation: nothing to run.
@@ -240,7 +240,7 @@ impl RecipeArgs {
         if self.cat_in_first_stage() {
             passes.extend(self.cat_spec(quant));
         }
-        passes.join(",")
+        passes
     }
 
     /// Whether the CAT pass can read the first calibration: no permutation runs before it

@@ -31,6 +31,9 @@ pub struct Staged {
     opts: SessionOptions,
     /// The most bytes the kept values have held (logical sizes).
     pub peak_bytes: usize,
+    /// Whether watched values are kept even when no node outside their stage reads them
+    /// (the quantizing driver inserts readers later, and reruns them after `forget`).
+    keep_watched: bool,
 }
 
 impl Staged {
@@ -64,7 +67,16 @@ impl Staged {
                     .unwrap_or(SessionOptions::default().threads),
             },
             peak_bytes: 0,
+            keep_watched: true,
         })
+    }
+
+    /// Keeps a watched value only when a node outside its stage reads it, like any other
+    /// computed value: for callers that only read statistics (the model does not change
+    /// between stages), so a stage watching many values does not hold them all per window.
+    pub fn reading_only(mut self) -> Staged {
+        self.keep_watched = false;
+        self
     }
 
     /// Drops computed values by name: the next stage that reads one computes it again, and
@@ -126,7 +138,7 @@ impl Staged {
         let mut keep: Vec<String> = watch
             .iter()
             .map(|(n, _)| n.clone())
-            .filter(|n| !transient.contains(n))
+            .filter(|n| self.keep_watched && !transient.contains(n))
             .collect();
         for &n in &nodes {
             for o in g.node(n).outputs().iter().flatten() {

@@ -168,21 +168,35 @@ fn protobuf_without_graph() {
 fn unknown_command() {
     let dir = scratch("unknown_command");
     let model = fixture("llama_ts.onnx");
-    for args in [vec!["inspect", model.to_str().unwrap()], vec!["inspect"]] {
+    let run = |args: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_perqc"))
-            .args(&args)
+            .args(args)
             .current_dir(&dir)
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    for args in [vec!["inspekt", model.to_str().unwrap()], vec!["inspekt"]] {
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(2), "{stderr}");
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(
-            stderr
-                .starts_with("error: unknown command `inspect`; the commands are `print`, `eval`"),
+            stderr.starts_with(
+                "error: unknown command `inspekt`; the commands are `print`, `eval`, `inspect`"
+            ),
             "{stderr}"
         );
     }
+    // A known command with its arguments missing says what is missing.
+    let (code, stderr) = run(&["inspect", model.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("required arguments were not provided") && stderr.contains("--regions"),
+        "{stderr}"
+    );
     // The main job, without a command, still runs; a model that does not exist says so.
     let out = dir.join("out.onnx");
     let o = Command::new(env!("CARGO_BIN_EXE_perqc"))

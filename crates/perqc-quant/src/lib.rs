@@ -14,6 +14,7 @@
 //! pool, and results do not depend on the number of threads.
 
 mod error;
+pub mod factors;
 pub mod gptq;
 mod grid;
 mod linalg;

@@ -3,6 +3,10 @@
 //! transform (CAT). Matrices are row-major `n x n` slices; sizes are small (CAT blocks of
 //! 64 or 128), so the O(n³) per sweep of Jacobi is cheap and its accuracy (eigenvalues to
 //! high relative accuracy for definite matrices) is what matters.
+//!
+//! [`sym_eigenvalues`] is the spectrum alone of a large matrix (the alignment bound of a
+//! whole layer, order 576 and more): Householder reduction to tridiagonal form, then the
+//! implicit QL iteration, `4/3 n³` operations instead of Jacobi's ~`10 · 4 n³`.
 
 use crate::error::QuantError;
 
@@ -76,6 +80,128 @@ pub fn sym_eigen(a: &[f64], n: usize) -> SymEigen {
         n,
         values: (0..n).map(|i| m[i * n + i]).collect(),
         vectors: v,
+    }
+}
+
+/// The eigenvalues of a symmetric matrix (only its upper triangle is read), ascending.
+///
+/// Householder reduction: step `k` reflects the column below the diagonal of the trailing
+/// block onto `±‖x‖ e₁` with `H = I - 2 v vᵀ`; with `p = A v` and `q = p - (vᵀ p) v`,
+/// `H A H = A - 2 (v qᵀ + q vᵀ)`, a rank-2 update of rows (row-major friendly). The
+/// tridiagonal matrix then has `d` on its diagonal and `e` beside it, and shares the
+/// spectrum. Its eigenvalues come from QL sweeps with Wilkinson's shift, deflating where an
+/// off-diagonal entry falls below round-off of its neighbours (quadratic, in practice
+/// cubic, convergence; at most 60 sweeps per eigenvalue).
+pub fn sym_eigenvalues(a: &[f64], n: usize) -> Vec<f64> {
+    assert_eq!(a.len(), n * n, "an n x n matrix");
+    let mut m = a.to_vec();
+    for i in 0..n {
+        for j in 0..i {
+            m[i * n + j] = m[j * n + i];
+        }
+    }
+    let mut d = vec![0f64; n];
+    let mut e = vec![0f64; n];
+    let (mut v, mut p) = (vec![0f64; n], vec![0f64; n]);
+    for k in 0..n.saturating_sub(1) {
+        let r = k + 1;
+        let norm = (r..n).map(|i| m[i * n + k].powi(2)).sum::<f64>().sqrt();
+        d[k] = m[k * n + k];
+        let x0 = m[r * n + k];
+        let alpha = if x0 > 0.0 { -norm } else { norm };
+        e[k] = alpha;
+        // v = (x - alpha e1) / |x - alpha e1|; nothing to do for a zero column.
+        for i in r..n {
+            v[i] = m[i * n + k];
+        }
+        v[r] -= alpha;
+        let vn = (r..n).map(|i| v[i] * v[i]).sum::<f64>().sqrt();
+        if vn == 0.0 || norm == 0.0 {
+            e[k] = x0;
+            continue;
+        }
+        for x in &mut v[r..n] {
+            *x /= vn;
+        }
+        for i in r..n {
+            let row = &m[i * n + r..i * n + n];
+            p[i] = row.iter().zip(&v[r..n]).map(|(a, b)| a * b).sum();
+        }
+        let kk: f64 = (r..n).map(|i| v[i] * p[i]).sum();
+        for i in r..n {
+            p[i] -= kk * v[i];
+        }
+        for i in r..n {
+            let (vi, qi) = (2.0 * v[i], 2.0 * p[i]);
+            let row = &mut m[i * n + r..i * n + n];
+            for ((a, &vj), &qj) in row.iter_mut().zip(&v[r..n]).zip(&p[r..n]) {
+                *a -= vi * qj + qi * vj;
+            }
+        }
+    }
+    if n > 0 {
+        d[n - 1] = m[(n - 1) * n + n - 1];
+    }
+    tridiagonal_eigenvalues(&mut d, &mut e);
+    d.sort_by(f64::total_cmp);
+    d
+}
+
+/// The eigenvalues of the symmetric tridiagonal matrix with diagonal `d` and off-diagonal
+/// `e` (`e[i]` couples `i` and `i + 1`; `e[n - 1]` is ignored), into `d`: implicit QL.
+fn tridiagonal_eigenvalues(d: &mut [f64], e: &mut [f64]) {
+    let n = d.len();
+    if n == 0 {
+        return;
+    }
+    e[n - 1] = 0.0;
+    for l in 0..n {
+        for _ in 0..60 {
+            // The first negligible coupling at or after l bounds the unreduced block.
+            let mut m = l;
+            while m + 1 < n {
+                let scale = d[m].abs() + d[m + 1].abs();
+                if e[m].abs() <= f64::EPSILON * scale {
+                    break;
+                }
+                m += 1;
+            }
+            if m == l {
+                break;
+            }
+            // Wilkinson's shift from the leading 2 x 2 block.
+            let g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+            let r = g.hypot(1.0);
+            let mut g = d[m] - d[l] + e[l] / (g + r.copysign(g));
+            let (mut s, mut c, mut p) = (1.0f64, 1.0f64, 0.0f64);
+            let mut deflated = false;
+            for i in (l..m).rev() {
+                let f = s * e[i];
+                let b = c * e[i];
+                let r = f.hypot(g);
+                e[i + 1] = r;
+                if r == 0.0 {
+                    // An exact zero coupling splits the block: start over from it.
+                    d[i + 1] -= p;
+                    e[m] = 0.0;
+                    deflated = true;
+                    break;
+                }
+                s = f / r;
+                c = g / r;
+                let g2 = d[i + 1] - p;
+                let r2 = (d[i] - g2) * s + 2.0 * c * b;
+                p = s * r2;
+                d[i + 1] = g2 + p;
+                g = c * r2 - b;
+            }
+            if deflated {
+                continue;
+            }
+            d[l] -= p;
+            e[l] = g;
+            e[m] = 0.0;
+        }
     }
 }
 
@@ -201,6 +327,47 @@ mod tests {
             let vtv = matmul(&transpose(&e.vectors, n), &e.vectors, n);
             let eye: Vec<f64> = (0..n * n).map(|k| (k / n == k % n) as i32 as f64).collect();
             assert!(max_diff(&vtv, &eye) < 1e-12, "n = {n}");
+        }
+    }
+
+    /// The tridiagonal route gives Jacobi's spectrum: definite, indefinite (a shifted
+    /// matrix), singular (a repeated row) and diagonal inputs, odd and tiny orders.
+    #[test]
+    fn eigenvalues_agree_with_jacobi() {
+        for n in [0usize, 1, 2, 3, 7, 33, 64] {
+            let mut cases = vec![spd(n, 7 + n as u64)];
+            let mut shifted = spd(n, 9);
+            for i in 0..n {
+                shifted[i * n + i] -= 0.5 * shifted[i * n + i];
+            }
+            cases.push(shifted);
+            if n > 2 {
+                let mut singular = spd(n, 3);
+                for j in 0..n {
+                    singular[n + j] = singular[j];
+                }
+                for i in 0..n {
+                    singular[i * n + 1] = singular[i * n];
+                }
+                singular[n + 1] = singular[0];
+                cases.push(singular);
+            }
+            cases.push(
+                (0..n * n)
+                    .map(|k| if k / n == k % n { (k % 5) as f64 } else { 0.0 })
+                    .collect(),
+            );
+            for a in cases {
+                let got = sym_eigenvalues(&a, n);
+                let mut want = sym_eigen(&a, n).values;
+                want.sort_by(f64::total_cmp);
+                let scale = want.iter().fold(1e-300f64, |m, v| m.max(v.abs()));
+                assert_eq!(got.len(), n);
+                assert!(
+                    max_diff(&got, &want) < 1e-11 * scale,
+                    "n = {n}: {got:?} vs {want:?}"
+                );
+            }
         }
     }
 
