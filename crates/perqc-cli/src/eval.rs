@@ -62,6 +62,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         _ => bail!("give --tokenizer and --text, or --ids"),
     };
     let windows = corpus::take_windows(&ids, args.seq, args.windows, source, "--seq", "scoring")?;
+    // The tokenizer's many small allocations are freed: give them back before the model's.
+    perqc_runtime::trim_allocator();
     let mut loaded = perqc_onnx::load(&args.model)?;
     // The canonical graph runs exported attention, RMS norm and SiLU chains as one op each.
     perqc_passes::canonicalize(&mut loaded.model)
@@ -105,6 +107,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let feeds = WindowFeeds::new(&session, &loaded.model.graph, args.seq)
         .with_context(|| args.model.display().to_string())?;
     drop(loaded);
+    // The graph's own copies (the packed weights fuse-int-linear made, the canonical
+    // graph) are freed now that the session holds its own: give them back.
+    perqc_runtime::trim_allocator();
 
     let bar = ProgressBar::new(windows.len() as u64);
     if args.quiet || !std::io::stderr().is_terminal() {

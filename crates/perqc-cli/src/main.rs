@@ -298,8 +298,10 @@ fn compile(args: CompileArgs) -> Result<()> {
     let report = manager
         .run(&mut model, &mut pipeline, &mut opts)
         .with_context(|| input.display().to_string())?;
+    // Stages run after the pipeline, each with its own report: CAT on its own calibration,
+    // and tie-head after quantization.
+    let mut late: Vec<(&str, perqc_ir::Report)> = Vec::new();
     // CAT: its statistics are of the inputs as the first stage left them.
-    let mut cat_report = None;
     if let Some(stage) = recipe
         .then(|| args.recipe.cat_pipeline(quant_config.as_ref()))
         .flatten()
@@ -320,10 +322,11 @@ fn compile(args: CompileArgs) -> Result<()> {
         }
         perqc_runtime::trim_allocator();
         perqc_runtime::untune_allocator();
-        cat_report = Some(
+        late.push((
+            perqc_passes::Cat::NAME,
             m.run(&mut model, &mut cat, &mut opts)
                 .with_context(|| input.display().to_string())?,
-        );
+        ));
         manager = m;
     }
     let mut quant_summary = None;
@@ -344,6 +347,19 @@ fn compile(args: CompileArgs) -> Result<()> {
             quant::write_report(path, &s.reports)?;
         }
         quant_summary = Some(s);
+    }
+    if recipe {
+        // The head reads the embedding table again where the transforms untied the two (or
+        // the export stored the table twice); a quantized head or table does not match.
+        let mut tie = registry
+            .build(perqc_passes::TieHead::NAME)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        late.push((
+            perqc_passes::TieHead::NAME,
+            PassManager::new()
+                .run(&mut model, &mut tie, &mut opts)
+                .with_context(|| input.display().to_string())?,
+        ));
     }
     if recipe && args.recipe.verify {
         // The original is read again from the file (and canonicalized the same way) rather
@@ -378,7 +394,7 @@ fn compile(args: CompileArgs) -> Result<()> {
         if !pipeline.is_empty() {
             eprint!("{report}");
         }
-        if let Some(r) = &cat_report {
+        for (_, r) in &late {
             eprint!("{r}");
         }
         for n in &notes {
@@ -403,10 +419,10 @@ fn compile(args: CompileArgs) -> Result<()> {
         if pipeline.is_empty() && quant_summary.is_none() {
             eprintln!("no passes: the model is written back unchanged");
         } else {
-            // The CAT stage, when it ran on its own calibration, counts too.
+            // The late stages count too.
             let (mut names, mut time) = (pipeline.names(), report.total_time());
-            if let Some(r) = &cat_report {
-                names.push(perqc_passes::Cat::NAME);
+            for (name, r) in &late {
+                names.push(name);
                 time += r.total_time();
             }
             eprintln!("passes run: {} ({time:.2?})", names.join(", "));

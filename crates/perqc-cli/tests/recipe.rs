@@ -59,6 +59,60 @@ fn calibrated_recipe_verifies_and_writes_a_model() {
     assert!(m.graph.nodes().all(|(_, n)| n.domain != "ai.perqc"));
 }
 
+/// After the recipe's transforms the LM head reads the embedding table again, through the
+/// small map the norm fold and the rotation left (`tie-head`): the head's own table is gone
+/// from the file and the outputs still match (`--verify`, and ONNX Runtime on random
+/// inputs), on both Llama exports (a table stored twice; one table behind a Transpose) and
+/// the Gemma-like decoder. Quantized (W4A4 keeps the head float), it is tied too.
+#[test]
+fn the_head_reads_the_embedding_table_again() {
+    let calib = [
+        "--calib-text".to_string(),
+        s(&fixture("tiny_text.txt")),
+        "--tokenizer".into(),
+        s(&fixture("tiny_tokenizer.json")),
+        "--calib-seqs".into(),
+        "2".into(),
+        "--calib-len".into(),
+        "32".into(),
+    ];
+    for model in ["llama_ts.onnx", "llama_dynamo.onnx", "gemma_like.onnx"] {
+        let dir = scratch("recipe", &format!("tie_{model}"));
+        for quantize in [false, true] {
+            let out = dir.join(if quantize { "q.onnx" } else { "m.onnx" });
+            let mut args = vec![s(&fixture(model)), "-o".into(), s(&out)];
+            args.extend(calib.iter().cloned());
+            if !quantize {
+                args.extend(["--no-quantize".into(), "--verify".into()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (ok, err) = perqc(&args);
+            assert!(ok, "{model}: {err}");
+            assert!(
+                err.contains("heads-tied=1 weights-removed=1")
+                    && err.contains("reads the embedding table through a 64 x 64 map"),
+                "{model}: {err}"
+            );
+            // The embedding's table has a second reader (the head, through a Transpose
+            // in the exported file).
+            let m = perqc_onnx::load(&out).expect("loads").model;
+            let g = &m.graph;
+            let table = g
+                .nodes()
+                .find(|(_, n)| n.op_type == "Gather")
+                .and_then(|(_, n)| n.input(0))
+                .expect("an embedding Gather");
+            assert!(g.const_tensor(table).is_some(), "{model}");
+            assert_eq!(g.value(table).uses().len(), 2, "{model}");
+            if !quantize {
+                assert!(err.contains("--verify: outputs match"), "{err}");
+                let stem = model.trim_end_matches(".onnx");
+                close_case(&format!("tie_head_{stem}"), &fixture(model), &out, 1e-4);
+            }
+        }
+    }
+}
+
 #[test]
 fn without_calibration_the_permutation_is_skipped_with_a_note() {
     let dir = scratch("recipe", "uncalibrated");

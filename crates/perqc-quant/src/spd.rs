@@ -205,6 +205,44 @@ fn tridiagonal_eigenvalues(d: &mut [f64], e: &mut [f64]) {
     }
 }
 
+/// `X` with `A X = B`, `A` symmetric positive definite (`n x n`, lower triangle read) and
+/// `B` `n x m`, both row-major: Cholesky `A = L Lᵀ`, then `L Y = B` and `Lᵀ X = Y` by
+/// substitution. A pivot that is not positive is [`QuantError::Singular`].
+pub fn solve_definite(a: &[f64], n: usize, b: &[f64], m: usize) -> Result<Vec<f64>, QuantError> {
+    assert_eq!(a.len(), n * n, "an n x n matrix");
+    assert_eq!(b.len(), n * m, "an n x m right-hand side");
+    let mut l = a.to_vec();
+    crate::linalg::cholesky_lower(&mut l, n).map_err(|j| {
+        QuantError::Singular(format!("the matrix is not positive definite (pivot {j})"))
+    })?;
+    let mut x = b.to_vec();
+    for i in 0..n {
+        for k in 0..i {
+            let f = l[i * n + k];
+            for c in 0..m {
+                x[i * m + c] -= f * x[k * m + c];
+            }
+        }
+        let d = l[i * n + i];
+        for c in 0..m {
+            x[i * m + c] /= d;
+        }
+    }
+    for i in (0..n).rev() {
+        for k in i + 1..n {
+            let f = l[k * n + i];
+            for c in 0..m {
+                x[i * m + c] -= f * x[k * m + c];
+            }
+        }
+        let d = l[i * n + i];
+        for c in 0..m {
+            x[i * m + c] /= d;
+        }
+    }
+    Ok(x)
+}
+
 impl SymEigen {
     /// `V diag(f(λ)) Vᵀ`.
     pub fn map(&self, f: impl Fn(f64) -> f64) -> Vec<f64> {
@@ -369,6 +407,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `A X = B` for a definite `A`; a singular one is an error.
+    #[test]
+    fn solve_definite_solves() {
+        let n = 9;
+        let a = spd(n, 4);
+        let b: Vec<f64> = (0..n * 3).map(|k| (k as f64 * 0.37).sin()).collect();
+        let x = solve_definite(&a, n, &b, 3).unwrap();
+        for i in 0..n {
+            for c in 0..3 {
+                let ax: f64 = (0..n).map(|k| a[i * n + k] * x[k * 3 + c]).sum();
+                assert!(
+                    (ax - b[i * 3 + c]).abs() < 1e-10,
+                    "{ax} vs {}",
+                    b[i * 3 + c]
+                );
+            }
+        }
+        let mut s = a.clone();
+        for i in 0..n {
+            s[i * n + 2] = 0.0;
+            s[2 * n + i] = 0.0;
+        }
+        assert!(solve_definite(&s, n, &b, 3).is_err());
     }
 
     /// `M A M = M⁻¹ B M⁻¹`, and `M M⁻¹ = I`.
