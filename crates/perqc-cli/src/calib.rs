@@ -416,6 +416,38 @@ mod tests {
         );
     }
 
+    /// The CAT stage's calibration one region per stage gives the one-session statistics
+    /// bit for bit: sums, maxima, sampled rows and block moments.
+    #[test]
+    fn staged_pieces_give_the_whole_runs_statistics() {
+        let model = llama();
+        let watch = down_proj_inputs(&model);
+        let args = text_args("2", "16");
+        let opts = StatsOptions {
+            block_moments: Some(16),
+            sample_every: 3,
+            ..StatsOptions::default()
+        };
+        let whole = calibrate(&model, &watch, &args, opts.clone()).unwrap();
+        let each: Vec<(String, StatsOptions)> =
+            watch.iter().map(|n| (n.clone(), opts.clone())).collect();
+        let pieces = crate::staged::Staged::new(&model, &args)
+            .unwrap()
+            .calibrate_in_pieces(&model, &each, 1, &|_| {})
+            .unwrap();
+        assert_eq!(pieces.len(), whole.len());
+        for ((name, a), (other, b)) in whole.iter().zip(pieces.iter()) {
+            assert_eq!(name, other);
+            assert_eq!(a.sum_abs(), b.sum_abs(), "{name}");
+            assert_eq!(a.sum_sq(), b.sum_sq(), "{name}");
+            assert_eq!(a.max_abs(), b.max_abs(), "{name}");
+            assert_eq!(a.samples(), b.samples(), "{name}");
+            for k in 0..a.channels() / 16 {
+                assert_eq!(a.block_moment(k), b.block_moment(k), "{name} block {k}");
+            }
+        }
+    }
+
     #[test]
     fn ids_file_gives_the_same_statistics_as_its_text() {
         let model = llama();

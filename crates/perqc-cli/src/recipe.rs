@@ -124,6 +124,9 @@ fn parse_cat(s: &str) -> Result<CatSpec, String> {
 /// this many, evenly over the calibration tokens.
 const PROBE_ROWS: usize = 256;
 
+/// Mlp regions per stage of the CAT calibration (SmolLM2: 6 stages of 5 layers).
+const CAT_STAGE_REGIONS: usize = 5;
+
 /// The online rotation's block size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Block {
@@ -294,7 +297,21 @@ impl RecipeArgs {
             sample_every: self.probe_every(),
             ..StatsOptions::default()
         };
-        self.calibrate_mlp_sinks(model, opts, release)
+        // The first stage rewrote the weights (owned now, not mapped): a session over the
+        // whole model would hold a second copy, so the windows run a few regions at a time.
+        let shapes = perqc_ops::infer_model(model).context("shape inference")?;
+        let regions = Regions::find(model, &shapes);
+        let watch: Vec<(String, StatsOptions)> =
+            perqc_passes::permute::calibration_values(&regions, &[RegionKind::Mlp])
+                .into_iter()
+                .map(|n| (n, opts.clone()))
+                .collect();
+        if watch.is_empty() {
+            return Ok(None);
+        }
+        crate::staged::Staged::new(model, &self.calib)?
+            .calibrate_in_pieces(model, &watch, CAT_STAGE_REGIONS, release)
+            .map(Some)
     }
 
     /// Keeping every this many calibration rows gives about [`PROBE_ROWS`].

@@ -204,6 +204,30 @@ impl Staged {
         Ok(calib)
     }
 
+    /// The statistics of `watch` (in node order), `per_stage` values per stage, the model
+    /// unchanged between stages: each stage's session copies only the weights of its own
+    /// piece of the model, so a model whose weights are owned (rewritten by passes, not
+    /// mapped from the file) is not held twice.
+    pub fn calibrate_in_pieces(
+        mut self,
+        model: &Model,
+        watch: &[(String, StatsOptions)],
+        per_stage: usize,
+        release: &dyn Fn(&perqc_ir::Tensor),
+    ) -> Result<Calibration> {
+        self.keep_watched = false;
+        let mut all = Calibration::new(self.source.clone());
+        for piece in watch.chunks(per_stage.max(1)) {
+            let c = self.run(model, piece, &[], release)?;
+            for (name, stats) in c.iter() {
+                all.insert(name, stats.clone());
+            }
+            drop(c);
+            perqc_runtime::trim_allocator();
+        }
+        Ok(all)
+    }
+
     /// Drops kept values every reader of which has run.
     fn evict(&mut self, model: &Model) {
         let g = &model.graph;
