@@ -50,11 +50,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
         .with_context(|| format!("{}: shape inference", args.model.display()))?;
     let regions = Regions::find(&model, &shapes);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&regions.to_json())?);
+        crate::emit(&(serde_json::to_string_pretty(&regions.to_json())? + "\n"))?;
     } else if args.dot {
-        print!("{}", regions.to_dot());
+        crate::emit(&regions.to_dot())?;
     } else {
-        print!("{}", regions.summary());
+        crate::emit(&regions.summary())?;
     }
     Ok(())
 }
@@ -64,6 +64,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
 /// after each pass that changed the model. `--report FILE` also writes the JSON there.
 fn run_sqnr(args: InspectArgs) -> Result<()> {
     let (recipe, path) = (&args.recipe, &args.model);
+    // The compile command's output flags have nothing to act on here.
+    if recipe.no_quantize || recipe.verify || args.quant.target != "qdq" {
+        bail!("--no-quantize, --verify and --target apply to the compile command, not to inspect");
+    }
     if !recipe.calib.given() {
         bail!("--sqnr needs calibration data (--calib-text with --tokenizer, or --calib-ids)");
     }
@@ -157,9 +161,9 @@ fn run_sqnr(args: InspectArgs) -> Result<()> {
             .with_context(|| format!("--report: cannot write {}", file.display()))?;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        crate::emit(&(serde_json::to_string_pretty(&json)? + "\n"))?;
     } else {
-        print!("{}", table.text());
+        crate::emit(&table.text())?;
     }
     for n in notes {
         eprintln!("note: {n}");

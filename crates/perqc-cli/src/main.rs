@@ -178,15 +178,13 @@ fn load(path: &Path, quiet: bool) -> Result<perqc_ir::Model> {
 
 fn print(model: PathBuf) -> Result<()> {
     let model = load(&model, false)?;
-    let mut out = std::io::stdout().lock();
-    out.write_all(perqc_ir::print::print_model(&model).as_bytes())?;
-    Ok(())
+    emit(&perqc_ir::print::print_model(&model))
 }
 
 fn compile(args: CompileArgs) -> Result<()> {
     let registry = perqc_passes::registry();
     if args.list_passes {
-        print!("{}", registry.help());
+        emit(&registry.help())?;
         return Ok(());
     }
     let (Some(input), Some(output)) = (args.model, args.output) else {
@@ -446,6 +444,16 @@ fn compile(args: CompileArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Writes `text` to stdout. A reader that went away (`perqc inspect ... | head`) is not
+/// an error: the output was simply not wanted past that point.
+fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing stdout"),
+        _ => Ok(()),
+    }
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it: `path` is either

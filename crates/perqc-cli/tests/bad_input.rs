@@ -580,3 +580,24 @@ fn output_through_a_dangling_symlink() {
             .is_symlink()
     );
 }
+
+/// A reader that stops early (`perqc print MODEL | head`) ends the output quietly: no
+/// panic, success.
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    // The textual IR of the fixture (about 90 KB) is more than a pipe buffers.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_perqc"))
+        .arg("print")
+        .arg(fixture("llama_ts.onnx"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

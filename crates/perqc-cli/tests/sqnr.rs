@@ -195,6 +195,8 @@ fn errors_name_what_is_missing() {
         !ok && err.contains("--sqnr-rows must be at least 1"),
         "{err}"
     );
+    let (ok, _, err) = perqc(&["inspect", &m, "--sqnr", "--verify"]);
+    assert!(!ok && err.contains("apply to the compile command"), "{err}");
     let (ok, _, err) = perqc(&["inspect", &m, "--sqnr", "--regions"]);
     assert!(!ok && err.contains("cannot be used with"), "{err}");
 }
