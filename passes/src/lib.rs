@@ -21,6 +21,7 @@ pub mod quantize;
 pub mod regions;
 pub mod rotate;
 pub mod smooth;
+pub mod smooth_train;
 pub mod tie_head;
 pub mod topo_sort;
 pub mod transform;
@@ -171,7 +172,7 @@ mod tests {
         permute             fold calibrated channel permutations into the weights (exact); options method=massdiff|zigzag|absmax|random|identity, seed=N, block=B, mlp=true, residual=false, heads=false
         quantize            quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, embed=false, skip=PAT|PAT, rounding=rtn|gptq, target=qdq|ort
         rotate              fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|none, signs=SEED, core=M
-        smooth              divide each mlp region's sink input by calibrated channel scales a^alpha / w^(1-alpha), folded into up_proj and down_proj (exact); method=search picks (alpha, statistic) per region by the down_proj's quantized error on sampled rows; options method=max|quantile|search, alpha=0.5, q=0.999, and for the error: permute=massdiff, block=32|full|none, wbits=4, abits=4|none
+        smooth              divide each mlp region's sink input by calibrated channel scales a^alpha / w^(1-alpha), folded into up_proj and down_proj (exact); method=search picks (alpha, statistic) per region by the down_proj's quantized error on sampled rows; train=STEPS refines log s by Adam (lr=0.01) with a straight-through estimator on half the sampled rows, within 8x of the start, keeping the scales best on the other half; options method=max|quantile|search, alpha=0.5, q=0.999, train=0, lr=0.01, and for the error: permute=massdiff, block=32|full|none, wbits=4, abits=4|none
         tie-head            let the LM head read the embedding table when its weight is M E^T for a small M (a tied embedding stored twice, or untied by the norm fold and residual rotation): Linear(x, M) then Linear(E, transB=1), the head's own table dropped (exact to f32 round-off)
         topo-sort           order every graph's nodes topologically (stable)
         ");

@@ -57,7 +57,7 @@ pub struct Probe {
 }
 
 /// Applies `op` along `axis` of a 2-d array (the mechanism's own primitive).
-fn apply(a: &Array2<f32>, op: &ChannelOp, axis: usize) -> Result<Array2<f32>, String> {
+pub(crate) fn apply(a: &Array2<f32>, op: &ChannelOp, axis: usize) -> Result<Array2<f32>, String> {
     let dims = vec![a.nrows() as i64, a.ncols() as i64];
     let t = Tensor::from_f32(dims, a.as_standard_layout().as_slice().expect("standard"));
     let out = op.apply(&t, axis)?.to_f32().map_err(|e| e.to_string())?;
@@ -108,6 +108,34 @@ impl Probe {
         Ok((xt, wt))
     }
 
+    /// `Q_a(x̃)`: each row quantized as a token (unchanged without an activation
+    /// quantizer).
+    pub fn quantize_rows(&self, xt: Array2<f32>) -> Array2<f32> {
+        let Some(a) = self.act else { return xt };
+        let mut xt = if xt.is_standard_layout() {
+            xt
+        } else {
+            xt.as_standard_layout().into_owned()
+        };
+        let width = xt.ncols();
+        fake_quantize_rows(xt.as_slice_mut().expect("standard"), width, a);
+        xt
+    }
+
+    /// `Q_w(W̃)` for `W̃` in ONNX layout (`[K, N]`), returned as rows of output channels
+    /// (`[N, K]`): the layout the weight quantizer works on, one scale per row.
+    pub fn quantize_weight(&self, wt: ArrayView2<f32>) -> Result<Array2<f32>, String> {
+        self.quantize_weight_rows(wt.t())
+    }
+
+    /// `Q_w(W̃)ᵀ` from `W̃ᵀ` (`[N, K]`, rows of output channels).
+    pub fn quantize_weight_rows(&self, rows: ArrayView2<f32>) -> Result<Array2<f32>, String> {
+        let rows = rows.as_standard_layout();
+        Ok(perqc_quant::quantize_rtn(rows.view(), &self.weights)
+            .map_err(|e| e.to_string())?
+            .dequantize())
+    }
+
     /// The layer's error on rows `x` with weight `w` after the chain `ops`; `reference` is
     /// `x W` when the caller has it (it does not depend on the chain).
     pub fn error(
@@ -126,17 +154,10 @@ impl Probe {
                 &owned
             }
         };
-        let (mut xt, wt) = Self::transform(x, w, ops)?;
-        if let Some(a) = self.act {
-            let width = xt.ncols();
-            fake_quantize_rows(xt.as_slice_mut().expect("standard"), width, a);
-        }
-        // The weight quantizer works on rows of output channels: `[N, K]`.
-        let rows = wt.t().as_standard_layout().into_owned();
-        let wq = perqc_quant::quantize_rtn(rows.view(), &self.weights)
-            .map_err(|e| e.to_string())?
-            .dequantize();
-        let yq = matmul_2d(xt.view(), wq.t(), threads);
+        let (xt, wt) = Self::transform(x, w, ops)?;
+        let xq = self.quantize_rows(xt);
+        let wq = self.quantize_weight(wt.view())?;
+        let yq = matmul_2d(xq.view(), wq.t(), threads);
         let sq = |v: f32| f64::from(v) * f64::from(v);
         Ok(LayerError {
             signal: y.iter().map(|&v| sq(v)).sum(),
@@ -147,6 +168,7 @@ impl Probe {
 
 /// One sink of a region as the probe sees it: sampled input rows `[R, dim]` and the weight
 /// `[dim, N]`, both in region channel order, and the float product.
+#[derive(Debug)]
 pub struct SinkSample {
     pub x: Array2<f32>,
     pub w: Array2<f32>,

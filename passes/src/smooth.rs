@@ -21,6 +21,12 @@
 //! online Hadamard) applied: [`crate::probe`]. With samples, every method reports that
 //! error before and after (the mean over regions of `E / ‖x W‖²`).
 //!
+//! `train=STEPS` then refines each region's scales by gradient descent on `log s` from the
+//! fixed or searched ones ([`crate::smooth_train`]): the probed error with a
+//! straight-through estimator, on half the sampled rows, keeping the scales best on the
+//! other half, and only if they are still better there with the permutation recomputed
+//! from them. The trained scales fold through the same [`smooth_region`].
+//!
 //! The statistics of the smoothed activations are divided by `s` in the `Calibration`
 //! resource (exact: every statistic kept is positively homogeneous), so a later `permute`
 //! chooses its blocks from what the online Hadamard will see.
@@ -32,6 +38,7 @@ use crate::permutation::{PermuteMethod, permutation_from};
 use crate::permute::{masses, sink_activations, sink_stats};
 use crate::probe::{LayerError, Probe, SinkSample, sink_samples};
 use crate::regions::{Region, RegionKind, Regions, TransformKind};
+use crate::smooth_train::{self, Trained, Training};
 use crate::transform::{self, ChannelOp, Placement};
 use perqc_ir::{Graph, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
 use std::fmt;
@@ -203,14 +210,23 @@ pub enum Mode {
 pub struct Smooth {
     mode: Mode,
     probing: Probing,
+    /// Gradient refinement of the scales (`steps` 0: none).
+    training: Training,
 }
 
 impl Smooth {
     pub const NAME: &'static str = "smooth";
-    pub const DESCRIPTION: &'static str = "divide each mlp region's sink input by calibrated channel scales a^alpha / w^(1-alpha), folded into up_proj and down_proj (exact); method=search picks (alpha, statistic) per region by the down_proj's quantized error on sampled rows; options method=max|quantile|search, alpha=0.5, q=0.999, and for the error: permute=massdiff, block=32|full|none, wbits=4, abits=4|none";
+    pub const DESCRIPTION: &'static str = "divide each mlp region's sink input by calibrated channel scales a^alpha / w^(1-alpha), folded into up_proj and down_proj (exact); method=search picks (alpha, statistic) per region by the down_proj's quantized error on sampled rows; train=STEPS refines log s by Adam (lr=0.01) with a straight-through estimator on half the sampled rows, within 8x of the start, keeping the scales best on the other half; options method=max|quantile|search, alpha=0.5, q=0.999, train=0, lr=0.01, and for the error: permute=massdiff, block=32|full|none, wbits=4, abits=4|none";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
-        opts.allow_only(&["method", "alpha", "q", "permute", "block", "wbits", "abits"])?;
+        Ok(Box::new(Smooth::parse(opts)?))
+    }
+
+    /// The pass the options describe.
+    pub fn parse(opts: &PassOptions) -> Result<Smooth, OptionError> {
+        opts.allow_only(&[
+            "method", "alpha", "q", "train", "lr", "permute", "block", "wbits", "abits",
+        ])?;
         let method = opts.choice_or("method", &["max", "quantile", "search"], "quantile")?;
         let invalid = |name: &str, expected: &str| OptionError::Invalid {
             pass: opts.pass().to_string(),
@@ -268,18 +284,36 @@ impl Smooth {
         };
         let wbits = bits("wbits")?.ok_or_else(|| invalid("wbits", "2..8"))?;
         let probe = Probe::w_int_a_int(wbits, bits("abits")?);
-        Ok(Box::new(Smooth {
+        let training = Training {
+            steps: opts.parse_or("train", "a number of steps (0: no training)", 0usize)?,
+            lr: number(
+                "lr",
+                "a learning rate in (0, 1]",
+                smooth_train::DEFAULT_LR,
+                |lr| lr > 0.0 && lr <= 1.0,
+            )?,
+        };
+        Ok(Smooth {
             mode,
             probing: Probing {
                 permute,
                 rotation,
                 probe,
             },
-        }))
+            training,
+        })
     }
 
+    /// A smoothing pass without training.
     pub fn new(mode: Mode, probing: Probing) -> Smooth {
-        Smooth { mode, probing }
+        Smooth {
+            mode,
+            probing,
+            training: Training {
+                steps: 0,
+                lr: smooth_train::DEFAULT_LR,
+            },
+        }
     }
 }
 
@@ -341,17 +375,16 @@ fn spread(a: &[f64]) -> f64 {
     v[v.len() - 1] / v[v.len() / 2]
 }
 
-/// The region's probed error with smoothing `s` (`None`: unsmoothed) and what follows it.
-fn probed_error(
+/// The orthogonal maps that follow smoothing `s` in the recipe: the permutation chosen
+/// from the statistics divided by `s` (what the permute pass will see), then the online
+/// Hadamard.
+fn after_smoothing(
     region: &Region,
     calib: &Calibration,
-    layers: &[SinkSample],
-    s: Option<&[f64]>,
+    s: &[f64],
     probing: &Probing,
-) -> Result<LayerError, String> {
-    let ones = vec![1.0; region.dim];
-    let s = s.unwrap_or(&ones);
-    let mut chain = vec![ChannelOp::Diagonal(s.iter().map(|v| 1.0 / v).collect())];
+) -> Result<Vec<ChannelOp>, String> {
+    let mut chain = Vec::new();
     let block = match probing.rotation {
         Rotation::Block(b) => Some(b),
         Rotation::Full => Some(region.dim),
@@ -372,23 +405,40 @@ fn probed_error(
         }
         chain.push(ChannelOp::hadamard(region.dim, b, None).map_err(|e| e.to_string())?);
     }
+    Ok(chain)
+}
+
+/// The region's probed error with smoothing `s` (`None`: unsmoothed) and what follows it.
+fn probed_error(
+    region: &Region,
+    calib: &Calibration,
+    layers: &[SinkSample],
+    s: Option<&[f64]>,
+    probing: &Probing,
+) -> Result<LayerError, String> {
+    let ones = vec![1.0; region.dim];
+    let s = s.unwrap_or(&ones);
+    let mut chain = vec![ChannelOp::Diagonal(s.iter().map(|v| 1.0 / v).collect())];
+    chain.extend(after_smoothing(region, calib, s, probing)?);
     probing.probe.region_error(layers, &chain)
 }
 
-/// Smooths one region by `smoothing`: returns the scales `s` (activations divided by them)
-/// and what the mechanism did. The region must admit positive scales.
+/// Smooths one region by the scales `s` (activations divided by them, all positive),
+/// folded by the mechanism; returns what it did.
 pub fn smooth_region(
     graph: &mut Graph,
     region: &Region,
-    calib: &Calibration,
-    smoothing: Smoothing,
-) -> Result<(Vec<f64>, transform::Applied), String> {
-    let a = activation_stat(region, calib, smoothing.statistic)?;
-    let w = weight_max(graph, region)?;
-    let s = smoothing.scales(&a, &w);
+    s: &[f64],
+) -> Result<transform::Applied, String> {
+    if s.len() != region.dim || s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+        return Err(format!(
+            "{} scales, not {} positive ones",
+            s.len(),
+            region.dim
+        ));
+    }
     let op = ChannelOp::Diagonal(s.iter().map(|v| 1.0 / v).collect());
-    let applied = transform::apply(graph, region, &op, Placement::Fold)?;
-    Ok((s, applied))
+    transform::apply(graph, region, &op, Placement::Fold)
 }
 
 /// `calib` with the statistics of `region`'s sink activations divided by `s` (region
@@ -411,20 +461,42 @@ fn divide_statistics(calib: &mut Calibration, region: &Region, s: &[f64]) -> Res
     Ok(())
 }
 
-/// A region's smoothing, its probed error before and after, and the search's grid.
-type Choice = (
-    Option<Smoothing>,
-    Option<(LayerError, LayerError)>,
-    Vec<(Option<Smoothing>, LayerError)>,
-);
+/// A region's decision before training.
+struct Choice {
+    smoothing: Option<Smoothing>,
+    /// Its scales (ones without smoothing).
+    scales: Vec<f64>,
+    /// The probed error unsmoothed and with the choice (when rows were sampled).
+    errors: Option<(LayerError, LayerError)>,
+    /// The search's candidates with their probed errors.
+    grid: Vec<(Option<Smoothing>, LayerError)>,
+}
+
+/// What training did to one region.
+#[derive(Clone, Debug)]
+pub struct TrainReport {
+    /// The run, the permutation of the starting scales held fixed.
+    pub run: Trained,
+    /// With the permutation recomputed from the scales (as the permute pass will): the
+    /// held-out rows' error at the starting scales and at the trained ones.
+    pub held_out: (LayerError, LayerError),
+    /// The same on all sampled rows, at the starting scales and at the scales folded.
+    pub all_rows: (LayerError, LayerError),
+    /// Whether the trained scales replaced the starting ones (their held-out error above
+    /// is lower).
+    pub kept: bool,
+}
 
 /// What the pass decided for one region.
 #[derive(Clone, Debug)]
 pub struct RegionChoice {
     /// Index among the model's regions.
     pub region: usize,
+    /// The fixed or searched smoothing (before training).
     pub smoothing: Option<Smoothing>,
-    /// The probed error unsmoothed and with the choice (when rows were sampled).
+    /// Whether scales were folded (the smoothing's, or trained ones).
+    pub smoothed: bool,
+    /// The probed error unsmoothed and with the scales folded (when rows were sampled).
     pub before: Option<LayerError>,
     pub after: Option<LayerError>,
     /// The largest channel's statistic over the median channel's, before and after.
@@ -433,29 +505,39 @@ pub struct RegionChoice {
     pub applied: transform::Applied,
     /// The search's candidates with their probed errors (empty for a fixed smoothing).
     pub grid: Vec<(Option<Smoothing>, LayerError)>,
+    /// The refinement by training, when asked for.
+    pub training: Option<TrainReport>,
 }
 
 impl Smooth {
     /// Decides one region: the fixed smoothing, or the search's best candidate. Errors of
-    /// the probe are reported when rows were sampled (required by the search).
+    /// the probe are reported when rows were sampled (`layers`; required by the search).
     fn choose(
         &self,
         graph: &Graph,
         region: &Region,
         calib: &Calibration,
+        layers: Result<&[SinkSample], &str>,
     ) -> Result<Choice, String> {
-        let layers = sink_samples(graph, region, calib);
         let w = weight_max(graph, region)?;
         let scales = |c: &Smoothing| -> Result<Vec<f64>, String> {
             Ok(c.scales(&activation_stat(region, calib, c.statistic)?, &w))
         };
+        let fixed = |sm: Smoothing, errors| -> Result<Choice, String> {
+            Ok(Choice {
+                smoothing: Some(sm),
+                scales: scales(&sm)?,
+                errors,
+                grid: Vec::new(),
+            })
+        };
         match (self.mode, layers) {
-            (Mode::Fixed(sm), Err(_)) => Ok((Some(sm), None, Vec::new())),
+            (Mode::Fixed(sm), Err(_)) => fixed(sm, None),
             (Mode::Fixed(sm), Ok(layers)) => {
-                let before = probed_error(region, calib, &layers, None, &self.probing)?;
+                let before = probed_error(region, calib, layers, None, &self.probing)?;
                 let after =
-                    probed_error(region, calib, &layers, Some(&scales(&sm)?), &self.probing)?;
-                Ok((Some(sm), Some((before, after)), Vec::new()))
+                    probed_error(region, calib, layers, Some(&scales(&sm)?), &self.probing)?;
+                fixed(sm, Some((before, after)))
             }
             (Mode::Search, Err(why)) => Err(format!(
                 "the search needs sampled calibration rows: {why} (calibrate with sample_every)"
@@ -464,16 +546,77 @@ impl Smooth {
                 let mut grid = Vec::new();
                 for c in search_candidates() {
                     let s = c.as_ref().map(&scales).transpose()?;
-                    let e = probed_error(region, calib, &layers, s.as_deref(), &self.probing)?;
+                    let e = probed_error(region, calib, layers, s.as_deref(), &self.probing)?;
                     grid.push((c, e));
                 }
                 // The least error; the first candidate (no smoothing) on ties.
                 let best = grid
                     .iter()
                     .fold(&grid[0], |b, c| if c.1.error < b.1.error { c } else { b });
-                Ok((best.0, Some((grid[0].1, best.1)), grid))
+                let (smoothing, errors) = (best.0, Some((grid[0].1, best.1)));
+                let scales = match smoothing {
+                    Some(sm) => scales(&sm)?,
+                    None => vec![1.0; region.dim],
+                };
+                Ok(Choice {
+                    smoothing,
+                    scales,
+                    errors,
+                    grid,
+                })
             }
         }
+    }
+
+    /// The scales to fold: the choice's, or (with training) the trained ones when they
+    /// lower the held-out error with the permutation recomputed from them.
+    fn refine(
+        &self,
+        region: &Region,
+        calib: &Calibration,
+        layers: Result<&[SinkSample], &str>,
+        choice: &Choice,
+    ) -> Result<(Vec<f64>, Option<TrainReport>), String> {
+        let s0 = &choice.scales;
+        if self.training.steps == 0 {
+            return Ok((s0.clone(), None));
+        }
+        let layers = layers.map_err(|why| {
+            format!("training needs sampled calibration rows: {why} (calibrate with sample_every)")
+        })?;
+        // R: the permutation from the statistics divided by s0, then the Hadamard, fixed
+        // while log s moves.
+        let orth = after_smoothing(region, calib, s0, &self.probing)?;
+        let (train, held) = smooth_train::split_rows(layers)?;
+        let run =
+            smooth_train::train(&train, &held, s0, &orth, &self.probing.probe, self.training)?;
+        // The permute pass recomputes the permutation from the statistics divided by the
+        // final scales: the trained ones must win with that permutation too.
+        let err = |rows: &[SinkSample], s: &[f64]| {
+            probed_error(region, calib, rows, Some(s), &self.probing)
+        };
+        let h0 = err(&held, s0)?;
+        let h1 = if run.step > 0 {
+            err(&held, &run.scales)?
+        } else {
+            h0
+        };
+        let kept = h1.error < h0.error;
+        let s = if kept { run.scales.clone() } else { s0.clone() };
+        let a0 = match choice.errors {
+            Some((_, a)) => a,
+            None => err(layers, s0)?,
+        };
+        let a1 = if kept { err(layers, &s)? } else { a0 };
+        Ok((
+            s,
+            Some(TrainReport {
+                run,
+                held_out: (h0, h1),
+                all_rows: (a0, a1),
+                kept,
+            }),
+        ))
     }
 
     /// The pass's work, returning each region's choice.
@@ -503,31 +646,42 @@ impl Smooth {
                 break;
             }
             let fail = |e: String| PassError::msg(format!("smooth: {what}: {e}"));
-            let (smoothing, errors, grid) = match self.choose(&model.graph, region, &calib) {
-                Ok(c) => c,
+            let layers = sink_samples(&model.graph, region, &calib);
+            let layers = layers.as_deref().map_err(String::as_str);
+            let decided = self
+                .choose(&model.graph, region, &calib, layers)
+                .and_then(|c| Ok((self.refine(region, &calib, layers, &c)?, c)));
+            let ((s, training), choice) = match decided {
+                Ok(d) => d,
                 Err(e) => {
                     ctx.provide(calib);
                     return Err(fail(e));
                 }
             };
+            let smoothed = choice.smoothing.is_some() || training.as_ref().is_some_and(|t| t.kept);
             let (mut spread_, mut applied) = (None, transform::Applied::default());
-            if let Some(sm) = smoothing {
-                let a = activation_stat(region, &calib, sm.statistic).map_err(fail)?;
-                let (s, done) =
-                    smooth_region(&mut model.graph, region, &calib, sm).map_err(fail)?;
+            if smoothed {
+                let statistic = choice.smoothing.map_or(Statistic::Max, |sm| sm.statistic);
+                let a = activation_stat(region, &calib, statistic).map_err(fail)?;
+                applied = smooth_region(&mut model.graph, region, &s).map_err(fail)?;
                 let after: Vec<f64> = a.iter().zip(&s).map(|(a, s)| a / s).collect();
                 spread_ = Some((spread(&a), spread(&after)));
-                applied = done;
                 divide_statistics(&mut calib, region, &s).map_err(fail)?;
             }
+            let after = match &training {
+                Some(t) => Some(t.all_rows.1),
+                None => choice.errors.map(|e| e.1),
+            };
             out.push(RegionChoice {
                 region: i,
-                smoothing,
-                before: errors.map(|e| e.0),
-                after: errors.map(|e| e.1),
+                smoothing: choice.smoothing,
+                smoothed,
+                before: choice.errors.map(|e| e.0),
+                after,
                 spread: spread_,
                 applied,
-                grid,
+                grid: choice.grid,
+                training,
             });
         }
         // What only smoothing reads (the |x| histograms, the sampled rows) is not carried
@@ -544,8 +698,9 @@ impl Smooth {
     }
 }
 
-/// The pass's notes: the channel spread or the probed error, and the search's choices.
-fn notes(mode: Mode, choices: &[RegionChoice]) -> Vec<String> {
+/// The pass's notes: the channel spread or the probed error, the search's choices, and
+/// what training did.
+fn notes(mode: Mode, training: Training, choices: &[RegionChoice]) -> Vec<String> {
     let mut notes = Vec::new();
     let what = match mode {
         Mode::Fixed(s) => s.to_string(),
@@ -581,6 +736,7 @@ fn notes(mode: Mode, choices: &[RegionChoice]) -> Vec<String> {
             100.0 * (a / b - 1.0)
         ));
     }
+    notes.extend(training_notes(training, choices));
     if mode == Mode::Search {
         let mut counts: Vec<(String, usize)> = Vec::new();
         for c in choices {
@@ -651,6 +807,43 @@ fn notes(mode: Mode, choices: &[RegionChoice]) -> Vec<String> {
     notes
 }
 
+/// `a -> b (+x%)` for mean relative errors.
+fn change(a: f64, b: f64) -> String {
+    format!("{a:.5} -> {b:.5} ({:+.1}%)", 100.0 * (b / a - 1.0))
+}
+
+/// Training's notes: the mean relative probed errors before and after, on the train and
+/// the held-out rows with the starting permutation held, then with the permutation
+/// recomputed from the trained scales; how many regions kept them.
+fn training_notes(training: Training, choices: &[RegionChoice]) -> Vec<String> {
+    let reports: Vec<&TrainReport> = choices.iter().filter_map(|c| c.training.as_ref()).collect();
+    if reports.is_empty() {
+        return Vec::new();
+    }
+    let n = reports.len();
+    let mean = |f: &dyn Fn(&TrainReport) -> LayerError| {
+        reports.iter().map(|r| f(r).relative()).sum::<f64>() / n as f64
+    };
+    let kept = reports.iter().filter(|r| r.kept).count();
+    let mut steps: Vec<usize> = reports.iter().map(|r| r.run.step).collect();
+    steps.sort_unstable();
+    vec![
+        format!(
+            "train ({} steps, lr {}): down_proj quantized error (mean E / |xW|^2 over {n} regions, the permutation of the starting scales held): train rows {}, held-out rows {}",
+            training.steps,
+            training.lr,
+            change(mean(&|r| r.run.train.0), mean(&|r| r.run.train.1)),
+            change(mean(&|r| r.run.held_out.0), mean(&|r| r.run.held_out.1)),
+        ),
+        format!(
+            "train: with the permutation recomputed from the scales: held-out rows at the trained scales {}, all rows at the scales folded {}; trained scales kept in {kept} of {n} regions (median best step {})",
+            change(mean(&|r| r.held_out.0), mean(&|r| r.held_out.1)),
+            change(mean(&|r| r.all_rows.0), mean(&|r| r.all_rows.1)),
+            steps[n / 2]
+        ),
+    ]
+}
+
 impl Pass for Smooth {
     fn name(&self) -> &'static str {
         Self::NAME
@@ -665,11 +858,11 @@ impl Pass for Smooth {
             return Ok(PassOutcome::from_changed(false));
         }
         let choices = self.run_regions(model, ctx)?;
-        let smoothed = choices.iter().filter(|c| c.smoothing.is_some()).count() as u64;
+        let smoothed = choices.iter().filter(|c| c.smoothed).count() as u64;
         if smoothed > 0 {
             transform::record_applied(model, Self::NAME);
         }
-        for n in notes(self.mode, &choices) {
+        for n in notes(self.mode, self.training, &choices) {
             ctx.note(n);
         }
         let mut total = transform::Applied::default();
@@ -696,6 +889,67 @@ mod tests {
         assert_eq!(got, [2.0, 1.0, 1.5, 1.0]);
         let all_act = Smoothing { alpha: 1.0, ..s };
         assert_eq!(all_act.scales(&[4.0], &[7.0]), [4.0]);
+    }
+
+    /// `train` and `lr` parse into the pass; bad values are errors naming the option.
+    #[test]
+    fn training_options_parse_and_fail_clearly() {
+        let r = crate::registry();
+        let build = |spec: &str| r.build(spec).map(|_| ()).map_err(|e| e.to_string());
+        assert!(build("smooth(method=search,train=100,lr=0.02)").is_ok());
+        assert!(build("smooth(train=0)").is_ok());
+        for (spec, want) in [
+            (
+                "smooth(train=-1)",
+                "option `train`: `-1` is not a number of steps",
+            ),
+            (
+                "smooth(train=many)",
+                "option `train`: `many` is not a number of steps",
+            ),
+            (
+                "smooth(lr=0)",
+                "option `lr`: `0` is not a learning rate in (0, 1]",
+            ),
+            (
+                "smooth(lr=2)",
+                "option `lr`: `2` is not a learning rate in (0, 1]",
+            ),
+            (
+                "smooth(lr=NaN)",
+                "option `lr`: `NaN` is not a learning rate",
+            ),
+            (
+                "smooth(steps=3)",
+                "valid options: method, alpha, q, train, lr",
+            ),
+        ] {
+            let e = build(spec).unwrap_err();
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+        let parse = |kv: &[(&str, &str)]| {
+            let kv = kv
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Smooth::parse(&PassOptions::new("smooth", kv))
+                .unwrap()
+                .training
+        };
+        assert_eq!(
+            parse(&[("train", "100"), ("lr", "0.02")]),
+            Training {
+                steps: 100,
+                lr: 0.02
+            }
+        );
+        assert_eq!(
+            parse(&[]),
+            Training {
+                steps: 0,
+                lr: smooth_train::DEFAULT_LR
+            }
+        );
     }
 
     #[test]

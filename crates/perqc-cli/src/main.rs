@@ -202,9 +202,12 @@ fn compile(args: CompileArgs) -> Result<()> {
     if !recipe
         && (args.recipe.verify
             || args.recipe.calib.given()
-            || args.recipe.smooth != recipe::Smooth::None)
+            || args.recipe.smooth != recipe::Smooth::None
+            || args.recipe.smooth_train > 0)
     {
-        bail!("--verify, --smooth and calibration data apply to the recipe: leave out --passes");
+        bail!(
+            "--verify, --smooth, --smooth-train and calibration data apply to the recipe: leave out --passes"
+        );
     }
     if quantize && args.recipe.verify {
         bail!(

@@ -44,6 +44,13 @@ pub struct RecipeArgs {
     /// calibration data.
     #[arg(long, value_name = "SPEC", default_value = "none", value_parser = parse_smooth)]
     pub smooth: Smooth,
+    /// Refine each layer's --smooth scales by STEPS steps of gradient descent on log s
+    /// (Adam, the quantizers' rounding passed straight through, each scale within 8x of
+    /// where --smooth put it) on the down_proj's quantized error over half the sampled
+    /// calibration rows, keeping the scales with the least error on the other half; 0: off.
+    /// Needs --smooth.
+    #[arg(long, value_name = "STEPS", default_value_t = 0)]
+    pub smooth_train: usize,
     /// Block concentration-alignment transform (CAT) of each down_proj input: block(k=K)
     /// computes M = (S_x^-1 # S_w)^1/2 per K x K block from the input's second moments
     /// (calibrated again after the permutation and rotations) and runs M, then the online
@@ -196,8 +203,12 @@ impl RecipeArgs {
             let (wbits, abits) =
                 quant.map_or((4, Some(4)), |q| (q.weights.bits, q.act.map(|a| a.bits)));
             let abits = abits.map_or("none".to_string(), |b| b.to_string());
+            let train = match self.smooth_train {
+                0 => String::new(),
+                n => format!(",train={n}"),
+            };
             passes.push(format!(
-                "{method},permute={permute},block={block},wbits={wbits},abits={abits})"
+                "{method}{train},permute={permute},block={block},wbits={wbits},abits={abits})"
             ));
         }
         let b = match self.block_size {
@@ -349,8 +360,14 @@ impl RecipeArgs {
         matches!(self.block_size, Block::Size(_)) && self.permute.uses_statistics()
     }
 
-    /// Refuses a recipe that cannot run: smoothing without calibration data.
+    /// Refuses a recipe that cannot run: smoothing without calibration data, training
+    /// without smoothing.
     pub fn check(&self, layerwise: bool) -> Result<()> {
+        if self.smooth_train > 0 && self.smooth == Smooth::None {
+            bail!(
+                "--smooth-train refines the smoothing's scales: give --smooth (max, quantile or search) with it"
+            );
+        }
         if self.smooth != Smooth::None && !self.calib.given() {
             bail!(
                 "--smooth needs calibration data (--calib-text with --tokenizer, or --calib-ids)"

@@ -143,9 +143,10 @@ fn without_calibration_the_permutation_is_skipped_with_a_note() {
     assert!(ok && err.contains("permute(method=random"), "{err}");
 }
 
-/// `--smooth` (max and quantile) before the PeRQ transforms and before full rotation: the
-/// native `--verify` and ONNX Runtime (a conformance case against the original fixture)
-/// both see the original outputs; the gated mlps are smoothed through up_proj.
+/// `--smooth` (max and quantile, searched, trained) before the PeRQ transforms and before
+/// full rotation: the native `--verify` and ONNX Runtime (a conformance case against the
+/// original fixture) both see the original outputs; the gated mlps are smoothed through
+/// up_proj.
 #[test]
 fn smoothing_is_exact() {
     let calib = [
@@ -159,11 +160,13 @@ fn smoothing_is_exact() {
         "64".into(),
     ];
     for model in ["llama_ts.onnx", "llama_dynamo.onnx", "gemma_like.onnx"] {
-        for (tag, spec, block) in [
-            ("max", "max(alpha=0.5)", "32"),
-            ("quantile", "quantile(q=0.99,alpha=0.6)", "32"),
-            ("quantile_full", "quantile", "full"),
-            ("search", "search", "16"),
+        for (tag, spec, block, train) in [
+            ("max", "max(alpha=0.5)", "32", "0"),
+            ("quantile", "quantile(q=0.99,alpha=0.6)", "32", "0"),
+            ("quantile_full", "quantile", "full", "0"),
+            ("search", "search", "16", "0"),
+            ("quantile_train", "quantile", "32", "40"),
+            ("search_train_full", "search", "full", "20"),
         ] {
             let stem = model.trim_end_matches(".onnx");
             let dir = scratch("recipe", &format!("smooth_{stem}_{tag}"));
@@ -177,6 +180,8 @@ fn smoothing_is_exact() {
                 spec.into(),
                 "--block-size".into(),
                 block.into(),
+                "--smooth-train".into(),
+                train.into(),
                 "--verify".into(),
             ];
             args.extend(calib.iter().cloned());
@@ -205,6 +210,25 @@ fn smoothing_is_exact() {
             if tag == "search" {
                 assert!(err.contains("search chose:"), "{err}");
                 assert!(err.contains("search grid alpha=0.5: q=0.95"), "{err}");
+            }
+            // Training runs in the pass and reports its errors; the held-out rows' error
+            // never rises (the scales kept are never worse there).
+            if train != "0" {
+                assert!(err.contains(&format!("train={train}")), "{err}");
+                let line = err
+                    .lines()
+                    .find(|l| l.contains(&format!("train ({train} steps, lr 0.01)")))
+                    .unwrap_or_else(|| panic!("{model} {tag}: no training note in\n{err}"));
+                let held = line.split("held-out rows ").nth(1).expect("held-out");
+                let pct: f64 = held
+                    .rsplit('(')
+                    .next()
+                    .and_then(|p| p.trim_end_matches("%)").parse().ok())
+                    .unwrap_or_else(|| panic!("{line}"));
+                assert!(pct <= 0.0, "{model} {tag}: {line}");
+                assert!(err.contains("trained scales kept in"), "{err}");
+            } else {
+                assert!(!err.contains("train ("), "{err}");
             }
             close_case(&format!("smooth_{stem}_{tag}"), &fixture(model), &out, 1e-4);
         }
@@ -313,6 +337,20 @@ fn recipe_errors_say_what_to_change() {
         assert!(!ok && err.contains(want), "{spec}: {err}");
     }
     assert!(!out.exists(), "no output on failure");
+    // Training refines a smoothing: alone it is refused, naming both flags.
+    let (ok, err) = perqc(&[&m, "-o", &s(&out), "--no-quantize", "--smooth-train", "10"]);
+    assert!(
+        !ok && err.contains("--smooth-train refines the smoothing's scales: give --smooth"),
+        "{err}"
+    );
+    let (ok, err) = perqc(&[&m, "-o", &s(&out), "--smooth", "max", "--smooth-train", "x"]);
+    assert!(!ok && err.contains("--smooth-train"), "{err}");
+    let (ok, err) = perqc(&[&m, "-o", &s(&out), "--passes", "dce", "--smooth-train", "3"]);
+    assert!(!ok && err.contains("leave out --passes"), "{err}");
+    // Zero steps is off, with or without --smooth.
+    let (ok, err) = perqc(&[&m, "-o", &s(&out), "--no-quantize", "--smooth-train", "0"]);
+    assert!(ok, "{err}");
+    std::fs::remove_file(&out).unwrap();
     let (ok, err) = perqc(&[&m, "-o", &s(&out), "--cat", "block(k=0)"]);
     assert!(!ok && err.contains("not a CAT spec"), "{err}");
     let (ok, err) = perqc(&[&m, "-o", &s(&out), "--no-quantize", "--cat", "block"]);

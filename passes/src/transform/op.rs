@@ -263,6 +263,38 @@ impl ChannelOp {
         })
     }
 
+    /// `Tᵀ`: the adjoint, what a gradient through `T` takes (`⟨T x, y⟩ = ⟨x, Tᵀ y⟩`). For
+    /// an orthogonal map it is `T⁻¹`. An unsigned Hadamard stays structured:
+    /// `(H_m ⊗ S_s)ᵀ = H_mᵀ ⊗ S_s` (Sylvester matrices are symmetric), the core
+    /// transposed; with signs, `diag(signs)` would come last, so the block is dense.
+    pub fn transpose(&self) -> ChannelOp {
+        match self {
+            // (P x)[i] = x[p[i]]: P[i, p[i]] = 1, so Pᵀ puts x[i] at p[i].
+            ChannelOp::Permutation(p) => {
+                let mut q = vec![0; p.len()];
+                for (i, &j) in p.iter().enumerate() {
+                    q[j] = i;
+                }
+                ChannelOp::Permutation(q)
+            }
+            ChannelOp::Diagonal(d) => ChannelOp::Diagonal(d.clone()),
+            ChannelOp::Blocks { size, blocks } => ChannelOp::Blocks {
+                size: *size,
+                blocks: blocks.iter().map(|b| transpose(b, *size)).collect(),
+            },
+            ChannelOp::Hadamard(h) if h.signs.is_none() => {
+                let m = h.m;
+                ChannelOp::Hadamard(HadamardBlocks {
+                    core: (0..m * m).map(|k| h.core[(k % m) * m + k / m]).collect(),
+                    ..h.clone()
+                })
+            }
+            ChannelOp::Hadamard(h) => {
+                ChannelOp::repeated(transpose(&h.dense_block(), h.order()), h.order(), h.count)
+            }
+        }
+    }
+
     /// The map on an endpoint whose index `i` along its axis is region channel
     /// `channels[i]`. Indices may repeat channels (a query head reads its key/value head's):
     /// the endpoint is cut into runs of consecutive channels, and each run must take
@@ -1180,6 +1212,40 @@ mod tests {
         }
         assert!(op.localize(&[0, 1, 2, 3, 4, 5]).is_err());
         assert!(op.localize(&[2, 3, 4, 5]).is_err());
+    }
+
+    /// `transpose` is the dense transpose for every kind of map (Hadamard orders whose core
+    /// is not symmetric, with and without signs), and applying it undoes an orthogonal map.
+    #[test]
+    fn transpose_is_the_dense_transpose() {
+        let mut ops = vec![
+            ChannelOp::Permutation(vec![2, 0, 3, 1, 5, 4]),
+            ChannelOp::Diagonal(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            ChannelOp::Blocks {
+                size: 3,
+                blocks: vec![(0..9).map(f64::from).collect(), vec![1.0; 9]],
+            },
+        ];
+        for (order, signs) in [(12, None), (12, Some(3)), (24, None), (576, None)] {
+            ops.push(ChannelOp::hadamard(2 * order, order, signs).unwrap());
+        }
+        for op in &ops {
+            let n = op.dim();
+            let t = op.transpose();
+            assert_eq!(t.dim(), n);
+            assert_eq!(dense(&t), transpose(&dense(op), n), "{op:?}");
+            if op.is_orthogonal(1e-12) {
+                let x = seeded(3 * n, 5);
+                let a = Tensor::from_slice(vec![3, n as i64], &x);
+                let back = t.apply(&op.apply(&a, 1).unwrap(), 1).unwrap();
+                for (got, want) in back.to_f32().unwrap().iter().zip(&x) {
+                    assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0));
+                }
+            }
+        }
+        // The 12-core is not symmetric: its transpose is a different structured map.
+        let h = ChannelOp::hadamard(12, 12, None).unwrap();
+        assert!(matches!(h.transpose(), ChannelOp::Hadamard(_)) && h.transpose() != h);
     }
 
     /// Every float type goes through f64 and is rounded once to itself.
