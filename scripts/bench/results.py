@@ -55,6 +55,11 @@ ROWS = [
     (f"W4A4 GPTQ + clip, b = 32, MassDiff, {what} smoothing", ["--smooth", spec], "")
     for what, spec in (("max", "max"), ("quantile", "quantile"), ("searched", "search"))
 ] + [
+    (f"W4A4 {rounding}, b = 32, MassDiff, {what} smoothing + 100 training steps",
+     ["--smooth", spec, "--smooth-train", "100"] + extra, "")
+    for rounding, extra in (("RTN", RTN), ("GPTQ + clip", []))
+    for what, spec in (("quantile", "quantile"), ("searched", "search"))
+] + [
     (f"W4A4 {rounding}, b = 32, {what}", args + extra, "")
     for rounding, extra in (("RTN", RTN), ("GPTQ + clip", []))
     for what, args in (
