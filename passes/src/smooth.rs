@@ -41,6 +41,7 @@ use crate::regions::{Region, RegionKind, Regions, TransformKind};
 use crate::smooth_train::{self, Trained, Training};
 use crate::transform::{self, ChannelOp, Placement};
 use perqc_ir::{Graph, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
+use rayon::prelude::*;
 use std::fmt;
 
 /// Which statistic of `|x_j|` sets the scale.
@@ -632,25 +633,41 @@ impl Smooth {
                 "smooth: needs calibration statistics (--calib-text with --tokenizer, or --calib-ids)",
             ));
         };
-        let mut out = Vec::new();
+        // Which regions are smoothed, in order (the rewrite budget is spent here)...
+        let mut todo = Vec::new();
         for (i, region) in regions.regions.iter().enumerate() {
             if region.kind != RegionKind::Mlp {
                 continue;
             }
-            let what = format!("region #{i} (mlp, d = {})", region.dim);
             if let Some(why) = region.why_not(TransformKind::Scale) {
-                ctx.note(format!("{what}: not smoothed: {why}"));
+                ctx.note(format!(
+                    "region #{i} (mlp, d = {}): not smoothed: {why}",
+                    region.dim
+                ));
                 continue;
             }
             if !ctx.rewrite() {
                 break;
             }
+            todo.push(i);
+        }
+        // ...then each region's scales, regions in parallel: a region's choice reads only
+        // its own sinks' rows and weights, which no other region's smoothing changes.
+        let decisions: Vec<_> = todo
+            .par_iter()
+            .map(|&i| {
+                let region = &regions.regions[i];
+                let layers = sink_samples(&model.graph, region, &calib);
+                let layers = layers.as_deref().map_err(String::as_str);
+                self.choose(&model.graph, region, &calib, layers)
+                    .and_then(|c| Ok((self.refine(region, &calib, layers, &c)?, c)))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (&i, decided) in todo.iter().zip(decisions) {
+            let region = &regions.regions[i];
+            let what = format!("region #{i} (mlp, d = {})", region.dim);
             let fail = |e: String| PassError::msg(format!("smooth: {what}: {e}"));
-            let layers = sink_samples(&model.graph, region, &calib);
-            let layers = layers.as_deref().map_err(String::as_str);
-            let decided = self
-                .choose(&model.graph, region, &calib, layers)
-                .and_then(|c| Ok((self.refine(region, &calib, layers, &c)?, c)));
             let ((s, training), choice) = match decided {
                 Ok(d) => d,
                 Err(e) => {
