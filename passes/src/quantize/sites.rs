@@ -26,8 +26,25 @@ pub struct Site {
     pub head: bool,
 }
 
-/// Every canonical linear with a constant 2-d f32 weight, in node order.
+/// Every canonical linear with a constant 2-d f32 weight, in node order. A square map whose
+/// result only heads read (the map `tie-head` puts in front of a tied head) counts as part
+/// of the head: quantizing it would quantize the head's input.
 pub fn linears(graph: &Graph) -> Vec<Site> {
+    let mut sites = all_linears(graph);
+    let head_nodes: Vec<NodeId> = sites.iter().filter(|s| s.head).map(|s| s.node).collect();
+    for s in sites.iter_mut().filter(|s| !s.head && s.k == s.n) {
+        let Some(out) = graph.node(s.node).output(0) else {
+            continue;
+        };
+        let uses = graph.value(out).uses();
+        if !uses.is_empty() && uses.iter().all(|u| head_nodes.contains(&u.node)) {
+            s.head = true;
+        }
+    }
+    sites
+}
+
+fn all_linears(graph: &Graph) -> Vec<Site> {
     let free = reaches_output_without_linear(graph);
     graph
         .node_order()
