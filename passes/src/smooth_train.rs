@@ -538,8 +538,6 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use perqc_ops::quant::TokenQuant;
-    use perqc_quant::{Format, Granularity, QuantSpec, ScaleSearch};
 
     /// A seeded uniform generator in [-0.5, 0.5).
     fn uniform(seed: u64) -> impl FnMut() -> f32 {
@@ -571,21 +569,7 @@ mod tests {
     }
 
     fn w4a4() -> Probe {
-        Probe {
-            weights: QuantSpec {
-                bits: 4,
-                signed: true,
-                symmetric: true,
-                granularity: Granularity::Channel,
-                format: Format::Int,
-                scale: ScaleSearch::Mse,
-            },
-            act: Some(TokenQuant {
-                bits: 4,
-                symmetric: false,
-                clip: 1.0,
-            }),
-        }
+        Probe::w_int_a_int(4, Some(4))
     }
 
     /// The orthogonal part the recipe puts after smoothing: a permutation, then a block

@@ -22,6 +22,20 @@ fn s(p: &std::path::Path) -> String {
     p.display().to_string()
 }
 
+/// Calibration on the fixture text: `seqs` windows of `len` tokens.
+fn calib_args(seqs: usize, len: usize) -> Vec<String> {
+    vec![
+        "--calib-text".into(),
+        s(&fixture("tiny_text.txt")),
+        "--tokenizer".into(),
+        s(&fixture("tiny_tokenizer.json")),
+        "--calib-seqs".into(),
+        seqs.to_string(),
+        "--calib-len".into(),
+        len.to_string(),
+    ]
+}
+
 #[test]
 fn calibrated_recipe_verifies_and_writes_a_model() {
     let dir = scratch("recipe", "calibrated");
@@ -66,16 +80,7 @@ fn calibrated_recipe_verifies_and_writes_a_model() {
 /// the Gemma-like decoder. Quantized (W4A4 keeps the head float), it is tied too.
 #[test]
 fn the_head_reads_the_embedding_table_again() {
-    let calib = [
-        "--calib-text".to_string(),
-        s(&fixture("tiny_text.txt")),
-        "--tokenizer".into(),
-        s(&fixture("tiny_tokenizer.json")),
-        "--calib-seqs".into(),
-        "2".into(),
-        "--calib-len".into(),
-        "32".into(),
-    ];
+    let calib = calib_args(2, 32);
     for model in ["llama_ts.onnx", "llama_dynamo.onnx", "gemma_like.onnx"] {
         let dir = scratch("recipe", &format!("tie_{model}"));
         for quantize in [false, true] {
@@ -161,16 +166,7 @@ fn without_calibration_the_permutation_is_skipped_with_a_note() {
 /// up_proj.
 #[test]
 fn smoothing_is_exact() {
-    let calib = [
-        "--calib-text".to_string(),
-        s(&fixture("tiny_text.txt")),
-        "--tokenizer".into(),
-        s(&fixture("tiny_tokenizer.json")),
-        "--calib-seqs".into(),
-        "3".into(),
-        "--calib-len".into(),
-        "64".into(),
-    ];
+    let calib = calib_args(3, 64);
     for model in ["llama_ts.onnx", "llama_dynamo.onnx", "gemma_like.onnx"] {
         for (tag, spec, block, train) in [
             ("max", "max(alpha=0.5)", "32", "0"),
