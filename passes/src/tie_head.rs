@@ -190,6 +190,9 @@ impl Pass for TieHead {
                     Array2::from_shape_vec((table.rows, table.cols), t.to_f32().ok()?).ok()
                 }),
             ) else {
+                ctx.note(format!(
+                    "{label}: not tied: its weight or the table is not readable as f32"
+                ));
                 continue;
             };
             match solve_map(h.view(), e.view()) {

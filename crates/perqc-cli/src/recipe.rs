@@ -131,6 +131,16 @@ fn parse_cat(s: &str) -> Result<CatSpec, String> {
 /// this many, evenly over the calibration tokens.
 const PROBE_ROWS: usize = 256;
 
+/// The values the mlp regions' sinks read (the down_proj inputs), in node order.
+fn mlp_sink_values(model: &Model) -> Result<Vec<String>> {
+    let shapes = perqc_ops::infer_model(model).context("shape inference")?;
+    let regions = Regions::find(model, &shapes);
+    Ok(perqc_passes::permute::calibration_values(
+        &regions,
+        &[RegionKind::Mlp],
+    ))
+}
+
 /// Mlp regions per stage of the CAT calibration (SmolLM2: 6 stages of 5 layers).
 const CAT_STAGE_REGIONS: usize = 5;
 
@@ -310,13 +320,10 @@ impl RecipeArgs {
         };
         // The first stage rewrote the weights (owned now, not mapped): a session over the
         // whole model would hold a second copy, so the windows run a few regions at a time.
-        let shapes = perqc_ops::infer_model(model).context("shape inference")?;
-        let regions = Regions::find(model, &shapes);
-        let watch: Vec<(String, StatsOptions)> =
-            perqc_passes::permute::calibration_values(&regions, &[RegionKind::Mlp])
-                .into_iter()
-                .map(|n| (n, opts.clone()))
-                .collect();
+        let watch: Vec<(String, StatsOptions)> = mlp_sink_values(model)?
+            .into_iter()
+            .map(|n| (n, opts.clone()))
+            .collect();
         if watch.is_empty() {
             return Ok(None);
         }
@@ -337,9 +344,7 @@ impl RecipeArgs {
         opts: StatsOptions,
         release: &dyn Fn(&perqc_ir::Tensor),
     ) -> Result<Option<Calibration>> {
-        let shapes = perqc_ops::infer_model(model).context("shape inference")?;
-        let regions = Regions::find(model, &shapes);
-        let watch = perqc_passes::permute::calibration_values(&regions, &[RegionKind::Mlp]);
+        let watch = mlp_sink_values(model)?;
         if watch.is_empty() {
             return Ok(None);
         }

@@ -209,16 +209,16 @@ impl Staged {
     /// piece of the model, so a model whose weights are owned (rewritten by passes, not
     /// mapped from the file) is not held twice.
     pub fn calibrate_in_pieces(
-        mut self,
+        self,
         model: &Model,
         watch: &[(String, StatsOptions)],
         per_stage: usize,
         release: &dyn Fn(&perqc_ir::Tensor),
     ) -> Result<Calibration> {
-        self.keep_watched = false;
-        let mut all = Calibration::new(self.source.clone());
+        let mut this = self.reading_only();
+        let mut all = Calibration::new(this.source.clone());
         for piece in watch.chunks(per_stage.max(1)) {
-            let c = self.run(model, piece, &[], release)?;
+            let c = this.run(model, piece, &[], release)?;
             for (name, stats) in c.iter() {
                 all.insert(name, stats.clone());
             }
