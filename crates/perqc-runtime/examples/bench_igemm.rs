@@ -5,9 +5,12 @@
 //! and the integer product alone at each instruction-set level the CPU runs; and rten-gemm's u8 x i8 -> i32 product
 //! on the same codes with the weight as prepacked i8 (one byte per weight: the library has
 //! no 4-bit weight layout for products of many rows), its zero-point correction left out
-//! (ours is in the epilogue above).
+//! (ours is in the epilogue above). The last column is the integer product with a weight
+//! scale per group of 32 rows of K and symmetric activation codes (weight-only graphs), at the widest level.
 //!
-//! usage: bench_igemm [--threads 2] [--reps 15]
+//! `--lm-head` adds SmolLM2's head shape, 512 x 576 x 49152.
+//!
+//! usage: bench_igemm [--threads 2] [--reps 15] [--lm-head]
 //!
 //! GOP/s counts 2·m·k·n operations (one multiply and one add per product).
 
@@ -27,9 +30,10 @@ fn median(mut t: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let (mut threads, mut reps) = (2usize, 15usize);
+    let (mut threads, mut reps, mut head) = (2usize, 15usize, false);
     while let Some(a) = args.next() {
         match a.as_str() {
+            "--lm-head" => head = true,
             "--threads" => threads = args.next().unwrap_or_default().parse()?,
             "--reps" => reps = args.next().unwrap_or_default().parse()?,
             other => anyhow::bail!("unknown option {other}"),
@@ -89,19 +93,23 @@ fn main() -> anyhow::Result<()> {
     for l in &levels {
         header += &format!(" {:>16}", format!("product {l:?}"));
     }
-    header += &format!(" {:>16}", "rten-gemm u8i8");
+    header += &format!(" {:>16} {:>16}", "rten-gemm u8i8", "grouped g=32");
     println!("{header}");
     let p = TokenQuant {
         bits: 4,
         symmetric: false,
         clip: 1.0,
     };
-    for (m, k, n) in [
+    let mut shapes = vec![
         (512, 576, 1536),
         (512, 1536, 576),
         (512, 576, 576),
         (512, 576, 192),
-    ] {
+    ];
+    if head {
+        shapes.push((512, 576, 49152));
+    }
+    for (m, k, n) in shapes {
         let mut s = 1u64;
         let mut next = move || {
             s = s
@@ -115,7 +123,7 @@ fn main() -> anyhow::Result<()> {
         let w: Vec<i8> = (0..k * n).map(|_| (next() % 16) as i8 - 8).collect();
         let w_scale: Vec<f32> = (0..n).map(|_| (next() % 97 + 1) as f32 / 900.0).collect();
         let wf: Vec<f32> = w.iter().map(|&v| v as f32 * 0.01).collect();
-        let packed = igemm::pack_weights(&w, k, n).map_err(anyhow::Error::msg)?;
+        let packed = igemm::pack_weights(&w, k, n, 0).map_err(anyhow::Error::msg)?;
 
         let tx = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[1, m, k]), x.clone())?);
         let tw = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[k, n]), wf)?);
@@ -145,6 +153,7 @@ fn main() -> anyhow::Result<()> {
             weights: &packed.data,
             col_sums: &packed.col_sums,
             w_scale: &w_scale,
+            group: 0,
         };
         let mut out = vec![MaybeUninit::<f32>::uninit(); m * n];
         let mut row = format!(
@@ -177,6 +186,23 @@ fn main() -> anyhow::Result<()> {
             )
             .unwrap()
         });
+        row += &format!(" {:>16}", format!("{t:.3} ({:.0} GOP/s)", gop / t * 1e3));
+        let g = 32;
+        let grouped = igemm::pack_weights(&w, k, n, g).map_err(anyhow::Error::msg)?;
+        let g_scale: Vec<f32> = (0..igemm::scale_groups(k, g) * n)
+            .map(|i| (i % 97 + 1) as f32 / 900.0)
+            .collect();
+        // Weight-only linears quantize activations symmetric (no zero point).
+        let sym_terms: Vec<RowTerms> = terms.iter().map(|t| RowTerms { zcorr: 0, ..*t }).collect();
+        let ops = Operands {
+            terms: &sym_terms,
+            col_sums: &grouped.col_sums,
+            w_scale: &g_scale,
+            group: g,
+            ..ops
+        };
+        let best = *levels.last().expect("scalar");
+        let t = time(&mut || igemm::gemm(&ops, &mut out, best, threads > 1));
         row += &format!(" {:>16}", format!("{t:.3} ({:.0} GOP/s)", gop / t * 1e3));
         println!("{row}");
     }

@@ -15,6 +15,15 @@
 //! value with a rounding per product and per partial sum, so the two agree within f32
 //! round-off of the sum, not bit for bit.
 //!
+//! **Weight groups.** With one scale per group of `g` rows of K and column
+//! (`W[k, n] = w[k, n] · t[k / g, n]`, g a multiple of [`KG`]; weight-only graphs, and
+//! MatMulNBits), the sum splits into the groups' integer sums `I_b`, each exact, and
+//!
+//! ```text
+//! y[r, n] = f32(Σ_b f32(I_b) · t[b, n]) · s_r     (left to right, one fused multiply-add
+//!                                                  per group, then a multiply)
+//! ```
+//!
 //! **Operands.** The instructions multiply unsigned bytes by signed bytes (`vpdpbusd`,
 //! `vpmaddubsw`). Weights are stored unsigned, `u = w + 8` in 0..=15, two per byte; the
 //! activation codes are the signed side, `c = q - off` in -128..=127 (`off` = 128 for
@@ -25,7 +34,8 @@
 //! ```
 //!
 //! so each row carries `rowcorr = -8·Σ_k c` and `zcorr = off - z`, each column
-//! `colsum = Σ_k w`. `vpmaddubsw` adds two `u·c` products in i16 with saturation; they
+//! `colsum = Σ_k w` (with groups: per group, the row's `-8·Σ_{k in b} c` from the codes and
+//! `colsum[b, n]`). `vpmaddubsw` adds two `u·c` products in i16 with saturation; they
 //! are at most 2·15·128 = 3840, so it never saturates here.
 //!
 //! **Packed weight layout** (fixed, the same for every level): columns in panels of
@@ -139,14 +149,27 @@ pub fn packed_shape(k: usize, n: usize) -> [usize; 3] {
 pub struct PackedWeights {
     /// `packed_shape(k, n)` bytes in the layout of the module docs.
     pub data: Vec<u8>,
-    /// `Σ_k w[k, n]` per column.
+    /// `Σ_k w[k, n]` per column, or with groups of `g` rows `Σ_{k in b} w[k, n]`, row-major
+    /// `[ceil(k / g), n]`.
     pub col_sums: Vec<i32>,
 }
 
-/// Packs row-major `w` `[k, n]` (values in -8..=7). Errors name the first value out of range.
-pub fn pack_weights(w: &[i8], k: usize, n: usize) -> Result<PackedWeights, String> {
+/// The number of scale groups along K: `ceil(k / group)`, or 1 without groups (`group` 0).
+pub fn scale_groups(k: usize, group: usize) -> usize {
+    if group == 0 { 1 } else { k.div_ceil(group) }
+}
+
+/// Packs row-major `w` `[k, n]` (values in -8..=7) for scales per column (`group` 0) or
+/// per group of `group` rows (a multiple of [`KG`]). Errors name the first value out of
+/// range.
+pub fn pack_weights(w: &[i8], k: usize, n: usize, group: usize) -> Result<PackedWeights, String> {
     if w.len() != k * n {
         return Err(format!("weight has {} values, not {k} x {n}", w.len()));
+    }
+    if !group.is_multiple_of(KG) {
+        return Err(format!(
+            "weight groups of {group} rows are not a multiple of {KG}"
+        ));
     }
     if let Some(i) = w.iter().position(|v| !(-8..=7).contains(v)) {
         return Err(format!(
@@ -172,9 +195,10 @@ pub fn pack_weights(w: &[i8], k: usize, n: usize) -> Result<PackedWeights, Strin
             };
         }
     }
-    let mut col_sums = vec![0i32; n];
-    for row in w.chunks_exact(n.max(1)).take(k) {
-        for (s, &v) in col_sums.iter_mut().zip(row) {
+    let mut col_sums = vec![0i32; scale_groups(k, group) * n];
+    for (kk, row) in w.chunks_exact(n.max(1)).take(k).enumerate() {
+        let b = kk.checked_div(group).unwrap_or(0);
+        for (s, &v) in col_sums[b * n..].iter_mut().zip(row) {
             *s += i32::from(v);
         }
     }
@@ -255,7 +279,8 @@ crate::kernels::vmath::multiversion! {
 }
 
 /// The operands of one product: `m` rows of codes (stride `padded_k(k)`) with their terms,
-/// a packed `[k, n]` weight with its column sums and scales.
+/// a packed `[k, n]` weight with its column sums and scales (`[n]`, or `[ceil(k / group), n]`
+/// with groups).
 pub struct Operands<'a> {
     pub m: usize,
     pub k: usize,
@@ -265,10 +290,14 @@ pub struct Operands<'a> {
     pub weights: &'a [u8],
     pub col_sums: &'a [i32],
     pub w_scale: &'a [f32],
+    /// Rows of K per weight scale, a multiple of [`KG`]; 0 for one scale per column.
+    pub group: usize,
 }
 
 impl Operands<'_> {
     fn check(&self) {
+        assert!(self.group.is_multiple_of(KG), "igemm: group");
+        let scales = scale_groups(self.k, self.group) * self.n;
         let [panels, groups, bytes] = packed_shape(self.k, self.n);
         assert!(
             self.codes.len() >= self.m * padded_k(self.k),
@@ -280,8 +309,8 @@ impl Operands<'_> {
             panels * groups * bytes,
             "igemm: packed weight"
         );
-        assert_eq!(self.col_sums.len(), self.n, "igemm: column sums");
-        assert_eq!(self.w_scale.len(), self.n, "igemm: weight scales");
+        assert_eq!(self.col_sums.len(), scales, "igemm: column sums");
+        assert_eq!(self.w_scale.len(), scales, "igemm: weight scales");
     }
 }
 
@@ -304,10 +333,29 @@ pub fn gemm(ops: &Operands<'_>, out: &mut [MaybeUninit<f32>], level: Level, para
     let full = ops.m / MR * MR;
     let mut tail = vec![0i8; if full < ops.m { MR * kp } else { 0 }];
     tail[..(ops.m - full) * kp].copy_from_slice(&ops.codes[full * kp..ops.m * kp]);
+    // With groups, every row's `-8·Σ_{k in b} c` per group b, row-major `[m, groups]`.
+    let group_rowcorr: Vec<i32> = if ops.group == 0 {
+        Vec::new()
+    } else {
+        ops.codes[..ops.m * kp]
+            .chunks_exact(kp)
+            .flat_map(|row| {
+                row[..ops.k]
+                    .chunks(ops.group)
+                    .map(|b| -8 * b.iter().map(|&c| i32::from(c)).sum::<i32>())
+            })
+            .collect()
+    };
     let run = |p: usize| {
         // Safety: panel p writes only columns p·NR .. min((p + 1)·NR, n) of every row,
         // disjoint from every other panel's.
-        unsafe { panel(ops, &tail, p, out_ptr, level) }
+        unsafe {
+            if ops.group == 0 {
+                panel(ops, &tail, p, out_ptr, level)
+            } else {
+                grouped_panel(ops, &tail, &group_rowcorr, p, out_ptr, level)
+            }
+        }
     };
     if parallel && panels > 1 {
         (0..panels).into_par_iter().for_each(run);
@@ -344,17 +392,7 @@ unsafe fn panel(ops: &Operands<'_>, tail: &[i8], p: usize, out: SendPtr, level: 
         } else {
             tail
         };
-        match level {
-            Level::Scalar => tile_scalar(a, kp, w, &mut acc),
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { x86::tile_avx2(a, kp, w, &mut acc) },
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512Bw => unsafe { x86::tile_avx512bw(a, kp, w, &mut acc) },
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512Vnni => unsafe { x86::tile_avx512vnni(a, kp, w, &mut acc) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("checked available"),
-        }
+        unsafe { tile(level, a, kp, w, &mut acc) };
         for (i, acc_row) in acc.iter().enumerate().take((ops.m - r0).min(MR)) {
             let r = r0 + i;
             let t = ops.terms[r];
@@ -366,6 +404,128 @@ unsafe fn panel(ops: &Operands<'_>, tail: &[i8], p: usize, out: SendPtr, level: 
                     .wrapping_add(t.rowcorr)
                     .wrapping_add(t.zcorr.wrapping_mul(col_sum[j]));
                 *d = int as f32 * (t.scale * col_scale[j]);
+            }
+        }
+    }
+}
+
+/// `acc[i][l] = Σ_k u[k, l] · c[i, k]` over the groups in `w` at `level` (overwrites acc).
+///
+/// # Safety
+/// `level` available; `a` holds `MR` rows of stride `kp` covering `w`'s groups.
+#[inline(always)]
+unsafe fn tile(level: Level, a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
+    match level {
+        Level::Scalar => {
+            *acc = [[0; NR]; MR];
+            tile_scalar(a, kp, w, acc)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { x86::tile_avx2(a, kp, w, acc) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Bw => unsafe { x86::tile_avx512bw(a, kp, w, acc) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni => unsafe { x86::tile_avx512vnni(a, kp, w, acc) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("checked available"),
+    }
+}
+
+/// [`panel`] for weights with a scale per group of rows: the tile runs once per group and
+/// the epilogue ([`add_group`]) accumulates `f32(I_b) · t[b, n]` in f32 per element.
+///
+/// # Safety
+/// As [`panel`]; `rowcorr` holds `m · groups` values.
+unsafe fn grouped_panel(
+    ops: &Operands<'_>,
+    tail: &[i8],
+    rowcorr: &[i32],
+    p: usize,
+    out: SendPtr,
+    level: Level,
+) {
+    let groups = ops.k.div_ceil(KG);
+    let kp = groups * KG;
+    let per = ops.group / KG;
+    let nb = scale_groups(ops.k, ops.group);
+    let w = &ops.weights[p * groups * GROUP_BYTES..(p + 1) * groups * GROUP_BYTES];
+    let c0 = p * NR;
+    let cols = (ops.n - c0).min(NR);
+    // This panel's column sums and scales per group, padding columns 0.
+    let mut col_sum = vec![[0i32; NR]; nb];
+    let mut col_scale = vec![[0f32; NR]; nb];
+    for b in 0..nb {
+        let at = b * ops.n + c0;
+        col_sum[b][..cols].copy_from_slice(&ops.col_sums[at..at + cols]);
+        col_scale[b][..cols].copy_from_slice(&ops.w_scale[at..at + cols]);
+    }
+    for r0 in (0..ops.m).step_by(MR) {
+        let a = if r0 + MR <= ops.m {
+            &ops.codes[r0 * kp..(r0 + MR) * kp]
+        } else {
+            tail
+        };
+        let rows = (ops.m - r0).min(MR);
+        let mut zcorr = [0i32; MR];
+        for (i, z) in zcorr.iter_mut().enumerate().take(rows) {
+            *z = ops.terms[r0 + i].zcorr;
+        }
+        // Per group, the rows' `-8·Σ_{k in b} c`.
+        let mut rc = vec![[0i32; MR]; nb];
+        for (b, rc) in rc.iter_mut().enumerate() {
+            for (i, r) in rc.iter_mut().enumerate().take(rows) {
+                *r = rowcorr[(r0 + i) * nb + b];
+            }
+        }
+        let mut f = [[0f32; NR]; MR];
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Vnni => unsafe {
+                x86::grouped_avx512vnni(a, kp, w, per, &rc, &zcorr, &col_sum, &col_scale, &mut f)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Bw => unsafe {
+                x86::grouped_avx512bw(a, kp, w, per, &rc, &zcorr, &col_sum, &col_scale, &mut f)
+            },
+            _ => {
+                let mut acc = [[0i32; NR]; MR];
+                for (b, rc) in rc.iter().enumerate() {
+                    let (g0, g1) = (b * per, ((b + 1) * per).min(groups));
+                    let w = &w[g0 * GROUP_BYTES..g1 * GROUP_BYTES];
+                    unsafe { tile(level, &a[g0 * KG..], kp, w, &mut acc) };
+                    add_group(&acc, rc, &zcorr, &col_sum[b], &col_scale[b], &mut f);
+                }
+            }
+        }
+        for (i, f_row) in f.iter().enumerate().take(rows) {
+            let r = r0 + i;
+            let s = ops.terms[r].scale;
+            // Safety: row r < m, columns c0 .. c0 + cols < n.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * ops.n + c0), cols) };
+            for (d, &v) in dst.iter_mut().zip(f_row) {
+                *d = v * s;
+            }
+        }
+    }
+}
+
+crate::kernels::vmath::multiversion! {
+    /// `f[i][j] += f32(acc[i][j] + rc[i] + zc[i]·cs[j]) · ts[j]`: one group's epilogue, a
+    /// fused multiply-add (one rounding) at every level.
+    fn add_group(
+        acc: &[[i32; NR]; MR],
+        rc: &[i32; MR],
+        zc: &[i32; MR],
+        cs: &[i32; NR],
+        ts: &[f32; NR],
+        f: &mut [[f32; NR]; MR]
+    ) {
+        for i in 0..MR {
+            for j in 0..NR {
+                let int = acc[i][j]
+                    .wrapping_add(rc[i])
+                    .wrapping_add(zc[i].wrapping_mul(cs[j]));
+                f[i][j] = (int as f32).mul_add(ts[j], f[i][j]);
             }
         }
     }
@@ -431,6 +591,84 @@ mod x86 {
             }
         };
     }
+
+    /// [`tile512`] for weights with a scale per group of `per` 4-k groups: each group's
+    /// integer sums stay in registers (starting from the rows' corrections) and go through
+    /// `super::add_group`'s arithmetic (convert, fused multiply-add: the same rounding)
+    /// into `f`.
+    macro_rules! grouped512 {
+        ($name:ident, $features:literal, $dot:expr) => {
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $name(
+                a: &[i8],
+                kp: usize,
+                w: &[u8],
+                per: usize,
+                rc: &[[i32; MR]],
+                zc: &[i32; MR],
+                cs: &[[i32; NR]],
+                ts: &[[f32; NR]],
+                f: &mut [[f32; NR]; MR],
+            ) {
+                let dot = $dot;
+                let mask = _mm512_set1_epi8(0x0f);
+                let with_zero_points = zc.iter().any(|&z| z != 0);
+                for (b, blocks) in w.chunks(per * GROUP_BYTES).enumerate() {
+                    let mut lo = [_mm512_setzero_si512(); MR];
+                    for (l, &r) in lo.iter_mut().zip(&rc[b]) {
+                        *l = _mm512_set1_epi32(r);
+                    }
+                    let mut hi = lo;
+                    for (j, block) in blocks.chunks_exact(GROUP_BYTES).enumerate() {
+                        let g = b * per + j;
+                        let v = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
+                        let u0 = _mm512_and_si512(v, mask);
+                        let u1 = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+                        for i in 0..MR {
+                            let c = _mm512_set1_epi32(unsafe { lane(a, kp, i, g) });
+                            lo[i] = dot(lo[i], u0, c);
+                            hi[i] = dot(hi[i], u1, c);
+                        }
+                    }
+                    let (t0, t1, s0, s1) = unsafe {
+                        (
+                            _mm512_loadu_ps(ts[b].as_ptr()),
+                            _mm512_loadu_ps(ts[b].as_ptr().add(16)),
+                            _mm512_loadu_si512(cs[b].as_ptr().cast()),
+                            _mm512_loadu_si512(cs[b].as_ptr().add(16).cast()),
+                        )
+                    };
+                    for i in 0..MR {
+                        let (mut i0, mut i1) = (lo[i], hi[i]);
+                        if with_zero_points {
+                            let z = _mm512_set1_epi32(zc[i]);
+                            i0 = _mm512_add_epi32(i0, _mm512_mullo_epi32(z, s0));
+                            i1 = _mm512_add_epi32(i1, _mm512_mullo_epi32(z, s1));
+                        }
+                        unsafe {
+                            let d = f[i].as_mut_ptr();
+                            let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), t0, _mm512_loadu_ps(d));
+                            _mm512_storeu_ps(d, v);
+                            let d = d.add(16);
+                            let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), t1, _mm512_loadu_ps(d));
+                            _mm512_storeu_ps(d, v);
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    grouped512!(
+        grouped_avx512vnni,
+        "avx512f,avx512bw,avx512vnni",
+        |acc, u, c| _mm512_dpbusd_epi32(acc, u, c)
+    );
+    grouped512!(grouped_avx512bw, "avx512f,avx512bw", |acc, u, c| {
+        let pairs = _mm512_maddubs_epi16(u, c);
+        _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+    });
 
     tile512!(
         tile_avx512vnni,
@@ -581,7 +819,8 @@ pub fn quantize_tokens(ctx: &KernelCtx<'_>, inputs: In) -> Out {
 
 /// `ai.perqc::QuantizedLinear(codes, terms, w_packed, w_scale, w_sum)`: the codes and terms
 /// of `QuantizeTokens` times the packed 4-bit weight, in integers, scaled once per element
-/// (the module docs); f32 `[.., N]`.
+/// (the module docs); f32 `[.., N]`. Attribute `group` (default 0): the rows of K per
+/// weight scale, with `w_scale` and `w_sum` then `[ceil(K / group), N]`.
 pub fn quantized_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let (RtTensor::I8(codes), Some(terms), RtTensor::U8(w), Some(w_scale), RtTensor::I32(w_sum)) = (
         req(inputs, 0)?,
@@ -596,10 +835,24 @@ pub fn quantized_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
                 .into(),
         ));
     };
-    let (Some(&kp), n) = (codes.shape().last(), w_scale.len()) else {
+    let group = ctx.int("group", 0);
+    let (Some(&kp), Some(&n)) = (codes.shape().last(), w_scale.shape().last()) else {
         return Err(KernelError::Invalid(
-            "QuantizedLinear: codes must have rank >= 1".into(),
+            "QuantizedLinear: codes and scales must have rank >= 1".into(),
         ));
+    };
+    let group = match usize::try_from(group) {
+        Ok(g) if g.is_multiple_of(KG) => g,
+        _ => {
+            return Err(KernelError::Invalid(format!(
+                "QuantizedLinear: group {group} is not a non-negative multiple of {KG}"
+            )));
+        }
+    };
+    let scale_shape = if group == 0 {
+        vec![n]
+    } else {
+        vec![scale_groups(kp, group), n]
     };
     let m: usize = codes.shape()[..codes.ndim() - 1].iter().product();
     let terms_shape: Vec<usize> = codes.shape()[..codes.ndim() - 1]
@@ -609,13 +862,14 @@ pub fn quantized_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         .collect();
     if !kp.is_multiple_of(KG)
         || w.shape() != packed_shape(kp, n)
-        || w_sum.len() != n
-        || w_scale.ndim() != 1
+        || w_sum.shape() != scale_shape
+        || w_scale.shape() != scale_shape
         || terms.shape() != terms_shape
     {
         return Err(KernelError::Invalid(format!(
             "QuantizedLinear: codes {:?}, terms {:?}, packed weight {:?}, scales {:?} and \
-             sums {:?} do not fit (packed shape for {kp} x {n}: {:?})",
+             sums {:?} do not fit (for {kp} x {n}, group {group}: packed {:?}, scales \
+             {scale_shape:?})",
             codes.shape(),
             terms.shape(),
             w.shape(),
@@ -649,6 +903,7 @@ pub fn quantized_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         weights: w.as_slice().expect("standard layout"),
         col_sums: w_sum.as_slice().expect("standard layout"),
         w_scale: w_scale.as_slice().expect("standard layout"),
+        group,
     };
     gemm(
         &ops,
@@ -677,6 +932,7 @@ mod tests {
     }
 
     /// The product in i64 from unpacked operands, scaled as the kernel scales.
+    #[allow(clippy::too_many_arguments)]
     fn reference(
         x: &[f32],
         w: &[i8],
@@ -685,6 +941,7 @@ mod tests {
         k: usize,
         n: usize,
         p: TokenQuant,
+        group: usize,
     ) -> Vec<f32> {
         let mut out = vec![0f32; m * n];
         for r in 0..m {
@@ -695,11 +952,21 @@ mod tests {
                 .iter()
                 .map(|&v| ((v / s).round_ties_even() + zp).clamp(lo, hi) as i64)
                 .collect();
+            let int = |c: usize, ks: std::ops::Range<usize>| -> i64 {
+                ks.map(|kk| (q[kk] - zp as i64) * w[kk * n + c] as i64)
+                    .sum()
+            };
             for c in 0..n {
-                let int: i64 = (0..k)
-                    .map(|kk| (q[kk] - zp as i64) * w[kk * n + c] as i64)
-                    .sum();
-                out[r * n + c] = int as i32 as f32 * (s * w_scale[c]);
+                out[r * n + c] = if group == 0 {
+                    int(c, 0..k) as i32 as f32 * (s * w_scale[c])
+                } else {
+                    let mut f = 0f32;
+                    for b in 0..k.div_ceil(group) {
+                        let ks = b * group..((b + 1) * group).min(k);
+                        f = (int(c, ks) as i32 as f32).mul_add(w_scale[b * n + c], f);
+                    }
+                    f * s
+                };
             }
         }
         out
@@ -714,6 +981,7 @@ mod tests {
         k: usize,
         n: usize,
         p: TokenQuant,
+        group: usize,
         level: Level,
         parallel: bool,
     ) -> Vec<f32> {
@@ -729,6 +997,7 @@ mod tests {
             weights: &packed.data,
             col_sums: &packed.col_sums,
             w_scale,
+            group,
         };
         let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
         gemm(&ops, &mut out, level, parallel);
@@ -751,17 +1020,26 @@ mod tests {
         let (k, n) = (13, 45);
         let mut st = 7;
         let w: Vec<i8> = (0..k * n).map(|_| (lcg(&mut st) % 16) as i8 - 8).collect();
-        let packed = pack_weights(&w, k, n).unwrap();
+        let packed = pack_weights(&w, k, n, 0).unwrap();
         for kk in 0..k {
             for c in 0..n {
                 assert_eq!(unpacked_weight(&packed.data, k, kk, c), w[kk * n + c]);
             }
         }
-        assert!(pack_weights(&[9], 1, 1).unwrap_err().contains("[0, 0]"));
+        assert!(pack_weights(&[9], 1, 1, 0).unwrap_err().contains("[0, 0]"));
+        assert!(pack_weights(&w, k, n, 6).is_err(), "groups of 6 rows");
+        let grouped = pack_weights(&w, k, n, 8).unwrap();
+        assert_eq!(grouped.data, packed.data);
+        for c in 0..n {
+            let sum = |ks: std::ops::Range<usize>| ks.map(|kk| w[kk * n + c] as i32).sum::<i32>();
+            assert_eq!(grouped.col_sums[c], sum(0..8));
+            assert_eq!(grouped.col_sums[n + c], sum(8..k));
+        }
     }
 
     /// Every level the CPU runs gives the reference's bits on odd shapes, every quantizer
-    /// kind, serial and parallel.
+    /// kind, per-column and grouped scales (groups that divide K and that do not), serial
+    /// and parallel.
     #[test]
     fn every_level_matches_the_reference() {
         let shapes = [
@@ -805,20 +1083,23 @@ mod tests {
                 .map(|_| (lcg(&mut st) % 2001) as f32 / 100.0 - 9.0)
                 .collect();
             let w: Vec<i8> = (0..k * n).map(|_| (lcg(&mut st) % 16) as i8 - 8).collect();
-            let w_scale: Vec<f32> = (0..n)
-                .map(|_| (lcg(&mut st) % 100 + 1) as f32 / 700.0)
-                .collect();
-            let packed = pack_weights(&w, k, n).unwrap();
-            for &p in &quantizers {
-                let want = reference(&x, &w, &w_scale, m, k, n, p);
-                for level in Level::ALL.into_iter().filter(|l| l.available()) {
-                    for parallel in [false, true] {
-                        let got = run(&x, &packed, &w_scale, m, k, n, p, level, parallel);
-                        assert_eq!(
-                            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                            "{m}x{k}x{n} {p:?} {level:?} parallel {parallel}"
-                        );
+            for group in [0, 4, 12, 32] {
+                let w_scale: Vec<f32> = (0..scale_groups(k, group) * n)
+                    .map(|_| (lcg(&mut st) % 100 + 1) as f32 / 700.0)
+                    .collect();
+                let packed = pack_weights(&w, k, n, group).unwrap();
+                for &p in &quantizers {
+                    let want = reference(&x, &w, &w_scale, m, k, n, p, group);
+                    for level in Level::ALL.into_iter().filter(|l| l.available()) {
+                        for parallel in [false, true] {
+                            let got =
+                                run(&x, &packed, &w_scale, m, k, n, p, group, level, parallel);
+                            assert_eq!(
+                                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                "{m}x{k}x{n} group {group} {p:?} {level:?} parallel {parallel}"
+                            );
+                        }
                     }
                 }
             }

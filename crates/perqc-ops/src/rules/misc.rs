@@ -293,7 +293,8 @@ pub fn quantize_tokens(ctx: &InferCtx<'_>) -> RuleResult {
 
 /// `ai.perqc::QuantizedLinear(codes i8 [.., Kp], terms f32 [.., 3], w_packed u8 [P, G, 64],
 /// w_scale f32 [N], w_sum i32 [N])`: f32 `[.., N]` (see `kernels::igemm`). The packed
-/// weight holds `P = ceil(N / 32)` panels of `G = Kp / 4` groups.
+/// weight holds `P = ceil(N / 32)` panels of `G = Kp / 4` groups. With attribute `group`
+/// (rows of K per scale) `w_scale` and `w_sum` are `[ceil(Kp / group), N]`.
 pub fn quantized_linear(ctx: &InferCtx<'_>) -> RuleResult {
     let (codes, terms, w, scale, sum) = (
         ctx.req(0)?,
@@ -317,10 +318,28 @@ pub fn quantized_linear(ctx: &InferCtx<'_>) -> RuleResult {
             )));
         }
     }
-    let n = scale.shape.as_ref().and_then(|s| match s.as_slice() {
-        [d] => Some(d.clone()),
-        _ => None,
-    });
+    let group = ctx.node.attr_int("group").unwrap_or(0);
+    if group < 0 || group % crate::kernels::igemm::KG as i64 != 0 {
+        return Err(ShapeError::Invalid(format!(
+            "QuantizedLinear: group {group} is not a non-negative multiple of {}",
+            crate::kernels::igemm::KG
+        )));
+    }
+    let n = scale
+        .shape
+        .as_ref()
+        .and_then(|s| match (s.as_slice(), group) {
+            ([d], 0) | ([_, d], 1..) => Some(d.clone()),
+            _ => None,
+        });
+    if let Some(s) = &scale.shape
+        && n.is_none()
+    {
+        return Err(ShapeError::Invalid(format!(
+            "QuantizedLinear: w_scale {} must be [N] without groups, [K / group, N] with",
+            crate::facts::fmt_shape(s)
+        )));
+    }
     let known = |f: &Facts, i: usize| f.shape.as_ref().and_then(|s| s.get(i)?.known());
     let nr = crate::kernels::igemm::NR as i64;
     if let (Some(Known(n)), Some(p)) = (&n, known(w, 0))
