@@ -391,13 +391,17 @@ pub fn run(
             )?;
             staged.forget(model, &region_values);
         }
+        // The stage's session is dropped: its freed buffers go back before the rounding
+        // allocates, on other threads (rayon's global pool) whose arenas would not reuse
+        // them.
+        perqc_runtime::trim_allocator();
         let t = Instant::now();
         let r = q
             .quantize(model, &[g], Some(&c))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         summary.rounding += t.elapsed();
         summary.reports.extend(r);
-        // The float weights just replaced and the stage's session are freed: give the
+        // The float weights just replaced and the rounding's buffers are freed: give the
         // memory back (the allocator keeps freed memory after `tune_allocator`).
         drop(c);
         perqc_runtime::trim_allocator();

@@ -240,10 +240,12 @@ pub fn gptq_with(
             factor.n
         )));
     }
-    let mut data = contiguous(w)?.into_owned();
-    for &i in &factor.dead {
-        for row in data.chunks_exact_mut(n) {
-            row[i] = 0.0;
+    let mut data = contiguous(w)?;
+    if !factor.dead.is_empty() {
+        for row in data.to_mut().chunks_exact_mut(n) {
+            for &i in &factor.dead {
+                row[i] = 0.0;
+            }
         }
     }
 
@@ -252,23 +254,25 @@ pub fn gptq_with(
     let grid = Grid::of(spec);
     let (perm, u) = (&factor.perm, &factor.u);
 
-    // 5. The column loop, rows in parallel chunks.
-    let mut wp = vec![0f64; rows * n];
-    wp.par_chunks_mut(n)
-        .zip(data.par_chunks(n))
-        .for_each(|(dst, src)| {
-            for (d, &p) in dst.iter_mut().zip(perm) {
-                *d = src[p] as f64;
-            }
-        });
-    let mut codes_p = vec![0i16; rows * n];
+    // 5. The column loop, rows in parallel chunks, each chunk's rows taken to f64 (in
+    // processing order) by its own task: the working copy is a chunk per task, not the
+    // whole weight.
+    let mut codes = vec![0i16; rows * n];
     let block = opts.block.min(n);
-    wp.par_chunks_mut(ROW_CHUNK * n)
-        .zip(codes_p.par_chunks_mut(ROW_CHUNK * n))
+    codes
+        .par_chunks_mut(ROW_CHUNK * n)
+        .zip(data.par_chunks(ROW_CHUNK * n))
         .enumerate()
-        .for_each(|(chunk, (wc, cc))| {
+        .for_each(|(chunk, (cc, src))| {
             let r0 = chunk * ROW_CHUNK;
-            let rc = wc.len() / n;
+            let rc = cc.len() / n;
+            let mut wc = vec![0f64; rc * n];
+            for (dst, src) in wc.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
+                for (d, &p) in dst.iter_mut().zip(perm) {
+                    *d = src[p] as f64;
+                }
+            }
+            let mut cp = vec![0i16; rc * n];
             let mut err = vec![0f64; rc * block];
             for i1 in (0..n).step_by(block) {
                 let i2 = (i1 + block).min(n);
@@ -281,7 +285,7 @@ pub fn gptq_with(
                         u,
                         (r0 + r, i1, i2),
                         &mut wc[r * n..(r + 1) * n],
-                        &mut cc[r * n..(r + 1) * n],
+                        &mut cp[r * n..(r + 1) * n],
                         &mut err[r * bc..(r + 1) * bc],
                     );
                 }
@@ -299,16 +303,11 @@ pub fn gptq_with(
                     linalg::gemm_f64((rc, n - i2, bc), &mut wc[i2..], n, lhs, rhs, true, -1.0);
                 }
             }
-        });
-
-    // Codes back in column order.
-    let mut codes = vec![0i16; rows * n];
-    codes
-        .par_chunks_mut(n)
-        .zip(codes_p.par_chunks(n))
-        .for_each(|(dst, src)| {
-            for (&c, &p) in src.iter().zip(perm) {
-                dst[p] = c;
+            // Codes back in column order.
+            for (dst, src) in cc.chunks_exact_mut(n).zip(cp.chunks_exact(n)) {
+                for (&c, &p) in src.iter().zip(perm) {
+                    dst[p] = c;
+                }
             }
         });
     Ok(QWeight {
