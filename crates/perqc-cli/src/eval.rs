@@ -38,7 +38,9 @@ pub struct EvalArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Run quantized linears on the float kernels (fake quantization) instead of the
-    /// integer ones (`fuse-int-linear`; used where the CPU has AVX2 or AVX-512).
+    /// integer ones (`fuse-int-linear`; used where the CPU has AVX2 or AVX-512). Weight-only
+    /// linears (w4a16, MatMulNBits) then keep float activations; the integer plan quantizes
+    /// them per token to 8 bits.
     #[arg(long)]
     no_int: bool,
     /// No progress bar.
@@ -71,11 +73,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // The portable integer level is a plain loop, slower than the float kernels: without a
     // SIMD level the quantized linears stay on the float path.
     let level = perqc_ops::kernels::igemm::Level::detect();
-    let quantized = loaded
-        .model
-        .graph
-        .nodes()
-        .any(|(_, n)| n.op_type == "FakeQuantize");
+    let quantized = loaded.model.graph.nodes().any(|(_, n)| {
+        matches!(
+            n.op_type.as_str(),
+            "FakeQuantize" | "DequantizeLinear" | "MatMulNBits"
+        )
+    });
     if !args.no_int && level == perqc_ops::kernels::igemm::Level::Scalar && quantized && !args.quiet
     {
         eprintln!(
