@@ -1,7 +1,8 @@
 //! The GEMM figures of docs/runtime.md, side by side in one process: SmolLM2's seq-512
 //! products through `gemm` on 1 thread, through `gemm`'s own `Parallelism::Rayon`, and
 //! through the runtime's MatMul kernel (its own split over the pool, huge-page-advised
-//! output); and the LM head into a fresh unadvised buffer vs a reused one.
+//! output); the LM head into a fresh unadvised buffer vs a reused one; and the LM head's
+//! weight row-major vs a transposed view of the `[vocab, hidden]` table (the tied head).
 //!
 //! usage: bench_gemm [--threads 2] [--reps 9]
 
@@ -138,5 +139,19 @@ fn main() -> anyhow::Result<()> {
         })
     });
     println!("LM head output: fresh unadvised buffer {fresh:.3} ms, reused buffer {warm:.3} ms");
+    // The tied head reads the embedding table `[n, k]` as a transposed view (`Linear`
+    // with transB): the MatMul kernel on that view against a row-major `[k, n]` copy.
+    let ta = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[m, k]), a.clone())?);
+    let row_major = RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[k, n]), b.clone())?);
+    let table = ArrayD::from_shape_vec(IxDyn(&[n, k]), vec![0.25f32; n * k])?;
+    let transposed = RtTensor::F32(table.into_shared().reversed_axes());
+    let mut pair = [0f64; 2];
+    for (t, w) in pair.iter_mut().zip([&row_major, &transposed]) {
+        *t = pool.install(|| time(&mut || drop(kernel(&ctx, &[Some(&ta), Some(w)]).unwrap())));
+    }
+    println!(
+        "LM head weight: row-major [k, n] {:.3} ms, transposed view of [n, k] {:.3} ms",
+        pair[0], pair[1]
+    );
     Ok(())
 }

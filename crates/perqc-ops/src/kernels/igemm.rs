@@ -660,25 +660,29 @@ mod x86 {
         };
     }
 
-    grouped512!(
+    /// Both AVX-512 kernels of one level, from its 4-byte dot product.
+    macro_rules! level512 {
+        ($tile:ident, $grouped:ident, $features:literal, $dot:expr) => {
+            tile512!($tile, $features, $dot);
+            grouped512!($grouped, $features, $dot);
+        };
+    }
+
+    level512!(
+        tile_avx512vnni,
         grouped_avx512vnni,
         "avx512f,avx512bw,avx512vnni",
         |acc, u, c| _mm512_dpbusd_epi32(acc, u, c)
     );
-    grouped512!(grouped_avx512bw, "avx512f,avx512bw", |acc, u, c| {
-        let pairs = _mm512_maddubs_epi16(u, c);
-        _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
-    });
-
-    tile512!(
-        tile_avx512vnni,
-        "avx512f,avx512bw,avx512vnni",
-        |acc, u, c| _mm512_dpbusd_epi32(acc, u, c)
+    level512!(
+        tile_avx512bw,
+        grouped_avx512bw,
+        "avx512f,avx512bw",
+        |acc, u, c| {
+            let pairs = _mm512_maddubs_epi16(u, c);
+            _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+        }
     );
-    tile512!(tile_avx512bw, "avx512f,avx512bw", |acc, u, c| {
-        let pairs = _mm512_maddubs_epi16(u, c);
-        _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
-    });
 
     /// AVX2 tile, in two halves of the 64-byte group: bytes 0..32 hold columns 0..8
     /// (low nibbles) and 16..24 (high), bytes 32..64 columns 8..16 and 24..32.
