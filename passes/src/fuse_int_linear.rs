@@ -24,7 +24,7 @@
 //! zero points or all 8; its bias becomes an Add), runs the same integer product on the
 //! activation quantized per token to 8 bits, symmetric, as ONNX Runtime's MatMulNBits does
 //! at `accuracy_level = 4`. This is an approximation the graph does not state: on SmolLM2's
-//! w4a16 file it moves perplexity by 0.2% (docs/runtime.md); `weight-only=false` keeps those
+//! w4a16 file it moves perplexity by 0.11% (docs/runtime.md); `weight-only=false` keeps those
 //! linears float.
 //!
 //! The packed weight is a u8 initializer in the kernel's layout (panels of 32 columns,
