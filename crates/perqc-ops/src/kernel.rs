@@ -205,16 +205,25 @@ impl RtTensor {
                     .into_shared(),
             ),
             DType::I4 | DType::U4 => {
-                let v = t.to_i64()?;
+                // Nibbles straight from the packed bytes (low nibble first), one byte each:
+                // no wider temporary (a 4-bit embedding table is 28 M elements).
+                let n = t.dims.iter().product::<i64>().max(0) as usize;
+                let nibbles: Vec<u8> = match t.raw_bytes() {
+                    Ok(raw) if raw.len() * 2 >= n => (0..n)
+                        .map(|i| (raw[i / 2] >> ((i % 2) * 4)) & 0xF)
+                        .collect(),
+                    _ => t.to_i64()?.iter().map(|&x| x as u8 & 0xF).collect(),
+                };
                 if t.dtype == DType::I4 {
+                    let signed = nibbles.into_iter().map(|b| ((b << 4) as i8) >> 4).collect();
                     RtTensor::I4(
-                        ArrayD::from_shape_vec(ix, v.iter().map(|&x| x as i8).collect())
+                        ArrayD::from_shape_vec(ix, signed)
                             .map_err(bad)?
                             .into_shared(),
                     )
                 } else {
                     RtTensor::U4(
-                        ArrayD::from_shape_vec(ix, v.iter().map(|&x| x as u8).collect())
+                        ArrayD::from_shape_vec(ix, nibbles)
                             .map_err(bad)?
                             .into_shared(),
                     )

@@ -446,3 +446,99 @@ fn rms_normalization_matches_reference() {
         }
     }
 }
+
+/// DequantizeLinear per tensor, per axis (middle and last) and blocked (first and last axis,
+/// a partial last block, with a zero point) gives what indexing the parameter by hand gives.
+#[test]
+fn dequantize_layouts_match_a_reference() {
+    let shape = [5usize, 3, 4];
+    let n: usize = shape.iter().product();
+    let codes: Vec<i8> = (0..n).map(|i| ((i * 7 + 3) % 16) as i8 - 8).collect();
+    let x = RtTensor::I8(
+        ArrayD::from_shape_vec(IxDyn(&shape), codes.clone())
+            .unwrap()
+            .into_shared(),
+    );
+    let at = |i: usize| [i / 12, i / 4 % 3, i % 4];
+    // (axis, block, parameter shape, parameter index of element [a, b, c])
+    type Case = (i64, i64, Vec<usize>, fn([usize; 3]) -> usize);
+    let cases: [Case; 5] = [
+        (1, 0, vec![], |_| 0),
+        (1, 0, vec![3], |e| e[1]),
+        (2, 0, vec![4], |e| e[2]),
+        (0, 2, vec![3, 3, 4], |e| (e[0] / 2) * 12 + e[1] * 4 + e[2]),
+        (2, 3, vec![5, 3, 2], |e| e[0] * 6 + e[1] * 2 + e[2] / 3),
+    ];
+    for (axis, block, pshape, index) in cases {
+        let m: usize = pshape.iter().product();
+        let scale: Vec<f32> = (0..m).map(|j| 0.25 + j as f32 / 8.0).collect();
+        let zero: Vec<i8> = (0..m).map(|j| (j % 5) as i8 - 2).collect();
+        let s = f32t(&pshape, &scale);
+        let z = RtTensor::I8(
+            ArrayD::from_shape_vec(IxDyn(&pshape), zero.clone())
+                .unwrap()
+                .into_shared(),
+        );
+        let attrs = vec![
+            ("axis", AttrValue::Int(axis)),
+            ("block_size", AttrValue::Int(block)),
+        ];
+        for with_zero in [false, true] {
+            let inputs = if with_zero {
+                vec![Some(&x), Some(&s), Some(&z)]
+            } else {
+                vec![Some(&x), Some(&s)]
+            };
+            let got = vals(&run("DequantizeLinear", 21, attrs.clone(), &inputs)[0]);
+            let want: Vec<f32> = (0..n)
+                .map(|i| {
+                    let j = index(at(i));
+                    let zp = if with_zero { zero[j] as f32 } else { 0.0 };
+                    (codes[i] as f32 - zp) * scale[j]
+                })
+                .collect();
+            assert_eq!(got, want, "axis {axis} block {block} zero {with_zero}");
+        }
+    }
+    // A parameter that does not fit is an error, not a panic.
+    let s = f32t(&[2, 3, 4], &[1.0; 24]);
+    let attrs = vec![
+        ("axis", AttrValue::Int(0)),
+        ("block_size", AttrValue::Int(2)),
+    ];
+    let d = perqc_ops::lookup("", "DequantizeLinear", 21)
+        .unwrap()
+        .kernel
+        .unwrap();
+    let mut g = Graph::new("t");
+    let mut spec = NodeSpec::new("DequantizeLinear");
+    for (k, v) in attrs {
+        spec = spec.attr(k, v);
+    }
+    let id = g.add_node(spec, &[], &["y"]).unwrap();
+    let ctx = perqc_ops::KernelCtx {
+        node: g.node(id),
+        opset: 21,
+        threads: 1,
+        subgraphs: None,
+    };
+    let e = d(&ctx, &[Some(&x), Some(&s)]).unwrap_err();
+    assert!(e.to_string().contains("does not fit"), "{e}");
+}
+
+/// 4-bit initializers unpack to one byte per element, signed and unsigned, odd counts too.
+#[test]
+fn int4_tensors_unpack() {
+    let signed: Vec<i8> = vec![-8, 7, 0, -1, 3];
+    let t = perqc_ir::Tensor::from_int4(vec![5], &signed, true).unwrap();
+    match RtTensor::from_tensor(&t).unwrap() {
+        RtTensor::I4(a) => assert_eq!(a.iter().copied().collect::<Vec<_>>(), signed),
+        other => panic!("{:?}", other.dtype()),
+    }
+    let unsigned: Vec<i8> = vec![15, 0, 8, 1, 9, 2];
+    let t = perqc_ir::Tensor::from_int4(vec![2, 3], &unsigned, false).unwrap();
+    match RtTensor::from_tensor(&t).unwrap() {
+        RtTensor::U4(a) => assert_eq!(a.iter().map(|&v| v as i8).collect::<Vec<_>>(), unsigned),
+        other => panic!("{:?}", other.dtype()),
+    }
+}

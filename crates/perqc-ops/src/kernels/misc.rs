@@ -3,7 +3,7 @@
 //! `ai.perqc::FakeQuantize` (per-token dynamic quantization, [`crate::quant`]).
 
 use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, axis, opt, req, req_f32, req_ints};
-use ndarray::{ArrayD, Axis, IxDyn, Zip};
+use ndarray::{ArrayD, Axis, IxDyn};
 use perqc_ir::{AttrValue, DType, Tensor};
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
@@ -229,41 +229,96 @@ pub fn trilu(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     }])
 }
 
-/// The scale (or zero point) `p` expanded to `shape`: per-tensor (one element), per-axis
-/// (1-d of `shape[axis]`), or blocked (same rank, `ceil(shape[axis] / block)` along `axis`:
-/// element `j` uses entry `j / block`).
-fn expand_param(
-    p: &Arr<f32>,
-    shape: &[usize],
-    ax: usize,
+/// Where each element of a quantized tensor of `shape` finds its scale (and zero point)
+/// in a parameter tensor: one value (per tensor), one per index along `axis` (1-d of
+/// `shape[axis]`), or blocked (the same shape but `ceil(shape[axis] / block)` along `axis`:
+/// element index `j` there uses parameter index `j / block`). Walked in row-major order,
+/// so the parameter is never expanded to the tensor's size.
+struct ParamIndex {
+    per_tensor: bool,
+    /// Elements of `shape` after `axis`, and `shape[axis]`.
+    inner: usize,
+    along: usize,
+    /// 0 per axis, else the block length; `blocks` = `ceil(along / block)`.
     block: usize,
-) -> Result<Arr<f32>, KernelError> {
-    let bad = || {
-        KernelError::Invalid(format!(
-            "quantization parameter {:?} does not fit {shape:?} (axis {ax}, block {block})",
-            p.shape()
-        ))
-    };
-    let ix = IxDyn(shape);
-    if p.len() == 1 && block == 0 {
-        let v = *p.iter().next().expect("one element");
-        return Ok(ArrayD::from_elem(ix, v).into_shared());
-    }
-    if block == 0 {
-        if p.ndim() != 1 || p.len() != shape[ax] {
+    blocks: usize,
+}
+
+impl ParamIndex {
+    fn new(p: &[usize], shape: &[usize], ax: usize, block: usize) -> Result<Self, KernelError> {
+        let bad = || {
+            KernelError::Invalid(format!(
+                "quantization parameter {p:?} does not fit {shape:?} (axis {ax}, block {block})"
+            ))
+        };
+        let numel: usize = p.iter().product();
+        let along = shape.get(ax).copied().unwrap_or(1);
+        let inner = shape.get(ax + 1..).map_or(1, |s| s.iter().product());
+        let per_tensor = numel == 1 && block == 0;
+        let blocks = if block == 0 {
+            along
+        } else {
+            along.div_ceil(block)
+        };
+        let fits = per_tensor
+            || (block == 0 && p.len() == 1 && p[0] == along && !shape.is_empty())
+            || (block > 0
+                && p.len() == shape.len()
+                && p.iter()
+                    .zip(shape)
+                    .enumerate()
+                    .all(|(d, (&pd, &sd))| if d == ax { pd == blocks } else { pd == sd }));
+        if !fits {
             return Err(bad());
         }
-        let mut s = vec![1; shape.len()];
-        s[ax] = shape[ax];
-        let r = p.clone().into_shape_with_order(IxDyn(&s))?;
-        return Ok(r.broadcast(ix).ok_or_else(bad)?.to_owned().into_shared());
+        Ok(ParamIndex {
+            per_tensor,
+            inner,
+            along,
+            block,
+            blocks,
+        })
     }
-    if p.ndim() != shape.len() || p.shape()[ax] != shape[ax].div_ceil(block) {
-        return Err(bad());
+
+    /// `f(i, j)` for every element `i` of a tensor of `total` elements, in order, with `j`
+    /// its parameter's index (row-major in the parameter).
+    fn for_each(&self, total: usize, mut f: impl FnMut(usize, usize)) {
+        if self.per_tensor {
+            (0..total).for_each(|i| f(i, 0));
+            return;
+        }
+        let row = self.along * self.inner;
+        let mut i = 0;
+        for o in 0..total.checked_div(row).unwrap_or(0) {
+            for a in 0..self.along {
+                match a.checked_div(self.block) {
+                    // Per axis: parameter `a` for the whole slice.
+                    None => {
+                        for _ in 0..self.inner {
+                            f(i, a);
+                            i += 1;
+                        }
+                    }
+                    Some(b) => {
+                        let base = (o * self.blocks + b) * self.inner;
+                        for n in 0..self.inner {
+                            f(i, base + n);
+                            i += 1;
+                        }
+                    }
+                }
+            }
+        }
     }
-    let idx: Vec<usize> = (0..shape[ax]).map(|j| j / block).collect();
-    let r = p.select(Axis(ax), &idx);
-    Ok(r.broadcast(ix).ok_or_else(bad)?.to_owned().into_shared())
+}
+
+/// A parameter (scale or zero point) as a row-major f32 vector.
+fn param_values(t: &RtTensor) -> Vec<f32> {
+    let f = to_f32(t);
+    super::layout::standard(&f)
+        .as_slice()
+        .expect("standard layout")
+        .to_vec()
 }
 
 fn q_axis(ctx: &KernelCtx<'_>, rank: usize) -> Result<(usize, usize), KernelError> {
@@ -277,7 +332,44 @@ fn q_axis(ctx: &KernelCtx<'_>, rank: usize) -> Result<(usize, usize), KernelErro
     Ok((ax, block))
 }
 
-/// `y = (x - zero_point) * scale`.
+/// The scale and zero point of a (De)QuantizeLinear, row-major, with their layout.
+struct QParams {
+    index: ParamIndex,
+    scale: Vec<f32>,
+    zero: Option<Vec<f32>>,
+}
+
+/// The [`QParams`] of a (De)QuantizeLinear over `shape`; a zero point must have the
+/// scale's shape.
+fn q_params(ctx: &KernelCtx<'_>, inputs: In, shape: &[usize]) -> Result<QParams, KernelError> {
+    let (ax, block) = q_axis(ctx, shape.len())?;
+    let scale = req(inputs, 1)?;
+    if scale.dtype() != DType::F32 {
+        return Err(KernelError::InputType {
+            index: 1,
+            dtype: scale.dtype(),
+        });
+    }
+    let index = ParamIndex::new(scale.shape(), shape, ax, block)?;
+    let zero = match opt(inputs, 2) {
+        Some(z) if z.shape() != scale.shape() => {
+            return Err(KernelError::Invalid(format!(
+                "zero point {:?} and scale {:?} differ in shape",
+                z.shape(),
+                scale.shape()
+            )));
+        }
+        z => z.map(param_values),
+    };
+    Ok(QParams {
+        index,
+        scale: param_values(scale),
+        zero,
+    })
+}
+
+/// `y = (x - zero_point) * scale` (`x * scale` without a zero point), element by element
+/// with no tensor-sized temporaries (a quantized embedding table is folded this way).
 pub fn dequantize_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let x = req(inputs, 0)?;
     if let RtTensor::F32(_) = x {
@@ -286,29 +378,52 @@ pub fn dequantize_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
             dtype: x.dtype(),
         });
     }
-    let xf = to_f32(x);
-    let (ax, block) = q_axis(ctx, xf.ndim())?;
-    let s = expand_param(req_f32(inputs, 1)?, xf.shape(), ax, block)?;
-    let mut y = Zip::from(&xf).and(&s).map_collect(|&v, &s| v * s);
-    if let Some(zp) = opt(inputs, 2) {
-        let z = expand_param(&to_f32(zp), xf.shape(), ax, block)?;
-        Zip::from(&mut y)
-            .and(&xf)
-            .and(&s)
-            .and(&z)
-            .for_each(|y, &v, &s, &z| *y = (v - z) * s);
+    let shape = x.shape().to_vec();
+    let QParams {
+        index,
+        scale: s,
+        zero: z,
+    } = q_params(ctx, inputs, &shape)?;
+    let total = shape.iter().product();
+    let mut y: Vec<f32> = Vec::with_capacity(total);
+    macro_rules! run {
+        ($a:expr, $conv:expr) => {{
+            let a = super::layout::standard($a);
+            let xs = a.as_slice().expect("standard layout");
+            let conv = $conv;
+            match &z {
+                None => index.for_each(total, |i, j| y.push(conv(xs[i]) * s[j])),
+                Some(z) => index.for_each(total, |i, j| y.push((conv(xs[i]) - z[j]) * s[j])),
+            }
+        }};
     }
-    Ok(vec![RtTensor::f32(y)])
+    match x {
+        RtTensor::U8(a) | RtTensor::U4(a) => run!(a, |v: u8| v as f32),
+        RtTensor::I8(a) | RtTensor::I4(a) => run!(a, |v: i8| v as f32),
+        RtTensor::I32(a) => run!(a, |v: i32| v as f32),
+        RtTensor::I64(a) => run!(a, |v: i64| v as f32),
+        RtTensor::Bool(a) => run!(a, |v: bool| v as u8 as f32),
+        RtTensor::F16(a) => run!(a, f32::from),
+        RtTensor::BF16(a) => run!(a, f32::from),
+        RtTensor::F32(_) => unreachable!("rejected above"),
+    }
+    Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
+        IxDyn(&shape),
+        y,
+    )?)])
 }
 
 /// `y = saturate(round_half_even(x / scale) + zero_point)` into the zero point's type, else
 /// `output_dtype` (opset 21), else u8.
 pub fn quantize_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let x = req_f32(inputs, 0)?;
-    let (ax, block) = q_axis(ctx, x.ndim())?;
-    let s = expand_param(req_f32(inputs, 1)?, x.shape(), ax, block)?;
-    let zp = opt(inputs, 2);
-    let to = match zp {
+    let shape = x.shape().to_vec();
+    let QParams {
+        index,
+        scale: s,
+        zero: z,
+    } = q_params(ctx, inputs, &shape)?;
+    let to = match opt(inputs, 2) {
         Some(z) => z.dtype(),
         None => match ctx.int("output_dtype", 0) {
             0 => DType::U8,
@@ -323,14 +438,15 @@ pub fn quantize_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         DType::I4 => (-8.0, 7.0),
         other => return Err(KernelError::UnsupportedType(other)),
     };
-    let z = match zp {
-        Some(z) => expand_param(&to_f32(z), x.shape(), ax, block)?,
-        None => ArrayD::zeros(IxDyn(x.shape())).into_shared(),
-    };
-    let q = Zip::from(x)
-        .and(&s)
-        .and(&z)
-        .map_collect(|&v, &s, &z| ((v / s).round_ties_even() + z).clamp(lo, hi));
+    let xs = super::layout::standard(x);
+    let xs = xs.as_slice().expect("standard layout");
+    let total = xs.len();
+    let mut q: Vec<f32> = Vec::with_capacity(total);
+    index.for_each(total, |i, j| {
+        let zp = z.as_ref().map_or(0.0, |z| z[j]);
+        q.push(((xs[i] / s[j]).round_ties_even() + zp).clamp(lo, hi));
+    });
+    let q = ArrayD::from_shape_vec(IxDyn(&shape), q)?;
     Ok(vec![match to {
         DType::U8 => RtTensor::U8(q.mapv(|v| v as u8).into_shared()),
         DType::U4 => RtTensor::U4(q.mapv(|v| v as u8).into_shared()),
