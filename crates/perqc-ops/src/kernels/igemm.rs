@@ -561,6 +561,21 @@ mod x86 {
         unsafe { std::ptr::read_unaligned(a.as_ptr().add(i * kp + g * KG).cast::<i32>()) }
     }
 
+    /// One 64-byte weight group (4 k of 32 columns) times code group `g` of the `MR` rows,
+    /// added into `lo` (columns 0..16, low nibbles) and `hi` (16..32, high nibbles).
+    macro_rules! dot_group {
+        ($block:expr, $a:expr, $kp:expr, $g:expr, $mask:expr, $dot:expr, $lo:expr, $hi:expr) => {{
+            let v = unsafe { _mm512_loadu_si512($block.as_ptr().cast()) };
+            let u0 = _mm512_and_si512(v, $mask);
+            let u1 = _mm512_and_si512(_mm512_srli_epi16::<4>(v), $mask);
+            for i in 0..MR {
+                let c = _mm512_set1_epi32(unsafe { lane($a, $kp, i, $g) });
+                $lo[i] = $dot($lo[i], u0, c);
+                $hi[i] = $dot($hi[i], u1, c);
+            }
+        }};
+    }
+
     /// AVX-512 tile: per group, one 64-byte load makes two 16-lane weight vectors (low
     /// and high nibbles: columns 0..16 and 16..32); each code row is broadcast and
     /// multiplied into two accumulators. `$dot(acc, u, c)` adds the 4-byte dot products.
@@ -573,14 +588,7 @@ mod x86 {
                 let mut lo = [_mm512_setzero_si512(); MR];
                 let mut hi = [_mm512_setzero_si512(); MR];
                 for (g, block) in w.chunks_exact(GROUP_BYTES).enumerate() {
-                    let v = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
-                    let u0 = _mm512_and_si512(v, mask);
-                    let u1 = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
-                    for i in 0..MR {
-                        let c = _mm512_set1_epi32(unsafe { lane(a, kp, i, g) });
-                        lo[i] = dot(lo[i], u0, c);
-                        hi[i] = dot(hi[i], u1, c);
-                    }
+                    dot_group!(block, a, kp, g, mask, dot, lo, hi);
                 }
                 for i in 0..MR {
                     unsafe {
@@ -621,15 +629,7 @@ mod x86 {
                     }
                     let mut hi = lo;
                     for (j, block) in blocks.chunks_exact(GROUP_BYTES).enumerate() {
-                        let g = b * per + j;
-                        let v = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
-                        let u0 = _mm512_and_si512(v, mask);
-                        let u1 = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
-                        for i in 0..MR {
-                            let c = _mm512_set1_epi32(unsafe { lane(a, kp, i, g) });
-                            lo[i] = dot(lo[i], u0, c);
-                            hi[i] = dot(hi[i], u1, c);
-                        }
+                        dot_group!(block, a, kp, b * per + j, mask, dot, lo, hi);
                     }
                     let (t0, t1, s0, s1) = unsafe {
                         (
