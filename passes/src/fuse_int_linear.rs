@@ -276,7 +276,9 @@ fn rewrite(m: &Matcher<'_>, act: &Activation) -> Option<(Patch, u64, u64)> {
             (x, x, first, spec)
         }
     };
-    if m.rank(x).is_some_and(|r| r < 1) || !m.is_f32(x) {
+    // A FakeQuantize reads f32 by its rule; a float activation must be known to be f32.
+    let float_unknown = matches!(act, Activation::Float { .. }) && !m.is_f32(x);
+    if m.rank(x).is_some_and(|r| r < 1) || float_unknown {
         return None;
     }
     let mut fused = Vec::new();
