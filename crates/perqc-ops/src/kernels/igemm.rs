@@ -459,6 +459,7 @@ unsafe fn grouped_panel(
         col_sum[b][..cols].copy_from_slice(&ops.col_sums[at..at + cols]);
         col_scale[b][..cols].copy_from_slice(&ops.w_scale[at..at + cols]);
     }
+    let mut rc = vec![[0i32; MR]; nb];
     for r0 in (0..ops.m).step_by(MR) {
         let a = if r0 + MR <= ops.m {
             &ops.codes[r0 * kp..(r0 + MR) * kp]
@@ -470,11 +471,14 @@ unsafe fn grouped_panel(
         for (i, z) in zcorr.iter_mut().enumerate().take(rows) {
             *z = ops.terms[r0 + i].zcorr;
         }
-        // Per group, the rows' `-8·Σ_{k in b} c`.
-        let mut rc = vec![[0i32; MR]; nb];
+        // Per group, the rows' `-8·Σ_{k in b} c` (0 past the last row).
         for (b, rc) in rc.iter_mut().enumerate() {
-            for (i, r) in rc.iter_mut().enumerate().take(rows) {
-                *r = rowcorr[(r0 + i) * nb + b];
+            for (i, r) in rc.iter_mut().enumerate() {
+                *r = if i < rows {
+                    rowcorr[(r0 + i) * nb + b]
+                } else {
+                    0
+                };
             }
         }
         let mut f = [[0f32; NR]; MR];

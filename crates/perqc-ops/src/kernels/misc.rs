@@ -379,11 +379,8 @@ pub fn dequantize_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         });
     }
     let shape = x.shape().to_vec();
-    let QParams {
-        index,
-        scale: s,
-        zero: z,
-    } = q_params(ctx, inputs, &shape)?;
+    let q = q_params(ctx, inputs, &shape)?;
+    let (index, s, z) = (&q.index, &q.scale, &q.zero);
     let total = shape.iter().product();
     let mut y: Vec<f32> = Vec::with_capacity(total);
     macro_rules! run {
@@ -418,11 +415,8 @@ pub fn dequantize_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
 pub fn quantize_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let x = req_f32(inputs, 0)?;
     let shape = x.shape().to_vec();
-    let QParams {
-        index,
-        scale: s,
-        zero: z,
-    } = q_params(ctx, inputs, &shape)?;
+    let q = q_params(ctx, inputs, &shape)?;
+    let (index, s, z) = (&q.index, &q.scale, &q.zero);
     let to = match opt(inputs, 2) {
         Some(z) => z.dtype(),
         None => match ctx.int("output_dtype", 0) {
