@@ -390,8 +390,12 @@ const HUGE_OUTPUT_BYTES: usize = 4 << 20;
 /// `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned part). Such buffers usually come fresh
 /// from `mmap`, and writing them would otherwise take one page fault per 4 KiB: on
 /// SmolLM2's 100 MB logits that was +120 ms on a 75 ms product. Where the advice is not
-/// available (other systems, THP disabled) this is a plain `Vec::with_capacity`.
-pub fn output_vec<T>(len: usize) -> Vec<T> {
+/// available (other systems, THP disabled) this is a plain `Vec::with_capacity`. f32
+/// buffers of 32 MiB and more come from [`crate::pool`] when it holds one that fits.
+pub fn output_vec<T: 'static>(len: usize) -> Vec<T> {
+    if let Some(v) = crate::pool::take(len) {
+        return v;
+    }
     let v = Vec::with_capacity(len);
     let bytes = len.saturating_mul(std::mem::size_of::<T>());
     #[cfg(target_os = "linux")]

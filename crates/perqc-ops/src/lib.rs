@@ -19,6 +19,7 @@ pub mod hadamard;
 pub mod infer;
 pub mod kernel;
 pub mod kernels;
+pub mod pool;
 pub mod quant;
 pub mod rules;
 pub mod stats;

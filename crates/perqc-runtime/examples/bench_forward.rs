@@ -2,11 +2,14 @@
 //!
 //! usage: bench_forward MODEL [--seq 512] [--reps 3] [--threads 2] [--seed 0]
 //!                            [--vocab 49152] [--save DIR] [--profile] [--as-is] [--no-int]
+//!                            [--fresh-outputs]
 //! Prints load, plan and per-run wall times and the median. With `--save`, writes
 //! `DIR/input_ids.npy` and `DIR/<output>.npy` (`/` in a name written `_`) (for comparison with ONNX Runtime, see
 //! `scripts/bench_runtime.py`). The model is canonicalized first (exported attention, RMS
 //! norm and SiLU chains become one op each) unless `--as-is`, and its quantized linears run
-//! on the integer kernels (`fuse-int-linear`) unless `--no-int` or `--as-is`.
+//! on the integer kernels (`fuse-int-linear`) unless `--no-int` or `--as-is`. Each run's
+//! outputs go back to the runtime (`perqc_runtime::recycle`) before the next run, as
+//! `perqc eval` does, unless `--fresh-outputs` (each run then maps its logits anew).
 
 use anyhow::{Context, Result, bail};
 use ndarray::{ArrayD, IxDyn};
@@ -23,6 +26,7 @@ fn main() -> Result<()> {
     let mut profile = None;
     let mut as_is = false;
     let mut int = true;
+    let mut reuse = true;
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -35,6 +39,7 @@ fn main() -> Result<()> {
             "--profile" => profile = Some(Profile::default()),
             "--as-is" => as_is = true,
             "--no-int" => int = false,
+            "--fresh-outputs" => reuse = false,
             s if s.starts_with("--") => bail!("unknown option {s}"),
             s => model = Some(PathBuf::from(s)),
         }
@@ -74,6 +79,11 @@ fn main() -> Result<()> {
     let mut times = Vec::new();
     let mut outs = Vec::new();
     for r in 0..reps.max(1) {
+        if reuse {
+            perqc_runtime::recycle(std::mem::take(&mut outs).into_iter().map(|(_, t)| t));
+        } else {
+            outs.clear();
+        }
         let t = Instant::now();
         outs = sess.run_profiled(&[("input_ids", x.clone())], profile.as_mut())?;
         let s = t.elapsed().as_secs_f64();

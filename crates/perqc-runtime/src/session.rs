@@ -652,7 +652,9 @@ impl Session {
                     }
                 }
                 for &s in &st.free {
-                    vals[s] = None;
+                    if let Some(t) = vals[s].take() {
+                        perqc_ops::pool::recycle(t);
+                    }
                 }
             }
             Ok(())
@@ -680,8 +682,21 @@ impl Session {
 /// SmolLM2 forward). Raising the mmap threshold to 32 MiB (glibc's maximum) and the trim
 /// threshold to 512 MiB makes the heap reuse them. Peak RSS is unchanged (the live set
 /// still bounds it); freed memory below 512 MiB is kept for the next run.
+///
+/// Buffers above 32 MiB (a causal LM's logits) are mapped fresh by glibc whatever the
+/// threshold; the f32 ones go to [`perqc_ops::pool`] instead when a run frees them or the
+/// caller gives them back with [`recycle`].
 pub fn tune_allocator() {
     set_allocator(32 << 20, 512 << 20);
+    perqc_ops::pool::enable(true);
+}
+
+/// Gives the memory of tensors the caller is done with (a run's outputs) to the next run,
+/// after [`tune_allocator`]: a large f32 output that no other handle shares is kept for the
+/// next kernel output of its size instead of being unmapped and faulted in again (about
+/// 50 ms of a SmolLM2 forward for its 100 MB logits). Anything else is simply dropped.
+pub fn recycle(tensors: impl IntoIterator<Item = RtTensor>) {
+    tensors.into_iter().for_each(perqc_ops::pool::recycle);
 }
 
 /// Undoes [`tune_allocator`] for work that is not a session (the compiler's passes between
@@ -691,6 +706,7 @@ pub fn tune_allocator() {
 /// and add up to the peak. [`tune_allocator`] turns the reuse back on.
 pub fn untune_allocator() {
     set_allocator(1 << 20, 32 << 20);
+    perqc_ops::pool::enable(false);
 }
 
 fn set_allocator(mmap_threshold: i32, trim_threshold: i32) {
@@ -704,12 +720,13 @@ fn set_allocator(mmap_threshold: i32, trim_threshold: i32) {
     let _ = (mmap_threshold, trim_threshold);
 }
 
-/// Gives the allocator's free memory back to the system (glibc's `malloc_trim(0)`; a no-op
+/// Frees the buffer pool and gives the allocator's free memory back to the system (glibc's `malloc_trim(0)`; a no-op
 /// elsewhere). After [`tune_allocator`], memory a dropped session freed stays in the
 /// process for the next run; a program that moves on to other work (the CLI after
 /// calibrating) calls this so that the freed weights and activations do not add to what
 /// that work allocates.
 pub fn trim_allocator() {
+    perqc_ops::pool::clear();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // Safety: malloc_trim only returns free memory to the system; it is thread-safe in glibc.
     unsafe {

@@ -54,7 +54,11 @@ impl<A: Copy, B: Copy, C, F: Fn(A, B) -> C + Sync> Pair<A, B, C> for ByElement<F
 
 /// `f(a, b)` over the broadcast of `a` and `b`, written to a fresh row-major array (see
 /// [`zip2_by`]).
-pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>(
+pub(crate) fn zip2<
+    A: Copy + Sync + Send + 'static,
+    B: Copy + Sync + Send + 'static,
+    C: Copy + Send + 'static,
+>(
     a: &Arr<A>,
     b: &Arr<B>,
     f: impl Fn(A, B) -> C + Sync + Send,
@@ -67,7 +71,11 @@ pub(crate) fn zip2<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>
 /// The operands are walked in merged runs (see [`Walk`]); runs with unit or zero strides
 /// go to the op's slice loops, others are stepped element by element. Large outputs are
 /// split into element ranges over the threads.
-pub(crate) fn zip2_by<A: Copy + Sync + Send, B: Copy + Sync + Send, C: Copy + Send>(
+pub(crate) fn zip2_by<
+    A: Copy + Sync + Send + 'static,
+    B: Copy + Sync + Send + 'static,
+    C: Copy + Send + 'static,
+>(
     a: &Arr<A>,
     b: &Arr<B>,
     op: &impl Pair<A, B, C>,

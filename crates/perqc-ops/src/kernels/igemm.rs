@@ -385,8 +385,9 @@ unsafe fn panel(ops: &Operands<'_>, tail: &[i8], p: usize, out: SendPtr, level: 
     let mut col_scale = [0f32; NR];
     col_sum[..cols].copy_from_slice(&ops.col_sums[c0..c0 + cols]);
     col_scale[..cols].copy_from_slice(&ops.w_scale[c0..c0 + cols]);
+    // Every tile overwrites it, so it is cleared once, not per row block.
+    let mut acc = [[0i32; NR]; MR];
     for r0 in (0..ops.m).step_by(MR) {
-        let mut acc = [[0i32; NR]; MR];
         let a = if r0 + MR <= ops.m {
             &ops.codes[r0 * kp..(r0 + MR) * kp]
         } else {

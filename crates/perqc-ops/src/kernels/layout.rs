@@ -141,7 +141,7 @@ pub(crate) fn par_fill_units<C: Send>(
 /// [`par_fill_units`]; here units are single elements of unit cost).
 ///
 /// `fill` must initialize every element of each `dst` it is given.
-pub(crate) fn filled<C: Send>(
+pub(crate) fn filled<C: Send + 'static>(
     shape: &[usize],
     fill: impl Fn(usize, &mut [MaybeUninit<C>]) + Sync,
 ) -> ArrayD<C> {
@@ -149,7 +149,7 @@ pub(crate) fn filled<C: Send>(
 }
 
 /// [`filled`] in pieces of whole `unit`s, with `cost` as in [`par_fill_units`].
-pub(crate) fn filled_units<C: Send>(
+pub(crate) fn filled_units<C: Send + 'static>(
     shape: &[usize],
     unit: usize,
     cost: usize,
@@ -192,7 +192,7 @@ pub(crate) unsafe fn gather<T: Copy>(src: *const T, step: isize, dst: &mut [Mayb
 
 /// The elements of `v` in row-major order, in a fresh row-major array (a memcpy of runs
 /// for strided views, a splat for broadcast axes).
-pub(crate) fn to_standard<T: Copy + Send + Sync>(v: &ArrayViewD<'_, T>) -> ArrayD<T> {
+pub(crate) fn to_standard<T: Copy + Send + Sync + 'static>(v: &ArrayViewD<'_, T>) -> ArrayD<T> {
     let walk = Walk::new(v.shape(), [v.strides()]);
     let src = SendPtr(v.as_ptr());
     filled(v.shape(), |e0, dst| {
@@ -204,7 +204,7 @@ pub(crate) fn to_standard<T: Copy + Send + Sync>(v: &ArrayViewD<'_, T>) -> Array
 }
 
 /// `a` in row-major order: shared without a copy when it already is.
-pub(crate) fn standard<T: Copy + Send + Sync>(a: &Arr<T>) -> Arr<T> {
+pub(crate) fn standard<T: Copy + Send + Sync + 'static>(a: &Arr<T>) -> Arr<T> {
     if a.is_standard_layout() {
         a.clone()
     } else {

@@ -17,7 +17,10 @@ pub fn identity(_: &KernelCtx<'_>, inputs: In) -> Out {
 }
 
 /// `a` reshaped to `shape` (same element count), copying only if `a` is not row-major.
-fn reshape_arr<T: Copy + Send + Sync>(a: &Arr<T>, shape: &[usize]) -> Result<Arr<T>, KernelError> {
+fn reshape_arr<T: Copy + Send + Sync + 'static>(
+    a: &Arr<T>,
+    shape: &[usize],
+) -> Result<Arr<T>, KernelError> {
     Ok(standard(a).into_shape_with_order(IxDyn(shape))?)
 }
 
@@ -208,7 +211,7 @@ pub fn concatenate(parts: &[&RtTensor], ax: usize) -> Result<RtTensor, KernelErr
 /// Concatenation along `ax` as block copies: the result is `outer = prod(shape[..ax])` rows,
 /// each the parts' rows (`prod(part.shape[ax..])` elements, in row-major order) side by
 /// side. Strided parts are read in runs (see [`Walk`]), without a row-major copy first.
-fn cat_rows<T: Copy + Send + Sync>(
+fn cat_rows<T: Copy + Send + Sync + 'static>(
     ax: usize,
     views: &[ndarray::ArrayViewD<'_, T>],
 ) -> Result<ndarray::ArrayD<T>, KernelError> {
