@@ -156,6 +156,7 @@ mod tests {
         fuse-attention      MatMul(Softmax(scale * q kᵀ + mask), v) -> ai.perqc::Attention (reads grouped K/V heads directly)
         fuse-linear         MatMul / Gemm with a constant weight (+ bias Add) -> ai.perqc::Linear
         fuse-rms-norm       x / sqrt(mean(x²) + eps) * gamma in any exported spelling -> ai.perqc::RMSNormalization
+        fuse-rotary         Add(Mul(x, cos), Mul(Concat(Neg(x[.., h:]), x[.., :h]), sin)) -> ai.perqc::Rotary
         fuse-skip-rms-norm  com.microsoft::SkipSimplifiedLayerNormalization -> Add + ai.perqc::RMSNormalization
         fuse-layer-norm     (x - mean) / sqrt(var + eps) * gamma + beta, or LayerNormalization -> ai.perqc::LayerNormalization
         fuse-silu           Mul(x, Sigmoid(x)) -> ai.perqc::Swish(alpha = 1)

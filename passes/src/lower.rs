@@ -30,6 +30,9 @@
 //!   for x `[.., f]` of rank r (r - 1 zeros: Reshape copies those dims) and H `[b, b]`:
 //!   MatMul applies H to every block of b channels, which is the op's definition (no ONNX
 //!   op of its own). `-1` stands for `f/b` and `f` when f is not a known number.
+//! - `Rotary(x, cos, sin) == Add(Mul(x, cos), Mul(Concat(Neg(Slice(x, [h, D))), Slice(x,
+//!   [0, h)), axis = last), sin))` for x's last dim D (a known number), h = D / 2 (no ONNX
+//!   op of its own: ONNX's RotaryEmbedding takes half-width caches).
 //! - `FakeQuantize(x, bits, symmetric, clip)` (per-token dynamic quantization, no ONNX op
 //!   of its own; see `perqc_ops::quant`) becomes the graph that computes it, which needs
 //!   default opset 21 (uint4 / int4 and blocked `QuantizeLinear`): a model below it is
@@ -240,6 +243,55 @@ fn hadamard(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     );
     let (spec, ins) = reshape(e, &mut p, rot, &merge, "hadamard_shape");
     p.set_op(id, spec, ins);
+    Ok(p)
+}
+
+/// `ai.perqc::Rotary` as the chain `fuse-rotary` reads (see the module docs).
+fn rotary(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
+    let n = e.g.node(id);
+    let (Some(x), Some(cos), Some(sin)) = (n.input(0), n.input(1), n.input(2)) else {
+        return Err("needs x, cos and sin".into());
+    };
+    let rank = e.shapes.shape(x).ok_or("x has no known rank")?.len();
+    if rank == 0 {
+        return Err("x has no axis to rotate".into());
+    }
+    let d = e
+        .known_dim(x, rank - 1)
+        .ok_or("the size of x's last axis is unknown")?;
+    let (h, axis) = (d / 2, rank as i64 - 1);
+    let mut p = Patch::new();
+    let xv: PatchValue = x.into();
+    let slice = |p: &mut Patch, start: i64, end: i64, base: &str| {
+        if e.opset < 10 {
+            let spec = op("Slice")
+                .attr("starts", AttrValue::Ints(vec![start]))
+                .attr("ends", AttrValue::Ints(vec![end]))
+                .attr("axes", AttrValue::Ints(vec![axis]));
+            emit(p, id, spec, &[xv], base)
+        } else {
+            let ins = [
+                xv,
+                ints(p, "rotary_starts", &[start]),
+                ints(p, "rotary_ends", &[end]),
+                ints(p, "rotary_axes", &[axis]),
+            ];
+            emit(p, id, op("Slice"), &ins, base)
+        }
+    };
+    let high = slice(&mut p, h, d, "rotary_high");
+    let low = slice(&mut p, 0, h, "rotary_low");
+    let neg = emit(&mut p, id, op("Neg"), &[high], "rotary_neg_high");
+    let rot = emit(
+        &mut p,
+        id,
+        op("Concat").attr("axis", AttrValue::Int(axis)),
+        &[neg, low],
+        "rotary_rotated",
+    );
+    let xc = emit(&mut p, id, op("Mul"), &[xv, cos.into()], "rotary_cos");
+    let rs = emit(&mut p, id, op("Mul"), &[rot, sin.into()], "rotary_sin");
+    p.set_op(id, op("Add"), [Some(xc), Some(rs)]);
     Ok(p)
 }
 
@@ -625,6 +677,7 @@ impl Pass for Lower {
                         "Gelu" => gelu(&e, id),
                         "LayerNormalization" => layer_norm(&e, id),
                         "Hadamard" => hadamard(&e, id),
+                        "Rotary" => rotary(&e, id),
                         "FakeQuantize" => fake_quantize(&e, id),
                         "QuantizeTokens" | "QuantizedLinear" => Err(
                             "it is part of the native runtime's integer linears (codes and \

@@ -354,6 +354,11 @@ fn canonical_attention_rms_norm_and_silu_match_the_exported_graph() {
             2 * softmaxes.len(),
             "{name}"
         );
+        // Rotary embeddings (Slice, Slice, Neg, Concat, Mul, Mul, Add) on q and k: one
+        // Rotary step each.
+        assert_eq!(count(&fused, "Neg"), 0, "{name}");
+        assert_eq!(count(&fused, "Rotary"), count(&plain, "Neg"), "{name}");
+        assert_eq!(count(&fused, "Rotary"), 2 * softmaxes.len(), "{name}");
         for (k, (batch, seq)) in [(1, 13), (2, 6)].into_iter().enumerate() {
             let x = ids(batch, seq, 5 + k as u64);
             let a = fused.run(&[("input_ids", x.clone())]).unwrap();
@@ -377,6 +382,67 @@ fn canonical_attention_rms_norm_and_silu_match_the_exported_graph() {
         assert!(err.to_string().contains("no value"), "{err}");
         plain.run_observed(&[("input_ids", x)], &mut w).unwrap();
         assert_eq!(w.1, 1);
+    }
+}
+
+#[test]
+fn fused_rotary_is_bitwise_the_exported_chain() {
+    // fuse-rotary alone changes only the rotary steps, whose kernel computes the chain's
+    // products and sum: the logits are equal bit for bit (1 and 2 threads, two shapes), and
+    // `lower` writes a chain that fuses back into the same graph.
+    for name in ["llama_ts.onnx", "llama_dynamo.onnx"] {
+        let plain = perqc_onnx::load(&fixture(name)).unwrap().model;
+        let mut fused = plain.clone();
+        let mut p = perqc_passes::registry()
+            .build("fuse-rotary,dce")
+            .expect("pipeline");
+        let report = perqc_ir::PassManager::new()
+            .run(&mut fused, &mut p, &mut perqc_ir::RunOptions::default())
+            .unwrap();
+        perqc_ir::verify(&fused).unwrap();
+        let rotary = |m: &perqc_ir::Model| {
+            m.graph
+                .nodes()
+                .filter(|(_, n)| n.op_type == "Rotary")
+                .count()
+        };
+        assert!(rotary(&fused) >= 2, "{name}: {report:?}");
+        let mut round = fused.clone();
+        perqc_passes::lower_for_export(&mut round).unwrap();
+        assert_eq!(rotary(&round), 0, "{name}");
+        let mut p = perqc_passes::registry()
+            .build("fuse-rotary,dce")
+            .expect("pipeline");
+        perqc_ir::PassManager::new()
+            .run(&mut round, &mut p, &mut perqc_ir::RunOptions::default())
+            .unwrap();
+        assert_eq!(
+            rotary(&round),
+            rotary(&fused),
+            "{name}: lowered chain fuses back"
+        );
+        for threads in [1, 2] {
+            let opts = SessionOptions { threads };
+            let sessions =
+                [&plain, &fused, &round].map(|m| Session::with_options(m, &opts).unwrap());
+            for (k, (batch, seq)) in [(1, 13), (2, 6)].into_iter().enumerate() {
+                let x = ids(batch, seq, 11 + k as u64);
+                let out: Vec<Vec<u32>> = sessions
+                    .iter()
+                    .map(|s| {
+                        let o = s.run(&[("input_ids", x.clone())]).unwrap();
+                        o[0].1
+                            .as_f32()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect()
+                    })
+                    .collect();
+                assert!(out[0] == out[1], "{name}: fused rotary differs");
+                assert!(out[0] == out[2], "{name}: lowered rotary differs");
+            }
+        }
     }
 }
 

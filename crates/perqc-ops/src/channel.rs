@@ -466,6 +466,52 @@ pub fn rotary(_: &ChannelCtx<'_>) -> ChannelFlow {
     ChannelFlow::Barrier("rotary embedding mixes channel pairs per position")
 }
 
+/// No transform commutes (an op that mixes the channels of its axis non-uniformly).
+const NOTHING: Commutes = Commutes {
+    permutation: false,
+    rotation: false,
+    positive_scale: false,
+    signed_scale: false,
+    factor: false,
+};
+
+/// `ai.perqc::Rotary(x, cos, sin) = x ⊙ c + r(x) ⊙ s`, `r` swapping and negating the halves
+/// of the last axis: linear in x, so on another axis of x every linear map commutes when
+/// cos and sin are constant along it, permutations when they carry it too; on the last
+/// axis nothing does (pairs `(j, j + D/2)` turn by their own angles), but the channels
+/// reach the result (the query/key region ends at attention, blocked here). The angles
+/// themselves are a barrier.
+pub fn rotate_half(ctx: &ChannelCtx<'_>) -> ChannelFlow {
+    let Some(rank) = ctx.rank(0) else {
+        return ChannelFlow::Barrier("operand rank unknown");
+    };
+    if ctx.input != 0 {
+        return ChannelFlow::Barrier("rotary angles");
+    }
+    if ctx.axis + 1 == rank {
+        return ChannelFlow::through(vec![(0, ctx.axis)], NOTHING);
+    }
+    let mut with = Vec::new();
+    for j in [1, 2] {
+        let Some(shape) = ctx.in_shape(j) else {
+            return ChannelFlow::Barrier("operand rank unknown");
+        };
+        match (ctx.axis + shape.len())
+            .checked_sub(rank)
+            .map(|a| (a, &shape[a]))
+        {
+            Some((_, Dim::Known(1))) | None => {}
+            Some((a, _)) => with.push((j, a)),
+        }
+    }
+    ChannelFlow::Through {
+        outputs: vec![(0, ctx.axis)],
+        commutes: if with.is_empty() { LINEAR } else { PERM },
+        with,
+        uniform: Vec::new(),
+    }
+}
+
 /// Attention with packed or cached heads (GroupQueryAttention): heads, rotary and the cache
 /// are structure the region analysis handles itself.
 pub fn packed_attention(_: &ChannelCtx<'_>) -> ChannelFlow {

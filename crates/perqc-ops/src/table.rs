@@ -417,6 +417,10 @@ pub static OPS: &[OpDef] = &[
     OpDef::custom(PERQC, "Swish", 1, ew::unary)
         .kernel(kew::swish)
         .channel(ch::pointwise),
+    // Shape: x's (the pattern and the kernel check that cos and sin broadcast to it).
+    OpDef::custom(PERQC, "Rotary", 1, ew::unary)
+        .kernel(krot::rotate_half)
+        .channel(ch::rotate_half),
     OpDef::custom(PERQC, "Hadamard", 1, la::hadamard)
         .kernel(khad::hadamard)
         .channel(ch::hadamard),

@@ -21,6 +21,7 @@ pub mod hadamard;
 pub mod layer_norm;
 pub mod linear;
 pub mod rms_norm;
+pub mod rotary;
 pub mod silu;
 pub mod skip_rms_norm;
 
@@ -40,10 +41,11 @@ pub struct Pattern {
 }
 
 /// Every pattern, in the order they are tried at each node.
-pub static PATTERNS: [&Pattern; 9] = [
+pub static PATTERNS: [&Pattern; 10] = [
     &attention::PATTERN,
     &linear::PATTERN,
     &rms_norm::PATTERN,
+    &rotary::PATTERN,
     &skip_rms_norm::PATTERN,
     &layer_norm::PATTERN,
     &silu::PATTERN,
@@ -53,7 +55,7 @@ pub static PATTERNS: [&Pattern; 9] = [
 ];
 
 /// The pass factory of each pattern, in [`PATTERNS`] order.
-pub static FACTORIES: [PassFactory; 9] = [
+pub static FACTORIES: [PassFactory; 10] = [
     factory::<0>,
     factory::<1>,
     factory::<2>,
@@ -63,6 +65,7 @@ pub static FACTORIES: [PassFactory; 9] = [
     factory::<6>,
     factory::<7>,
     factory::<8>,
+    factory::<9>,
 ];
 
 fn factory<const I: usize>(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {

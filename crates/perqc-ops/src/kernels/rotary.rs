@@ -1,4 +1,5 @@
-//! Rotary position embeddings: `com.microsoft::RotaryEmbedding`, and the rotation
+//! Rotary position embeddings: `com.microsoft::RotaryEmbedding`, `ai.perqc::Rotary` (the
+//! exported "rotate half" chain, [`rotate_half`]), and the rotation
 //! `com.microsoft::GroupQueryAttention` applies to its new query and key heads
 //! (`do_rotary`).
 //!
@@ -14,7 +15,11 @@
 //!
 //! as ONNX Runtime's CPU kernel computes it (one product per term, then one add).
 
+use super::layout::{SendPtr, Walk, filled_units};
+use super::vmath::multiversion;
 use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, opt, req_f32, req_ints};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use std::mem::MaybeUninit;
 
 type In<'a, 'b> = &'a [Option<&'b RtTensor>];
 type Out = Result<Vec<RtTensor>, KernelError>;
@@ -173,4 +178,103 @@ pub fn rotary_embedding(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         }
     }
     Ok(vec![RtTensor::f32(y)])
+}
+
+/// `ai.perqc::Rotary(x, cos, sin)`, the exported "rotate half" chain (passes'
+/// `fuse-rotary`): over x's last axis of `D` (even) elements, `h = D / 2`,
+///
+/// ```text
+/// y_j = x_j · c_j + r_j · s_j,   r = (-x[h..D], x[0..h])
+/// ```
+///
+/// with cos and sin broadcast to x's shape (the result has x's shape). One product per
+/// term and one sum, in the chain's order, so the result is bitwise the chain's.
+pub fn rotate_half(_: &KernelCtx<'_>, inputs: In) -> Out {
+    let x = req_f32(inputs, 0)?;
+    let (cos, sin) = (req_f32(inputs, 1)?, req_f32(inputs, 2)?);
+    let shape = x.shape().to_vec();
+    let Some((&d, rows)) = shape.split_last() else {
+        return Err(KernelError::Invalid(
+            "Rotary needs x of rank >= 1 (its last axis is rotated)".into(),
+        ));
+    };
+    if d % 2 != 0 {
+        return Err(KernelError::Invalid(format!(
+            "Rotary rotates halves of the last axis; its size {d} is odd"
+        )));
+    }
+    fn to_x<'a>(c: &'a Arr<f32>, shape: &[usize]) -> Result<ArrayViewD<'a, f32>, KernelError> {
+        c.broadcast(IxDyn(shape)).ok_or_else(|| {
+            KernelError::Invalid(format!(
+                "Rotary: cos/sin of shape {:?} do not broadcast to x's {shape:?}",
+                c.shape()
+            ))
+        })
+    }
+    let (c, s) = (to_x(cos, &shape)?, to_x(sin, &shape)?);
+    if d == 0 {
+        return Ok(vec![RtTensor::f32(ArrayD::zeros(IxDyn(&shape)))]);
+    }
+    let r = rows.len();
+    let walk = Walk::new(
+        rows,
+        [&x.strides()[..r], &c.strides()[..r], &s.strides()[..r]],
+    );
+    let last = [x.strides()[r], c.strides()[r], s.strides()[r]];
+    let (px, pc, ps) = (
+        SendPtr(x.as_ptr()),
+        SendPtr(c.as_ptr()),
+        SendPtr(s.as_ptr()),
+    );
+    let out = filled_units(&shape, d, 3, |e0, dst| {
+        walk.pieces(e0 / d, dst.len() / d, |at, [ox, oc, os], take| {
+            for t in 0..take {
+                let row = &mut dst[(at + t) * d..(at + t + 1) * d];
+                let t = t as isize;
+                // Safety: the offsets, steps and last-axis strides index the broadcast
+                // views of live arrays, `d` elements per row.
+                unsafe {
+                    let (xr, cr, sr) = (
+                        px.get().offset(ox + t * walk.step[0]),
+                        pc.get().offset(oc + t * walk.step[1]),
+                        ps.get().offset(os + t * walk.step[2]),
+                    );
+                    if last == [1, 1, 1] {
+                        use std::slice::from_raw_parts as slice;
+                        rotate_row(slice(xr, d), slice(cr, d), slice(sr, d), row);
+                    } else {
+                        let at = |p: *const f32, st: isize, j: usize| *p.offset(j as isize * st);
+                        let h = d / 2;
+                        for (j, y) in row.iter_mut().enumerate() {
+                            let r = if j < h {
+                                -at(xr, last[0], j + h)
+                            } else {
+                                at(xr, last[0], j - h)
+                            };
+                            y.write(
+                                at(xr, last[0], j) * at(cr, last[1], j) + r * at(sr, last[2], j),
+                            );
+                        }
+                    }
+                }
+            }
+        });
+    });
+    Ok(vec![RtTensor::f32(out)])
+}
+
+multiversion! {
+    /// One row of [`rotate_half`], all operands contiguous (`x.len()` even).
+    fn rotate_row(x: &[f32], c: &[f32], s: &[f32], y: &mut [MaybeUninit<f32>]) {
+        let h = x.len() / 2;
+        let (lo, hi) = x.split_at(h);
+        let (y_lo, y_hi) = y.split_at_mut(h);
+        let ((c_lo, c_hi), (s_lo, s_hi)) = (c.split_at(h), s.split_at(h));
+        for ((((y, &a), &b), &c), &s) in y_lo.iter_mut().zip(lo).zip(hi).zip(c_lo).zip(s_lo) {
+            y.write(a * c + -b * s);
+        }
+        for ((((y, &a), &b), &c), &s) in y_hi.iter_mut().zip(lo).zip(hi).zip(c_hi).zip(s_hi) {
+            y.write(b * c + a * s);
+        }
+    }
 }
