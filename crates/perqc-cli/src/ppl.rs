@@ -5,20 +5,22 @@
 //! (`corpus.rs`); each window's logits score its `seq - 1` next tokens. ppl = exp(mean NLL),
 //! accumulated in f64.
 
-/// Sum over positions t < seq-1 of -log softmax(logits[t])[ids[t+1]], in f64.
-/// `logits` is `[seq, vocab]` row-major.
+/// Sum over positions t < seq-1 of -log softmax(logits[t])[ids[t+1]], in f64: each row's
+/// `log Σ exp` by `perqc_ops::kernels::log_sum_exp` (f32 terms, vectorized, an f64 sum),
+/// minus the target's logit. `logits` is `[seq, vocab]` row-major.
 pub fn window_nll(logits: &[f32], vocab: usize, ids: &[u32]) -> f64 {
+    use rayon::prelude::*;
     let seq = ids.len();
     debug_assert_eq!(logits.len(), seq * vocab);
-    (0..seq.saturating_sub(1))
+    // Rows in parallel, summed in order: the same total whatever the threads.
+    let per_row: Vec<f64> = (0..seq.saturating_sub(1))
+        .into_par_iter()
         .map(|t| {
             let row = &logits[t * vocab..(t + 1) * vocab];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-            let logp = row[ids[t + 1] as usize] as f64 - max - sum.ln();
-            -logp
+            perqc_ops::kernels::log_sum_exp(row) - f64::from(row[ids[t + 1] as usize])
         })
-        .sum()
+        .collect();
+    per_row.iter().sum()
 }
 
 #[cfg(test)]

@@ -15,3 +15,5 @@ pub mod norm;
 pub mod reduce;
 pub mod rotary;
 pub(crate) mod vmath;
+
+pub use vmath::log_sum_exp;

@@ -261,6 +261,33 @@ multiversion! {
 }
 
 multiversion! {
+    /// `ln Σ_j exp(r_j)` of one row, for log-likelihoods over a vocabulary: `m + ln Σ
+    /// exp(r_j - m)` with `m` the row's max, each term by the f32 [`exp`] (about 2 ulp),
+    /// summed in f64 over [`LANES`] fixed lanes (lane `j % LANES`, then the tail, then the
+    /// lanes in order), so every dispatch level gives the same bits. NaN if the row holds
+    /// one; `-inf` for an empty row or one of `-inf` only; `+inf` if it holds `+inf`.
+    pub fn log_sum_exp(r: &[f32]) -> f64 {
+        let m = row_max(r);
+        if m.is_nan() || m == f32::NEG_INFINITY || m == f32::INFINITY {
+            return f64::from(m);
+        }
+        let mut lanes = [0f64; LANES];
+        let mut chunks = r.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (acc, &v) in lanes.iter_mut().zip(c) {
+                *acc += f64::from(exp(v - m));
+            }
+        }
+        let mut s = 0f64;
+        for &v in chunks.remainder() {
+            s += f64::from(exp(v - m));
+        }
+        let s = lanes.iter().fold(s, |a, &l| a + l);
+        f64::from(m) + s.ln()
+    }
+}
+
+multiversion! {
     /// `dst` = the softmax of the row `src` (same length): the arithmetic of
     /// [`softmax_row`], reading `src` once and writing `dst` without a copy.
     pub(crate) fn softmax_row_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
@@ -315,6 +342,26 @@ mod tests {
         assert_eq!(exp(f32::INFINITY), f32::INFINITY);
         assert!(exp(f32::NAN).is_nan());
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn log_sum_exp_matches_f64() {
+        for n in [1usize, 15, 16, 17, 1000, 49152] {
+            // Logits-like rows: spread over about 30 nats, one tall entry.
+            let mut r: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 30.0)
+                .collect();
+            r[n / 2] = 18.5;
+            let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let want = m + r.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            let got = log_sum_exp(&r);
+            assert!((got - want).abs() < 1e-6, "{n}: {got} vs {want}");
+        }
+        assert_eq!(log_sum_exp(&[]), f64::NEG_INFINITY);
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f64::NEG_INFINITY);
+        assert_eq!(log_sum_exp(&[0.0, f32::INFINITY]), f64::INFINITY);
+        assert!(log_sum_exp(&[0.0, f32::NAN, 1.0]).is_nan());
+        assert!((log_sum_exp(&[f32::NEG_INFINITY, 0.0]) - 0.0).abs() < 1e-12);
     }
 
     #[test]
