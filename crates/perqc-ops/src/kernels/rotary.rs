@@ -278,3 +278,77 @@ multiversion! {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use perqc_ir::{Graph, NodeSpec};
+
+    /// The chain `x·c + concat(-x[h..], x[..h])·s`, element by element in f32.
+    fn chain(x: &ArrayD<f32>, c: &ArrayD<f32>, s: &ArrayD<f32>) -> ArrayD<f32> {
+        let d = *x.shape().last().unwrap();
+        let h = d / 2;
+        let (c, s) = (
+            c.broadcast(x.raw_dim()).unwrap(),
+            s.broadcast(x.raw_dim()).unwrap(),
+        );
+        let mut y = ArrayD::zeros(x.raw_dim());
+        for (idx, v) in y.indexed_iter_mut() {
+            let j = idx[x.ndim() - 1];
+            let mut other = idx.clone();
+            other[x.ndim() - 1] = if j < h { j + h } else { j - h };
+            let r = if j < h { -x[&other] } else { x[&other] };
+            *v = x[&idx] * c[&idx] + r * s[&idx];
+        }
+        y
+    }
+
+    /// Contiguous rows, a transposed x (strided rows of contiguous elements), cos and sin
+    /// broadcast over heads, and a cos constant along the last axis (stride 0): all bitwise
+    /// the chain; odd widths and shapes that do not broadcast to x are errors.
+    #[test]
+    fn rotate_half_is_the_chain_bitwise() {
+        let mut g = Graph::new("t");
+        let id = g.add_node(NodeSpec::new("Rotary"), &[], &["y"]).unwrap();
+        let val = |shape: &[usize], seed: usize| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|i| (((i + seed) * 7919 % 2003) as f32 - 1001.0) / 97.0)
+                .collect();
+            ArrayD::from_shape_vec(IxDyn(shape), v).unwrap()
+        };
+        let x = val(&[2, 6, 3, 8], 1);
+        let xt = x.clone().permuted_axes(IxDyn(&[0, 2, 1, 3]));
+        let cases = [
+            (xt.clone(), val(&[1, 1, 6, 8], 2), val(&[1, 1, 6, 8], 3)),
+            (xt.as_standard_layout().to_owned(), val(&[6, 8], 4), val(&[6, 8], 5)),
+            (xt.clone(), val(&[6, 1], 6), val(&[1, 6, 8], 7)),
+        ];
+        for threads in [1, 2] {
+            let ctx = KernelCtx {
+                node: g.node(id),
+                opset: 1,
+                threads,
+                subgraphs: None,
+            };
+            for (x, c, s) in &cases {
+                let want = chain(x, c, s);
+                let t = |a: &ArrayD<f32>| RtTensor::f32(a.clone());
+                let got = rotate_half(&ctx, &[Some(&t(x)), Some(&t(c)), Some(&t(s))]).unwrap();
+                let got = got[0].as_f32().unwrap();
+                assert_eq!(got.shape(), want.shape());
+                assert!(
+                    got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "cos {:?}, sin {:?}",
+                    c.shape(),
+                    s.shape()
+                );
+            }
+            let t = |shape: &[usize]| RtTensor::f32(ArrayD::zeros(IxDyn(shape)));
+            let odd = rotate_half(&ctx, &[Some(&t(&[2, 7])), Some(&t(&[7])), Some(&t(&[7]))]);
+            assert!(odd.unwrap_err().to_string().contains("odd"));
+            let wide = rotate_half(&ctx, &[Some(&t(&[2, 8])), Some(&t(&[3, 8])), Some(&t(&[8]))]);
+            assert!(wide.unwrap_err().to_string().contains("broadcast"));
+        }
+    }
+}
