@@ -8,7 +8,10 @@
 //!   a reused buffer;
 //! - `op dense`: the same op with H one ulp off a Sylvester matrix, which takes the dense
 //!   path (the MatMul kernel on `[512 · 48, 32] x [32, 32]`, what the lowered graph runs);
-//! - `matmul`: that MatMul kernel call itself.
+//! - `matmul`: that MatMul kernel call itself;
+//! - `op full` / `op full dense`: the whole width as one block when it is not a power of two
+//!   (1536 = 12 · 128): perqc's `H_12 ⊗ S_128`, which takes the structured path, and the
+//!   same H one ulp off, which takes the dense product.
 //!
 //! usage: bench_hadamard [--threads 2] [--reps 51] [--rows 512] [--width 1536] [--block 32]
 //! Prints the median and minimum microseconds per call of each case.
@@ -108,6 +111,17 @@ fn main() -> Result<()> {
     };
     let (x, h, h_off) = (t(&[rows, width], &xv)?, t(&[b, b], &hv)?, t(&[b, b], &off)?);
     let blocks = t(&[n / b, b], &xv)?;
+    // The full rotation of the width, when perqc builds it as core ⊗ Sylvester (the
+    // structured path), and one ulp off it (the dense product).
+    let full = match perqc_ops::hadamard::hadamard(width) {
+        Ok(hm) if !width.is_power_of_two() => {
+            let hf = hm.normalized_f32();
+            let mut off = hf.clone();
+            off[width + 1] = f32::from_bits(off[width + 1].to_bits() + 1);
+            Some((t(&[width, width], &hf)?, t(&[width, width], &off)?))
+        }
+        _ => None,
+    };
     println!(
         "x [{rows}, {width}], b = {b}; detected level {:?}; {reps} reps, median / min us",
         Level::detect()
@@ -134,6 +148,17 @@ fn main() -> Result<()> {
                     drop(call("", "MatMul", &[&blocks, &h], k).expect("runs"))
                 }),
             );
+            if let Some((hf, hf_off)) = &full {
+                let op = |h: &RtTensor| call(PERQC_DOMAIN, "Hadamard", &[&x, h], k);
+                report(
+                    &format!("op full, {k} thr"),
+                    time(reps, || drop(op(hf).expect("runs"))),
+                );
+                report(
+                    &format!("op full dense, {k} thr"),
+                    time(reps, || drop(op(hf_off).expect("runs"))),
+                );
+            }
             Ok(())
         })?;
     }

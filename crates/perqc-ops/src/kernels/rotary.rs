@@ -321,7 +321,11 @@ mod tests {
         let xt = x.clone().permuted_axes(IxDyn(&[0, 2, 1, 3]));
         let cases = [
             (xt.clone(), val(&[1, 1, 6, 8], 2), val(&[1, 1, 6, 8], 3)),
-            (xt.as_standard_layout().to_owned(), val(&[6, 8], 4), val(&[6, 8], 5)),
+            (
+                xt.as_standard_layout().to_owned(),
+                val(&[6, 8], 4),
+                val(&[6, 8], 5),
+            ),
             (xt.clone(), val(&[6, 1], 6), val(&[1, 6, 8], 7)),
         ];
         for threads in [1, 2] {
@@ -338,7 +342,9 @@ mod tests {
                 let got = got[0].as_f32().unwrap();
                 assert_eq!(got.shape(), want.shape());
                 assert!(
-                    got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    got.iter()
+                        .zip(want.iter())
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "cos {:?}, sin {:?}",
                     c.shape(),
                     s.shape()
@@ -347,7 +353,10 @@ mod tests {
             let t = |shape: &[usize]| RtTensor::f32(ArrayD::zeros(IxDyn(shape)));
             let odd = rotate_half(&ctx, &[Some(&t(&[2, 7])), Some(&t(&[7])), Some(&t(&[7]))]);
             assert!(odd.unwrap_err().to_string().contains("odd"));
-            let wide = rotate_half(&ctx, &[Some(&t(&[2, 8])), Some(&t(&[3, 8])), Some(&t(&[8]))]);
+            let wide = rotate_half(
+                &ctx,
+                &[Some(&t(&[2, 8])), Some(&t(&[3, 8])), Some(&t(&[8]))],
+            );
             assert!(wide.unwrap_err().to_string().contains("broadcast"));
         }
     }
