@@ -583,6 +583,14 @@ fn block_size(x: &[usize], h: &[usize]) -> Result<usize, KernelError> {
     }
 }
 
+/// The fast paths of [`hadamard`] (module docs).
+enum Fast {
+    /// `H = c · S_b`.
+    Sylvester(f32),
+    /// `H = A ⊗ S_p` ([`kronecker_sylvester`]).
+    Kronecker(usize, Vec<f32>),
+}
+
 /// `ai.perqc::Hadamard(x, H)`: see the module doc.
 pub fn hadamard(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let (x, h) = (req_f32(inputs, 0)?, req_f32(inputs, 1)?);
@@ -591,42 +599,12 @@ pub fn hadamard(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let scale = sylvester_scale(hs.as_slice().expect("standard layout"), b);
     let xs = standard(x);
     let n = xs.len();
-    let kron = match scale {
-        Some(_) => None,
-        None => kronecker_sylvester(hs.as_slice().expect("standard layout"), b),
+    let fast = match scale {
+        Some(c) => Some(Fast::Sylvester(c)),
+        None => kronecker_sylvester(hs.as_slice().expect("standard layout"), b)
+            .map(|(p, a)| Fast::Kronecker(p, a)),
     };
-    if let Some((p, a)) = kron {
-        let src = xs.as_slice().expect("standard layout");
-        let level = Level::detect();
-        let mut out: Vec<f32> = output_vec(n);
-        let dst = &mut out.spare_capacity_mut()[..n];
-        let sp = SendPtr(src.as_ptr());
-        let fill = |e0: usize, d: &mut [MaybeUninit<f32>]| {
-            // Safety: as for the Sylvester path below.
-            let s = unsafe { std::slice::from_raw_parts(sp.get().add(e0), d.len()) };
-            // Every p-block of the piece through S_p at once (the sub-blocks are p-blocks
-            // of x), then each b-block mixed from a copy.
-            fwht(s, d, p, 1.0, level);
-            let mut t = vec![0f32; b];
-            for db in d.chunks_exact_mut(b) {
-                // Safety: `fwht` wrote every element of `d`.
-                t.copy_from_slice(unsafe { &*(db as *const [MaybeUninit<f32>] as *const [f32]) });
-                mix_blocks(&t, &a, b / p, db);
-            }
-        };
-        if ctx.threads > 1 {
-            par_fill_units(dst, b, b / p + p.trailing_zeros() as usize, fill);
-        } else {
-            fill(0, dst);
-        }
-        // Safety: every block of `dst` was written by `mix_blocks`.
-        unsafe { out.set_len(n) };
-        return Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
-            IxDyn(x.shape()),
-            out,
-        )?)]);
-    }
-    let Some(scale) = scale else {
+    let Some(fast) = fast else {
         // The dense product, block rows against H, on the MatMul kernel.
         let rows = RtTensor::F32(xs.into_shape_with_order(IxDyn(&[n / b, b]))?);
         let y = matmul(ctx, &[Some(&rows), Some(req(inputs, 1)?)])?;
@@ -645,14 +623,34 @@ pub fn hadamard(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         // Safety: `d` is elements e0 .. e0 + d.len() of the output, so the same range of
         // the source exists.
         let s = unsafe { std::slice::from_raw_parts(sp.get().add(e0), d.len()) };
-        fwht(s, d, b, scale, level);
+        match &fast {
+            Fast::Sylvester(c) => fwht(s, d, b, *c, level),
+            Fast::Kronecker(p, a) => {
+                // Every p-block of the piece through S_p at once (the sub-blocks are
+                // p-blocks of x), then each b-block mixed from a copy.
+                fwht(s, d, *p, 1.0, level);
+                let mut t = vec![0f32; b];
+                for db in d.chunks_exact_mut(b) {
+                    // Safety: `fwht` wrote every element of `d`.
+                    t.copy_from_slice(unsafe {
+                        &*(db as *const [MaybeUninit<f32>] as *const [f32])
+                    });
+                    mix_blocks(&t, a, b / p, db);
+                }
+            }
+        }
     };
     if ctx.threads > 1 {
-        par_fill_units(dst, b, 1, fill);
+        // Work per element: one pass of the transform, plus the mix's b/p terms.
+        let cost = match &fast {
+            Fast::Sylvester(_) => 1,
+            Fast::Kronecker(p, _) => 1 + b / p,
+        };
+        par_fill_units(dst, b, cost, fill);
     } else {
         fill(0, dst);
     }
-    // Safety: `fwht` wrote all `n` elements (every piece is whole blocks).
+    // Safety: every piece is whole blocks, each written by `fwht` (and `mix_blocks`).
     unsafe { out.set_len(n) };
     Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
         IxDyn(x.shape()),
