@@ -391,7 +391,7 @@ const HUGE_OUTPUT_BYTES: usize = 4 << 20;
 /// from `mmap`, and writing them would otherwise take one page fault per 4 KiB: on
 /// SmolLM2's 100 MB logits that was +120 ms on a 75 ms product. Where the advice is not
 /// available (other systems, THP disabled) this is a plain `Vec::with_capacity`. f32
-/// buffers of 32 MiB and more come from [`crate::pool`] when it holds one that fits.
+/// buffers of 32 MiB and more come from [`crate::pool`] when it holds one of that size.
 pub fn output_vec<T: 'static>(len: usize) -> Vec<T> {
     if let Some(v) = crate::pool::take(len) {
         return v;

@@ -4,8 +4,7 @@
 //! and unmaps them on free, so a buffer that size is page-faulted and zeroed by the kernel
 //! on every run: SmolLM2's 100 MB logits cost about 50 ms of a 0.55 s forward in
 //! `clear_page` alone, on huge pages. The pool keeps such buffers for the next kernel
-//! output of about the same size ([`output_vec`](crate::kernel::output_vec) asks it
-//! first).
+//! output of the same size ([`output_vec`](crate::kernel::output_vec) asks it first).
 //!
 //! Process-wide and off by default, like the allocator tuning it complements: programs
 //! that run sessions repeatedly turn it on (`perqc_runtime::tune_allocator`), and
@@ -62,10 +61,11 @@ pub fn recycle(t: RtTensor) {
     }
 }
 
-/// An empty `Vec<T>` with capacity for `len` from the pool: the smallest pooled buffer
-/// that holds `len` elements and is at most twice that (so a small request does not pin a
-/// large buffer). `None` when reuse is off, `T` is not f32, the request is below
-/// [`MIN_BYTES`] or nothing fits.
+/// An empty `Vec<T>` with capacity for exactly `len` elements from the pool. Exact, because
+/// kernels may treat the whole spare capacity as their output (as a fresh
+/// `Vec::with_capacity(len)` has it), and a run repeated on the same shapes asks for the
+/// same sizes. `None` when reuse is off, `T` is not f32, the request is below
+/// [`MIN_BYTES`] or no buffer has that capacity.
 pub(crate) fn take<T: 'static>(len: usize) -> Option<Vec<T>> {
     if !ENABLED.load(Ordering::Relaxed)
         || std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>()
@@ -75,11 +75,8 @@ pub(crate) fn take<T: 'static>(len: usize) -> Option<Vec<T>> {
     }
     let v = {
         let mut pool = lock();
-        let best = (pool.iter().enumerate())
-            .filter(|(_, v)| v.capacity() >= len && v.capacity() / 2 <= len)
-            .min_by_key(|(_, v)| v.capacity())
-            .map(|(i, _)| i)?;
-        pool.swap_remove(best)
+        let at = pool.iter().position(|v| v.capacity() == len)?;
+        pool.swap_remove(at)
     };
     let any: Box<dyn Any> = Box::new(v);
     any.downcast::<Vec<T>>().ok().map(|b| *b)
@@ -102,8 +99,7 @@ mod tests {
     /// One test, since the pool is process-wide.
     #[test]
     fn reuses_unique_large_buffers_only_when_enabled() {
-        // Twice the minimum, so that half of it is still a request the pool serves.
-        let len = MIN_BYTES / 2 + 64;
+        let len = MIN_BYTES / 4 + 64;
         recycle(big(len));
         assert!(take::<f32>(len).is_none(), "off by default");
 
@@ -121,13 +117,10 @@ mod tests {
         };
         recycle(t);
         assert!(take::<i32>(len).is_none(), "only f32 requests");
-        assert!(
-            take::<f32>(len / 2 - 8).is_none(),
-            "not for a much smaller request"
-        );
+        assert!(take::<f32>(len - 8).is_none(), "not for a smaller request");
         assert!(take::<f32>(len + 1).is_none(), "not for a larger one");
-        let v = take::<f32>(len / 2 + 8).expect("reused");
-        assert_eq!((v.as_ptr(), v.len()), (ptr2, 0));
+        let v = take::<f32>(len).expect("reused");
+        assert_eq!((v.as_ptr(), v.len(), v.capacity()), (ptr2, 0, len));
 
         recycle(big(16));
         assert!(lock().is_empty(), "small buffers are left to the allocator");

@@ -693,7 +693,7 @@ pub fn tune_allocator() {
 
 /// Gives the memory of tensors the caller is done with (a run's outputs) to the next run,
 /// after [`tune_allocator`]: a large f32 output that no other handle shares is kept for the
-/// next kernel output of its size instead of being unmapped and faulted in again (about
+/// next kernel output of the same size instead of being unmapped and faulted in again (about
 /// 50 ms of a SmolLM2 forward for its 100 MB logits). Anything else is simply dropped.
 pub fn recycle(tensors: impl IntoIterator<Item = RtTensor>) {
     tensors.into_iter().for_each(perqc_ops::pool::recycle);

@@ -916,7 +916,7 @@ pub fn quantized_linear(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     };
     gemm(
         &ops,
-        out.spare_capacity_mut(),
+        &mut out.spare_capacity_mut()[..m * n],
         Level::detect(),
         ctx.threads > 1,
     );
