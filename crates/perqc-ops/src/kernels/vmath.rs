@@ -135,20 +135,25 @@ fn row_max(r: &[f32]) -> f32 {
 /// `Σ f(r_i)` in [`LANES`] partial sums (lane `i % LANES`), then the tail, then the lanes:
 /// a different order than a left-to-right fold, equal up to f32 rounding. Inlined into
 /// each per-width copy below, so it vectorizes at that width.
+/// The terms may be summed in f64 (`T`), with the same order.
 #[inline(always)]
-fn lane_sum(r: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0f32; LANES];
+fn lane_sum<T>(r: &[f32], f: impl Fn(f32) -> T) -> T
+where
+    T: Copy + Default + std::ops::AddAssign + std::ops::Add<Output = T>,
+    T: for<'a> std::iter::Sum<&'a T>,
+{
+    let mut lanes = [T::default(); LANES];
     let mut chunks = r.chunks_exact(LANES);
     for c in &mut chunks {
         for (acc, &v) in lanes.iter_mut().zip(c) {
             *acc += f(v);
         }
     }
-    let mut s = 0f32;
+    let mut s = T::default();
     for &v in chunks.remainder() {
         s += f(v);
     }
-    s + lanes.iter().sum::<f32>()
+    s + lanes.iter().sum::<T>()
 }
 
 multiversion! {
@@ -263,27 +268,15 @@ multiversion! {
 multiversion! {
     /// `ln Σ_j exp(r_j)` of one row, for log-likelihoods over a vocabulary: `m + ln Σ
     /// exp(r_j - m)` with `m` the row's max, each term by the f32 [`exp`] (about 2 ulp),
-    /// summed in f64 over [`LANES`] fixed lanes (lane `j % LANES`, then the tail, then the
-    /// lanes in order), so every dispatch level gives the same bits. NaN if the row holds
-    /// one; `-inf` for an empty row or one of `-inf` only; `+inf` if it holds `+inf`.
+    /// summed in f64 in [`lane_sum`]'s fixed order, so every dispatch level gives the same
+    /// bits. NaN if the row holds one; `-inf` for an empty row or one of `-inf` only;
+    /// `+inf` if it holds `+inf`.
     pub fn log_sum_exp(r: &[f32]) -> f64 {
         let m = row_max(r);
         if m.is_nan() || m == f32::NEG_INFINITY || m == f32::INFINITY {
             return f64::from(m);
         }
-        let mut lanes = [0f64; LANES];
-        let mut chunks = r.chunks_exact(LANES);
-        for c in &mut chunks {
-            for (acc, &v) in lanes.iter_mut().zip(c) {
-                *acc += f64::from(exp(v - m));
-            }
-        }
-        let mut s = 0f64;
-        for &v in chunks.remainder() {
-            s += f64::from(exp(v - m));
-        }
-        let s = lanes.iter().fold(s, |a, &l| a + l);
-        f64::from(m) + s.ln()
+        f64::from(m) + lane_sum(r, |v| f64::from(exp(v - m))).ln()
     }
 }
 
