@@ -6,6 +6,8 @@
 //!        ai.perqc::QuantizedLinear(codes, terms, pack(w_i), t_i, colsum(w_i))   (up to f32 round-off)
 //! ```
 //!
+//! (the product a `MatMul`, or the canonical `ai.perqc::Linear` with `transB = 0` that the
+//! quantizer writes during compilation, its bias then added after the integer product)
 //! for constant `w_i` `[K, N_i]` of signed 4-bit codes (int4, or int8 holding values in
 //! -8..=7) with one f32 scale per column (`axis = 1`) or per group of `g` rows (`axis = 0,
 //! block_size = g`, g a multiple of 4) and no zero point (or an all-zero one), and a
@@ -57,7 +59,7 @@ impl Default for FuseIntLinear {
 
 impl FuseIntLinear {
     pub const NAME: &'static str = "fuse-int-linear";
-    pub const DESCRIPTION: &'static str = "MatMul(FakeQuantize(x), DequantizeLinear(int4 W, per-column or grouped scale)) -> ai.perqc::QuantizeTokens (once per activation) + QuantizedLinear, the native runtime's integer product; with weight-only=true (default) also float-activation linears on 4-bit weights and MatMulNBits, on 8-bit per-token activation codes (not bit-exact; no ONNX lowering)";
+    pub const DESCRIPTION: &'static str = "MatMul or Linear(FakeQuantize(x), DequantizeLinear(int4 W, per-column or grouped scale)) -> ai.perqc::QuantizeTokens (once per activation) + QuantizedLinear, the native runtime's integer product; with weight-only=true (default) also float-activation linears on 4-bit weights and MatMulNBits, on 8-bit per-token activation codes (not bit-exact; no ONNX lowering)";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&["weight-only"])?;
@@ -217,14 +219,28 @@ fn nbits_weight(m: &Matcher<'_>, id: NodeId) -> Option<Weight> {
     })
 }
 
-/// The 4-bit weight of linear `end` if it reads `a` as its activation: a MatMul of `a` by a
-/// `DequantizeLinear` (see [`dq_weight`]) or a MatMulNBits (see [`nbits_weight`]).
+/// Whether `end` multiplies its input 0 by its input 1 as stored (`[K, N]`): a MatMul, or
+/// the canonical `ai.perqc::Linear` with `transB = 0` (the quantizer writes those; its
+/// optional bias is added after the product).
+fn plain_product(m: &Matcher<'_>, end: NodeId) -> bool {
+    let n = m.node(end);
+    m.is_op(end, "MatMul")
+        || (n.domain == PERQC_DOMAIN
+            && n.op_type == "Linear"
+            && n.attr_int("transB").unwrap_or(0) == 0)
+}
+
+/// The 4-bit weight of linear `end` if it reads `a` as its activation: a MatMul (or
+/// canonical Linear) of `a` by a `DequantizeLinear` (see [`dq_weight`]) or a MatMulNBits
+/// (see [`nbits_weight`]).
 fn weight(m: &Matcher<'_>, end: NodeId, a: ValueId) -> Option<Weight> {
     if m.input(end, 0) != Some(a) {
         return None;
     }
-    if m.is_op(end, "MatMul") {
-        return dq_weight(m, m.input(end, 1)?);
+    if plain_product(m, end) {
+        let mut w = dq_weight(m, m.input(end, 1)?)?;
+        w.bias = m.input(end, 2);
+        return Some(w);
     }
     let n = m.node(end);
     (n.domain == "com.microsoft" && n.op_type == "MatMulNBits")
@@ -232,12 +248,12 @@ fn weight(m: &Matcher<'_>, end: NodeId, a: ValueId) -> Option<Weight> {
         .flatten()
 }
 
-/// Whether `end` reads `a` as a linear of a quantized weight (a MatMul by a
+/// Whether `end` reads `a` as a linear of a quantized weight (a MatMul or Linear by a
 /// `DequantizeLinear`, or a MatMulNBits), fusable or not.
 fn quantized_linear_of(m: &Matcher<'_>, end: NodeId, a: ValueId) -> bool {
     let n = m.node(end);
     m.input(end, 0) == Some(a)
-        && ((m.is_op(end, "MatMul")
+        && ((plain_product(m, end)
             && m.input(end, 1)
                 .is_some_and(|b| m.def_op(b, "DequantizeLinear").is_some()))
             || (n.domain == "com.microsoft" && n.op_type == "MatMulNBits"))
@@ -289,7 +305,7 @@ fn rewrite(m: &Matcher<'_>, act: &Activation) -> Option<(Patch, u64, u64)> {
             Some(w) => fused.push((end, w)),
             None => {
                 let counted = match act {
-                    Activation::Quantizer(_) => m.is_op(end, "MatMul"),
+                    Activation::Quantizer(_) => plain_product(m, end),
                     Activation::Float { .. } => quantized_linear_of(m, end, a),
                 };
                 left += u64::from(counted);
@@ -431,7 +447,7 @@ impl Pass for FuseIntLinear {
                             .value(a)
                             .uses()
                             .iter()
-                            .filter(|u| m.is_op(u.node, "MatMul"))
+                            .filter(|u| plain_product(&m, u.node))
                             .count() as u64
                     }),
                     Activation::Float { x, .. } => m

@@ -72,6 +72,9 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
             .count()
     };
     let fused_attention = attention(&model);
+    // The graph as the compiler holds it (canonical `Linear`s reading DequantizeLinear),
+    // which layer-by-layer calibration runs on the integer kernels.
+    let compiled = model.clone();
     perqc_passes::lower_for_export(&mut model).expect("lowers");
     let stem = name.trim_end_matches(".onnx");
     let dir = out_dir(&format!("quantize_{stem}_{tag}"));
@@ -167,6 +170,23 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
         assert!(
             approx < int_tol,
             "{name} {tag}: integer plan vs the graph {approx:e}"
+        );
+        // Fused before `lower`: the same linears, the same products.
+        let mut compiled_int = compiled.clone();
+        let before_lower = perqc_passes::fuse_int_linear(&mut compiled_int).unwrap();
+        assert_eq!(
+            (
+                before_lower.counter("fused"),
+                before_lower.counter("left-float")
+            ),
+            (fused.counter("fused"), 0),
+            "{name} {tag}: fused before lower"
+        );
+        let y_compiled = first_output(&compiled_int, &input_name, &x);
+        let compiled_err = rel(&y_int, &y_compiled);
+        assert!(
+            compiled_err < 5e-3,
+            "{name} {tag}: integer plan of the compiled graph vs of the file {compiled_err:e}"
         );
         let err = perqc_passes::lower_for_export(&mut int_plan).unwrap_err();
         assert!(err.to_string().contains("fuse-int-linear"), "{err}");
