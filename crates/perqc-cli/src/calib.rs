@@ -47,6 +47,11 @@ pub struct CalibArgs {
     /// Threads for the calibration runs, at least 1 (default: all cores).
     #[arg(long, value_name = "N")]
     pub calib_threads: Option<usize>,
+    /// Run the already-quantized linears on the float kernels (DequantizeLinear, MatMul:
+    /// what ONNX Runtime runs) during layer-by-layer calibration, instead of the integer
+    /// kernels `perqc eval` runs them on.
+    #[arg(long)]
+    pub calib_float: bool,
 }
 
 impl CalibArgs {

@@ -182,6 +182,9 @@ fn print(model: PathBuf) -> Result<()> {
 }
 
 fn compile(args: CompileArgs) -> Result<()> {
+    // Before any thread allocates: calibration sessions and the rounding between them
+    // reuse one arena's free memory (see `share_arenas`).
+    perqc_runtime::share_arenas();
     let registry = perqc_passes::registry();
     if args.list_passes {
         emit(&registry.help())?;

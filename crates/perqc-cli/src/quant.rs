@@ -246,6 +246,8 @@ pub struct QuantSummary {
     pub runs: usize,
     /// The most memory the values kept between calibration stages held.
     pub stage_bytes: usize,
+    /// Quantized linears the stages ran on the integer kernels (counted once per stage).
+    pub int_linears: u64,
     /// What the layer-by-layer mlp transforms did (notes).
     pub notes: Vec<String>,
 }
@@ -279,6 +281,7 @@ pub fn run(
         rounding: Default::default(),
         runs: 0,
         stage_bytes: 0,
+        int_linears: 0,
         notes: Vec::new(),
     };
     let all: Vec<usize> = (0..q.groups.len()).collect();
@@ -349,8 +352,15 @@ pub fn run(
         if config.rounding == Rounding::Gptq {
             watch.push((group.output.clone(), gram.clone()));
         }
-        if config.clip_search && group.act.is_some() {
-            watch.push((group.input.clone(), samples.clone()));
+        // The quantizer's input: the clip search samples it, and it is kept for the next
+        // stage, which computes the quantizer's output again from it (see `transient`)
+        // instead of the layers in front of it.
+        if group.act.is_some() {
+            let opts = match config.clip_search {
+                true => samples.clone(),
+                false => StatsOptions::default(),
+            };
+            watch.push((group.input.clone(), opts));
         }
         // The mlp regions this group feeds: their sinks' inputs, computed with this
         // group's weights still float (they are permuted before they are rounded).
@@ -365,11 +375,12 @@ pub fn run(
             continue;
         }
         let t = Instant::now();
-        // With the clip search the quantizer's output is computed again after it (the
-        // ratio changes), so it is not kept; nor are the region values (the transforms
-        // change what computes them).
+        // The quantizer's output is computed again after the group is quantized (the clip
+        // search may change its ratio, and the next stage then runs the whole quantized
+        // linear, which the integer kernels take as one step), so it is not kept; nor are
+        // the region values (the transforms change what computes them).
         let mut transient = region_values.clone();
-        if config.clip_search && group.act.is_some() {
+        if group.act.is_some() {
             transient.push(group.output.clone());
         }
         let c = staged
@@ -391,22 +402,18 @@ pub fn run(
             )?;
             staged.forget(model, &region_values);
         }
-        // The stage's session is dropped: its freed buffers go back before the rounding
-        // allocates, on other threads (rayon's global pool) whose arenas would not reuse
-        // them.
-        perqc_runtime::trim_allocator();
+        // No trim here or after the rounding: the stage's freed buffers serve the rounding
+        // and the next stage (one arena, `perqc_runtime::share_arenas`), which would
+        // otherwise page-fault them in again.
         let t = Instant::now();
         let r = q
             .quantize(model, &[g], Some(&c))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         summary.rounding += t.elapsed();
         summary.reports.extend(r);
-        // The float weights just replaced and the rounding's buffers are freed: give the
-        // memory back (the allocator keeps freed memory after `tune_allocator`).
         drop(c);
-        perqc_runtime::trim_allocator();
-        // The quantizer's clip ratio may have changed: its output is computed again.
-        if config.clip_search && q.groups[g].act.is_some() {
+        // The quantizer's output is computed again (see `transient`).
+        if q.groups[g].act.is_some() {
             staged.forget(model, &[q.groups[g].output.clone()]);
         }
         if progress {
@@ -428,6 +435,7 @@ pub fn run(
         ));
     }
     summary.stage_bytes = staged.peak_bytes;
+    summary.int_linears = staged.int_linears;
     // Groups nothing calibrated (none, with the settings above) are rounded without data.
     let t = Instant::now();
     summary.reports.extend(
@@ -581,11 +589,16 @@ pub fn summary_text(s: &QuantSummary) -> String {
     let w = mean(&|r| Some(r.weight_sqnr)).unwrap_or(f64::NAN);
     let o = mean(&|r| r.output_sqnr);
     out.push_str(&format!(
-        "quantize: {n} linears; SQNR mean: weights {w:.1} dB{}; calibration {:.2?} in {} stages (kept between stages: {:.0} MiB), rounding {:.2?}\n",
+        "quantize: {n} linears; SQNR mean: weights {w:.1} dB{}; calibration {:.2?} in {} stages (kept between stages: {:.0} MiB{}), rounding {:.2?}\n",
         o.map(|o| format!(", outputs {o:.1} dB on calibration rows")).unwrap_or_default(),
         s.calibration,
         s.runs,
         s.stage_bytes as f64 / (1 << 20) as f64,
+        if s.int_linears > 0 {
+            "; quantized prefix on the integer kernels"
+        } else {
+            ""
+        },
         s.rounding
     ));
     let key = |r: &SiteReport| r.output_sqnr.unwrap_or(r.weight_sqnr);

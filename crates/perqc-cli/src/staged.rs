@@ -10,13 +10,20 @@
 //! GPTQ needs. A value whose producer changed (a quantizer's clip ratio) is dropped with
 //! [`Staged::forget`] and computed again by the next stage that needs it.
 //!
+//! The quantized linears a stage runs go through `fuse-int-linear` first (unless
+//! `--calib-float`, or the CPU has no SIMD level of the integer kernels): the stages then
+//! compute what `perqc eval` computes on the quantized model, at its speed, up to the f32
+//! round-off the two plans differ by. Weight-only linears stay float (their integer plan
+//! quantizes the activation to 8 bits, which the graph does not say).
+//!
 //! Memory: the values crossing a stage boundary, per window (for a decoder, the residual
 //! stream and the position tables: a few MB per window), and one stage's statistics.
 
 use crate::calib::{self, CalibArgs};
 use crate::corpus::WindowFeeds;
 use anyhow::{Context, Result, bail};
-use perqc_ir::{Model, NodeId, ValueId};
+use perqc_ir::{Model, NodeId, Pass, PassContext, ValueId};
+use perqc_passes::FuseIntLinear;
 use perqc_passes::calibration::{Calibration, CalibrationSource};
 use perqc_runtime::{ChannelObserver, RtTensor, Session, SessionOptions, StatsOptions};
 use std::collections::{HashMap, HashSet};
@@ -34,6 +41,10 @@ pub struct Staged {
     /// Whether watched values are kept even when no node outside their stage reads them
     /// (the quantizing driver inserts readers later, and reruns them after `forget`).
     keep_watched: bool,
+    /// Whether stages run quantized linears on the integer kernels.
+    integer: bool,
+    /// Quantized linears the stages ran on the integer kernels.
+    pub int_linears: u64,
 }
 
 impl Staged {
@@ -68,6 +79,10 @@ impl Staged {
             },
             peak_bytes: 0,
             keep_watched: true,
+            integer: !args.calib_float
+                && perqc_ops::kernels::igemm::Level::detect()
+                    != perqc_ops::kernels::igemm::Level::Scalar,
+            int_linears: 0,
         })
     }
 
@@ -154,6 +169,13 @@ impl Staged {
             if !piece.graph.outputs.contains(&v) {
                 piece.graph.outputs.push(v);
             }
+        }
+        if self.integer {
+            // Outputs of the piece (the watched and kept values) are never fused away.
+            self.int_linears += FuseIntLinear { weight_only: false }
+                .run(&mut piece, &mut PassContext::new(None))
+                .context("calibration: fuse-int-linear on a stage")?
+                .counter("fused");
         }
         let session = Session::with_release(&piece, &self.opts, release)
             .context("calibration: planning a stage")?;

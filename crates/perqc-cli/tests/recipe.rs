@@ -422,6 +422,52 @@ fn default_job_quantizes_and_reports() {
     );
 }
 
+/// Layer-by-layer calibration runs the already-quantized linears on the integer kernels
+/// where the CPU has them (`--calib-float`: on the float ones, as ONNX Runtime does). The
+/// two plans differ by f32 round-off, so every linear's rounding sees nearly the same
+/// inputs: its SQNRs and clip ratio come out (nearly) the same.
+#[test]
+fn integer_and_float_calibration_agree() {
+    let dir = scratch("recipe", "calib_int");
+    let level = perqc_ops::kernels::igemm::Level::detect();
+    let mut reports = Vec::new();
+    for (tag, extra) in [("int", None), ("float", Some("--calib-float"))] {
+        let out = dir.join(format!("{tag}.onnx"));
+        let report = dir.join(format!("{tag}.json"));
+        let mut args = vec![
+            s(&fixture("llama_ts.onnx")),
+            "-o".into(),
+            s(&out),
+            "--report".into(),
+            s(&report),
+        ];
+        args.extend(calib_args(2, 64));
+        args.extend(extra.map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, err) = perqc(&args);
+        assert!(ok, "{err}");
+        let int = err.contains("quantized prefix on the integer kernels");
+        let want = tag == "int" && level != perqc_ops::kernels::igemm::Level::Scalar;
+        assert_eq!(int, want, "{tag} ({level:?}):\n{err}");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        reports.push(json["linears"].as_array().unwrap().clone());
+    }
+    let (int, float) = (&reports[0], &reports[1]);
+    assert_eq!(int.len(), 14);
+    let mut deltas = Vec::new();
+    for (a, b) in int.iter().zip(float) {
+        assert_eq!(a["name"], b["name"]);
+        for key in ["weight_sqnr_db", "output_sqnr_db"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            deltas.push((x - y).abs());
+            assert!((x - y).abs() < 1.0, "{}: {key} {x} vs {y}", a["name"]);
+        }
+    }
+    let mean = deltas.iter().sum::<f64>() / deltas.len() as f64;
+    assert!(mean < 0.25, "mean SQNR difference {mean} dB");
+}
+
 /// With `--permute-stats quantized` (and a calibrating quantizer) the mlp permutation and
 /// its online Hadamard are applied layer by layer inside the quantizers' forward pass;
 /// otherwise by the pipeline after a calibration pass of their own. Both give the same

@@ -18,6 +18,6 @@ pub use npy::{NpyError, read_npy, write_npy};
 pub use observe::{ChannelObserver, ChannelStats, StatsError, StatsOptions};
 pub use perqc_ops::RtTensor;
 pub use session::{
-    Observer, Profile, RuntimeError, Session, SessionOptions, Unsupported, recycle, trim_allocator,
-    tune_allocator, untune_allocator,
+    Observer, Profile, RuntimeError, Session, SessionOptions, Unsupported, recycle, share_arenas,
+    trim_allocator, tune_allocator, untune_allocator,
 };

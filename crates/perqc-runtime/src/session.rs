@@ -709,6 +709,25 @@ pub fn untune_allocator() {
     perqc_ops::pool::enable(false);
 }
 
+/// Makes every thread allocate from glibc's one main arena (a process-wide setting; call it
+/// before the program starts threads). By default each thread that meets contention gets
+/// an arena of its own, and memory freed in one arena serves only its threads: a program
+/// that alternates sessions (the pool threads allocate their buffers) with other parallel
+/// work (the compiler's rounding on rayon's global threads) keeps every arena's free
+/// memory resident unless it trims, and after a trim the next session page-faults its
+/// buffers in again. The compiler alternates 120 times on SmolLM2: with one arena it
+/// needs no trim between stages (measured on the default recipe, AMD EPYC, 2 vCPUs:
+/// system time 9.0 s -> 3.7 s against trimming after every group; without trims but with
+/// the default arenas the peak RSS rose from 887 MB to 981 MB; quantization.md). Kernels
+/// allocate once per step, so the shared lock is not contended.
+pub fn share_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // Safety: mallopt only changes allocator parameters; it is thread-safe in glibc.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn set_allocator(mmap_threshold: i32, trim_threshold: i32) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // Safety: mallopt only changes allocator parameters; it is thread-safe in glibc.
