@@ -1,5 +1,5 @@
 //! Times `ChannelOp::apply` on SmolLM2's weight shapes: the full 576-channel Hadamard
-//! (R1: 36 · 16), a 64-channel head block (R2), the 32-block sink of the online Hadamard,
+//! (R1: 36 · 16, and the recipe's default core 144 = 12 ⊗ 12, times 4), a 64-channel head block (R2), the 32-block sink of the online Hadamard,
 //! a 1536-channel permutation and a diagonal, on both layouts (channels on the last axis:
 //! vectors are rows; on the first: vectors are columns).
 //!
@@ -22,6 +22,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let h576 = ChannelOp::hadamard(576, 576, None).unwrap();
+    let h144 = ChannelOp::hadamard_with_core(576, 576, Some(144), None).unwrap();
     let h64 = ChannelOp::hadamard(576, 64, None).unwrap();
     let h32 = ChannelOp::hadamard(1536, 32, None).unwrap();
     let perm = ChannelOp::Permutation((0..1536).rev().collect());
@@ -40,6 +41,18 @@ fn main() {
             0,
         ),
         ("R1 up [576, 1536] axis 0", &h576, tensor(576, 1536), 0),
+        (
+            "R1 core 144 embedding [49152, 576] axis 1",
+            &h144,
+            tensor(49152, 576),
+            1,
+        ),
+        (
+            "R1 core 144 up [576, 1536] axis 0",
+            &h144,
+            tensor(576, 1536),
+            0,
+        ),
         ("R1 down [1536, 576] axis 1", &h576, tensor(1536, 576), 1),
         ("R2 v [576, 192] axis 1 (b=64)", &h64, tensor(576, 576), 1),
         (

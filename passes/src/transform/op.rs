@@ -55,8 +55,9 @@ pub enum ChannelOp {
 ///
 /// Applied to a vector: the signs, a fast Walsh-Hadamard transform inside each of the `m`
 /// groups of `s` channels (`log2 s` butterfly stages), the core across the groups (`m`
-/// signed additions per channel), then `1/√b`. For 576 = 36 · 16 that is 40 additions per
-/// channel instead of 576 multiply-adds.
+/// signed additions per channel, or `Σ o_k` if the core is a Kronecker product of orders
+/// `o_k`), then `1/√b`. For 576 = 36 · 16 that is 40 additions per channel instead of 576
+/// multiply-adds; for the core 144 = 12 ⊗ 12 times 4, 26.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HadamardBlocks {
     /// The core's order `m` and its `m x m` entries (±1, row-major).
@@ -595,17 +596,56 @@ enum Kernel<'a> {
     /// Row-major `size x size` blocks, block `k` on channels `k·size..(k+1)·size`.
     Dense { size: usize, blocks: &'a [Vec<f64>] },
     /// [`HadamardBlocks`]: the signs, `S_s` inside groups of `s` channels, then the core
-    /// across the `m` groups, as signed sums: output group `i1` adds the input groups
-    /// `plus[i1]` and subtracts `minus[i1]` (`H_m[i1, j1] = ±1`), then scales by `1/√b`.
+    /// across the `m` groups, factor by factor of its Kronecker factorization (see
+    /// [`CoreFactor`]), then `1/√b`.
     Hadamard {
         count: usize,
         m: usize,
         s: usize,
         signs: Option<&'a [f64]>,
-        plus: Vec<Vec<usize>>,
-        minus: Vec<Vec<usize>>,
+        factors: Vec<CoreFactor>,
         scale: f64,
     },
+}
+
+/// One Kronecker factor `F` (order `o`, ±1) of a Hadamard core `H_m = F_0 ⊗ F_1 ⊗ ..`, as
+/// signed sums: on a run of `m` rows, output row `q·o·stride + i·stride + t` adds the input
+/// rows `q·o·stride + j·stride + t` for `j` in `plus[i]` and subtracts those in `minus[i]`,
+/// where `stride` is the product of the later factors' orders. Applying the factors in
+/// turn multiplies by `H_m` with `Σ o_k` additions per channel instead of `m` (144 = 12 ⊗
+/// 12: 24 instead of 144).
+struct CoreFactor {
+    order: usize,
+    stride: usize,
+    plus: Vec<Vec<usize>>,
+    minus: Vec<Vec<usize>>,
+}
+
+/// The finest Kronecker factorization `core = F_0 ⊗ F_1 ⊗ ..` of an `m x m` ±1 matrix
+/// (row-major) this finds: the first factor is the smallest order `a` for which the core
+/// is `A ⊗ C`, with `C` its top-left block and `A[i, j] = core[i·c, j·c] · C[0, 0]`, checked
+/// entry by entry; then `C` is factored the same way. An unfactorable core is one factor.
+fn kronecker_factors(core: &[i8], m: usize) -> Vec<(usize, Vec<i8>)> {
+    for a in 2..m {
+        if !m.is_multiple_of(a) {
+            continue;
+        }
+        let c = m / a;
+        let small: Vec<i8> = (0..c * c).map(|k| core[(k / c) * m + k % c]).collect();
+        let big: Vec<i8> = (0..a * a)
+            .map(|k| core[(k / a) * c * m + (k % a) * c] * small[0])
+            .collect();
+        let holds = (0..m * m).all(|k| {
+            let (i, j) = (k / m, k % m);
+            core[k] == big[(i / c) * a + j / c] * small[(i % c) * c + j % c]
+        });
+        if holds {
+            let mut factors = vec![(a, big)];
+            factors.extend(kronecker_factors(&small, c));
+            return factors;
+        }
+    }
+    vec![(m, core.to_vec())]
 }
 
 /// Lanes summed at once: `[f64; LANES]` accumulators, 8 AVX-512 registers, so 8
@@ -617,17 +657,29 @@ type Lanes = [f64; LANES];
 
 impl<'a> Kernel<'a> {
     fn hadamard(h: &'a HadamardBlocks) -> Kernel<'a> {
-        let m = h.m;
-        let row = |i1: usize, sign: i8| -> Vec<usize> {
-            (0..m).filter(|&j1| h.core[i1 * m + j1] == sign).collect()
-        };
+        let factored = kronecker_factors(&h.core, h.m);
+        let mut stride = h.m;
+        let factors = factored
+            .into_iter()
+            .map(|(order, f)| {
+                stride /= order;
+                let row = |i: usize, sign: i8| -> Vec<usize> {
+                    (0..order).filter(|&j| f[i * order + j] == sign).collect()
+                };
+                CoreFactor {
+                    order,
+                    stride,
+                    plus: (0..order).map(|i| row(i, 1)).collect(),
+                    minus: (0..order).map(|i| row(i, -1)).collect(),
+                }
+            })
+            .collect();
         Kernel::Hadamard {
             count: h.count,
-            m,
+            m: h.m,
             s: h.s,
             signs: h.signs.as_deref(),
-            plus: (0..m).map(|i1| row(i1, 1)).collect(),
-            minus: (0..m).map(|i1| row(i1, -1)).collect(),
+            factors,
             scale: 1.0 / (h.order() as f64).sqrt(),
         }
     }
@@ -659,6 +711,12 @@ impl<'a> Kernel<'a> {
         }
     }
 
+    /// [`Kernel::row`] of every channel of a block, computed once per panel (no division
+    /// per element).
+    fn rows(&self) -> Vec<usize> {
+        (0..self.size()).map(|c| self.row(c)).collect()
+    }
+
     /// `p ← B_k p` through `tmp` (both `size · PANEL`, rows placed by [`Kernel::row`]);
     /// returns the buffer holding the result.
     #[inline(always)]
@@ -684,8 +742,7 @@ impl<'a> Kernel<'a> {
                 m,
                 s,
                 signs,
-                plus,
-                minus,
+                factors,
                 scale,
                 ..
             } => {
@@ -716,27 +773,40 @@ impl<'a> Kernel<'a> {
                     p.iter_mut().for_each(|v| *v *= scale);
                     return p;
                 }
-                // The core inside each run: row i2·m + i1 of the result is
-                // Σ_j1 H_m[i1, j1] · row i2·m + j1, the ±1 terms as additions and
-                // subtractions.
-                for (x, y) in p.chunks_exact(run).zip(tmp.chunks_exact_mut(run)) {
-                    for i1 in 0..m {
-                        for l0 in (0..PANEL).step_by(LANES) {
-                            let mut acc: Lanes = [0.0; LANES];
-                            for &j1 in &plus[i1] {
-                                let v = lanes(x, j1 * PANEL + l0);
-                                acc.iter_mut().zip(v).for_each(|(a, &v)| *a += v);
+                // The core inside each run (row i2·m + i1 of the result is Σ_j1 H_m[i1, j1] ·
+                // row i2·m + j1), one Kronecker factor at a time, the ±1 terms as additions
+                // and subtractions, from one buffer into the other; the last factor scales.
+                let (mut src, mut dst) = (p, tmp);
+                for (k, f) in factors.iter().enumerate() {
+                    let last = k + 1 == factors.len();
+                    let (o, st) = (f.order, f.stride);
+                    for (x, y) in src.chunks_exact(run).zip(dst.chunks_exact_mut(run)) {
+                        for base in (0..m).step_by(o * st) {
+                            for t in 0..st {
+                                for i in 0..o {
+                                    let out = (base + i * st + t) * PANEL;
+                                    for l0 in (0..PANEL).step_by(LANES) {
+                                        let mut acc: Lanes = [0.0; LANES];
+                                        for &j in &f.plus[i] {
+                                            let v = lanes(x, (base + j * st + t) * PANEL + l0);
+                                            acc.iter_mut().zip(v).for_each(|(a, &v)| *a += v);
+                                        }
+                                        for &j in &f.minus[i] {
+                                            let v = lanes(x, (base + j * st + t) * PANEL + l0);
+                                            acc.iter_mut().zip(v).for_each(|(a, &v)| *a -= v);
+                                        }
+                                        if last {
+                                            acc.iter_mut().for_each(|a| *a *= scale);
+                                        }
+                                        y[out + l0..][..LANES].copy_from_slice(&acc);
+                                    }
+                                }
                             }
-                            for &j1 in &minus[i1] {
-                                let v = lanes(x, j1 * PANEL + l0);
-                                acc.iter_mut().zip(v).for_each(|(a, &v)| *a -= v);
-                            }
-                            acc.iter_mut().for_each(|a| *a *= scale);
-                            y[i1 * PANEL + l0..][..LANES].copy_from_slice(&acc);
                         }
                     }
+                    std::mem::swap(&mut src, &mut dst);
                 }
-                tmp
+                src
             }
         }
     }
@@ -787,18 +857,19 @@ multiversion! {
     fn rows_panel<E: Elem>(kernel: &Kernel, n: usize, chunk: &mut [u8], p: &mut [f64], tmp: &mut [f64]) {
         let (es, size) = (E::SIZE, kernel.size());
         let w = chunk.len() / (n * es);
+        let rows = kernel.rows();
         for k in 0..kernel.count() {
             for j in 0..w {
                 let v = &chunk[(j * n + k * size) * es..][..size * es];
-                for (c, x) in v.chunks_exact(es).enumerate() {
-                    p[kernel.row(c) * PANEL + j] = E::get(x);
+                for (x, &r) in v.chunks_exact(es).zip(&rows) {
+                    p[r * PANEL + j] = E::get(x);
                 }
             }
             let y = kernel.block(k, p, tmp);
             for j in 0..w {
                 let v = &mut chunk[(j * n + k * size) * es..][..size * es];
-                for (c, out) in v.chunks_exact_mut(es).enumerate() {
-                    E::put(y[kernel.row(c) * PANEL + j], out);
+                for (out, &r) in v.chunks_exact_mut(es).zip(&rows) {
+                    E::put(y[r * PANEL + j], out);
                 }
             }
         }
@@ -811,16 +882,15 @@ multiversion! {
     fn cols_panel<E: Elem>(kernel: &Kernel, rows: &mut [&mut [u8]], p: &mut [f64], tmp: &mut [f64]) {
         let (es, size) = (E::SIZE, kernel.size());
         let w = rows[0].len() / es;
+        let place = kernel.rows();
         for (k, block) in rows.chunks_exact_mut(size).enumerate() {
-            for (c, row) in block.iter().enumerate() {
-                let r = kernel.row(c);
+            for (row, &r) in block.iter().zip(&place) {
                 for (x, slot) in row.chunks_exact(es).zip(&mut p[r * PANEL..][..w]) {
                     *slot = E::get(x);
                 }
             }
             let y = kernel.block(k, p, tmp);
-            for (c, row) in block.iter_mut().enumerate() {
-                let r = kernel.row(c);
+            for (row, &r) in block.iter_mut().zip(&place) {
                 for (out, &v) in row.chunks_exact_mut(es).zip(&y[r * PANEL..][..w]) {
                     E::put(v, out);
                 }
@@ -1188,6 +1258,71 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every core construction of 576 (the recipe's R1 choices) applies as its dense
+    /// matrix, through whatever Kronecker factors its core has (144 = 12 ⊗ 12).
+    #[test]
+    fn hadamard_cores_apply_through_their_kronecker_factors() {
+        for core in perqc_ops::hadamard::cores(576) {
+            let op = ChannelOp::hadamard_with_core(576, 576, Some(core), None).unwrap();
+            let ChannelOp::Hadamard(h) = &op else {
+                panic!("{op:?}")
+            };
+            let want = perqc_ops::hadamard::hadamard_with_core(576, core)
+                .unwrap()
+                .normalized_f64();
+            assert_eq!(h.dense_block(), want, "core {core}");
+            let m = dense(&op);
+            for (dims, axis) in [(vec![70, 576], 1), (vec![576, 67], 0)] {
+                let numel: usize = dims.iter().product();
+                let x = seeded(numel, core as u64);
+                let t = Tensor::from_slice(dims.iter().map(|&d| d as i64).collect(), &x);
+                let y = op.apply(&t, axis).unwrap().to_f32().unwrap();
+                let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+                let r = reference(&m, 576, &xd, &dims, axis);
+                for (k, (&got, &want)) in y.iter().zip(&r).enumerate() {
+                    let ulp = f64::from(f32::EPSILON) * want.abs().max(1e-30);
+                    assert!(
+                        (f64::from(got) - want).abs() <= ulp,
+                        "core {core} {dims:?} axis {axis} [{k}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        let core144 = ChannelOp::hadamard_with_core(576, 576, Some(144), None).unwrap();
+        let ChannelOp::Hadamard(h) = &core144 else {
+            panic!()
+        };
+        let orders: Vec<usize> = kronecker_factors(&h.core, h.m)
+            .iter()
+            .map(|f| f.0)
+            .collect();
+        assert_eq!(orders, [12, 12]);
+    }
+
+    /// A product of ±1 matrices factors back into them; an unfactorable core is one factor.
+    #[test]
+    fn kronecker_factors_recover_the_factors() {
+        let h2: Vec<i8> = vec![1, 1, 1, -1];
+        let h12 = perqc_ops::hadamard::hadamard(12).unwrap();
+        let h12: Vec<i8> = (0..144).map(|k| h12.get(k / 12, k % 12)).collect();
+        let kron = |a: &[i8], n: usize, b: &[i8], m: usize| -> Vec<i8> {
+            let d = n * m;
+            (0..d * d)
+                .map(|k| {
+                    let (i, j) = (k / d, k % d);
+                    a[(i / m) * n + j / m] * b[(i % m) * m + j % m]
+                })
+                .collect()
+        };
+        let c = kron(&h12, 12, &h2, 2);
+        let f = kronecker_factors(&c, 24);
+        let orders: Vec<usize> = f.iter().map(|f| f.0).collect();
+        assert_eq!(orders, [12, 2]);
+        assert_eq!(f[0].1, h12);
+        assert_eq!(f[1].1, h2);
+        assert_eq!(kronecker_factors(&h12, 12), [(12, h12.clone())]);
     }
 
     /// A Hadamard map localizes to whole blocks (a key/value head read twice), and refuses
