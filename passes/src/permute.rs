@@ -148,6 +148,34 @@ fn block_spread(mass: &[f64], b: usize) -> f64 {
     if mean > 0.0 { max / mean } else { 1.0 }
 }
 
+/// With the environment variable `PERQC_DUMP_PERMUTATIONS` set to a file, appends one JSON
+/// line per calibrated region: its first sink activation, the block, each channel's mass
+/// and the permutation chosen (`scripts/bench/permute_seqs.py` reads them). A diagnostic:
+/// a file that cannot be written is reported on stderr and otherwise ignored.
+fn dump_permutation(region: &Region, mass: &[f64], perm: &[usize], block: usize) {
+    let Some(path) = std::env::var_os("PERQC_DUMP_PERMUTATIONS") else {
+        return;
+    };
+    let activation = region.sinks.iter().find_map(|e| {
+        e.activation
+            .map(|(_, v)| region.activation_name(v).to_string())
+    });
+    let line = serde_json::json!({
+        "activation": activation,
+        "block": block,
+        "mass": mass,
+        "perm": perm,
+    });
+    let written = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+    if let Err(e) = written {
+        eprintln!("PERQC_DUMP_PERMUTATIONS: {}: {e}", path.to_string_lossy());
+    }
+}
+
 impl Permute {
     /// Permutations of the mlp regions by `method`, in blocks of `block`.
     pub fn mlp(method: PermuteMethod, block: usize) -> Permute {
@@ -204,6 +232,7 @@ impl Permute {
             && let Ok((mean, _)) = masses(region, c)
         {
             let after: Vec<f64> = perm.iter().map(|&i| mean[i]).collect();
+            dump_permutation(region, &mean, perm, self.block);
             spread = Some((
                 block_spread(&mean, self.block),
                 block_spread(&after, self.block),

@@ -68,9 +68,34 @@ pub struct Windows {
     pub description: String,
 }
 
+impl Windows {
+    /// `n` of the windows spread evenly over them (window `⌊i · len / n⌋` for `i < n`), or
+    /// all of them if there are no more than `n`; the description says which.
+    pub fn spread(self, n: usize) -> Windows {
+        let len = self.windows.len();
+        if n == 0 || n >= len {
+            return self;
+        }
+        let mut windows = self.windows;
+        let keep: Vec<usize> = (0..n).map(|i| i * len / n).collect();
+        let mut i = 0;
+        windows.retain(|_| {
+            i += 1;
+            keep.contains(&(i - 1))
+        });
+        Windows {
+            windows,
+            source: self.source,
+            description: format!("{} ({n} of {len} windows, spread)", self.description),
+        }
+    }
+}
+
 /// Tokenizes (or reads) the calibration data and cuts `--calib-seqs` windows of
-/// `--calib-len` tokens from its start.
+/// `--calib-len` tokens from its start. Errors: bad arguments, unreadable or short data
+/// (naming the file).
 pub fn windows(args: &CalibArgs) -> Result<Windows> {
+    check_args(args)?;
     let (ids, source, description) = match (&args.tokenizer, &args.calib_text, &args.calib_ids) {
         (Some(tok), Some(text), None) => (
             corpus::tokenize_prefix(tok, text, args.calib_seqs.saturating_mul(args.calib_len))?,
@@ -95,36 +120,8 @@ pub fn windows(args: &CalibArgs) -> Result<Windows> {
     })
 }
 
-/// Runs `model` (already canonicalized: watch the names of the graph the session plans) on
-/// the calibration windows `args` describe, and returns the [`perqc_runtime::ChannelStats`]
-/// of each value in `watch` (its last axis is the channel axis; every other axis counts as
-/// rows, so a `[1, len, C]` value adds `len` rows per window), collected with `opts`.
-///
-/// The result has one entry per distinct watched name, in watch order, each over
-/// `sequences · len` rows; its source names the data, the sequences and the tokens run.
-/// Errors: bad arguments, unreadable or short data (naming the file), a watched value the
-/// graph does not have or that no run produced (naming it), any runtime error (naming the
-/// window and the file). `release` is called on each initializer once the session has its
-/// copy (to give back mapped pages, as `perqc eval` does).
-pub fn calibrate(
-    model: &perqc_ir::Model,
-    watch: &[String],
-    args: &CalibArgs,
-    opts: StatsOptions,
-    release: &dyn Fn(&perqc_ir::Tensor),
-) -> Result<Calibration> {
-    let watch: Vec<(String, StatsOptions)> =
-        watch.iter().map(|n| (n.clone(), opts.clone())).collect();
-    calibrate_each(model, &watch, args, release)
-}
-
-/// [`calibrate`] with options per watched value (the first entry of a repeated name wins).
-pub fn calibrate_each(
-    model: &perqc_ir::Model,
-    watch: &[(String, StatsOptions)],
-    args: &CalibArgs,
-    release: &dyn Fn(&perqc_ir::Tensor),
-) -> Result<Calibration> {
+/// The argument checks every calibration makes first.
+fn check_args(args: &CalibArgs) -> Result<()> {
     if args.calib_seqs == 0 {
         bail!("--calib-seqs must be at least 1");
     }
@@ -134,6 +131,30 @@ pub fn calibrate_each(
     if args.calib_threads == Some(0) {
         bail!("--calib-threads must be at least 1 (leave it out to use all cores)");
     }
+    Ok(())
+}
+
+/// Runs `model` (already canonicalized: watch the names of the graph the session plans) on
+/// `data` (windows cut by [`windows`] from what `args` names, all of them or a
+/// [`Windows::spread`]) and returns the [`perqc_runtime::ChannelStats`] of each value in
+/// `watch`, collected with its options (the first entry of a repeated name wins). A value's
+/// last axis is the channel axis; every other axis counts as rows, so a `[1, len, C]` value
+/// adds `len` rows per window.
+///
+/// The result has one entry per distinct watched name, in watch order, each over
+/// `sequences · len` rows; its source names the data, the sequences and the tokens run.
+/// Errors: bad arguments, a watched value the graph does not have or that no run produced
+/// (naming it), any runtime error (naming the window and the file). `release` is called on
+/// each initializer once the session has its copy (to give back mapped pages, as `perqc
+/// eval` does).
+pub fn calibrate_windows(
+    model: &perqc_ir::Model,
+    watch: &[(String, StatsOptions)],
+    data: &Windows,
+    args: &CalibArgs,
+    release: &dyn Fn(&perqc_ir::Tensor),
+) -> Result<Calibration> {
+    check_args(args)?;
     let mut names: Vec<String> = Vec::with_capacity(watch.len());
     let mut options: Vec<(String, StatsOptions)> = Vec::with_capacity(watch.len());
     for (n, o) in watch {
@@ -145,7 +166,6 @@ pub fn calibrate_each(
     if names.is_empty() {
         bail!("calibration: no values to watch");
     }
-    let data = windows(args)?;
     let (windows, source, description) = (&data.windows, &data.source, &data.description);
     let session_opts = SessionOptions {
         threads: args
@@ -260,14 +280,16 @@ mod tests {
     use perqc_passes::permutation::{PermuteMethod, inverse, permutation};
     use std::path::Path;
 
-    /// [`super::calibrate`] without releasing anything.
+    /// [`calibrate_windows`] on all the windows, `opts` for every watched value.
     fn calibrate(
         model: &perqc_ir::Model,
         watch: &[String],
         args: &CalibArgs,
         opts: StatsOptions,
     ) -> Result<Calibration> {
-        super::calibrate(model, watch, args, opts, &|_| {})
+        let watch: Vec<(String, StatsOptions)> =
+            watch.iter().map(|n| (n.clone(), opts.clone())).collect();
+        calibrate_windows(model, &watch, &windows(args)?, args, &|_| {})
     }
 
     #[derive(Parser)]
@@ -547,6 +569,27 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn spread_keeps_evenly_spaced_windows() {
+        let all = |len: u32| Windows {
+            windows: (0..len).map(|i| vec![i]).collect(),
+            source: PathBuf::from("t.txt"),
+            description: "t.txt".into(),
+        };
+        let firsts = |w: Windows| w.windows.iter().map(|w| w[0]).collect::<Vec<_>>();
+        assert_eq!(firsts(all(16).spread(4)), [0, 4, 8, 12]);
+        assert_eq!(firsts(all(16).spread(3)), [0, 5, 10]);
+        assert_eq!(firsts(all(5).spread(2)), [0, 2]);
+        assert_eq!(firsts(all(4).spread(4)), [0, 1, 2, 3]);
+        assert_eq!(firsts(all(4).spread(9)), [0, 1, 2, 3]);
+        assert_eq!(firsts(all(4).spread(0)), [0, 1, 2, 3]);
+        assert_eq!(
+            all(16).spread(4).description,
+            "t.txt (4 of 16 windows, spread)"
+        );
+        assert_eq!(all(16).spread(16).description, "t.txt");
     }
 
     #[test]

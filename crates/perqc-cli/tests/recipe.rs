@@ -71,6 +71,29 @@ fn calibrated_recipe_verifies_and_writes_a_model() {
     // The output is a loadable model whose online rotations are standard ops again.
     let m = perqc_onnx::load(&out).expect("loads").model;
     assert!(m.graph.nodes().all(|(_, n)| n.domain != "ai.perqc"));
+
+    // The permutation's statistics from 2 of the 3 sequences (--permute-seqs), unless
+    // smoothing shares the pass: then from all of them.
+    for (extra, want) in [
+        (&[][..], "(2 of 3 windows, spread): 2 sequences, 128 tokens"),
+        (&["--smooth", "max"][..], ": 3 sequences, 192 tokens"),
+    ] {
+        let mut args = vec![
+            s(&fixture("llama_dynamo.onnx")),
+            "-o".into(),
+            s(&out),
+            "--no-quantize".into(),
+            "--permute-seqs".into(),
+            "2".into(),
+            "--verify".into(),
+        ];
+        args.extend(calib_args(3, 64));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, err) = perqc(&args);
+        assert!(ok, "{err}");
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
 }
 
 /// After the recipe's transforms the LM head reads the embedding table again, through the
