@@ -13,7 +13,8 @@ it). Each round runs, on SmolLM2 (the torchscript export, BENCH_DIR/smollm2/mode
             (calibration on 16 x 512 tokens, the defaults, then the exact transforms and the save)
 
 and, with --baseline, the compile command of another perqc build (with --quantize also its
-default quantizing compile, "baseline quantize"); with --quantize also
+default quantizing compile and its --rounding rtn one, "baseline quantize" and "baseline
+quantize rtn"); with --quantize also
 
   quantize:      perqc MODEL -o OUT --calib-text TEXT --tokenizer TOK   (the default W4A4 recipe:
                  GPTQ and the clip search; goal <= 3x eval)
@@ -138,6 +139,8 @@ if a.baseline:
                                     "--no-quantize", "--calib-text", text, "--tokenizer", tok]
     if a.quantize:
         commands["baseline quantize"] = [a.baseline, model, "-o", os.path.join(out_dir, "smollm2.baseline.q.onnx")] + calib
+        commands["baseline quantize rtn"] = [a.baseline, model, "-o", os.path.join(out_dir, "smollm2.baseline.rtn.onnx"),
+                                             "--rounding", "rtn"] + calib
 
 if a.only:
     keep = {"eval"} | {n.strip() for n in a.only.split(",")}
