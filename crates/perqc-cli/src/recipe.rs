@@ -30,7 +30,7 @@ pub struct RecipeArgs {
     pub permute: PermuteMethod,
     /// Where the calibrated permutation's statistics come from when quantizing with GPTQ or
     /// the clip search: float (a calibration pass of the float model first, as the
-    /// reference does; better on every row measured, docs/quantization.md) or quantized
+    /// reference does; docs/quantization.md compares the two) or quantized
     /// (layer by layer from the quantizers' own forward pass, each mlp seeing the quantized
     /// layers before it: one forward pass less).
     #[arg(long, value_name = "FROM", default_value = "float", value_parser = ["float", "quantized"])]
