@@ -76,13 +76,11 @@ impl Windows {
         if n == 0 || n >= len {
             return self;
         }
-        let mut windows = self.windows;
         let keep: Vec<usize> = (0..n).map(|i| i * len / n).collect();
-        let mut i = 0;
-        windows.retain(|_| {
-            i += 1;
-            keep.contains(&(i - 1))
-        });
+        let windows = (self.windows.into_iter().enumerate())
+            .filter(|(k, _)| keep.contains(k))
+            .map(|(_, w)| w)
+            .collect();
         Windows {
             windows,
             source: self.source,
