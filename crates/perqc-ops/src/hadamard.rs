@@ -48,6 +48,9 @@ pub struct Hadamard {
     entries: Vec<i8>,
     /// The power of two `s` with `H = H_{n/s} ⊗ Sylvester(s)`.
     sylvester: usize,
+    /// The base matrices `H_{n/s} = F_0 ⊗ F_1 ⊗ ..` (order, ±1 entries row-major); none
+    /// for a power of two.
+    core_factors: Vec<(usize, Vec<i8>)>,
     construction: String,
 }
 
@@ -98,6 +101,14 @@ impl Hadamard {
     /// constructions allow.
     pub fn sylvester_factor(&self) -> usize {
         self.sylvester
+    }
+
+    /// The Kronecker factors of the core `H_{n/s}` (see [`Hadamard::sylvester_factor`]),
+    /// left to right, each `(order, entries)` with its entries ±1 row-major: `H = F_0 ⊗ F_1
+    /// ⊗ .. ⊗ Sylvester(s)`. Empty for a power of two (the core is `[1]`). Applying them
+    /// one after the other costs `Σ order` signed additions per entry instead of `n / s`.
+    pub fn core_factors(&self) -> &[(usize, Vec<i8>)] {
+        &self.core_factors
     }
 
     /// How the matrix was built, for diagnostics: Kronecker factors left to right, each
@@ -495,12 +506,16 @@ fn prime_power(q: usize) -> Option<(usize, u32)> {
 // Building.
 
 fn build(plan: &Plan) -> Hadamard {
+    let core_factors: Vec<(usize, Vec<i8>)> = plan
+        .cores
+        .iter()
+        .map(|&b| (b.order(), base_matrix(b)))
+        .collect();
     let mut core: Option<(Vec<i8>, usize)> = None;
-    for &b in &plan.cores {
-        let (m, order) = (base_matrix(b), b.order());
+    for (order, m) in &core_factors {
         core = Some(match core {
-            None => (m, order),
-            Some((k, ko)) => (kron(&k, ko, &m, order), ko * order),
+            None => (m.clone(), *order),
+            Some((k, ko)) => (kron(&k, ko, m, *order), ko * order),
         });
     }
     let s = plan.sylvester;
@@ -513,6 +528,7 @@ fn build(plan: &Plan) -> Hadamard {
         n: plan.order(),
         entries,
         sylvester: s,
+        core_factors,
         construction: plan.describe(),
     }
 }

@@ -63,6 +63,9 @@ pub struct HadamardBlocks {
     /// The core's order `m` and its `m x m` entries (±1, row-major).
     m: usize,
     core: Vec<i8>,
+    /// The core's Kronecker factors (`perqc_ops::hadamard::Hadamard::core_factors`; none
+    /// when `m = 1`), applied one after the other.
+    factors: Vec<(usize, Vec<i8>)>,
     /// The Sylvester factor `s`, a power of two.
     s: usize,
     /// `diag(signs)` (±1, `b` entries), if randomized.
@@ -196,9 +199,29 @@ impl ChannelOp {
                 }
             }
         }
+        let factors = h.core_factors().to_vec();
+        // The same for the core's factors: their Kronecker product is the core.
+        let order: usize = factors.iter().map(|f| f.0).product();
+        let product_is_core = order == m
+            && (0..m * m).all(|k| {
+                let (mut i, mut j, mut rest, mut e) = (k / m, k % m, m, 1i8);
+                for (o, f) in &factors {
+                    rest /= o;
+                    e *= f[(i / rest) * o + j / rest];
+                    (i, j) = (i % rest, j % rest);
+                }
+                e == core[k]
+            });
+        if !product_is_core {
+            return Err(format!(
+                "the Hadamard core of order {m} ({}) is not the product of its factors",
+                h.construction()
+            ));
+        }
         Ok(ChannelOp::Hadamard(HadamardBlocks {
             m,
             core,
+            factors,
             s,
             signs: signs.map(|seed| hadamard::random_signs(block, seed)),
             count: dim / block,
@@ -285,8 +308,13 @@ impl ChannelOp {
             },
             ChannelOp::Hadamard(h) if h.signs.is_none() => {
                 let m = h.m;
+                let t = |f: &[i8], o: usize| -> Vec<i8> {
+                    (0..o * o).map(|k| f[(k % o) * o + k / o]).collect()
+                };
+                // (F_0 ⊗ F_1 ⊗ ..)ᵀ = F_0ᵀ ⊗ F_1ᵀ ⊗ ..
                 ChannelOp::Hadamard(HadamardBlocks {
-                    core: (0..m * m).map(|k| h.core[(k % m) * m + k / m]).collect(),
+                    core: t(&h.core, m),
+                    factors: (h.factors.iter()).map(|(o, f)| (*o, t(f, *o))).collect(),
                     ..h.clone()
                 })
             }
@@ -621,33 +649,6 @@ struct CoreFactor {
     minus: Vec<Vec<usize>>,
 }
 
-/// The finest Kronecker factorization `core = F_0 ⊗ F_1 ⊗ ..` of an `m x m` ±1 matrix
-/// (row-major) this finds: the first factor is the smallest order `a` for which the core
-/// is `A ⊗ C`, with `C` its top-left block and `A[i, j] = core[i·c, j·c] · C[0, 0]`, checked
-/// entry by entry; then `C` is factored the same way. An unfactorable core is one factor.
-fn kronecker_factors(core: &[i8], m: usize) -> Vec<(usize, Vec<i8>)> {
-    for a in 2..m {
-        if !m.is_multiple_of(a) {
-            continue;
-        }
-        let c = m / a;
-        let small: Vec<i8> = (0..c * c).map(|k| core[(k / c) * m + k % c]).collect();
-        let big: Vec<i8> = (0..a * a)
-            .map(|k| core[(k / a) * c * m + (k % a) * c] * small[0])
-            .collect();
-        let holds = (0..m * m).all(|k| {
-            let (i, j) = (k / m, k % m);
-            core[k] == big[(i / c) * a + j / c] * small[(i % c) * c + j % c]
-        });
-        if holds {
-            let mut factors = vec![(a, big)];
-            factors.extend(kronecker_factors(&small, c));
-            return factors;
-        }
-    }
-    vec![(m, core.to_vec())]
-}
-
 /// Lanes summed at once: `[f64; LANES]` accumulators, 8 AVX-512 registers, so 8
 /// independent addition chains hide the adder latency.
 const LANES: usize = 64;
@@ -657,11 +658,10 @@ type Lanes = [f64; LANES];
 
 impl<'a> Kernel<'a> {
     fn hadamard(h: &'a HadamardBlocks) -> Kernel<'a> {
-        let factored = kronecker_factors(&h.core, h.m);
         let mut stride = h.m;
-        let factors = factored
-            .into_iter()
+        let factors = (h.factors.iter())
             .map(|(order, f)| {
+                let order = *order;
                 stride /= order;
                 let row = |i: usize, sign: i8| -> Vec<usize> {
                     (0..order).filter(|&j| f[i * order + j] == sign).collect()
@@ -1274,6 +1274,8 @@ mod tests {
                 .normalized_f64();
             assert_eq!(h.dense_block(), want, "core {core}");
             let m = dense(&op);
+            // Transposed factor by factor, it is the dense transpose.
+            assert_eq!(dense(&op.transpose()), transpose(&m, 576), "core {core}");
             for (dims, axis) in [(vec![70, 576], 1), (vec![576, 67], 0)] {
                 let numel: usize = dims.iter().product();
                 let x = seeded(numel, core as u64);
@@ -1294,35 +1296,8 @@ mod tests {
         let ChannelOp::Hadamard(h) = &core144 else {
             panic!()
         };
-        let orders: Vec<usize> = kronecker_factors(&h.core, h.m)
-            .iter()
-            .map(|f| f.0)
-            .collect();
+        let orders: Vec<usize> = h.factors.iter().map(|f| f.0).collect();
         assert_eq!(orders, [12, 12]);
-    }
-
-    /// A product of ±1 matrices factors back into them; an unfactorable core is one factor.
-    #[test]
-    fn kronecker_factors_recover_the_factors() {
-        let h2: Vec<i8> = vec![1, 1, 1, -1];
-        let h12 = perqc_ops::hadamard::hadamard(12).unwrap();
-        let h12: Vec<i8> = (0..144).map(|k| h12.get(k / 12, k % 12)).collect();
-        let kron = |a: &[i8], n: usize, b: &[i8], m: usize| -> Vec<i8> {
-            let d = n * m;
-            (0..d * d)
-                .map(|k| {
-                    let (i, j) = (k / d, k % d);
-                    a[(i / m) * n + j / m] * b[(i % m) * m + j % m]
-                })
-                .collect()
-        };
-        let c = kron(&h12, 12, &h2, 2);
-        let f = kronecker_factors(&c, 24);
-        let orders: Vec<usize> = f.iter().map(|f| f.0).collect();
-        assert_eq!(orders, [12, 2]);
-        assert_eq!(f[0].1, h12);
-        assert_eq!(f[1].1, h2);
-        assert_eq!(kronecker_factors(&h12, 12), [(12, h12.clone())]);
     }
 
     /// A Hadamard map localizes to whole blocks (a key/value head read twice), and refuses
