@@ -23,6 +23,7 @@
 //! block `k`, for `k < B = n / b`. The mass of a block is the sum of its channels' masses;
 //! MassDiff and Absmax make those sums as even as a greedy rule can.
 
+use ndarray::ArrayView2;
 use perqc_ops::stats::ChannelStats;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -48,6 +49,18 @@ pub enum PermuteMethod {
     /// balances that bound (what sets the quantization range), where MassDiff balances the
     /// typical magnitude.
     Absmax,
+    /// Greedy balance of each token's block energies (perqc's; reads sampled calibration
+    /// rows as profiles, `StatsOptions::profile_every`). With `e_tc = x_tc² / Σ_c x_tc²` (token `t`'s share of its energy in channel
+    /// `c`), block energies `E_tk = Σ_{c ∈ block k} e_tc` and `M_t = max_k E_tk`: visit the
+    /// channels by decreasing `Σ_t e_tc` (ties: lower channel first) and put each into the
+    /// non-full block that raises `Σ_t M_t` least, `Σ_t max(0, E_tk + e_tc - M_t)`, plus
+    /// `1e-3 · Σ_t E_tk` so that blocks the channel raises no maximum in are filled by least
+    /// energy (ties: lower `k`). The choice: after a normalized block Hadamard a token's
+    /// values in block `k` have RMS `√(E_tk / b)` of its norm, so its largest block sets the
+    /// per-token quantization range, and a token's SQNR falls with `M_t`. MassDiff balances
+    /// the mean over tokens, which leaves two channels that peak on the same tokens free to
+    /// share a block; this rule sees the tokens.
+    TokenMax,
     /// A uniform shuffle (Fisher-Yates driven by splitmix64 from `seed`): the same seed gives
     /// the same permutation on every platform.
     Random { seed: u64 },
@@ -56,15 +69,25 @@ pub enum PermuteMethod {
 }
 
 /// The names [`PermuteMethod::from_str`] accepts, for messages and `--help`.
-pub const METHOD_NAMES: &str = "massdiff, zigzag, absmax, random, random(seed=N), identity";
+pub const METHOD_NAMES: &str =
+    "massdiff, tokenmax, zigzag, absmax, random, random(seed=N), identity";
 
 impl PermuteMethod {
     /// Whether the method reads the statistics (all but `random` and `identity`).
     pub fn uses_statistics(&self) -> bool {
         matches!(
             self,
-            PermuteMethod::MassDiff | PermuteMethod::Zigzag | PermuteMethod::Absmax
+            PermuteMethod::MassDiff
+                | PermuteMethod::TokenMax
+                | PermuteMethod::Zigzag
+                | PermuteMethod::Absmax
         )
+    }
+
+    /// Whether the method reads the profiles of sampled calibration rows (`tokenmax`), not
+    /// only the per-channel statistics.
+    pub fn uses_profiles(&self) -> bool {
+        matches!(self, PermuteMethod::TokenMax)
     }
 }
 
@@ -74,6 +97,7 @@ impl fmt::Display for PermuteMethod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PermuteMethod::MassDiff => f.write_str("massdiff"),
+            PermuteMethod::TokenMax => f.write_str("tokenmax"),
             PermuteMethod::Zigzag => f.write_str("zigzag"),
             PermuteMethod::Absmax => f.write_str("absmax"),
             PermuteMethod::Random { seed } => write!(f, "random(seed={seed})"),
@@ -91,6 +115,7 @@ impl FromStr for PermuteMethod {
         let text = s.trim();
         Ok(match text {
             "massdiff" => PermuteMethod::MassDiff,
+            "tokenmax" => PermuteMethod::TokenMax,
             "zigzag" => PermuteMethod::Zigzag,
             "absmax" => PermuteMethod::Absmax,
             "random" => PermuteMethod::Random { seed: 0 },
@@ -138,6 +163,10 @@ pub enum PermuteError {
     NoChannels,
     #[error("{method} needs statistics, but they were computed from 0 rows")]
     NoRows { method: PermuteMethod },
+    #[error(
+        "{method} reads profiles of sampled calibration rows, and none were kept (calibrate with profile_every)"
+    )]
+    NoProfiles { method: PermuteMethod },
     #[error("{what} of channel {channel} is {value}; the statistics must be finite")]
     NonFinite {
         what: &'static str,
@@ -214,7 +243,29 @@ pub fn permutation(
     if method.uses_statistics() && stats.rows() == 0 {
         return Err(PermuteError::NoRows { method });
     }
+    if method.uses_profiles() {
+        return permutation_from_profiles(method, stats.profiles(), block);
+    }
     permutation_from(method, &stats.mean_abs(), stats.max_abs(), block)
+}
+
+/// The permutation of a method that reads profiles ([`PermuteMethod::uses_profiles`])
+/// from sampled row profiles `[tokens, n]` of the value (in region channel order; see
+/// `StatsOptions::profile_every`).
+pub fn permutation_from_profiles(
+    method: PermuteMethod,
+    profiles: ArrayView2<u8>,
+    block: usize,
+) -> Result<Vec<usize>, PermuteError> {
+    let (tokens, n) = profiles.dim();
+    if !method.uses_profiles() || tokens == 0 {
+        return Err(PermuteError::NoProfiles { method });
+    }
+    if n == 0 {
+        return Err(PermuteError::NoChannels);
+    }
+    check_block(block, n)?;
+    Ok(token_balance(profiles, block))
 }
 
 /// [`permutation`] from the per-channel mean |x| and max |x| directly (both of length `n`,
@@ -256,6 +307,7 @@ pub fn permutation_from(
         PermuteMethod::Zigzag => zigzag(mean_abs, block),
         PermuteMethod::Random { seed } => shuffle(n, seed),
         PermuteMethod::Identity => (0..n).collect(),
+        PermuteMethod::TokenMax => return Err(PermuteError::NoProfiles { method }),
     })
 }
 
@@ -338,6 +390,151 @@ fn balance(mass: &[f64], block: usize) -> Vec<usize> {
         }
     }
     members.concat()
+}
+
+/// Weight of a block's energy against the maxima it raises in [`PermuteMethod::TokenMax`].
+const TOKEN_TIE: f32 = 1e-3;
+
+/// [`PermuteMethod::TokenMax`] on row profiles `[tokens, n]` (`n` a multiple of `block`):
+/// token `t`'s share in channel `c` is `q_tc² / Σ_c q_tc²`. All-zero rows are left out.
+/// Every sum over tokens runs in 16 fixed lanes added in a fixed order, so the choice is
+/// the same on every CPU.
+fn token_balance(profiles: ArrayView2<u8>, block: usize) -> Vec<usize> {
+    let (_, n) = profiles.dim();
+    let blocks = n / block;
+    // Channel-major shares e[c][t], padded with zero tokens to whole lanes.
+    let live: Vec<_> = profiles
+        .outer_iter()
+        .filter_map(|r| {
+            let norm: u64 = r.iter().map(|&q| u64::from(q) * u64::from(q)).sum();
+            (norm > 0).then_some((r, norm as f64))
+        })
+        .collect();
+    let t = live.len().div_ceil(LANES) * LANES;
+    let mut e = vec![0f32; n * t];
+    // LANES rows at a time: their shares row by row, then transposed, each channel's run
+    // of them one cache line.
+    let mut tile = vec![0f32; LANES * n];
+    for (k, rows) in live.chunks(LANES).enumerate() {
+        for ((r, norm), out) in rows.iter().zip(tile.chunks_exact_mut(n)) {
+            let scale = 1.0 / norm;
+            for (o, &q) in out.iter_mut().zip(r.iter()) {
+                *o = (f64::from(u32::from(q) * u32::from(q)) * scale) as f32;
+            }
+        }
+        for (c, run) in e.chunks_exact_mut(t).enumerate() {
+            for (j, o) in run[k * LANES..][..rows.len()].iter_mut().enumerate() {
+                *o = tile[j * n + c];
+            }
+        }
+    }
+    let share = |c: usize| &e[c * t..(c + 1) * t];
+    let total: Vec<f64> = (0..n).map(|c| lane_sum(share(c)) as f64).collect();
+    let mut energy = vec![0f32; blocks * t]; // E[k][t]
+    let mut block_total = vec![0f32; blocks];
+    let mut peak = vec![0f32; t]; // M[t]
+    let mut lift = vec![0f32; t];
+    let mut members: Vec<Vec<usize>> = vec![Vec::with_capacity(block); blocks];
+    let mut open: Vec<usize> = Vec::with_capacity(blocks);
+    for c in by_mass(&total) {
+        for ((d, &x), &m) in lift.iter_mut().zip(share(c)).zip(&peak) {
+            *d = x - m;
+        }
+        // The least (cost, k). A block's cost is at least its tie term, and the sum of
+        // nonnegative terms only grows, so blocks by increasing energy stop being scored
+        // once that bound passes the best cost, and a score stops once it does (both
+        // strictly: a block left out cannot tie).
+        open.clear();
+        open.extend((0..blocks).filter(|&k| members[k].len() < block));
+        open.sort_by(|&a, &b| block_total[a].total_cmp(&block_total[b]).then(a.cmp(&b)));
+        let mut best = (f32::INFINITY, usize::MAX);
+        for &k in &open {
+            let floor = TOKEN_TIE * block_total[k];
+            if floor > best.0 {
+                break;
+            }
+            let Some(raise) = raised(&energy[k * t..(k + 1) * t], &lift, best.0 - floor) else {
+                continue;
+            };
+            let cost = raise + floor;
+            if (cost, k) < best {
+                best = (cost, k);
+            }
+        }
+        let k = best.1;
+        members[k].push(c);
+        let row = &mut energy[k * t..(k + 1) * t];
+        for ((y, &x), m) in row.iter_mut().zip(share(c)).zip(peak.iter_mut()) {
+            *y += x;
+            *m = m.max(*y);
+        }
+        block_total[k] = lane_sum(row);
+    }
+    members.concat()
+}
+
+/// Lanes of the sums over tokens.
+const LANES: usize = 16;
+
+/// `Σ_i a[i]` in `LANES` lanes (`a.len()` a multiple of `LANES`), the lanes added in order.
+fn lane_sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for chunk in a.chunks_exact(LANES) {
+        for (s, &x) in acc.iter_mut().zip(chunk) {
+            *s += x;
+        }
+    }
+    acc.iter().sum()
+}
+
+/// `Σ_i max(0, e[i] + d[i])` in `LANES` lanes (equal lengths, multiples of `LANES`), or
+/// `None` once a partial sum exceeds `limit` (the whole sum would too).
+fn raised(e: &[f32], d: &[f32], limit: f32) -> Option<f32> {
+    let mut acc = [0f32; LANES];
+    for (a, b) in e.chunks(RAISE_CHUNK).zip(d.chunks(RAISE_CHUNK)) {
+        raise_lanes(a, b, &mut acc);
+        if acc.iter().sum::<f32>() > limit {
+            return None;
+        }
+    }
+    Some(acc.iter().sum())
+}
+
+/// Tokens between the checks of [`raised`] against its limit.
+const RAISE_CHUNK: usize = 512;
+
+/// `acc[j] += max(0, e[i] + d[i])` for `i ≡ j (mod LANES)`: the same per-lane arithmetic
+/// at every vector width, compiled for AVX-512 or AVX2 where the CPU has them.
+fn raise_lanes(e: &[f32], d: &[f32], acc: &mut [f32; LANES]) {
+    #[inline(always)]
+    fn body(e: &[f32], d: &[f32], acc: &mut [f32; LANES]) {
+        for (a, b) in e.chunks_exact(LANES).zip(d.chunks_exact(LANES)) {
+            for ((s, &x), &y) in acc.iter_mut().zip(a).zip(b) {
+                let v = x + y;
+                *s += if v > 0.0 { v } else { 0.0 };
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn wide(e: &[f32], d: &[f32], acc: &mut [f32; LANES]) {
+            body(e, d, acc)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn fast(e: &[f32], d: &[f32], acc: &mut [f32; LANES]) {
+            body(e, d, acc)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Safety: the feature was just detected.
+            return unsafe { wide(e, d, acc) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Safety: the feature was just detected.
+            return unsafe { fast(e, d, acc) };
+        }
+    }
+    body(e, d, acc)
 }
 
 /// Snake dealing of the channels by decreasing mean |x| (`n` a multiple of `block`).
@@ -487,6 +684,123 @@ mod tests {
         }
     }
 
+    /// Statistics with profiles of every row of `rows` (`[tokens, n]`, row-major).
+    fn profiled(rows: &[f32], n: usize) -> ChannelStats {
+        let opts = StatsOptions {
+            profile_every: 1,
+            ..StatsOptions::default()
+        };
+        let mut s = ChannelStats::new(n, &opts).unwrap();
+        let x = ndarray::ArrayView2::from_shape((rows.len() / n, n), rows).unwrap();
+        s.update(x).unwrap();
+        s
+    }
+
+    #[test]
+    fn tokenmax_hand_worked() {
+        // Channels a, b, c, d; mean |x| 5, 4, 3, 2, so MassDiff pairs {a, d} and {b, c}:
+        // but a and d peak on token 0, b and c on token 1, and each token keeps all its
+        // energy in one block. Shares (from the profiles a = 255, d = 102; b = 255, c = 191):
+        // t0: a .862, d .138; t1: b .641, c .359. By total share: a, b, c, d.
+        //   a -> both blocks raise t0's max by .862: block 0          E0 = [.862, 0]
+        //   b -> block 0 raises t1 by .641 plus the tie term, block 1 by .641: block 1
+        //   c -> block 0 raises nothing (t1: .359 < .641), block 1 raises t1: block 0
+        //   d -> block 1, the only one open.
+        // Blocks {a, c}, {b, d}: the largest block shares .862 and .641 instead of 1 and 1.
+        let rows = [10.0, 0.0, 0.0, 4.0, 0.0, 8.0, 6.0, 0.0];
+        let stats = profiled(&rows, 4);
+        assert_eq!(
+            stats.profiles().as_slice().unwrap(),
+            &[255, 0, 0, 102, 0, 255, 191, 0]
+        );
+        assert_eq!(
+            permutation(PermuteMethod::TokenMax, &stats, 2).unwrap(),
+            [0, 2, 1, 3]
+        );
+        assert_eq!(
+            permutation(PermuteMethod::MassDiff, &stats, 2).unwrap(),
+            [0, 3, 1, 2]
+        );
+    }
+
+    /// Σ over tokens of the largest block's share of the token's energy.
+    fn peak_share(rows: &[f32], n: usize, perm: &[usize], block: usize) -> f64 {
+        rows.chunks(n)
+            .map(|r| {
+                let total: f64 = r.iter().map(|&v| (v as f64).powi(2)).sum();
+                let peak = perm
+                    .chunks(block)
+                    .map(|b| b.iter().map(|&c| (r[c] as f64).powi(2)).sum::<f64>())
+                    .fold(0.0, f64::max);
+                peak / total
+            })
+            .sum()
+    }
+
+    #[test]
+    fn tokenmax_lowers_the_peak_block_share() {
+        // Tokens whose outliers come in channel pairs that fire together, on top of a
+        // dense background, with the pairs' mean |x| such that the mean balance is free to
+        // put a pair in one block: TokenMax must leave a lower sum of each token's largest
+        // block share than MassDiff and than no permutation.
+        let (n, block, tokens) = (64, 8, 400);
+        let mut state = 11u64;
+        let mut rows = vec![0f32; tokens * n];
+        for (t, row) in rows.chunks_mut(n).enumerate() {
+            for v in row.iter_mut() {
+                *v = (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            }
+            let pair = t % 6;
+            let size = 6.0 + pair as f32;
+            row[pair] = size;
+            row[pair + 32] = size;
+        }
+        let stats = profiled(&rows, n);
+        let token = permutation(PermuteMethod::TokenMax, &stats, block).unwrap();
+        let mass = permutation(PermuteMethod::MassDiff, &stats, block).unwrap();
+        let identity: Vec<usize> = (0..n).collect();
+        assert!(is_permutation(&token, n));
+        let (t, m, i) = (
+            peak_share(&rows, n, &token, block),
+            peak_share(&rows, n, &mass, block),
+            peak_share(&rows, n, &identity, block),
+        );
+        assert!(t < m && t < i, "tokenmax {t}, massdiff {m}, identity {i}");
+        // No pair shares a block.
+        let blocks = inverse(&token).unwrap();
+        for p in 0..6 {
+            assert_ne!(blocks[p] / block, blocks[p + 32] / block, "pair {p}");
+        }
+    }
+
+    #[test]
+    fn tokenmax_needs_profiles() {
+        let mut s = ChannelStats::new(4, &StatsOptions::default()).unwrap();
+        s.update(ndarray::ArrayView2::from_shape((1, 4), &[1.0f32, 2.0, 3.0, 4.0]).unwrap())
+            .unwrap();
+        assert_eq!(
+            permutation(PermuteMethod::TokenMax, &s, 2).unwrap_err(),
+            PermuteError::NoProfiles {
+                method: PermuteMethod::TokenMax
+            }
+        );
+        assert!(
+            permutation_from(PermuteMethod::TokenMax, &[1.0; 4], &[1.0; 4], 2).is_err(),
+            "mean and max alone cannot choose it"
+        );
+        assert_eq!(
+            "tokenmax".parse::<PermuteMethod>(),
+            Ok(PermuteMethod::TokenMax)
+        );
+        assert_eq!(PermuteMethod::TokenMax.to_string(), "tokenmax");
+        // All-zero profiles: every token is left out, and the blocks fill in order.
+        let zeros = profiled(&[0.0; 8], 4);
+        assert_eq!(
+            permutation(PermuteMethod::TokenMax, &zeros, 2).unwrap(),
+            [0, 1, 2, 3]
+        );
+    }
+
     #[test]
     fn massdiff_balances_better_than_identity() {
         for (n, block, seed) in [(64, 8, 1), (192, 64, 2), (576, 32, 3), (1536, 128, 4)] {
@@ -600,8 +914,8 @@ mod tests {
         let msg = |e: PermuteError| e.to_string();
         assert_eq!(
             msg("mass-diff".parse::<PermuteMethod>().unwrap_err()),
-            "unknown permutation method `mass-diff`; the methods are massdiff, zigzag, absmax, \
-             random, random(seed=N), identity"
+            "unknown permutation method `mass-diff`; the methods are massdiff, tokenmax, zigzag, \
+             absmax, random, random(seed=N), identity"
         );
         assert_eq!(
             msg("random(sed=3)".parse::<PermuteMethod>().unwrap_err()),

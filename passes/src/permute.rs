@@ -15,11 +15,12 @@
 //! Counters: `regions-permuted`, `weights-rewritten`.
 
 use crate::calibration::Calibration;
-use crate::permutation::{PermuteMethod, permutation_from};
+use crate::permutation::{PermuteMethod, permutation_from, permutation_from_profiles};
 use crate::regions::{Region, RegionKind, Regions};
 use crate::transform::{self, ChannelOp, Placement};
 use perqc_ir::{Graph, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
 use perqc_ops::stats::ChannelStats;
+use rayon::prelude::*;
 
 #[derive(Debug)]
 pub struct Permute {
@@ -30,13 +31,15 @@ pub struct Permute {
 
 impl Permute {
     pub const NAME: &'static str = "permute";
-    pub const DESCRIPTION: &'static str = "fold calibrated channel permutations into the weights (exact); options method=massdiff|zigzag|absmax|random|identity, seed=N, block=B, mlp=true, residual=false, heads=false";
+    pub const DESCRIPTION: &'static str = "fold calibrated channel permutations into the weights (exact); options method=massdiff|tokenmax|zigzag|absmax|random|identity, seed=N, block=B, mlp=true, residual=false, heads=false";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&["method", "seed", "block", "mlp", "residual", "heads"])?;
         let name = opts.choice_or(
             "method",
-            &["massdiff", "zigzag", "absmax", "random", "identity"],
+            &[
+                "massdiff", "tokenmax", "zigzag", "absmax", "random", "identity",
+            ],
             "massdiff",
         )?;
         let method = match name {
@@ -138,6 +141,34 @@ pub(crate) fn masses(region: &Region, calib: &Calibration) -> Result<(Vec<f64>, 
     Ok((mean, max))
 }
 
+/// The sampled row profiles of every activation the region's sinks read, stacked, in
+/// region channel order: `[Σ rows, dim]`. An error names an activation without profiles.
+pub(crate) fn sink_profiles(
+    region: &Region,
+    calib: &Calibration,
+) -> Result<ndarray::Array2<u8>, String> {
+    let sinks = sink_stats(region, calib)?;
+    let total: usize = sinks.iter().map(|(_, s, _)| s.profiles().nrows()).sum();
+    let mut out = ndarray::Array2::<u8>::zeros((total, region.dim));
+    let mut at = 0;
+    for (channels, stats, name) in sinks {
+        let profiles = stats.profiles();
+        if profiles.nrows() == 0 {
+            return Err(format!(
+                "no sampled row profiles of `{name}` (the statistics were gathered without profile_every)"
+            ));
+        }
+        for (r, profile) in profiles.outer_iter().enumerate() {
+            let mut row = out.row_mut(at + r);
+            for (&c, &q) in channels.iter().zip(profile) {
+                row[c as usize] = q;
+            }
+        }
+        at += profiles.nrows();
+    }
+    Ok(out)
+}
+
 /// The largest block's share of the mass over the mean block's: `max_k Σ_{c∈B_k} m_c` /
 /// `(Σ_c m_c / blocks)` for consecutive blocks of `b` channels (1 when perfectly even).
 fn block_spread(mass: &[f64], b: usize) -> f64 {
@@ -193,22 +224,38 @@ impl Permute {
 
     /// The permutation of one region: per group (key/value head) if it has heads.
     fn choose(&self, region: &Region, calib: Option<&Calibration>) -> Result<ChannelOp, String> {
-        let (mean, max) = if self.method.uses_statistics() {
-            let calib = calib.ok_or(
+        let calib = match self.method.uses_statistics() {
+            true => Some(calib.ok_or(
                 "method needs calibration statistics (--calib-text or --calib-ids); \
                  random and identity do not",
-            )?;
-            masses(region, calib)?
-        } else {
-            (vec![0.0; region.dim], vec![0.0; region.dim])
+            )?),
+            false => None,
+        };
+        let (mean, max) = match calib {
+            Some(calib) => masses(region, calib)?,
+            None => (vec![0.0; region.dim], vec![0.0; region.dim]),
         };
         let group = region.heads.map_or(region.dim, |h| h.head_dim);
         let block = self.block.min(group);
+        let profiles = match self.method.uses_profiles() {
+            true => Some(sink_profiles(
+                region,
+                calib.expect("profiles are statistics"),
+            )?),
+            false => None,
+        };
         let mut perm = Vec::with_capacity(region.dim);
         for g in 0..region.dim / group {
             let r = g * group..(g + 1) * group;
-            let p = permutation_from(self.method, &mean[r.clone()], &max[r], block)
-                .map_err(|e| e.to_string())?;
+            let p = match &profiles {
+                Some(profiles) => permutation_from_profiles(
+                    self.method,
+                    profiles.slice(ndarray::s![.., r.clone()]),
+                    block,
+                ),
+                None => permutation_from(self.method, &mean[r.clone()], &max[r], block),
+            }
+            .map_err(|e| e.to_string())?;
             perm.extend(p.into_iter().map(|i| i + g * group));
         }
         Ok(ChannelOp::Permutation(perm))
@@ -224,6 +271,32 @@ impl Permute {
         region: &Region,
         calib: Option<&Calibration>,
     ) -> Result<(transform::Applied, Option<(f64, f64)>), String> {
+        let (op, spread) = self.plan_region(region, calib)?;
+        self.dump(region, calib, &op);
+        let a = transform::apply(graph, region, &op, Placement::Fold)?;
+        Ok((a, spread))
+    }
+
+    /// [`dump_permutation`] of a calibrated region's permutation, in the order the regions
+    /// are folded.
+    fn dump(&self, region: &Region, calib: Option<&Calibration>, op: &ChannelOp) {
+        if let (Some(c), ChannelOp::Permutation(perm)) = (calib, op)
+            && self.method.uses_statistics()
+            && region.heads.is_none()
+            && std::env::var_os("PERQC_DUMP_PERMUTATIONS").is_some()
+            && let Ok((mean, _)) = masses(region, c)
+        {
+            dump_permutation(region, &mean, perm, self.block);
+        }
+    }
+
+    /// One region's permutation and its block mass spread before and after (see
+    /// [`Permute::apply_region`]); reads the graph not at all, so regions plan in parallel.
+    fn plan_region(
+        &self,
+        region: &Region,
+        calib: Option<&Calibration>,
+    ) -> Result<(ChannelOp, Option<(f64, f64)>), String> {
         let op = self.choose(region, calib)?;
         let mut spread = None;
         if let (Some(c), ChannelOp::Permutation(perm)) = (calib, &op)
@@ -232,14 +305,12 @@ impl Permute {
             && let Ok((mean, _)) = masses(region, c)
         {
             let after: Vec<f64> = perm.iter().map(|&i| mean[i]).collect();
-            dump_permutation(region, &mean, perm, self.block);
             spread = Some((
                 block_spread(&mean, self.block),
                 block_spread(&after, self.block),
             ));
         }
-        let a = transform::apply(graph, region, &op, Placement::Fold)?;
-        Ok((a, spread))
+        Ok((op, spread))
     }
 
     /// The note on the block mass spread over the regions permuted (`None` if none).
@@ -276,10 +347,12 @@ impl Pass for Permute {
             return Ok(PassOutcome::from_changed(false));
         }
         let regions = ctx.analysis::<Regions>(model)?;
-        let calib = ctx.resource::<Calibration>().cloned();
         let (mut permuted, mut total) = (0u64, transform::Applied::default());
         // Max block mass over mean block mass, before and after, per permuted region.
         let mut spread: Vec<(f64, f64)> = Vec::new();
+        // The regions to permute, then their permutations (in parallel: a calibrated
+        // choice can take a while per region), then the folds, in region order.
+        let mut chosen: Vec<(String, &Region)> = Vec::new();
         for (i, region) in regions.regions.iter().enumerate() {
             if !self.kinds.contains(&region.kind) {
                 continue;
@@ -292,9 +365,20 @@ impl Pass for Permute {
             if !ctx.rewrite() {
                 break;
             }
-            let (a, s) = self
-                .apply_region(&mut model.graph, region, calib.as_ref())
-                .map_err(|e| PassError::msg(format!("permute: {what}: {e}")))?;
+            chosen.push((what, region));
+        }
+        // Borrowed, not copied: sampled rows can be large.
+        let calib = ctx.resource::<Calibration>();
+        let plans: Vec<_> = chosen
+            .par_iter()
+            .map(|(_, region)| self.plan_region(region, calib))
+            .collect();
+        for ((what, region), plan) in chosen.iter().zip(plans) {
+            let fail = |e: String| PassError::msg(format!("permute: {what}: {e}"));
+            let (op, s) = plan.map_err(fail)?;
+            self.dump(region, calib, &op);
+            let a =
+                transform::apply(&mut model.graph, region, &op, Placement::Fold).map_err(fail)?;
             spread.extend(s);
             if a != transform::Applied::default() {
                 permuted += 1;

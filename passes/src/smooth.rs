@@ -34,8 +34,8 @@
 //! Counters: `regions-smoothed`, `weights-rewritten`.
 
 use crate::calibration::Calibration;
-use crate::permutation::{PermuteMethod, permutation_from};
-use crate::permute::{masses, sink_activations, sink_stats};
+use crate::permutation::{PermuteMethod, permutation_from, permutation_from_profiles};
+use crate::permute::{masses, sink_activations, sink_profiles, sink_stats};
 use crate::probe::{LayerError, Probe, SinkSample, sink_samples};
 use crate::regions::{Region, RegionKind, Regions, TransformKind};
 use crate::smooth_train::{self, Trained, Training};
@@ -392,7 +392,14 @@ fn after_smoothing(
         Rotation::None => None,
     };
     if let Some(b) = block {
-        if probing.permute.uses_statistics() && b < region.dim {
+        if probing.permute.uses_profiles() && b < region.dim {
+            let mut profiles = sink_profiles(region, calib)?;
+            let rows = profiles.as_slice_mut().expect("standard layout");
+            perqc_ops::stats::divide_profiles(rows, s);
+            let perm = permutation_from_profiles(probing.permute, profiles.view(), b)
+                .map_err(|e| e.to_string())?;
+            chain.push(ChannelOp::Permutation(perm));
+        } else if probing.permute.uses_statistics() && b < region.dim {
             let (mean, max) = masses(region, calib)?;
             let mean: Vec<f64> = mean.iter().zip(s).map(|(m, s)| m / s).collect();
             let max: Vec<f32> = max

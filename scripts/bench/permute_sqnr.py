@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""MassDiff against no permutation, by the down_proj's quantized SQNR.
+"""Calibrated permutations (MassDiff, TokenMax) against none, by the down_proj's quantized SQNR.
 
 usage: scripts/bench/permute_sqnr.py [BENCH_DIR] [--perqc target/release/perqc]
-                                     [--blocks 16,32,64,128] [--keep DIR]
+                                     [--blocks 16,32,64,128] [--methods massdiff,tokenmax]
+                                     [--keep DIR]
 
-For each block size b and each of `--permute massdiff` and `--permute identity`, runs
+For each block size b, each calibrated method of --methods (default massdiff) and
+`--permute identity`, runs
 `perqc inspect MODEL --sqnr --json` on SmolLM2 with the bench's calibration text (the
 default recipe otherwise: full R1 and R2, online block Hadamard of b before every
 down_proj) and prints, per b, the down_proj's output SQNR after all the transforms (W4
 RTN per channel with MSE scales, A4 per token at clip 1, on sampled calibration rows:
-docs/sqnr.md), as the mean over the 30 layers and the layers where MassDiff is ahead. Unlike
+docs/sqnr.md), as the mean over the 30 layers and the layers where each method is ahead
+of no permutation. Unlike
 perplexity, which a 4-bit model's rounding chaos moves by percents from any change, this
 is the layer-local quantity the permutation acts on. With --keep the JSON reports are kept
 in DIR and reused when present. BENCH_DIR defaults to $PERQC_BENCH_DIR, else
@@ -26,6 +29,7 @@ ap.add_argument("bench", nargs="?", default=os.environ.get("PERQC_BENCH_DIR", os
 ap.add_argument("--perqc", default="target/release/perqc")
 ap.add_argument("--blocks", default="16,32,64,128")
 ap.add_argument("--keep", default=None)
+ap.add_argument("--methods", default="massdiff", help="calibrated methods to set against no permutation, comma-separated")
 a = ap.parse_args()
 
 model = os.path.join(a.bench, "smollm2", "model.onnx")
@@ -48,10 +52,16 @@ def down_proj(b, method):
     return [l["stages"][-1]["sqnr_db"] for l in report["linears"] if "down_proj" in l["name"]]
 
 
-print("| b | down_proj SQNR, MassDiff | no permutation | difference | layers MassDiff is ahead |")
-print("|---|---|---|---|---|")
+methods = a.methods.split(",")
+print("| b | no permutation | " + " | ".join(f"{m} (difference, layers ahead)" for m in methods) + " |")
+print("|---|---|" + "---|" * len(methods))
 for b in [int(x) for x in a.blocks.split(",")]:
-    md, ident = down_proj(b, "massdiff"), down_proj(b, "identity")
-    ahead = sum(x > y for x, y in zip(md, ident))
-    m, i = sum(md) / len(md), sum(ident) / len(ident)
-    print(f"| {b} | {m:.2f} dB | {i:.2f} dB | {m - i:+.2f} dB | {ahead} of {len(md)} |")
+    ident = down_proj(b, "identity")
+    i = sum(ident) / len(ident)
+    cells = []
+    for method in methods:
+        md = down_proj(b, method)
+        ahead = sum(x > y for x, y in zip(md, ident))
+        m = sum(md) / len(md)
+        cells.append(f"{m:.2f} dB ({m - i:+.2f}, {ahead} of {len(md)})")
+    print(f"| {b} | {i:.2f} dB | " + " | ".join(cells) + " |")

@@ -66,6 +66,12 @@ ROWS = [
         ("CAT (k = 64), no permutation", ["--cat", "block(k=64)", "--permute", "identity"]),
         ("MassDiff + CAT (k = 64)", ["--cat", "block(k=64)"]),
     )
+] + [
+    (f"W4A4 RTN, b = {b}, TokenMax", ["--block-size", str(b), "--permute", "tokenmax"] + RTN, "")
+    for b in (16, 32, 64, 128)
+] + [
+    ("W4A4 GPTQ + clip, b = 32, TokenMax", ["--permute", "tokenmax"], ""),
+    ("W4A4 GPTQ + clip, b = 16, TokenMax", ["--block-size", "16", "--permute", "tokenmax"], ""),
 ]
 
 ap = argparse.ArgumentParser()

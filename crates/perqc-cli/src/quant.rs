@@ -226,6 +226,9 @@ pub struct LayerwiseMlp {
     pub permute: Permute,
     /// Block of the online Hadamard (the permutation's blocks).
     pub block: usize,
+    /// What the permutation's statistics of each sink input keep (row profiles for
+    /// `tokenmax`).
+    pub stats: StatsOptions,
 }
 
 /// One mlp region waiting for its transforms.
@@ -327,7 +330,7 @@ pub fn run(
         let names = watched(&pending, &alone);
         let watch: Vec<(String, StatsOptions)> = names
             .iter()
-            .map(|n| (n.clone(), StatsOptions::default()))
+            .map(|n| (n.clone(), layerwise.stats.clone()))
             .collect();
         let c = Staged::new(model, calib_args)?
             .run(model, &watch, &names, release)
@@ -369,7 +372,8 @@ pub fn run(
             .collect();
         let region_values = watched(&pending, &regions);
         for v in &region_values {
-            watch.push((v.clone(), StatsOptions::default()));
+            let opts = layerwise.map_or_else(StatsOptions::default, |l| l.stats.clone());
+            watch.push((v.clone(), opts));
         }
         if watch.is_empty() {
             continue;

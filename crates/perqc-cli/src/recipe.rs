@@ -24,8 +24,11 @@ pub struct RecipeArgs {
     /// Hadamard) and write the float model: its outputs equal the input's up to round-off.
     #[arg(long)]
     pub no_quantize: bool,
-    /// Permutation of the mlp channels before the online Hadamard: massdiff, zigzag,
-    /// absmax, random or identity (massdiff, zigzag and absmax need calibration data).
+    /// Permutation of the mlp channels before the online Hadamard: massdiff (the paper's:
+    /// balances the mean |x| over the blocks), tokenmax (balances each token's block
+    /// energies; about 2048 sampled token profiles per down_proj input, docs/quantization.md),
+    /// zigzag, absmax, random or identity (all but random and identity need calibration
+    /// data).
     #[arg(long, value_name = "NAME", default_value = "massdiff")]
     pub permute: PermuteMethod,
     /// Where the calibrated permutation's statistics come from when quantizing with GPTQ or
@@ -137,6 +140,9 @@ fn parse_cat(s: &str) -> Result<CatSpec, String> {
 /// layer error: about
 /// this many, evenly over the calibration tokens.
 const PROBE_ROWS: usize = 256;
+/// Row profiles a permutation that reads them (`--permute tokenmax`) samples per down_proj
+/// input: 2048 x 1536 bytes, 3 MiB per layer on SmolLM2 (docs/quantization.md).
+const PERMUTE_ROWS: usize = 2048;
 
 /// The values the mlp regions' sinks read (the down_proj inputs), in node order.
 fn mlp_sink_values(model: &Model) -> Result<Vec<String>> {
@@ -184,6 +190,13 @@ impl RecipeArgs {
                 Some(LayerwiseMlp {
                     permute: Permute::mlp(self.permute, b),
                     block: b,
+                    stats: StatsOptions {
+                        profile_every: match self.permute.uses_profiles() {
+                            true => self.permute_every(0),
+                            false => 0,
+                        },
+                        ..StatsOptions::default()
+                    },
                 })
             }
             _ => None,
@@ -344,6 +357,16 @@ impl RecipeArgs {
         (self.calib.calib_seqs * self.calib.calib_len / PROBE_ROWS).max(1)
     }
 
+    /// Keeping every this many rows of `seqs` calibration sequences (0: all) gives about
+    /// [`PERMUTE_ROWS`], what a permutation that reads row profiles samples.
+    pub fn permute_every(&self, seqs: usize) -> usize {
+        let seqs = match seqs {
+            0 => self.calib.calib_seqs,
+            n => n.min(self.calib.calib_seqs),
+        };
+        (seqs * self.calib.calib_len / PERMUTE_ROWS).max(1)
+    }
+
     /// Statistics `opts` of the mlp sinks' inputs of `model` (`None` if it has none), on
     /// `seqs` of the calibration sequences (0: all).
     fn calibrate_mlp_sinks(
@@ -418,20 +441,23 @@ impl RecipeArgs {
         if !self.calib.given() || (!smooths && !permutes && cat.is_none()) {
             return Ok(None);
         }
-        let opts = StatsOptions {
-            quantiles: smooths,
-            sample_every: if smooths || cat.is_some() {
-                self.probe_every()
-            } else {
-                0
-            },
-            block_moments: cat,
-            ..StatsOptions::default()
-        };
         // Smoothing's quantiles and CAT's moments take every sequence.
         let seqs = match smooths || cat.is_some() {
             true => 0,
             false => self.permute_seqs,
+        };
+        let opts = StatsOptions {
+            quantiles: smooths,
+            sample_every: match smooths || cat.is_some() {
+                true => self.probe_every(),
+                false => 0,
+            },
+            profile_every: match permutes && self.permute.uses_profiles() {
+                true => self.permute_every(seqs),
+                false => 0,
+            },
+            block_moments: cat,
+            ..StatsOptions::default()
         };
         self.calibrate_mlp_sinks(model, opts, seqs, release)
     }

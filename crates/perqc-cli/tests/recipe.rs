@@ -74,9 +74,19 @@ fn calibrated_recipe_verifies_and_writes_a_model() {
 
     // The permutation's statistics from 2 of the 3 sequences (--permute-seqs), unless
     // smoothing shares the pass: then from all of them.
+    // TokenMax reads sampled token profiles (divided by the smoothing's scales when it
+    // runs first); exact all the same.
     for (extra, want) in [
         (&[][..], "(2 of 3 windows, spread): 2 sequences, 128 tokens"),
         (&["--smooth", "max"][..], ": 3 sequences, 192 tokens"),
+        (
+            &["--permute", "tokenmax"][..],
+            "permute(method=tokenmax,block=32)",
+        ),
+        (
+            &["--permute", "tokenmax", "--smooth", "max"][..],
+            "permute=tokenmax",
+        ),
     ] {
         let mut args = vec![
             s(&fixture("llama_dynamo.onnx")),
@@ -556,6 +566,22 @@ fn layer_by_layer_transforms_build_the_pipelines_graph() {
         "{err}"
     );
     assert_eq!(layerwise, float);
+    // TokenMax's profiles come from the quantized prefix too.
+    let (_, err) = run(
+        "tokenmax.onnx",
+        &[
+            "--rounding",
+            "rtn",
+            "--permute-stats",
+            "quantized",
+            "--permute",
+            "tokenmax",
+        ],
+    );
+    assert!(
+        err.contains("layer by layer: permute (tokenmax) and online-hadamard (block 32) applied to 2 of 2 mlp regions"),
+        "{err}"
+    );
     // A region whose sources stay float is transformed from a calibration run of its own.
     let (_, err) = run(
         "alone.onnx",

@@ -51,6 +51,11 @@ pub struct StatsOptions {
     /// deterministic subsample for searches that need actual rows (a clip ratio chosen on
     /// output error). 0 keeps none.
     pub sample_every: usize,
+    /// Keep every `n`-th row (counted as for `sample_every`) as its profile: each |x| over
+    /// the row's largest, in 255ths (rounded). A quarter of a kept row, for choices that
+    /// read which channels carry each token's energy (the `tokenmax` permutation). Rows
+    /// with a non-finite value are left out. 0 keeps none.
+    pub profile_every: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -81,6 +86,9 @@ pub struct ChannelStats {
     sample_every: usize,
     /// The kept rows, row-major `[kept, channels]`.
     samples: Vec<f32>,
+    profile_every: usize,
+    /// The kept profiles, row-major `[kept, channels]`.
+    profiles: Vec<u8>,
 }
 
 impl ChannelStats {
@@ -104,6 +112,8 @@ impl ChannelStats {
             gram: opts.gram.then(|| Array2::zeros((channels, channels))),
             sample_every: opts.sample_every,
             samples: Vec::new(),
+            profile_every: opts.profile_every,
+            profiles: Vec::new(),
         })
     }
 
@@ -116,13 +126,11 @@ impl ChannelStats {
                 want: self.channels,
             });
         }
-        if self.sample_every > 0 {
-            let every = self.sample_every as u64;
-            // Row r of this batch is row `self.rows + r` overall.
-            let first = (every - self.rows % every) % every;
-            for r in (first..rows as u64).step_by(self.sample_every) {
-                self.samples.extend(x.row(r as usize).iter());
-            }
+        for r in kept(self.rows, rows, self.sample_every) {
+            self.samples.extend(x.row(r).iter());
+        }
+        for r in kept(self.rows, rows, self.profile_every) {
+            push_profile(x.row(r), &mut self.profiles);
         }
         self.rows += rows as u64;
         for row in x.axis_iter(Axis(0)) {
@@ -243,6 +251,7 @@ impl ChannelStats {
                 *x = (f64::from(*x) / d) as f32;
             }
         }
+        divide_profiles(&mut self.profiles, s);
         if let Some((b, m)) = &mut self.block {
             let b = *b;
             for (k, blk) in m.chunks_mut(b * b).enumerate() {
@@ -261,9 +270,9 @@ impl ChannelStats {
         Ok(())
     }
 
-    /// Frees the quantile sketch and the kept rows (the sums, maxima and second moments
-    /// stay): what a consumer does once it has read them, so that later work does not
-    /// carry them.
+    /// Frees the quantile sketch and the kept rows (the sums, maxima, second moments and
+    /// profiles stay): what a consumer does once it has read them, so that later work does
+    /// not carry them.
     pub fn drop_sketch_and_rows(&mut self) {
         self.hist = None;
         self.samples = Vec::new();
@@ -285,6 +294,59 @@ impl ChannelStats {
         let n = self.samples.len() / self.channels.max(1);
         ArrayView2::from_shape((n, self.channels), &self.samples).expect("whole rows")
     }
+
+    /// The profiles kept by `profile_every`, `[kept, channels]` (empty if none were asked
+    /// for).
+    pub fn profiles(&self) -> ArrayView2<'_, u8> {
+        let n = self.profiles.len() / self.channels.max(1);
+        ArrayView2::from_shape((n, self.channels), &self.profiles).expect("whole rows")
+    }
+}
+
+/// The rows of a batch of `rows` to keep when every `every`-th row overall is kept (0: none)
+/// and `seen` rows came before it: row `r` of the batch is row `seen + r` overall.
+fn kept(seen: u64, rows: usize, every: usize) -> impl Iterator<Item = usize> {
+    let first = match every {
+        0 => rows as u64,
+        n => (n as u64 - seen % n as u64) % n as u64,
+    };
+    (first..rows as u64)
+        .step_by(every.max(1))
+        .map(|r| r as usize)
+}
+
+/// Row profiles `[rows, s.len()]` (row-major, see [`StatsOptions::profile_every`]) turned
+/// into those of the values divided by `s` channel by channel: divided in their own units
+/// and scaled again to their row's largest (the first rounding to 255ths is not undone).
+/// Every `s_c` must be positive and finite.
+pub fn divide_profiles(profiles: &mut [u8], s: &[f64]) {
+    let mut divided = vec![0f32; s.len()];
+    let mut fresh = Vec::with_capacity(s.len());
+    for row in profiles.chunks_mut(s.len().max(1)) {
+        for ((y, &q), d) in divided.iter_mut().zip(row.iter()).zip(s) {
+            *y = (f64::from(q) / d) as f32;
+        }
+        fresh.clear();
+        push_profile(ndarray::ArrayView1::from(&divided[..]), &mut fresh);
+        row.copy_from_slice(&fresh);
+    }
+}
+
+/// Appends the profile of `row` (see [`StatsOptions::profile_every`]) unless it holds a
+/// non-finite value; an all-zero row's profile is all zero.
+fn push_profile(row: ndarray::ArrayView1<f32>, out: &mut Vec<u8>) {
+    let mut peak = 0f32;
+    for &v in row {
+        if !v.is_finite() {
+            return;
+        }
+        peak = peak.max(v.abs());
+    }
+    let scale = if peak > 0.0 { 255.0 / peak } else { 0.0 };
+    out.extend(
+        row.iter()
+            .map(|&v| (v.abs() * scale).round().min(255.0) as u8),
+    );
 }
 
 /// Column blocks of the Gram product: one task computes one `GRAM_BLOCK`-square block.
@@ -411,6 +473,36 @@ mod tests {
     }
 
     #[test]
+    fn profiles_skip_rows_with_non_finite_values() {
+        let opts = StatsOptions {
+            profile_every: 1,
+            ..StatsOptions::default()
+        };
+        let mut s = ChannelStats::new(3, &opts).unwrap();
+        let x = ndarray::arr2(&[[1.0f32, -2.0, 0.5], [f32::NAN, 1.0, 1.0], [0.0, 0.0, 0.0]]);
+        s.update(x.view()).unwrap();
+        assert_eq!(s.profiles(), ndarray::arr2(&[[128u8, 255, 64], [0, 0, 0]]));
+        // Profiles are for the permutation after the smoothing that drops its rows.
+        s.drop_sketch_and_rows();
+        assert_eq!(s.profiles().nrows(), 2);
+    }
+
+    #[test]
+    fn profiles_divide_and_scale_again() {
+        let opts = StatsOptions {
+            profile_every: 1,
+            ..StatsOptions::default()
+        };
+        let mut s = ChannelStats::new(3, &opts).unwrap();
+        s.update(ndarray::arr2(&[[2.0f32, 4.0, -1.0]]).view())
+            .unwrap();
+        assert_eq!(s.profiles(), ndarray::arr2(&[[128u8, 255, 64]]));
+        // 128 / 0.5 = 256, 255 / 4 = 63.75, 64 / 2 = 32: over the new peak 256, in 255ths.
+        s.divide_channels(&[0.5, 4.0, 2.0]).unwrap();
+        assert_eq!(s.profiles(), ndarray::arr2(&[[255u8, 64, 32]]));
+    }
+
+    #[test]
     fn streaming_matches_exact_statistics() {
         let (channels, b) = (16, 4);
         let batches: Vec<Array2<f32>> = (0..5).map(|i| data(37 + i, channels, i as u64)).collect();
@@ -419,6 +511,7 @@ mod tests {
             block_moments: Some(b),
             gram: true,
             sample_every: 3,
+            profile_every: 4,
         };
         let mut s = ChannelStats::new(channels, &opts).unwrap();
         for batch in &batches {
@@ -433,6 +526,22 @@ mod tests {
         assert_eq!(s.samples().nrows(), kept.len());
         for (i, &r) in kept.iter().enumerate() {
             assert_eq!(s.samples().row(i), all.row(r));
+        }
+        // Every fourth row's profile: |x| over the row's largest, in 255ths.
+        let profiled: Vec<usize> = (0..all.nrows()).step_by(4).collect();
+        assert_eq!(s.profiles().nrows(), profiled.len());
+        for (i, &r) in profiled.iter().enumerate() {
+            let peak = all.row(r).iter().fold(0f32, |m, v| m.max(v.abs()));
+            let want: Vec<u8> = all
+                .row(r)
+                .iter()
+                .map(|v| (v.abs() / peak * 255.0).round() as u8)
+                .collect();
+            let got = s.profiles().row(i).to_vec();
+            assert!(got.contains(&255));
+            for (g, w) in got.iter().zip(&want) {
+                assert!(g.abs_diff(*w) <= 1, "row {r}: {got:?} vs {want:?}");
+            }
         }
         let n = all.nrows() as f64;
         for c in 0..channels {
@@ -486,6 +595,7 @@ mod tests {
             block_moments: Some(b),
             gram: true,
             sample_every: 2,
+            profile_every: 3,
         };
         let x = data(91, channels, 3);
         for s in [
@@ -527,6 +637,8 @@ mod tests {
             for (a, e) in divided.samples().iter().zip(direct.samples().iter()) {
                 assert!(close(f64::from(*a), f64::from(*e)));
             }
+            // Profiles: the same rows (their values: `profiles_divide_and_scale_again`).
+            assert_eq!(divided.profiles().dim(), direct.profiles().dim());
             for (a, e) in divided.gram().unwrap().iter().zip(direct.gram().unwrap()) {
                 assert!((a - e).abs() <= 1e-4 * e.abs().max(1e-3));
             }

@@ -74,6 +74,7 @@ fn streamed_statistics_equal_exact_ones() {
         block_moments: Some(16),
         gram: true,
         sample_every: 5,
+        profile_every: 7,
     };
     let mut streamed = ChannelObserver::new(names.clone(), opts);
     let mut stored = Store {
@@ -140,6 +141,25 @@ fn streamed_statistics_equal_exact_ones() {
                 .all(|(a, e)| (a - e).abs() <= 1e-5 * scale),
             "{name}: block 1"
         );
+        // Every fifth row kept whole, every seventh as its profile, across the runs.
+        let kept: Vec<usize> = (0..all.nrows()).step_by(5).collect();
+        assert_eq!(s.samples().nrows(), kept.len(), "{name}");
+        for (i, &r) in kept.iter().enumerate() {
+            assert_eq!(
+                s.samples().row(i).mapv(f64::from),
+                all.row(r),
+                "{name} row {r}"
+            );
+        }
+        let profiled: Vec<usize> = (0..all.nrows()).step_by(7).collect();
+        assert_eq!(s.profiles().nrows(), profiled.len(), "{name}");
+        for (i, &r) in profiled.iter().enumerate() {
+            let peak = all.row(r).iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (&q, &v) in s.profiles().row(i).iter().zip(all.row(r)) {
+                let want = (v.abs() / peak * 255.0).round();
+                assert!((f64::from(q) - want).abs() <= 1.0, "{name} row {r}");
+            }
+        }
     }
     // The fixture plants outliers in residual channels 29, 47 and 5.
     let resid = streamed.stats(&names[0]).unwrap().mean_abs();

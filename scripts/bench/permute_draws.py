@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Permutation methods by perplexity over several draws of the rounding chaos.
+
+usage: scripts/bench/permute_draws.py [BENCH_DIR] [--perqc target/release/perqc]
+                                      [--methods massdiff,tokenmax] [--blocks 16,32]
+                                      [--seqs 4,8,16] [--python PY] [--keep DIR]
+
+A W4A4 model's perplexity moves by percents with any change to its rounding (docs/
+quantization.md: a flipped 4-bit code propagates through every later layer), so one
+compile per method orders two close methods by chance. This compiles SmolLM2 with the
+default recipe (GPTQ and the clip search) at each block size of --blocks, with each method
+of --methods, once per value of --permute-seqs in --seqs (how many of the 16 calibration
+sequences the permutation's statistics read: each value is a different, equally valid
+draw), scores every file with ONNX Runtime on the bench protocol (scripts/bench/ppl_ort.py,
+16 windows of 512 tokens) and prints, per block size and method, every draw and their
+geometric mean. --python is the interpreter with onnxruntime and tokenizers (default: the
+bench's venv). With --keep the perplexities are cached in DIR/draws.json and reused.
+BENCH_DIR defaults to $PERQC_BENCH_DIR, else ~/.cache/perqc-bench (scripts/bench-setup).
+Prints a markdown table.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import tempfile
+
+ap = argparse.ArgumentParser()
+ap.add_argument("bench", nargs="?", default=os.environ.get("PERQC_BENCH_DIR", os.path.expanduser("~/.cache/perqc-bench")))
+ap.add_argument("--perqc", default="target/release/perqc")
+ap.add_argument("--methods", default="massdiff,tokenmax")
+ap.add_argument("--blocks", default="16,32")
+ap.add_argument("--seqs", default="4,8,16")
+ap.add_argument("--python", default=None)
+ap.add_argument("--keep", default=None)
+a = ap.parse_args()
+
+model = os.path.join(a.bench, "smollm2", "model.onnx")
+tok = os.path.join(a.bench, "smollm2", "hf", "tokenizer.json")
+text = os.path.join(a.bench, "corpus", "handbook.txt")
+python = a.python or os.path.join(a.bench, "venv", "bin", "python")
+ppl_ort = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ppl_ort.py")
+work = a.keep or tempfile.mkdtemp(prefix="perqc-permute-draws-")
+os.makedirs(work, exist_ok=True)
+cache_path = os.path.join(work, "draws.json")
+cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
+
+
+def ppl(b, method, seqs):
+    key = f"{b}/{method}/{seqs}"
+    if key not in cache:
+        out = os.path.join(work, "draw.onnx")
+        subprocess.run([a.perqc, model, "-o", out, "--calib-text", text, "--tokenizer", tok,
+                        "--block-size", str(b), "--permute", method, "--permute-seqs", str(seqs)],
+                       check=True, capture_output=True)
+        r = subprocess.run([python, ppl_ort, out, tok, text, "--skip-chars", "200000",
+                            "--windows", "16", "--threads", "2"],
+                           check=True, capture_output=True, text=True)
+        cache[key] = float(r.stdout.strip().splitlines()[-1].split("=")[1])
+        os.remove(out)
+        with open(cache_path + ".tmp", "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(cache_path + ".tmp", cache_path)
+    return cache[key]
+
+
+seqs = [int(s) for s in a.seqs.split(",")]
+print("| b | method | " + " | ".join(f"--permute-seqs {s}" for s in seqs) + " | geometric mean |")
+print("|---|---|" + "---|" * (len(seqs) + 1))
+for b in [int(x) for x in a.blocks.split(",")]:
+    for method in a.methods.split(","):
+        draws = [ppl(b, method, s) for s in seqs]
+        mean = math.exp(sum(math.log(p) for p in draws) / len(draws))
+        print(f"| {b} | {method} | " + " | ".join(f"{p:.2f}" for p in draws) + f" | {mean:.2f} |",
+              flush=True)
