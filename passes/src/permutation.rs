@@ -50,8 +50,8 @@ pub enum PermuteMethod {
     /// typical magnitude.
     Absmax,
     /// Greedy balance of each token's block energies (perqc's; reads sampled calibration
-    /// rows as profiles, `StatsOptions::profile_every`). With `e_tc = x_tc² / Σ_c x_tc²` (token `t`'s share of its energy in channel
-    /// `c`), block energies `E_tk = Σ_{c ∈ block k} e_tc` and `M_t = max_k E_tk`: visit the
+    /// rows as profiles, `StatsOptions::profile_every`). With `e_tc = x_tc² / Σ_c x_tc²`
+    /// (token `t`'s share of its energy in channel `c`), block energies `E_tk = Σ_{c ∈ block k} e_tc` and `M_t = max_k E_tk`: visit the
     /// channels by decreasing `Σ_t e_tc` (ties: lower channel first) and put each into the
     /// non-full block that raises `Σ_t M_t` least, `Σ_t max(0, E_tk + e_tc - M_t)`, plus
     /// `1e-3 · Σ_t E_tk` so that blocks the channel raises no maximum in are filled by least
@@ -442,8 +442,10 @@ fn token_balance(profiles: ArrayView2<u8>, block: usize) -> Vec<usize> {
         }
         // The least (cost, k). A block's cost is at least its tie term, and the sum of
         // nonnegative terms only grows, so blocks by increasing energy stop being scored
-        // once that bound passes the best cost, and a score stops once it does (both
-        // strictly: a block left out cannot tie).
+        // once that bound passes the best cost (exactly), and a score stops once its
+        // partial sum passes the best cost less the tie term (which can differ from the
+        // unpruned comparison by the rounding of that subtraction, at a near-tie only; the
+        // arithmetic is the same on every CPU either way).
         open.clear();
         open.extend((0..blocks).filter(|&k| members[k].len() < block));
         open.sort_by(|&a, &b| block_total[a].total_cmp(&block_total[b]).then(a.cmp(&b)));
