@@ -45,8 +45,8 @@
 //! 16-lane vectors of four k each, the operand shape of `vpdpbusd`. Padding columns hold
 //! `u = 8` and are never written out.
 //!
-//! **Levels.** AVX-512 VNNI (`vpdpbusd`), AVX-512BW and AVX2 (`vpmaddubsw` + `vpmaddwd`)
-//! and portable code, picked at run time. Every level computes the same integers and the
+//! **Levels.** AVX-512 VNNI and AVX-VNNI (`vpdpbusd`), AVX-512BW and AVX2 (`vpmaddubsw` +
+//! `vpmaddwd`) and portable code, picked at run time. Every level computes the same integers and the
 //! same two roundings, so all give the same bits (tested on odd shapes at every level the
 //! CPU has, and 1 against 2 threads).
 
@@ -75,6 +75,9 @@ pub enum Level {
     Scalar,
     /// 8-lane AVX2 `vpmaddubsw` / `vpmaddwd`.
     Avx2,
+    /// 8-lane AVX-VNNI `vpdpbusd` (VEX-encoded, 256-bit: Intel's hybrid cores without
+    /// AVX-512, such as Alder Lake, and later Xeons beside AVX-512 VNNI).
+    AvxVnni,
     /// 16-lane AVX-512BW `vpmaddubsw` / `vpmaddwd`.
     Avx512Bw,
     /// 16-lane AVX-512 VNNI `vpdpbusd`.
@@ -83,15 +86,16 @@ pub enum Level {
 
 impl Level {
     /// Every level, narrowest first.
-    pub const ALL: [Level; 4] = [
+    pub const ALL: [Level; 5] = [
         Level::Scalar,
         Level::Avx2,
+        Level::AvxVnni,
         Level::Avx512Bw,
         Level::Avx512Vnni,
     ];
 
     /// The fastest level this CPU runs, or a narrower one named by the environment
-    /// variable `PERQC_INT_LEVEL` (`scalar`, `avx2`, `avx512bw`, `avx512vnni`; to measure
+    /// variable `PERQC_INT_LEVEL` (`scalar`, `avx2`, `avxvnni`, `avx512bw`, `avx512vnni`; to measure
     /// what a CPU without the wider instructions gets). Read once per process.
     pub fn detect() -> Level {
         static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
@@ -119,6 +123,10 @@ impl Level {
             Level::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Level::AvxVnni => {
+                Level::Avx2.available() && std::arch::is_x86_feature_detected!("avxvnni")
+            }
             #[cfg(target_arch = "x86_64")]
             Level::Avx512Bw => {
                 std::arch::is_x86_feature_detected!("avx512f")
@@ -424,6 +432,8 @@ unsafe fn tile(level: Level, a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { x86::tile_avx2(a, kp, w, acc) },
         #[cfg(target_arch = "x86_64")]
+        Level::AvxVnni => unsafe { x86::tile_avxvnni(a, kp, w, acc) },
+        #[cfg(target_arch = "x86_64")]
         Level::Avx512Bw => unsafe { x86::tile_avx512bw(a, kp, w, acc) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx512Vnni => unsafe { x86::tile_avx512vnni(a, kp, w, acc) },
@@ -689,39 +699,61 @@ mod x86 {
         }
     );
 
-    /// AVX2 tile, in two halves of the 64-byte group: bytes 0..32 hold columns 0..8
-    /// (low nibbles) and 16..24 (high), bytes 32..64 columns 8..16 and 24..32.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn tile_avx2(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
-        let mask = _mm256_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
-        const HALF: usize = MR / 2;
-        for half in 0..2 {
-            for rows in [0..HALF, HALF..MR] {
-                let mut lo = [_mm256_setzero_si256(); HALF];
-                let mut hi = [_mm256_setzero_si256(); HALF];
-                for (g, block) in w.chunks_exact(GROUP_BYTES).enumerate() {
-                    let v = unsafe { _mm256_loadu_si256(block.as_ptr().add(32 * half).cast()) };
-                    let u0 = _mm256_and_si256(v, mask);
-                    let u1 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
-                    for (j, i) in rows.clone().enumerate() {
-                        let c = _mm256_set1_epi32(unsafe { lane(a, kp, i, g) });
-                        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, c), ones);
-                        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, c), ones);
-                        lo[j] = _mm256_add_epi32(lo[j], p0);
-                        hi[j] = _mm256_add_epi32(hi[j], p1);
-                    }
-                }
-                for (j, i) in rows.enumerate() {
-                    unsafe {
-                        let base = acc[i].as_mut_ptr().add(8 * half);
-                        _mm256_storeu_si256(base.cast(), lo[j]);
-                        _mm256_storeu_si256(base.add(16).cast(), hi[j]);
+    /// 256-bit tile, in two halves of the 64-byte group: bytes 0..32 hold columns 0..8
+    /// (low nibbles) and 16..24 (high), bytes 32..64 columns 8..16 and 24..32; four rows
+    /// at a time keep 8 accumulators, the two weight vectors and a broadcast code in the
+    /// 16 registers. `$dot(acc, u, c)` adds the 4-byte dot products.
+    macro_rules! tile256 {
+        ($name:ident, $features:literal, $dot:expr) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
+                let dot = $dot;
+                let mask = _mm256_set1_epi8(0x0f);
+                const HALF: usize = MR / 2;
+                for half in 0..2 {
+                    for rows in [0..HALF, HALF..MR] {
+                        let mut lo = [_mm256_setzero_si256(); HALF];
+                        let mut hi = [_mm256_setzero_si256(); HALF];
+                        for (g, block) in w.chunks_exact(GROUP_BYTES).enumerate() {
+                            let v =
+                                unsafe { _mm256_loadu_si256(block.as_ptr().add(32 * half).cast()) };
+                            let u0 = _mm256_and_si256(v, mask);
+                            let u1 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+                            for (j, i) in rows.clone().enumerate() {
+                                let c = _mm256_set1_epi32(unsafe { lane(a, kp, i, g) });
+                                lo[j] = dot(lo[j], u0, c);
+                                hi[j] = dot(hi[j], u1, c);
+                            }
+                        }
+                        for (j, i) in rows.enumerate() {
+                            unsafe {
+                                let base = acc[i].as_mut_ptr().add(8 * half);
+                                _mm256_storeu_si256(base.cast(), lo[j]);
+                                _mm256_storeu_si256(base.add(16).cast(), hi[j]);
+                            }
+                        }
                     }
                 }
             }
-        }
+        };
     }
+
+    tile256!(tile_avxvnni, "avx2,avxvnni", |acc, u, c| {
+        _mm256_dpbusd_avx_epi32(acc, u, c)
+    });
+    // The same 256-bit `vpdpbusd` in its EVEX encoding, for testing the tile above on
+    // CPUs that have AVX-512 VNNI but not AVX-VNNI (AMD Zen 4, Xeons before Sapphire Rapids).
+    #[cfg(test)]
+    tile256!(
+        tile_vnni256_evex,
+        "avx2,avx512vnni,avx512vl",
+        |acc, u, c| { _mm256_dpbusd_epi32(acc, u, c) }
+    );
+    // `vpmaddubsw` pairs sum to at most 2·15·128 = 3840: no i16 saturation.
+    tile256!(tile_avx2, "avx2", |acc, u, c| {
+        let pairs = _mm256_maddubs_epi16(u, c);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    });
 }
 
 /// Rows rotated at a time before quantization (see [`quantize_tokens`]).
@@ -1043,6 +1075,34 @@ mod tests {
             let sum = |ks: std::ops::Range<usize>| ks.map(|kk| w[kk * n + c] as i32).sum::<i32>();
             assert_eq!(grouped.col_sums[c], sum(0..8));
             assert_eq!(grouped.col_sums[n + c], sum(8..k));
+        }
+    }
+
+    /// The 256-bit `vpdpbusd` tile equals the AVX2 tile, checked through the instruction's
+    /// EVEX twin where the CPU lacks AVX-VNNI itself (`every_level_matches_the_reference`
+    /// covers the VEX one where it has it).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni256_tile_equals_avx2_tile() {
+        let evex = std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        if !Level::Avx2.available() || !evex {
+            return;
+        }
+        let mut st = 7;
+        for groups in [1, 3, 16] {
+            let kp = groups * KG;
+            let a: Vec<i8> = (0..MR * kp).map(|_| lcg(&mut st) as i8).collect();
+            let w: Vec<u8> = (0..groups * GROUP_BYTES)
+                .map(|_| lcg(&mut st) as u8)
+                .collect();
+            let (mut want, mut got) = ([[0; NR]; MR], [[0; NR]; MR]);
+            unsafe {
+                x86::tile_avx2(&a, kp, &w, &mut want);
+                x86::tile_vnni256_evex(&a, kp, &w, &mut got);
+            }
+            assert_eq!(got, want, "{groups} groups");
+            assert!(want.iter().flatten().any(|&v| v != 0));
         }
     }
 
