@@ -4,6 +4,7 @@
 usage: scripts/bench/permute_draws.py [BENCH_DIR] [--perqc target/release/perqc]
                                       [--methods massdiff,tokenmax] [--blocks 16,32]
                                       [--seqs 4,8,16] [--python PY] [--keep DIR]
+                                      [--args "EXTRA PERQC ARGS"]
 
 A W4A4 model's perplexity moves by percents with any change to its rounding (docs/
 quantization.md: a flipped 4-bit code propagates through every later layer), so one
@@ -14,7 +15,8 @@ sequences the permutation's statistics read: each value is a different, equally 
 draw), scores every file with ONNX Runtime on the bench protocol (scripts/bench/ppl_ort.py,
 16 windows of 512 tokens) and prints, per block size and method, every draw and their
 geometric mean. --python is the interpreter with onnxruntime and tokenizers (default: the
-bench's venv). With --keep the perplexities are cached in DIR/draws.json and reused.
+bench's venv). --args adds perqc arguments to every compile (say "--permute-stats
+quantized"); they are part of the cache key. With --keep the perplexities are cached in DIR/draws.json and reused.
 BENCH_DIR defaults to $PERQC_BENCH_DIR, else ~/.cache/perqc-bench (scripts/bench-setup).
 Prints a markdown table.
 """
@@ -33,6 +35,7 @@ ap.add_argument("--blocks", default="16,32")
 ap.add_argument("--seqs", default="4,8,16")
 ap.add_argument("--python", default=None)
 ap.add_argument("--keep", default=None)
+ap.add_argument("--args", default="")
 a = ap.parse_args()
 
 model = os.path.join(a.bench, "smollm2", "model.onnx")
@@ -47,11 +50,11 @@ cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
 
 
 def ppl(b, method, seqs):
-    key = f"{b}/{method}/{seqs}"
+    key = f"{b}/{method}/{seqs}" + (f"/{a.args}" if a.args else "")
     if key not in cache:
         out = os.path.join(work, "draw.onnx")
         subprocess.run([a.perqc, model, "-o", out, "--calib-text", text, "--tokenizer", tok,
-                        "--block-size", str(b), "--permute", method, "--permute-seqs", str(seqs)],
+                        "--block-size", str(b), "--permute", method, "--permute-seqs", str(seqs)] + a.args.split(),
                        check=True, capture_output=True)
         r = subprocess.run([python, ppl_ort, out, tok, text, "--skip-chars", "200000",
                             "--windows", "16", "--threads", "2"],
