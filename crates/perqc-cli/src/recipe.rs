@@ -42,7 +42,8 @@ pub struct RecipeArgs {
     /// reads it, spread evenly over --calib-seqs (0: all). Channel masses settle fast: on
     /// SmolLM2 a permutation from 8 of 16 sequences evens the blocks of the whole data's
     /// masses within 0.2% of one from all 16, for half the pass (docs/quantization.md).
-    /// --smooth and --cat, which share the pass, take every sequence.
+    /// --smooth and --cat, which share the pass, take every sequence; so does
+    /// --permute-stats quantized, which has no float pass.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub permute_seqs: usize,
     /// Smoothing of each down_proj input before its rotation: channel j divided by

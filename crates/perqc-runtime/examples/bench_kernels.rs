@@ -63,6 +63,14 @@ fn f32t(shape: &[usize], seed: u64) -> RtTensor {
     RtTensor::f32(ArrayD::from_shape_vec(IxDyn(shape), v).expect("shape"))
 }
 
+/// `[1, 1, n, n]`: 0 where key `j <= i`, `f32::MIN` above the diagonal.
+fn causal_mask(n: usize) -> RtTensor {
+    let m = ArrayD::from_shape_fn(IxDyn(&[1, 1, n, n]), |ix| {
+        if ix[3] <= ix[2] { 0.0 } else { f32::MIN }
+    });
+    RtTensor::f32(m)
+}
+
 fn i64v(v: &[i64]) -> RtTensor {
     RtTensor::i64_vec(v.to_vec())
 }
@@ -214,6 +222,20 @@ fn cases(threads: usize) -> Result<Vec<Case>> {
             vec![i64v(&[1]), i64v(&[512]), i64v(&[9]), i64v(&[64])],
         ),
         c("sqrt_row", "Sqrt", 13, vec![], vec![f32t(&[1, 512, 1], 16)]),
+        // One layer's grouped attention as the canonical graph runs it: transposed views,
+        // the export's additive causal mask (float min above the diagonal).
+        c(
+            "attention_causal_gqa",
+            "Attention",
+            23,
+            vec![("scale", AttrValue::Float(0.125))],
+            vec![
+                q.clone(),
+                k.clone(),
+                heads(3, 17, threads)?,
+                causal_mask(512),
+            ],
+        ),
     ])
 }
 

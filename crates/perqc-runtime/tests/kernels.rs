@@ -361,6 +361,11 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
     assert_eq!(one, two, "thread count changed the result");
     assert_close_nan(&two, &want, "causal float mask");
 
+    // No mask: every key of every row.
+    let got = run_with(&qv, &kv, &vv, None, attrs(), 2);
+    let want = attention_ref(&qv, &kv, &vv, dims, scale, &|_, _, _, _| 0.0);
+    assert_close_nan(&got, &want, "no mask");
+
     // is_causal without a mask tensor, default scale 1/sqrt(D).
     let got = run_with(
         &qv,
