@@ -159,8 +159,14 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
             y.clone()
         };
         let int_err = rel(&y_same, &y_int);
+        // The margin is one flipped activation code: 4-bit codes flip only on the float
+        // sums' round-off, 8-bit ones (weight-only) also on the attention's: over 200 input
+        // seeds of the encoder, 4% of them flip one 8-bit code, up to 7.1e-3 (1/127 is the
+        // 8-bit step at the token's max), whichever attention kernel runs; the others agree
+        // within 5e-7.
+        let margin = if weight_only { 1e-2 } else { 5e-3 };
         assert!(
-            int_err < 5e-3,
+            int_err < margin,
             "{name} {tag}: integer vs float kernels differ by {int_err:e}"
         );
         let approx = rel(&y, &y_int);

@@ -24,6 +24,7 @@
 //! row the product `0 · v` is NaN, so those keys are kept and the result stays that of the
 //! unfused formula (up to summation order).
 
+use super::attn_gemm::{self, Level, Operands, PAD, ROW_PAD};
 use super::vmath::{softmax_row, sum_squares_slice};
 use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, opt, output_vec, req_f32, req_ints};
 use ndarray::{ArrayD, ArrayView4, Axis, IxDyn};
@@ -53,8 +54,6 @@ struct Op4 {
 #[derive(Clone, Copy)]
 struct Shared {
     q: Op4,
-    k: Op4,
-    v: Op4,
     mask: Mask,
     out: *mut f32,
     /// Element strides of the output over (batch, head, row); columns are contiguous.
@@ -72,6 +71,13 @@ struct Shared {
     v_finite_after: *const usize,
     /// Per (batch, kv head): the largest key norm `|k_j|` (NaN or inf if any key is).
     k_norm: *const f32,
+    /// Per (batch, kv head): Kᵀ as `D x lp` (zero columns past L) and V as `L x dvp`
+    /// (zero columns past Dv), the panels [`attn_gemm::product`] reads.
+    k_t: *const f32,
+    v_p: *const f32,
+    lp: usize,
+    dvp: usize,
+    level: Level,
 }
 // Safety: the pointers address arrays that outlive the parallel loop; tasks write disjoint
 // output rows.
@@ -138,7 +144,7 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         softcap: 0.0,
         seq_major_out: false,
     };
-    let out = sdpa(q, k, v, opt(inputs, 3), &p, ctx.threads)?;
+    let out = sdpa(q, k, v, opt(inputs, 3), &p, ctx.threads, Level::detect())?;
     Ok(vec![RtTensor::f32(ArrayD::from_shape_vec(
         IxDyn(&[b, hq, s, dv]),
         out,
@@ -161,7 +167,7 @@ pub(crate) struct Params {
 /// Attention of Q `[B, Hq, S, D]` over K `[B, Hkv, L, D]`, V `[B, Hkv, L, Dv]` (any
 /// strides; query head `h` reads key/value head `h / (Hq / Hkv)`), with an optional f32
 /// (added) or bool (kept where true) mask broadcastable to `[B, Hq, S, L]`. Returns Y
-/// row-major in the layout `p.seq_major_out` selects.
+/// row-major in the layout `p.seq_major_out` selects; the products run at `level`.
 pub(crate) fn sdpa(
     q: ArrayView4<'_, f32>,
     k: ArrayView4<'_, f32>,
@@ -169,6 +175,7 @@ pub(crate) fn sdpa(
     mask: Option<&RtTensor>,
     p: &Params,
     threads: usize,
+    level: Level,
 ) -> Result<Vec<f32>, KernelError> {
     let (b, hq, s, d) = q.dim();
     let (hkv, l) = (k.shape()[1], k.shape()[2]);
@@ -204,17 +211,42 @@ pub(crate) fn sdpa(
     fn head<'a>(a: &ArrayView4<'a, f32>, i: usize, j: usize) -> ndarray::ArrayView2<'a, f32> {
         (*a).index_axis_move(Axis(0), i).index_axis_move(Axis(0), j)
     }
-    let mut v_finite_after = Vec::with_capacity(b * hkv);
-    let mut k_norm = Vec::with_capacity(b * hkv);
-    for bk in 0..b * hkv {
+    // Per (batch, kv head): the panels, the value rows' finiteness and the key norms.
+    let (lp, dvp) = (l.next_multiple_of(PAD), dv.next_multiple_of(PAD));
+    let mut k_t = vec![0f32; b * hkv * d * lp];
+    let mut v_p = vec![0f32; b * hkv * l * dvp];
+    let prepare = |(bk, (kt, vp)): (usize, (&mut [f32], &mut [f32]))| -> (usize, f32) {
+        let (kh, vh) = (head(&k, bk / hkv, bk % hkv), head(&v, bk / hkv, bk % hkv));
+        for (j, row) in kh.outer_iter().enumerate() {
+            for (c, &x) in row.iter().enumerate() {
+                kt[c * lp + j] = x;
+            }
+        }
+        for (row, out) in vh.outer_iter().zip(vp.chunks_exact_mut(dvp.max(1))) {
+            row.iter().zip(out.iter_mut()).for_each(|(&x, o)| *o = x);
+        }
         let finite = |r: &[f32]| r.iter().fold(true, |all, x| all & x.is_finite());
-        let rows_v = rows_of(head(&v, bk / hkv, bk % hkv), finite);
-        v_finite_after.push(rows_v.iter().rposition(|f| !f).map_or(0, |j| j + 1));
-        let norms = rows_of(head(&k, bk / hkv, bk % hkv), |r| {
-            sum_squares_slice(r).sqrt()
-        });
-        k_norm.push(norms.into_iter().fold(0f32, nan_max));
-    }
+        let rows_v = rows_of(vh, finite);
+        let norms = rows_of(kh, |r| sum_squares_slice(r).sqrt());
+        (
+            rows_v.iter().rposition(|f| !f).map_or(0, |j| j + 1),
+            norms.into_iter().fold(0f32, nan_max),
+        )
+    };
+    let heads = split(&mut k_t, b * hkv)
+        .into_iter()
+        .zip(split(&mut v_p, b * hkv))
+        .enumerate();
+    let per_head: Vec<(usize, f32)> = if threads > 1 && b * hkv > 1 {
+        heads
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(prepare)
+            .collect()
+    } else {
+        heads.map(prepare).collect()
+    };
+    let (v_finite_after, k_norm): (Vec<usize>, Vec<f32>) = per_head.into_iter().unzip();
     let total = b * hq * s * dv;
     let mut out: Vec<f32> = output_vec(total);
     let out_st = if p.seq_major_out {
@@ -224,8 +256,6 @@ pub(crate) fn sdpa(
     };
     let sh = Shared {
         q: op4(&q),
-        k: op4(&k),
-        v: op4(&v),
         mask,
         out: out.spare_capacity_mut().as_mut_ptr().cast(),
         out_st,
@@ -236,6 +266,11 @@ pub(crate) fn sdpa(
         zero_masked_rows: p.zero_masked_rows,
         v_finite_after: v_finite_after.as_ptr(),
         k_norm: k_norm.as_ptr(),
+        k_t: k_t.as_ptr(),
+        v_p: v_p.as_ptr(),
+        lp,
+        dvp,
+        level,
     };
     let blocks = s.div_ceil(ROWS);
     let tasks = b * hq * blocks;
@@ -253,6 +288,14 @@ pub(crate) fn sdpa(
     // Safety: every output row was written by exactly one task (or `total` is 0).
     unsafe { out.set_len(total) };
     Ok(out)
+}
+
+/// `buf` cut into `n` equal parts (empty parts for an empty `buf`).
+fn split(buf: &mut [f32], n: usize) -> Vec<&mut [f32]> {
+    if buf.is_empty() {
+        return (0..n).map(|_| &mut [][..]).collect();
+    }
+    buf.chunks_mut(buf.len() / n).collect()
 }
 
 /// A mask entry at or below this is *dead*: its probability is exactly 0 whenever the row
@@ -374,140 +417,152 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
     // Safety (all unsafe below): reads inside Q, K, V and the mask; writes inside `sc` and
     // this task's output rows.
     let (k_norm, v_bad) = unsafe { (*sh.k_norm.add(bk), *sh.v_finite_after.add(bk)) };
-    let masked = sh.causal || !matches!(sh.mask, Mask::None);
-    let mut need = l;
-    if masked && l > 0 {
-        let q_norm = (i0..i0 + rows)
-            .map(|i| {
-                let r = at(&sh.q, bi, h, i);
-                if sh.q.st[3] == 1 {
-                    // Safety: a contiguous row of Q.
-                    sum_squares_slice(unsafe { std::slice::from_raw_parts(r, d) }).sqrt()
-                } else {
-                    (0..d)
-                        .map(|c| unsafe { *r.wrapping_offset(c as isize * sh.q.st[3]) })
-                        .map(|x| x * x)
-                        .sum::<f32>()
-                        .sqrt()
+    let rows_p = rows.next_multiple_of(ROW_PAD);
+    SCRATCH.with_borrow_mut(|scratch| {
+        // Q rows of the block, contiguous, then zero rows up to `rows_p`.
+        let (qp, rest) = grow(
+            scratch,
+            rows_p * d + rows_p * l.next_multiple_of(PAD) + rows_p * sh.dvp,
+        )
+        .split_at_mut(rows_p * d);
+        for (r, dst) in
+            qp.chunks_exact_mut(d.max(1))
+                .enumerate()
+                .take(if d == 0 { 0 } else { rows_p })
+        {
+            if r < rows {
+                let src = at(&sh.q, bi, h, i0 + r);
+                for (c, x) in dst.iter_mut().enumerate() {
+                    // Safety: inside Q's row.
+                    *x = unsafe { *src.wrapping_offset(c as isize * sh.q.st[3]) };
                 }
-            })
-            .fold(0f32, nan_max);
-        if sh.scale.abs() * q_norm * k_norm < SCORE_BOUND {
-            // 1 + the last not-dead key over the block's rows; None: some row has no live key.
-            let mut last_alive = Some(0);
-            for i in i0..i0 + rows {
-                let has_live = (0..l).any(|j| unsafe { sh.mask_at(bi, h, i, j) } >= LIVE);
-                let until = unsafe { sh.alive_until(bi, h, i, l) };
-                last_alive = match (has_live, last_alive) {
-                    (true, Some(a)) => Some(a.max(until)),
-                    _ => None,
-                };
-                if last_alive.is_none() {
-                    break;
-                }
-            }
-            if let Some(a) = last_alive {
-                need = a.max(v_bad);
+            } else {
+                dst.fill(0.0);
             }
         }
-    }
-    let mut sc: Vec<f32> = Vec::with_capacity(rows * need);
-    unsafe {
-        if need > 0 {
-            // sc (rows x need) = scale · Q_blk (rows x D) · Kᵀ (D x need).
-            gemm::gemm(
-                rows,
-                need,
-                d,
-                sc.as_mut_ptr(),
-                1,
-                need as isize,
-                false,
-                at(&sh.q, bi, h, i0),
-                sh.q.st[3],
-                sh.q.st[2],
-                at(&sh.k, bi, kh, 0),
-                sh.k.st[2],
-                sh.k.st[3],
-                0.0,
-                sh.scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        sc.set_len(rows * need);
-    }
-    if sh.softcap > 0.0 {
-        sc.iter_mut()
-            .for_each(|x| *x = sh.softcap * (*x / sh.softcap).tanh());
-    }
-    // Mask and softmax each row; `live` = 1 + the last key with a nonzero probability in
-    // any row of the block.
-    let mut live = 0;
-    for (r, row) in sc.chunks_exact_mut(need.max(1)).enumerate().take(rows) {
-        let i = i0 + r;
-        if masked {
-            match sh.mask {
-                Mask::Add(p, st) if st[3] == 1 && !sh.causal => {
-                    let off = bi as isize * st[0] + h as isize * st[1] + i as isize * st[2];
-                    // Safety: a contiguous mask row of at least `need` elements.
-                    let m = unsafe { std::slice::from_raw_parts(p.wrapping_offset(off), need) };
-                    row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
-                }
-                _ => {
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x += unsafe { sh.mask_at(bi, h, i, j) };
+        let masked = sh.causal || !matches!(sh.mask, Mask::None);
+        let mut need = l;
+        if masked && l > 0 {
+            let q_norm = qp
+                .chunks_exact(d.max(1))
+                .take(if d == 0 { 0 } else { rows })
+                .map(|r| sum_squares_slice(r).sqrt())
+                .fold(0f32, nan_max);
+            if sh.scale.abs() * q_norm * k_norm < SCORE_BOUND {
+                // 1 + the last not-dead key over the block's rows; None: some row has no live key.
+                let mut last_alive = Some(0);
+                for i in i0..i0 + rows {
+                    let has_live = (0..l).any(|j| unsafe { sh.mask_at(bi, h, i, j) } >= LIVE);
+                    let until = unsafe { sh.alive_until(bi, h, i, l) };
+                    last_alive = match (has_live, last_alive) {
+                        (true, Some(a)) => Some(a.max(until)),
+                        _ => None,
+                    };
+                    if last_alive.is_none() {
+                        break;
                     }
                 }
+                if let Some(a) = last_alive {
+                    need = a.max(v_bad);
+                }
             }
         }
-        if sh.zero_masked_rows && row.iter().all(|&x| x == f32::NEG_INFINITY) {
-            // ONNX Attention: a fully masked row attends to nothing.
-            row.fill(0.0);
-        } else {
-            softmax_row(row);
-        }
-        if let Some(last) = row.iter().rposition(|&p| p != 0.0) {
-            live = live.max(last + 1);
-        }
-    }
-    // Keys past `live` contribute 0 · v_j; leave out those after the last value row
-    // holding an inf or NaN.
-    let keys = live.max(v_bad).min(need);
-    let [ob, oh, os] = sh.out_st;
-    let dst = unsafe { sh.out.add(bi * ob + h * oh + i0 * os) };
-    unsafe {
-        if keys == 0 {
-            for r in 0..rows {
-                std::ptr::write_bytes(dst.add(r * os), 0, dv);
+        let need_p = need.next_multiple_of(PAD);
+        let (sc, rest) = rest.split_at_mut(rows_p * need_p);
+        let yt = &mut rest[..rows_p * sh.dvp];
+        // sc (rows_p x need_p) = scale · Q_blk (rows_p x D) · Kᵀ (D x need_p).
+        // Safety: the panels hold `D x lp` and `L x dvp` with need_p <= lp; the scratch
+        // parts are disjoint.
+        let kt = unsafe { sh.k_t.add(bk * d * sh.lp) };
+        let ops = Operands {
+            a: qp.as_ptr(),
+            lda: d,
+            b: kt,
+            ldb: sh.lp,
+            c: sc.as_mut_ptr(),
+            ldc: need_p,
+        };
+        unsafe { attn_gemm::product(sh.level, (rows_p, need_p, d), ops, sh.scale) };
+        // Mask and softmax each row; `live` = 1 + the last key with a nonzero probability
+        // in any row of the block.
+        let mut live = 0;
+        if need > 0 {
+            for (r, row) in sc.chunks_exact_mut(need_p).enumerate().take(rows) {
+                let row = &mut row[..need];
+                let i = i0 + r;
+                if sh.softcap > 0.0 {
+                    row.iter_mut()
+                        .for_each(|x| *x = sh.softcap * (*x / sh.softcap).tanh());
+                }
+                if masked {
+                    match sh.mask {
+                        Mask::Add(p, st) if st[3] == 1 && !sh.causal => {
+                            let off = bi as isize * st[0] + h as isize * st[1] + i as isize * st[2];
+                            // Safety: a contiguous mask row of at least `need` elements.
+                            let m =
+                                unsafe { std::slice::from_raw_parts(p.wrapping_offset(off), need) };
+                            row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
+                        }
+                        _ => {
+                            for (j, x) in row.iter_mut().enumerate() {
+                                *x += unsafe { sh.mask_at(bi, h, i, j) };
+                            }
+                        }
+                    }
+                }
+                if sh.zero_masked_rows && row.iter().all(|&x| x == f32::NEG_INFINITY) {
+                    // ONNX Attention: a fully masked row attends to nothing.
+                    row.fill(0.0);
+                } else {
+                    softmax_row(row);
+                }
+                if let Some(last) = row.iter().rposition(|&p| p != 0.0) {
+                    live = live.max(last + 1);
+                }
             }
-        } else {
-            // Y_blk (rows x Dv) = P_blk (rows x keys) · V[..keys] (keys x Dv).
-            gemm::gemm(
-                rows,
-                dv,
-                keys,
-                dst,
-                1,
-                os as isize,
-                false,
-                sc.as_ptr(),
-                1,
-                need as isize,
-                at(&sh.v, bi, kh, 0),
-                sh.v.st[3],
-                sh.v.st[2],
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
         }
+        // Keys past `live` contribute 0 · v_j; leave out those after the last value row
+        // holding an inf or NaN.
+        let keys = live.max(v_bad).min(need);
+        let [ob, oh, os] = sh.out_st;
+        let dst = unsafe { sh.out.add(bi * ob + h * oh + i0 * os) };
+        if keys > 0 {
+            // Y (rows_p x dvp) = P_blk (rows_p x keys) · V[..keys] (keys x dvp); the rows
+            // past `rows` are padding and not written out.
+            let ops = Operands {
+                a: sc.as_ptr(),
+                lda: need_p,
+                b: unsafe { sh.v_p.add(bk * l * sh.dvp) },
+                ldb: sh.dvp,
+                c: yt.as_mut_ptr(),
+                ldc: sh.dvp,
+            };
+            unsafe { attn_gemm::product(sh.level, (rows_p, sh.dvp, keys), ops, 1.0) };
+        }
+        for r in 0..rows {
+            // Safety: this task's output rows (not yet initialized: written, never read).
+            unsafe {
+                if keys > 0 {
+                    std::ptr::copy_nonoverlapping(yt.as_ptr().add(r * sh.dvp), dst.add(r * os), dv);
+                } else {
+                    std::ptr::write_bytes(dst.add(r * os), 0, dv);
+                }
+            }
+        }
+    });
+}
+
+thread_local! {
+    /// Each worker's block buffers (packed Q rows, scores, output tile), kept across calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The first `n` elements of `v`, grown (with zeros) if shorter.
+fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
     }
+    &mut v[..n]
 }
 
 /// `com.microsoft::GroupQueryAttention` (float, as ONNX Runtime's CPU kernel): query
@@ -740,6 +795,7 @@ pub fn group_query_attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         Some(&mask),
         &p,
         ctx.threads,
+        Level::detect(),
     )?;
     Ok(vec![
         RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&[b, s, hq * d]), out)?),

@@ -2,6 +2,7 @@
 //! [`KernelFn`](super::kernel::KernelFn) referenced from a row of the op table.
 
 pub mod attention;
+mod attn_gemm;
 pub mod control;
 pub mod elementwise;
 pub mod hadamard;
