@@ -425,11 +425,8 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
             rows_p * d + rows_p * l.next_multiple_of(PAD) + rows_p * sh.dvp,
         )
         .split_at_mut(rows_p * d);
-        for (r, dst) in
-            qp.chunks_exact_mut(d.max(1))
-                .enumerate()
-                .take(if d == 0 { 0 } else { rows_p })
-        {
+        // (With D = 0 `qp` is empty and both loops over its rows are too.)
+        for (r, dst) in qp.chunks_exact_mut(d.max(1)).enumerate() {
             if r < rows {
                 let src = at(&sh.q, bi, h, i0 + r);
                 for (c, x) in dst.iter_mut().enumerate() {
@@ -445,7 +442,7 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
         if masked && l > 0 {
             let q_norm = qp
                 .chunks_exact(d.max(1))
-                .take(if d == 0 { 0 } else { rows })
+                .take(rows)
                 .map(|r| sum_squares_slice(r).sqrt())
                 .fold(0f32, nan_max);
             if sh.scale.abs() * q_norm * k_norm < SCORE_BOUND {

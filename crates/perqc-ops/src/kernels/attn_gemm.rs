@@ -28,7 +28,6 @@ pub(crate) enum Level {
 
 impl Level {
     /// Every level, narrowest first.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) const ALL: [Level; 3] = [Level::Portable, Level::Avx2, Level::Avx512];
 
     pub(crate) fn available(self) -> bool {
