@@ -361,6 +361,23 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
     assert_eq!(one, two, "thread count changed the result");
     assert_close_nan(&two, &want, "causal float mask");
 
+    // A float mask that differs per batch entry and head ([B, Hq, S, L]): each (b, h)
+    // sees a causal mask shifted by its own offset, so their live ranges differ.
+    let shifted: Vec<f32> = (0..b * hq * s * l)
+        .map(|x| {
+            let (j, i, bh) = (x % l, x / l % s, x / (l * s));
+            if j > i + 5 * bh { f32::MIN } else { 0.0 }
+        })
+        .collect();
+    let m_shift = f32t(&[b, hq, s, l], &shifted);
+    let shift_at =
+        |bi: usize, h: usize, i: usize, j: usize| shifted[((bi * hq + h) * s + i) * l + j];
+    let want = attention_ref(&qv, &kv, &vv, dims, scale, &shift_at);
+    let one = run_with(&qv, &kv, &vv, Some(&m_shift), attrs(), 1);
+    let two = run_with(&qv, &kv, &vv, Some(&m_shift), attrs(), 2);
+    assert_eq!(one, two, "thread count changed the result");
+    assert_close_nan(&two, &want, "float mask per batch entry and head");
+
     // No mask: every key of every row.
     let got = run_with(&qv, &kv, &vv, None, attrs(), 2);
     let want = attention_ref(&qv, &kv, &vv, dims, scale, &|_, _, _, _| 0.0);

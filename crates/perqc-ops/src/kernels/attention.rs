@@ -25,7 +25,7 @@
 //! unfused formula (up to summation order).
 
 use super::attn_gemm::{self, Level, Operands, PAD, ROW_PAD};
-use super::vmath::{softmax_row, sum_squares_slice};
+use super::vmath::{multiversion, softmax_masked_row, softmax_row, sum_squares_slice};
 use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, opt, output_vec, req_f32, req_ints};
 use ndarray::{ArrayD, ArrayView4, Axis, IxDyn};
 use rayon::prelude::*;
@@ -78,6 +78,12 @@ struct Shared {
     lp: usize,
     dvp: usize,
     level: Level,
+    /// Per mask row, [`Shared::live_row`]: 1 + its last not-dead key, or 0 when it has no
+    /// live key; one entry per (batch, head, query row) the mask distinguishes (the mask's
+    /// broadcast axes share one), empty without a mask or causal flag.
+    live: *const usize,
+    /// Element strides of `live` over (batch, head, row): 0 on the mask's broadcast axes.
+    live_st: [usize; 3],
 }
 // Safety: the pointers address arrays that outlive the parallel loop; tasks write disjoint
 // output rows.
@@ -217,13 +223,25 @@ pub(crate) fn sdpa(
     let mut v_p = vec![0f32; b * hkv * l * dvp];
     let prepare = |(bk, (kt, vp)): (usize, (&mut [f32], &mut [f32]))| -> (usize, f32) {
         let (kh, vh) = (head(&k, bk / hkv, bk % hkv), head(&v, bk / hkv, bk % hkv));
-        for (j, row) in kh.outer_iter().enumerate() {
-            for (c, &x) in row.iter().enumerate() {
-                kt[c * lp + j] = x;
+        // Kᵀ in tiles of TILE keys: the tile's key rows stay in L1 while each of its D
+        // columns is written as one contiguous run.
+        const TILE: usize = 64;
+        let (krs, kcs) = (kh.strides()[0], kh.strides()[1]);
+        for j0 in (0..l).step_by(TILE) {
+            let j1 = (j0 + TILE).min(l);
+            for (c, col) in kt.chunks_exact_mut(lp).enumerate() {
+                let src = kh.as_ptr().wrapping_offset(c as isize * kcs);
+                for (j, o) in (j0..j1).zip(&mut col[j0..j1]) {
+                    // Safety: (j, c) inside K's head view.
+                    *o = unsafe { *src.wrapping_offset(j as isize * krs) };
+                }
             }
         }
         for (row, out) in vh.outer_iter().zip(vp.chunks_exact_mut(dvp.max(1))) {
-            row.iter().zip(out.iter_mut()).for_each(|(&x, o)| *o = x);
+            match row.as_slice() {
+                Some(r) => out[..dv].copy_from_slice(r),
+                None => row.iter().zip(out.iter_mut()).for_each(|(&x, o)| *o = x),
+            }
         }
         let finite = |r: &[f32]| r.iter().fold(true, |all, x| all & x.is_finite());
         let rows_v = rows_of(vh, finite);
@@ -247,6 +265,20 @@ pub(crate) fn sdpa(
         heads.map(prepare).collect()
     };
     let (v_finite_after, k_norm): (Vec<usize>, Vec<f32>) = per_head.into_iter().unzip();
+    // The live range of every distinct mask row, once (not once per query head it serves).
+    let (mb, mh) = match mask {
+        Mask::Add(_, st) | Mask::Keep(_, st) => (
+            if st[0] == 0 { 1 } else { b },
+            if st[1] == 0 { 1 } else { hq },
+        ),
+        Mask::None => (1, 1),
+    };
+    let masked = p.causal || !matches!(mask, Mask::None);
+    let live_st = [
+        if mb == 1 { 0 } else { mh * s },
+        if mh == 1 { 0 } else { s },
+        1,
+    ];
     let total = b * hq * s * dv;
     let mut out: Vec<f32> = output_vec(total);
     let out_st = if p.seq_major_out {
@@ -271,6 +303,22 @@ pub(crate) fn sdpa(
         lp,
         dvp,
         level,
+        live: std::ptr::null(),
+        live_st,
+    };
+    let live_rows = if masked && l > 0 { mb * mh * s } else { 0 };
+    let row_live = |x: usize| {
+        // Safety: (batch, head, row) inside the mask's shape.
+        unsafe { sh.live_row(x / (mh * s), x / s % mh, x % s) }
+    };
+    let live: Vec<usize> = if threads > 1 && live_rows > ROWS {
+        (0..live_rows).into_par_iter().map(row_live).collect()
+    } else {
+        (0..live_rows).map(row_live).collect()
+    };
+    let sh = Shared {
+        live: live.as_ptr(),
+        ..sh
     };
     let blocks = s.div_ceil(ROWS);
     let tasks = b * hq * blocks;
@@ -329,23 +377,38 @@ fn not_dead(x: f32) -> bool {
     x > DEAD || x.is_nan()
 }
 
-/// The last index of `m` holding a value above [`DEAD`]; chunked so the max vectorizes.
-fn last_not_dead(m: &[f32]) -> Option<usize> {
-    const CHUNK: usize = 32;
-    let mut end = m.len();
-    while end > 0 {
-        let start = end.saturating_sub(CHUNK);
-        let c = &m[start..end];
-        // No early exit inside a chunk, so the test vectorizes; NaN counts as not dead.
-        if c.iter().fold(false, |any, &x| any | not_dead(x)) {
-            return c.iter().rposition(|&x| not_dead(x)).map(|j| start + j);
+multiversion! {
+    /// The last index of `m` holding a value above [`DEAD`] (or NaN); chunked so the test
+    /// vectorizes.
+    fn last_not_dead(m: &[f32]) -> Option<usize> {
+        const CHUNK: usize = 64;
+        let mut end = m.len();
+        while end > 0 {
+            let start = end.saturating_sub(CHUNK);
+            let c = &m[start..end];
+            // No early exit inside a chunk, so the test vectorizes; NaN counts as not dead.
+            if c.iter().fold(0u32, |any, &x| any | u32::from(not_dead(x))) != 0 {
+                return c.iter().rposition(|&x| not_dead(x)).map(|j| start + j);
+            }
+            end = start;
         }
-        end = start;
+        None
     }
-    None
 }
 
 impl Shared {
+    /// 1 + the last key of mask row `i` that is not dead, or 0 when the row has no live key
+    /// (no entry at or above [`LIVE`]).
+    ///
+    /// Safety: indices inside the checked shapes.
+    unsafe fn live_row(&self, bi: usize, h: usize, i: usize) -> usize {
+        let l = self.dims.2;
+        if !(0..l).any(|j| unsafe { self.mask_at(bi, h, i, j) } >= LIVE) {
+            return 0;
+        }
+        unsafe { self.alive_until(bi, h, i, l) }
+    }
+
     /// 1 + the last key of row `i` whose mask entry is not dead (0 if all are dead).
     ///
     /// Safety: indices inside the checked shapes.
@@ -401,7 +464,10 @@ impl Shared {
 /// `LIVE - SCORE_BOUND`, so `exp(score - max) < exp(-9e29)`, which is exactly 0 in f32 and
 /// adds exactly 0 to the softmax sum. Leaving those keys out of the max, the sum and `P V`
 /// (their value rows being finite) therefore changes nothing. Non-finite operands make the
-/// norm test fail (NaN compares false), so they take the full path.
+/// norm test fail (NaN compares false), so they take the full path. Under the same bound
+/// each row's softmax runs over its own live range only (keys below `Shared::live`'s
+/// entry for the row; the rest of the row's probabilities are set to 0): the same values,
+/// summed with a different split between the lanes and the tail.
 ///
 /// Safety: `sh` describes live arrays of the checked shapes; no other task writes these
 /// output rows.
@@ -429,9 +495,14 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
         for (r, dst) in qp.chunks_exact_mut(d.max(1)).enumerate() {
             if r < rows {
                 let src = at(&sh.q, bi, h, i0 + r);
-                for (c, x) in dst.iter_mut().enumerate() {
-                    // Safety: inside Q's row.
-                    *x = unsafe { *src.wrapping_offset(c as isize * sh.q.st[3]) };
+                if sh.q.st[3] == 1 {
+                    // Safety: a contiguous Q row of D elements.
+                    dst.copy_from_slice(unsafe { std::slice::from_raw_parts(src, d) });
+                } else {
+                    for (c, x) in dst.iter_mut().enumerate() {
+                        // Safety: inside Q's row.
+                        *x = unsafe { *src.wrapping_offset(c as isize * sh.q.st[3]) };
+                    }
                 }
             } else {
                 dst.fill(0.0);
@@ -439,6 +510,10 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
         }
         let masked = sh.causal || !matches!(sh.mask, Mask::None);
         let mut need = l;
+        // With the bound below: per row, 1 + its last not-dead key (its probabilities past
+        // that are exactly 0), and every row has a live key.
+        let mut until = [0usize; ROWS];
+        let mut trimmed = false;
         if masked && l > 0 {
             let q_norm = qp
                 .chunks_exact(d.max(1))
@@ -447,20 +522,20 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
                 .fold(0f32, nan_max);
             if sh.scale.abs() * q_norm * k_norm < SCORE_BOUND {
                 // 1 + the last not-dead key over the block's rows; None: some row has no live key.
+                let [lb, lh, lr] = sh.live_st;
                 let mut last_alive = Some(0);
-                for i in i0..i0 + rows {
-                    let has_live = (0..l).any(|j| unsafe { sh.mask_at(bi, h, i, j) } >= LIVE);
-                    let until = unsafe { sh.alive_until(bi, h, i, l) };
-                    last_alive = match (has_live, last_alive) {
-                        (true, Some(a)) => Some(a.max(until)),
-                        _ => None,
-                    };
-                    if last_alive.is_none() {
+                for (r, u) in until.iter_mut().enumerate().take(rows) {
+                    // Safety: inside the live table (`masked`, l > 0).
+                    *u = unsafe { *sh.live.add(bi * lb + h * lh + (i0 + r) * lr) };
+                    if *u == 0 {
+                        last_alive = None;
                         break;
                     }
+                    last_alive = last_alive.map(|a: usize| a.max(*u));
                 }
                 if let Some(a) = last_alive {
                     need = a.max(v_bad);
+                    trimmed = true;
                 }
             }
         }
@@ -481,9 +556,42 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
         };
         unsafe { attn_gemm::product(sh.level, (rows_p, need_p, d), ops, sh.scale) };
         // Mask and softmax each row; `live` = 1 + the last key with a nonzero probability
-        // in any row of the block.
+        // in any row of the block (or past it).
         let mut live = 0;
-        if need > 0 {
+        if trimmed {
+            // Row r: keys past until[r] are dead, so their probabilities are exactly 0 (see
+            // above) and the softmax runs over the first until[r] only. An until[r] >= 1 (a
+            // live key), so the row is never fully masked.
+            for (r, row) in sc.chunks_exact_mut(need_p).enumerate().take(rows) {
+                let (row, dead) = row[..need].split_at_mut(until[r]);
+                let i = i0 + r;
+                if sh.softcap > 0.0 {
+                    row.iter_mut()
+                        .for_each(|x| *x = sh.softcap * (*x / sh.softcap).tanh());
+                }
+                match sh.mask {
+                    // A contiguous float mask: the causal part, if any, is 0 on the live
+                    // range (until[r] <= i + 1).
+                    Mask::Add(p, st) if st[3] == 1 => {
+                        let off = bi as isize * st[0] + h as isize * st[1] + i as isize * st[2];
+                        // Safety: a contiguous mask row of at least `until[r]` elements.
+                        let m = unsafe {
+                            std::slice::from_raw_parts(p.wrapping_offset(off), row.len())
+                        };
+                        softmax_masked_row(row, m);
+                    }
+                    Mask::None => softmax_row(row),
+                    _ => {
+                        for (j, x) in row.iter_mut().enumerate() {
+                            *x += unsafe { sh.mask_at(bi, h, i, j) };
+                        }
+                        softmax_row(row);
+                    }
+                }
+                dead.fill(0.0);
+            }
+            live = need;
+        } else if need > 0 {
             for (r, row) in sc.chunks_exact_mut(need_p).enumerate().take(rows) {
                 let row = &mut row[..need];
                 let i = i0 + r;

@@ -232,36 +232,70 @@ fn row_max_skip_nan(r: &[f32]) -> f32 {
     m
 }
 
+/// The softmax of `r` in place given its largest non-NaN element `m`: exp and sum, then
+/// scale. Sums in [`LANES`] partial sums (lane `i % LANES`), then the tail, then the lanes:
+/// the order of [`softmax_row_into`], so the two agree bit for bit.
+#[inline(always)]
+fn softmax_from_max(r: &mut [f32], m: f32) {
+    if m == f32::NEG_INFINITY {
+        // Every entry is -inf or NaN: exp(x - max) is NaN in the reference formula.
+        r.iter_mut().for_each(|v| *v = f32::NAN);
+        return;
+    }
+    let mut lanes = [0f32; LANES];
+    let mut chunks = r.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (acc, v) in lanes.iter_mut().zip(c) {
+            let e = exp(*v - m);
+            *v = e;
+            *acc += e;
+        }
+    }
+    let mut s = 0f32;
+    for v in chunks.into_remainder() {
+        let e = exp(*v - m);
+        *v = e;
+        s += e;
+    }
+    let s = s + lanes.iter().sum::<f32>();
+    let inv = 1.0 / s;
+    r.iter_mut().for_each(|v| *v *= inv);
+}
+
 multiversion! {
     /// Softmax of one contiguous row in place: max, then exp and sum, then scale.
     #[allow(dead_code, reason = "the in-place form for fused kernels and the tests")]
     pub(crate) fn softmax_row(r: &mut [f32]) {
         let m = row_max_skip_nan(r);
-        if m == f32::NEG_INFINITY {
-            // Every entry is -inf or NaN: exp(x - max) is NaN in the reference formula.
-            r.iter_mut().for_each(|v| *v = f32::NAN);
-            return;
-        }
-        // Sum in LANES partial sums (lane i % LANES), then the tail, then the lanes: the
-        // same order as `softmax_row_into`, so both agree bit for bit.
-        let mut lanes = [0f32; LANES];
-        let mut chunks = r.chunks_exact_mut(LANES);
-        for c in &mut chunks {
-            for (acc, v) in lanes.iter_mut().zip(c) {
-                let e = exp(*v - m);
-                *v = e;
-                *acc += e;
+        softmax_from_max(r, m);
+    }
+}
+
+multiversion! {
+    /// `r = softmax(r + mask)` in place (`mask` as long as `r`): the sum and the max in one
+    /// pass, then [`softmax_row`]'s arithmetic, so the bits are those of adding the mask
+    /// and calling it.
+    pub(crate) fn softmax_masked_row(r: &mut [f32], mask: &[f32]) {
+        let mask = &mask[..r.len()];
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut rc = r.chunks_exact_mut(LANES);
+        let mut mc = mask.chunks_exact(LANES);
+        for (c, mk) in (&mut rc).zip(&mut mc) {
+            for ((mx, v), &a) in lanes.iter_mut().zip(c).zip(mk) {
+                *v += a;
+                *mx = if *v > *mx { *v } else { *mx };
             }
         }
-        let mut s = 0f32;
-        for v in chunks.into_remainder() {
-            let e = exp(*v - m);
-            *v = e;
-            s += e;
+        let mut m = f32::NEG_INFINITY;
+        for (v, &a) in rc.into_remainder().iter_mut().zip(mc.remainder()) {
+            *v += a;
+            m = if *v > m { *v } else { m };
         }
-        let s = s + lanes.iter().sum::<f32>();
-        let inv = 1.0 / s;
-        r.iter_mut().for_each(|v| *v *= inv);
+        // The max of the lanes and the tail is the row's max whatever the order.
+        for &v in &lanes {
+            m = if v > m { v } else { m };
+        }
+        softmax_from_max(r, m);
     }
 }
 
@@ -414,6 +448,30 @@ mod tests {
                 assert_eq!(unsafe { y.assume_init() }, x * 0.3 * w);
             }
         }
+        for n in [1usize, 15, 16, 17, 100, 515] {
+            let src: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.11)
+                .collect();
+            let mask: Vec<f32> = (0..n)
+                .map(|i| match i % 7 {
+                    0 => f32::NEG_INFINITY,
+                    3 => f32::MIN,
+                    _ => (i % 5) as f32 * 0.25,
+                })
+                .collect();
+            let mut added: Vec<f32> = src.iter().zip(&mask).map(|(x, m)| x + m).collect();
+            softmax_row(&mut added);
+            let mut fused = src.clone();
+            softmax_masked_row(&mut fused, &mask);
+            assert_eq!(
+                added.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                fused.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "masked, n = {n}"
+            );
+        }
+        let mut masked_out = [1.0f32, 2.0];
+        softmax_masked_row(&mut masked_out, &[f32::NEG_INFINITY; 2]);
+        assert!(masked_out.iter().all(|v| v.is_nan()));
         let mut with_nan = [1.0f32, f32::NAN, 3.0];
         assert!(max_slice(&with_nan).is_nan());
         softmax_row(&mut with_nan);
