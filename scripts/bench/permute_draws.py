@@ -4,7 +4,7 @@
 usage: scripts/bench/permute_draws.py [BENCH_DIR] [--perqc target/release/perqc]
                                       [--methods massdiff,tokenmax] [--blocks 16,32]
                                       [--seqs 4,8,16] [--python PY] [--keep DIR]
-                                      [--args "EXTRA PERQC ARGS"]
+                                      [--args "EXTRA PERQC ARGS"] [--offsets 0,8192,...]
 
 A W4A4 model's perplexity moves by percents with any change to its rounding (docs/
 quantization.md: a flipped 4-bit code propagates through every later layer), so one
@@ -16,7 +16,11 @@ draw), scores every file with ONNX Runtime on the bench protocol (scripts/bench/
 16 windows of 512 tokens) and prints, per block size and method, every draw and their
 geometric mean. --python is the interpreter with onnxruntime and tokenizers (default: the
 bench's venv). --args adds perqc arguments to every compile (say "--permute-stats
-quantized"); they are part of the cache key. With --keep the perplexities are cached in DIR/draws.json and reused.
+quantized"); they are part of the cache key. --offsets draws by calibration data instead of
+by --permute-seqs (which has no effect with --permute-stats quantized): each offset is a
+draw that calibrates on the 16 x 512 tokens starting at that token of the protocol's
+calibration text (characters [0, 200000): about 44k tokens, so 0, 8192, 16384, 24576 and
+32768 are five disjoint draws), passed as --calib-ids. With --keep the perplexities are cached in DIR/draws.json and reused.
 BENCH_DIR defaults to $PERQC_BENCH_DIR, else ~/.cache/perqc-bench (scripts/bench-setup).
 Prints a markdown table.
 """
@@ -36,6 +40,7 @@ ap.add_argument("--seqs", default="4,8,16")
 ap.add_argument("--python", default=None)
 ap.add_argument("--keep", default=None)
 ap.add_argument("--args", default="")
+ap.add_argument("--offsets", default=None)
 a = ap.parse_args()
 
 model = os.path.join(a.bench, "smollm2", "model.onnx")
@@ -49,12 +54,32 @@ cache_path = os.path.join(work, "draws.json")
 cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
 
 
-def ppl(b, method, seqs):
-    key = f"{b}/{method}/{seqs}" + (f"/{a.args}" if a.args else "")
+def calib_ids(offset):
+    """A .npy of the 16 x 512 calibration tokens from `offset` of the protocol's text."""
+    path = os.path.join(work, f"calib-{offset}.npy")
+    if not os.path.isfile(path):
+        code = ("import sys, numpy; from tokenizers import Tokenizer; "
+                "ids = Tokenizer.from_file(sys.argv[1]).encode(open(sys.argv[2], encoding='utf-8')"
+                ".read()[:200000]).ids[int(sys.argv[3]):int(sys.argv[3]) + 16 * 512]; "
+                "assert len(ids) == 16 * 512, len(ids); "
+                "numpy.save(sys.argv[4], numpy.array(ids, dtype=numpy.int64))")
+        subprocess.run([python, "-c", code, tok, text, str(offset), path], check=True)
+    return path
+
+
+def ppl(b, method, draw):
+    """ppl of one compile; `draw` is a --permute-seqs value, or ("offset", N)."""
+    if isinstance(draw, tuple):
+        key = f"{b}/{method}/offset{draw[1]}"
+        calib = ["--calib-ids", calib_ids(draw[1])]
+    else:
+        key = f"{b}/{method}/{draw}"
+        calib = ["--calib-text", text, "--tokenizer", tok, "--permute-seqs", str(draw)]
+    key += f"/{a.args}" if a.args else ""
     if key not in cache:
         out = os.path.join(work, "draw.onnx")
-        subprocess.run([a.perqc, model, "-o", out, "--calib-text", text, "--tokenizer", tok,
-                        "--block-size", str(b), "--permute", method, "--permute-seqs", str(seqs)] + a.args.split(),
+        subprocess.run([a.perqc, model, "-o", out] + calib +
+                       ["--block-size", str(b), "--permute", method] + a.args.split(),
                        check=True, capture_output=True)
         r = subprocess.run([python, ppl_ort, out, tok, text, "--skip-chars", "200000",
                             "--windows", "16", "--threads", "2"],
@@ -67,12 +92,17 @@ def ppl(b, method, seqs):
     return cache[key]
 
 
-seqs = [int(s) for s in a.seqs.split(",")]
-print("| b | method | " + " | ".join(f"--permute-seqs {s}" for s in seqs) + " | geometric mean |")
-print("|---|---|" + "---|" * (len(seqs) + 1))
-for b in [int(x) for x in a.blocks.split(",")]:
+if a.offsets:
+    draws_of = [("offset", int(s)) for s in a.offsets.split(",")]
+    heads = [f"calibration from token {d[1]}" for d in draws_of]
+else:
+    draws_of = [int(s) for s in a.seqs.split(",")]
+    heads = [f"--permute-seqs {s}" for s in draws_of]
+print("| b | method | " + " | ".join(heads) + " | geometric mean |")
+print("|---|---|" + "---|" * (len(draws_of) + 1))
+for b in a.blocks.split(","):  # sizes, or "full" (one Hadamard; no permutation)
     for method in a.methods.split(","):
-        draws = [ppl(b, method, s) for s in seqs]
+        draws = [ppl(b, method, d) for d in draws_of]
         mean = math.exp(sum(math.log(p) for p in draws) / len(draws))
         print(f"| {b} | {method} | " + " | ".join(f"{p:.2f}" for p in draws) + f" | {mean:.2f} |",
               flush=True)
