@@ -749,11 +749,62 @@ mod x86 {
         "avx2,avx512vnni,avx512vl",
         |acc, u, c| { _mm256_dpbusd_epi32(acc, u, c) }
     );
-    // `vpmaddubsw` pairs sum to at most 2·15·128 = 3840: no i16 saturation.
-    tile256!(tile_avx2, "avx2", |acc, u, c| {
+    #[cfg(test)]
+    // The AVX2 dot as `tile256` spells it (widened to i32 every group), to check the
+    // i16-accumulating tile below against.
+    tile256!(tile_avx2_widened, "avx2", |acc, u, c| {
         let pairs = _mm256_maddubs_epi16(u, c);
         _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     });
+
+    /// Groups whose `vpmaddubsw` pair sums are added in i16 before one widening.
+    const I16_GROUPS: usize = 8;
+
+    /// AVX2 tile: the layout and row halves of [`tile256`], but the i16 pair sums of
+    /// `vpmaddubsw` are added in i16 over [`I16_GROUPS`] groups before one `vpmaddwd` by 1
+    /// widens them into the i32 accumulators: half the multiplies of widening every group
+    /// (AVX2 has no 8-bit dot product; `vpmaddubsw` and `vpmaddwd` share the multiply
+    /// ports). Exact, so the same integers as every other level: a pair sum is at most
+    /// 2·15·128 = 3840 in magnitude (u <= 15, |c| <= 128), and 8 of them at most 30720 <
+    /// 2^15, so neither the saturating pair sum nor the wrapping i16 add ever overflows.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn tile_avx2(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
+        let mask = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        const HALF: usize = MR / 2;
+        for half in 0..2 {
+            for rows in [0..HALF, HALF..MR] {
+                let mut lo = [_mm256_setzero_si256(); HALF];
+                let mut hi = [_mm256_setzero_si256(); HALF];
+                for (ci, chunk) in w.chunks(I16_GROUPS * GROUP_BYTES).enumerate() {
+                    let mut lo16 = [_mm256_setzero_si256(); HALF];
+                    let mut hi16 = [_mm256_setzero_si256(); HALF];
+                    for (gi, block) in chunk.chunks_exact(GROUP_BYTES).enumerate() {
+                        let g = ci * I16_GROUPS + gi;
+                        let v = unsafe { _mm256_loadu_si256(block.as_ptr().add(32 * half).cast()) };
+                        let u0 = _mm256_and_si256(v, mask);
+                        let u1 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+                        for (j, i) in rows.clone().enumerate() {
+                            let c = _mm256_set1_epi32(unsafe { lane(a, kp, i, g) });
+                            lo16[j] = _mm256_add_epi16(lo16[j], _mm256_maddubs_epi16(u0, c));
+                            hi16[j] = _mm256_add_epi16(hi16[j], _mm256_maddubs_epi16(u1, c));
+                        }
+                    }
+                    for j in 0..HALF {
+                        lo[j] = _mm256_add_epi32(lo[j], _mm256_madd_epi16(lo16[j], ones));
+                        hi[j] = _mm256_add_epi32(hi[j], _mm256_madd_epi16(hi16[j], ones));
+                    }
+                }
+                for (j, i) in rows.enumerate() {
+                    unsafe {
+                        let base = acc[i].as_mut_ptr().add(8 * half);
+                        _mm256_storeu_si256(base.cast(), lo[j]);
+                        _mm256_storeu_si256(base.add(16).cast(), hi[j]);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Rows rotated at a time before quantization (see [`quantize_tokens`]).
@@ -1103,6 +1154,41 @@ mod tests {
             }
             assert_eq!(got, want, "{groups} groups");
             assert!(want.iter().flatten().any(|&v| v != 0));
+        }
+    }
+
+    /// The AVX2 tile's i16 partial sums do not overflow at the extremes (every code -128
+    /// or 127 against u = 15) and equal the every-group widening on random operands, for
+    /// group counts around the i16 chunk.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_i16_sums_are_exact() {
+        if !Level::Avx2.available() {
+            return;
+        }
+        let mut st = 11;
+        for groups in [1, 7, 8, 9, 16, 17, 144] {
+            let kp = groups * KG;
+            let random: Vec<i8> = (0..MR * kp).map(|_| lcg(&mut st) as i8).collect();
+            let w_random: Vec<u8> = (0..groups * GROUP_BYTES)
+                .map(|_| lcg(&mut st) as u8)
+                .collect();
+            let w_max = vec![0xffu8; groups * GROUP_BYTES];
+            for (a, w) in [
+                (vec![-128i8; MR * kp], &w_max),
+                (vec![127i8; MR * kp], &w_max),
+                (random, &w_random),
+            ] {
+                let (mut want, mut got) = ([[0; NR]; MR], [[0; NR]; MR]);
+                unsafe {
+                    x86::tile_avx2_widened(&a, kp, w, &mut want);
+                    x86::tile_avx2(&a, kp, w, &mut got);
+                }
+                assert_eq!(got, want, "{groups} groups");
+            }
+            let mut got = [[0; NR]; MR];
+            unsafe { x86::tile_avx2(&vec![-128i8; MR * kp], kp, &w_max, &mut got) };
+            assert_eq!(got[0][0], -128 * 15 * kp as i32, "{groups} groups");
         }
     }
 
