@@ -10,7 +10,9 @@
 //!
 //! `--lm-head` adds SmolLM2's head shape, 512 x 576 x 49152.
 //!
-//! usage: bench_igemm [--threads 2] [--reps 15] [--lm-head]
+//! usage: bench_igemm [--threads 2] [--reps 15] [--lm-head] [--shape MxKxN]...
+//!
+//! `--shape` (repeatable) times the given shapes instead of SmolLM2's.
 //!
 //! GOP/s counts 2·m·k·n operations (one multiply and one add per product).
 
@@ -31,9 +33,22 @@ fn median(mut t: Vec<f64>) -> f64 {
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut threads, mut reps, mut head) = (2usize, 15usize, false);
+    let mut custom = Vec::new();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--lm-head" => head = true,
+            "--shape" => {
+                let spec = args.next().unwrap_or_default();
+                let dims: Vec<usize> = spec
+                    .split('x')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| anyhow::anyhow!("--shape {spec}: {e}"))?;
+                let [m, k, n] = dims[..] else {
+                    anyhow::bail!("--shape {spec}: expected MxKxN");
+                };
+                custom.push((m, k, n));
+            }
             "--threads" => threads = args.next().unwrap_or_default().parse()?,
             "--reps" => reps = args.next().unwrap_or_default().parse()?,
             other => anyhow::bail!("unknown option {other}"),
@@ -106,6 +121,9 @@ fn main() -> anyhow::Result<()> {
         (512, 576, 576),
         (512, 576, 192),
     ];
+    if !custom.is_empty() {
+        shapes = custom;
+    }
     if head {
         shapes.push((512, 576, 49152));
     }

@@ -675,29 +675,66 @@ mod x86 {
         };
     }
 
-    /// Both AVX-512 kernels of one level, from its 4-byte dot product.
-    macro_rules! level512 {
-        ($tile:ident, $grouped:ident, $features:literal, $dot:expr) => {
-            tile512!($tile, $features, $dot);
-            grouped512!($grouped, $features, $dot);
-        };
-    }
-
-    level512!(
+    tile512!(
         tile_avx512vnni,
+        "avx512f,avx512bw,avx512vnni",
+        |acc, u, c| { _mm512_dpbusd_epi32(acc, u, c) }
+    );
+    grouped512!(
         grouped_avx512vnni,
         "avx512f,avx512bw,avx512vnni",
-        |acc, u, c| _mm512_dpbusd_epi32(acc, u, c)
+        |acc, u, c| { _mm512_dpbusd_epi32(acc, u, c) }
     );
-    level512!(
-        tile_avx512bw,
-        grouped_avx512bw,
-        "avx512f,avx512bw",
-        |acc, u, c| {
-            let pairs = _mm512_maddubs_epi16(u, c);
-            _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+    // AVX-512BW: the grouped tile widens every group; the per-column tile is
+    // `tile_avx512bw` below (i16 sums, as the AVX2 tile).
+    grouped512!(grouped_avx512bw, "avx512f,avx512bw", |acc, u, c| {
+        let pairs = _mm512_maddubs_epi16(u, c);
+        _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+    });
+    #[cfg(test)]
+    tile512!(tile_avx512bw_widened, "avx512f,avx512bw", |acc, u, c| {
+        let pairs = _mm512_maddubs_epi16(u, c);
+        _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+    });
+
+    /// Groups whose `vpmaddubsw` pair sums are added in i16 before one widening (see
+    /// [`tile_avx2`] for why this is exact).
+    const I16_GROUPS: usize = 8;
+
+    /// AVX-512BW tile: [`tile512`]'s layout with [`tile_avx2`]'s i16 sums over
+    /// [`I16_GROUPS`] groups.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn tile_avx512bw(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
+        let mask = _mm512_set1_epi8(0x0f);
+        let ones = _mm512_set1_epi16(1);
+        let mut lo = [_mm512_setzero_si512(); MR];
+        let mut hi = [_mm512_setzero_si512(); MR];
+        for (ci, chunk) in w.chunks(I16_GROUPS * GROUP_BYTES).enumerate() {
+            let mut lo16 = [_mm512_setzero_si512(); MR];
+            let mut hi16 = [_mm512_setzero_si512(); MR];
+            for (gi, block) in chunk.chunks_exact(GROUP_BYTES).enumerate() {
+                let g = ci * I16_GROUPS + gi;
+                let v = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
+                let u0 = _mm512_and_si512(v, mask);
+                let u1 = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+                for i in 0..MR {
+                    let c = _mm512_set1_epi32(unsafe { lane(a, kp, i, g) });
+                    lo16[i] = _mm512_add_epi16(lo16[i], _mm512_maddubs_epi16(u0, c));
+                    hi16[i] = _mm512_add_epi16(hi16[i], _mm512_maddubs_epi16(u1, c));
+                }
+            }
+            for i in 0..MR {
+                lo[i] = _mm512_add_epi32(lo[i], _mm512_madd_epi16(lo16[i], ones));
+                hi[i] = _mm512_add_epi32(hi[i], _mm512_madd_epi16(hi16[i], ones));
+            }
         }
-    );
+        for i in 0..MR {
+            unsafe {
+                _mm512_storeu_si512(acc[i].as_mut_ptr().cast(), lo[i]);
+                _mm512_storeu_si512(acc[i].as_mut_ptr().add(16).cast(), hi[i]);
+            }
+        }
+    }
 
     /// 256-bit tile, in two halves of the 64-byte group: bytes 0..32 hold columns 0..8
     /// (low nibbles) and 16..24 (high), bytes 32..64 columns 8..16 and 24..32; four rows
@@ -756,9 +793,6 @@ mod x86 {
         let pairs = _mm256_maddubs_epi16(u, c);
         _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     });
-
-    /// Groups whose `vpmaddubsw` pair sums are added in i16 before one widening.
-    const I16_GROUPS: usize = 8;
 
     /// AVX2 tile: the layout and row halves of [`tile256`], but the i16 pair sums of
     /// `vpmaddubsw` are added in i16 over [`I16_GROUPS`] groups before one `vpmaddwd` by 1
@@ -1157,12 +1191,12 @@ mod tests {
         }
     }
 
-    /// The AVX2 tile's i16 partial sums do not overflow at the extremes (every code -128
+    /// The AVX2 and AVX-512BW tiles' i16 partial sums do not overflow at the extremes (every code -128
     /// or 127 against u = 15) and equal the every-group widening on random operands, for
     /// group counts around the i16 chunk.
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn avx2_i16_sums_are_exact() {
+    fn i16_sums_are_exact() {
         if !Level::Avx2.available() {
             return;
         }
@@ -1185,6 +1219,14 @@ mod tests {
                     x86::tile_avx2(&a, kp, w, &mut got);
                 }
                 assert_eq!(got, want, "{groups} groups");
+                if Level::Avx512Bw.available() {
+                    let (mut want, mut got) = ([[0; NR]; MR], [[0; NR]; MR]);
+                    unsafe {
+                        x86::tile_avx512bw_widened(&a, kp, w, &mut want);
+                        x86::tile_avx512bw(&a, kp, w, &mut got);
+                    }
+                    assert_eq!(got, want, "AVX-512BW, {groups} groups");
+                }
             }
             let mut got = [[0; NR]; MR];
             unsafe { x86::tile_avx2(&vec![-128i8; MR * kp], kp, &w_max, &mut got) };
