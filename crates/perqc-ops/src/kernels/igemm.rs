@@ -404,16 +404,21 @@ unsafe fn panel(ops: &Operands<'_>, tail: &[i8], p: usize, out: SendPtr, level: 
         unsafe { tile(level, a, kp, w, &mut acc) };
         for (i, acc_row) in acc.iter().enumerate().take((ops.m - r0).min(MR)) {
             let r = r0 + i;
-            let t = ops.terms[r];
             // Safety: row r < m, columns c0 .. c0 + cols < n.
             let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * ops.n + c0), cols) };
-            for (j, d) in dst.iter_mut().enumerate() {
-                // Exact for terms QuantizeTokens made; wrapping (not a panic) for others.
-                let int = acc_row[j]
-                    .wrapping_add(t.rowcorr)
-                    .wrapping_add(t.zcorr.wrapping_mul(col_sum[j]));
-                *d = int as f32 * (t.scale * col_scale[j]);
-            }
+            scale_row(acc_row, ops.terms[r], &col_sum, &col_scale, dst);
+        }
+    }
+}
+
+crate::kernels::vmath::multiversion! {
+    /// One output row of a tile: `dst[j] = f32(acc[j] + rowcorr + zcorr·col_sum[j]) ·
+    /// (scale · col_scale[j])`, the integer exact for terms `QuantizeTokens` made (wrapping,
+    /// not a panic, for others). No reduction, so every width gives the same bits.
+    fn scale_row(acc: &[i32; NR], t: RowTerms, col_sum: &[i32; NR], col_scale: &[f32; NR], dst: &mut [f32]) {
+        for (((d, &a), &cs), &sc) in dst.iter_mut().zip(acc).zip(col_sum).zip(col_scale) {
+            let int = a.wrapping_add(t.rowcorr).wrapping_add(t.zcorr.wrapping_mul(cs));
+            *d = int as f32 * (t.scale * sc);
         }
     }
 }
