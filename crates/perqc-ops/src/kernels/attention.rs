@@ -25,7 +25,9 @@
 //! unfused formula (up to summation order).
 
 use super::attn_gemm::{self, Level, Operands, PAD, ROW_PAD};
-use super::vmath::{multiversion, softmax_masked_row, softmax_row, sum_squares_slice};
+use super::vmath::{
+    multiversion, softmax_masked_row, softmax_row, softmax_row_of, sum_squares_slice,
+};
 use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, opt, output_vec, req_f32, req_ints};
 use ndarray::{ArrayD, ArrayView4, Axis, IxDyn};
 use rayon::prelude::*;
@@ -466,8 +468,8 @@ impl Shared {
 /// (their value rows being finite) therefore changes nothing. Non-finite operands make the
 /// norm test fail (NaN compares false), so they take the full path. Under the same bound
 /// each row's softmax runs over its own live range only (keys below `Shared::live`'s
-/// entry for the row; the rest of the row's probabilities are set to 0): the same values,
-/// summed with a different split between the lanes and the tail.
+/// entry for the row; the rest of the row's probabilities are set to 0), summed in the
+/// lanes the block's whole row would use (`vmath::softmax_row_of`): the same bits.
 ///
 /// Safety: `sh` describes live arrays of the checked shapes; no other task writes these
 /// output rows.
@@ -578,14 +580,14 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
                         let m = unsafe {
                             std::slice::from_raw_parts(p.wrapping_offset(off), row.len())
                         };
-                        softmax_masked_row(row, m);
+                        softmax_masked_row(row, m, need);
                     }
-                    Mask::None => softmax_row(row),
+                    Mask::None => softmax_row_of(row, need),
                     _ => {
                         for (j, x) in row.iter_mut().enumerate() {
                             *x += unsafe { sh.mask_at(bi, h, i, j) };
                         }
-                        softmax_row(row);
+                        softmax_row_of(row, need);
                     }
                 }
                 dead.fill(0.0);

@@ -235,15 +235,23 @@ fn row_max_skip_nan(r: &[f32]) -> f32 {
 /// The softmax of `r` in place given its largest non-NaN element `m`: exp and sum, then
 /// scale. Sums in [`LANES`] partial sums (lane `i % LANES`), then the tail, then the lanes:
 /// the order of [`softmax_row_into`], so the two agree bit for bit.
+///
+/// `r` may be the first part of a row of `full >= r.len()` entries whose rest have
+/// exponentials of exactly 0 (dead keys of an attention row): the entries are then split
+/// between the lanes and the tail as that whole row splits them (its tail starts at the
+/// last multiple of `LANES` not above `full`), and since adding an exact 0 changes no
+/// partial sum, the bits are those of the whole row's softmax.
 #[inline(always)]
-fn softmax_from_max(r: &mut [f32], m: f32) {
+fn softmax_from_max(r: &mut [f32], m: f32, full: usize) {
     if m == f32::NEG_INFINITY {
         // Every entry is -inf or NaN: exp(x - max) is NaN in the reference formula.
         r.iter_mut().for_each(|v| *v = f32::NAN);
         return;
     }
+    let split = (full / LANES * LANES).min(r.len());
+    let (body, tail) = r.split_at_mut(split);
     let mut lanes = [0f32; LANES];
-    let mut chunks = r.chunks_exact_mut(LANES);
+    let mut chunks = body.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for (acc, v) in lanes.iter_mut().zip(c) {
             let e = exp(*v - m);
@@ -251,8 +259,14 @@ fn softmax_from_max(r: &mut [f32], m: f32) {
             *acc += e;
         }
     }
+    // A partial chunk of the body (only when `full` reaches past `r`) still goes to lanes.
+    for (acc, v) in lanes.iter_mut().zip(chunks.into_remainder()) {
+        let e = exp(*v - m);
+        *v = e;
+        *acc += e;
+    }
     let mut s = 0f32;
-    for v in chunks.into_remainder() {
+    for v in tail {
         let e = exp(*v - m);
         *v = e;
         s += e;
@@ -267,15 +281,25 @@ multiversion! {
     #[allow(dead_code, reason = "the in-place form for fused kernels and the tests")]
     pub(crate) fn softmax_row(r: &mut [f32]) {
         let m = row_max_skip_nan(r);
-        softmax_from_max(r, m);
+        softmax_from_max(r, m, r.len());
     }
 }
 
 multiversion! {
-    /// `r = softmax(r + mask)` in place (`mask` as long as `r`): the sum and the max in one
-    /// pass, then [`softmax_row`]'s arithmetic, so the bits are those of adding the mask
-    /// and calling it.
-    pub(crate) fn softmax_masked_row(r: &mut [f32], mask: &[f32]) {
+    /// [`softmax_row`] of `r`, the live start of a row of `full` entries whose rest have
+    /// exponentials of exactly 0: the bits of the whole row's softmax (see
+    /// [`softmax_from_max`]).
+    pub(crate) fn softmax_row_of(r: &mut [f32], full: usize) {
+        let m = row_max_skip_nan(r);
+        softmax_from_max(r, m, full);
+    }
+}
+
+multiversion! {
+    /// `r = softmax(r + mask)` in place (`mask` at least as long as `r`): the sum and the
+    /// max in one pass, then [`softmax_row_of`]'s arithmetic for a row of `full` entries,
+    /// so the bits are those of adding the mask and calling it.
+    pub(crate) fn softmax_masked_row(r: &mut [f32], mask: &[f32], full: usize) {
         let mask = &mask[..r.len()];
         let mut lanes = [f32::NEG_INFINITY; LANES];
         let mut rc = r.chunks_exact_mut(LANES);
@@ -295,7 +319,7 @@ multiversion! {
         for &v in &lanes {
             m = if v > m { v } else { m };
         }
-        softmax_from_max(r, m);
+        softmax_from_max(r, m, full);
     }
 }
 
@@ -462,7 +486,7 @@ mod tests {
             let mut added: Vec<f32> = src.iter().zip(&mask).map(|(x, m)| x + m).collect();
             softmax_row(&mut added);
             let mut fused = src.clone();
-            softmax_masked_row(&mut fused, &mask);
+            softmax_masked_row(&mut fused, &mask, n);
             assert_eq!(
                 added.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 fused.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -470,8 +494,35 @@ mod tests {
             );
         }
         let mut masked_out = [1.0f32, 2.0];
-        softmax_masked_row(&mut masked_out, &[f32::NEG_INFINITY; 2]);
+        softmax_masked_row(&mut masked_out, &[f32::NEG_INFINITY; 2], 2);
         assert!(masked_out.iter().all(|v| v.is_nan()));
+        // A live prefix of a row whose rest is dead (exp exactly 0): the prefix forms give
+        // the whole row's bits for every prefix length, across and inside chunk borders.
+        for full in [1usize, 15, 16, 17, 40, 100, 515] {
+            let row: Vec<f32> = (0..full)
+                .map(|i| ((i * 53 % 97) as f32 - 40.0) * 0.13)
+                .collect();
+            for live in 1..=full {
+                let mut whole: Vec<f32> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &x)| if j < live { x } else { -1e30 })
+                    .collect();
+                softmax_row(&mut whole);
+                let mut prefix = row[..live].to_vec();
+                softmax_row_of(&mut prefix, full);
+                let mut masked = row[..live].to_vec();
+                softmax_masked_row(&mut masked, &vec![0.0; live], full);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&prefix), bits(&whole[..live]), "{live} of {full}");
+                assert_eq!(
+                    bits(&masked),
+                    bits(&whole[..live]),
+                    "masked, {live} of {full}"
+                );
+                assert!(whole[live..].iter().all(|&p| p.to_bits() == 0));
+            }
+        }
         let mut with_nan = [1.0f32, f32::NAN, 3.0];
         assert!(max_slice(&with_nan).is_nan());
         softmax_row(&mut with_nan);
