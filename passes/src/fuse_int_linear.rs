@@ -131,7 +131,9 @@ fn dq_weight(m: &Matcher<'_>, v: ValueId) -> Option<Weight> {
     }
     let codes = match perqc_ops::RtTensor::from_tensor(&wt).ok()? {
         perqc_ops::RtTensor::I4(a) | perqc_ops::RtTensor::I8(a) => {
-            a.as_standard_layout().iter().copied().collect::<Vec<i8>>()
+            // A slice copy: ndarray's element iterator costs several times as much.
+            let a = a.as_standard_layout();
+            a.as_slice().expect("standard layout").to_vec()
         }
         _ => return None,
     };
@@ -346,9 +348,10 @@ fn rewrite(m: &Matcher<'_>, act: &Activation) -> Option<(Patch, u64, u64)> {
             &format!("{}.colsum", w.name),
             Tensor::from_slice(sum_dims, &packed.col_sums),
         );
+        // The packed bytes become the tensor's raw data as they are (no copy).
         let packed = p.add_initializer(
             &format!("{}.packed", w.name),
-            Tensor::from_slice(dims, &packed.data),
+            Tensor::from_raw(DType::U8, dims, packed.data.into()),
         );
         let scales: PatchValue = match w.scales {
             Scales::Value(v) => v.into(),

@@ -87,7 +87,8 @@ pub enum TensorError {
 pub trait Element: Copy + Sized {
     const DTYPE: DType;
     const SIZE: usize;
-    fn put(self, out: &mut Vec<u8>);
+    /// The little-endian bytes into `out`, exactly `SIZE` long.
+    fn write(self, out: &mut [u8]);
     fn get(bytes: &[u8]) -> Self;
 }
 
@@ -96,8 +97,8 @@ macro_rules! element {
         impl Element for $t {
             const DTYPE: DType = DType::$d;
             const SIZE: usize = std::mem::size_of::<$t>();
-            fn put(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
+            fn write(self, out: &mut [u8]) {
+                out.copy_from_slice(&self.to_le_bytes());
             }
             fn get(bytes: &[u8]) -> Self {
                 <$t>::from_le_bytes(bytes.try_into().expect("element-sized chunk"))
@@ -139,9 +140,11 @@ impl Tensor {
     /// A raw tensor of `T` elements. The caller guarantees `values` fills `dims` (see
     /// [`Tensor::validate`]; [`crate::Graph::replace_initializer`] checks it).
     pub fn from_slice<T: Element>(dims: Vec<i64>, values: &[T]) -> Tensor {
-        let mut raw = Vec::with_capacity(values.len() * T::SIZE);
-        for &v in values {
-            v.put(&mut raw);
+        let mut raw = vec![0u8; values.len() * T::SIZE];
+        // Fixed-size chunks, so the copies compile to plain moves (a byte-wise `put` into a
+        // growing Vec does not).
+        for (out, &v) in raw.chunks_exact_mut(T::SIZE).zip(values) {
+            v.write(out);
         }
         Tensor::from_raw(T::DTYPE, dims, raw.into())
     }

@@ -190,17 +190,17 @@ pub fn pack_weights(w: &[i8], k: usize, n: usize, group: usize) -> Result<Packed
     let [panels, groups, _] = packed_shape(k, n);
     // 0x88: u = 8 (w = 0) in both nibbles, for the padding.
     let mut data = vec![0x88u8; panels * groups * GROUP_BYTES];
-    for kk in 0..k {
-        let (g, j) = (kk / KG, kk % KG);
-        for (c, &v) in w[kk * n..(kk + 1) * n].iter().enumerate() {
-            let (p, l) = (c / NR, c % NR);
-            let byte = &mut data[(p * groups + g) * GROUP_BYTES + 4 * (l % 16) + j];
-            let u = (v + 8) as u8;
-            *byte = if l < 16 {
-                (*byte & 0xf0) | u
-            } else {
-                (*byte & 0x0f) | (u << 4)
-            };
+    // Byte `4·l + j` of panel p, group g: `u[k0 + j, c0 + l] | u[k0 + j, c0 + 16 + l] << 4`,
+    // read from row k0 + j's 32 columns of the panel (padding rows and columns keep u = 8).
+    let nib = |row: &[i8], c: usize| row.get(c).map_or(8, |&v| (v + 8) as u8);
+    for (pg, block) in data.chunks_exact_mut(GROUP_BYTES).enumerate() {
+        let (c0, k0) = (pg / groups * NR, pg % groups * KG);
+        for j in 0..KG.min(k.saturating_sub(k0)) {
+            let start = (k0 + j) * n + c0;
+            let row = &w[start..start + (n - c0).min(NR)];
+            for l in 0..16 {
+                block[4 * l + j] = nib(row, l) | nib(row, 16 + l) << 4;
+            }
         }
     }
     let mut col_sums = vec![0i32; scale_groups(k, group) * n];
