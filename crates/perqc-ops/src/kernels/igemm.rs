@@ -45,10 +45,11 @@
 //! 16-lane vectors of four k each, the operand shape of `vpdpbusd`. Padding columns hold
 //! `u = 8` and are never written out.
 //!
-//! **Levels.** AVX-512 VNNI and AVX-VNNI (`vpdpbusd`), AVX-512BW and AVX2 (`vpmaddubsw` +
-//! `vpmaddwd`) and portable code, picked at run time. Every level computes the same integers and the
-//! same two roundings, so all give the same bits (tested on odd shapes at every level the
-//! CPU has, and 1 against 2 threads).
+//! **Levels.** AVX-512 VNNI and AVX-VNNI (`vpdpbusd`), AVX-512BW and AVX2 (`vpmaddubsw`,
+//! its pair sums added in i16 over eight groups, then `vpmaddwd` by 1: exact, since eight
+//! pair sums stay within ±30720) and portable code, picked at run time. Every level
+//! computes the same integers and the same two roundings, so all give the same bits
+//! (tested on odd shapes at every level the CPU has, and 1 against 2 threads).
 
 use super::layout::{PAR_MIN_ELEMS, standard};
 use crate::kernel::{KernelCtx, KernelError, RtTensor, opt, output_vec, req, req_f32};
