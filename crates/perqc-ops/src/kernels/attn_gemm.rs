@@ -12,6 +12,8 @@
 //! `gemm` crate. Levels differ only in rounding (fused or not, summation order inside the
 //! `gemm` crate), which the attention kernel's contract ("up to summation order") allows.
 
+use super::linalg::{Mat, gemm_par};
+
 /// Column padding of `B` and `C` panels: a multiple of every level's tile width.
 pub(crate) const PAD: usize = 32;
 /// Row padding of `A` and `C`: a multiple of every level's tile height.
@@ -90,29 +92,26 @@ pub(crate) unsafe fn product(
         Level::Avx512 => unsafe { x86::product_avx512(m, n, k, ops, alpha) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { x86::product_avx2(m, n, k, ops, alpha) },
-        _ => unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                ops.c,
-                1,
-                ops.ldc as isize,
-                false,
-                ops.a,
-                1,
-                ops.lda as isize,
-                ops.b,
-                1,
-                ops.ldb as isize,
-                0.0,
-                alpha,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        },
+        _ => {
+            let mat = |ptr, ld: usize| Mat {
+                ptr,
+                rs: ld as isize,
+                cs: 1,
+            };
+            // Safety: as above; one thread, so the call stays on this task.
+            unsafe {
+                gemm_par(
+                    (m, n, k),
+                    ops.c,
+                    ops.ldc,
+                    mat(ops.a, ops.lda),
+                    mat(ops.b, ops.ldb),
+                    0.0,
+                    alpha,
+                    1,
+                )
+            }
+        }
     }
 }
 

@@ -26,10 +26,10 @@ unsafe impl Sync for Ptr {}
 
 /// One matrix operand: base pointer and (row, column) element strides.
 #[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
+pub(super) struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
 }
 unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
@@ -53,7 +53,7 @@ const ROW_ALIGN: usize = 8;
 /// Safety: `lhs`/`rhs` address valid `m x k` / `k x n` matrices; `dst` an `m x n` buffer
 /// with row stride `dst_rs` that no one else touches during the call.
 #[allow(clippy::too_many_arguments)] // mirrors `gemm::gemm`
-unsafe fn gemm_par(
+pub(super) unsafe fn gemm_par(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,

@@ -278,7 +278,6 @@ fn softmax_from_max(r: &mut [f32], m: f32, full: usize) {
 
 multiversion! {
     /// Softmax of one contiguous row in place: max, then exp and sum, then scale.
-    #[allow(dead_code, reason = "the in-place form for fused kernels and the tests")]
     pub(crate) fn softmax_row(r: &mut [f32]) {
         let m = row_max_skip_nan(r);
         softmax_from_max(r, m, r.len());
