@@ -12,6 +12,12 @@
 //! for the whole stream, from all its readers' inputs), `heads=true` (within each
 //! key/value head of the value/output regions, the same for the query heads that share it).
 //!
+//! A region's statistics are those of the values its rotation's blocks will hold: where a
+//! sink reads an RMS norm's output, the norm's γ is divided out (`fold-norms` moves it into
+//! the sinks, leaving `x / rms(x)` on the stream). The residual stream is left as it is,
+//! with a note, where the block does not split it into two or more blocks (R1 is a full
+//! rotation there, which no permutation changes).
+//!
 //! Counters: `regions-permuted`, `weights-rewritten`.
 
 use crate::calibration::Calibration;
@@ -21,6 +27,7 @@ use crate::transform::{self, ChannelOp, Placement};
 use perqc_ir::{Graph, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
 use perqc_ops::stats::ChannelStats;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 #[derive(Debug)]
 pub struct Permute {
@@ -169,6 +176,55 @@ pub(crate) fn sink_profiles(
     Ok(out)
 }
 
+/// The statistics of `region`'s sink activations with the γ of the norm producing each
+/// divided out, as `fold-norms` leaves them (`stats_c / |γ_c|`); the given statistics where
+/// no sink reads a norm with a non-uniform γ. A γ with a zero is left in (`fold-norms`
+/// leaves that norm as well).
+fn without_gammas<'a>(
+    graph: &Graph,
+    region: &Region,
+    calib: &'a Calibration,
+) -> Result<Cow<'a, Calibration>, String> {
+    // |γ| per region channel, by the node of each norm whose γ is not uniform.
+    let mut gammas: Vec<(perqc_ir::NodeId, Vec<f64>)> = Vec::new();
+    for p in &region.params {
+        let Some(Ok(gamma)) = graph.const_tensor(p.weight).map(|t| t.to_f32()) else {
+            continue;
+        };
+        let uniform = gamma.iter().all(|&g| g == gamma[0]);
+        if uniform || gamma.len() != p.channels.len() || gamma.iter().any(|&g| !g.is_normal()) {
+            continue;
+        }
+        let mut by_channel = vec![1f64; region.dim];
+        for (&c, &g) in p.channels.iter().zip(&gamma) {
+            by_channel[c as usize] = f64::from(g.abs());
+        }
+        gammas.push((p.node, by_channel));
+    }
+    if gammas.is_empty() {
+        return Ok(Cow::Borrowed(calib));
+    }
+    let mut out = Calibration::new(calib.source().clone());
+    for e in &region.sinks {
+        let Some((_, v)) = e.activation else { continue };
+        let name = region.activation_name(v);
+        if out.contains(name) {
+            continue;
+        }
+        let Some(stats) = calib.get(name) else {
+            continue;
+        };
+        let mut stats = stats.clone();
+        let producer = graph.value(v).producer().map(|(n, _)| n);
+        if let Some((_, g)) = gammas.iter().find(|(n, _)| Some(*n) == producer) {
+            let divisor: Vec<f64> = e.channels.iter().map(|&c| g[c as usize]).collect();
+            stats.divide_channels(&divisor).map_err(|e| e.to_string())?;
+        }
+        out.insert(name, stats);
+    }
+    Ok(Cow::Owned(out))
+}
+
 /// The largest block's share of the mass over the mean block's: `max_k Σ_{c∈B_k} m_c` /
 /// `(Σ_c m_c / blocks)` for consecutive blocks of `b` channels (1 when perfectly even).
 fn block_spread(mass: &[f64], b: usize) -> f64 {
@@ -271,6 +327,11 @@ impl Permute {
         region: &Region,
         calib: Option<&Calibration>,
     ) -> Result<(transform::Applied, Option<(f64, f64)>), String> {
+        let calib = match calib {
+            Some(c) => Some(without_gammas(graph, region, c)?),
+            None => None,
+        };
+        let calib = calib.as_deref();
         let (op, spread) = self.plan_region(region, calib)?;
         self.dump(region, calib, &op);
         let a = transform::apply(graph, region, &op, Placement::Fold)?;
@@ -362,21 +423,41 @@ impl Pass for Permute {
                 ctx.note(format!("{what}: no permutation: {why}"));
                 continue;
             }
+            let b = self.block;
+            if region.kind == RegionKind::Residual
+                && !(b < region.dim && region.dim.is_multiple_of(b))
+            {
+                ctx.note(format!(
+                    "{what}: no permutation: a block of {b} does not split it (its rotation is full)"
+                ));
+                continue;
+            }
             if !ctx.rewrite() {
                 break;
             }
             chosen.push((what, region));
         }
-        // Borrowed, not copied: sampled rows can be large.
+        // Borrowed, not copied (sampled rows can be large), but where a norm's γ is divided
+        // out of a region's statistics.
         let calib = ctx.resource::<Calibration>();
+        let calibs = chosen
+            .iter()
+            .map(|(what, region)| match calib {
+                Some(c) if self.method.uses_statistics() => without_gammas(&model.graph, region, c)
+                    .map(Some)
+                    .map_err(|e| PassError::msg(format!("permute: {what}: {e}"))),
+                _ => Ok(calib.map(Cow::Borrowed)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let plans: Vec<_> = chosen
             .par_iter()
-            .map(|(_, region)| self.plan_region(region, calib))
+            .zip(&calibs)
+            .map(|((_, region), calib)| self.plan_region(region, calib.as_deref()))
             .collect();
-        for ((what, region), plan) in chosen.iter().zip(plans) {
+        for (((what, region), plan), calib) in chosen.iter().zip(plans).zip(&calibs) {
             let fail = |e: String| PassError::msg(format!("permute: {what}: {e}"));
             let (op, s) = plan.map_err(fail)?;
-            self.dump(region, calib, &op);
+            self.dump(region, calib.as_deref(), &op);
             let a =
                 transform::apply(&mut model.graph, region, &op, Placement::Fold).map_err(fail)?;
             spread.extend(s);

@@ -8,10 +8,12 @@
 //!
 //! - R1 (`residual=full`): `Q = H_d` on the model dimension (Hadamard orders from
 //!   `perqc_ops::hadamard`, Kronecker products included: 576 = 36 · 16); `residual=block`
-//!   uses `diag(H_b, ..)` with `block=b`; `none` skips it.
+//!   uses `diag(H_b, ..)` with `block=b`, or the full rotation, with a note, where b does
+//!   not divide d into two or more blocks; `none` skips it.
 //! - R2 (`heads=full`): `Q = diag(H_dh, ..)`, one head-dim Hadamard per key/value head; the
 //!   query heads that read a key/value head's values get the same block on the output
-//!   projection's input (grouped-query attention).
+//!   projection's input (grouped-query attention). `heads=block`: blocks of `b` within each
+//!   head where b divides the head dimension into two or more, else the whole head.
 //! - `signs=SEED`: randomized Hadamards `H · diag(s)` with seeded random signs.
 //! - `core=M`: R1's full Hadamard built as `H_M ⊗ Sylvester(d / M)` from core order `M`
 //!   (`perqc_ops::hadamard::cores` lists them; 576 has 36, 72, 144, 288 and 576): equally
@@ -30,7 +32,8 @@ use perqc_ir::{Model, OptionError, Pass, PassContext, PassError, PassOptions, Pa
 pub struct Rotate {
     /// `None`: no R1; `Some(None)`: full; `Some(Some(b))`: blocks of b.
     residual: Option<Option<usize>>,
-    heads: bool,
+    /// `None`: no R2; `Some(None)`: one Hadamard per head; `Some(Some(b))`: blocks of b.
+    heads: Option<Option<usize>>,
     signs: Option<u64>,
     /// Core order of R1's Hadamard; `None`: the default construction.
     core: Option<usize>,
@@ -38,16 +41,22 @@ pub struct Rotate {
 
 impl Rotate {
     pub const NAME: &'static str = "rotate";
-    pub const DESCRIPTION: &'static str = "fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|none, signs=SEED, core=M";
+    pub const DESCRIPTION: &'static str = "fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|block|none, signs=SEED, core=M";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&["residual", "block", "heads", "signs", "core"])?;
-        let residual = match opts.choice_or("residual", &["full", "block", "none"], "full")? {
-            "none" => None,
-            "full" => Some(None),
-            _ => Some(Some(opts.parse_or("block", "a block size", 32usize)?)),
+        let block = opts.parse_or("block", "a block size", 32usize)?;
+        let kind = |name: &str| -> Result<Option<Option<usize>>, OptionError> {
+            Ok(
+                match opts.choice_or(name, &["full", "block", "none"], "full")? {
+                    "none" => None,
+                    "full" => Some(None),
+                    _ => Some(Some(block)),
+                },
+            )
         };
-        let heads = opts.choice_or("heads", &["full", "none"], "full")? == "full";
+        let residual = kind("residual")?;
+        let heads = kind("heads")?;
         let signs = transform::seed_option(opts, "signs")?;
         let core = match opts.get("core") {
             None => None,
@@ -60,6 +69,11 @@ impl Rotate {
             core,
         }))
     }
+}
+
+/// Whether blocks of `b` split `dim` channels into two or more.
+fn splits(dim: usize, b: usize) -> bool {
+    b > 0 && b < dim && dim.is_multiple_of(b)
 }
 
 impl Pass for Rotate {
@@ -94,6 +108,16 @@ impl Pass for Rotate {
                         }
                         fits
                     });
+                    let block = block.and_then(|b| {
+                        let fits = splits(region.dim, b);
+                        if !fits {
+                            ctx.note(format!(
+                                "R1: a block of {b} does not split {} channels into blocks; the full rotation is used",
+                                region.dim
+                            ));
+                        }
+                        fits.then_some(b)
+                    });
                     ChannelOp::hadamard_with_core(
                         region.dim,
                         block.unwrap_or(region.dim),
@@ -101,8 +125,13 @@ impl Pass for Rotate {
                         self.signs,
                     )
                 }
-                (RegionKind::AttentionVo, _, Some(h)) if self.heads => {
-                    ChannelOp::hadamard(region.dim, h.head_dim, self.signs)
+                (RegionKind::AttentionVo, _, Some(h)) if self.heads.is_some() => {
+                    let block = self
+                        .heads
+                        .flatten()
+                        .filter(|&b| splits(h.head_dim, b))
+                        .unwrap_or(h.head_dim);
+                    ChannelOp::hadamard(region.dim, block, self.signs)
                 }
                 _ => continue,
             };

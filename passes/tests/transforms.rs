@@ -145,10 +145,83 @@ fn rotations_are_exact() {
     for f in ["llama_ts.onnx", "llama_dynamo.onnx"] {
         exact(f, "fold-norms,rotate");
         exact(f, "fold-norms,rotate(residual=block,block=16,signs=7)");
+        exact(f, "fold-norms,rotate(residual=block,heads=block,block=8)");
         exact(f, "rotate(residual=none)");
     }
     // The encoder: R1 refused (the stream is the graph input), R2 on each layer.
     exact_encoder("rotate");
+    exact_encoder("rotate(heads=block,block=8)");
+}
+
+/// A block that does not split the stream into two or more blocks gives the full R1, with
+/// a note; the residual permutation is left out there, with a note (no permutation changes
+/// what a full rotation does). Blocks of R2 fall back to the whole head the same way.
+#[test]
+fn block_rotations_that_do_not_split_fall_back_to_full() {
+    for (pipeline, note) in [
+        (
+            "fold-norms,rotate(residual=block,heads=block,block=48)",
+            "R1: a block of 48 does not split 64 channels into blocks; the full rotation is used",
+        ),
+        (
+            "permute(block=48,residual=true,mlp=false)",
+            "(residual, d = 64): no permutation: a block of 48 does not split it",
+        ),
+        (
+            "permute(block=64,residual=true,mlp=false)",
+            "(residual, d = 64): no permutation: a block of 64 does not split it",
+        ),
+    ] {
+        let (_, report) = exact_report("llama_ts.onnx", pipeline);
+        let notes = notes(&report);
+        assert!(
+            notes.iter().any(|n| n.contains(note)),
+            "{pipeline}: {notes:?}"
+        );
+    }
+    let (full, _) = exact_report("llama_ts.onnx", "fold-norms,rotate");
+    let (fallback, _) = exact_report(
+        "llama_ts.onnx",
+        "fold-norms,rotate(residual=block,heads=block,block=48)",
+    );
+    assert_eq!(embedding(&full), embedding(&fallback));
+}
+
+/// The embedding table (the first Gather's constant table).
+fn embedding(model: &Model) -> Vec<f32> {
+    let g = &model.graph;
+    g.nodes()
+        .filter(|(_, n)| n.op_type == "Gather")
+        .find_map(|(_, n)| g.const_tensor(n.input(0)?))
+        .expect("an embedding table")
+        .to_f32()
+        .unwrap()
+}
+
+/// The residual permutation balances the blocks R1 will hold: the stream after
+/// `fold-norms`, `x / rms(x)`, not the norms' outputs with their own γ. Calibrated with
+/// the gammas in place, it chooses what it chooses calibrated after folding them.
+#[test]
+fn the_residual_permutation_reads_the_stream_without_the_gammas() {
+    let pipeline = "permute(block=16,residual=true,mlp=false)";
+    for f in ["llama_ts.onnx", "llama_dynamo.onnx"] {
+        let (before_fold, report) = exact_report(f, pipeline);
+        assert_eq!(report.counter("permute", "regions-permuted"), 1, "{report}");
+        let mut folded = load(f);
+        run(&mut folded, "fold-norms");
+        assert_eq!(
+            embedding(&folded),
+            embedding(&load(f)),
+            "fold-norms leaves the table"
+        );
+        run(&mut folded, pipeline);
+        assert_eq!(embedding(&before_fold), embedding(&folded), "{f}");
+        assert_ne!(
+            embedding(&before_fold),
+            embedding(&load(f)),
+            "{f}: permuted"
+        );
+    }
 }
 
 /// The encoder fixture takes hidden states.

@@ -72,6 +72,16 @@ ROWS = [
 ] + [
     ("W4A4 GPTQ + clip, b = 32, TokenMax", ["--permute", "tokenmax"], ""),
     ("W4A4 GPTQ + clip, b = 16, TokenMax", ["--block-size", "16", "--permute", "tokenmax"], ""),
+] + [
+    # Brevitas's default for a block size: R1 and R2 in blocks too, the permutation on
+    # every block region (docs/quantization.md, "Block R1 and R2").
+    (f"W4A4 RTN, b = {b}, block R1 and R2, {what}",
+     ["--rotation", "block", "--block-size", str(b), "--permute", method] + RTN, "")
+    for b in (16, 32, 64)
+    for what, method in (("no permutation", "identity"), ("MassDiff", "massdiff"))
+] + [
+    (f"W4A4 GPTQ + clip, b = {b}, block R1 and R2, MassDiff", ["--rotation", "block", "--block-size", str(b)], "")
+    for b in (16, 32)
 ]
 
 ap = argparse.ArgumentParser()

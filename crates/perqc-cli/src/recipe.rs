@@ -75,8 +75,9 @@ pub struct RecipeArgs {
     #[arg(long, value_name = "B", default_value = "32", value_parser = parse_block)]
     pub block_size: Block,
     /// Rotation of the residual stream and the value/output heads: full (one Hadamard of
-    /// the model width; per head for V/O), block (residual blocks of --block-size) or none
-    /// (neither).
+    /// the model width; per head for V/O), block (blocks of --block-size, within each head
+    /// for V/O, the permutation spreading the residual stream over them as well; full where
+    /// the block does not split the width or the head) or none (neither).
     #[arg(long, value_name = "KIND", default_value = "full", value_parser = ["full", "block", "none"])]
     pub rotation: String,
     /// Core order of the residual rotation's Hadamard matrix (`H_M ⊗ Sylvester(d / M)`;
@@ -147,12 +148,14 @@ const PERMUTE_ROWS: usize = 2048;
 
 /// The values the mlp regions' sinks read (the down_proj inputs), in node order.
 fn mlp_sink_values(model: &Model) -> Result<Vec<String>> {
+    sink_values(model, &[RegionKind::Mlp])
+}
+
+/// The values the sinks of regions of `kinds` read, in node order.
+fn sink_values(model: &Model, kinds: &[RegionKind]) -> Result<Vec<String>> {
     let shapes = perqc_ops::infer_model(model).context("shape inference")?;
     let regions = Regions::find(model, &shapes);
-    Ok(perqc_passes::permute::calibration_values(
-        &regions,
-        &[RegionKind::Mlp],
-    ))
+    Ok(perqc_passes::permute::calibration_values(&regions, kinds))
 }
 
 /// Mlp regions per stage of the CAT calibration (SmolLM2: 6 stages of 5 layers).
@@ -270,7 +273,11 @@ impl RecipeArgs {
                 PermuteMethod::Random { seed } => format!("method=random,seed={seed}"),
                 m => format!("method={m}"),
             };
-            passes.push(format!("permute({method},block={b})"));
+            let residual = match self.rotation == "block" {
+                true => ",residual=true",
+                false => "",
+            };
+            passes.push(format!("permute({method},block={b}{residual})"));
         }
         // Norm gammas fold into the weights only for the residual rotation (it commutes
         // with a norm without its gamma); otherwise they stay (folded gammas would put
@@ -368,8 +375,9 @@ impl RecipeArgs {
         (seqs * self.calib.calib_len / PERMUTE_ROWS).max(1)
     }
 
-    /// Statistics `opts` of the mlp sinks' inputs of `model` (`None` if it has none), on
-    /// `seqs` of the calibration sequences (0: all).
+    /// Statistics `opts` of the mlp sinks' inputs of `model` (`None` if it has none), and
+    /// with a block R1 the residual stream's readers' inputs (mean and max |x|, and
+    /// profiles where `opts` has them), on `seqs` of the calibration sequences (0: all).
     fn calibrate_mlp_sinks(
         &self,
         model: &Model,
@@ -377,10 +385,21 @@ impl RecipeArgs {
         seqs: usize,
         release: &dyn Fn(&perqc_ir::Tensor),
     ) -> Result<Option<Calibration>> {
-        let watch: Vec<(String, StatsOptions)> = mlp_sink_values(model)?
+        let mut watch: Vec<(String, StatsOptions)> = mlp_sink_values(model)?
             .into_iter()
             .map(|n| (n, opts.clone()))
             .collect();
+        if self.permutes_residual() {
+            let residual = StatsOptions {
+                profile_every: opts.profile_every,
+                ..StatsOptions::default()
+            };
+            for n in sink_values(model, &[RegionKind::Residual])? {
+                if !watch.iter().any(|(w, _)| *w == n) {
+                    watch.push((n, residual.clone()));
+                }
+            }
+        }
         if watch.is_empty() {
             return Ok(None);
         }
@@ -388,11 +407,12 @@ impl RecipeArgs {
         calib::calibrate_windows(model, &watch, &data, &self.calib, release).map(Some)
     }
 
-    /// R1 and R2 by --rotation (blocks of `b` for `block`).
+    /// R1 and R2 by --rotation (blocks of `b` for `block`, within each head for R2; a
+    /// block that does not split the width or the head gives the full rotation there).
     fn rotations(&self, passes: &mut Vec<String>, b: usize) {
         match self.rotation.as_str() {
             "none" => {}
-            "block" => passes.push(format!("rotate(residual=block,block={b})")),
+            "block" => passes.push(format!("rotate(residual=block,heads=block,block={b})")),
             _ => passes.push(format!("rotate(residual=full,core={})", self.hadamard_core)),
         }
     }
@@ -400,6 +420,12 @@ impl RecipeArgs {
     /// Whether the pipeline runs a calibrated permutation.
     fn permutes(&self) -> bool {
         matches!(self.block_size, Block::Size(_)) && self.permute.uses_statistics()
+    }
+
+    /// Whether the calibrated permutation also spreads the residual stream over R1's
+    /// blocks (`--rotation block`).
+    fn permutes_residual(&self) -> bool {
+        self.permutes() && self.rotation == "block"
     }
 
     /// Refuses a recipe that cannot run: smoothing without calibration data, training
@@ -417,6 +443,11 @@ impl RecipeArgs {
         }
         if self.cat.0.is_some() && !self.calib.given() {
             bail!("--cat needs calibration data (--calib-text with --tokenizer, or --calib-ids)");
+        }
+        if self.rotation == "block" && layerwise && self.permutes() {
+            bail!(
+                "--rotation block permutes the residual stream from the float model's statistics: use --permute-stats float"
+            );
         }
         if self.cat.0.is_some() && layerwise {
             bail!(

@@ -87,6 +87,16 @@ fn calibrated_recipe_verifies_and_writes_a_model() {
             &["--permute", "tokenmax", "--smooth", "max"][..],
             "permute=tokenmax",
         ),
+        // A block R1: the permutation spreads the residual stream over its blocks too, and
+        // R2 rotates blocks within each head.
+        (
+            &["--rotation", "block", "--block-size", "16"][..],
+            "permute(method=massdiff,block=16,residual=true)",
+        ),
+        (
+            &["--rotation", "block", "--block-size", "8"][..],
+            "rotate(residual=block,heads=block,block=8)",
+        ),
     ] {
         let mut args = vec![
             s(&fixture("llama_dynamo.onnx")),
@@ -180,7 +190,10 @@ fn without_calibration_the_permutation_is_skipped_with_a_note() {
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("the massdiff permutation is skipped"), "{err}");
-    assert!(err.contains("rotate(residual=block,block=16)"), "{err}");
+    assert!(
+        err.contains("rotate(residual=block,heads=block,block=16)"),
+        "{err}"
+    );
     assert!(err.contains("--verify: outputs match"), "{err}");
     let (ok, err) = perqc(&[
         &s(&fixture("llama_ts.onnx")),
@@ -396,6 +409,18 @@ fn recipe_errors_say_what_to_change() {
     assert!(!ok && err.contains("not a CAT spec"), "{err}");
     let (ok, err) = perqc(&[&m, "-o", &s(&out), "--no-quantize", "--cat", "block"]);
     assert!(!ok && err.contains("--cat needs calibration data"), "{err}");
+    // The residual permutation of a block R1 reads the float model's statistics.
+    let mut args = vec![m.clone(), "-o".into(), s(&out)];
+    args.extend(calib_args(2, 32));
+    args.extend(["--rotation", "block", "--permute-stats", "quantized"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, err) = perqc(&args);
+    assert!(
+        !ok && err.contains("--rotation block permutes the residual stream")
+            && err.contains("--permute-stats float"),
+        "{err}"
+    );
+    assert!(!out.exists(), "no output on failure");
 }
 
 /// The default job quantizes: W4A4 with GPTQ and the clip search when there is calibration
