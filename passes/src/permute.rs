@@ -14,9 +14,9 @@
 //!
 //! A region's statistics are those of the values its rotation's blocks will hold: where a
 //! sink reads an RMS norm's output, the norm's γ is divided out (`fold-norms` moves it into
-//! the sinks, leaving `x / rms(x)` on the stream). The residual stream is left as it is,
-//! with a note, where the block does not split it into two or more blocks (R1 is a full
-//! rotation there, which no permutation changes).
+//! the sinks, leaving `x / rms(x)` on the stream). A calibrated method leaves the residual
+//! stream as it is, with a note, where the block does not split it into two or more blocks
+//! (R1 is a full rotation there, which no permutation changes).
 //!
 //! Counters: `regions-permuted`, `weights-rewritten`.
 
@@ -424,9 +424,8 @@ impl Pass for Permute {
                 continue;
             }
             let b = self.block;
-            if region.kind == RegionKind::Residual
-                && !(b < region.dim && region.dim.is_multiple_of(b))
-            {
+            let splits = b < region.dim && region.dim.is_multiple_of(b);
+            if region.kind == RegionKind::Residual && self.method.uses_statistics() && !splits {
                 ctx.note(format!(
                     "{what}: no permutation: a block of {b} does not split it (its rotation is full)"
                 ));
