@@ -284,6 +284,23 @@ fn compile(args: CompileArgs) -> Result<()> {
         // The passes are not sessions: their transient buffers go back as they are freed.
         perqc_runtime::untune_allocator();
     }
+    // With --report: each linear's output SQNR under one probe, before the transforms and
+    // after them (the last stage is measured just before quantizing).
+    let mut probe = match (&quant_config, &args.quant.report) {
+        (Some(c), Some(_)) if recipe && args.recipe.calib.given() => {
+            let mut t = sqnr::Table::without_bounds(sqnr::probe(c), PROBE_PIECE_GROUPS);
+            measure_probe(
+                &mut t,
+                "without the transforms",
+                &model,
+                c,
+                &args.recipe.calib,
+                &files,
+            )?;
+            Some(t)
+        }
+        _ => None,
+    };
     let size_before = files_size(&input, &model.graph);
     // The initializers as loaded, to count what the passes changed (none run: none changed).
     let weights_before: Option<Vec<Before>> = (!pipeline.is_empty()).then(|| {
@@ -333,6 +350,15 @@ fn compile(args: CompileArgs) -> Result<()> {
         ));
         manager = m;
     }
+    if let (Some(t), Some(c)) = (&mut probe, &quant_config) {
+        let label = match layerwise {
+            Some(_) => {
+                "with the transforms before quantizing (not the layer-by-layer mlp permutation and rotation)"
+            }
+            None => "with the transforms",
+        };
+        measure_probe(t, label, &model, c, &args.recipe.calib, &files)?;
+    }
     let mut quant_summary = None;
     if let Some(config) = quant_config {
         drop(manager);
@@ -348,7 +374,7 @@ fn compile(args: CompileArgs) -> Result<()> {
         )
         .with_context(|| format!("{}: quantizing", input.display()))?;
         if let Some(path) = &args.quant.report {
-            quant::write_report(path, &s.reports)?;
+            quant::write_report(path, &s.reports, probe.as_ref())?;
         }
         quant_summary = Some(s);
     }
@@ -411,7 +437,7 @@ fn compile(args: CompileArgs) -> Result<()> {
             for n in &q.notes {
                 eprintln!("note: {n}");
             }
-            eprint!("{}", quant::summary_text(q));
+            eprint!("{}", quant::summary_text(q, probe.as_ref()));
         }
         if saved.forced_external {
             eprintln!(
@@ -450,6 +476,37 @@ fn compile(args: CompileArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Calibration windows and sampled rows per linear of a `--report` probe stage.
+const PROBE_WINDOWS: usize = 2;
+const PROBE_ROWS: usize = 256;
+/// Activation groups per piece of a probe stage: about 5 layers of a Llama (4 groups each).
+const PROBE_PIECE_GROUPS: usize = 20;
+
+/// Measures `model` as stage `label` of the `--report` probe, on the first
+/// [`PROBE_WINDOWS`] calibration windows.
+fn measure_probe(
+    table: &mut sqnr::Table,
+    label: &str,
+    model: &perqc_ir::Model,
+    config: &perqc_passes::quantize::QuantConfig,
+    calib: &calib::CalibArgs,
+    files: &perqc_onnx::FileMaps,
+) -> Result<()> {
+    let calib = calib::CalibArgs {
+        calib_seqs: calib.calib_seqs.min(PROBE_WINDOWS),
+        ..calib.clone()
+    };
+    perqc_runtime::tune_allocator();
+    let done = table
+        .measure(label, model, config, &calib, PROBE_ROWS, &|t| {
+            files.release(t)
+        })
+        .with_context(|| format!("--report: measuring {label}"));
+    perqc_runtime::trim_allocator();
+    perqc_runtime::untune_allocator();
+    done
 }
 
 /// Writes `text` to stdout. A reader that went away (`perqc inspect ... | head`) is not

@@ -4,6 +4,7 @@
 //! already-quantized prefix and memory holds one group's Gram matrices at a time.
 
 use crate::calib::CalibArgs;
+use crate::sqnr::Table;
 use crate::staged::Staged;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -67,7 +68,10 @@ pub struct QuantArgs {
     /// MatMulNBits, weight-only 4-bit groups).
     #[arg(long, value_name = "T", default_value = "qdq", value_parser = ["qdq", "ort"])]
     pub target: String,
-    /// Write the per-linear report as JSON.
+    /// Write the per-linear report as JSON. With calibration data it also measures each
+    /// linear's output SQNR with and without the recipe's transforms (the weight quantizer
+    /// rounding to nearest, the activation quantizer at clip 1, on sampled rows of the first
+    /// two calibration windows; two more passes over the model, printed by layer kind).
     #[arg(long, value_name = "FILE")]
     pub report: Option<std::path::PathBuf>,
 }
@@ -553,12 +557,13 @@ fn transform_region(
     }
 }
 
-/// The per-linear report as JSON.
-pub fn report_json(reports: &[SiteReport]) -> String {
+/// The per-linear report as JSON; with `probe`, each linear's output SQNR at each of its
+/// stages too (`probe_sqnr_db`, by stage label).
+pub fn report_json(reports: &[SiteReport], probe: Option<&Table>) -> String {
     let rows: Vec<serde_json::Value> = reports
         .iter()
         .map(|r| {
-            serde_json::json!({
+            let mut row = serde_json::json!({
                 "linear": r.name,
                 "k": r.k,
                 "n": r.n,
@@ -566,21 +571,59 @@ pub fn report_json(reports: &[SiteReport]) -> String {
                 "weight_sqnr_db": r.weight_sqnr,
                 "output_sqnr_db": r.output_sqnr,
                 "clip": r.clip,
-            })
+            });
+            if let Some(t) = probe {
+                let by_stage: serde_json::Map<String, serde_json::Value> = t
+                    .stages
+                    .iter()
+                    .enumerate()
+                    .map(|(st, label)| {
+                        let v = t.sqnr_db(st, &r.name).filter(|v| v.is_finite());
+                        (label.clone(), serde_json::json!(v))
+                    })
+                    .collect();
+                row["probe_sqnr_db"] = by_stage.into();
+            }
+            row
         })
         .collect();
-    serde_json::to_string_pretty(&serde_json::json!({ "linears": rows })).unwrap_or_default()
+    let mut out = serde_json::json!({ "linears": rows });
+    if let Some(t) = probe {
+        out["probe"] = serde_json::json!({
+            "what": probe_what(t),
+            "stages": t.stages,
+            "rows": t.rows,
+        });
+    }
+    serde_json::to_string_pretty(&out).unwrap_or_default()
 }
 
 /// Writes the JSON report to `path` through a temporary file (never half-written).
-pub fn write_report(path: &std::path::Path, reports: &[SiteReport]) -> Result<()> {
-    crate::write_atomically(path, report_json(reports).as_bytes())
+pub fn write_report(
+    path: &std::path::Path,
+    reports: &[SiteReport],
+    probe: Option<&Table>,
+) -> Result<()> {
+    crate::write_atomically(path, report_json(reports, probe).as_bytes())
         .with_context(|| format!("--report: cannot write {}", path.display()))
+}
+
+/// What a probe table measures, in a phrase.
+fn probe_what(t: &Table) -> String {
+    let w = &t.probe.weights;
+    let act = match t.probe.act {
+        Some(a) => format!("A{} per token at clip 1", a.bits),
+        None => "float activations".into(),
+    };
+    format!(
+        "output SQNR with W{} {:?} {:?} rounded to nearest ({:?} scales), {act}, on {} sampled calibration rows",
+        w.bits, w.format, w.granularity, w.scale, t.rows
+    )
 }
 
 /// A few lines for the terminal: what was quantized, how long it took, the layers with the
 /// lowest output SQNR (weight SQNR without calibration samples).
-pub fn summary_text(s: &QuantSummary) -> String {
+pub fn summary_text(s: &QuantSummary, probe: Option<&Table>) -> String {
     let mut out = String::new();
     let n = s.reports.len();
     if n == 0 {
@@ -622,6 +665,17 @@ pub fn summary_text(s: &QuantSummary) -> String {
             },
             r.clip.map(|c| format!(", clip {c}")).unwrap_or_default()
         ));
+    }
+    if let Some(t) = probe {
+        out.push_str(&format!(
+            "  by layer kind, {}: {}\n",
+            probe_what(t),
+            t.stages.join(" -> ")
+        ));
+        for (kind, n, means) in t.kind_means() {
+            let means: Vec<String> = means.iter().map(|m| format!("{m:.1}")).collect();
+            out.push_str(&format!("    {kind} ({n}): {} dB\n", means.join(" -> ")));
+        }
     }
     out
 }

@@ -56,6 +56,12 @@ pub struct Table {
     pub linears: Vec<Linear>,
     pub rows: usize,
     pub probe: Probe,
+    /// Whether the first stage also computes each linear's alignment bound (from its input
+    /// Gram matrix: the costliest part of a stage).
+    bounds: bool,
+    /// Activation groups per calibration piece at most: each piece's session holds a copy
+    /// of its weights.
+    piece_groups: usize,
 }
 
 impl Table {
@@ -65,7 +71,39 @@ impl Table {
             linears: Vec::new(),
             rows: 0,
             probe,
+            bounds: true,
+            piece_groups: usize::MAX,
         }
+    }
+
+    /// A table whose stages measure the SQNR and factors only, without the alignment bound,
+    /// in pieces of at most `piece_groups` activation groups (a piece's session copies its
+    /// weights: fewer groups, less memory at once).
+    pub fn without_bounds(probe: Probe, piece_groups: usize) -> Table {
+        Table {
+            bounds: false,
+            piece_groups: piece_groups.max(1),
+            ..Table::new(probe)
+        }
+    }
+
+    /// The SQNR of linear `name` at stage `stage`, if measured there.
+    pub fn sqnr_db(&self, stage: usize, name: &str) -> Option<f64> {
+        let l = self.linears.iter().find(|l| l.name == name)?;
+        l.stages.get(stage)?.as_ref().map(|m| m.sqnr_db)
+    }
+
+    /// Per layer kind (see [`Table::kinds`]): its layer count and its mean SQNR per stage.
+    pub fn kind_means(&self) -> Vec<(String, usize, Vec<f64>)> {
+        self.kinds()
+            .into_iter()
+            .map(|(kind, of)| {
+                let means = (0..self.stages.len())
+                    .map(|st| self.mean(&of, st, |_, m| m.sqnr_db))
+                    .collect();
+                (kind, of.len(), means)
+            })
+            .collect()
     }
 
     /// Measures `model` as stage `label`: the layers `config` quantizes, on about `rows`
@@ -79,7 +117,7 @@ impl Table {
         rows: usize,
         release: &dyn Fn(&perqc_ir::Tensor),
     ) -> Result<()> {
-        let first = self.stages.is_empty();
+        let first = self.stages.is_empty() && self.bounds;
         let stage = self.stages.len();
         self.stages.push(label.to_string());
         let sites = config
@@ -100,7 +138,9 @@ impl Table {
         for group in &groups {
             let k = sites[group[0]].k;
             let cost = kept * k * 4 + if first { k * k * 8 } else { 0 };
-            if bytes + cost > PIECE_BUDGET && !pieces.last().expect("one").is_empty() {
+            let current = pieces.last().expect("one");
+            let full = bytes + cost > PIECE_BUDGET || current.len() >= self.piece_groups;
+            if full && !current.is_empty() {
                 pieces.push(Vec::new());
                 bytes = 0;
             }

@@ -462,6 +462,29 @@ fn default_job_quantizes_and_reports() {
         rows.iter()
             .all(|r| r["rounding"] == "gptq" && r["output_sqnr_db"].is_f64())
     );
+    // The probe: every linear's output SQNR without and with the transforms, printed by
+    // layer kind; the transforms change what every linear reads but the lm_head (not
+    // quantized), so the two stages differ for (nearly) every linear.
+    let stages = ["without the transforms", "with the transforms"];
+    assert_eq!(json["probe"]["stages"], serde_json::json!(stages));
+    let pairs: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| {
+            let p = &r["probe_sqnr_db"];
+            (
+                p[stages[0]].as_f64().unwrap(),
+                p[stages[1]].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let moved = pairs.iter().filter(|(a, b)| (a - b).abs() > 1e-3).count();
+    assert!(moved >= 12, "{pairs:?}");
+    for want in [
+        "without the transforms -> with the transforms",
+        "/mlp/down_proj/MatMul (2): ",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
     let m = perqc_onnx::load(&out).expect("loads").model;
     assert_eq!(m.opset(""), Some(21));
     let dq = m
