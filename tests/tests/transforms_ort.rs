@@ -17,7 +17,7 @@ const PIPELINES: [(&str, &str); 6] = [
     ("rotate", "fold-norms,rotate"),
     (
         "rotate_block",
-        "fold-norms,rotate(residual=block,block=16,signs=3)",
+        "fold-norms,rotate(residual=block,heads=block,block=8,signs=3)",
     ),
     ("online_hadamard", "online-hadamard(block=32)"),
     (
