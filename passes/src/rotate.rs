@@ -95,6 +95,16 @@ impl Pass for Rotate {
         for (i, region) in regions.regions.iter().enumerate() {
             let op = match (region.kind, self.residual, region.heads) {
                 (RegionKind::Residual, Some(block), _) => {
+                    let block = block.and_then(|b| {
+                        let fits = splits(region.dim, b);
+                        if !fits {
+                            ctx.note(format!(
+                                "R1: a block of {b} does not split {} channels into blocks; the full rotation is used",
+                                region.dim
+                            ));
+                        }
+                        fits.then_some(b)
+                    });
                     // A core the width does not have falls back to the default, with a
                     // note (a preferred core from the CLI fits some widths only).
                     let core = self.core.filter(|&m| {
@@ -107,16 +117,6 @@ impl Pass for Rotate {
                             ));
                         }
                         fits
-                    });
-                    let block = block.and_then(|b| {
-                        let fits = splits(region.dim, b);
-                        if !fits {
-                            ctx.note(format!(
-                                "R1: a block of {b} does not split {} channels into blocks; the full rotation is used",
-                                region.dim
-                            ));
-                        }
-                        fits.then_some(b)
                     });
                     ChannelOp::hadamard_with_core(
                         region.dim,

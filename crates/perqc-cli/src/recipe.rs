@@ -412,7 +412,10 @@ impl RecipeArgs {
     fn rotations(&self, passes: &mut Vec<String>, b: usize) {
         match self.rotation.as_str() {
             "none" => {}
-            "block" => passes.push(format!("rotate(residual=block,heads=block,block={b})")),
+            "block" => passes.push(format!(
+                "rotate(residual=block,heads=block,block={b},core={})",
+                self.hadamard_core
+            )),
             _ => passes.push(format!("rotate(residual=full,core={})", self.hadamard_core)),
         }
     }

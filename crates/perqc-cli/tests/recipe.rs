@@ -95,7 +95,7 @@ fn calibrated_recipe_verifies_and_writes_a_model() {
         ),
         (
             &["--rotation", "block", "--block-size", "8"][..],
-            "rotate(residual=block,heads=block,block=8)",
+            "rotate(residual=block,heads=block,block=8,core=144)",
         ),
     ] {
         let mut args = vec![
@@ -191,7 +191,7 @@ fn without_calibration_the_permutation_is_skipped_with_a_note() {
     assert!(ok, "{err}");
     assert!(err.contains("the massdiff permutation is skipped"), "{err}");
     assert!(
-        err.contains("rotate(residual=block,heads=block,block=16)"),
+        err.contains("rotate(residual=block,heads=block,block=16,core=144)"),
         "{err}"
     );
     assert!(err.contains("--verify: outputs match"), "{err}");
