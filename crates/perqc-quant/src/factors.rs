@@ -89,8 +89,9 @@ pub struct AlignmentBound {
 /// [`AlignmentBound`] of `W` (`[N, K]`, rows are output channels) on inputs with Gram
 /// `gram` (`K x K` row-major, any positive scale: `Σ xᵀ x`). The eigenvalues are those of
 /// the smaller of `W S_x Wᵀ` (`N x N`) and `Lᵀ Wᵀ W L` (`K x K`, `S_x = L Lᵀ`), which share
-/// the nonzero spectrum of `S_x S_w`. A Gram that is not semi-definite (not finite) is an
-/// error; a singular one is factored with a damping of `1e-10` of its mean diagonal.
+/// the nonzero spectrum of `S_x S_w`. A Gram that is not finite, or indefinite beyond
+/// round-off, is an error; a singular one is factored with the least damping of `1e-10` ..
+/// `1e-4` of its largest diagonal entry that lets it factor.
 pub fn alignment_bound(gram: &[f64], w: ArrayView2<f32>) -> Result<AlignmentBound, QuantError> {
     let (n, k) = w.dim();
     if gram.len() != k * k {
@@ -155,13 +156,15 @@ pub fn alignment_bound(gram: &[f64], w: ArrayView2<f32>) -> Result<AlignmentBoun
         );
         (b, n)
     } else {
-        // Lᵀ (Wᵀ W) L.
-        let mean = trace_s / k as f64;
+        // Lᵀ (Wᵀ W) L. A Gram summed from f32 products carries round-off of about 1e-7 of
+        // its largest entries; where it is singular (fewer rows than inputs) that leaves it
+        // slightly indefinite, so the damping goes up to 1e-4 of the largest diagonal entry.
+        let top = (0..k).map(|i| gram[i * k + i]).fold(0f64, f64::max);
         let mut l = Vec::new();
-        for damp in [0.0, 1e-10, 1e-8, 1e-6] {
+        for damp in [0.0, 1e-10, 1e-8, 1e-6, 1e-5, 1e-4] {
             l = gram.to_vec();
             for i in 0..k {
-                l[i * k + i] += damp * mean;
+                l[i * k + i] += damp * top;
             }
             if cholesky_lower(&mut l, k).is_ok() {
                 break;
@@ -322,6 +325,36 @@ mod tests {
                 > 5.0 * alignment_bound(&s, random.view()).unwrap().alignment
         );
         assert!(alignment_bound(&s[1..], random.view()).is_err());
+    }
+
+    /// Fewer rows than inputs (one calibration window of a wide layer) give a singular
+    /// Gram, and summed in f32 (as the observers' blocked products are) an outlier channel
+    /// leaves its round-off on the null directions: slightly indefinite. The bound still
+    /// comes out, at most 1, and at least the alignment.
+    #[test]
+    fn a_rank_deficient_gram_summed_in_f32_has_a_bound() {
+        let (k, r, n) = (576, 512, 1536);
+        // Channel scales over five decades, and a shared component on a few channels (a
+        // massive activation), as a norm's output has.
+        let base = rows(r, k, 5, 1.0);
+        let shared = rows(r, 1, 9, 1.0);
+        let x = Array2::from_shape_fn((r, k), |(i, j)| {
+            let scale = 10f32.powf((j * 37 % 101) as f32 / 20.0 - 2.0);
+            let massive = if j % 97 == 3 {
+                4000.0 * shared[[i, 0]]
+            } else {
+                0.0
+            };
+            base[[i, j]] * scale + massive
+        });
+        let x32: Vec<f32> = x.t().dot(&x).iter().copied().collect();
+        let s: Vec<f64> = x32.iter().map(|&v| f64::from(v)).collect();
+        let w = rows(n, k, 11, 1.0);
+        let got = alignment_bound(&s, w.view()).expect("a bound");
+        assert!(
+            got.bound <= 1.0 + 1e-9 && got.alignment <= got.bound * (1.0 + 1e-6),
+            "{got:?}"
+        );
     }
 
     /// The prediction rises about 6 dB per bit, and is higher without activation noise.
