@@ -77,7 +77,8 @@ pub struct RecipeArgs {
     /// Rotation of the residual stream and the value/output heads: full (one Hadamard of
     /// the model width; per head for V/O), block (blocks of --block-size, within each head
     /// for V/O, the permutation spreading the residual stream over them as well; full where
-    /// the block does not split the width or the head) or none (neither).
+    /// the block does not split the width or the head, and with --block-size full) or none
+    /// (neither).
     #[arg(long, value_name = "KIND", default_value = "full", value_parser = ["full", "block", "none"])]
     pub rotation: String,
     /// Core order of the residual rotation's Hadamard matrix (`H_M ⊗ Sylvester(d / M)`;
@@ -252,7 +253,7 @@ impl RecipeArgs {
                 if self.rotation != "none" {
                     passes.push("fold-norms".into());
                 }
-                self.rotations(&mut passes, 32);
+                self.rotations(&mut passes, None);
                 if self.block_size == Block::Full && self.cat.0.is_none() {
                     passes.push("online-hadamard(block=full)".into());
                 }
@@ -285,7 +286,7 @@ impl RecipeArgs {
         if self.rotation != "none" {
             passes.push("fold-norms".into());
         }
-        self.rotations(&mut passes, b);
+        self.rotations(&mut passes, Some(b));
         if !layerwise && self.cat.0.is_none() {
             passes.push(format!("online-hadamard(block={b})"));
         }
@@ -408,11 +409,12 @@ impl RecipeArgs {
     }
 
     /// R1 and R2 by --rotation (blocks of `b` for `block`, within each head for R2; a
-    /// block that does not split the width or the head gives the full rotation there).
-    fn rotations(&self, passes: &mut Vec<String>, b: usize) {
-        match self.rotation.as_str() {
-            "none" => {}
-            "block" => passes.push(format!(
+    /// block that does not split the width or the head gives the full rotation there, and
+    /// so does `--block-size full`, `b` = `None`).
+    fn rotations(&self, passes: &mut Vec<String>, b: Option<usize>) {
+        match (self.rotation.as_str(), b) {
+            ("none", _) => {}
+            ("block", Some(b)) => passes.push(format!(
                 "rotate(residual=block,heads=block,block={b},core={})",
                 self.hadamard_core
             )),
@@ -446,6 +448,11 @@ impl RecipeArgs {
         }
         if self.cat.0.is_some() && !self.calib.given() {
             bail!("--cat needs calibration data (--calib-text with --tokenizer, or --calib-ids)");
+        }
+        if self.rotation == "block" && self.block_size == Block::None {
+            bail!(
+                "--rotation block takes its blocks from --block-size: give a size (or full), not none"
+            );
         }
         if self.rotation == "block" && layerwise && self.permutes() {
             bail!(
