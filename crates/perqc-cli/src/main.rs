@@ -351,13 +351,20 @@ fn compile(args: CompileArgs) -> Result<()> {
         manager = m;
     }
     if let (Some(t), Some(c)) = (&mut probe, &quant_config) {
-        let label = match layerwise {
-            Some(_) => {
-                "with the transforms before quantizing (not the layer-by-layer mlp permutation and rotation)"
-            }
-            None => "with the transforms",
-        };
-        measure_probe(t, label, &model, c, &args.recipe.calib, &files)?;
+        if layerwise.is_some() {
+            notes.push(
+                "--report: `with the transforms` is measured before quantizing, so without the mlp permutation and online rotation --permute-stats quantized applies layer by layer"
+                    .into(),
+            );
+        }
+        measure_probe(
+            t,
+            "with the transforms",
+            &model,
+            c,
+            &args.recipe.calib,
+            &files,
+        )?;
     }
     let mut quant_summary = None;
     if let Some(config) = quant_config {
