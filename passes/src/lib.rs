@@ -165,7 +165,7 @@ mod tests {
         fuse-fake-quantize  per-token dynamic Q/DQ (row max/min scale, blocked QuantizeLinear -> DequantizeLinear, or its float form) -> ai.perqc::FakeQuantize
         cat                 block concentration-alignment transform on each mlp region's sink input: M = (S_x^-1 # S_w)^1/2 per k x k block, then the block Hadamard, computed online with the inverse folded into the sink (exact); options k=64, block=32|full|none, damp=0.01, and for the probed error wbits=4, abits=4|none
         dce                 remove nodes and initializers whose results nothing reads
-        fold-norms          fold RMS norm gammas into the linear layers that read the norms (exact)
+        fold-norms          fold RMS norm gammas into the linear layers that read the norms (exact); rotatable-only=true folds a region's gammas only when all of them fold, so that a rotation can follow
         fuse-int-linear     MatMul or Linear(FakeQuantize(x), DequantizeLinear(int4 W, per-column or grouped scale)) -> ai.perqc::QuantizeTokens (once per activation) + QuantizedLinear, the native runtime's integer product; with weight-only=true (default) also float-activation linears on 4-bit weights and MatMulNBits, on 8-bit per-token activation codes (not bit-exact; no ONNX lowering)
         infer-shapes        infer symbolic shapes and element types of every value from the op table
         lower               turn canonical ai.perqc ops back into ops of the model's opset (before export)

@@ -353,6 +353,25 @@ fn gemma_fold_norms_is_exact_and_leaves_the_post_norms() {
         why.contains("post_attention_layernorm") && why.contains("not uniform"),
         "{why}"
     );
+
+    // The recipe's fold: where a gamma stays (and so no rotation follows), none folds.
+    let (_, report) = exact_report("gemma_like.onnx", "fold-norms(rotatable-only=true)");
+    assert_eq!(report.counter("fold-norms", "norms-folded"), 0, "{report}");
+    let left = crate::notes(&report);
+    assert!(
+        left.iter()
+            .any(|n| n.contains("(residual, d = 64): no norm folded")
+                && n.contains("post-norm residual")),
+        "{left:?}"
+    );
+    for f in ["llama_ts.onnx", "llama_dynamo.onnx"] {
+        let (_, report) = exact_report(f, "fold-norms(rotatable-only=true)");
+        assert_eq!(
+            report.counter("fold-norms", "norms-folded"),
+            5,
+            "{f}\n{report}"
+        );
+    }
 }
 
 /// Random permutations of the residual stream (its post-norm gammas are permuted with it)

@@ -251,7 +251,7 @@ impl RecipeArgs {
             // Without blocks a permutation changes nothing the quantizers see.
             Block::Full | Block::None => {
                 if self.rotation != "none" {
-                    passes.push("fold-norms".into());
+                    passes.push("fold-norms(rotatable-only=true)".into());
                 }
                 self.rotations(&mut passes, None);
                 if self.block_size == Block::Full && self.cat.0.is_none() {
@@ -284,7 +284,7 @@ impl RecipeArgs {
         // with a norm without its gamma); otherwise they stay (folded gammas would put
         // their outliers into the weights' input columns).
         if self.rotation != "none" {
-            passes.push("fold-norms".into());
+            passes.push("fold-norms(rotatable-only=true)".into());
         }
         self.rotations(&mut passes, Some(b));
         if !layerwise && self.cat.0.is_none() {

@@ -119,8 +119,9 @@ fn calibrated_recipe_verifies_and_writes_a_model() {
 /// After the recipe's transforms the LM head reads the embedding table again, through the
 /// small map the norm fold and the rotation left (`tie-head`): the head's own table is gone
 /// from the file and the outputs still match (`--verify`, and ONNX Runtime on random
-/// inputs), on both Llama exports (a table stored twice; one table behind a Transpose) and
-/// the Gemma-like decoder. Quantized (W4A4 keeps the head float), it is tied too.
+/// inputs), on both Llama exports (a table stored twice; one table behind a Transpose). The
+/// Gemma-like decoder's stream is neither folded nor rotated (its post-norms), so its head
+/// reads the table directly. Quantized (W4A4 keeps the head float), it is tied too.
 #[test]
 fn the_head_reads_the_embedding_table_again() {
     let calib = calib_args(2, 32);
@@ -136,9 +137,12 @@ fn the_head_reads_the_embedding_table_again() {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let (ok, err) = perqc(&args);
             assert!(ok, "{model}: {err}");
+            let how = match model {
+                "gemma_like.onnx" => "reads the embedding table directly (the same table)",
+                _ => "reads the embedding table through a 64 x 64 map",
+            };
             assert!(
-                err.contains("heads-tied=1 weights-removed=1")
-                    && err.contains("reads the embedding table through a 64 x 64 map"),
+                err.contains("heads-tied=1 weights-removed=1") && err.contains(how),
                 "{model}: {err}"
             );
             // The embedding's table has a second reader (the head, through a Transpose
@@ -707,5 +711,37 @@ fn quantization_errors_come_first() {
         assert!(err.contains(want), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert!(!out.exists(), "{args:?}: no output on failure");
+    }
+}
+
+/// Where R1 cannot apply (the Gemma-like decoder's post-norms), the recipe folds none of the
+/// residual stream's norms: folded without a rotation their gammas' outliers would land in
+/// q/k/v and gate/up's input columns. The probe of `--report` shows those linears no worse
+/// with the transforms than without (folding them took q/k/v from 15 to 4 dB).
+#[test]
+fn a_stream_that_cannot_rotate_keeps_its_norms() {
+    let dir = scratch("recipe", "gemma_norms");
+    let (out, report) = (dir.join("q.onnx"), dir.join("report.json"));
+    let mut args = vec![s(&fixture("gemma_like.onnx")), "-o".into(), s(&out)];
+    args.extend(calib_args(2, 64));
+    args.extend(["--report".to_string(), s(&report)]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, err) = perqc(&args);
+    assert!(ok && err.contains("no norm folded"), "{err}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    for r in json["linears"].as_array().unwrap() {
+        let name = r["linear"].as_str().unwrap();
+        if ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+            .iter()
+            .any(|k| name.contains(k))
+        {
+            let p = &r["probe_sqnr_db"];
+            let (before, after) = (
+                p["without the transforms"].as_f64().unwrap(),
+                p["with the transforms"].as_f64().unwrap(),
+            );
+            assert!(after > before - 1.0, "{name}: {before} -> {after} dB");
+        }
     }
 }
