@@ -83,7 +83,7 @@ fn stages_change_what_their_transforms_change() {
             [
                 "original",
                 "permute(method=massdiff,block=32)",
-                "fold-norms",
+                "fold-norms(rotatable-only=true)",
                 "rotate(residual=full,core=144)",
                 "online-hadamard(block=32)"
             ],
