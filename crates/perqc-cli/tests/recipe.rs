@@ -414,34 +414,18 @@ fn recipe_errors_say_what_to_change() {
     let (ok, err) = perqc(&[&m, "-o", &s(&out), "--no-quantize", "--cat", "block"]);
     assert!(!ok && err.contains("--cat needs calibration data"), "{err}");
     // A block R1 takes its block from --block-size: none has none; full is the full R1.
-    let (ok, err) = perqc(&[
-        &m,
-        "-o",
-        &s(&out),
-        "--no-quantize",
-        "--rotation",
-        "block",
-        "--block-size",
-        "none",
-    ]);
-    assert!(
-        !ok && err.contains("--rotation block takes its blocks from --block-size"),
-        "{err}"
-    );
-    let (ok, err) = perqc(&[
-        &m,
-        "-o",
-        &s(&out),
-        "--no-quantize",
-        "--rotation",
-        "block",
-        "--block-size",
-        "full",
-    ]);
-    assert!(
-        ok && err.contains("rotate(residual=full,core=144)"),
-        "{err}"
-    );
+    for (size, ok_want, want) in [
+        (
+            "none",
+            false,
+            "--rotation block takes its blocks from --block-size",
+        ),
+        ("full", true, "rotate(residual=full,core=144)"),
+    ] {
+        let args = [&m, "-o", &s(&out), "--no-quantize", "--rotation", "block"];
+        let (ok, err) = perqc(&[&args[..], &["--block-size", size]].concat());
+        assert!(ok == ok_want && err.contains(want), "{size}: {err}");
+    }
     std::fs::remove_file(&out).unwrap();
     // The residual permutation of a block R1 reads the float model's statistics.
     let mut args = vec![m.clone(), "-o".into(), s(&out)];
