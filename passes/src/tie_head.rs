@@ -17,8 +17,8 @@
 //! entry: the pass rewrites only where `‖H − M Eᵀ‖_F ≤ 1e-5 ‖H‖_F`, about the round-off
 //! of the f32 folds that produced `H`. The outputs change by that round-off.
 //!
-//! The head is the linear whose result reaches a graph output without another linear
-//! (`quantize::sites`), with a constant f32 weight; run after quantization, a quantized
+//! The head is the one `quantize::sites` names (no linear after it, its result alone
+//! reaching a graph output), with a constant f32 weight; run after quantization, a quantized
 //! head is not matched. Counters: `heads-tied`, `weights-removed`.
 
 use crate::quantize::sites::{self, Site, Table};

@@ -61,7 +61,8 @@ pub struct QuantArgs {
     #[arg(long)]
     pub quantize_embedding: bool,
     /// Leave linears whose node or weight name matches this pattern (`*` wildcard) float
-    /// (repeatable).
+    /// (repeatable); with the embedding quantized, also a lookup table whose Gather or table
+    /// name matches.
     #[arg(long, value_name = "PATTERN")]
     pub skip: Vec<String>,
     /// Export form of the weights: qdq (DequantizeLinear) or ort (com.microsoft

@@ -729,3 +729,31 @@ fn a_stream_that_cannot_rotate_keeps_its_norms() {
         }
     }
 }
+
+/// `--skip` also keeps a lookup table float when the preset quantizes the embedding, and a
+/// pattern that names only the table is not an error.
+#[test]
+fn skip_keeps_the_embedding_table_float() {
+    let dir = scratch("recipe", "skip_embedding");
+    let m = s(&fixture("llama_ts.onnx"));
+    // Whether the token embedding's Gather reads a float constant (else a DequantizeLinear).
+    let float_table = |extra: &[&str]| {
+        let out = dir.join("q.onnx");
+        let mut args = vec![m.as_str(), "-o", out.to_str().unwrap(), "--preset", "w4a16"];
+        args.extend_from_slice(extra);
+        let (ok, err) = perqc(&args);
+        assert!(ok, "{extra:?}: {err}");
+        let model = perqc_onnx::load(&out).expect("loads").model;
+        let g = &model.graph;
+        let ids = g.find("input_ids").expect("input_ids");
+        let (_, gather) = g
+            .nodes()
+            .find(|(_, n)| n.op_type == "Gather" && n.input(1) == Some(ids))
+            .expect("the embedding Gather");
+        let table = gather.input(0).expect("a table");
+        g.const_tensor(table)
+            .is_some_and(|t| t.dtype == perqc_ir::DType::F32)
+    };
+    assert!(!float_table(&[]));
+    assert!(float_table(&["--skip", "*embed_tokens*"]));
+}

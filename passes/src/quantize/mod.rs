@@ -20,7 +20,8 @@
 //! Options: `wbits=4`, `wsym=true`, `wgroup=channel|tensor|G`, `wscale=mse|max`,
 //! `format=int|fp4|mxfp4|mxint8`, `abits=4|none`, `asym=true` (asymmetric activations),
 //! `aclip=1.0`, `head=false`, `embed=false` (the token embedding table too), `skip=PAT|PAT`
-//! (`*` globs on node or weight names),
+//! (`*` globs on node or weight names; with `embed=true` also on lookup tables and their
+//! Gathers),
 //! `rounding=rtn|gptq`, `target=qdq|ort`.
 
 pub mod activations;
@@ -157,10 +158,23 @@ impl QuantConfig {
     /// for a group size that does not divide a linear's input width.
     pub fn select(&self, model: &Model) -> Result<Vec<Site>, String> {
         let all = sites::linears(&model.graph);
+        let tables = if self.embedding {
+            sites::tables(&model.graph)
+        } else {
+            Vec::new()
+        };
         for p in &self.skip {
-            if !all.iter().any(|s| sites::skipped(&model.graph, s, p)) {
+            let g = &model.graph;
+            if !all.iter().any(|s| sites::skipped(g, s, p))
+                && !tables.iter().any(|t| sites::table_skipped(g, t, p))
+            {
+                let what = if self.embedding {
+                    "no linear layer or embedding table"
+                } else {
+                    "no linear layer"
+                };
                 return Err(format!(
-                    "--skip `{p}` matches no linear layer (patterns match node or weight names; `*` is a wildcard)"
+                    "--skip `{p}` matches {what} (patterns match node or weight names; `*` is a wildcard)"
                 ));
             }
         }
@@ -427,6 +441,15 @@ impl Quantizer {
     pub fn finish(&self, model: &mut Model) -> Result<(), String> {
         if self.config.embedding {
             for t in sites::tables(&model.graph) {
+                let g = &model.graph;
+                if self
+                    .config
+                    .skip
+                    .iter()
+                    .any(|p| sites::table_skipped(g, &t, p))
+                {
+                    continue;
+                }
                 let data = model
                     .graph
                     .const_tensor(t.table)

@@ -1,9 +1,17 @@
 //! Which linear layers get quantized: every canonical `ai.perqc::Linear` with a constant
-//! f32 weight `[K, N]` (`[N, K]` with transB), except the head (a linear whose result
-//! reaches a graph output without passing another linear: the LM head of a decoder) unless
-//! asked for, and the ones a skip pattern names.
+//! f32 weight `[K, N]` (`[N, K]` with transB), except the head unless asked for, and the
+//! ones a skip pattern names.
+//!
+//! The head is a linear with no other linear after it whose result reaches a graph output
+//! on its own: through ops whose other operands are constants or depend on shapes only
+//! (Reshape, Cast, a soft-cap's Div/Tanh/Mul, a Slice of the last position). That is the LM
+//! head of a decoder and the classifier of an encoder. A linear writing into an encoder's
+//! residual stream also reaches the output without another linear, but through residual
+//! `Add`s and norms that mix it with other data, so it is not a head; nor is a key or value
+//! projection whose result is also a graph output (a KV cache's `present`), since attention
+//! feeds it to the output projection.
 
-use perqc_ir::{Graph, NodeId, ValueId};
+use perqc_ir::{Graph, NodeId, ValueDef, ValueId};
 use perqc_ops::PERQC_DOMAIN;
 
 /// One linear layer `y = x W (+ b)`.
@@ -22,7 +30,7 @@ pub struct Site {
     pub k: usize,
     /// Output width.
     pub n: usize,
-    /// Writes a graph output with no other linear between: the model's head.
+    /// The model's head (see the module comment).
     pub head: bool,
 }
 
@@ -45,7 +53,8 @@ pub fn linears(graph: &Graph) -> Vec<Site> {
 }
 
 fn all_linears(graph: &Graph) -> Vec<Site> {
-    let free = reaches_output_without_linear(graph);
+    let alone = reaches_output_alone(graph);
+    let below = feeds_a_linear(graph);
     graph
         .node_order()
         .iter()
@@ -76,30 +85,77 @@ fn all_linears(graph: &Graph) -> Vec<Site> {
                 trans,
                 k,
                 n,
-                head: free[out.index()],
+                head: alone[out.index()] && !below[out.index()],
             })
         })
         .collect()
 }
 
-/// Per value: a graph output is reachable from it through ops other than linears.
-fn reaches_output_without_linear(graph: &Graph) -> Vec<bool> {
-    let mut free = vec![false; graph.value_capacity()];
+fn is_linear(node: &perqc_ir::Node) -> bool {
+    node.domain == PERQC_DOMAIN && node.op_type == "Linear"
+}
+
+/// Per value: it depends on a graph input's data, not only on shapes (`Shape` and `Size`
+/// read no data; constants and initializers depend on nothing).
+fn data_dependent(graph: &Graph) -> Vec<bool> {
+    let mut dep = vec![false; graph.value_capacity()];
+    for &i in &graph.inputs {
+        dep[i.index()] = graph.value(i).def() == ValueDef::Input;
+    }
+    for &id in graph.node_order() {
+        let node = graph.node(id);
+        let reads_data =
+            !(node.is_default_domain() && matches!(node.op_type.as_str(), "Shape" | "Size"));
+        let d = reads_data
+            && node
+                .inputs()
+                .iter()
+                .flatten()
+                .chain(node.captures())
+                .any(|v| dep[v.index()]);
+        for o in node.outputs().iter().flatten() {
+            dep[o.index()] = d;
+        }
+    }
+    dep
+}
+
+/// Per value: a graph output is computed from it alone, through non-linear ops whose every
+/// other operand is independent of the data.
+fn reaches_output_alone(graph: &Graph) -> Vec<bool> {
+    let dep = data_dependent(graph);
+    let mut alone = vec![false; graph.value_capacity()];
     for &o in &graph.outputs {
-        free[o.index()] = true;
+        alone[o.index()] = true;
     }
     for &id in graph.node_order().iter().rev() {
         let node = graph.node(id);
-        if node.domain == PERQC_DOMAIN && node.op_type == "Linear" {
+        if is_linear(node) || !node.outputs().iter().flatten().any(|o| alone[o.index()]) {
             continue;
         }
-        if node.outputs().iter().flatten().any(|o| free[o.index()]) {
-            for i in node.inputs().iter().flatten() {
-                free[i.index()] = true;
+        let mut data = node.inputs().iter().flatten().filter(|v| dep[v.index()]);
+        if let (Some(&only), None) = (data.next(), data.next())
+            && node.captures().iter().all(|v| !dep[v.index()])
+        {
+            alone[only.index()] = true;
+        }
+    }
+    alone
+}
+
+/// Per value: some linear reads it, or reads a value computed from it.
+fn feeds_a_linear(graph: &Graph) -> Vec<bool> {
+    let mut below = vec![false; graph.value_capacity()];
+    for &id in graph.node_order().iter().rev() {
+        let node = graph.node(id);
+        let feeds = is_linear(node) || node.outputs().iter().flatten().any(|o| below[o.index()]);
+        if feeds {
+            for v in node.inputs().iter().flatten().chain(node.captures()) {
+                below[v.index()] = true;
             }
         }
     }
-    free
+    below
 }
 
 /// `pattern` matches `text` whole; `*` stands for any run of characters.
@@ -129,6 +185,11 @@ pub fn glob(pattern: &str, text: &str) -> bool {
 /// A skip pattern names a site if it matches the node's name or its weight's name.
 pub fn skipped(graph: &Graph, site: &Site, pattern: &str) -> bool {
     glob(pattern, &site.name) || glob(pattern, &graph.value(site.weight).name)
+}
+
+/// A skip pattern names a lookup table if it matches the Gather's name or the table's.
+pub fn table_skipped(graph: &Graph, t: &Table, pattern: &str) -> bool {
+    glob(pattern, &graph.node(t.node).name) || glob(pattern, &graph.value(t.table).name)
 }
 
 #[cfg(test)]
