@@ -12,7 +12,8 @@
 //! Options: `block=B` (default 32; must divide the region's width: the error lists the sizes
 //! that do; `full`: one Hadamard of the whole width, a dense product unless it is a power of
 //! two), `signs=SEED` (randomized `H · diag(s)`). Counters: `regions-rotated`,
-//! `nodes-inserted`.
+//! `nodes-inserted`. A layer whose output channels formed no region at all
+//! ([`Regions::unformed`]) gets a note naming the barrier that stopped them.
 
 use crate::regions::{Region, RegionKind, Regions};
 use crate::transform::{self, ChannelOp, Placement};
@@ -69,6 +70,9 @@ impl Pass for OnlineHadamard {
             return Ok(PassOutcome::from_changed(false));
         }
         let regions = ctx.analysis::<Regions>(model)?;
+        for why in regions.unformed_notes() {
+            ctx.note(format!("{why}: no online Hadamard there"));
+        }
         let (mut rotated, mut nodes) = (0u64, 0u64);
         for (i, region) in regions.regions.iter().enumerate() {
             if region.kind != RegionKind::Mlp {

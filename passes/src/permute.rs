@@ -18,6 +18,10 @@
 //! stream as it is, with a note, where the block does not split it into two or more blocks
 //! (R1 is a full rotation there, which no permutation changes).
 //!
+//! A region that refuses permutations gets a note with its reason, and so does a layer
+//! whose output channels formed no region at all ([`Regions::unformed`]: the barrier that
+//! stopped them).
+//!
 //! Counters: `regions-permuted`, `weights-rewritten`.
 
 use crate::calibration::Calibration;
@@ -408,6 +412,11 @@ impl Pass for Permute {
             return Ok(PassOutcome::from_changed(false));
         }
         let regions = ctx.analysis::<Regions>(model)?;
+        if self.kinds.contains(&RegionKind::Mlp) || self.kinds.contains(&RegionKind::AttentionVo) {
+            for why in regions.unformed_notes() {
+                ctx.note(format!("{why}: no permutation there"));
+            }
+        }
         let (mut permuted, mut total) = (0u64, transform::Applied::default());
         // Max block mass over mean block mass, before and after, per permuted region.
         let mut spread: Vec<(f64, f64)> = Vec::new();

@@ -21,7 +21,9 @@
 //!   without that core gets the default construction, with a note.
 //!
 //! A region that does not allow rotations is skipped with a note giving the region's
-//! reason (a LayerNorm mean, an unfolded gamma, the stream entering as a graph input).
+//! reason (a LayerNorm mean, an unfolded gamma, the stream entering as a graph input); a
+//! layer whose output channels formed no region at all (a barrier before any weight read
+//! them: [`Regions::unformed`]) gets a note naming the barrier.
 //! Counters: `residual-rotated`, `heads-rotated`, `weights-rewritten`, `weights-untied`.
 
 use crate::regions::{RegionKind, Regions};
@@ -90,6 +92,11 @@ impl Pass for Rotate {
             return Ok(PassOutcome::from_changed(false));
         }
         let regions = ctx.analysis::<Regions>(model)?;
+        if self.heads.is_some() {
+            for why in regions.unformed_notes() {
+                ctx.note(format!("{why}: no value/output head rotation there"));
+            }
+        }
         let (mut residual, mut heads) = (0u64, 0u64);
         let mut total = transform::Applied::default();
         for (i, region) in regions.regions.iter().enumerate() {

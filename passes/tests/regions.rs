@@ -306,3 +306,259 @@ fn json_has_the_documented_fields() {
     }
     assert!(r.to_dot().starts_with("digraph regions {"));
 }
+
+/// The columns of a weight a region's endpoint covers (`None`: all of them).
+fn columns(e: &perqc_passes::regions::Endpoint) -> Option<Vec<usize>> {
+    e.part.clone()
+}
+
+/// Phi-3 computes q, k and v with one `qkv_proj` (q 64, k 32, v 32 columns) sliced along
+/// the channels, and gate and up with one `gate_up_proj` split in halves. The slices hand
+/// each part its columns, so the trace from qkv_proj is cut into the query-key region (q
+/// and k, blocked by the rotary embedding) and the value/output region (v's columns and
+/// o_proj, every transform legal), and the gated mlp pairs gate's and up's column `j`
+/// (the product `silu(gate) · up` pairs them): one region of 192 channels whose source is
+/// read twice.
+#[test]
+fn phi3_fused_projections_regions() {
+    let r = regions("hf/phi3.onnx");
+    assert_eq!(count(&r, RegionKind::Residual), 1, "{}", r.summary());
+    assert_eq!(count(&r, RegionKind::AttentionQk), 2, "{}", r.summary());
+    assert_eq!(count(&r, RegionKind::AttentionVo), 2, "{}", r.summary());
+    assert_eq!(count(&r, RegionKind::Mlp), 2, "{}", r.summary());
+    assert!(r.unformed.is_empty(), "{}", r.summary());
+    for vo in r.of_kind(RegionKind::AttentionVo) {
+        assert_eq!(vo.dim, 32);
+        let h = vo.heads.expect("heads");
+        assert_eq!((h.heads, h.kv_heads, h.head_dim), (4, 2, 16));
+        assert_eq!(vo.sources.len(), 1);
+        let src = &vo.sources[0];
+        assert_eq!(columns(src), Some((96..128).collect()), "v's columns");
+        assert_eq!(src.channels, (0..32).collect::<Vec<u32>>());
+        for k in [
+            TransformKind::Permutation,
+            TransformKind::Rotation,
+            TransformKind::Scale,
+        ] {
+            assert!(vo.why_not(k).is_none(), "{:?}", vo.why_not(k));
+        }
+        assert_eq!(vo.sources_for(TransformKind::Scale).len(), 1);
+        assert_eq!(vo.sinks[0].part, None);
+    }
+    for qk in r.of_kind(RegionKind::AttentionQk) {
+        assert_eq!(qk.dim, 32, "2 key heads of 16, each read by 2 query heads");
+        assert_eq!(columns(&qk.sources[0]), Some((0..96).collect()));
+        let why = qk.why_not(TransformKind::Permutation).expect("rotary");
+        assert!(why.contains("ai.perqc::Rotary"), "{why}");
+    }
+    for mlp in r.of_kind(RegionKind::Mlp) {
+        assert_eq!(mlp.dim, 192);
+        assert_eq!((mlp.sources.len(), mlp.sinks.len()), (1, 1));
+        let src = &mlp.sources[0];
+        assert_eq!(columns(src), None, "gate and up: every column");
+        let want: Vec<u32> = (0..192).chain(0..192).collect();
+        assert_eq!(src.channels, want, "gate's and up's column j are channel j");
+        assert!(mlp.why_not(TransformKind::Permutation).is_none());
+        let why = mlp.why_not(TransformKind::Rotation).expect("SiLU");
+        assert!(why.contains("Swish"), "{why}");
+        // A scale of channel j would scale gate's column j too, which SiLU does not pass.
+        let why = mlp
+            .why_not(TransformKind::Scale)
+            .expect("gate shares the weight");
+        assert!(why.contains("Swish"), "{why}");
+    }
+}
+
+/// GPT-2's Conv1D writes q, k and v as one [64, 192] weight, split in three along the
+/// channels: v is columns 128..192.
+#[test]
+fn gpt2_fused_qkv_regions() {
+    let r = regions("hf/gpt2.onnx");
+    assert_eq!(count(&r, RegionKind::AttentionVo), 2, "{}", r.summary());
+    assert_eq!(count(&r, RegionKind::AttentionQk), 2, "{}", r.summary());
+    assert_eq!(count(&r, RegionKind::Mlp), 2, "{}", r.summary());
+    for vo in r.of_kind(RegionKind::AttentionVo) {
+        assert_eq!(vo.dim, 64);
+        let h = vo.heads.expect("heads");
+        assert_eq!((h.heads, h.kv_heads, h.head_dim), (4, 4, 16));
+        assert_eq!(columns(&vo.sources[0]), Some((128..192).collect()));
+        assert!(vo.why_not(TransformKind::Rotation).is_none());
+    }
+    // No rotary embedding: q and k (columns 0..128) take any orthogonal map together.
+    for qk in r.of_kind(RegionKind::AttentionQk) {
+        assert_eq!(columns(&qk.sources[0]), Some((0..128).collect()));
+        assert!(qk.why_not(TransformKind::Rotation).is_none());
+    }
+}
+
+/// GPT-NeoX reshapes its fused projection to [B, S, 4 heads, 3 · 16] and splits the last
+/// axis: the value part is the last 16 of every head's 48 columns, in the weight and in
+/// its bias alike. The query and key parts meet a partial rotary embedding (a slice of
+/// each head, concatenated back) and form no region, which does not block the values.
+#[test]
+fn gpt_neox_per_head_split_regions() {
+    let r = regions("hf/gpt_neox.onnx");
+    assert_eq!(count(&r, RegionKind::AttentionVo), 2, "{}", r.summary());
+    assert_eq!(count(&r, RegionKind::Mlp), 2, "{}", r.summary());
+    let want: Vec<usize> = (0..4).flat_map(|h| h * 48 + 32..h * 48 + 48).collect();
+    for vo in r.of_kind(RegionKind::AttentionVo) {
+        assert_eq!(vo.dim, 64);
+        let h = vo.heads.expect("heads");
+        assert_eq!((h.heads, h.kv_heads, h.head_dim), (4, 4, 16));
+        assert_eq!(vo.sources.len(), 2, "weight and bias");
+        for src in &vo.sources {
+            assert_eq!(columns(src), Some(want.clone()));
+            assert_eq!(src.channels, (0..64).collect::<Vec<u32>>());
+        }
+        assert!(vo.why_not(TransformKind::Rotation).is_none());
+        assert!(vo.barriers.is_empty(), "{:?}", vo.barriers);
+    }
+}
+
+/// The ONNX Runtime builder's decoder: layer 1's packed q/k/v projection feeds
+/// GroupQueryAttention, whose packed heads stop the channels before any weight reads them;
+/// the analysis says so (the recipe's passes print it).
+#[test]
+fn packed_qkv_is_reported() {
+    let r = regions("ort_kv_decoder.onnx");
+    assert_eq!(r.unformed.len(), 1, "{}", r.summary());
+    let note = r.unformed_notes().remove(0);
+    assert!(
+        note.contains("qkv_proj") && note.contains("GroupQueryAttention"),
+        "{note}"
+    );
+}
+
+/// The tracer reaches a slice's result *backward* (from the other operand of an Add) and
+/// widens it to the sliced value, whose other channels get ids of their own: the region
+/// holds `w1`'s columns 15 down to 8 (`y[.., 15:7:-1]`) paired with `w2`'s columns, and
+/// leaves `w1`'s first 8 columns out. A random
+/// permutation and a Hadamard applied through the mechanism then touch only those columns
+/// of `w1` and keep the output: checked on the native runtime.
+#[test]
+fn slice_reached_backward_takes_a_part_of_the_weight() {
+    use perqc_ir::{DType, Dim, Graph, NodeSpec, Tensor, Type};
+    use perqc_passes::transform::{self, ChannelOp, Placement};
+    let mut g = Graph::new("main");
+    let dims = vec![Dim::Sym("b".into()), Dim::Known(8)];
+    let x = g
+        .add_input("x", Some(Type::tensor(DType::F32, Some(dims))))
+        .unwrap();
+    let seeded = |n: usize, k: u64| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u64 * 2654435761 + k * 97) % 1000) as f32 / 500.0) - 1.0)
+            .collect()
+    };
+    let w2 = g
+        .add_initializer("w2", Tensor::from_f32(vec![8, 8], &seeded(64, 2)))
+        .unwrap();
+    let w1 = g
+        .add_initializer("w1", Tensor::from_f32(vec![8, 16], &seeded(128, 1)))
+        .unwrap();
+    let w3 = g
+        .add_initializer("w3", Tensor::from_f32(vec![8, 4], &seeded(32, 3)))
+        .unwrap();
+    let starts = g
+        .add_initializer("starts", Tensor::from_i64(vec![1], &[15]))
+        .unwrap();
+    let ends = g
+        .add_initializer("ends", Tensor::from_i64(vec![1], &[7]))
+        .unwrap();
+    let axes = g
+        .add_initializer("axes", Tensor::from_i64(vec![1], &[-1]))
+        .unwrap();
+    let steps = g
+        .add_initializer("steps", Tensor::from_i64(vec![1], &[-1]))
+        .unwrap();
+    // w2's product comes first, so its trace starts the region.
+    g.add_node(
+        NodeSpec::new("MatMul").named("mm2"),
+        &[Some(x), Some(w2)],
+        &["z"],
+    )
+    .unwrap();
+    g.add_node(
+        NodeSpec::new("MatMul").named("mm1"),
+        &[Some(x), Some(w1)],
+        &["y"],
+    )
+    .unwrap();
+    let (y, z) = (g.find("y").unwrap(), g.find("z").unwrap());
+    g.add_node(
+        NodeSpec::new("Slice").named("slice"),
+        &[Some(y), Some(starts), Some(ends), Some(axes), Some(steps)],
+        &["s"],
+    )
+    .unwrap();
+    let s = g.find("s").unwrap();
+    g.add_node(
+        NodeSpec::new("Add").named("add"),
+        &[Some(z), Some(s)],
+        &["a"],
+    )
+    .unwrap();
+    let a = g.find("a").unwrap();
+    g.add_node(
+        NodeSpec::new("MatMul").named("mm3"),
+        &[Some(a), Some(w3)],
+        &["out"],
+    )
+    .unwrap();
+    let out = g.find("out").unwrap();
+    g.outputs.push(out);
+    let mut model = Model {
+        ir_version: Some(10),
+        opset_imports: vec![perqc_ir::OpsetImport {
+            domain: None,
+            version: Some(18),
+        }],
+        graph: g,
+        ..Default::default()
+    };
+    let shapes = perqc_ops::infer_model(&model).expect("shapes");
+    let r = Regions::find(&model, &shapes);
+    assert_eq!(r.regions.len(), 1, "{}", r.summary());
+    let region = r.regions[0].clone();
+    assert_eq!(region.dim, 8);
+    assert!(region.barriers.is_empty(), "{:?}", region.barriers);
+    let src = |w: perqc_ir::ValueId| region.sources.iter().find(|e| e.weight == w).unwrap();
+    assert_eq!(src(w2).part, None);
+    assert_eq!(src(w2).channels, (0..8).collect::<Vec<u32>>());
+    // s[k] = y[15 - k]: column 15 - k of w1 is channel k.
+    assert_eq!(src(w1).part, Some((8..16).collect()));
+    assert_eq!(src(w1).channels, (0..8).rev().collect::<Vec<u32>>());
+
+    let run = |m: &Model| -> Vec<f32> {
+        use perqc_runtime::RtTensor;
+        let sess = perqc_runtime::Session::new(m).expect("session");
+        let xs = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[3, 8]), seeded(24, 9)).unwrap();
+        let outs = sess.run(&[("x", RtTensor::f32(xs))]).expect("runs");
+        match &outs[0].1 {
+            RtTensor::F32(a) => a.iter().copied().collect(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let before = run(&model);
+    let w1_before = model.graph.const_tensor(w1).unwrap().to_f32().unwrap();
+    let ops = [
+        ChannelOp::Permutation(vec![3, 7, 0, 5, 1, 6, 2, 4]),
+        ChannelOp::hadamard(8, 8, Some(4)).unwrap(),
+    ];
+    for op in ops {
+        transform::apply(&mut model.graph, &region, &op, Placement::Fold).expect("applies");
+    }
+    let w1_after = model.graph.const_tensor(w1).unwrap().to_f32().unwrap();
+    for row in 0..8 {
+        assert_eq!(
+            w1_after[row * 16..row * 16 + 8],
+            w1_before[row * 16..row * 16 + 8],
+            "columns 0..8 of w1 are another part"
+        );
+    }
+    assert_ne!(w1_after, w1_before);
+    let after = run(&model);
+    let max = before.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (p, q) in before.iter().zip(&after) {
+        assert!((p - q).abs() <= 1e-5 * max, "{p} vs {q}");
+    }
+}

@@ -6,7 +6,9 @@
 //! an axis from the weights that write it to the weights that read it, asking each op on
 //! the way for its [`ChannelFlow`]: `op(T x) == T op(x)` (the axis goes *through*), the op
 //! *contracts* the axis against a weight (`x W` reads it: a sink, `T⁻¹` folds into `W`),
-//! the result is *invariant* under `T` (a mean of squares, a shape), or a *barrier*.
+//! the result is *invariant* under `T` (a mean of squares, a shape), each result gets a
+//! *part* of the axis (Split or Slice along it: the region analysis traces the parts'
+//! channels as their own regions), or a *barrier*.
 //!
 //! Like the shape rule, the channel rule is a function of the node's attributes and the
 //! facts (shapes, small values) of its operands; it never reads tensor names or weights.
@@ -104,8 +106,48 @@ pub enum ChannelFlow {
         outputs: Vec<(Port, Fanout)>,
         with: Vec<(Port, Fanout)>,
     },
+    /// The op hands each result a part of the axis (Split along it, Slice): index `k` of
+    /// the result's axis of each port of `outputs` is index [`Part::index`]`(k)` of this
+    /// one; the other indices do not reach that result. Every transform that maps each
+    /// part's channels among themselves commutes (selecting elements is linear and moves
+    /// none). The region analysis does the index arithmetic and traces each part's channels
+    /// on their own: channels that travel through different values are different regions
+    /// (the query and key part of a fused projection meet a rotary embedding, the value
+    /// part does not), so what one part meets does not block another.
+    Parts { outputs: Vec<(Port, Part)> },
     /// Nothing passes; the reason, for the region's `blocked_by`.
     Barrier(&'static str),
+}
+
+/// A strided part of an axis (a Slice's `start`, `step` and length, or one result of a
+/// Split: a contiguous range): index `k < len` of the result is index `start + k·step` of
+/// the operand, `step` may be negative.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub start: usize,
+    pub step: isize,
+    pub len: usize,
+}
+
+impl Part {
+    /// A contiguous range `start..start + len`.
+    pub fn range(start: usize, len: usize) -> Part {
+        Part {
+            start,
+            step: 1,
+            len,
+        }
+    }
+
+    /// The operand index of result index `k` (`k < len`).
+    pub fn index(&self, k: usize) -> usize {
+        (self.start as isize + k as isize * self.step) as usize
+    }
+
+    /// Whether the part is every index of an axis of `n`, in order.
+    pub fn is_whole(&self, n: usize) -> bool {
+        self.start == 0 && self.step == 1 && self.len == n
+    }
 }
 
 /// How indices along a heads axis of another port pair with this port's.
@@ -789,7 +831,10 @@ pub fn concat(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     }
 }
 
-/// Split along another axis: every part carries the channels on the same axis.
+/// Split: along another axis every result carries the channels on the same axis; along
+/// the channel axis each result gets its contiguous range of them ([`ChannelFlow::Parts`]),
+/// with the sizes the shape rule gave the results (explicit `split` sizes, equal parts,
+/// Split-18's smaller last part).
 pub fn split(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     let Some(rank) = ctx.rank(0) else {
         return ChannelFlow::Barrier("operand rank unknown");
@@ -800,16 +845,39 @@ pub fn split(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     let Some(s) = norm_axis(ctx.int("axis", 0), rank) else {
         return ChannelFlow::Barrier("split axis out of range");
     };
-    if s == ctx.axis {
-        return ChannelFlow::Barrier("splits the channel axis");
+    if s != ctx.axis {
+        let outputs = (0..ctx.node.outputs().len())
+            .map(|k| (k, ctx.axis))
+            .collect();
+        return ChannelFlow::through(outputs, LINEAR);
     }
-    let outputs = (0..ctx.node.outputs().len())
-        .map(|k| (k, ctx.axis))
-        .collect();
-    ChannelFlow::through(outputs, LINEAR)
+    let Some(n) = ctx.in_shape(0).and_then(|d| d[s].known()) else {
+        return ChannelFlow::Barrier("splits a channel axis of unknown size");
+    };
+    let mut outputs = Vec::new();
+    let mut at = 0usize;
+    for k in 0..ctx.node.outputs().len() {
+        let Some(len) = ctx
+            .out_shape(k)
+            .and_then(|d| d.get(s)?.known())
+            .and_then(|l| usize::try_from(l).ok())
+        else {
+            return ChannelFlow::Barrier("split sizes not known");
+        };
+        if len > 0 && ctx.node.output(k).is_some() {
+            outputs.push(((k, s), Part::range(at, len)));
+        }
+        at += len;
+    }
+    if at as i64 != n {
+        return ChannelFlow::Barrier("split sizes do not add up to the channel axis");
+    }
+    ChannelFlow::Parts { outputs }
 }
 
-/// Slice: an axis no slice touches passes; a sliced one is a barrier.
+/// Slice: an axis no slice touches passes; a sliced one hands the result the strided part
+/// `starts`, `ends`, `steps` select (ONNX's clamping, negative indices and steps), which
+/// needs the bounds and the axis's size known.
 pub fn slice(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     let Some(rank) = ctx.rank(0) else {
         return ChannelFlow::Barrier("operand rank unknown");
@@ -817,14 +885,23 @@ pub fn slice(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     if ctx.input != 0 {
         return ChannelFlow::Barrier("slice bounds");
     }
-    let axes = if ctx.opset < 10 {
-        ctx.node.attr_ints("axes").map(<[i64]>::to_vec)
-    } else if ctx.node.inputs().get(3).is_some_and(Option::is_some) {
+    let known = |i: usize| {
         ctx.inputs
-            .get(3)
+            .get(i)
             .copied()
             .flatten()
             .and_then(Facts::known_ints)
+    };
+    let axes = if ctx.opset < 10 {
+        match ctx.node.attr_ints("axes") {
+            Some(a) => Some(a.to_vec()),
+            None => ctx
+                .node
+                .attr_ints("starts")
+                .map(|s| (0..s.len() as i64).collect()),
+        }
+    } else if ctx.node.inputs().get(3).is_some_and(Option::is_some) {
+        known(3)
     } else {
         // Default: the first len(starts) axes.
         ctx.inputs
@@ -837,10 +914,74 @@ pub fn slice(ctx: &ChannelCtx<'_>) -> ChannelFlow {
     let Some(axes) = axes else {
         return ChannelFlow::Barrier("slice axes not known");
     };
-    if axes.iter().any(|&a| norm_axis(a, rank) == Some(ctx.axis)) {
-        return ChannelFlow::Barrier("slices the channel axis");
+    let Some(k) = axes
+        .iter()
+        .position(|&a| norm_axis(a, rank) == Some(ctx.axis))
+    else {
+        return ChannelFlow::through(vec![(0, ctx.axis)], LINEAR);
+    };
+    let (starts, ends, steps) = if ctx.opset < 10 {
+        let attr = |n: &str| ctx.node.attr_ints(n).map(<[i64]>::to_vec);
+        (attr("starts"), attr("ends"), None)
+    } else {
+        let steps = match ctx.node.inputs().get(4) {
+            Some(Some(_)) => match known(4) {
+                Some(s) => Some(s),
+                None => return ChannelFlow::Barrier("slice steps not known"),
+            },
+            _ => None,
+        };
+        (known(1), known(2), steps)
+    };
+    let (Some(starts), Some(ends)) = (starts, ends) else {
+        return ChannelFlow::Barrier("slice bounds not known");
+    };
+    let step = steps.as_ref().map_or(Some(1), |s| s.get(k).copied());
+    let (Some(&start), Some(&end), Some(step)) = (starts.get(k), ends.get(k), step) else {
+        return ChannelFlow::Barrier("slice bounds not known");
+    };
+    let Some(n) = ctx.in_shape(0).and_then(|d| d[ctx.axis].known()) else {
+        return ChannelFlow::Barrier("slices a channel axis of unknown size");
+    };
+    let Some(part) = slice_part(n, start, end, step) else {
+        return ChannelFlow::Barrier("slices none of the channel axis");
+    };
+    // The shape rule's length, where it knows one, agrees.
+    if let Some(len) = ctx.out_shape(0).and_then(|d| d.get(ctx.axis)?.known())
+        && len != part.len as i64
+    {
+        return ChannelFlow::Barrier("slice length disagrees with the result's shape");
     }
-    ChannelFlow::through(vec![(0, ctx.axis)], LINEAR)
+    ChannelFlow::Parts {
+        outputs: vec![((0, ctx.axis), part)],
+    }
+}
+
+/// The part `x[start:end:step]` of an axis of `n` selects, ONNX's way: negative bounds
+/// count from the end, bounds are clamped (to `[0, n]` going forward, `[-1, n - 1]`
+/// going back), huge values mean "to the end". `None` if it selects nothing or `step` is 0.
+pub fn slice_part(n: i64, start: i64, end: i64, step: i64) -> Option<Part> {
+    if step == 0 || n <= 0 {
+        return None;
+    }
+    let wrap = |x: i64| if x < 0 { x.saturating_add(n) } else { x };
+    let (s, e) = (wrap(start), wrap(end));
+    let (s, e) = if step > 0 {
+        (s.clamp(0, n), e.clamp(0, n))
+    } else {
+        (s.clamp(0, n - 1), e.clamp(-1, n - 1))
+    };
+    let (s128, e128, st) = (i128::from(s), i128::from(e), i128::from(step));
+    let len = if st > 0 {
+        (e128 - s128 + st - 1) / st
+    } else {
+        (s128 - e128 - st - 1) / -st
+    };
+    (len > 0).then_some(Part {
+        start: s as usize,
+        step: step as isize,
+        len: len as usize,
+    })
 }
 
 /// Expand: broadcasting to a shape; an axis that is not broadcast keeps its channels.
@@ -973,4 +1114,252 @@ pub fn fake_quantize(ctx: &ChannelCtx<'_>) -> ChannelFlow {
 /// axis is a barrier; the transforms run on the graph before quantization.
 pub fn quantized_linear(_: &ChannelCtx<'_>) -> ChannelFlow {
     ChannelFlow::Barrier("packed integer weights (the runtime's fused quantized linear)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ChannelFlow as F, LINEAR, Part, flow, slice_part};
+    use perqc_ir::graph::{AttrValue, Graph, NodeSpec, ValueId};
+    use perqc_ir::{DType, Dim, Tensor, Type};
+
+    /// A graph with input `x` of `dims` (`"b"` symbolic) and one node reading it.
+    struct G {
+        g: Graph,
+        opset: i64,
+    }
+
+    impl G {
+        fn new(opset: i64, dims: &[&str]) -> (G, ValueId) {
+            let mut g = Graph::new("t");
+            let shape = dims
+                .iter()
+                .map(|d| d.parse().map_or_else(|_| Dim::Sym((*d).into()), Dim::Known))
+                .collect();
+            let x = g
+                .add_input("x", Some(Type::tensor(DType::F32, Some(shape))))
+                .unwrap();
+            (G { g, opset }, x)
+        }
+
+        fn ints(&mut self, name: &str, v: &[i64]) -> Option<ValueId> {
+            let t = Tensor::from_i64(vec![v.len() as i64], v);
+            Some(self.g.add_initializer(name, t).unwrap())
+        }
+
+        /// The flows of `axis` of input 0 of a node `spec(inputs) -> n_out results`.
+        fn flow(
+            mut self,
+            spec: NodeSpec,
+            inputs: &[Option<ValueId>],
+            n_out: usize,
+            axis: usize,
+        ) -> F {
+            let outs: Vec<String> = (0..n_out).map(|k| format!("y{k}")).collect();
+            let outs: Vec<&str> = outs.iter().map(String::as_str).collect();
+            let spec = spec.named("n");
+            self.g.add_node(spec, inputs, &outs).unwrap();
+            let v = self.opset;
+            let map = crate::infer_graph(&self.g, &|d: &str| {
+                if d.is_empty() { Some(v) } else { Some(1) }
+            })
+            .unwrap();
+            let id = self
+                .g
+                .value(self.g.find("y0").unwrap())
+                .producer()
+                .unwrap()
+                .0;
+            let opset = |d: &str| if d.is_empty() { Some(v) } else { None };
+            flow(&self.g, id, &map, &opset, 0, axis)
+        }
+    }
+
+    /// `(port, (start, step, len))` per result.
+    type Parts<'a> = &'a [((usize, usize), (usize, isize, usize))];
+
+    fn parts(v: Parts<'_>) -> F {
+        F::Parts {
+            outputs: v
+                .iter()
+                .map(|&(p, (start, step, len))| (p, Part { start, step, len }))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn split_hands_each_result_its_range() {
+        // Explicit sizes (input, opset 13+): q 64, k 32, v 32 of a fused projection.
+        let (mut g, x) = G::new(18, &["b", "s", "128"]);
+        let sizes = g.ints("sizes", &[64, 32, 32]);
+        let spec = NodeSpec::new("Split").attr("axis", AttrValue::Int(2));
+        assert_eq!(
+            g.flow(spec, &[Some(x), sizes], 3, 2),
+            parts(&[
+                ((0, 2), (0, 1, 64)),
+                ((1, 2), (64, 1, 32)),
+                ((2, 2), (96, 1, 32))
+            ])
+        );
+        // Equal parts (num_outputs), negative axis.
+        let (g, x) = G::new(18, &["b", "s", "384"]);
+        let spec = NodeSpec::new("Split")
+            .attr("axis", AttrValue::Int(-1))
+            .attr("num_outputs", AttrValue::Int(2));
+        assert_eq!(
+            g.flow(spec, &[Some(x)], 2, 2),
+            parts(&[((0, 2), (0, 1, 192)), ((1, 2), (192, 1, 192))])
+        );
+        // Split-18's smaller last part.
+        let (g, x) = G::new(18, &["b", "10"]);
+        let spec = NodeSpec::new("Split")
+            .attr("axis", AttrValue::Int(1))
+            .attr("num_outputs", AttrValue::Int(3));
+        assert_eq!(
+            g.flow(spec, &[Some(x)], 3, 1),
+            parts(&[
+                ((0, 1), (0, 1, 4)),
+                ((1, 1), (4, 1, 4)),
+                ((2, 1), (8, 1, 2))
+            ])
+        );
+        // Sizes from the attribute (opset 11), per head: [B, H, S, 3·D] on axis 3.
+        let (g, x) = G::new(11, &["b", "4", "s", "48"]);
+        let spec = NodeSpec::new("Split")
+            .attr("axis", AttrValue::Int(3))
+            .attr("split", AttrValue::Ints(vec![16, 16, 16]));
+        assert_eq!(
+            g.flow(spec, &[Some(x)], 3, 3),
+            parts(&[
+                ((0, 3), (0, 1, 16)),
+                ((1, 3), (16, 1, 16)),
+                ((2, 3), (32, 1, 16))
+            ])
+        );
+        // Another axis: every result carries the channels.
+        let (g, x) = G::new(18, &["4", "8"]);
+        let spec = NodeSpec::new("Split")
+            .attr("axis", AttrValue::Int(0))
+            .attr("num_outputs", AttrValue::Int(2));
+        assert_eq!(
+            g.flow(spec, &[Some(x)], 2, 1),
+            F::Through {
+                outputs: vec![(0, 1), (1, 1)],
+                commutes: LINEAR,
+                with: vec![],
+                uniform: vec![]
+            }
+        );
+        // The channel axis of unknown size cannot be cut.
+        let (g, x) = G::new(18, &["b", "n"]);
+        let spec = NodeSpec::new("Split")
+            .attr("axis", AttrValue::Int(1))
+            .attr("num_outputs", AttrValue::Int(2));
+        assert!(matches!(g.flow(spec, &[Some(x)], 2, 1), F::Barrier(_)));
+    }
+
+    /// `x[.., start:end:step]` on the channel axis of 16.
+    fn sliced(start: i64, end: i64, step: Option<i64>, axis: i64) -> F {
+        let (mut g, x) = G::new(18, &["b", "s", "16"]);
+        let starts = g.ints("starts", &[start]);
+        let ends = g.ints("ends", &[end]);
+        let axes = g.ints("axes", &[axis]);
+        let mut inputs = vec![Some(x), starts, ends, axes];
+        if let Some(st) = step {
+            let st = g.ints("steps", &[st]);
+            inputs.push(st);
+        }
+        g.flow(NodeSpec::new("Slice"), &inputs, 1, 2)
+    }
+
+    #[test]
+    fn slice_hands_the_result_its_strided_part() {
+        let part = |start, step, len| parts(&[((0, 2), (start, step, len))]);
+        assert_eq!(sliced(0, 8, None, 2), part(0, 1, 8));
+        assert_eq!(sliced(8, i64::MAX, None, -1), part(8, 1, 8));
+        // Negative bounds count from the end; out-of-range ones are clamped.
+        assert_eq!(sliced(-4, -1, None, 2), part(12, 1, 3));
+        assert_eq!(sliced(-100, 100, None, 2), part(0, 1, 16));
+        // Steps: every other channel, and backwards.
+        assert_eq!(sliced(1, 16, Some(2), 2), part(1, 2, 8));
+        assert_eq!(sliced(-1, i64::MIN, Some(-1), 2), part(15, -1, 16));
+        assert_eq!(sliced(10, 2, Some(-3), -1), part(10, -3, 3));
+        // Nothing selected: a barrier.
+        assert!(matches!(sliced(8, 8, None, 2), F::Barrier(_)));
+        // Another axis sliced: the channels pass whole.
+        assert_eq!(
+            sliced(0, 1, None, 1),
+            F::Through {
+                outputs: vec![(0, 2)],
+                commutes: LINEAR,
+                with: vec![],
+                uniform: vec![]
+            }
+        );
+        // Slice-1's attributes.
+        let (g, x) = G::new(9, &["b", "16"]);
+        let spec = NodeSpec::new("Slice")
+            .attr("starts", AttrValue::Ints(vec![4]))
+            .attr("ends", AttrValue::Ints(vec![12]))
+            .attr("axes", AttrValue::Ints(vec![1]));
+        assert_eq!(
+            g.flow(spec, &[Some(x)], 1, 1),
+            parts(&[((0, 1), (4, 1, 8))])
+        );
+        // Bounds computed at run time: a barrier.
+        let (mut g, x) = G::new(18, &["b", "16"]);
+        let starts =
+            g.g.add_input(
+                "st",
+                Some(Type::tensor(DType::I64, Some(vec![Dim::Known(1)]))),
+            )
+            .ok();
+        let ends = g.ints("ends", &[8]);
+        let axes = g.ints("axes", &[1]);
+        assert!(matches!(
+            g.flow(NodeSpec::new("Slice"), &[Some(x), starts, ends, axes], 1, 1),
+            F::Barrier(_)
+        ));
+    }
+
+    #[test]
+    fn slice_parts_follow_the_onnx_spec() {
+        for n in [1i64, 5, 16] {
+            for start in -20..20 {
+                for end in -20..20 {
+                    for step in [-3i64, -2, -1, 1, 2, 5] {
+                        // x[start:end:step] on range(n).
+                        let want: Vec<usize> = numpy_slice(n, start, end, step);
+                        let got: Vec<usize> = slice_part(n, start, end, step)
+                            .map(|p| (0..p.len).map(|k| p.index(k)).collect())
+                            .unwrap_or_default();
+                        assert_eq!(got, want, "n {n} [{start}:{end}:{step}]");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The reference: the ONNX spec's slice, written out (numpy's, except that going back a
+    /// start before the first index is clamped to it, where numpy selects nothing).
+    fn numpy_slice(n: i64, start: i64, end: i64, step: i64) -> Vec<usize> {
+        let adj = |x: i64, lo: i64, hi: i64| {
+            let x = if x < 0 { x + n } else { x };
+            x.clamp(lo, hi)
+        };
+        let mut out = Vec::new();
+        if step > 0 {
+            let (mut i, e) = (adj(start, 0, n), adj(end, 0, n));
+            while i < e {
+                out.push(i as usize);
+                i += step;
+            }
+        } else {
+            let (mut i, e) = (adj(start, 0, n - 1), adj(end, -1, n - 1));
+            while i > e {
+                out.push(i as usize);
+                i += step;
+            }
+        }
+        out
+    }
 }

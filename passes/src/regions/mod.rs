@@ -4,7 +4,11 @@
 //! A region is a set of channels written by some weights (its *sources*: `W ← T W` on
 //! the axis they write), carried through ops that commute with the transform, and read by
 //! other weights (its *sinks*: `W ← W T⁻¹` on the axis they read). The analysis is the
-//! dataflow of [`trace`] over the op table's channel column, on a canonicalized graph.
+//! dataflow of [`trace`] over the op table's channel column, on a canonicalized graph. A
+//! trace from one weight is cut into several regions where its channels travel through
+//! different values (a fused q/k/v projection split into parts): [`classify`] gives each
+//! region the barriers, limits and endpoints its own channels met, and an endpoint says
+//! which indices of its weight it covers ([`Endpoint::part`]).
 //!
 //! Kinds, from the structure found (not from names):
 //! - `residual`: two channel streams are added (a residual connection);
@@ -20,6 +24,7 @@ mod scale;
 mod trace;
 
 use perqc_ir::{Analysis, Model, NodeId, PassError, ValueId};
+use perqc_ops::channel::ChannelFlow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use trace::{Env, Trace};
@@ -61,6 +66,11 @@ pub struct Endpoint {
     pub weight: ValueId,
     pub axis: usize,
     pub channels: Vec<u32>,
+    /// The indices along `axis` that carry this region's channels (`channels[k]` is the
+    /// channel at index `part[k]`), where the weight writes other regions' channels too (a
+    /// fused q/k/v projection: the value region's part of its columns); the others are
+    /// left as they are. `None`: every index.
+    pub part: Option<Vec<usize>>,
     /// For sinks: the operand slot and value that carries the channels into `node`.
     pub activation: Option<(usize, ValueId)>,
 }
@@ -240,6 +250,9 @@ fn describe(b: &Blocker) -> String {
 #[derive(Clone, Debug, Default)]
 pub struct Regions {
     pub regions: Vec<Region>,
+    /// Channels a barrier stopped before any weight read them, so that they formed no
+    /// region (a pass that finds no region for a layer says why with these).
+    pub unformed: Vec<Unformed>,
 }
 
 impl Analysis for Regions {
@@ -264,11 +277,13 @@ impl Regions {
                 }
             }
         }
-        let regions = traces
-            .into_iter()
-            .filter_map(|t| classify(&env, t, None))
-            .collect();
-        Regions { regions }
+        let mut out = Regions::default();
+        for t in traces {
+            let (regions, unformed) = classify(&env, t, None);
+            out.regions.extend(regions);
+            out.unformed.extend(unformed);
+        }
+        out
     }
 
     /// The channels that axis `axis` of constant input `input` of `node` writes, traced
@@ -284,6 +299,9 @@ impl Regions {
         let env = Env::new(model, shapes);
         let t = Trace::from_seed(&env, node, input, axis)?;
         classify(&env, t, Some(RegionKind::Segment))
+            .0
+            .into_iter()
+            .next()
     }
 
     pub fn of_kind(&self, kind: RegionKind) -> impl Iterator<Item = &Region> {
@@ -359,7 +377,16 @@ impl Regions {
             .map(|(k, n)| format!("{n} {}", k.as_str()))
             .collect();
         let _ = writeln!(s, "{} regions: {}", self.regions.len(), c.join(", "));
+        for u in &self.unformed {
+            let _ = writeln!(s, "no region: {}", u.describe());
+        }
         s
+    }
+
+    /// Notes for a pass that looks for regions of some kind: one per [`Unformed`], saying
+    /// which channels formed no region and at which node they stopped.
+    pub fn unformed_notes(&self) -> Vec<String> {
+        self.unformed.iter().map(Unformed::describe).collect()
     }
 
     /// `{"regions": [{"kind", "dim", "sources", "sinks", "params", "heads", "head_dim",
@@ -445,77 +472,276 @@ impl Regions {
     }
 }
 
-/// Resolves a trace's channel ids and decides its kind; `None` for traces that are no
-/// transform opportunity (no sink and no query-key product: logits, graph outputs).
-fn classify(env: &Env<'_>, mut t: Trace, force: Option<RegionKind>) -> Option<Region> {
-    // Channel classes in the order of the first source's channels.
-    let mut index: HashMap<u32, u32> = HashMap::new();
-    let mut order: Vec<u32> = Vec::new();
-    let seed = t.seed_ids.clone();
-    let all_ids = seed
-        .iter()
-        .chain(t.sources.iter().flat_map(|e| e.ids.iter()))
-        .chain(t.sinks.iter().flat_map(|e| e.ids.iter()))
-        .copied()
-        .collect::<Vec<_>>();
-    for id in all_ids {
-        let root = t.ids.find(id);
-        if let std::collections::hash_map::Entry::Vacant(v) = index.entry(root) {
-            v.insert(order.len() as u32);
-            order.push(root);
+/// A trace's channels that formed no region although something inside the graph stopped
+/// them (a barrier at a node), before any weight read them: what a pass looking for a
+/// layer's attention or mlp region would otherwise skip without a word.
+#[derive(Clone, Debug)]
+pub struct Unformed {
+    /// The weight that writes the channels, as `` `name` (Op `node`) ``.
+    pub source: String,
+    /// How many channels.
+    pub dim: usize,
+    /// The barriers at nodes that the channels hit.
+    pub blockers: Vec<Blocker>,
+}
+
+impl Unformed {
+    /// One line: the source, its width and the first barrier (with how many more).
+    pub fn describe(&self) -> String {
+        let first = self.blockers.first().map_or(String::new(), describe);
+        let more = match self.blockers.len() {
+            0 | 1 => String::new(),
+            n => format!(" (and {} more barriers)", n - 1),
+        };
+        format!(
+            "the {} channels written by {} form no region: {first}{more}",
+            self.dim, self.source
+        )
+    }
+}
+
+/// Where the channels of one trace go: a class per union-find root, numbered in the order
+/// of the first source's channels, then the other endpoints', then the ports'.
+struct Classes {
+    index: HashMap<u32, u32>,
+    /// The part each class belongs to.
+    part: Vec<u32>,
+    parts: usize,
+}
+
+impl Classes {
+    /// Classes, cut into parts: two classes are in one part iff every value of the trace
+    /// that carries one carries the other (partition refinement over the ports). Without
+    /// `cut`, one part.
+    fn new(t: &mut Trace, cut: bool) -> Classes {
+        let mut index: HashMap<u32, u32> = HashMap::new();
+        let add = |ids: &[u32], t: &mut Trace, index: &mut HashMap<u32, u32>| {
+            for &id in ids {
+                let root = t.ids.find(id);
+                let n = index.len() as u32;
+                index.entry(root).or_insert(n);
+            }
+        };
+        let seed = t.seed_ids.clone();
+        add(&seed, t, &mut index);
+        let endpoint_ids: Vec<Vec<u32>> = t
+            .sources
+            .iter()
+            .chain(&t.sinks)
+            .chain(&t.params)
+            .map(|e| e.ids.clone())
+            .collect();
+        for ids in &endpoint_ids {
+            add(ids, t, &mut index);
+        }
+        let ports: Vec<ValueId> = t.ports.iter().map(|(v, _)| *v).collect();
+        for v in &ports {
+            let ids = t.seen[v].1.clone();
+            add(&ids, t, &mut index);
+        }
+        let n = index.len();
+        let mut part = vec![0u32; n];
+        let mut parts = 1;
+        if cut {
+            let mut stamp = vec![usize::MAX; n];
+            for (k, v) in ports.iter().enumerate() {
+                let mut distinct = 0;
+                for i in 0..t.seen[v].1.len() {
+                    let id = t.seen[v].1[i];
+                    let c = index[&t.ids.find(id)] as usize;
+                    if stamp[c] != k {
+                        stamp[c] = k;
+                        distinct += 1;
+                    }
+                }
+                if distinct == n {
+                    continue;
+                }
+                // Refine: (old part, carried here) -> new part, numbered by first class.
+                let mut relabel: HashMap<(u32, bool), u32> = HashMap::new();
+                for c in 0..n {
+                    let key = (part[c], stamp[c] == k);
+                    let next = relabel.len() as u32;
+                    part[c] = *relabel.entry(key).or_insert(next);
+                }
+                parts = relabel.len();
+            }
+        }
+        Classes { index, part, parts }
+    }
+
+    /// The class of an id, if it has one.
+    fn of(&self, t: &mut Trace, id: u32) -> Option<u32> {
+        self.index.get(&t.ids.find(id)).copied()
+    }
+}
+
+/// Resolves a trace's channel ids, cuts them into regions by the values they travel
+/// through and decides each one's kind. Parts that are no transform opportunity (no sink
+/// and no query-key product: logits, graph outputs) are left out; those a barrier at a
+/// node stopped come back as [`Unformed`]. `force` (a segment) keeps the trace whole.
+fn classify(
+    env: &Env<'_>,
+    mut t: Trace,
+    force: Option<RegionKind>,
+) -> (Vec<Region>, Vec<Unformed>) {
+    let classes = Classes::new(&mut t, force.is_none());
+    let mut regions = Vec::new();
+    let mut stopped: Vec<Unformed> = Vec::new();
+    for p in 0..classes.parts as u32 {
+        match classify_part(env, &mut t, &classes, p, force) {
+            Ok(r) => regions.push(r),
+            Err(Some(u)) => stopped.push(u),
+            Err(None) => {}
         }
     }
-    let dim = order.len();
-    let mut resolve = |ids: &[u32], t: &mut Trace| -> Vec<u32> {
-        ids.iter()
-            .map(|&i| {
-                let r = t.ids.find(i);
-                *index.entry(r).or_insert_with(|| {
-                    order.push(r);
-                    order.len() as u32 - 1
-                })
+    // Reported when nothing formed from a layer's output (a weight contracted with an
+    // activation: a linear layer, not a constant scaling one).
+    let layer = t.sources.first().is_some_and(|e| {
+        let n = env.graph.node(e.node);
+        (0..n.inputs().len()).filter(|&j| j != e.input).any(|j| {
+            let rank = n
+                .input(j)
+                .and_then(|v| env.shapes.shape(v))
+                .map_or(0, <[_]>::len);
+            (0..rank).any(|a| matches!(env.flow(e.node, j, a), ChannelFlow::Contracted { .. }))
+        })
+    });
+    let mut unformed = Vec::new();
+    if regions.is_empty()
+        && layer
+        && let Some(first) = stopped.first()
+    {
+        let mut u = Unformed {
+            source: first.source.clone(),
+            dim: 0,
+            blockers: Vec::new(),
+        };
+        for s in stopped {
+            u.dim += s.dim;
+            for b in s.blockers {
+                if !u.blockers.contains(&b) {
+                    u.blockers.push(b);
+                }
+            }
+        }
+        unformed.push(u);
+    }
+    (regions, unformed)
+}
+
+/// The region of part `p` of a trace (see [`classify`]).
+fn classify_part(
+    env: &Env<'_>,
+    t: &mut Trace,
+    classes: &Classes,
+    p: u32,
+    force: Option<RegionKind>,
+) -> Result<Region, Option<Unformed>> {
+    // The part's classes, numbered in class order: the region's channels.
+    let mut local: HashMap<u32, u32> = HashMap::new();
+    let mut by_class: Vec<(u32, u32)> = classes
+        .index
+        .iter()
+        .filter(|(_, c)| classes.part[**c as usize] == p)
+        .map(|(&root, &c)| (c, root))
+        .collect();
+    by_class.sort_unstable();
+    for (i, (_, root)) in by_class.iter().enumerate() {
+        local.insert(*root, i as u32);
+    }
+    let dim = local.len();
+    // The region channel of an id, if it is in this part.
+    let chan = |t: &mut Trace, id: u32| local.get(&t.ids.find(id)).copied();
+    // Whether ids reach this part (ids without a class: conservatively yes).
+    let touches = |t: &mut Trace, ids: &[u32]| {
+        ids.is_empty()
+            || ids.iter().any(|&id| {
+                classes
+                    .of(t, id)
+                    .is_none_or(|c| classes.part[c as usize] == p)
             })
-            .collect()
     };
-    let mut endpoints = |list: Vec<trace::RawEndpoint>, t: &mut Trace| -> Vec<Endpoint> {
-        list.into_iter()
-            .map(|e| Endpoint {
+    let mut barriers: Vec<Blocker> = Vec::new();
+    let endpoints = |list: &[trace::RawEndpoint],
+                     t: &mut Trace,
+                     whole: bool,
+                     barriers: &mut Vec<Blocker>|
+     -> Vec<Endpoint> {
+        let mut out = Vec::new();
+        for e in list {
+            let mut positions = Vec::new();
+            let mut channels = Vec::new();
+            for (i, &id) in e.ids.iter().enumerate() {
+                if let Some(c) = chan(t, id) {
+                    positions.push(i);
+                    channels.push(c);
+                }
+            }
+            if channels.is_empty() {
+                continue;
+            }
+            let part = (positions.len() < e.ids.len()).then_some(positions);
+            if whole && part.is_some() {
+                barriers.push(Blocker {
+                    at: Some(env.node_label(e.node)),
+                    reason: format!(
+                        "reads `{}` together with channels of another region",
+                        env.graph.value(e.weight).name
+                    ),
+                });
+            }
+            out.push(Endpoint {
                 node: e.node,
                 input: e.input,
                 weight: e.weight,
                 axis: e.axis,
-                channels: resolve(&e.ids, t),
+                channels,
+                part,
                 activation: e.activation,
-            })
-            .collect()
+            });
+        }
+        out
     };
-    let sources = endpoints(std::mem::take(&mut t.sources), &mut t);
-    let sinks = endpoints(std::mem::take(&mut t.sinks), &mut t);
-    let params = endpoints(std::mem::take(&mut t.params), &mut t);
+    let raw = std::mem::take(&mut t.sources);
+    let sources = endpoints(&raw, t, false, &mut barriers);
+    t.sources = raw;
+    let raw = std::mem::take(&mut t.sinks);
+    let sinks = endpoints(&raw, t, true, &mut barriers);
+    t.sinks = raw;
+    let raw = std::mem::take(&mut t.params);
+    let params = endpoints(&raw, t, true, &mut barriers);
+    t.params = raw;
 
     // Heads: channels are in one group iff they sit at the same head index of every port
     // that has a heads axis (the smallest index, where query heads share a key head).
     let mut groups = vec![0u32; dim];
     let mut heads = None;
-    if !t.head_ports.is_empty() {
-        let mut sig: Vec<Vec<usize>> = vec![Vec::new(); dim];
-        let mut max_heads = 0;
-        for hp in &t.head_ports {
-            let inner: usize = hp.extents[hp.pos + 1..].iter().product();
-            let n = hp.extents[hp.pos];
-            max_heads = max_heads.max(n);
-            let mut first: HashMap<usize, usize> = HashMap::new();
-            for (local, &id) in hp.ids.iter().enumerate() {
-                let root = t.ids.find(id);
-                let Some(&c) = index.get(&root) else { continue };
-                let h = (local / inner) % n;
-                let e = first.entry(c as usize).or_insert(h);
-                *e = (*e).min(h);
-            }
-            for (c, h) in first {
-                sig[c].push(h);
-            }
+    let head_ports = std::mem::take(&mut t.head_ports);
+    let mut sig: Vec<Vec<usize>> = vec![Vec::new(); dim];
+    let mut max_heads = 0;
+    let mut any_heads = false;
+    for hp in &head_ports {
+        let inner: usize = hp.extents[hp.pos + 1..].iter().product();
+        let n = hp.extents[hp.pos];
+        let mut first: HashMap<usize, usize> = HashMap::new();
+        for (at, &id) in hp.ids.iter().enumerate() {
+            let Some(c) = chan(t, id) else { continue };
+            let h = (at / inner) % n;
+            let e = first.entry(c as usize).or_insert(h);
+            *e = (*e).min(h);
         }
+        if first.is_empty() {
+            continue;
+        }
+        any_heads = true;
+        max_heads = max_heads.max(n);
+        for (c, h) in first {
+            sig[c].push(h);
+        }
+    }
+    t.head_ports = head_ports;
+    if any_heads {
         let mut ids: HashMap<Vec<usize>, u32> = HashMap::new();
         for (c, s) in sig.into_iter().enumerate() {
             let n = ids.len() as u32;
@@ -530,23 +756,98 @@ fn classify(env: &Env<'_>, mut t: Trace, force: Option<RegionKind>) -> Option<Re
             });
         }
     }
+    let sums = std::mem::take(&mut t.sums);
+    let sums_streams = sums.iter().any(|&id| chan(t, id).is_some());
+    t.sums = sums;
+    let ends = std::mem::take(&mut t.invariant_ends);
+    let invariant_ends = ends.iter().any(|&id| chan(t, id).is_some());
+    t.invariant_ends = ends;
+
+    let blockers = std::mem::take(&mut t.blockers);
+    for (b, ids) in &blockers {
+        if touches(t, ids) {
+            barriers.push(b.clone());
+        }
+    }
+    t.blockers = blockers;
+
     let kind = match (heads.is_some(), sinks.is_empty()) {
-        _ if force.is_some() => force?,
+        _ if force.is_some() => force.expect("checked"),
         (true, false) => RegionKind::AttentionVo,
-        (true, true) if t.invariant_ends => RegionKind::AttentionQk,
-        (false, _) if t.sums_streams && !sinks.is_empty() => RegionKind::Residual,
+        (true, true) if invariant_ends => RegionKind::AttentionQk,
+        (false, _) if sums_streams && !sinks.is_empty() => RegionKind::Residual,
         (false, false) => RegionKind::Mlp,
-        _ => return None,
+        _ => {
+            let at_nodes: Vec<Blocker> = barriers.into_iter().filter(|b| b.at.is_some()).collect();
+            if at_nodes.is_empty() {
+                return Err(None);
+            }
+            let source = sources
+                .first()
+                .map(|e| {
+                    format!(
+                        "`{}` ({})",
+                        env.graph.value(e.weight).name,
+                        env.node_label(e.node)
+                    )
+                })
+                .unwrap_or_else(|| "?".into());
+            return Err(Some(Unformed {
+                source,
+                dim,
+                blockers: at_nodes,
+            }));
+        }
+    };
+
+    // What limits the kinds: the first op seen by this part's channels.
+    let mut kinds = Kinds::default();
+    let limits = std::mem::take(&mut t.limits);
+    for l in &limits {
+        if (kinds.permutation.is_some() || l.permutation)
+            && (kinds.rotation.is_some() || l.rotation)
+        {
+            continue;
+        }
+        if !l.ids.iter().any(|&id| chan(t, id).is_some()) {
+            continue;
+        }
+        let label = env.node_label(l.node);
+        if !l.permutation && kinds.permutation.is_none() {
+            kinds.permutation = Some(format!("{label} does not commute with permutations"));
+        }
+        if !l.rotation && kinds.rotation.is_none() {
+            kinds.rotation = Some(format!("{label} does not commute with rotations"));
+        }
+    }
+    t.limits = limits;
+
+    // The values and nodes this part's channels pass through.
+    let mut values = Vec::new();
+    for (v, axes) in &t.ports.clone() {
+        let ids = t.seen[v].1.clone();
+        if ids.iter().any(|&id| chan(t, id).is_some()) {
+            values.push((*v, axes.clone()));
+        }
+    }
+    let mut nodes = Vec::new();
+    for &n in &t.nodes.clone() {
+        let ids = t.node_ids.get(&n).cloned().unwrap_or_default();
+        if touches(t, &ids) {
+            nodes.push(n);
+        }
+    }
+    let scope = scale::Scope {
+        values: values.iter().map(|(v, _)| *v).collect(),
+        nodes: nodes.iter().copied().collect(),
     };
     let uniform_params = params.iter().map(|p| is_uniform(env, p.weight)).collect();
-    let mut kinds = std::mem::take(&mut t.kinds);
-    let positive = scale::scaled_sources(env, &t.roles, &sources, &sinks, false);
-    let signed = scale::scaled_sources(env, &t.roles, &sources, &sinks, true);
+    let positive = scale::scaled_sources(env, &t.roles, &sources, &sinks, false, &scope);
+    let signed = scale::scaled_sources(env, &t.roles, &sources, &sinks, true, &scope);
     kinds.scale = positive.as_ref().err().cloned();
     kinds.signed_scale = signed.as_ref().err().cloned();
     let mut names = Names::default();
-    for &n in t
-        .nodes
+    for &n in nodes
         .iter()
         .chain(sources.iter().chain(&sinks).chain(&params).map(|e| &e.node))
     {
@@ -560,17 +861,17 @@ fn classify(env: &Env<'_>, mut t: Trace, force: Option<RegionKind>) -> Option<Re
             names.values.insert(v, env.graph.value(v).name.clone());
         }
     }
-    Some(Region {
+    Ok(Region {
         kind,
         dim,
         sources,
         sinks,
         params,
-        nodes: std::mem::take(&mut t.nodes),
-        values: std::mem::take(&mut t.ports),
+        nodes,
+        values,
         heads,
         groups,
-        barriers: std::mem::take(&mut t.blockers),
+        barriers,
         kinds,
         uniform_params,
         scale_sources: positive.ok(),

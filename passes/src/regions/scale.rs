@@ -20,7 +20,15 @@
 use super::Endpoint;
 use super::trace::{Env, ScaleRole};
 use perqc_ir::{NodeId, Operand, ValueDef, ValueId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+/// The values and nodes one region's channels pass through: where a trace's channels were
+/// cut into several regions (a fused projection split into parts), a value outside it
+/// carries none of the region's channels, and a node outside it hands none of them on.
+pub(super) struct Scope {
+    pub values: HashSet<ValueId>,
+    pub nodes: HashSet<NodeId>,
+}
 
 type Roles = HashMap<NodeId, Vec<(usize, ScaleRole)>>;
 
@@ -41,6 +49,7 @@ struct Ctx<'a, 'e> {
     env: &'a Env<'e>,
     roles: &'a Roles,
     signed: bool,
+    scope: &'a Scope,
 }
 
 impl Ctx<'_, '_> {
@@ -69,6 +78,26 @@ impl Ctx<'_, '_> {
         let ValueDef::Node { node, .. } = self.env.graph.value(v).def() else {
             return Err(format!("`{}` is not computed by the graph", self.name(v)));
         };
+        // The node's other results that carry the region's channels (another part of a
+        // Split) are scaled with this one.
+        for &r in self.env.graph.node(node).outputs().iter().flatten() {
+            if r == v || !self.scope.values.contains(&r) {
+                continue;
+            }
+            match w.scaled.get(&r) {
+                Some(true) => {}
+                Some(false) => {
+                    return Err(format!(
+                        "`{}` would have to be scaled on one path and not on another",
+                        self.name(r)
+                    ));
+                }
+                None => {
+                    w.scaled.insert(r, true);
+                    w.order.push(r);
+                }
+            }
+        }
         let label = || self.env.node_label(node);
         let ops: Vec<(usize, ScaleRole)> = self
             .roles
@@ -156,6 +185,11 @@ impl Ctx<'_, '_> {
                     return Err(format!("`{}` is read inside a subgraph", self.name(v)));
                 };
                 let i = i as usize;
+                // A reader that hands on none of the region's channels (a Slice taking
+                // another part) does not see the scale.
+                if !self.scope.nodes.contains(&u.node) {
+                    continue;
+                }
                 let sink = sinks
                     .iter()
                     .any(|e| e.node == u.node && e.activation.is_some_and(|(s, _)| s == i));
@@ -186,11 +220,17 @@ pub(super) fn scaled_sources(
     sources: &[Endpoint],
     sinks: &[Endpoint],
     signed: bool,
+    scope: &Scope,
 ) -> Result<Vec<usize>, String> {
     if sinks.is_empty() {
         return Err("no weight reads the channels".into());
     }
-    let ctx = Ctx { env, roles, signed };
+    let ctx = Ctx {
+        env,
+        roles,
+        signed,
+        scope,
+    };
     let mut w = Walk::default();
     for e in sinks {
         let Some((_, v)) = e.activation else {

@@ -11,11 +11,20 @@
 //! channels go) or backward (an operand that must carry the same channels, `with`, is
 //! traced to where it was produced). Rules are asked per axis; this file matches on the
 //! rule's answer, never on op types.
+//!
+//! A rule may hand a result a part of an axis ([`ChannelFlow::Parts`]: Split or Slice along
+//! the channels): the result's port gets the ids at the selected indices (`select_axis`);
+//! traced back from such a result, the operand's other indices get fresh ids
+//! (`scatter_axis`). Everything the trace finds that limits transforms (a barrier, an op
+//! that commutes with some kinds only, a residual sum, an invariant end) is recorded with
+//! the ids of the port it was found at, so that [`super::classify`] can give it to the
+//! channels it concerns: a trace's channels are cut into regions by the values they travel
+//! through (the query and value parts of one fused projection end up in different regions).
 
-use super::{Blocker, Kinds};
+use super::Blocker;
 use perqc_ir::{Dim, Graph, Model, NodeId, ValueDef, ValueId};
 use perqc_ops::ShapeMap;
-use perqc_ops::channel::{self, ChannelFlow, Commutes, Fanout};
+use perqc_ops::channel::{self, ChannelFlow, Commutes, Fanout, Part};
 use perqc_ops::facts::Mono;
 use smallvec::SmallVec;
 use std::collections::{HashMap, VecDeque};
@@ -86,20 +95,32 @@ pub(super) struct Trace {
     pub ports: Vec<(ValueId, Axes)>,
     pub nodes: Vec<NodeId>,
     pub head_ports: Vec<HeadPort>,
-    pub blockers: Vec<Blocker>,
-    /// Whether permutations and rotations commute with every op between sources and
-    /// sinks, with the first op that ruled each out (scales: [`super::scale`]).
-    pub kinds: Kinds,
-    /// Two channel streams are added (a residual connection).
-    pub sums_streams: bool,
-    /// The channels end in an invariant (a query-key product) somewhere.
-    pub invariant_ends: bool,
+    /// Barriers, with the ids of the port that hit each.
+    pub blockers: Vec<(Blocker, Vec<u32>)>,
+    /// Ops between sources and sinks that rule out permutations or rotations, in the order
+    /// found, with the ids they see (scales: [`super::scale`]).
+    pub limits: Vec<Limit>,
+    /// Ids of channel streams that are added (a residual connection).
+    pub sums: Vec<u32>,
+    /// Ids of channels that end in an invariant (a query-key product).
+    pub invariant_ends: Vec<u32>,
+    /// Per node, the ids that pass through it (for a part-taking op, only those it hands
+    /// on).
+    pub node_ids: HashMap<NodeId, Vec<u32>>,
     /// Per node, how a diagonal scale passes each operand that carries the channels
     /// (constant ones included: sources), by operand index.
     pub roles: HashMap<NodeId, Vec<(usize, ScaleRole)>>,
-    seen: HashMap<ValueId, (Axes, Vec<u32>)>,
+    pub seen: HashMap<ValueId, (Axes, Vec<u32>)>,
     done_nodes: HashMap<(NodeId, usize), ()>,
     queue: VecDeque<ValueId>,
+}
+
+/// An op that rules out some kinds of transform for the channels it sees.
+pub(super) struct Limit {
+    pub node: NodeId,
+    pub permutation: bool,
+    pub rotation: bool,
+    pub ids: Vec<u32>,
 }
 
 /// How a diagonal scale of the channels passes one operand of a node, from the rule's
@@ -136,7 +157,7 @@ impl ScaleRole {
                     r.factor &= commutes.factor;
                     r.invariant |= matches!(f, ChannelFlow::Invariant { .. });
                 }
-                ChannelFlow::Regroup | ChannelFlow::Heads { .. } => {}
+                ChannelFlow::Regroup | ChannelFlow::Heads { .. } | ChannelFlow::Parts { .. } => {}
                 ChannelFlow::Contracted { .. } | ChannelFlow::Barrier(_) => {
                     r.positive = false;
                     r.signed = false;
@@ -247,25 +268,27 @@ impl Trace {
         self.seen.get(&v).is_some_and(|(a, _)| a.as_slice() == axes)
     }
 
-    fn block(&mut self, env: &Env<'_>, node: Option<NodeId>, reason: String) {
+    /// A barrier at `node` (or at a value), hit by the channels `ids`.
+    fn block(&mut self, env: &Env<'_>, node: Option<NodeId>, reason: String, ids: &[u32]) {
         let at = node.map(|n| env.node_label(n));
-        if !self
+        match self
             .blockers
-            .iter()
-            .any(|b| b.at == at && b.reason == reason)
+            .iter_mut()
+            .find(|(b, _)| b.at == at && b.reason == reason)
         {
-            self.blockers.push(Blocker { at, reason });
+            Some((_, seen)) => seen.extend_from_slice(ids),
+            None => self.blockers.push((Blocker { at, reason }, ids.to_vec())),
         }
     }
 
-    fn commute(&mut self, env: &Env<'_>, node: NodeId, c: Commutes) {
-        let label = || env.node_label(node);
-        let k = &mut self.kinds;
-        if !c.permutation && k.permutation.is_none() {
-            k.permutation = Some(format!("{} does not commute with permutations", label()));
-        }
-        if !c.rotation && k.rotation.is_none() {
-            k.rotation = Some(format!("{} does not commute with rotations", label()));
+    fn commute(&mut self, node: NodeId, c: Commutes, ids: &[u32]) {
+        if !c.permutation || !c.rotation {
+            self.limits.push(Limit {
+                node,
+                permutation: c.permutation,
+                rotation: c.rotation,
+                ids: ids.to_vec(),
+            });
         }
     }
 
@@ -281,6 +304,7 @@ impl Trace {
                 env,
                 None,
                 format!("value `{name}` carries the channels on axes of unknown or other sizes"),
+                &ids,
             );
         }
         if let Some((seen_axes, seen_ids)) = self.seen.get(&v) {
@@ -290,6 +314,7 @@ impl Trace {
                     env,
                     None,
                     format!("value `{name}` carries the channels on two different axes"),
+                    &ids,
                 );
                 return;
             }
@@ -320,6 +345,7 @@ impl Trace {
                 env,
                 None,
                 format!("the channels leave the graph as output `{}`", value.name),
+                ids,
             );
         }
         let uses: Vec<_> = value.uses().to_vec();
@@ -332,6 +358,7 @@ impl Trace {
                     env,
                     Some(u.node),
                     "the channels are read inside a subgraph".into(),
+                    ids,
                 ),
             }
         }
@@ -348,6 +375,7 @@ impl Trace {
                     env,
                     None,
                     format!("the channels enter the graph as input `{name}`"),
+                    ids,
                 );
             }
             // A constant reached as a value: the caller recorded it as an endpoint.
@@ -404,6 +432,7 @@ impl Trace {
             env,
             Some(node),
             format!("the channels are produced here ({why})"),
+            ids,
         );
     }
 
@@ -431,6 +460,11 @@ impl Trace {
                     {
                         hit = Some(a)
                     }
+                    ChannelFlow::Parts { outputs }
+                        if outputs.iter().any(|(p, _)| *p == (slot, want)) =>
+                    {
+                        hit = Some(a)
+                    }
                     _ => {}
                 }
                 if hit.is_some() {
@@ -447,7 +481,9 @@ impl Trace {
 
     /// Ids of operand `j` (axes `in_axes`) given the result's: the same index for axes
     /// that pass through; for a heads axis the result repeats (each operand head serves
-    /// `r` result heads), the operand's head `h` is result heads `h·r..h·r + r` merged.
+    /// `r` result heads), the operand's head `h` is result heads `h·r..h·r + r` merged; for
+    /// an axis the result has a part of, the part's indices take the result's ids and the
+    /// others fresh ones.
     #[allow(clippy::too_many_arguments)]
     fn inverse_ids(
         &mut self,
@@ -466,11 +502,20 @@ impl Trace {
         let mut ids = out_ids.to_vec();
         let mut ext = out_ext.clone();
         for (pos, &a) in in_axes.iter().enumerate() {
-            if let ChannelFlow::Heads { outputs, .. } = env.flow(node, j, a)
-                && let Some((_, Fanout::Repeat(r))) =
-                    outputs.iter().find(|(p, _)| *p == (slot, out_axes[pos]))
-            {
-                (ext, ids) = regroup_axis(&mut self.ids, &ext, &ids, pos, Fanout::Group(*r));
+            match env.flow(node, j, a) {
+                ChannelFlow::Heads { outputs, .. } => {
+                    if let Some((_, Fanout::Repeat(r))) =
+                        outputs.iter().find(|(p, _)| *p == (slot, out_axes[pos]))
+                    {
+                        (ext, ids) =
+                            regroup_axis(&mut self.ids, &ext, &ids, pos, Fanout::Group(*r));
+                    }
+                }
+                ChannelFlow::Parts { outputs } => {
+                    let (_, part) = outputs.iter().find(|(p, _)| *p == (slot, out_axes[pos]))?;
+                    (ext, ids) = scatter_axis(&mut self.ids, &ext, &ids, pos, *part, in_ext[pos])?;
+                }
+                _ => {}
             }
         }
         (ext == in_ext).then_some(ids)
@@ -489,10 +534,17 @@ impl Trace {
             ChannelFlow::Barrier(r) => Some(*r),
             _ => None,
         }) {
-            return self.block(env, Some(node), reason.to_string());
+            return self.block(env, Some(node), reason.to_string(), &ids);
         }
         if !self.nodes.contains(&node) {
             self.nodes.push(node);
+        }
+        let parts = flows.iter().any(|f| matches!(f, ChannelFlow::Parts { .. }));
+        if !parts {
+            self.node_ids
+                .entry(node)
+                .or_default()
+                .extend_from_slice(&ids);
         }
         if !flows
             .iter()
@@ -515,6 +567,7 @@ impl Trace {
                     env,
                     Some(node),
                     "a constant carries the channels on several axes".into(),
+                    &ids,
                 );
             }
             self.sources.push(RawEndpoint {
@@ -550,6 +603,7 @@ impl Trace {
                         "reads the channels through `{}`, whose axis {weight_axis} does not hold one entry per channel (packed)",
                         env.graph.value(w).name
                     ),
+                    &ids,
                 ),
                 Some(w) if env.is_const(w) && !is_const => self.sinks.push(RawEndpoint {
                     node,
@@ -563,6 +617,7 @@ impl Trace {
                     env,
                     Some(node),
                     "the channels are contracted with a computed operand".into(),
+                    &ids,
                 ),
             }
             return;
@@ -575,6 +630,7 @@ impl Trace {
                 env,
                 Some(node),
                 "contracts only some of the channel axes".into(),
+                &ids,
             );
         }
         let invariant = flows
@@ -587,16 +643,52 @@ impl Trace {
                     env,
                     Some(node),
                     "an operand's channel axes do not hold the region's channels".into(),
+                    &ids,
                 );
             }
-            None => return self.block(env, Some(node), "channel axis sizes unknown".into()),
+            None => {
+                return self.block(env, Some(node), "channel axis sizes unknown".into(), &ids);
+            }
         };
+        if invariant && parts {
+            return self.block(
+                env,
+                Some(node),
+                "keeps only some of the channel axes".into(),
+                &ids,
+            );
+        }
         // Outputs and joined operands, per port: (index, axes, ids after fanouts).
         let mut outs: Vec<(usize, Axes, Vec<usize>, Vec<u32>)> = Vec::new();
         let mut joins: Vec<(usize, Axes, Vec<usize>, Vec<u32>)> = Vec::new();
         let mut uniform: Vec<(usize, Axes)> = Vec::new();
         let mut heads_pos = Vec::new();
         for (pos, f) in flows.iter().enumerate() {
+            // A part of this axis to each result: the ids at the part's indices.
+            if let ChannelFlow::Parts { outputs } = f {
+                for &((k, a), part) in outputs {
+                    let entry = match outs.iter().position(|e| e.0 == k) {
+                        Some(i) => &mut outs[i],
+                        None => {
+                            outs.push((k, Axes::new(), ext.clone(), ids.clone()));
+                            outs.last_mut().expect("just pushed")
+                        }
+                    };
+                    entry.1.push(a);
+                    match select_axis(&entry.2, &entry.3, pos, part) {
+                        Some((e, i)) => (entry.2, entry.3) = (e, i),
+                        None => {
+                            return self.block(
+                                env,
+                                Some(node),
+                                "selects indices outside the channel axis".into(),
+                                &ids,
+                            );
+                        }
+                    }
+                }
+                continue;
+            }
             let (o, w, u): (Fanned, Fanned, _) = match f {
                 ChannelFlow::Through {
                     outputs,
@@ -604,13 +696,13 @@ impl Trace {
                     with,
                     uniform,
                 } => {
-                    self.commute(env, node, *commutes);
+                    self.commute(node, *commutes, &ids);
                     if *commutes == channel::LINEAR
                         && with.iter().any(|&(j, _)| {
                             n.input(j).is_some_and(|x| !env.is_const(x)) && !is_const
                         })
                     {
-                        self.sums_streams = true;
+                        self.sums.extend_from_slice(&ids);
                     }
                     (
                         outputs.iter().map(|&p| (p, Fanout::Same)).collect(),
@@ -619,8 +711,8 @@ impl Trace {
                     )
                 }
                 ChannelFlow::Invariant { commutes, with } => {
-                    self.commute(env, node, *commutes);
-                    self.invariant_ends = true;
+                    self.commute(node, *commutes, &ids);
+                    self.invariant_ends.extend_from_slice(&ids);
                     (
                         Vec::new(),
                         with.iter().map(|&p| (p, Fanout::Same)).collect(),
@@ -638,6 +730,7 @@ impl Trace {
                     env,
                     Some(node),
                     "keeps only some of the channel axes".into(),
+                    &ids,
                 );
             }
             for (list, ports) in [(&mut outs, o), (&mut joins, w)] {
@@ -684,7 +777,14 @@ impl Trace {
                 env,
                 Some(node),
                 "sends the channel axes to different results".into(),
+                &ids,
             );
+        }
+        if parts {
+            let handed = self.node_ids.entry(node).or_default();
+            for (_, _, _, out_ids) in &outs {
+                handed.extend_from_slice(out_ids);
+            }
         }
         for (k, out_axes, _, out_ids) in outs {
             if let Some(out) = n.output(k) {
@@ -702,6 +802,7 @@ impl Trace {
                     format!(
                         "pairs the channels with `{name}`, which carries only some of their axes"
                     ),
+                    &j_ids,
                 );
                 continue;
             }
@@ -719,6 +820,7 @@ impl Trace {
                     env,
                     Some(node),
                     "its per-channel parameters are computed at run time".into(),
+                    &ids,
                 );
                 continue;
             }
@@ -739,7 +841,7 @@ impl Trace {
             return;
         };
         let (Some(ins), Some(outs)) = (env.shapes.shape(v), env.shapes.shape(out)) else {
-            return self.block(env, Some(node), "shapes unknown".into());
+            return self.block(env, Some(node), "shapes unknown".into(), &ids);
         };
         match regroup_axes(ins, axes, outs) {
             Some(out_axes) => self.visit(env, out, out_axes, ids),
@@ -747,6 +849,7 @@ impl Trace {
                 env,
                 Some(node),
                 "regroups the channel axes with other axes".into(),
+                &ids,
             ),
         }
     }
@@ -828,6 +931,63 @@ pub(super) fn regroup_axis(
     let mut e = ext.to_vec();
     e[pos] = m;
     (e, out)
+}
+
+/// Position `pos` of a port with `ext` extents and `ids` keeps only the indices `part`
+/// selects (in the part's order); `None` if the part reaches past the axis.
+pub(super) fn select_axis(
+    ext: &[usize],
+    ids: &[u32],
+    pos: usize,
+    part: Part,
+) -> Option<(Vec<usize>, Vec<u32>)> {
+    let inner: usize = ext[pos + 1..].iter().product();
+    let outer: usize = ext[..pos].iter().product();
+    let n = ext[pos];
+    if part.len > 0 && (part.index(0) >= n || part.index(part.len - 1) >= n) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(outer * part.len * inner);
+    for o in 0..outer {
+        for k in 0..part.len {
+            let j = part.index(k);
+            out.extend_from_slice(&ids[(o * n + j) * inner..(o * n + j + 1) * inner]);
+        }
+    }
+    let mut e = ext.to_vec();
+    e[pos] = part.len;
+    Some((e, out))
+}
+
+/// The inverse of [`select_axis`]: position `pos` (holding the part's `part.len` indices)
+/// widened to the `n` indices of the operand's axis; the part's indices keep their ids,
+/// the others get fresh ones.
+pub(super) fn scatter_axis(
+    uf: &mut Ids,
+    ext: &[usize],
+    ids: &[u32],
+    pos: usize,
+    part: Part,
+    n: usize,
+) -> Option<(Vec<usize>, Vec<u32>)> {
+    let inner: usize = ext[pos + 1..].iter().product();
+    let outer: usize = ext[..pos].iter().product();
+    if ext[pos] != part.len
+        || (part.len > 0 && (part.index(0) >= n || part.index(part.len - 1) >= n))
+    {
+        return None;
+    }
+    let mut out = uf.fresh(outer * n * inner);
+    for o in 0..outer {
+        for k in 0..part.len {
+            let j = part.index(k);
+            out[(o * n + j) * inner..(o * n + j + 1) * inner]
+                .copy_from_slice(&ids[(o * part.len + k) * inner..(o * part.len + k + 1) * inner]);
+        }
+    }
+    let mut e = ext.to_vec();
+    e[pos] = n;
+    Some((e, out))
 }
 
 /// Whether `node` is a node any region's trace must not cross as a seed twice.

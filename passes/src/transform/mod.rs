@@ -176,22 +176,57 @@ pub fn apply(
     Ok(applied)
 }
 
-/// One endpoint's rewrite: `m` along `axis` of input `input` of `node`.
+/// One endpoint's rewrite: `m` along `axis` of input `input` of `node`, on the indices
+/// `part` of that axis only where the weight carries other regions' channels too.
 struct Update {
     node: NodeId,
     input: usize,
     axis: usize,
     m: ChannelOp,
+    part: Option<Vec<usize>>,
+}
+
+impl Update {
+    fn apply(&self, t: &Tensor) -> Result<Tensor, String> {
+        match &self.part {
+            Some(part) => self.m.apply_part(t, self.axis, part),
+            None => self.m.apply(t, self.axis),
+        }
+    }
 }
 
 fn update(graph: &Graph, region: &Region, e: &Endpoint, m: &ChannelOp) -> Result<Update, String> {
-    let m = m.localize(&e.channels).map_err(|why| {
-        format!(
-            "{} ({}): {why}",
-            region.node_name(e.node),
-            region.value_name(e.weight)
-        )
-    })?;
+    let (m, part) = match m.localize(&e.channels) {
+        Ok(local) => (local, e.part.clone()),
+        // The indices in another order (a slice that reverses or strides the channels):
+        // each channel's first reading index in channel order, then the second ones, ...,
+        // so that runs of consecutive channels take whole blocks; the rewrite gathers the
+        // indices in that order.
+        Err(why) => {
+            let mut seen: HashMap<u32, usize> = HashMap::new();
+            let mut order: Vec<(usize, u32, usize)> = e
+                .channels
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| {
+                    let n = seen.entry(c).or_insert(0);
+                    *n += 1;
+                    (*n, c, i)
+                })
+                .collect();
+            order.sort_unstable();
+            let channels: Vec<u32> = order.iter().map(|&(_, c, _)| c).collect();
+            let local = m.localize(&channels).map_err(|_| {
+                format!(
+                    "{} ({}): {why}",
+                    region.node_name(e.node),
+                    region.value_name(e.weight)
+                )
+            })?;
+            let at = |i: usize| e.part.as_ref().map_or(i, |p| p[i]);
+            (local, Some(order.iter().map(|&(_, _, i)| at(i)).collect()))
+        }
+    };
     if graph
         .try_node(e.node)
         .and_then(|n| n.input(e.input))
@@ -204,6 +239,7 @@ fn update(graph: &Graph, region: &Region, e: &Endpoint, m: &ChannelOp) -> Result
         input: e.input,
         axis: e.axis,
         m,
+        part,
     })
 }
 
@@ -248,8 +284,17 @@ fn write(graph: &mut Graph, updates: Vec<Update>) -> Result<(usize, usize), Stri
                 .all(|r| ups.iter().any(|u| (u.node, u.input) == *r));
         let same = ups
             .windows(2)
-            .all(|p| p[0].axis == p[1].axis && p[0].m == p[1].m);
+            .all(|p| p[0].axis == p[1].axis && p[0].m == p[1].m && p[0].part == p[1].part);
         let fail = |e: String| format!("`{name}`: {e}");
+        if covered && same && graph.value(w).def() == ValueDef::Initializer && ups[0].part.is_some()
+        {
+            // A part of the weight: the rewritten copy replaces it.
+            let slot = &mut graph.value_mut(w).tensor;
+            let new = ups[0].apply(slot.as_ref().expect("an initializer has its tensor"));
+            *slot = Some(new.map_err(fail)?);
+            rewritten += 1;
+            continue;
+        }
         if covered && same && graph.value(w).def() == ValueDef::Initializer {
             let slot = &mut graph.value_mut(w).tensor;
             let old = slot.take().expect("an initializer has its tensor");
@@ -267,7 +312,7 @@ fn write(graph: &mut Graph, updates: Vec<Update>) -> Result<(usize, usize), Stri
         }
         let t = graph.const_tensor(w).expect("checked above").clone();
         for u in ups {
-            let new = u.m.apply(&t, u.axis).map_err(fail)?;
+            let new = u.apply(&t).map_err(fail)?;
             let copy = graph.fresh_name(&name);
             let v = graph
                 .add_initializer(&copy, new)
@@ -288,7 +333,8 @@ fn insert_online(graph: &mut Graph, region: &Region, op: &ChannelOp) -> Result<u
         let Some((_, x)) = e.activation else {
             return Err(format!("{}: no activation", region.node_name(e.node)));
         };
-        let identity = e.channels.len() == region.dim
+        let identity = e.part.is_none()
+            && e.channels.len() == region.dim
             && e.channels.iter().enumerate().all(|(i, &c)| c as usize == i);
         if !identity {
             return Err(format!(

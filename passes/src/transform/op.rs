@@ -415,6 +415,65 @@ impl ChannelOp {
         Ok(new)
     }
 
+    /// [`ChannelOp::apply`] on the indices `part` of `axis` only (distinct, in the order
+    /// the map's channels are in): those slices are gathered, transformed and put back; the
+    /// other indices keep their bytes (the other parts of a fused projection).
+    pub fn apply_part(&self, t: &Tensor, axis: usize, part: &[usize]) -> Result<Tensor, String> {
+        let dims: Vec<usize> = t
+            .dims
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| format!("dim {d}")))
+            .collect::<Result<_, _>>()?;
+        let Some(&n) = dims.get(axis) else {
+            return Err(format!("axis {axis} of a {:?} tensor", t.dims));
+        };
+        let mut seen = vec![false; n];
+        for &j in part {
+            if j >= n || std::mem::replace(&mut seen[j], true) {
+                return Err(format!(
+                    "the indices of a part are not distinct indices of axis {axis} of {:?}",
+                    t.dims
+                ));
+            }
+        }
+        let es = match t.dtype.bits() {
+            Some(b) if b % 8 == 0 && t.dtype.is_float() => b / 8,
+            _ => {
+                return Err(format!(
+                    "a {:?} weight cannot take a channel transform",
+                    t.dtype
+                ));
+            }
+        };
+        let outer: usize = dims[..axis].iter().product();
+        let run = dims[axis + 1..].iter().product::<usize>() * es;
+        let bytes = t.raw_bytes().map_err(|e| e.to_string())?;
+        if bytes.len() != outer * n * run {
+            return Err(format!("the payload has {} bytes", bytes.len()));
+        }
+        let k = part.len();
+        let mut sub = Vec::with_capacity(outer * k * run);
+        for o in 0..outer {
+            for &j in part {
+                sub.extend_from_slice(&bytes[(o * n + j) * run..][..run]);
+            }
+        }
+        let mut sub_dims = t.dims.clone();
+        sub_dims[axis] = k as i64;
+        let sub = Tensor::from_raw(t.dtype, sub_dims, bytes::Bytes::from(sub));
+        let sub = self.apply(&sub, axis)?;
+        let sub = sub.raw_bytes().map_err(|e| e.to_string())?;
+        let mut out = bytes.into_owned();
+        for o in 0..outer {
+            for (i, &j) in part.iter().enumerate() {
+                out[(o * n + j) * run..][..run].copy_from_slice(&sub[(o * k + i) * run..][..run]);
+            }
+        }
+        let mut new = Tensor::from_raw(t.dtype, t.dims.clone(), bytes::Bytes::from(out));
+        new.name = t.name.clone();
+        Ok(new)
+    }
+
     /// [`ChannelOp::apply`] taking the tensor: when its payload is a buffer nothing else
     /// holds (the result of an earlier rewrite), it is transformed where it lies and no
     /// memory is allocated; else (a slice of the model file, a shared buffer) into one new
