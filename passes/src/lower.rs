@@ -21,7 +21,8 @@
 //!   eps))), g), b)` with `d = Sub(x, ReduceMean(x))` over the normalized axes (ONNX from
 //!   opset 17).
 //! - `Attention(q, k, v, m, c) == MatMul(Softmax(Add(Mul(MatMul(q, kᵀ), c), m)), v)` with
-//!   one key/value head per query head; with G query heads per key/value head, q is viewed
+//!   one key/value head per query head (with `softcap = t > 0`, the scaled scores `x` go
+//!   through `Mul(Tanh(Div(x, t)), t)` before the `Add`, the chain `fuse-attention` reads); with G query heads per key/value head, q is viewed
 //!   as `[B, Hkv, G, S, D]` and k, v get a broadcast axis of size 1 at 2, so MatMul's
 //!   broadcasting pairs each group with its shared head and no copy is made; the result
 //!   is reshaped back to `[B, Hq, S, Dv]` (ONNX from opset 23, where a fully masked row
@@ -524,6 +525,7 @@ fn attention(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     };
     let mask = n.input(3);
     let scale = n.attr_float("scale");
+    let softcap = n.attr_float("softcap").unwrap_or(0.0);
     let hq = e.known_dim(qv, 1).ok_or("query head count unknown")?;
     let hkv = e.known_dim(kv, 1).ok_or("key/value head count unknown")?;
     if hkv <= 0 || hq % hkv != 0 {
@@ -565,6 +567,13 @@ fn attention(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     if scale != 1.0 {
         let c = scalar(&mut p, "attn_scale", scale);
         s = emit(&mut p, id, op("Mul"), &[s, c], "attn_scaled");
+    }
+    if softcap > 0.0 {
+        // One constant read by both ends, as exporters write the cap.
+        let t = scalar(&mut p, "attn_softcap", softcap);
+        s = emit(&mut p, id, op("Div"), &[s, t], "attn_capped_in");
+        s = emit(&mut p, id, op("Tanh"), &[s], "attn_capped_tanh");
+        s = emit(&mut p, id, op("Mul"), &[s, t], "attn_capped");
     }
     if let Some(m) = mask {
         s = emit(&mut p, id, op("Add"), &[s, m], "attn_masked");

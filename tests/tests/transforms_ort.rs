@@ -1,7 +1,9 @@
 //! The exact transforms, each alone and chained as the recipe chains them, emitted as ONNX:
 //! ONNX Runtime must run every file (onnx.checker accepts it) and give the original
 //! fixture's outputs within 1e-4 relative (max abs error / max abs value), on both Llama
-//! exports, the Gemma-like decoder and the encoder. Registered as conformance cases for `scripts/check`.
+//! exports, the Gemma-like decoder, the encoder and the Hugging Face exports with fused
+//! projections (Phi-3, GPT-2, GPT-NeoX) and Gemma 2 (soft-capped attention). Registered as
+//! conformance cases for `scripts/check`.
 
 mod common;
 
@@ -35,7 +37,7 @@ fn emit(fixture_name: &str, tag: &str, pipeline: &str) {
         .run(&mut model, &mut p, &mut RunOptions::default())
         .unwrap_or_else(|e| panic!("{fixture_name} {pipeline}: {e}"));
     perqc_passes::lower_for_export(&mut model).expect("lowers");
-    let stem = fixture_name.trim_end_matches(".onnx");
+    let stem = fixture_name.trim_end_matches(".onnx").replace('/', "_");
     let dir = out_dir(&format!("transforms_{stem}_{tag}"));
     let out = dir.join("model.onnx");
     perqc_onnx::save(&model, &out, &Default::default()).expect("saves");
@@ -76,5 +78,44 @@ fn gemma_like() {
 fn encoder() {
     for (tag, p) in PIPELINES {
         emit("encoder_ln_gelu.onnx", tag, p);
+    }
+}
+
+/// Phi-3: one `qkv_proj` sliced into q, k and v, one `gate_up_proj` split into gate and up.
+/// The value part of qkv_proj's columns and o_proj take R2 and the heads permutation; the
+/// mlp region pairs gate's and up's column j, so the permutations move both halves of
+/// gate_up_proj's columns alike, and the online Hadamard goes before down_proj.
+#[test]
+fn phi3_fused_projections() {
+    for (tag, p) in PIPELINES {
+        emit("hf/phi3.onnx", tag, p);
+    }
+}
+
+/// GPT-2: Conv1D (Gemm) writing q, k and v, split into three along the channels.
+#[test]
+fn gpt2_fused_qkv() {
+    for (tag, p) in PIPELINES {
+        emit("hf/gpt2.onnx", tag, p);
+    }
+}
+
+/// GPT-NeoX: the fused projection (and its bias, shared with other layers' linears in this
+/// export) reshaped to [B, S, H, 3·D] and split per head on the last axis: the value part
+/// is every head's last third.
+#[test]
+fn gpt_neox_fused_qkv_per_head() {
+    for (tag, p) in PIPELINES {
+        emit("hf/gpt_neox.onnx", tag, p);
+    }
+}
+
+/// Gemma 2 (fixtures/hf): its soft-capped attention canonicalizes into Attention with
+/// `softcap`, so the V/O head rotation applies; the residual rotation is refused (post-norm
+/// gammas), the rest applies. Lowered at opset 18, the cap is written back as its chain.
+#[test]
+fn gemma2_soft_capped_attention() {
+    for (tag, p) in PIPELINES {
+        emit("hf/gemma2.onnx", tag, p);
     }
 }

@@ -275,13 +275,26 @@ fn errors_not_panics() {
 /// Attention in f64: `softmax(scale · q kᵀ + mask) v` per head, kv head `h / (hq / hkv)`;
 /// `mask(b, h, i, j)` is additive. A row of all -inf (or with a NaN/inf score) gives NaN,
 /// as the unfused Softmax does.
-#[allow(clippy::too_many_arguments)]
 fn attention_ref(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: (usize, usize, usize, usize, usize, usize, usize),
+    scale: f32,
+    mask: &dyn Fn(usize, usize, usize, usize) -> f32,
+) -> Vec<f64> {
+    attention_ref_capped(q, k, v, dims, scale, 0.0, mask)
+}
+
+/// [`attention_ref`] with the scores soft-capped before the mask when `cap > 0`:
+/// `softmax(cap · tanh(scale · q kᵀ / cap) + mask) v`.
+fn attention_ref_capped(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     (b, hq, hkv, s, l, d, dv): (usize, usize, usize, usize, usize, usize, usize),
     scale: f32,
+    cap: f32,
     mask: &dyn Fn(usize, usize, usize, usize) -> f32,
 ) -> Vec<f64> {
     let mut y = vec![0f64; b * hq * s * dv];
@@ -297,7 +310,13 @@ fn attention_ref(
                                     * k[((bi * hkv + kh) * l + j) * d + c] as f64
                             })
                             .sum();
-                        scale as f64 * dot + mask(bi, h, i, j) as f64
+                        let x = scale as f64 * dot;
+                        let x = if cap > 0.0 {
+                            cap as f64 * (x / cap as f64).tanh()
+                        } else {
+                            x
+                        };
+                        x + mask(bi, h, i, j) as f64
                     })
                     .collect();
                 let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -443,6 +462,134 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
     let want = attention_ref(&qv, &kv, &vv, dims, scale, &m_at);
     assert!(got.iter().any(|x| x.is_nan()));
     assert_close_nan(&got, &want, "non-finite operands");
+}
+
+/// Soft-capped attention (`softcap`, as Gemma 2 caps its logits) against the f64 reference:
+/// float causal mask (the path that skips the dead upper half), per-(batch, head) mask, no
+/// mask, `is_causal`, a bool mask with a fully masked row (ONNX 0, canonical NaN), grouped
+/// heads throughout, 1 and 2 threads; operands so large that the skip's norm bound fails
+/// and the capped scores are all near `±cap`.
+#[test]
+fn attention_softcap_matches_reference() {
+    let (b, hq, hkv, s, l, d, dv) = (2, 4, 2, 70, 70, 8, 5);
+    let dims = (b, hq, hkv, s, l, d, dv);
+    // Scores spread over about ±25 with cap 5: most are in tanh's curved part or saturated.
+    let qv: Vec<f32> = noise(b * hq * s * d, 31).iter().map(|x| x * 6.0).collect();
+    let kv: Vec<f32> = noise(b * hkv * l * d, 32).iter().map(|x| x * 6.0).collect();
+    let vv = noise(b * hkv * l * dv, 33);
+    let (scale, cap) = (0.4f32, 5.0f32);
+    let run_on = |q: &[f32], k: &[f32], mask: Option<&RtTensor>, attrs, domain: &str, t| {
+        let (q, k, v) = (
+            f32t(&[b, hq, s, d], q),
+            f32t(&[b, hkv, l, d], k),
+            f32t(&[b, hkv, l, dv], &vv),
+        );
+        let inputs = [Some(&q), Some(&k), Some(&v), mask];
+        let opset = if domain.is_empty() { 23 } else { 1 };
+        vals(&run_in(domain, "Attention", opset, attrs, &inputs, t)[0])
+    };
+    let attrs = || {
+        vec![
+            ("scale", AttrValue::Float(scale)),
+            ("softcap", AttrValue::Float(cap)),
+        ]
+    };
+    let canon = perqc_ops::PERQC_DOMAIN;
+    // The cap matters: the uncapped reference is far off.
+    let causal: Vec<f32> = (0..s * l)
+        .map(|x| if x % l > x / l { f32::MIN } else { 0.0 })
+        .collect();
+    let m = f32t(&[1, 1, s, l], &causal);
+    let m_at = |_: usize, _: usize, i: usize, j: usize| causal[i * l + j];
+    let want = attention_ref_capped(&qv, &kv, &vv, dims, scale, cap, &m_at);
+    let uncapped = attention_ref(&qv, &kv, &vv, dims, scale, &m_at);
+    assert!(
+        want.iter().zip(&uncapped).any(|(a, b)| (a - b).abs() > 0.1),
+        "the cap changes nothing on these scores"
+    );
+    for domain in ["", canon] {
+        let one = run_on(&qv, &kv, Some(&m), attrs(), domain, 1);
+        let two = run_on(&qv, &kv, Some(&m), attrs(), domain, 2);
+        assert_eq!(one, two, "thread count changed the result");
+        assert_close_nan(&two, &want, &format!("causal float mask, {domain:?}"));
+    }
+    // A float mask per batch entry and head: live ranges differ per (b, h).
+    let shifted: Vec<f32> = (0..b * hq * s * l)
+        .map(|x| {
+            let (j, i, bh) = (x % l, x / l % s, x / (l * s));
+            if j > i + 5 * bh {
+                f32::NEG_INFINITY
+            } else {
+                (j % 3) as f32 * 0.5
+            }
+        })
+        .collect();
+    let m_shift = f32t(&[b, hq, s, l], &shifted);
+    let shift_at =
+        |bi: usize, h: usize, i: usize, j: usize| shifted[((bi * hq + h) * s + i) * l + j];
+    let want = attention_ref_capped(&qv, &kv, &vv, dims, scale, cap, &shift_at);
+    let got = run_on(&qv, &kv, Some(&m_shift), attrs(), canon, 2);
+    assert_close_nan(&got, &want, "float mask per batch entry and head");
+    // No mask.
+    let want = attention_ref_capped(&qv, &kv, &vv, dims, scale, cap, &|_, _, _, _| 0.0);
+    assert_close_nan(&run_on(&qv, &kv, None, attrs(), "", 2), &want, "no mask");
+    // is_causal, default scale 1/sqrt(D).
+    let inf_above = |_: usize, _: usize, i: usize, j: usize| {
+        if j > i { f32::NEG_INFINITY } else { 0.0 }
+    };
+    let causal_attrs = vec![
+        ("is_causal", AttrValue::Int(1)),
+        ("softcap", AttrValue::Float(cap)),
+    ];
+    let want = attention_ref_capped(
+        &qv,
+        &kv,
+        &vv,
+        dims,
+        1.0 / (d as f32).sqrt(),
+        cap,
+        &inf_above,
+    );
+    let got = run_on(&qv, &kv, None, causal_attrs, "", 2);
+    assert_close_nan(&got, &want, "is_causal");
+    // Bool mask [B, 1, S, L] with row 3 fully masked: a capped -inf would be -cap, but the
+    // mask comes after the cap, so the row stays masked (0 in ONNX, NaN canonical).
+    let keep: Vec<bool> = (0..b * s * l)
+        .map(|x| (x * 7919) % 5 != 0 && (x / l) % s != 3)
+        .collect();
+    let mb = RtTensor::Bool(
+        ArrayD::from_shape_vec(IxDyn(&[b, 1, s, l]), keep.clone())
+            .unwrap()
+            .into_shared(),
+    );
+    let m_keep = |bi: usize, _: usize, i: usize, j: usize| {
+        if keep[(bi * s + i) * l + j] {
+            0.0
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    let want_nan = attention_ref_capped(&qv, &kv, &vv, dims, scale, cap, &m_keep);
+    assert!(want_nan.iter().any(|y| y.is_nan()));
+    let got = run_on(&qv, &kv, Some(&mb), attrs(), canon, 2);
+    assert_close_nan(&got, &want_nan, "bool mask, canonical");
+    let want_zero: Vec<f64> = want_nan
+        .iter()
+        .map(|&y| if y.is_nan() { 0.0 } else { y })
+        .collect();
+    let got = run_on(&qv, &kv, Some(&mb), attrs(), "", 2);
+    assert_close_nan(&got, &want_zero, "bool mask, ONNX");
+    // Operands of norm 1e16: |scale · q·k| may reach 1e32, past the bound under which dead
+    // keys are skipped, so the block takes the full path; the cap bounds the scores to ±cap.
+    let (qb, kb): (Vec<f32>, Vec<f32>) = (
+        qv.iter().map(|x| x * 1e15).collect(),
+        kv.iter().map(|x| x * 1e15).collect(),
+    );
+    let want = attention_ref_capped(&qb, &kb, &vv, dims, scale, cap, &m_at);
+    let one = run_on(&qb, &kb, Some(&m), attrs(), canon, 1);
+    let two = run_on(&qb, &kb, Some(&m), attrs(), canon, 2);
+    assert_eq!(one, two, "thread count changed the result");
+    assert_close_nan(&two, &want, "large operands, causal float mask");
 }
 
 #[test]

@@ -1,13 +1,20 @@
 //! `fuse-attention`: scaled dot-product attention as exporters write it.
 //!
 //! ```text
-//! MatMul(Cast*(Softmax(Add?(Mul?(MatMul(q, Transpose(k, [0,1,3,2])), c), mask), axis=-1)), v)
-//!   == ai.perqc::Attention(q, k, v, mask?, scale = c)
+//! MatMul(Cast*(Softmax(Add?(Cap?(Mul?(MatMul(q, Transpose(k, [0,1,3,2])), c)), mask),
+//!     axis=-1)), v)
+//!   == ai.perqc::Attention(q, k, v, mask?, scale = c, softcap = t)
+//! Cap(x) = Mul(Tanh(Div(x, t)), t)      (logit soft-capping, Gemma 2)
 //! ```
 //!
 //! `Mul` by a constant scalar `c` (either operand order; or `Div` by `1/c`) and `Add` of
 //! the mask are optional (neither: scale 1); the `Cast`s are no-ops (to the type they
-//! read). `kᵀ` may come from another layout of k in one Transpose (BERT's
+//! read). The soft cap `Cap` is optional too (no `softcap` attribute: none); `t` is one
+//! positive finite scalar constant, read by both ends (the outer `Mul` in either operand
+//! order; the inner step may be `Mul` by a constant equal to `1/t` in f32 instead of the
+//! `Div`). It sits where ONNX Attention applies `softcap`: after the scaling, before the
+//! mask. A cap anywhere else (after the mask `Add`, which would turn `-inf` into `-t`) does
+//! not match, so that chain stays unfused. `kᵀ` may come from another layout of k in one Transpose (BERT's
 //! `Transpose(k [B, L, H, D], [0, 2, 3, 1])`): the canonical op then reads
 //! `Transpose(k, [0, 2, 1, 3])`. When k and v are
 //! key/value heads repeated for grouped-query attention, `Reshape(Expand(Unsqueeze(x, [2]),
@@ -16,12 +23,14 @@
 //!
 //! Check: every absorbed intermediate has the chain as its only reader and is no graph
 //! output; q, k and v are 4-d f32; the mask has rank at most 4; the Softmax is over the
-//! last axis at opset 13 or later (earlier opsets flatten to 2-d).
+//! last axis at opset 13 or later (earlier opsets flatten to 2-d); both constants of the
+//! cap are the same `t > 0`, finite.
 //!
 //! `ai.perqc::Attention` is ONNX `Attention` (opset 23, 4-d inputs, no cache) except that a
 //! query row masked everywhere gives NaN, as the Softmax it replaces does (ONNX gives 0).
 //! Its kernel scales each block of scores once, as MatMul then Mul round, so the result
-//! matches the chain up to summation order.
+//! matches the chain up to summation order (and, with a cap, up to the vectorized tanh's
+//! few ulp against the Tanh kernel's).
 
 use super::{Pattern, canonical};
 use perqc_ir::{AttrValue, Dim, Matcher, NodeId, NodeSpec, Patch, PatchValue, ValueId};
@@ -40,7 +49,12 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
         return None;
     }
     let (p, v) = m.two(end)?;
-    let Scores { qk, mask, scale } = scores(m, p)?;
+    let Scores {
+        qk,
+        mask,
+        scale,
+        softcap,
+    } = scores(m, p)?;
     let (q, kt) = m.two(qk)?;
     let t = m.sole_op(kt, "Transpose")?;
     // kᵀ = Transpose(x, perm) of some layout x of k: k itself is x transposed by `perm`
@@ -77,7 +91,7 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     };
     patch.set_op(
         end,
-        canonical("Attention").attr("scale", AttrValue::Float(scale)),
+        attention_spec(scale, softcap),
         [
             Some(q.into()),
             Some(k),
@@ -88,12 +102,45 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     Some(patch)
 }
 
+/// The canonical node: `scale`, and `softcap` when there is one (0: none, no attribute).
+fn attention_spec(scale: f32, softcap: f32) -> NodeSpec {
+    let spec = canonical("Attention").attr("scale", AttrValue::Float(scale));
+    if softcap > 0.0 {
+        spec.attr("softcap", AttrValue::Float(softcap))
+    } else {
+        spec
+    }
+}
+
 /// The scores side of the chain, from the probabilities `p` up: the `q kᵀ` MatMul, the
-/// mask and the scale.
+/// mask, the scale and the soft cap (0: none).
 struct Scores {
     qk: NodeId,
     mask: Option<ValueId>,
     scale: f32,
+    softcap: f32,
+}
+
+/// `Mul(Tanh(Div(x, t)), t)` at `s` (or `Mul(Tanh(Mul(x, 1/t)), t)`; the `Mul`s in either
+/// operand order) with `t` a positive finite scalar: `(x, t)`.
+fn soft_cap(m: &Matcher<'_>, s: ValueId) -> Option<(ValueId, f32)> {
+    let outer = m.sole_op(s, "Mul")?;
+    let (a, b) = m.two(outer)?;
+    let (th, t) = m.either(a, b, |x, y| {
+        let c = m.scalar(y)?;
+        m.sole_op(x, "Tanh").map(|th| (th, c))
+    })?;
+    if !(t > 0.0 && t.is_finite()) {
+        return None;
+    }
+    let inner = m.input(th, 0)?;
+    if let Some(div) = m.sole_op(inner, "Div") {
+        let (x, d) = m.two(div)?;
+        return (m.scalar(d)? == t).then_some((x, t));
+    }
+    let mul = m.sole_op(inner, "Mul")?;
+    let (a, b) = m.two(mul)?;
+    m.either(a, b, |x, y| (m.scalar(y)? == 1.0 / t).then_some((x, t)))
 }
 
 /// `Cast*(Softmax(Add?(Mul?(MatMul(..), c), mask), axis = -1))` at `p` (see the module docs).
@@ -114,6 +161,13 @@ fn scores(m: &Matcher<'_>, p: ValueId) -> Option<Scores> {
         mask = Some(mk);
         s = scores;
     }
+    // The cap before the mask; a Mul(Tanh(..), t) that is not a whole cap is no scale either
+    // (its operand is no MatMul), so the chain is left alone.
+    let mut softcap = 0.0f32;
+    if let Some((x, t)) = soft_cap(m, s) {
+        softcap = t;
+        s = x;
+    }
     let mut scale = 1.0f32;
     if let Some(mul) = m.sole_op(s, "Mul") {
         let (a, b) = m.two(mul)?;
@@ -129,16 +183,17 @@ fn scores(m: &Matcher<'_>, p: ValueId) -> Option<Scores> {
         qk: m.sole_op(s, "MatMul")?,
         mask,
         scale,
+        softcap,
     })
 }
 
 /// The grouped-query spelling `lower` writes below opset 23 (see passes/src/lower.rs):
 ///
 /// ```text
-/// Reshape(MatMul(Softmax(Add?(Mul?(MatMul(Reshape(q, [0, Hkv, G, -1, D]),
-///     Transpose(Unsqueeze(k, [2]), [0, 1, 2, 4, 3])), c), mask'), axis = -1),
+/// Reshape(MatMul(Softmax(Add?(Cap?(Mul?(MatMul(Reshape(q, [0, Hkv, G, -1, D]),
+///     Transpose(Unsqueeze(k, [2]), [0, 1, 2, 4, 3])), c)), mask'), axis = -1),
 ///     Unsqueeze(v, [2])), [0, Hkv·G, -1, Dv])
-///   == ai.perqc::Attention(q, k, v, mask?, scale = c)
+///   == ai.perqc::Attention(q, k, v, mask?, scale = c, softcap = t)
 /// ```
 ///
 /// with `mask' = mask` of rank <= 2, or `Unsqueeze(mask, [r - 2])` of a rank-r mask whose
@@ -147,7 +202,12 @@ fn rewrite_grouped(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     let (y, _) = m.two(end)?;
     let pv = m.sole_op(y, "MatMul")?;
     let (p, v5) = m.two(pv)?;
-    let Scores { qk, mask, scale } = scores(m, p)?;
+    let Scores {
+        qk,
+        mask,
+        scale,
+        softcap,
+    } = scores(m, p)?;
     let (q5, kt5) = m.two(qk)?;
     let t = m.sole_op(kt5, "Transpose")?;
     if m.node(t).attr_ints("perm")? != [0, 1, 2, 4, 3] {
@@ -188,7 +248,7 @@ fn rewrite_grouped(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     let mut patch = Patch::new();
     patch.set_op(
         end,
-        canonical("Attention").attr("scale", AttrValue::Float(scale)),
+        attention_spec(scale, softcap),
         [
             Some(q.into()),
             Some(k.into()),

@@ -1,6 +1,7 @@
 //! Scaled dot-product attention in one pass over cache-sized row blocks: ONNX `Attention`
 //! (opset 23, 4-D inputs), and `ai.perqc::Attention`, the canonical form of the exported
-//! pattern `MatMul(Softmax(Mul(MatMul(Q, Kᵀ), c) + M), V)`; also the attention step of
+//! pattern `MatMul(Softmax(Mul(MatMul(Q, Kᵀ), c) + M), V)` (with `t · tanh(· / t)` after
+//! the `Mul` when soft-capped, attribute `softcap`); also the attention step of
 //! `com.microsoft::GroupQueryAttention` ([`group_query_attention`]: its KV cache, rotary and
 //! window become K, V and a mask for [`sdpa`], with an optional softcap of the scores).
 //!
@@ -9,6 +10,7 @@
 //!
 //! ```text
 //! s_ij = c · (q_i · k_j)            one rounding of the product, as MatMul then Mul
+//! s_ij = t · tanh(s_ij / t)         softcap t > 0 only (vmath's tanh, about 2 ulp)
 //! s_ij += M_ij                      float mask; a bool mask adds -inf where false;
 //!                                   is_causal adds -inf where j > i
 //! p_i  = softmax(s_i)               the same row kernel as Softmax; a row masked
@@ -26,7 +28,7 @@
 
 use super::attn_gemm::{self, Level, Operands, PAD, ROW_PAD};
 use super::vmath::{
-    multiversion, softmax_masked_row, softmax_row, softmax_row_of, sum_squares_slice,
+    multiversion, softcap_row, softmax_masked_row, softmax_row, softmax_row_of, sum_squares_slice,
 };
 use crate::kernel::{Arr, KernelCtx, KernelError, RtTensor, opt, output_vec, req_f32, req_ints};
 use ndarray::{ArrayD, ArrayView4, Axis, IxDyn};
@@ -113,7 +115,8 @@ fn strides4<T>(m: &Arr<T>, shape: [usize; 4]) -> Result<[isize; 4], KernelError>
 
 /// ONNX Attention (opset 23) for 4-d Q `[B, Hq, S, D]`, K `[B, Hkv, L, D]`,
 /// V `[B, Hkv, L, Dv]`, optional mask broadcastable to `[B, Hq, S, L]`; attributes
-/// `scale` (default `1/sqrt(D)`) and `is_causal`. Returns Y `[B, Hq, S, Dv]`.
+/// `scale` (default `1/sqrt(D)`), `softcap` (`t > 0`: scores `t · tanh(s / t)` after the
+/// scaling, before the mask) and `is_causal`. Returns Y `[B, Hq, S, Dv]`.
 pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let (q, k, v) = (
         req_f32(inputs, 0)?,
@@ -123,11 +126,6 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     if opt(inputs, 4).is_some() || opt(inputs, 5).is_some() {
         return Err(KernelError::Invalid(
             "Attention with past_key / past_value is not supported".into(),
-        ));
-    }
-    if ctx.float("softcap", 0.0) != 0.0 {
-        return Err(KernelError::Invalid(
-            "Attention with softcap is not supported".into(),
         ));
     }
     if [q.ndim(), k.ndim(), v.ndim()] != [4, 4, 4] {
@@ -149,7 +147,8 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
         causal: ctx.int("is_causal", 0) != 0,
         // The canonical form keeps the NaN of the Softmax it replaced.
         zero_masked_rows: ctx.node.domain != crate::PERQC_DOMAIN,
-        softcap: 0.0,
+        // As in the ONNX reference, a softcap that is not positive caps nothing.
+        softcap: ctx.float("softcap", 0.0),
         seq_major_out: false,
     };
     let out = sdpa(q, k, v, opt(inputs, 3), &p, ctx.threads, Level::detect())?;
@@ -464,7 +463,18 @@ impl Shared {
 /// of those keys are dead in every row, and `|scale · q_i·k_j| <= scale · |q_i| · |k_j| <
 /// SCORE_BOUND`: then a dead score is below `DEAD + SCORE_BOUND`, the row maximum is above
 /// `LIVE - SCORE_BOUND`, so `exp(score - max) < exp(-9e29)`, which is exactly 0 in f32 and
-/// adds exactly 0 to the softmax sum. Leaving those keys out of the max, the sum and `P V`
+/// adds exactly 0 to the softmax sum.
+///
+/// Invariant with a softcap `t`: the bound is on the scores *before* the mask, and the cap
+/// comes before the mask too, so it only has to keep them bounded: `|t · tanh(s / t)| <=
+/// min(|s|, t)` (tanh shrinks towards 0), plus a few ulp of rounding (vmath's `tanh` is
+/// within about 2 ulp of the true one; see `softcap_row`), far inside the margin
+/// (`DEAD - LIVE + 2 · SCORE_BOUND` is about `-9.8e29`). A dead key's entry stays at or
+/// below `DEAD` after the cap because its mask is added afterwards, unchanged, so it is
+/// still exactly 0 after the exp. (A cap after the mask would map `-inf` to `-t` and break
+/// this; the ONNX op and the canonical chain cap before it.) The norm test reads q and k,
+/// not the capped scores, so non-finite operands still take the full path even where the
+/// cap would have made their scores finite. Leaving those keys out of the max, the sum and `P V`
 /// (their value rows being finite) therefore changes nothing. Non-finite operands make the
 /// norm test fail (NaN compares false), so they take the full path. Under the same bound
 /// each row's softmax runs over its own live range only (keys below `Shared::live`'s
@@ -568,8 +578,7 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
                 let (row, dead) = row[..need].split_at_mut(until[r]);
                 let i = i0 + r;
                 if sh.softcap > 0.0 {
-                    row.iter_mut()
-                        .for_each(|x| *x = sh.softcap * (*x / sh.softcap).tanh());
+                    softcap_row(row, sh.softcap);
                 }
                 match sh.mask {
                     // A contiguous float mask: the causal part, if any, is 0 on the live
@@ -598,8 +607,7 @@ unsafe fn block(sh: &Shared, bi: usize, h: usize, i0: usize) {
                 let row = &mut row[..need];
                 let i = i0 + r;
                 if sh.softcap > 0.0 {
-                    row.iter_mut()
-                        .for_each(|x| *x = sh.softcap * (*x / sh.softcap).tanh());
+                    softcap_row(row, sh.softcap);
                 }
                 if masked {
                     match sh.mask {
