@@ -88,6 +88,38 @@ fn fixtures_agree_with_onnx_runtime() {
     }
 }
 
+/// Hugging Face exports by torch's dynamo exporter: OPT computes its position ids with
+/// CumSum and BERT its token type ids with GatherElements. Token ids stay below 70, inside
+/// every fixture's vocabulary.
+#[test]
+fn hf_opt_and_bert_agree_with_onnx_runtime() {
+    let out = out_dir("runtime_agreement_hf");
+    for (model, width) in [("hf/opt.onnx", 256), ("hf/bert.onnx", 64)] {
+        let sess = session(model, 2);
+        for (k, (batch, seq)) in [(1, 7), (2, 5)].into_iter().enumerate() {
+            let mut r = Lcg(31 + k as u64);
+            let v: Vec<i64> = (0..batch * seq).map(|_| (r.next() % 70) as i64).collect();
+            let x = RtTensor::i64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), v).unwrap());
+            let outs = sess
+                .run(&[("input_ids", x.clone())])
+                .unwrap_or_else(|e| panic!("{model}: {e}"));
+            assert_eq!(outs.len(), 1);
+            assert_eq!(outs[0].1.shape(), &[batch, seq, width], "{model}");
+            let out0 = outs[0].1.as_f32().expect("f32 result");
+            assert!(out0.iter().all(|v| v.is_finite()), "{model}");
+            let stem = model.trim_start_matches("hf/").trim_end_matches(".onnx");
+            native_case(
+                &format!("native_hf_{stem}_{k}"),
+                &out,
+                &fixture(model),
+                &[("input_ids", &x)],
+                &outs,
+                1e-4,
+            );
+        }
+    }
+}
+
 #[test]
 fn torchscript_and_dynamo_llama_agree_natively() {
     let ts = session("llama_ts.onnx", 1);
@@ -383,6 +415,108 @@ fn canonical_attention_rms_norm_and_silu_match_the_exported_graph() {
         plain.run_observed(&[("input_ids", x)], &mut w).unwrap();
         assert_eq!(w.1, 1);
     }
+}
+
+/// Gemma 2 soft-caps its attention logits (`t · tanh(s / t)` between the scaling and the
+/// mask): each layer's chain (MatMul, Mul, Div, Tanh, Mul, Add mask, Softmax, MatMul)
+/// fuses into one Attention step with `softcap`, whose logits match the exported graph
+/// natively and in ONNX Runtime. Lowered at the model's opset 18 the cap is the Div / Tanh /
+/// Mul chain again, which fuses back; at opset 23 it is ONNX Attention's `softcap`. Both
+/// run in ONNX Runtime and agree with the original.
+#[test]
+fn gemma2_soft_capped_attention_fuses_and_agrees_with_onnx_runtime() {
+    let name = "hf/gemma2.onnx";
+    let loaded = perqc_onnx::load(&fixture(name)).unwrap();
+    let mut canon = loaded.model.clone();
+    perqc_passes::canonicalize(&mut canon).unwrap();
+    perqc_ir::verify(&canon).unwrap();
+    let g = &loaded.model.graph;
+    let layers = g.nodes().filter(|(_, n)| n.op_type == "Softmax").count();
+    assert_eq!(layers, 2, "{name}: one attention Softmax per layer");
+    let capped: Vec<Option<f32>> = canon
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "Attention")
+        .map(|(_, n)| n.attr_float("softcap"))
+        .collect();
+    assert_eq!(
+        capped,
+        vec![Some(50.0); layers],
+        "{name}: one capped Attention per layer"
+    );
+    let opts = SessionOptions { threads: 2 };
+    let fused = Session::with_options(&canon, &opts).unwrap();
+    let plain = Session::with_options(&loaded.model, &opts).unwrap();
+    let count = |s: &Session, op: &str| s.step_ops().filter(|o| *o == op).count();
+    assert_eq!(count(&fused, "Attention"), layers);
+    assert_eq!(count(&fused, "Softmax"), 0);
+    // Only the final logits' cap (Div, Tanh, Mul) keeps its Tanh: the layers' caps are in
+    // the Attention steps, the MLPs' tanh in Gelu steps.
+    assert_eq!(count(&fused, "Tanh"), 1);
+    let out = out_dir("runtime_agreement_gemma2");
+    for (k, (batch, seq)) in [(1, 13), (2, 6)].into_iter().enumerate() {
+        let x = ids(batch, seq, 41 + k as u64);
+        let a = fused.run(&[("input_ids", x.clone())]).unwrap();
+        let b = plain.run(&[("input_ids", x.clone())]).unwrap();
+        let (fa, fb) = (a[0].1.as_f32().unwrap(), b[0].1.as_f32().unwrap());
+        let scale = fb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = fa
+            .iter()
+            .zip(fb.iter())
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-5 * scale, "{name}: fused vs exported error {err}");
+        native_case(
+            &format!("native_hf_gemma2_fused_{k}"),
+            &out,
+            &fixture(name),
+            &[("input_ids", &x)],
+            &a,
+            1e-4,
+        );
+    }
+    let attention = |m: &perqc_ir::Model, op: &str| {
+        m.graph
+            .nodes()
+            .filter(|(_, n)| n.op_type == op && n.attr_float("softcap") == Some(50.0))
+            .count()
+    };
+    // Opset 18: the chain, which canonicalizes back.
+    let mut low = canon.clone();
+    perqc_passes::lower_for_export(&mut low).unwrap();
+    assert_eq!(attention(&low, "Attention"), 0);
+    let mut again = low.clone();
+    perqc_passes::canonicalize(&mut again).unwrap();
+    assert_eq!(
+        attention(&again, "Attention"),
+        layers,
+        "lowered chain fuses back"
+    );
+    let path = out.join("lowered_opset18.onnx");
+    perqc_onnx::save(&low, &path, &Default::default()).unwrap();
+    conformance_case(
+        "gemma2_attention_lowered_opset18",
+        &fixture(name),
+        &path,
+        Compare::Close(1e-4),
+    );
+    // Opset 23: ONNX Attention with softcap.
+    let mut up = canon.clone();
+    perqc_passes::opset::upgrade(&mut up, 23).unwrap();
+    perqc_passes::lower_for_export(&mut up).unwrap();
+    assert_eq!(attention(&up, "Attention"), layers);
+    assert!(
+        up.graph
+            .nodes()
+            .all(|(_, n)| n.domain.is_empty() || n.domain == "ai.onnx")
+    );
+    let path = out.join("lowered_opset23.onnx");
+    perqc_onnx::save(&up, &path, &Default::default()).unwrap();
+    conformance_case(
+        "gemma2_attention_lowered_opset23",
+        &fixture(name),
+        &path,
+        Compare::Close(1e-4),
+    );
 }
 
 #[test]

@@ -90,7 +90,10 @@ pub static OPS: &[OpDef] = &[
     op("Trilu", 14, ew::unary)
         .kernel(kmisc::trilu)
         .channel(ch::matrix_positions),
-    op("CumSum", 11, ew::unary),
+    // Opset 14 adds f16 / bf16 only; the axis is an input from 11 on.
+    op("CumSum", 11, ew::unary)
+        .kernel(krd::cumsum)
+        .channel(ch::opaque),
     op("ScatterND", 11, ew::unary),
     op("ScatterElements", 11, ew::unary),
     op("Scatter", 9, ew::unary).until(11),
@@ -272,7 +275,9 @@ pub static OPS: &[OpDef] = &[
     op("Gather", 1, ix::gather)
         .kernel(kix::gather)
         .channel(ch::gather),
-    op("GatherElements", 11, ix::gather_elements),
+    op("GatherElements", 11, ix::gather_elements)
+        .kernel(kix::gather_elements)
+        .channel(ch::opaque),
     op("GatherND", 11, ix::gather_nd)
         .kernel(kix::gather_nd)
         .channel(ch::opaque),
