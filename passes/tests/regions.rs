@@ -429,6 +429,21 @@ fn packed_qkv_is_reported() {
     );
 }
 
+/// Phi's partial rotary embedding concatenates each layer's q and k parts back, so their
+/// channels (64 each: Phi has as many key/value heads as query heads) form no region, in
+/// both layers: the passes' notes give one line for the one cause, not four.
+#[test]
+fn unformed_notes_share_a_line_per_cause() {
+    let r = regions("hf/phi.onnx");
+    assert_eq!(r.unformed.len(), 4, "{}", r.summary());
+    let notes = r.unformed_notes();
+    assert_eq!(notes.len(), 1, "{notes:#?}");
+    assert!(
+        notes[0].contains("Concat") && notes[0].ends_with("(and the same for 3 more linears)"),
+        "{notes:?}"
+    );
+}
+
 /// The tracer reaches a slice's result *backward* (from the other operand of an Add) and
 /// widens it to the sliced value, whose other channels get ids of their own: the region
 /// holds `w1`'s columns 15 down to 8 (`y[.., 15:7:-1]`) paired with `w2`'s columns, and

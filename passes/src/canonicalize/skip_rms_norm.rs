@@ -10,7 +10,7 @@
 //! Splitting the op exposes the residual stream as an ordinary Add, which the region
 //! analysis follows like an exported model's.
 //!
-//! Check: x is f32; results 1 and 2 are unread; the sum is no graph output.
+//! Check: the operands are f32; results 1 and 2 are unread; the sum is no graph output.
 
 use super::{Pattern, canonical};
 use perqc_ir::{AttrValue, Matcher, NodeId, NodeSpec, Patch};
@@ -40,7 +40,10 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
         .copied()
         .flatten()
         .is_some_and(|o| m.graph.outputs.contains(&o));
-    if read(1) || read(2) || sum_is_output || !m.is_f32(x) {
+    // x, skip and gamma share one type (T); the first two may come from an earlier split
+    // (a fresh Add without inferred facts), gamma is an initializer with a declared type.
+    let f32 = [x, skip, gamma].iter().any(|&v| m.is_f32(v));
+    if read(1) || read(2) || sum_is_output || !f32 {
         return None;
     }
     let eps = n.attr_float("epsilon").unwrap_or(1e-5);

@@ -383,10 +383,37 @@ impl Regions {
         s
     }
 
-    /// Notes for a pass that looks for regions of some kind: one per [`Unformed`], saying
-    /// which channels formed no region and at which node they stopped.
+    /// Notes for a pass that looks for regions of some kind, saying which channels formed
+    /// no region and at which node they stopped: one per [`Unformed`], except that those
+    /// stopped for the same reason at the same op type with the same width (the same
+    /// projection of every layer, as a rule) share one note naming the first, so that a
+    /// 30-layer model gets one line where it has one cause.
     pub fn unformed_notes(&self) -> Vec<String> {
-        self.unformed.iter().map(Unformed::describe).collect()
+        let key = |u: &Unformed| {
+            u.blockers.first().map(|b| {
+                let op = b.at.as_deref().map(|a| a.split(" `").next().unwrap_or(a));
+                (u.dim, op.map(str::to_owned), b.reason.clone())
+            })
+        };
+        let mut groups: Vec<(Option<_>, Vec<&Unformed>)> = Vec::new();
+        for u in &self.unformed {
+            let k = key(u);
+            match groups.iter_mut().find(|(g, _)| k.is_some() && *g == k) {
+                Some((_, members)) => members.push(u),
+                None => groups.push((k, vec![u])),
+            }
+        }
+        groups
+            .into_iter()
+            .map(|(_, members)| match members.len() {
+                1 => members[0].describe(),
+                n => format!(
+                    "{} (and the same for {} more linears)",
+                    members[0].describe(),
+                    n - 1
+                ),
+            })
+            .collect()
     }
 
     /// `{"regions": [{"kind", "dim", "sources", "sinks", "params", "heads", "head_dim",
