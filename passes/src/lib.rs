@@ -163,6 +163,7 @@ mod tests {
         fuse-gelu           GELU (erf or tanh form, com.microsoft Gelu/FastGelu, ONNX Gelu) -> ai.perqc::Gelu
         fuse-hadamard       Reshape(MatMul(Reshape(x, [.., f/b, b]), H [b, b] constant), [.., f]) -> ai.perqc::Hadamard
         fuse-fake-quantize  per-token dynamic Q/DQ (row max/min scale, blocked QuantizeLinear -> DequantizeLinear, or its float form) -> ai.perqc::FakeQuantize
+        gather-table        Gather(Transpose(W), ids) of a constant 2-d W -> Gather(Wᵀ stored, ids)
         cat                 block concentration-alignment transform on each mlp region's sink input: M = (S_x^-1 # S_w)^1/2 per k x k block, then the block Hadamard, computed online with the inverse folded into the sink (exact); options k=64, block=32|full|none, damp=0.01, and for the probed error wbits=4, abits=4|none
         dce                 remove nodes and initializers whose results nothing reads
         fold-norms          fold RMS norm gammas into the linear layers that read the norms (exact); rotatable-only=true folds a region's gammas only when all of them fold, so that a rotation can follow

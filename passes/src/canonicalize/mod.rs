@@ -16,6 +16,7 @@
 
 pub mod attention;
 pub mod fake_quantize;
+pub mod gather_table;
 pub mod gelu;
 pub mod hadamard;
 pub mod layer_norm;
@@ -41,7 +42,7 @@ pub struct Pattern {
 }
 
 /// Every pattern, in the order they are tried at each node.
-pub static PATTERNS: [&Pattern; 10] = [
+pub static PATTERNS: [&Pattern; 11] = [
     &attention::PATTERN,
     &linear::PATTERN,
     &rms_norm::PATTERN,
@@ -52,10 +53,11 @@ pub static PATTERNS: [&Pattern; 10] = [
     &gelu::PATTERN,
     &hadamard::PATTERN,
     &fake_quantize::PATTERN,
+    &gather_table::PATTERN,
 ];
 
 /// The pass factory of each pattern, in [`PATTERNS`] order.
-pub static FACTORIES: [PassFactory; 10] = [
+pub static FACTORIES: [PassFactory; 11] = [
     factory::<0>,
     factory::<1>,
     factory::<2>,
@@ -66,6 +68,7 @@ pub static FACTORIES: [PassFactory; 10] = [
     factory::<7>,
     factory::<8>,
     factory::<9>,
+    factory::<10>,
 ];
 
 fn factory<const I: usize>(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
