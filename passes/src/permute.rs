@@ -424,7 +424,8 @@ impl Pass for Permute {
         // choice can take a while per region), then the folds, in region order.
         let mut chosen: Vec<(String, &Region)> = Vec::new();
         for (i, region) in regions.regions.iter().enumerate() {
-            if !self.kinds.contains(&region.kind) {
+            // Online-only regions (packed attention heads) take online rotations only.
+            if !self.kinds.contains(&region.kind) || region.online_only.is_some() {
                 continue;
             }
             let what = format!("region #{i} ({}, d = {})", region.kind.as_str(), region.dim);

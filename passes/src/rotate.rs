@@ -20,11 +20,21 @@
 //!   exact, but they spread outliers differently (docs/results.md measures them). A width
 //!   without that core gets the default construction, with a note.
 //!
+//! - R2 online: where the value heads cannot take a folded rotation (GroupQueryAttention:
+//!   packed heads, values that leave as the cache), the region analysis reports the
+//!   linears reading the attention output as an online-only region
+//!   ([`Region::online_only`](crate::regions::Region)); R2 is then the same per-head
+//!   Hadamard computed on their input (`ai.perqc::Hadamard`, block = head dim, or `b`
+//!   with `heads=block`) with its transpose folded into their weights
+//!   ([`Placement::Online`]): exact, and v_proj and the cache are untouched. One grouped
+//!   note says where and why.
+//!
 //! A region that does not allow rotations is skipped with a note giving the region's
 //! reason (a LayerNorm mean, an unfolded gamma, the stream entering as a graph input); a
 //! layer whose output channels formed no region at all (a barrier before any weight read
 //! them: [`Regions::unformed`]) gets a note naming the barrier.
-//! Counters: `residual-rotated`, `heads-rotated`, `weights-rewritten`, `weights-untied`.
+//! Counters: `residual-rotated`, `heads-rotated`, `heads-rotated-online`,
+//! `weights-rewritten`, `weights-untied`.
 
 use crate::regions::{RegionKind, Regions};
 use crate::transform::{self, ChannelOp, Placement};
@@ -93,11 +103,31 @@ impl Pass for Rotate {
         }
         let regions = ctx.analysis::<Regions>(model)?;
         if self.heads.is_some() {
-            for why in regions.unformed_notes() {
+            // Channels stopped at an op whose result takes R2 online are said below.
+            let online_at: Vec<&str> = regions
+                .online_only()
+                .filter_map(|r| r.online_only.as_ref()?.at.as_deref())
+                .collect();
+            let stopped = Regions {
+                regions: Vec::new(),
+                unformed: regions
+                    .unformed
+                    .iter()
+                    .filter(|u| {
+                        !u.blockers
+                            .iter()
+                            .any(|b| b.at.as_deref().is_some_and(|a| online_at.contains(&a)))
+                    })
+                    .cloned()
+                    .collect(),
+            };
+            for why in stopped.unformed_notes() {
                 ctx.note(format!("{why}: no value/output head rotation there"));
             }
         }
-        let (mut residual, mut heads) = (0u64, 0u64);
+        let (mut residual, mut heads, mut online) = (0u64, 0u64, 0u64);
+        // R2 applied online, grouped for the notes: (key, first line, count).
+        let mut online_notes: Vec<(String, String, usize)> = Vec::new();
         let mut total = transform::Applied::default();
         for (i, region) in regions.regions.iter().enumerate() {
             let op = match (region.kind, self.residual, region.heads) {
@@ -132,6 +162,57 @@ impl Pass for Rotate {
                         self.signs,
                     )
                 }
+                (RegionKind::AttentionVo, _, Some(h))
+                    if self.heads.is_some() && region.online_only.is_some() =>
+                {
+                    let block = self
+                        .heads
+                        .flatten()
+                        .filter(|&b| splits(h.head_dim, b))
+                        .unwrap_or(h.head_dim);
+                    let what = format!(
+                        "region #{i} ({}, d = {}, online only)",
+                        region.kind.as_str(),
+                        region.dim
+                    );
+                    if let Some(b) = region.barriers.first() {
+                        ctx.note(format!(
+                            "{what}: no online value/output head rotation: {}",
+                            b.at.as_ref()
+                                .map_or(b.reason.clone(), |at| format!("{at}: {}", b.reason))
+                        ));
+                        continue;
+                    }
+                    let op = ChannelOp::hadamard(region.dim, block, self.signs)
+                        .map_err(|e| PassError::msg(format!("rotate: {what}: {e}")))?;
+                    if !ctx.rewrite() {
+                        break;
+                    }
+                    match transform::apply(&mut model.graph, region, &op, Placement::Online) {
+                        Ok(a) => {
+                            total += a;
+                            online += 1;
+                            let cause = region.online_only.as_ref().expect("matched");
+                            let at = cause.at.as_deref().unwrap_or("?");
+                            let op_type = at.split(" `").next().unwrap_or(at);
+                            let key = format!("{op_type}|{}|{}|{block}", cause.reason, region.dim);
+                            let sink = region
+                                .sinks
+                                .first()
+                                .map_or("?", |e| region.node_name(e.node));
+                            let line = format!(
+                                "R2 online: a Hadamard of {block} channels per head computed on the input of {sink}, its transpose folded into the weight: the heads of {at} cannot take a folded rotation ({})",
+                                cause.reason
+                            );
+                            match online_notes.iter_mut().find(|n| n.0 == key) {
+                                Some(n) => n.2 += 1,
+                                None => online_notes.push((key, line, 1)),
+                            }
+                        }
+                        Err(why) => ctx.note(format!("{what}: {why}")),
+                    }
+                    continue;
+                }
                 (RegionKind::AttentionVo, _, Some(h)) if self.heads.is_some() => {
                     let block = self
                         .heads
@@ -158,12 +239,19 @@ impl Pass for Rotate {
                 Err(why) => ctx.note(format!("{what}: {why}")),
             }
         }
-        if residual + heads > 0 {
+        for (_, line, n) in online_notes {
+            match n {
+                1 => ctx.note(line),
+                n => ctx.note(format!("{line} (and the same for {} more linears)", n - 1)),
+            }
+        }
+        if residual + heads + online > 0 {
             transform::record_applied(model, Self::NAME);
         }
-        Ok(PassOutcome::from_changed(residual + heads > 0)
+        Ok(PassOutcome::from_changed(residual + heads + online > 0)
             .with("residual-rotated", residual)
             .with("heads-rotated", heads)
+            .with("heads-rotated-online", online)
             .with("weights-rewritten", total.rewritten as u64)
             .with("weights-untied", total.untied as u64))
     }

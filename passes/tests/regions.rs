@@ -577,3 +577,54 @@ fn slice_reached_backward_takes_a_part_of_the_weight() {
         assert!((p - q).abs() <= 1e-5 * max, "{p} vs {q}");
     }
 }
+
+/// GroupQueryAttention's packed heads are a barrier for the value channels, so its result
+/// (`[B, S, 4 heads · 16]`) read by a float o_proj forms an online-only attention_vo region:
+/// no source, o_proj as the sink, one group per query head, nothing folds (the reason names
+/// the op, "online only"). The fixture's o_proj is a packed MatMulNBits (no sink: no
+/// region), so layer 1's is made a float MatMul first.
+#[test]
+fn packed_attention_output_is_online_only() {
+    let r = regions("ort_kv_decoder.onnx");
+    assert_eq!(r.online_only().count(), 0, "{}", r.summary());
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/ort_kv_decoder.onnx");
+    let mut model = perqc_onnx::load(&path).expect("fixture loads").model;
+    let g = &mut model.graph;
+    let o = g
+        .nodes()
+        .find(|(_, n)| n.name == "/model/layers.1/attn/o_proj/MatMulNBits")
+        .map(|(id, _)| id)
+        .expect("o_proj");
+    let w = g
+        .add_initializer(
+            "o_proj.weight",
+            perqc_ir::Tensor::from_slice(vec![64, 64], &vec![0.01f32; 64 * 64]),
+        )
+        .unwrap();
+    let x = g.node(o).input(0);
+    g.set_op(o, perqc_ir::NodeSpec::new("MatMul"), &[x, Some(w)])
+        .unwrap();
+    perqc_passes::canonicalize(&mut model).expect("canonicalizes");
+    let shapes = perqc_ops::infer_model(&model).expect("shapes");
+    let r = Regions::find(&model, &shapes);
+    let online: Vec<&Region> = r.online_only().collect();
+    assert_eq!(online.len(), 1, "{}", r.summary());
+    let o = online[0];
+    assert_eq!(o.kind, RegionKind::AttentionVo);
+    assert!(o.sources.is_empty() && o.barriers.is_empty());
+    assert_eq!((o.sinks.len(), o.dim), (1, 64));
+    let h = o.heads.expect("heads");
+    assert_eq!((h.heads, h.head_dim), (4, 16));
+    assert_eq!((o.groups[15], o.groups[16]), (0, 1));
+    let cause = o.online_only.as_ref().unwrap();
+    assert!(
+        cause.at.as_deref().unwrap().contains("GroupQueryAttention"),
+        "{cause:?}"
+    );
+    let why = o.why_not(TransformKind::Rotation).unwrap();
+    assert!(
+        why.contains("packed") && why.contains("online only"),
+        "{why}"
+    );
+    assert!(r.summary().contains("online only"));
+}

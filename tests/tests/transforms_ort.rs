@@ -119,3 +119,127 @@ fn gemma2_soft_capped_attention() {
         emit("hf/gemma2.onnx", tag, p);
     }
 }
+
+/// The builder-style KV-cache decoder with layer 1's o_proj made a float MatMul (the
+/// fixture's is MatMulNBits, which no transform can fold into): the GroupQueryAttention
+/// output it reads forms an online-only region, so `rotate` applies R2 online there (an
+/// `ai.perqc::Hadamard` of one head before o_proj, its transpose folded into o_proj's
+/// rows). The logits and every present key/value equal the original's: natively here, and
+/// in ONNX Runtime through the registered cases (valid cache inputs, not random ones).
+#[test]
+fn kv_decoder_online_head_rotation() {
+    use ndarray::{ArrayD, IxDyn};
+    use perqc_ir::{NodeSpec, Tensor};
+    use perqc_runtime::{RtTensor, Session, SessionOptions};
+
+    let mut model = perqc_onnx::load(&fixture("ort_kv_decoder.onnx"))
+        .expect("loads")
+        .model;
+    let g = &mut model.graph;
+    let o = g
+        .nodes()
+        .find(|(_, n)| n.name == "/model/layers.1/attn/o_proj/MatMulNBits")
+        .map(|(id, _)| id)
+        .expect("layer 1 o_proj");
+    let (k, n) = {
+        let node = g.node(o);
+        (
+            node.attr_int("K").unwrap() as usize,
+            node.attr_int("N").unwrap() as usize,
+        )
+    };
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| (((i * 7919) % 113) as f32 / 113.0 - 0.5) / (k as f32).sqrt())
+        .collect();
+    let wv = g
+        .add_initializer(
+            "model.layers.1.attn.o_proj.weight",
+            Tensor::from_slice(vec![k as i64, n as i64], &w),
+        )
+        .unwrap();
+    let x = g.node(o).input(0);
+    g.set_op(o, NodeSpec::new("MatMul"), &[x, Some(wv)])
+        .unwrap();
+    let dir = out_dir("transforms_ort_kv_decoder_online");
+    let reference = dir.join("reference.onnx");
+    perqc_onnx::save(&model, &reference, &Default::default()).expect("saves");
+
+    perqc_passes::canonicalize(&mut model).expect("canonicalizes");
+    let session = |m: &perqc_ir::Model| Session::with_options(m, &SessionOptions { threads: 2 });
+    let before = session(&model).expect("session");
+    let mut p = perqc_passes::registry()
+        .build("fold-norms,rotate")
+        .expect("pipeline");
+    let mut opts = perqc_ir::RunOptions::default();
+    let report = PassManager::new()
+        .run(&mut model, &mut p, &mut opts)
+        .expect("runs");
+    let text = format!("{report:?}");
+    assert!(
+        text.contains("R2 online") && text.contains("heads-rotated-online"),
+        "{text}"
+    );
+    let had: Vec<_> = model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "Hadamard")
+        .map(|(_, n)| n.name.clone())
+        .collect();
+    assert_eq!(had.len(), 1, "one online head rotation: {had:?}");
+    let after = session(&model).expect("session");
+    perqc_passes::lower_for_export(&mut model).expect("lowers");
+    let out = dir.join("model.onnx");
+    perqc_onnx::save(&model, &out, &Default::default()).expect("saves");
+
+    for (case, (batch, seq)) in [(1, 9), (2, 5)].into_iter().enumerate() {
+        let ids: Vec<i64> = (0..batch * seq)
+            .map(|i| ((i * 37 + 11) % 256) as i64)
+            .collect();
+        let mut feeds = vec![
+            (
+                "input_ids".to_string(),
+                RtTensor::i64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), ids).unwrap()),
+            ),
+            (
+                "attention_mask".to_string(),
+                RtTensor::i64(ArrayD::from_elem(IxDyn(&[batch, seq]), 1)),
+            ),
+            (
+                "position_ids".to_string(),
+                RtTensor::i64(ArrayD::from_shape_fn(IxDyn(&[batch, seq]), |i| i[1] as i64)),
+            ),
+        ];
+        for l in 0..2 {
+            for kv in ["key", "value"] {
+                feeds.push((
+                    format!("past_key_values.{l}.{kv}"),
+                    RtTensor::f32(ArrayD::zeros(IxDyn(&[batch, 2, 0, 16]))),
+                ));
+            }
+        }
+        let named: Vec<(&str, RtTensor)> =
+            feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let want = before.run(&named).expect("runs");
+        let got = after.run(&named).expect("runs");
+        assert_eq!(want.len(), 5, "logits and four present tensors");
+        for ((name, a), (_, b)) in want.iter().zip(&got) {
+            let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+            assert_eq!(a.shape(), b.shape(), "{name}");
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+            let err = a
+                .iter()
+                .zip(b.iter())
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err / scale < 1e-4, "{name}: relative error {}", err / scale);
+        }
+        let refs: Vec<(&str, &RtTensor)> = named.iter().map(|(n, t)| (*n, t)).collect();
+        common::native_case(
+            &format!("transform_ort_kv_decoder_online_{case}"),
+            &dir,
+            &out,
+            &refs,
+            &want,
+            1e-4,
+        );
+    }
+}

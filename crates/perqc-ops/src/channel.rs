@@ -178,6 +178,23 @@ impl ChannelFlow {
 /// A channel rule: the flow of channels on `ctx.axis` of input `ctx.input`.
 pub type ChannelFn = fn(&ChannelCtx<'_>) -> ChannelFlow;
 
+/// A result axis of an op that holds attention heads (`head_dim` consecutive channels
+/// per head) which no channel transform of the op's inputs reaches, for `reason` (the
+/// heads are packed with the queries and keys, the values leave as a cache): the channel
+/// rule is a barrier there, and the only per-head transform is one computed on the result
+/// before the weights that read it (the region analysis reports them as an online-only
+/// region).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResultHeads {
+    pub output: usize,
+    pub axis: usize,
+    pub head_dim: usize,
+    pub reason: &'static str,
+}
+
+/// The op table's result-heads column: asked with `input = axis = 0`.
+pub type ResultHeadsFn = fn(&ChannelCtx<'_>) -> Option<ResultHeads>;
+
 /// What a channel rule sees.
 pub struct ChannelCtx<'a> {
     pub node: &'a Node,
@@ -558,6 +575,25 @@ pub fn rotate_half(ctx: &ChannelCtx<'_>) -> ChannelFlow {
 /// are structure the region analysis handles itself.
 pub fn packed_attention(_: &ChannelCtx<'_>) -> ChannelFlow {
     ChannelFlow::Barrier("packed attention heads")
+}
+
+/// The attention output of GroupQueryAttention, `[B, S, Hq·D]`: query head `j`'s result
+/// (a mix of key/value head `j / g`'s values) on channels `j·D .. (j + 1)·D`. The heads
+/// reach it from packed or cached inputs (a barrier above), so a per-head transform of
+/// the values can only be computed on the result (R2 online).
+pub fn packed_attention_heads(ctx: &ChannelCtx<'_>) -> Option<ResultHeads> {
+    let hq = ctx.int("num_heads", 0);
+    let out = ctx.out_shape(0)?;
+    let width = out.last()?.known()?;
+    if out.len() != 3 || hq <= 0 || width % hq != 0 {
+        return None;
+    }
+    Some(ResultHeads {
+        output: 0,
+        axis: 2,
+        head_dim: (width / hq) as usize,
+        reason: "packed attention heads",
+    })
 }
 
 /// Attention over 4-d `q [B, Hq, S, D]`, `k [B, Hkv, L, D]`, `v [B, Hkv, L, Dv]`: the
@@ -1082,6 +1118,31 @@ pub fn flow(
         return ChannelFlow::Barrier("axis out of range");
     }
     (def.channel)(&ctx)
+}
+
+/// The result axis of node `id` that holds attention heads no input transform reaches,
+/// if the op table declares one ([`ResultHeads`]).
+pub fn result_heads(
+    graph: &perqc_ir::Graph,
+    id: perqc_ir::NodeId,
+    shapes: &crate::ShapeMap,
+    opset: &dyn Fn(&str) -> Option<i64>,
+) -> Option<ResultHeads> {
+    let node = graph.node(id);
+    let def = crate::lookup_node(node, opset)?;
+    let rule = def.result_heads?;
+    let facts = |vs: &[Option<perqc_ir::ValueId>]| -> Vec<Option<&Facts>> {
+        vs.iter().map(|v| v.and_then(|v| shapes.get(v))).collect()
+    };
+    let ctx = ChannelCtx {
+        node,
+        opset: opset(&node.domain).unwrap_or(def.since_version),
+        inputs: facts(node.inputs()),
+        outputs: facts(node.outputs()),
+        input: 0,
+        axis: 0,
+    };
+    rule(&ctx)
 }
 
 /// `ai.perqc::Hadamard(x, H)`: `y_blk = x_blk · H` on every block of `b` consecutive

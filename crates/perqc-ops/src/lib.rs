@@ -57,6 +57,9 @@ pub struct OpDef {
     pub kernel: Option<KernelFn>,
     /// How a channel axis flows through the op (see [`channel`]); a barrier by default.
     pub channel: ChannelFn,
+    /// Where the op's result carries attention heads that no channel transform of its
+    /// inputs reaches (see [`channel::ResultHeads`]); `None` for most ops.
+    pub result_heads: Option<channel::ResultHeadsFn>,
 }
 
 impl OpDef {
@@ -80,6 +83,7 @@ impl OpDef {
             infer,
             kernel: None,
             channel: channel::undeclared,
+            result_heads: None,
         }
     }
 
@@ -98,6 +102,12 @@ impl OpDef {
     /// Sets the channel rule.
     pub const fn channel(mut self, rule: ChannelFn) -> OpDef {
         self.channel = rule;
+        self
+    }
+
+    /// Sets the result-heads rule.
+    pub const fn result_heads(mut self, rule: channel::ResultHeadsFn) -> OpDef {
+        self.result_heads = Some(rule);
         self
     }
 

@@ -454,5 +454,6 @@ pub static OPS: &[OpDef] = &[
         .channel(ch::rotary),
     OpDef::custom(MS, "GroupQueryAttention", 1, la::group_query_attention)
         .kernel(katt::group_query_attention)
-        .channel(ch::packed_attention),
+        .channel(ch::packed_attention)
+        .result_heads(ch::packed_attention_heads),
 ];

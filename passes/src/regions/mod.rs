@@ -141,6 +141,10 @@ pub struct Region {
     pub groups: Vec<u32>,
     /// Where the channels escape: no transform is legal.
     pub barriers: Vec<Blocker>,
+    /// An online-only region (see the module comment): the op whose result the channels
+    /// are and why nothing reaches them there. No transform folds; an online one before
+    /// the sinks may apply.
+    pub online_only: Option<Blocker>,
     kinds: Kinds,
     /// Whether each param tensor is uniform along its axis, by `params` index.
     uniform_params: Vec<bool>,
@@ -166,6 +170,9 @@ impl Region {
     pub fn why_not(&self, kind: TransformKind) -> Option<String> {
         if let Some(b) = self.barriers.first() {
             return Some(describe(b));
+        }
+        if let Some(b) = &self.online_only {
+            return Some(format!("{} (online only)", describe(b)));
         }
         let k = match kind {
             TransformKind::Permutation => &self.kinds.permutation,
@@ -283,7 +290,18 @@ impl Regions {
             out.regions.extend(regions);
             out.unformed.extend(unformed);
         }
+        // Online-only regions after the others (the others keep their indices).
+        for &node in model.graph.node_order() {
+            if let Some(r) = online_region(&env, node) {
+                out.regions.push(r);
+            }
+        }
         out
+    }
+
+    /// The online-only regions (see the module comment).
+    pub fn online_only(&self) -> impl Iterator<Item = &Region> {
+        self.regions.iter().filter(|r| r.online_only.is_some())
     }
 
     /// The channels that axis `axis` of constant input `input` of `node` writes, traced
@@ -336,7 +354,9 @@ impl Regions {
                 k => k.as_str().to_string(),
             })
             .collect();
-            let legal = if legal.is_empty() {
+            let legal = if r.online_only.is_some() && r.barriers.is_empty() {
+                "online only".to_string()
+            } else if legal.is_empty() {
                 "none".to_string()
             } else {
                 legal.join(", ")
@@ -899,12 +919,38 @@ fn classify_part(
         heads,
         groups,
         barriers,
+        online_only: None,
         kinds,
         uniform_params,
         scale_sources: positive.ok(),
         signed_scale_sources: signed.ok(),
         names,
     })
+}
+
+/// The online-only region of `node`'s result, if the op table says it holds heads that no
+/// transform of its inputs reaches and linears read it.
+fn online_region(env: &Env<'_>, node: NodeId) -> Option<Region> {
+    let rh = env.result_heads(node)?;
+    let t = Trace::from_result(env, node, rh.output, rh.axis)?;
+    let (mut regions, _) = classify(env, t, Some(RegionKind::AttentionVo));
+    let mut r = regions.pop()?;
+    if r.sinks.is_empty() || rh.head_dim == 0 || !r.dim.is_multiple_of(rh.head_dim) {
+        return None;
+    }
+    let heads = r.dim / rh.head_dim;
+    r.heads = Some(Heads {
+        heads,
+        kv_heads: heads,
+        head_dim: rh.head_dim,
+    });
+    r.groups = (0..r.dim).map(|c| (c / rh.head_dim) as u32).collect();
+    r.online_only = Some(Blocker {
+        at: Some(env.node_label(node)),
+        reason: rh.reason.to_string(),
+    });
+    r.names.nodes.insert(node, env.node_label(node));
+    Some(r)
 }
 
 /// Whether a constant has one value throughout (then any orthogonal map commutes with

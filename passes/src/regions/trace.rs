@@ -224,6 +224,11 @@ impl<'a> Env<'a> {
 
     /// The constant inputs of `node` whose axis `axis` the rule sends through to a result
     /// as channels that every linear map commutes with: where regions start.
+    pub fn result_heads(&self, node: NodeId) -> Option<channel::ResultHeads> {
+        let opset = |d: &str| self.model.opset(d);
+        channel::result_heads(self.graph, node, self.shapes, &opset)
+    }
+
     pub fn seeds(&self, node: NodeId) -> Vec<(usize, usize)> {
         let n = self.graph.node(node);
         let mut out = Vec::new();
@@ -260,6 +265,22 @@ impl Trace {
         let ids = t.ids.fresh(n);
         t.seed_ids = ids.clone();
         t.operand(env, node, input, SmallVec::from_slice(&[axis]), ids);
+        t.run(env);
+        Some(t)
+    }
+
+    /// The channels on axis `axis` of result `output` of `node`, traced forward only (to
+    /// the weights that read them): where an op's result holds heads that no transform of
+    /// its inputs reaches ([`channel::ResultHeads`]), so the trace has no source.
+    pub fn from_result(env: &Env<'_>, node: NodeId, output: usize, axis: usize) -> Option<Trace> {
+        let v = (*env.graph.node(node).outputs().get(output)?)?;
+        let n = env.extents(v, &[axis])?[0];
+        let mut t = Trace::default();
+        let ids = t.ids.fresh(n);
+        t.seed_ids = ids.clone();
+        // The producer is where the channels start: not traced back into it.
+        t.done_nodes.insert((node, 0), ());
+        t.visit(env, v, SmallVec::from_slice(&[axis]), ids);
         t.run(env);
         Some(t)
     }
