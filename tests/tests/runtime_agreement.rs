@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Compare, conformance_case, fixture, native_case, out_dir};
+use common::{Compare, conformance_case, fixture, kv_decoder_feeds, native_case, out_dir};
 use ndarray::{ArrayD, IxDyn};
 use perqc_runtime::{RtTensor, Session, SessionOptions};
 
@@ -271,25 +271,7 @@ fn kv_cache_decoder_agrees_with_onnx_runtime() {
     let s = session("ort_kv_decoder.onnx", 2);
     let dir = out_dir("native_ort_kv_decoder");
     for (k, (batch, seq)) in [(1, 9), (2, 5)].into_iter().enumerate() {
-        let mut feeds = vec![
-            ("input_ids".to_string(), ids(batch, seq, 40 + k as u64)),
-            (
-                "attention_mask".to_string(),
-                RtTensor::i64(ArrayD::from_elem(IxDyn(&[batch, seq]), 1)),
-            ),
-            (
-                "position_ids".to_string(),
-                RtTensor::i64(ArrayD::from_shape_fn(IxDyn(&[batch, seq]), |i| i[1] as i64)),
-            ),
-        ];
-        for l in 0..2 {
-            for kv in ["key", "value"] {
-                feeds.push((
-                    format!("past_key_values.{l}.{kv}"),
-                    RtTensor::f32(ArrayD::zeros(IxDyn(&[batch, 2, 0, 16]))),
-                ));
-            }
-        }
+        let feeds = kv_decoder_feeds(ids(batch, seq, 40 + k as u64));
         let named: Vec<(&str, RtTensor)> =
             feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         let out = s.run(&named).unwrap();

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Compare, conformance_case, fixture, out_dir};
+use common::{Compare, conformance_case, fixture, kv_decoder_feeds, out_dir};
 use perqc_ir::{PassManager, RunOptions};
 
 const PIPELINES: [(&str, &str); 6] = [
@@ -195,28 +195,9 @@ fn kv_decoder_online_head_rotation() {
         let ids: Vec<i64> = (0..batch * seq)
             .map(|i| ((i * 37 + 11) % 256) as i64)
             .collect();
-        let mut feeds = vec![
-            (
-                "input_ids".to_string(),
-                RtTensor::i64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), ids).unwrap()),
-            ),
-            (
-                "attention_mask".to_string(),
-                RtTensor::i64(ArrayD::from_elem(IxDyn(&[batch, seq]), 1)),
-            ),
-            (
-                "position_ids".to_string(),
-                RtTensor::i64(ArrayD::from_shape_fn(IxDyn(&[batch, seq]), |i| i[1] as i64)),
-            ),
-        ];
-        for l in 0..2 {
-            for kv in ["key", "value"] {
-                feeds.push((
-                    format!("past_key_values.{l}.{kv}"),
-                    RtTensor::f32(ArrayD::zeros(IxDyn(&[batch, 2, 0, 16]))),
-                ));
-            }
-        }
+        let feeds = kv_decoder_feeds(RtTensor::i64(
+            ArrayD::from_shape_vec(IxDyn(&[batch, seq]), ids).unwrap(),
+        ));
         let named: Vec<(&str, RtTensor)> =
             feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         let want = before.run(&named).expect("runs");

@@ -1103,17 +1103,7 @@ pub fn flow(
     let Some(def) = crate::lookup_node(node, opset) else {
         return ChannelFlow::Barrier("op unknown to the op table");
     };
-    let facts = |vs: &[Option<perqc_ir::ValueId>]| -> Vec<Option<&Facts>> {
-        vs.iter().map(|v| v.and_then(|v| shapes.get(v))).collect()
-    };
-    let ctx = ChannelCtx {
-        node,
-        opset: opset(&node.domain).unwrap_or(def.since_version),
-        inputs: facts(node.inputs()),
-        outputs: facts(node.outputs()),
-        input,
-        axis,
-    };
+    let ctx = context(node, def, shapes, opset, input, axis);
     if ctx.rank(input).is_some_and(|r| axis >= r) {
         return ChannelFlow::Barrier("axis out of range");
     }
@@ -1131,18 +1121,30 @@ pub fn result_heads(
     let node = graph.node(id);
     let def = crate::lookup_node(node, opset)?;
     let rule = def.result_heads?;
-    let facts = |vs: &[Option<perqc_ir::ValueId>]| -> Vec<Option<&Facts>> {
+    rule(&context(node, def, shapes, opset, 0, 0))
+}
+
+/// What the op table's rules see of `node`: its operands' and results' facts, and `axis`
+/// of input `input`.
+fn context<'a>(
+    node: &'a Node,
+    def: &crate::OpDef,
+    shapes: &'a crate::ShapeMap,
+    opset: &dyn Fn(&str) -> Option<i64>,
+    input: usize,
+    axis: usize,
+) -> ChannelCtx<'a> {
+    let facts = |vs: &[Option<perqc_ir::ValueId>]| -> Vec<Option<&'a Facts>> {
         vs.iter().map(|v| v.and_then(|v| shapes.get(v))).collect()
     };
-    let ctx = ChannelCtx {
+    ChannelCtx {
         node,
         opset: opset(&node.domain).unwrap_or(def.since_version),
         inputs: facts(node.inputs()),
         outputs: facts(node.outputs()),
-        input: 0,
-        axis: 0,
-    };
-    rule(&ctx)
+        input,
+        axis,
+    }
 }
 
 /// `ai.perqc::Hadamard(x, H)`: `y_blk = x_blk · H` on every block of `b` consecutive

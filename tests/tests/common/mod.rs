@@ -116,3 +116,32 @@ pub fn native_case(
     );
     std::fs::write(conf.join(format!("{name}.json")), json).expect("writing the conformance case");
 }
+
+/// The feeds of `ort_kv_decoder.onnx` for one window scored from scratch: `ids`
+/// `[batch, seq]`, an all-ones attention mask, positions `0..seq` and empty caches (2 layers
+/// of 2 key/value heads of 16).
+pub fn kv_decoder_feeds(ids: perqc_runtime::RtTensor) -> Vec<(String, perqc_runtime::RtTensor)> {
+    use ndarray::{ArrayD, IxDyn};
+    use perqc_runtime::RtTensor;
+    let (batch, seq) = (ids.shape()[0], ids.shape()[1]);
+    let mut feeds = vec![
+        ("input_ids".to_string(), ids),
+        (
+            "attention_mask".to_string(),
+            RtTensor::i64(ArrayD::from_elem(IxDyn(&[batch, seq]), 1)),
+        ),
+        (
+            "position_ids".to_string(),
+            RtTensor::i64(ArrayD::from_shape_fn(IxDyn(&[batch, seq]), |i| i[1] as i64)),
+        ),
+    ];
+    for l in 0..2 {
+        for kv in ["key", "value"] {
+            feeds.push((
+                format!("past_key_values.{l}.{kv}"),
+                RtTensor::f32(ArrayD::zeros(IxDyn(&[batch, 2, 0, 16]))),
+            ));
+        }
+    }
+    feeds
+}
