@@ -126,8 +126,8 @@ impl Pass for Rotate {
             }
         }
         let (mut residual, mut heads, mut online) = (0u64, 0u64, 0u64);
-        // R2 applied online, grouped for the notes: (key, first line, count).
-        let mut online_notes: Vec<(String, String, usize)> = Vec::new();
+        // R2 applied online, grouped for the notes by cause.
+        let mut online_notes: Vec<(Option<String>, String)> = Vec::new();
         let mut total = transform::Applied::default();
         for (i, region) in regions.regions.iter().enumerate() {
             let op = match (region.kind, self.residual, region.heads) {
@@ -194,8 +194,12 @@ impl Pass for Rotate {
                             online += 1;
                             let cause = region.online_only.as_ref().expect("matched");
                             let at = cause.at.as_deref().unwrap_or("?");
-                            let op_type = at.split(" `").next().unwrap_or(at);
-                            let key = format!("{op_type}|{}|{}|{block}", cause.reason, region.dim);
+                            let key = format!(
+                                "{}|{}|{}|{block}",
+                                crate::regions::op_of(at),
+                                cause.reason,
+                                region.dim
+                            );
                             let sink = region
                                 .sinks
                                 .first()
@@ -204,10 +208,7 @@ impl Pass for Rotate {
                                 "R2 online: a Hadamard of {block} channels per head computed on the input of {sink}, its transpose folded into the weight: the heads of {at} cannot take a folded rotation ({})",
                                 cause.reason
                             );
-                            match online_notes.iter_mut().find(|n| n.0 == key) {
-                                Some(n) => n.2 += 1,
-                                None => online_notes.push((key, line, 1)),
-                            }
+                            online_notes.push((Some(key), line));
                         }
                         Err(why) => ctx.note(format!("{what}: {why}")),
                     }
@@ -239,11 +240,8 @@ impl Pass for Rotate {
                 Err(why) => ctx.note(format!("{what}: {why}")),
             }
         }
-        for (_, line, n) in online_notes {
-            match n {
-                1 => ctx.note(line),
-                n => ctx.note(format!("{line} (and the same for {} more linears)", n - 1)),
-            }
+        for line in crate::regions::grouped_notes(online_notes) {
+            ctx.note(line);
         }
         if residual + heads + online > 0 {
             transform::record_applied(model, Self::NAME);

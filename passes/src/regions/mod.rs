@@ -253,6 +253,31 @@ fn describe(b: &Blocker) -> String {
     }
 }
 
+/// The op type of a place written `` Op `name` ``.
+pub fn op_of(at: &str) -> &str {
+    at.split(" `").next().unwrap_or(at)
+}
+
+/// Notes with the same key (`None`: never grouped) as one line: the first one's, followed
+/// by how many more there were, so that a cause shared by every layer of a model is said
+/// once.
+pub fn grouped_notes(notes: impl IntoIterator<Item = (Option<String>, String)>) -> Vec<String> {
+    let mut groups: Vec<(Option<String>, String, usize)> = Vec::new();
+    for (key, line) in notes {
+        match groups.iter_mut().find(|g| key.is_some() && g.0 == key) {
+            Some(g) => g.2 += 1,
+            None => groups.push((key, line, 1)),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(_, line, n)| match n {
+            1 => line,
+            n => format!("{line} (and the same for {} more linears)", n - 1),
+        })
+        .collect()
+}
+
 /// Every region of a model's main graph, in the order their first source appears.
 #[derive(Clone, Debug, Default)]
 pub struct Regions {
@@ -409,31 +434,13 @@ impl Regions {
     /// projection of every layer, as a rule) share one note naming the first, so that a
     /// 30-layer model gets one line where it has one cause.
     pub fn unformed_notes(&self) -> Vec<String> {
-        let key = |u: &Unformed| {
-            u.blockers.first().map(|b| {
-                let op = b.at.as_deref().map(|a| a.split(" `").next().unwrap_or(a));
-                (u.dim, op.map(str::to_owned), b.reason.clone())
-            })
-        };
-        let mut groups: Vec<(Option<_>, Vec<&Unformed>)> = Vec::new();
-        for u in &self.unformed {
-            let k = key(u);
-            match groups.iter_mut().find(|(g, _)| k.is_some() && *g == k) {
-                Some((_, members)) => members.push(u),
-                None => groups.push((k, vec![u])),
-            }
-        }
-        groups
-            .into_iter()
-            .map(|(_, members)| match members.len() {
-                1 => members[0].describe(),
-                n => format!(
-                    "{} (and the same for {} more linears)",
-                    members[0].describe(),
-                    n - 1
-                ),
-            })
-            .collect()
+        grouped_notes(self.unformed.iter().map(|u| {
+            let key = u.blockers.first().map(|b| {
+                let at = b.at.as_deref().map(op_of);
+                format!("{}|{}|{}", u.dim, at.unwrap_or(""), b.reason)
+            });
+            (key, u.describe())
+        }))
     }
 
     /// `{"regions": [{"kind", "dim", "sources", "sinks", "params", "heads", "head_dim",
