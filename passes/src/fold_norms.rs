@@ -14,7 +14,9 @@
 //! without a rotation only moves their outliers into the weights' input columns (W4A4 on
 //! the Gemma-like fixture: q/k/v output SQNR 15 -> 4 dB). A tied embedding/lm_head is untied by the mechanism only here, where the
 //! final norm's γ changes the lm_head side alone. LayerNorm's mean subtraction is not
-//! rotation-invariant; its regions stay blocked for rotations (the region says so).
+//! rotation-invariant; its regions stay blocked for rotations (the region says so) unless
+//! `center-stream` (before this pass in the recipe) made a residual stream's LayerNorms RMS
+//! norms.
 //!
 //! Counters: `norms-folded`, `weights-rewritten`, `weights-untied`.
 

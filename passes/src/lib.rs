@@ -7,6 +7,7 @@
 pub mod calibration;
 pub mod canonicalize;
 pub mod cat;
+pub mod center_stream;
 pub mod dce;
 pub mod fold_norms;
 pub mod fuse_int_linear;
@@ -28,6 +29,7 @@ pub mod transform;
 
 pub use canonicalize::Canonicalize;
 pub use cat::Cat;
+pub use center_stream::CenterStream;
 pub use dce::Dce;
 pub use fold_norms::FoldNorms;
 pub use fuse_int_linear::FuseIntLinear;
@@ -87,6 +89,11 @@ pub fn registry() -> PassRegistry {
         r.register(p.name, p.description, f);
     }
     r.register(Cat::NAME, Cat::DESCRIPTION, Cat::from_options);
+    r.register(
+        CenterStream::NAME,
+        CenterStream::DESCRIPTION,
+        CenterStream::from_options,
+    );
     r.register(Dce::NAME, Dce::DESCRIPTION, Dce::from_options)
         .register(
             FoldNorms::NAME,
@@ -165,6 +172,7 @@ mod tests {
         fuse-fake-quantize  per-token dynamic Q/DQ (row max/min scale, blocked QuantizeLinear -> DequantizeLinear, or its float form) -> ai.perqc::FakeQuantize
         gather-table        Gather(Transpose(W), ids) of a constant 2-d W -> Gather(Wᵀ stored, ids)
         cat                 block concentration-alignment transform on each mlp region's sink input: M = (S_x^-1 # S_w)^1/2 per k x k block, then the block Hadamard, computed online with the inverse folded into the sink (exact); options k=64, block=32|full|none, damp=0.01, and for the probed error wbits=4, abits=4|none
+        center-stream       center every writer of a LayerNorm residual stream and turn its LayerNorms into RMS norms with beta folded into the readers' biases (exact where the stream is read only through its norms), so that fold-norms and R1 apply
         dce                 remove nodes and initializers whose results nothing reads
         fold-norms          fold RMS norm gammas into the linear layers that read the norms (exact); rotatable-only=true folds a region's gammas only when all of them fold, so that a rotation can follow
         fuse-int-linear     MatMul or Linear(FakeQuantize(x), DequantizeLinear(int4 W, per-column or grouped scale)) -> ai.perqc::QuantizeTokens (once per activation) + QuantizedLinear, the native runtime's integer product; with weight-only=true (default) also float-activation linears on 4-bit weights and MatMulNBits, on 8-bit per-token activation codes (not bit-exact; no ONNX lowering)

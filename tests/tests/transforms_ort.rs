@@ -224,3 +224,58 @@ fn kv_decoder_online_head_rotation() {
         );
     }
 }
+
+/// The LayerNorm decoders (GPT-2, OPT, GPT-NeoX, Phi, StableLM): `center-stream` centers
+/// every writer of the residual stream and turns its LayerNorms into RMS norms (β into the
+/// readers' biases), so that `fold-norms` folds their gammas and `rotate` applies R1. No
+/// LayerNorm is left, and ONNX Runtime gives the original's outputs. The encoder's stream
+/// is its graph input: nothing is centered there, and it stays exact.
+#[test]
+fn layer_norm_streams_centered_and_rotated() {
+    const CENTERED: [(&str, &str); 2] = [
+        ("center_rotate", "center-stream,fold-norms,rotate"),
+        (
+            "center_chain",
+            "permute(method=random,seed=1,block=32),center-stream,fold-norms(rotatable-only=true),rotate,online-hadamard(block=32)",
+        ),
+    ];
+    for name in [
+        "hf/gpt2.onnx",
+        "hf/opt.onnx",
+        "hf/gpt_neox.onnx",
+        "hf/phi.onnx",
+        "hf/stablelm.onnx",
+    ] {
+        let mut model = perqc_onnx::load(&fixture(name)).expect("loads").model;
+        perqc_passes::canonicalize(&mut model).expect("canonicalizes");
+        let mut p = perqc_passes::registry()
+            .build("center-stream,fold-norms(rotatable-only=true)")
+            .expect("pipeline");
+        PassManager::new()
+            .run(&mut model, &mut p, &mut RunOptions::default())
+            .expect("runs");
+        let left = model
+            .graph
+            .nodes()
+            .filter(|(_, n)| n.op_type == "LayerNormalization")
+            .count();
+        assert_eq!(left, 0, "{name}: {left} LayerNorms left");
+        let regions = <perqc_passes::regions::Regions as perqc_ir::Analysis>::compute(&model)
+            .expect("regions");
+        let residual = regions
+            .of_kind(perqc_passes::regions::RegionKind::Residual)
+            .next()
+            .expect("a residual region");
+        let why = residual.why_not(perqc_passes::regions::TransformKind::Rotation);
+        assert!(
+            why.is_none(),
+            "{name}: no rotation after centering: {why:?}"
+        );
+        for (tag, p) in CENTERED {
+            emit(name, tag, p);
+        }
+    }
+    for (tag, p) in CENTERED {
+        emit("encoder_ln_gelu.onnx", tag, p);
+    }
+}

@@ -251,6 +251,7 @@ impl RecipeArgs {
             // Without blocks a permutation changes nothing the quantizers see.
             Block::Full | Block::None => {
                 if self.rotation != "none" {
+                    passes.push("center-stream".into());
                     passes.push("fold-norms(rotatable-only=true)".into());
                 }
                 self.rotations(&mut passes, None);
@@ -284,6 +285,7 @@ impl RecipeArgs {
         // with a norm without its gamma); otherwise they stay (folded gammas would put
         // their outliers into the weights' input columns).
         if self.rotation != "none" {
+            passes.push("center-stream".into());
             passes.push("fold-norms(rotatable-only=true)".into());
         }
         self.rotations(&mut passes, Some(b));
