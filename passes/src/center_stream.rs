@@ -586,10 +586,7 @@ fn apply(
     dropped.sort_unstable_by_key(|v| v.index());
     dropped.dedup();
     for v in dropped {
-        let val = g.value(v);
-        if val.def() == ValueDef::Initializer && val.uses().is_empty() && !g.outputs.contains(&v) {
-            g.remove_initializer(v).map_err(|e| e.to_string())?;
-        }
+        crate::quantize::weights::drop_if_unread(g, v);
     }
     Ok((groups.len() as u64, biases))
 }
