@@ -164,8 +164,8 @@ fn keeps_channels(model: &Model, shapes: &perqc_ops::ShapeMap, n: NodeId, d: usi
         && last(node.output(0))
 }
 
-/// The linear layers reading `y`, directly or through channel-keeping Reshapes; `Err` names
-/// a reader that is neither.
+/// The linear layers reading `y`, directly or through channel-keeping Reshapes (`Shape` and
+/// `Size` readers, which see no data, aside); `Err` names a reader that is none of these.
 fn linear_readers(
     model: &Model,
     shapes: &perqc_ops::ShapeMap,
@@ -177,6 +177,9 @@ fn linear_readers(
     let mut stack = vec![y];
     while let Some(v) = stack.pop() {
         for u in g.value(v).uses() {
+            if g.node(u.node).reads_shape_only() {
+                continue;
+            }
             let linear = is_perqc(model, u.node, "Linear")
                 && u.operand == perqc_ir::Operand::Input(0)
                 && g.node(u.node)
@@ -394,7 +397,8 @@ fn plan(
             axis: t.dims.len() - 1,
         });
     }
-    // Every reader of the stream is a residual Add inside it or one of the norms.
+    // Every reader of the stream is a residual Add inside it, one of the norms, or reads
+    // its shape only.
     let stream_set: HashSet<ValueId> = stream.iter().copied().collect();
     for &v in &stream {
         if g.outputs.contains(&v) {
@@ -407,7 +411,7 @@ fn plan(
                     && u.operand == perqc_ir::Operand::Input(0)))
                 && node.output(0).is_some_and(|o| stream_set.contains(&o));
             let by_norm = lns.contains(&u.node) && u.operand == perqc_ir::Operand::Input(0);
-            if !(by_add || by_norm) {
+            if !(by_add || by_norm || node.reads_shape_only()) {
                 return Err(format!(
                     "the stream value `{}` is read by {}, not through a LayerNorm",
                     vname(v),

@@ -171,6 +171,7 @@ mod tests {
         fuse-hadamard       Reshape(MatMul(Reshape(x, [.., f/b, b]), H [b, b] constant), [.., f]) -> ai.perqc::Hadamard
         fuse-fake-quantize  per-token dynamic Q/DQ (row max/min scale, blocked QuantizeLinear -> DequantizeLinear, or its float form) -> ai.perqc::FakeQuantize
         gather-table        Gather(Transpose(W), ids) of a constant 2-d W -> Gather(Wᵀ stored, ids)
+        forward-identity    Identity(x), Cast(x) to x's own type -> x (the readers read x)
         cat                 block concentration-alignment transform on each mlp region's sink input: M = (S_x^-1 # S_w)^1/2 per k x k block, then the block Hadamard, computed online with the inverse folded into the sink (exact); options k=64, block=32|full|none, damp=0.01, and for the probed error wbits=4, abits=4|none
         center-stream       center every writer of a LayerNorm residual stream and turn its LayerNorms into RMS norms with beta folded into the readers' biases (exact where the stream is read only through its norms), so that fold-norms and R1 apply
         dce                 remove nodes and initializers whose results nothing reads

@@ -21,7 +21,8 @@
 //!   without that core gets the default construction, with a note.
 //!
 //! - R2 online: where the value heads cannot take a folded rotation (GroupQueryAttention:
-//!   packed heads, values that leave as the cache), the region analysis reports the
+//!   packed heads; values that leave the graph as the key/value cache, packed or not;
+//!   any other barrier on the value channels), the region analysis reports the
 //!   linears reading the attention output as an online-only region
 //!   ([`Region::online_only`](crate::regions::Region)); R2 is then the same per-head
 //!   Hadamard computed on their input (`ai.perqc::Hadamard`, block = head dim, or `b`
@@ -125,6 +126,10 @@ impl Pass for Rotate {
                 ctx.note(format!("{why}: no value/output head rotation there"));
             }
         }
+        let online_sinks: std::collections::HashSet<perqc_ir::NodeId> = regions
+            .online_only()
+            .flat_map(|r| r.sinks.iter().map(|e| e.node))
+            .collect();
         let (mut residual, mut heads, mut online) = (0u64, 0u64, 0u64);
         // R2 applied online, grouped for the notes by cause.
         let mut online_notes: Vec<(Option<String>, String)> = Vec::new();
@@ -212,6 +217,14 @@ impl Pass for Rotate {
                         }
                         Err(why) => ctx.note(format!("{what}: {why}")),
                     }
+                    continue;
+                }
+                // Blocked heads whose linears take R2 online (below): said there.
+                (RegionKind::AttentionVo, _, Some(_))
+                    if self.heads.is_some()
+                        && !region.barriers.is_empty()
+                        && region.sinks.iter().all(|e| online_sinks.contains(&e.node)) =>
+                {
                     continue;
                 }
                 (RegionKind::AttentionVo, _, Some(h)) if self.heads.is_some() => {

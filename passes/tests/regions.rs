@@ -163,23 +163,25 @@ fn gemma_regions() {
         2 * 5 + 1,
         "q/k/v/gate/up per layer + lm_head"
     );
-    let norms: Vec<&str> = res
+    // By node name (the trace's discovery order is not part of the contract).
+    let mut norms: Vec<&str> = res
         .params
         .iter()
         .map(|p| res.node_name(p.node).rsplit('/').nth(1).unwrap())
         .collect();
+    norms.sort_unstable();
     assert_eq!(
         norms,
         [
             "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
             "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
             "norm",
+            "post_attention_layernorm",
+            "post_attention_layernorm",
+            "post_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "pre_feedforward_layernorm",
+            "pre_feedforward_layernorm",
         ],
         "four sandwich norms per layer + the final norm; the q/k norms are not on the stream"
     );

@@ -4,7 +4,8 @@ fixtures/gen_hf_fixtures.py) and check each result against ONNX Runtime.
 
 usage: family_sweep.py [MODEL_DIR] [--perqc BIN] [--work DIR] [--only a,b] [--json OUT]
 
-Per model M.onnx (input `input_ids` [batch, seq] int64; first output logits or hidden states):
+Per model M.onnx (input `input_ids` [batch, seq] int64, and for a KV-cache decoder an
+attention mask and past key/values, fed empty; first output logits or hidden states):
   a) perqc M -o T --no-quantize --verify <calib>: the exact transforms only; then T vs M in
      ONNX Runtime on random ids over the whole vocab (2 x 7 and 1 x 13): max|a-b|/max|a| < 1e-4.
      The notes perqc printed and the passes' counters are kept.
@@ -44,7 +45,22 @@ def sess(path):
 
 
 def run(s, ids):
-    return s.run(None, {s.get_inputs()[0].name: ids})[0]
+    """The first output for token ids [batch, seq]; a KV-cache model gets an empty cache, an
+    all-ones mask and positions 0..seq-1."""
+    batch, seq = ids.shape
+    feeds = {s.get_inputs()[0].name: ids}
+    for i in s.get_inputs()[1:]:
+        if i.name == "attention_mask":
+            feeds[i.name] = np.ones((batch, seq), np.int64)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.repeat(np.arange(seq, dtype=np.int64)[None], batch, 0)
+        elif "past" in i.name:
+            dims = [batch if k == 0 else (d if isinstance(d, int) else 0)
+                    for k, d in enumerate(i.shape)]
+            feeds[i.name] = np.zeros(dims, np.float32)
+        else:
+            raise SystemExit(f"input {i.name!r}: not ids, a mask, positions or a cache")
+    return s.run(None, feeds)[0]
 
 
 def rel(a, b):

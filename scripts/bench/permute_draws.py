@@ -5,6 +5,7 @@ usage: scripts/bench/permute_draws.py [BENCH_DIR] [--perqc target/release/perqc]
                                       [--methods massdiff,tokenmax] [--blocks 16,32]
                                       [--seqs 4,8,16] [--python PY] [--keep DIR]
                                       [--args "EXTRA PERQC ARGS"] [--offsets 0,8192,...]
+                                      [--model ONNX]
 
 A W4A4 model's perplexity moves by percents with any change to its rounding (docs/
 quantization.md: a flipped 4-bit code propagates through every later layer), so one
@@ -21,6 +22,8 @@ by --permute-seqs (which has no effect with --permute-stats quantized): each off
 draw that calibrates on the 16 x 512 tokens starting at that token of the protocol's
 calibration text (characters [0, 200000): about 44k tokens, so 0, 8192, 16384, 24576 and
 32768 are five disjoint draws), passed as --calib-ids. With --keep the perplexities are cached in DIR/draws.json and reused.
+--model compiles another export of SmolLM2 (say the KV-cache one, docs/quantization.md) instead
+of BENCH_DIR/smollm2/model.onnx; the cache key does not name it, so give it its own --keep.
 BENCH_DIR defaults to $PERQC_BENCH_DIR, else ~/.cache/perqc-bench (scripts/bench-setup).
 Prints a markdown table.
 """
@@ -41,9 +44,10 @@ ap.add_argument("--python", default=None)
 ap.add_argument("--keep", default=None)
 ap.add_argument("--args", default="")
 ap.add_argument("--offsets", default=None)
+ap.add_argument("--model", default=None)
 a = ap.parse_args()
 
-model = os.path.join(a.bench, "smollm2", "model.onnx")
+model = a.model or os.path.join(a.bench, "smollm2", "model.onnx")
 tok = os.path.join(a.bench, "smollm2", "hf", "tokenizer.json")
 text = os.path.join(a.bench, "corpus", "handbook.txt")
 python = a.python or os.path.join(a.bench, "venv", "bin", "python")

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fixture, native_case, out_dir};
+use common::{decoder_feeds, fixture, native_case, out_dir};
 use ndarray::{ArrayD, IxDyn};
 use perqc_ir::{Model, PassManager, RunOptions};
 use perqc_runtime::{RtTensor, Session};
@@ -36,11 +36,21 @@ fn input(name: &str, batch: usize, seq: usize, seed: u64) -> RtTensor {
     }
 }
 
-fn first_output(model: &Model, name: &str, x: &RtTensor) -> Vec<f32> {
+/// A model's inputs: `x` for the first, the other inputs of a KV-cache decoder for a cache
+/// of 3 positions ([`decoder_feeds`]).
+type Feeds = Vec<(String, RtTensor)>;
+
+fn named(feeds: &Feeds) -> Vec<(&str, RtTensor)> {
+    feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect()
+}
+
+fn refs(feeds: &Feeds) -> Vec<(&str, &RtTensor)> {
+    feeds.iter().map(|(n, t)| (n.as_str(), t)).collect()
+}
+
+fn first_output(model: &Model, feeds: &Feeds) -> Vec<f32> {
     let s = Session::new(model).unwrap_or_else(|e| panic!("{e}"));
-    let out = s
-        .run(&[(name, x.clone())])
-        .unwrap_or_else(|e| panic!("{e}"));
+    let out = s.run(&named(feeds)).unwrap_or_else(|e| panic!("{e}"));
     match &out[0].1 {
         RtTensor::F32(a) => a.iter().copied().collect(),
         t => panic!("output is {}", t.dtype()),
@@ -95,8 +105,8 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
     assert_eq!(iface(&emitted), iface(&original), "{name} {tag}: interface");
 
     let input_name = original.graph.value(original.graph.inputs[0]).name.clone();
-    let x = input(&input_name, 2, 6, 5);
-    let reference = first_output(&original, &input_name, &x);
+    let x = decoder_feeds(&original, input(&input_name, 2, 6, 5), 3, 5);
+    let reference = first_output(&original, &x);
     // The emitted file, as `perqc eval` runs it (canonicalized).
     let mut native = emitted.clone();
     perqc_passes::canonicalize(&mut native).unwrap();
@@ -106,10 +116,10 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
         fused_attention,
         "{name} {tag}: attention"
     );
-    let y = first_output(&native, &input_name, &x);
+    let y = first_output(&native, &x);
     assert!(y.iter().all(|v| v.is_finite()), "{name} {tag}: non-finite");
     // ...and as written (the lowered QDQ ops), which must agree with the fused kernels.
-    let y_lowered = first_output(&emitted, &input_name, &x);
+    let y_lowered = first_output(&emitted, &x);
     let lowered_err = rel(&y, &y_lowered);
     assert!(
         lowered_err < 1e-5,
@@ -160,11 +170,11 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
         );
         // The online block rotations run inside the quantizers.
         assert_eq!(count("Hadamard"), 0, "{name} {tag}");
-        let y_int = first_output(&int_plan, &input_name, &x);
+        let y_int = first_output(&int_plan, &x);
         // What the integer plan computes, spelled in float: for weight-only linears, the
         // graph with an 8-bit symmetric FakeQuantize in front of each.
         let y_same = if weight_only {
-            first_output(&with_weight_only_quantizers(&native), &input_name, &x)
+            first_output(&with_weight_only_quantizers(&native), &x)
         } else {
             y.clone()
         };
@@ -198,7 +208,7 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
             (fused.counter("fused"), 0),
             "{name} {tag}: fused before lower"
         );
-        let y_compiled = first_output(&compiled_int, &input_name, &x);
+        let y_compiled = first_output(&compiled_int, &x);
         let compiled_err = rel(&y_int, &y_compiled);
         assert!(
             compiled_err < 5e-3,
@@ -208,10 +218,7 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
         assert!(err.to_string().contains("fuse-int-linear"), "{err}");
         // ONNX Runtime on the emitted file against the integer plan.
         let out_name = emitted.graph.value(emitted.graph.outputs[0]).name.clone();
-        let shape = Session::new(&native)
-            .unwrap()
-            .run(&[(input_name.as_str(), x.clone())])
-            .unwrap()[0]
+        let shape = Session::new(&native).unwrap().run(&named(&x)).unwrap()[0]
             .1
             .shape()
             .to_vec();
@@ -219,7 +226,7 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
             &format!("quantized_{stem}_{tag}_int"),
             &dir,
             &out,
-            &[(input_name.as_str(), &x)],
+            &refs(&x),
             &[(
                 out_name,
                 RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&shape), y_int).unwrap()),
@@ -229,7 +236,7 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
     }
     let shape: Vec<usize> = {
         let s = Session::new(&native).unwrap();
-        let out = s.run(&[(input_name.as_str(), x.clone())]).unwrap();
+        let out = s.run(&named(&x)).unwrap();
         out[0].1.shape().to_vec()
     };
     let out_name = emitted.graph.value(emitted.graph.outputs[0]).name.clone();
@@ -237,7 +244,7 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
         &format!("quantized_{stem}_{tag}"),
         &dir,
         &out,
-        &[(input_name.as_str(), &x)],
+        &refs(&x),
         &[(
             out_name,
             RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&shape), y.clone()).unwrap()),
@@ -352,11 +359,13 @@ fn encoder() {
 /// sandwich norms and soft-capped attention (Gemma 2), post-norms only (OLMo 2), q/k/v biases
 /// (Qwen2) and an encoder without a task layer (BERT). Their planted outliers reach linears
 /// that no rotation protects where the stream cannot rotate (OLMo 2 reads the raw stream),
-/// so only the orderings that hold for any model are asserted.
+/// so only the orderings that hold for any model are asserted. The KV-cache exports run with
+/// a cache of 3 positions (R2 online at o_proj; GPT-2's torchscript spelling).
 #[test]
 fn hf_families() {
     for f in [
-        "phi3", "gpt2", "gpt_neox", "opt", "gemma2", "olmo2", "qwen2", "bert",
+        "phi3", "gpt2", "gpt_neox", "opt", "gemma2", "olmo2", "qwen2", "bert", "qwen2_kv",
+        "gpt2_kv",
     ] {
         errors(&format!("hf/{f}.onnx"));
     }

@@ -2,12 +2,13 @@
 //! ONNX Runtime must run every file (onnx.checker accepts it) and give the original
 //! fixture's outputs within 1e-4 relative (max abs error / max abs value), on both Llama
 //! exports, the Gemma-like decoder, the encoder and the Hugging Face exports with fused
-//! projections (Phi-3, GPT-2, GPT-NeoX) and Gemma 2 (soft-capped attention). Registered as
-//! conformance cases for `scripts/check`.
+//! projections (Phi-3, GPT-2, GPT-NeoX), Gemma 2 (soft-capped attention) and KV-cache
+//! exports (optimum's form, and ONNX Runtime's model builder's). Registered as conformance
+//! cases for `scripts/check`.
 
 mod common;
 
-use common::{Compare, conformance_case, fixture, kv_decoder_feeds, out_dir};
+use common::{Compare, conformance_case, decoder_feeds, fixture, kv_decoder_feeds, out_dir};
 use perqc_ir::{PassManager, RunOptions};
 
 const PIPELINES: [(&str, &str); 6] = [
@@ -277,5 +278,94 @@ fn layer_norm_streams_centered_and_rotated() {
     }
     for (tag, p) in CENTERED {
         emit("encoder_ln_gelu.onnx", tag, p);
+    }
+}
+
+/// Optimum-style KV-cache decoders (fixtures/hf `*_kv.onnx`, torchscript exports: cache in as
+/// `past_key_values.*`, out as `present.*`). The value heads leave the graph as the cache, so
+/// no rotation folds into v_proj; R2 goes online at each o_proj (a Hadamard of one head on
+/// its input, the transpose folded into its rows) and the rest of the recipe applies: R1
+/// (GPT-2 after `center-stream`, through the exporter's `Identity`-shared biases, no-op
+/// Casts and `Shape` readers), the mlp permutations and the online Hadamards. With a cache
+/// of 3 positions the logits and every present key/value equal the original's, natively and
+/// in ONNX Runtime; the registered transform cases run them with an empty cache.
+#[test]
+fn kv_cache_exports_online_head_rotation() {
+    use ndarray::{ArrayD, IxDyn};
+    use perqc_runtime::{RtTensor, Session, SessionOptions};
+    const RECIPE: &str = "permute(method=random,seed=1,block=32),center-stream,fold-norms(rotatable-only=true),rotate,online-hadamard(block=32)";
+    for name in ["hf/qwen2_kv.onnx", "hf/gpt2_kv.onnx", "hf/phi3_kv.onnx"] {
+        for (tag, p) in PIPELINES {
+            emit(name, tag, p);
+        }
+        let mut model = perqc_onnx::load(&fixture(name)).expect("loads").model;
+        perqc_passes::canonicalize(&mut model).expect("canonicalizes");
+        let session =
+            |m: &perqc_ir::Model| Session::with_options(m, &SessionOptions { threads: 2 });
+        let before = session(&model).expect("session");
+        let mut p = perqc_passes::registry().build(RECIPE).expect("pipeline");
+        let report = PassManager::new()
+            .run(&mut model, &mut p, &mut RunOptions::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            (
+                report.counter("rotate", "residual-rotated"),
+                report.counter("rotate", "heads-rotated-online"),
+                report.counter("permute", "regions-permuted"),
+                report.counter("online-hadamard", "regions-rotated"),
+            ),
+            (1, 2, 2, 2),
+            "{name}: R1, R2 online per layer, mlp permutations and Hadamards\n{report}"
+        );
+        // The value channels stop at the online Hadamard R2 put before o_proj: transformed
+        // there, so no pass reports them as skipped.
+        let notes: Vec<&String> = report.passes.iter().flat_map(|p| &p.notes).collect();
+        assert!(
+            !notes
+                .iter()
+                .any(|n| n.contains("form no region") && n.contains("ai.perqc::Hadamard")),
+            "{name}: {notes:#?}"
+        );
+        let after = session(&model).expect("session");
+        perqc_passes::lower_for_export(&mut model).expect("lowers");
+        let stem = name.trim_end_matches(".onnx").replace('/', "_");
+        let dir = out_dir(&format!("transforms_{stem}_cache"));
+        let out = dir.join("model.onnx");
+        perqc_onnx::save(&model, &out, &Default::default()).expect("saves");
+        for (case, (batch, seq)) in [(1, 7), (2, 4)].into_iter().enumerate() {
+            let ids: Vec<i64> = (0..batch * seq)
+                .map(|i| ((i * 37 + 11) % 256) as i64)
+                .collect();
+            let ids = RtTensor::i64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), ids).unwrap());
+            let feeds = decoder_feeds(&model, ids, 3, case as u64);
+            let named: Vec<(&str, RtTensor)> =
+                feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            let want = before.run(&named).expect("runs");
+            let got = after.run(&named).expect("runs");
+            assert_eq!(want.len(), 5, "{name}: logits and four present tensors");
+            assert_eq!(want[2].1.shape()[2], 3 + seq, "{name}: the cache grew");
+            for ((out_name, a), (_, b)) in want.iter().zip(&got) {
+                let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+                let err = a
+                    .iter()
+                    .zip(b.iter())
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    err / scale < 1e-4,
+                    "{name} {out_name}: relative error {}",
+                    err / scale
+                );
+            }
+            let refs: Vec<(&str, &RtTensor)> = named.iter().map(|(n, t)| (*n, t)).collect();
+            common::native_case(
+                &format!("transform_{stem}_cache_{case}"),
+                &dir,
+                &out,
+                &refs,
+                &want,
+                1e-4,
+            );
+        }
     }
 }

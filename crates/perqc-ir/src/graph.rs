@@ -240,6 +240,12 @@ impl Node {
         self.domain.is_empty() || self.domain == "ai.onnx"
     }
 
+    /// `Shape` and `Size`: they read their input's shape, never its data (a rewrite that
+    /// changes values but not shapes leaves their results as they were).
+    pub fn reads_shape_only(&self) -> bool {
+        self.is_default_domain() && matches!(self.op_type.as_str(), "Shape" | "Size")
+    }
+
     /// Ops known to be free of side effects: ONNX's, `ai.onnx.ml`'s and perqc's canonical
     /// ops ([`PERQC_DOMAIN`]). Custom domains may have effects nobody can see.
     pub fn is_pure(&self) -> bool {

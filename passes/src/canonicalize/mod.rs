@@ -19,6 +19,7 @@ pub mod fake_quantize;
 pub mod gather_table;
 pub mod gelu;
 pub mod hadamard;
+pub mod identity;
 pub mod layer_norm;
 pub mod linear;
 pub mod rms_norm;
@@ -42,7 +43,7 @@ pub struct Pattern {
 }
 
 /// Every pattern, in the order they are tried at each node.
-pub static PATTERNS: [&Pattern; 11] = [
+pub static PATTERNS: [&Pattern; 12] = [
     &attention::PATTERN,
     &linear::PATTERN,
     &rms_norm::PATTERN,
@@ -54,10 +55,11 @@ pub static PATTERNS: [&Pattern; 11] = [
     &hadamard::PATTERN,
     &fake_quantize::PATTERN,
     &gather_table::PATTERN,
+    &identity::PATTERN,
 ];
 
 /// The pass factory of each pattern, in [`PATTERNS`] order.
-pub static FACTORIES: [PassFactory; 11] = [
+pub static FACTORIES: [PassFactory; 12] = [
     factory::<0>,
     factory::<1>,
     factory::<2>,
@@ -69,6 +71,7 @@ pub static FACTORIES: [PassFactory; 11] = [
     factory::<8>,
     factory::<9>,
     factory::<10>,
+    factory::<11>,
 ];
 
 fn factory<const I: usize>(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {

@@ -104,8 +104,7 @@ fn data_dependent(graph: &Graph) -> Vec<bool> {
     }
     for &id in graph.node_order() {
         let node = graph.node(id);
-        let reads_data =
-            !(node.is_default_domain() && matches!(node.op_type.as_str(), "Shape" | "Size"));
+        let reads_data = !node.reads_shape_only();
         let d = reads_data
             && node
                 .inputs()

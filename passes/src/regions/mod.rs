@@ -253,6 +253,9 @@ fn describe(b: &Blocker) -> String {
     }
 }
 
+/// How an online Hadamard (`ai.perqc::Hadamard`) is labelled in a [`Blocker`]'s `at`.
+const ONLINE_HADAMARD: &str = "ai.perqc::Hadamard";
+
 /// The op type of a place written `` Op `name` ``.
 pub fn op_of(at: &str) -> &str {
     at.split(" `").next().unwrap_or(at)
@@ -318,6 +321,29 @@ impl Regions {
         // Online-only regions after the others (the others keep their indices).
         for &node in model.graph.node_order() {
             if let Some(r) = online_region(&env, node) {
+                out.regions.push(r);
+            }
+        }
+        // Value/output heads a barrier keeps from a folded rotation (values that leave the
+        // graph as the key/value cache) take it online at the linears that read the
+        // attention output.
+        let blocked: Vec<Region> = out
+            .regions
+            .iter()
+            .filter(|r| {
+                r.kind == RegionKind::AttentionVo
+                    && r.online_only.is_none()
+                    && !r.barriers.is_empty()
+            })
+            .flat_map(|r| online_at_sinks(&env, r))
+            .collect();
+        for r in blocked {
+            let taken = out.online_only().any(|o| {
+                o.sinks
+                    .iter()
+                    .any(|e| r.sinks.iter().any(|f| f.node == e.node))
+            });
+            if !taken {
                 out.regions.push(r);
             }
         }
@@ -832,7 +858,15 @@ fn classify_part(
         (false, _) if sums_streams && !sinks.is_empty() => RegionKind::Residual,
         (false, false) => RegionKind::Mlp,
         _ => {
-            let at_nodes: Vec<Blocker> = barriers.into_iter().filter(|b| b.at.is_some()).collect();
+            // Channels stopped at an online Hadamard were transformed where they stopped (R2
+            // online on an output projection's input), not skipped: nothing to report.
+            let at_nodes: Vec<Blocker> = barriers
+                .into_iter()
+                .filter(|b| {
+                    b.at.as_deref()
+                        .is_some_and(|at| op_of(at) != ONLINE_HADAMARD)
+                })
+                .collect();
             if at_nodes.is_empty() {
                 return Err(None);
             }
@@ -939,23 +973,100 @@ fn classify_part(
 /// transform of its inputs reaches and linears read it.
 fn online_region(env: &Env<'_>, node: NodeId) -> Option<Region> {
     let rh = env.result_heads(node)?;
-    let t = Trace::from_result(env, node, rh.output, rh.axis)?;
+    let cause = Blocker {
+        at: Some(env.node_label(node)),
+        reason: rh.reason.to_string(),
+    };
+    let r = online_from(env, node, rh.output, rh.axis, rh.head_dim, cause)?;
+    Some(r)
+}
+
+/// The online-only regions at the sinks of a value/output region `blocked` that a barrier
+/// keeps from a folded rotation: one per activation its linears read, traced from that
+/// activation's producer, where the activation's last axis holds whole heads in blocks of
+/// the head dim (what the per-head Hadamard mixes). `x Wₒ = (x Q)(Qᵀ Wₒ)` holds for any
+/// orthogonal `Q`, so this is exact whatever stops the values.
+fn online_at_sinks(env: &Env<'_>, blocked: &Region) -> Vec<Region> {
+    let Some(h) = blocked.heads else {
+        return Vec::new();
+    };
+    let hd = h.head_dim;
+    // The sinks' weights index the activation's channels along their reading axis; each
+    // run of `hd` indices must lie in one head.
+    let aligned = |e: &Endpoint| {
+        e.part.is_none()
+            && e.channels.len().is_multiple_of(hd)
+            && e.channels.chunks(hd).all(|run| {
+                let g = blocked.groups[run[0] as usize];
+                run.iter().all(|&c| blocked.groups[c as usize] == g)
+            })
+    };
+    // Named by the value projection (a matrix, not its bias); barriers at no node are the
+    // graph's inputs and outputs: the past and present values of a cache.
+    let cause = {
+        let matrix = |e: &&Endpoint| env.shapes.shape(e.weight).is_some_and(|s| s.len() >= 2);
+        let source = blocked
+            .sources
+            .iter()
+            .find(matrix)
+            .or(blocked.sources.first());
+        let boundary = blocked.barriers.iter().all(|b| b.at.is_none());
+        Blocker {
+            at: source.map(|e| blocked.names.nodes[&e.node].clone()),
+            reason: if boundary {
+                "its values are graph inputs and outputs: a key/value cache".to_string()
+            } else {
+                describe(&blocked.barriers[0])
+            },
+        }
+    };
+    let mut out: Vec<Region> = Vec::new();
+    for e in &blocked.sinks {
+        let Some((_, x)) = e.activation else { continue };
+        if !aligned(e) || out.iter().any(|r| r.values.iter().any(|(v, _)| *v == x)) {
+            continue;
+        }
+        let Some((node, slot)) = env.graph.value(x).producer() else {
+            continue;
+        };
+        let Some(rank) = env.shapes.shape(x).map(<[_]>::len) else {
+            continue;
+        };
+        if rank == 0 || e.channels.len() != env.extents(x, &[rank - 1]).map_or(0, |d| d[0]) {
+            continue;
+        }
+        if let Some(r) = online_from(env, node, slot as usize, rank - 1, hd, cause.clone()) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// The channels on axis `axis` of result `output` of `node`, traced to the linears that
+/// read them, as an online-only region of heads of `head_dim` (blocks of consecutive
+/// channels) stopped by `cause`.
+fn online_from(
+    env: &Env<'_>,
+    node: NodeId,
+    output: usize,
+    axis: usize,
+    head_dim: usize,
+    cause: Blocker,
+) -> Option<Region> {
+    let t = Trace::from_result(env, node, output, axis)?;
     let (mut regions, _) = classify(env, t, Some(RegionKind::AttentionVo));
     let mut r = regions.pop()?;
-    if r.sinks.is_empty() || rh.head_dim == 0 || !r.dim.is_multiple_of(rh.head_dim) {
+    if r.sinks.is_empty() || head_dim == 0 || !r.dim.is_multiple_of(head_dim) {
         return None;
     }
-    let heads = r.dim / rh.head_dim;
+    let heads = r.dim / head_dim;
     r.heads = Some(Heads {
         heads,
         kv_heads: heads,
-        head_dim: rh.head_dim,
+        head_dim,
     });
-    r.groups = (0..r.dim).map(|c| (c / rh.head_dim) as u32).collect();
-    r.online_only = Some(Blocker {
-        at: Some(env.node_label(node)),
-        reason: rh.reason.to_string(),
-    });
+    r.groups = (0..r.dim).map(|c| (c / head_dim) as u32).collect();
+    r.online_only = Some(cause);
     r.names.nodes.insert(node, env.node_label(node));
     Some(r)
 }

@@ -198,7 +198,7 @@ impl<'a> Env<'a> {
     }
 
     /// Known sizes of `axes` of `v`.
-    fn extents(&self, v: ValueId, axes: &[usize]) -> Option<Vec<usize>> {
+    pub(crate) fn extents(&self, v: ValueId, axes: &[usize]) -> Option<Vec<usize>> {
         let shape = self.shapes.shape(v)?;
         axes.iter()
             .map(|&a| match shape.get(a)? {

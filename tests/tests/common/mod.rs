@@ -118,30 +118,73 @@ pub fn native_case(
 }
 
 /// The feeds of `ort_kv_decoder.onnx` for one window scored from scratch: `ids`
-/// `[batch, seq]`, an all-ones attention mask, positions `0..seq` and empty caches (2 layers
-/// of 2 key/value heads of 16).
+/// `[batch, seq]`, an all-ones attention mask, positions `0..seq` and empty caches.
 pub fn kv_decoder_feeds(ids: perqc_runtime::RtTensor) -> Vec<(String, perqc_runtime::RtTensor)> {
+    let model = perqc_onnx::load(&fixture("ort_kv_decoder.onnx"))
+        .expect("loads")
+        .model;
+    decoder_feeds(&model, ids, 0, 0)
+}
+
+/// Feeds for every input of `model`: its first input is `ids` (token ids `[batch, seq]`,
+/// or any tensor for a one-input model), `attention_mask` all ones over `past + seq`
+/// positions, `position_ids` `past..past + seq`, and each cache input (a name with `past`)
+/// seeded values of shape `[batch, .., past, ..]`: its declared dims, a symbolic one named
+/// for the batch taking `batch` and any other one `past`.
+pub fn decoder_feeds(
+    model: &perqc_ir::Model,
+    ids: perqc_runtime::RtTensor,
+    past: usize,
+    seed: u64,
+) -> Vec<(String, perqc_runtime::RtTensor)> {
     use ndarray::{ArrayD, IxDyn};
+    use perqc_ir::Dim;
     use perqc_runtime::RtTensor;
-    let (batch, seq) = (ids.shape()[0], ids.shape()[1]);
-    let mut feeds = vec![
-        ("input_ids".to_string(), ids),
-        (
-            "attention_mask".to_string(),
-            RtTensor::i64(ArrayD::from_elem(IxDyn(&[batch, seq]), 1)),
-        ),
-        (
-            "position_ids".to_string(),
-            RtTensor::i64(ArrayD::from_shape_fn(IxDyn(&[batch, seq]), |i| i[1] as i64)),
-        ),
-    ];
-    for l in 0..2 {
-        for kv in ["key", "value"] {
-            feeds.push((
-                format!("past_key_values.{l}.{kv}"),
-                RtTensor::f32(ArrayD::zeros(IxDyn(&[batch, 2, 0, 16]))),
-            ));
-        }
+    let g = &model.graph;
+    let (batch, seq) = (ids.shape()[0], ids.shape().get(1).copied().unwrap_or(1));
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    let mut normal = move || {
+        // Sum of four uniforms, centered: close enough to N(0, 1/3) for cache contents.
+        (0..4)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 24) as f32
+            })
+            .sum::<f32>()
+            - 2.0
+    };
+    let mut feeds = vec![(g.value(g.inputs[0]).name.clone(), ids)];
+    for &v in &g.inputs[1..] {
+        let value = g.value(v);
+        let name = value.name.clone();
+        let t = if name == "attention_mask" {
+            RtTensor::i64(ArrayD::from_elem(IxDyn(&[batch, past + seq]), 1))
+        } else if name == "position_ids" {
+            RtTensor::i64(ArrayD::from_shape_fn(IxDyn(&[batch, seq]), |i| {
+                (past + i[1]) as i64
+            }))
+        } else if name.contains("past") {
+            let dims: Vec<usize> = value
+                .ty
+                .as_ref()
+                .and_then(|t| t.shape())
+                .unwrap_or_else(|| panic!("{name}: no declared shape"))
+                .iter()
+                .map(|d| match d {
+                    Dim::Known(k) => *k as usize,
+                    Dim::Sym(n) if n.contains("batch") => batch,
+                    _ => past,
+                })
+                .collect();
+            let n: usize = dims.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| normal()).collect();
+            RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&dims), data).unwrap())
+        } else {
+            panic!("{name}: no feed for this input");
+        };
+        feeds.push((name, t));
     }
     feeds
 }
