@@ -26,6 +26,7 @@ pub mod smooth_train;
 pub mod tie_head;
 pub mod topo_sort;
 pub mod transform;
+pub mod upcast_half;
 
 pub use canonicalize::Canonicalize;
 pub use cat::Cat;
@@ -42,6 +43,7 @@ pub use rotate::Rotate;
 pub use smooth::Smooth;
 pub use tie_head::TieHead;
 pub use topo_sort::TopoSort;
+pub use upcast_half::UpcastHalf;
 
 use perqc_ir::{Model, Pass, PassContext, PassError, PassOutcome, PassRegistry};
 
@@ -129,6 +131,11 @@ pub fn registry() -> PassRegistry {
             TopoSort::NAME,
             TopoSort::DESCRIPTION,
             TopoSort::from_options,
+        )
+        .register(
+            UpcastHalf::NAME,
+            UpcastHalf::DESCRIPTION,
+            UpcastHalf::from_options,
         );
     r
 }
@@ -159,7 +166,7 @@ mod tests {
     #[test]
     fn list_passes() {
         insta::assert_snapshot!(registry().help(), @"
-        canonicalize        rewrite exported spellings (attention, linear, norms, SiLU, GELU, block Hadamard rotations, per-token fake quantization) into canonical ops, then dce
+        canonicalize        upcast-half, then rewrite exported spellings (attention, linear, norms, SiLU, GELU, block Hadamard rotations, per-token fake quantization) into canonical ops, then dce
         fuse-attention      MatMul(Softmax(scale * q kᵀ + mask), v) -> ai.perqc::Attention (reads grouped K/V heads directly)
         fuse-linear         MatMul / Gemm with a constant weight (+ bias Add) -> ai.perqc::Linear
         fuse-rms-norm       x / sqrt(mean(x²) + eps) * gamma in any exported spelling -> ai.perqc::RMSNormalization
@@ -186,6 +193,7 @@ mod tests {
         smooth              divide each mlp region's sink input by calibrated channel scales a^alpha / w^(1-alpha), folded into up_proj and down_proj (exact); method=search picks (alpha, statistic) per region by the down_proj's quantized error on sampled rows; train=STEPS refines log s by Adam (lr=0.01) with a straight-through estimator on half the sampled rows, within 8x of the start, keeping the scales best on the other half; options method=max|quantile|search, alpha=0.5, q=0.999, train=0, lr=0.01, and for the error: permute=massdiff, block=32|full|none, wbits=4, abits=4|none
         tie-head            let the LM head read the embedding table when its weight is M E^T for a small M (a tied embedding stored twice, or untied by the norm fold and residual rotation): Linear(x, M) then Linear(E, transB=1), the head's own table dropped (exact to f32 round-off)
         topo-sort           order every graph's nodes topologically (stable)
+        upcast-half         compute a float16/bfloat16 model in float32: half initializers and constants become f32, casts to half cast to f32, half graph inputs and outputs keep their type through Casts at the boundary
         ");
     }
 

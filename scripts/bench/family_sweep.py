@@ -35,6 +35,7 @@ CALIB = ["--calib-text", TEXT, "--tokenizer", TOK, "--calib-seqs", "4", "--calib
          "--calib-threads", "2"]
 EVAL_SEQ, EVAL_WIN = 64, 6
 TOL = 1e-4
+HALF_TOL = 5e-3
 
 
 def sess(path):
@@ -57,7 +58,7 @@ def run(s, ids):
         elif "past" in i.name:
             dims = [batch if k == 0 else (d if isinstance(d, int) else 0)
                     for k, d in enumerate(i.shape)]
-            feeds[i.name] = np.zeros(dims, np.float32)
+            feeds[i.name] = np.zeros(dims, np.float16 if i.type == "tensor(float16)" else np.float32)
         else:
             raise SystemExit(f"input {i.name!r}: not ids, a mask, positions or a cache")
     return s.run(None, feeds)[0]
@@ -167,8 +168,11 @@ def sweep_one(bin_, model, work, fam):
             t = sess(T)
             errs = [rel(a, run(t, x)) for a, x in zip(ref, inputs)]
             r["rel_T"] = max(errs)
-            if not r["rel_T"] < TOL:
-                fail(f"a) transform-only ORT rel error {r['rel_T']:.3g} > {TOL}")
+            # A half model's own arithmetic (ONNX Runtime runs M in f16; perqc computes T in
+            # f32) is off by about 1e-3: the bound is the f16 rounding of the output.
+            tol = HALF_TOL if ref[0].dtype == np.float16 else TOL
+            if not r["rel_T"] < tol:
+                fail(f"a) transform-only ORT rel error {r['rel_T']:.3g} > {tol}")
             if interface(T) != iface:
                 fail(f"a) interface changed: {interface(T)} vs {iface}")
         except Exception as e:

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{decoder_feeds, fixture, native_case, out_dir};
+use common::{decoder_feeds, fixture, float_like, native_case, out_dir};
 use ndarray::{ArrayD, IxDyn};
 use perqc_ir::{Model, PassManager, RunOptions};
 use perqc_runtime::{RtTensor, Session};
@@ -48,13 +48,14 @@ fn refs(feeds: &Feeds) -> Vec<(&str, &RtTensor)> {
     feeds.iter().map(|(n, t)| (n.as_str(), t)).collect()
 }
 
+/// The first output; a half model's before its boundary Cast (its f32 computation), so
+/// that the comparisons below hold within f32 round-off.
 fn first_output(model: &Model, feeds: &Feeds) -> Vec<f32> {
+    let f32_out = perqc_passes::upcast_half::with_f32_outputs(model);
+    let model = f32_out.as_ref().unwrap_or(model);
     let s = Session::new(model).unwrap_or_else(|e| panic!("{e}"));
     let out = s.run(&named(feeds)).unwrap_or_else(|e| panic!("{e}"));
-    match &out[0].1 {
-        RtTensor::F32(a) => a.iter().copied().collect(),
-        t => panic!("output is {}", t.dtype()),
-    }
+    common::floats(&out[0].1)
 }
 
 /// max |a - b| / max |a|.
@@ -105,8 +106,19 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
     assert_eq!(iface(&emitted), iface(&original), "{name} {tag}: interface");
 
     let input_name = original.graph.value(original.graph.inputs[0]).name.clone();
+    let out_dtype = {
+        let g = &original.graph;
+        g.value(g.outputs[0])
+            .ty
+            .as_ref()
+            .and_then(|t| t.elem())
+            .unwrap_or(perqc_ir::DType::F32)
+    };
     let x = decoder_feeds(&original, input(&input_name, 2, 6, 5), 3, 5);
-    let reference = first_output(&original, &x);
+    // A half model runs natively computed in f32, as perqc quantizes it.
+    let mut reference_model = original.clone();
+    perqc_passes::upcast_half::upcast(&mut reference_model).unwrap();
+    let reference = first_output(&reference_model, &x);
     // The emitted file, as `perqc eval` runs it (canonicalized).
     let mut native = emitted.clone();
     perqc_passes::canonicalize(&mut native).unwrap();
@@ -227,10 +239,7 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
             &dir,
             &out,
             &refs(&x),
-            &[(
-                out_name,
-                RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&shape), y_int).unwrap()),
-            )],
+            &[(out_name, float_like(out_dtype, &shape, y_int))],
             int_tol,
         );
     }
@@ -245,10 +254,7 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
         &dir,
         &out,
         &refs(&x),
-        &[(
-            out_name,
-            RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&shape), y.clone()).unwrap()),
-        )],
+        &[(out_name, float_like(out_dtype, &shape, y.clone()))],
         // Measured: 2e-7 to 5e-7 (the quantizers agree bit for bit; products differ in
         // summation order). The margin allows an activation that such a difference moves
         // across a rounding boundary on another CPU: one quantization step.
@@ -360,12 +366,22 @@ fn encoder() {
 /// (Qwen2) and an encoder without a task layer (BERT). Their planted outliers reach linears
 /// that no rotation protects where the stream cannot rotate (OLMo 2 reads the raw stream),
 /// so only the orderings that hold for any model are asserted. The KV-cache exports run with
-/// a cache of 3 positions (R2 online at o_proj; GPT-2's torchscript spelling).
+/// a cache of 3 positions (R2 online at o_proj; GPT-2's torchscript spelling), the float16
+/// one computed in float32 with its half interface kept (`upcast-half`).
 #[test]
 fn hf_families() {
     for f in [
-        "phi3", "gpt2", "gpt_neox", "opt", "gemma2", "olmo2", "qwen2", "bert", "qwen2_kv",
+        "phi3",
+        "gpt2",
+        "gpt_neox",
+        "opt",
+        "gemma2",
+        "olmo2",
+        "qwen2",
+        "bert",
+        "qwen2_kv",
         "gpt2_kv",
+        "qwen2_kv_fp16",
     ] {
         errors(&format!("hf/{f}.onnx"));
     }

@@ -246,13 +246,17 @@ fn extra_feeds(g: &perqc_ir::Graph, ids: &str, seq: usize) -> Result<Vec<(String
                     _ => 0,
                 })
                 .collect();
-            if dtype != Some(DType::F32) {
-                bail!(
-                    "input `{}` (a past key/value) is {dtype:?}; only float32 caches are supported",
+            // Empty (a zero-length past): only the element type matters.
+            let zeros = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&dims));
+            match dtype {
+                Some(DType::F32) => RtTensor::f32(zeros),
+                Some(DType::F16) => RtTensor::F16(zeros.mapv(half::f16::from_f32).into_shared()),
+                Some(DType::BF16) => RtTensor::BF16(zeros.mapv(half::bf16::from_f32).into_shared()),
+                other => bail!(
+                    "input `{}` (a past key/value) is {other:?}; expected float32, float16 or bfloat16",
                     v.name
-                );
+                ),
             }
-            RtTensor::f32(ndarray::ArrayD::zeros(ndarray::IxDyn(&dims)))
         } else {
             bail!(
                 "input `{}` is none of input_ids, attention_mask, position_ids or a past \

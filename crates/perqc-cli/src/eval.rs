@@ -70,6 +70,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // The canonical graph runs exported attention, RMS norm and SiLU chains as one op each.
     perqc_passes::canonicalize(&mut loaded.model)
         .with_context(|| format!("{}: canonicalize", args.model.display()))?;
+    // A half model (computed in f32 since canonicalize) is scored on its logits before the
+    // boundary Cast rounds them to half.
+    if let Some(m) = perqc_passes::upcast_half::with_f32_outputs(&loaded.model) {
+        loaded.model = m;
+    }
     // The portable integer level is a plain loop, slower than the float kernels: without a
     // SIMD level the quantized linears stay on the float path.
     let level = perqc_ops::kernels::igemm::Level::detect();

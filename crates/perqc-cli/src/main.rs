@@ -258,8 +258,16 @@ fn compile(args: CompileArgs) -> Result<()> {
         // Calibration and --verify run sessions as `perqc eval` does, with its allocator
         // settings (activation buffers reused across runs).
         perqc_runtime::tune_allocator();
-        perqc_passes::canonicalize(&mut model)
+        let canonical = perqc_passes::canonicalize(&mut model)
             .with_context(|| format!("{}: canonicalizing", input.display()))?;
+        if canonical.counter("half-tensors-upcast") > 0 {
+            notes.push(format!(
+                "a float16/bfloat16 model: computed, calibrated and quantized in float32 ({} half tensors upcast); its {} half inputs and {} half outputs keep their type through Casts",
+                canonical.counter("half-tensors-upcast"),
+                canonical.counter("half-inputs"),
+                canonical.counter("half-outputs")
+            ));
+        }
         // What would stop quantization (a skip pattern matching nothing, a group size that
         // does not divide) is found before any calibration.
         if let Some(c) = &quant_config {

@@ -526,8 +526,11 @@ impl RecipeArgs {
             vec![(0..64u32).map(|i| (i * 37 + 11) % 250).collect()]
         };
         let len = windows[0].len();
-        // A session over `m`, and the first output of one window as floats.
+        // A session over `m`, and the first output of one window as floats (a half model's
+        // before its boundary Cast, so that both compare within f32 round-off).
         let session = |m: &Model, release: &dyn Fn(&perqc_ir::Tensor)| -> Result<_> {
+            let f32_out = perqc_passes::upcast_half::with_f32_outputs(m);
+            let m = f32_out.as_ref().unwrap_or(m);
             let s = Session::with_release(m, &SessionOptions::default(), release)?;
             let feeds = WindowFeeds::new(&s, &m.graph, len)?;
             Ok((s, feeds))

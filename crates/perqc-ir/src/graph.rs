@@ -810,6 +810,25 @@ impl Graph {
         Ok(())
     }
 
+    /// Sets attribute `name` of `node` to `value` (added if absent). Subgraph attributes are
+    /// not set this way: their captures are wired by [`Graph::set_captures`].
+    pub fn set_attr(&mut self, node: NodeId, name: &str, value: AttrValue) {
+        assert!(
+            !matches!(value, AttrValue::Graph(_) | AttrValue::Graphs(_)),
+            "set_attr: a subgraph attribute"
+        );
+        let n = self.nodes[node.index()].as_mut().expect("a live node");
+        match n.attrs.iter_mut().find(|a| a.name == name) {
+            Some(a) => a.value = value,
+            None => n.attrs.push(Attribute {
+                name: name.to_string(),
+                value,
+                doc_string: None,
+                ref_attr_name: None,
+            }),
+        }
+    }
+
     /// Drops the results of `node` from index `keep` on (an op with fewer results after
     /// [`Graph::set_op`]); each must be unread and no graph output.
     pub fn truncate_outputs(&mut self, node: NodeId, keep: usize) -> Result<(), GraphError> {

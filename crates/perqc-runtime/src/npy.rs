@@ -25,6 +25,7 @@ pub enum NpyError {
 fn descr(t: &RtTensor) -> Result<&'static str, NpyError> {
     Ok(match t {
         RtTensor::F32(_) => "<f4",
+        RtTensor::F16(_) => "<f2",
         RtTensor::I64(_) => "<i8",
         RtTensor::I32(_) => "<i4",
         RtTensor::Bool(_) => "|b1",
@@ -58,6 +59,9 @@ pub fn write_npy(path: &Path, t: &RtTensor) -> Result<(), NpyError> {
         RtTensor::F32(a) => a
             .iter()
             .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        RtTensor::F16(a) => a
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         RtTensor::I64(a) => a
             .iter()
             .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
@@ -75,7 +79,7 @@ pub fn write_npy(path: &Path, t: &RtTensor) -> Result<(), NpyError> {
     })
 }
 
-/// Reads a little-endian, C-order `.npy` file of f32, i64, i32, bool, u8 or i8.
+/// Reads a little-endian, C-order `.npy` file of f32, f16, i64, i32, bool, u8 or i8.
 pub fn read_npy(path: &Path) -> Result<RtTensor, NpyError> {
     let p = path.display().to_string();
     let fmt = |what: &str| NpyError::Format {
@@ -135,6 +139,7 @@ pub fn read_npy(path: &Path) -> Result<RtTensor, NpyError> {
     }
     Ok(match d {
         "<f4" => RtTensor::F32(le!(f32, 4)),
+        "<f2" => RtTensor::F16(le!(half::f16, 2)),
         "<i8" => RtTensor::I64(le!(i64, 8)),
         "<i4" => RtTensor::I32(le!(i32, 4)),
         "|b1" => RtTensor::Bool(
@@ -146,4 +151,35 @@ pub fn read_npy(path: &Path) -> Result<RtTensor, NpyError> {
         "|i1" => RtTensor::I8(le!(i8, 1)),
         other => return Err(fmt(&format!("dtype {other}"))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, IxDyn};
+
+    #[test]
+    fn every_written_type_reads_back() {
+        let dir = std::env::temp_dir().join(format!("perqc-npy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![0.5f32, -1.0, 2.25, 3.0, 1e-3, -7.5])
+            .unwrap();
+        for (k, t) in [
+            RtTensor::f32(f.clone()),
+            RtTensor::F16(f.mapv(half::f16::from_f32).into_shared()),
+            RtTensor::i64(f.mapv(|v| v as i64)),
+            RtTensor::I8(f.mapv(|v| v as i8).into_shared()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let p = dir.join(format!("{k}.npy"));
+            write_npy(&p, &t).unwrap();
+            let back = read_npy(&p).unwrap();
+            assert_eq!(back.dtype(), t.dtype());
+            assert_eq!(back.shape(), t.shape());
+            assert_eq!(format!("{back:?}"), format!("{t:?}"));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

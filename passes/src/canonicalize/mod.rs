@@ -204,7 +204,7 @@ pub struct Canonicalize;
 
 impl Canonicalize {
     pub const NAME: &'static str = "canonicalize";
-    pub const DESCRIPTION: &'static str = "rewrite exported spellings (attention, linear, norms, SiLU, GELU, block Hadamard rotations, per-token fake quantization) into canonical ops, then dce";
+    pub const DESCRIPTION: &'static str = "upcast-half, then rewrite exported spellings (attention, linear, norms, SiLU, GELU, block Hadamard rotations, per-token fake quantization) into canonical ops, then dce";
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&[])?;
@@ -222,12 +222,19 @@ impl Pass for Canonicalize {
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        // The patterns match f32: a half model is computed in f32 first.
+        let half = crate::UpcastHalf.run(model, ctx)?;
         let counts = sweep(model, ctx, &PATTERNS)?;
         let dce = Dce::default().run(model, ctx)?;
-        let mut out = PassOutcome::from_changed(counts.iter().any(|&c| c > 0) || dce.changed);
+        let mut out =
+            PassOutcome::from_changed(half.changed || counts.iter().any(|&c| c > 0) || dce.changed);
         for (p, c) in PATTERNS.iter().zip(counts) {
             out = out.with(p.name, c);
         }
-        Ok(out.with("nodes-removed", dce.counter("nodes-removed")))
+        Ok(out
+            .with("nodes-removed", dce.counter("nodes-removed"))
+            .with("half-tensors-upcast", half.counter("tensors"))
+            .with("half-inputs", half.counter("inputs"))
+            .with("half-outputs", half.counter("outputs")))
     }
 }

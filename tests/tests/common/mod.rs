@@ -129,8 +129,8 @@ pub fn kv_decoder_feeds(ids: perqc_runtime::RtTensor) -> Vec<(String, perqc_runt
 /// Feeds for every input of `model`: its first input is `ids` (token ids `[batch, seq]`,
 /// or any tensor for a one-input model), `attention_mask` all ones over `past + seq`
 /// positions, `position_ids` `past..past + seq`, and each cache input (a name with `past`)
-/// seeded values of shape `[batch, .., past, ..]`: its declared dims, a symbolic one named
-/// for the batch taking `batch` and any other one `past`.
+/// seeded values of shape `[batch, .., past, ..]` in its declared type (f32 or f16): its
+/// declared dims, a symbolic one named for the batch taking `batch` and any other one `past`.
 pub fn decoder_feeds(
     model: &perqc_ir::Model,
     ids: perqc_runtime::RtTensor,
@@ -180,11 +180,45 @@ pub fn decoder_feeds(
                 .collect();
             let n: usize = dims.iter().product();
             let data: Vec<f32> = (0..n).map(|_| normal()).collect();
-            RtTensor::f32(ArrayD::from_shape_vec(IxDyn(&dims), data).unwrap())
+            let a = ArrayD::from_shape_vec(IxDyn(&dims), data).unwrap();
+            match value.ty.as_ref().and_then(|t| t.elem()) {
+                Some(perqc_ir::DType::F16) => {
+                    RtTensor::F16(a.mapv(half::f16::from_f32).into_shared())
+                }
+                _ => RtTensor::f32(a),
+            }
         } else {
             panic!("{name}: no feed for this input");
         };
         feeds.push((name, t));
     }
     feeds
+}
+
+/// A float tensor's values as f32 (f16 and bf16 widened exactly).
+pub fn floats(t: &perqc_runtime::RtTensor) -> Vec<f32> {
+    use perqc_runtime::RtTensor;
+    match t {
+        RtTensor::F32(a) => a.iter().copied().collect(),
+        RtTensor::F16(a) => a.iter().map(|v| v.to_f32()).collect(),
+        RtTensor::BF16(a) => a.iter().map(|v| v.to_f32()).collect(),
+        t => panic!("a {} tensor, not a float one", t.dtype()),
+    }
+}
+
+/// `values` (f32) as a tensor of `like`'s float type and `shape`: the expected outputs of a
+/// half model, registered for ONNX Runtime in its own type.
+pub fn float_like(
+    like: perqc_ir::DType,
+    shape: &[usize],
+    values: Vec<f32>,
+) -> perqc_runtime::RtTensor {
+    use ndarray::{ArrayD, IxDyn};
+    use perqc_runtime::RtTensor;
+    let a = ArrayD::from_shape_vec(IxDyn(shape), values).unwrap();
+    match like {
+        perqc_ir::DType::F16 => RtTensor::F16(a.mapv(half::f16::from_f32).into_shared()),
+        perqc_ir::DType::BF16 => RtTensor::BF16(a.mapv(half::bf16::from_f32).into_shared()),
+        _ => RtTensor::f32(a),
+    }
 }
