@@ -128,6 +128,28 @@ fn gemma2_soft_capped_attention() {
     }
 }
 
+/// Every output of `got` within `tol` of `want`'s (max abs error over max |want|, per
+/// output; half outputs compared as f32).
+fn assert_outputs_close(
+    what: &str,
+    want: &[(String, perqc_runtime::RtTensor)],
+    got: &[(String, perqc_runtime::RtTensor)],
+    tol: f64,
+) {
+    assert_eq!(want.len(), got.len(), "{what}: outputs");
+    for ((name, a), (_, b)) in want.iter().zip(got) {
+        assert_eq!(a.shape(), b.shape(), "{what} {name}");
+        let (a, b) = (common::floats(a), common::floats(b));
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let rel = f64::from(err / scale);
+        assert!(rel < tol, "{what} {name}: relative error {rel:e}");
+    }
+}
+
 /// The builder-style KV-cache decoder with layer 1's o_proj made a float MatMul (the
 /// fixture's is MatMulNBits, which no transform can fold into): the GroupQueryAttention
 /// output it reads forms an online-only region, so `rotate` applies R2 online there (an
@@ -211,16 +233,7 @@ fn kv_decoder_online_head_rotation() {
         let want = before.run(&named).expect("runs");
         let got = after.run(&named).expect("runs");
         assert_eq!(want.len(), 5, "logits and four present tensors");
-        for ((name, a), (_, b)) in want.iter().zip(&got) {
-            let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
-            assert_eq!(a.shape(), b.shape(), "{name}");
-            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-            let err = a
-                .iter()
-                .zip(b.iter())
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(err / scale < 1e-4, "{name}: relative error {}", err / scale);
-        }
+        assert_outputs_close("kv decoder", &want, &got, 1e-4);
         let refs: Vec<(&str, &RtTensor)> = named.iter().map(|(n, t)| (*n, t)).collect();
         common::native_case(
             &format!("transform_ort_kv_decoder_online_{case}"),
@@ -361,19 +374,7 @@ fn kv_cache_exports_online_head_rotation() {
             let got = after.run(&named).expect("runs");
             assert_eq!(want.len(), 5, "{name}: logits and four present tensors");
             assert_eq!(want[2].1.shape()[2], 3 + seq, "{name}: the cache grew");
-            for ((out_name, a), (_, b)) in want.iter().zip(&got) {
-                let (a, b) = (common::floats(a), common::floats(b));
-                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-                let err = a
-                    .iter()
-                    .zip(b.iter())
-                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(
-                    f64::from(err / scale) < tol,
-                    "{name} {out_name}: relative error {}",
-                    err / scale
-                );
-            }
+            assert_outputs_close(name, &want, &got, tol);
             let refs: Vec<(&str, &RtTensor)> = named.iter().map(|(n, t)| (*n, t)).collect();
             common::native_case(
                 &format!("transform_{stem}_cache_{case}"),
