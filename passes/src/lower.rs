@@ -578,13 +578,25 @@ fn attention(e: &Env<'_>, id: NodeId) -> Result<Patch, String> {
     if let Some(m) = mask {
         s = emit(&mut p, id, op("Add"), &[s, m], "attn_masked");
     }
-    let probs = emit(
+    let mut probs = emit(
         &mut p,
         id,
         op("Softmax").attr("axis", AttrValue::Int(-1)),
         &[s],
         "attn_probs",
     );
+    if n.attr_int("zero_masked_rows").unwrap_or(0) != 0 {
+        // A row masked everywhere: Softmax gives NaN, the guard 0 (as torch writes it).
+        let nan = emit(&mut p, id, op("IsNaN"), &[probs], "attn_masked_row");
+        let zero = scalar(&mut p, "attn_zero", 0.0);
+        probs = emit(
+            &mut p,
+            id,
+            op("Where"),
+            &[nan, zero, probs],
+            "attn_probs_guarded",
+        );
+    }
     if groups == 1 {
         p.set_op(id, op("MatMul"), [Some(probs), Some(v)]);
     } else {
@@ -671,8 +683,15 @@ impl Pass for Lower {
                 };
                 let patch = if native {
                     let mut p = Patch::new();
+                    // ONNX Attention zeroes a fully masked row: the canonical flag saying
+                    // so is no ONNX attribute.
                     let spec = NodeSpec {
-                        attrs: node.attrs.clone(),
+                        attrs: node
+                            .attrs
+                            .iter()
+                            .filter(|a| a.name != "zero_masked_rows")
+                            .cloned()
+                            .collect(),
                         ..op(&node.op_type)
                     };
                     p.set_op(id, spec, node.inputs().iter().map(|v| v.map(Into::into)));

@@ -2,9 +2,11 @@
 """Export a float32 causal LM in Hugging Face layout to ONNX with torch.onnx.
 
 usage: export_onnx.py HF_DIR OUT.onnx --exporter torchscript|dynamo [--opset 18] [--kv-cache | --half]
+                      [--attn eager|sdpa]
 
 The graph takes input_ids [batch, seq] int64 and returns logits [batch, seq, vocab]
-(no KV cache, attention over all positions with the causal mask, eager attention).
+(no KV cache, attention over all positions with the causal mask, eager attention unless
+`--attn sdpa`, transformers' default, which torch decomposes differently).
 `--kv-cache` (torchscript only) writes the interface optimum's deployment exports have:
 inputs input_ids, attention_mask [batch, past + seq] and past_key_values.{i}.key/value
 [batch, kv_heads, past, head_dim]; outputs logits and present.{i}.key/value (the cache with
@@ -124,11 +126,13 @@ def main():
     ap.add_argument("--exporter", choices=["torchscript", "dynamo"], required=True)
     ap.add_argument("--opset", type=int, default=18)
     ap.add_argument("--kv-cache", action="store_true")
+    ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager",
+                    help="the attention implementation traced (sdpa: transformers' default)")
     ap.add_argument("--half", action="store_true",
                     help="export the model in float16 (torchscript, no cache); checked against the float32 model")
     a = ap.parse_args()
 
-    lm = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32, attn_implementation="eager")
+    lm = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32, attn_implementation=a.attn)
     vocab = lm.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     if a.kv_cache:
@@ -148,7 +152,7 @@ def main():
             raise SystemExit("--half: torchscript exporter only")
         reference = model  # the float32 model the half one is checked against
         model = Logits(AutoModelForCausalLM.from_pretrained(
-            a.hf_dir, dtype=torch.float32, attn_implementation="eager").half()).eval()
+            a.hf_dir, dtype=torch.float32, attn_implementation=a.attn).half()).eval()
         model.m.config.use_cache = False
 
     with torch.no_grad(), warnings.catch_warnings():

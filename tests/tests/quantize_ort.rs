@@ -367,7 +367,8 @@ fn encoder() {
 /// that no rotation protects where the stream cannot rotate (OLMo 2 reads the raw stream),
 /// so only the orderings that hold for any model are asserted. The KV-cache exports run with
 /// a cache of 3 positions (R2 online at o_proj; GPT-2's torchscript spelling), the float16
-/// one computed in float32 with its half interface kept (`upcast-half`).
+/// one computed in float32 with its half interface kept (`upcast-half`); and SDPA attention
+/// as torch decomposes it.
 #[test]
 fn hf_families() {
     for f in [
@@ -382,6 +383,7 @@ fn hf_families() {
         "qwen2_kv",
         "gpt2_kv",
         "qwen2_kv_fp16",
+        "qwen2_sdpa",
     ] {
         errors(&format!("hf/{f}.onnx"));
     }

@@ -387,3 +387,42 @@ fn kv_cache_exports_online_head_rotation() {
         }
     }
 }
+
+/// transformers' default attention, SDPA, as the torchscript exporter decomposes it
+/// (fixtures/hf/qwen2_sdpa.onnx): q and kᵀ each scaled by sqrt(scale), the probabilities
+/// guarded by `Where(IsNaN(p), 0, p)`, and the repeated values' shape read by `Shape`. The
+/// attention fuses (`zero_masked_rows = 1`), the channels that only reach `Shape` do not stop
+/// the value heads, and the recipe's transforms apply as on the eager export: R1, R2
+/// folded into v_proj and o_proj, the mlp permutations and Hadamards.
+#[test]
+fn sdpa_export() {
+    const RECIPE: &str = "permute(method=random,seed=1,block=32),center-stream,fold-norms(rotatable-only=true),rotate,online-hadamard(block=32)";
+    let name = "hf/qwen2_sdpa.onnx";
+    for (tag, p) in PIPELINES {
+        emit(name, tag, p);
+    }
+    emit(name, "recipe", RECIPE);
+    let mut model = perqc_onnx::load(&fixture(name)).expect("loads").model;
+    perqc_passes::canonicalize(&mut model).expect("canonicalizes");
+    let fused: Vec<_> = model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "Attention")
+        .map(|(_, n)| n.attr_int("zero_masked_rows"))
+        .collect();
+    assert_eq!(fused, [Some(1), Some(1)], "both layers' attention fused");
+    let mut p = perqc_passes::registry().build(RECIPE).expect("pipeline");
+    let report = PassManager::new()
+        .run(&mut model, &mut p, &mut RunOptions::default())
+        .expect("runs");
+    assert_eq!(
+        (
+            report.counter("rotate", "residual-rotated"),
+            report.counter("rotate", "heads-rotated"),
+            report.counter("permute", "regions-permuted"),
+            report.counter("online-hadamard", "regions-rotated"),
+        ),
+        (1, 2, 2, 2),
+        "{report}"
+    );
+}

@@ -118,8 +118,12 @@ pub static OPS: &[OpDef] = &[
     op("Identity", 1, mv::identity)
         .kernel(kmv::identity)
         .channel(ch::linear_unary),
-    op("IsNaN", 9, ew::unary_bool).channel(ch::pointwise),
-    op("IsInf", 10, ew::unary_bool).channel(ch::pointwise),
+    op("IsNaN", 9, ew::unary_bool)
+        .kernel(kew::is_nan)
+        .channel(ch::pointwise),
+    op("IsInf", 10, ew::unary_bool)
+        .kernel(kew::is_inf)
+        .channel(ch::pointwise),
     // ---- binary / variadic, numpy broadcasting (legacy `broadcast` attr before 7) ----
     op("Add", 1, ew::unary).until(7),
     op("Add", 7, ew::add).kernel(kew::add).channel(ch::add_sub),

@@ -1,11 +1,17 @@
 //! `fuse-attention`: scaled dot-product attention as exporters write it.
 //!
 //! ```text
-//! MatMul(Cast*(Softmax(Add?(Cap?(Mul?(MatMul(q, Transpose(k, [0,1,3,2])), c)), mask),
-//!     axis=-1)), v)
+//! MatMul(Guard?(Cast*(Softmax(Add?(Cap?(Mul?(MatMul(q, Transpose(k, [0,1,3,2])), c)), mask),
+//!     axis=-1))), v)
 //!   == ai.perqc::Attention(q, k, v, mask?, scale = c, softcap = t)
 //! Cap(x) = Mul(Tanh(Div(x, t)), t)      (logit soft-capping, Gemma 2)
+//! Guard(p) = Where(IsNaN(p), 0, p)      (torch's SDPA: a fully masked row gives 0)
 //! ```
+//!
+//! torch's SDPA decomposition also scales both factors, `MatMul(Mul(q, a), Mul(kᵀ, b))`
+//! with scalars `a = b = c^½`, where the others scale the product: that spelling reads as
+//! scale `a·b` (equal up to the rounding of the two products, as the summation order is),
+//! and the guard as `zero_masked_rows = 1`, the ONNX Attention behaviour.
 //!
 //! `Mul` by a constant scalar `c` (either operand order; or `Div` by `1/c`) and `Add` of
 //! the mask are optional (neither: scale 1); the `Cast`s are no-ops (to the type they
@@ -49,13 +55,12 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
         return None;
     }
     let (p, v) = m.two(end)?;
-    let Scores {
-        qk,
-        mask,
-        scale,
-        softcap,
-    } = scores(m, p)?;
-    let (q, kt) = m.two(qk)?;
+    let sc = scores(m, p)?;
+    let mask = sc.mask;
+    let (q, kt) = match sc.split {
+        Some(qk) => qk,
+        None => m.two(sc.qk)?,
+    };
     let t = m.sole_op(kt, "Transpose")?;
     // kᵀ = Transpose(x, perm) of some layout x of k: k itself is x transposed by `perm`
     // with its last two entries swapped (the identity when x is k).
@@ -91,7 +96,7 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     };
     patch.set_op(
         end,
-        attention_spec(scale, softcap),
+        attention_spec(&sc),
         [
             Some(q.into()),
             Some(k),
@@ -102,23 +107,30 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     Some(patch)
 }
 
-/// The canonical node: `scale`, and `softcap` when there is one (0: none, no attribute).
-fn attention_spec(scale: f32, softcap: f32) -> NodeSpec {
-    let spec = canonical("Attention").attr("scale", AttrValue::Float(scale));
-    if softcap > 0.0 {
-        spec.attr("softcap", AttrValue::Float(softcap))
-    } else {
-        spec
+/// The canonical node: `scale`, `softcap` when there is one (0: none, no attribute), and
+/// `zero_masked_rows = 1` when the chain guarded fully masked rows.
+fn attention_spec(sc: &Scores) -> NodeSpec {
+    let mut spec = canonical("Attention").attr("scale", AttrValue::Float(sc.scale));
+    if sc.softcap > 0.0 {
+        spec = spec.attr("softcap", AttrValue::Float(sc.softcap));
     }
+    if sc.zero_masked_rows {
+        spec = spec.attr("zero_masked_rows", AttrValue::Int(1));
+    }
+    spec
 }
 
 /// The scores side of the chain, from the probabilities `p` up: the `q kᵀ` MatMul, the
 /// mask, the scale and the soft cap (0: none).
 struct Scores {
     qk: NodeId,
+    /// `(q, kᵀ)` when each factor of `qk` was scaled on its own (the scale is their product).
+    split: Option<(ValueId, ValueId)>,
     mask: Option<ValueId>,
     scale: f32,
     softcap: f32,
+    /// The probabilities were guarded by [`nan_guard`].
+    zero_masked_rows: bool,
 }
 
 /// `Mul(Tanh(Div(x, t)), t)` at `s` (or `Mul(Tanh(Mul(x, 1/t)), t)`; the `Mul`s in either
@@ -143,10 +155,30 @@ fn soft_cap(m: &Matcher<'_>, s: ValueId) -> Option<(ValueId, f32)> {
     m.either(a, b, |x, y| (m.scalar(y)? == 1.0 / t).then_some((x, t)))
 }
 
-/// `Cast*(Softmax(Add?(Mul?(MatMul(..), c), mask), axis = -1))` at `p` (see the module docs).
+/// torch's guard of a fully masked row, `Where(IsNaN(p), 0, p)` at `g`: `p`, read by these
+/// two nodes only.
+fn nan_guard(m: &Matcher<'_>, g: ValueId) -> Option<ValueId> {
+    let w = m.sole_op(g, "Where")?;
+    let n = m.node(w);
+    let (c, zero, p) = (n.input(0)?, n.input(1)?, n.input(2)?);
+    let is_nan = m.sole_op(c, "IsNaN")?;
+    let val = m.graph.value(p);
+    let readers_ok = val.uses().len() == 2 && !m.graph.outputs.contains(&p);
+    (m.input(is_nan, 0)? == p && m.scalar(zero)? == 0.0 && readers_ok).then_some(p)
+}
+
+/// `Cast*(Softmax(Add?(Mul?(MatMul(..), c), mask), axis = -1))` at `p`, or that guarded by
+/// [`nan_guard`] (see the module docs).
 fn scores(m: &Matcher<'_>, p: ValueId) -> Option<Scores> {
     let p = m.skip_noop_casts(p);
-    let softmax = m.sole_op(p, "Softmax")?;
+    let (p, zero_masked_rows) = match nan_guard(m, p) {
+        Some(inner) => (inner, true),
+        None => (p, false),
+    };
+    let softmax = m.def_op(p, "Softmax")?;
+    if !zero_masked_rows && m.sole(p).is_none() {
+        return None;
+    }
     let opset = m.opset()?;
     if opset < 13 || m.node(softmax).attr_int("axis").unwrap_or(-1) != -1 {
         return None;
@@ -179,11 +211,28 @@ fn scores(m: &Matcher<'_>, p: ValueId) -> Option<Scores> {
         scale = 1.0 / m.scalar(d)?;
         s = scores;
     }
+    let qk = m.sole_op(s, "MatMul")?;
+    // torch's SDPA spelling scales both factors by sqrt(c) instead of the product by c.
+    let (a, b) = m.two(qk)?;
+    let by_scalar = |x: ValueId| {
+        let mul = m.sole_op(x, "Mul")?;
+        let (u, w) = m.two(mul)?;
+        m.either(u, w, |y, c| m.scalar(c).map(|c| (y, c)))
+    };
+    let split = match (by_scalar(a), by_scalar(b)) {
+        (Some((q, ca)), Some((kt, cb))) if scale == 1.0 => {
+            scale = ca * cb;
+            Some((q, kt))
+        }
+        _ => None,
+    };
     Some(Scores {
-        qk: m.sole_op(s, "MatMul")?,
+        qk,
+        split,
         mask,
         scale,
         softcap,
+        zero_masked_rows,
     })
 }
 
@@ -202,13 +251,12 @@ fn rewrite_grouped(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     let (y, _) = m.two(end)?;
     let pv = m.sole_op(y, "MatMul")?;
     let (p, v5) = m.two(pv)?;
-    let Scores {
-        qk,
-        mask,
-        scale,
-        softcap,
-    } = scores(m, p)?;
-    let (q5, kt5) = m.two(qk)?;
+    let sc = scores(m, p)?;
+    if sc.split.is_some() {
+        return None;
+    }
+    let mask = sc.mask;
+    let (q5, kt5) = m.two(sc.qk)?;
     let t = m.sole_op(kt5, "Transpose")?;
     if m.node(t).attr_ints("perm")? != [0, 1, 2, 4, 3] {
         return None;
@@ -248,7 +296,7 @@ fn rewrite_grouped(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     let mut patch = Patch::new();
     patch.set_op(
         end,
-        attention_spec(scale, softcap),
+        attention_spec(&sc),
         [
             Some(q.into()),
             Some(k.into()),

@@ -175,16 +175,39 @@ pub(super) struct Env<'a> {
     pub graph: &'a Graph,
     pub shapes: &'a ShapeMap,
     outputs: Vec<ValueId>,
+    /// By node index: whether the node's result data reach a graph output. A node whose
+    /// results only ever feed `Shape`/`Size` (torch's SDPA export reads the shape of the
+    /// repeated values this way) reads no data of the channels, so the trace passes it by.
+    reads_data: Vec<bool>,
 }
 
 impl<'a> Env<'a> {
     pub fn new(model: &'a Model, shapes: &'a ShapeMap) -> Env<'a> {
         let graph = &model.graph;
+        // Backwards over the node order: a value is live when a graph output is it or a live
+        // node reads its data.
+        let mut live = vec![false; graph.value_capacity()];
+        for &o in &graph.outputs {
+            live[o.index()] = true;
+        }
+        let mut reads_data = vec![false; graph.node_capacity()];
+        for &id in graph.node_order().iter().rev() {
+            let n = graph.node(id);
+            let used = n.subgraphs().next().is_some()
+                || n.outputs().iter().flatten().any(|o| live[o.index()]);
+            if used && !n.reads_shape_only() {
+                reads_data[id.index()] = true;
+                for v in n.inputs().iter().flatten().chain(n.captures()) {
+                    live[v.index()] = true;
+                }
+            }
+        }
         Env {
             model,
             graph,
             shapes,
             outputs: graph.outputs.clone(),
+            reads_data,
         }
     }
 
@@ -371,6 +394,9 @@ impl Trace {
         }
         let uses: Vec<_> = value.uses().to_vec();
         for u in uses {
+            if !env.reads_data[u.node.index()] {
+                continue;
+            }
             match u.operand {
                 perqc_ir::Operand::Input(i) => {
                     self.operand(env, u.node, i as usize, axes.clone(), ids.to_vec())

@@ -145,8 +145,10 @@ pub fn attention(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let p = Params {
         scale: ctx.float("scale", 1.0 / (q.shape()[3] as f32).sqrt()),
         causal: ctx.int("is_causal", 0) != 0,
-        // The canonical form keeps the NaN of the Softmax it replaced.
-        zero_masked_rows: ctx.node.domain != crate::PERQC_DOMAIN,
+        // The canonical form keeps the NaN of the Softmax it replaced, unless the exported
+        // chain guarded it (`zero_masked_rows = 1`, torch's SDPA spelling).
+        zero_masked_rows: ctx.node.domain != crate::PERQC_DOMAIN
+            || ctx.int("zero_masked_rows", 0) != 0,
         // As in the ONNX reference, a softcap that is not positive caps nothing.
         softcap: ctx.float("softcap", 0.0),
         seq_major_out: false,

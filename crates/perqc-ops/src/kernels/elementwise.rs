@@ -330,6 +330,33 @@ pub fn not(_: &KernelCtx<'_>, inputs: In) -> Out {
     }
 }
 
+/// IsNaN: where the input is NaN (f32, f16, bf16). torch's SDPA export guards a fully masked
+/// softmax row with `Where(IsNaN(p), 0, p)`.
+pub fn is_nan(_: &KernelCtx<'_>, inputs: In) -> Out {
+    Ok(vec![RtTensor::bool(match req(inputs, 0)? {
+        RtTensor::F32(a) => a.map(|x| x.is_nan()),
+        RtTensor::F16(a) => a.map(|x| x.is_nan()),
+        RtTensor::BF16(a) => a.map(|x| x.is_nan()),
+        other => return Err(type_err(0, other)),
+    })])
+}
+
+/// IsInf: where the input is +inf (unless `detect_positive = 0`) or -inf (unless
+/// `detect_negative = 0`).
+pub fn is_inf(ctx: &KernelCtx<'_>, inputs: In) -> Out {
+    let (pos, neg) = (
+        ctx.int("detect_positive", 1) != 0,
+        ctx.int("detect_negative", 1) != 0,
+    );
+    let hit = |x: f32| x.is_infinite() && if x > 0.0 { pos } else { neg };
+    Ok(vec![RtTensor::bool(match req(inputs, 0)? {
+        RtTensor::F32(a) => a.map(|&x| hit(x)),
+        RtTensor::F16(a) => a.map(|x| hit(x.to_f32())),
+        RtTensor::BF16(a) => a.map(|x| hit(x.to_f32())),
+        other => return Err(type_err(0, other)),
+    })])
+}
+
 // ---- binary arithmetic ---------------------------------------------------------------------
 
 macro_rules! arith {
@@ -513,4 +540,76 @@ pub fn where_(_: &KernelCtx<'_>, inputs: In) -> Out {
         (RtTensor::I8(x), RtTensor::I8(y)) => RtTensor::I8(sel!(x, y)),
         (_, y) => return Err(type_err(2, y)),
     }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, IxDyn};
+    use perqc_ir::{AttrValue, Graph, NodeSpec};
+
+    fn run_on(op: &str, attrs: &[(&str, i64)], x: RtTensor) -> Vec<bool> {
+        let mut g = Graph::new("t");
+        let mut spec = NodeSpec::new(op);
+        for (k, v) in attrs {
+            spec = spec.attr(k, AttrValue::Int(*v));
+        }
+        let id = g.add_node(spec, &[], &["y"]).unwrap();
+        let ctx = KernelCtx {
+            node: g.node(id),
+            opset: 20,
+            threads: 1,
+            subgraphs: None,
+        };
+        let f = if op == "IsNaN" { is_nan } else { is_inf };
+        match &f(&ctx, &[Some(&x)]).unwrap()[0] {
+            RtTensor::Bool(a) => a.iter().copied().collect(),
+            t => panic!("{op} gave {}", t.dtype()),
+        }
+    }
+
+    /// Every class of value in f32 and f16, and IsInf's two switches (ONNX examples).
+    #[test]
+    fn is_nan_and_is_inf_by_value_class() {
+        let v = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -1.5, 3e38];
+        let f = ArrayD::from_shape_vec(IxDyn(&[2, 3]), v).unwrap();
+        let inputs = [
+            RtTensor::f32(f.clone()),
+            RtTensor::F16(f.mapv(half::f16::from_f32).into_shared()),
+        ];
+        for x in inputs {
+            let f16 = x.dtype() == perqc_ir::DType::F16;
+            assert_eq!(
+                run_on("IsNaN", &[], x.clone()),
+                [true, false, false, false, false, false]
+            );
+            // 3e38 overflows f16 to +inf.
+            let big = f16;
+            assert_eq!(
+                run_on("IsInf", &[], x.clone()),
+                [false, true, true, false, false, big]
+            );
+            assert_eq!(
+                run_on("IsInf", &[("detect_negative", 0)], x.clone()),
+                [false, true, false, false, false, big]
+            );
+            assert_eq!(
+                run_on("IsInf", &[("detect_positive", 0)], x.clone()),
+                [false, false, true, false, false, false]
+            );
+        }
+        let mut g = Graph::new("t");
+        let id = g.add_node(NodeSpec::new("IsNaN"), &[], &["y"]).unwrap();
+        let ctx = KernelCtx {
+            node: g.node(id),
+            opset: 20,
+            threads: 1,
+            subgraphs: None,
+        };
+        let ints = RtTensor::i64(ArrayD::from_elem(IxDyn(&[2]), 1));
+        assert!(
+            is_nan(&ctx, &[Some(&ints)]).is_err(),
+            "integers are refused"
+        );
+    }
 }
