@@ -384,6 +384,7 @@ fn hf_families() {
         "gpt2_kv",
         "qwen2_kv_fp16",
         "qwen2_sdpa",
+        "qwen2_sdpa_dynamo",
     ] {
         errors(&format!("hf/{f}.onnx"));
     }

@@ -394,10 +394,18 @@ fn kv_cache_exports_online_head_rotation() {
 /// attention fuses (`zero_masked_rows = 1`), the channels that only reach `Shape` do not stop
 /// the value heads, and the recipe's transforms apply as on the eager export: R1, R2
 /// folded into v_proj and o_proj, the mlp permutations and Hadamards.
+///
+/// The dynamo exporter (qwen2_sdpa_dynamo.onnx) transposes k through 3-d Reshapes
+/// (`Reshape(Transpose(Reshape(k, [-1, L, D]), [0, 2, 1]), [B, H, D, L])`), read as kᵀ.
 #[test]
 fn sdpa_export() {
+    for name in ["hf/qwen2_sdpa.onnx", "hf/qwen2_sdpa_dynamo.onnx"] {
+        sdpa_case(name);
+    }
+}
+
+fn sdpa_case(name: &str) {
     const RECIPE: &str = "permute(method=random,seed=1,block=32),center-stream,fold-norms(rotatable-only=true),rotate,online-hadamard(block=32)";
-    let name = "hf/qwen2_sdpa.onnx";
     for (tag, p) in PIPELINES {
         emit(name, tag, p);
     }
@@ -410,7 +418,11 @@ fn sdpa_export() {
         .filter(|(_, n)| n.op_type == "Attention")
         .map(|(_, n)| n.attr_int("zero_masked_rows"))
         .collect();
-    assert_eq!(fused, [Some(1), Some(1)], "both layers' attention fused");
+    assert_eq!(
+        fused,
+        [Some(1), Some(1)],
+        "{name}: both layers' attention fused"
+    );
     let mut p = perqc_passes::registry().build(RECIPE).expect("pipeline");
     let report = PassManager::new()
         .run(&mut model, &mut p, &mut RunOptions::default())
@@ -423,6 +435,6 @@ fn sdpa_export() {
             report.counter("online-hadamard", "regions-rotated"),
         ),
         (1, 2, 2, 2),
-        "{report}"
+        "{name}: {report}"
     );
 }

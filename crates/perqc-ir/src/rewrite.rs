@@ -27,6 +27,9 @@ pub trait ValueFacts {
     /// The elements of a small integer tensor when all are known (shape arithmetic such as
     /// `Concat(Shape(x)[0], 4)` on a static dim).
     fn ints(&self, v: ValueId) -> Option<Vec<i64>>;
+    /// The elements of a small integer tensor as dims, symbols included (a shape computed
+    /// from `Shape` of a value with symbolic dims).
+    fn dims(&self, v: ValueId) -> Option<Vec<Dim>>;
     /// The value of `v` when it follows from constants alone (initializers, `Constant`
     /// nodes, and ops over them), for small tensors.
     fn constant(&self, graph: &Graph, v: ValueId) -> Option<Tensor>;
@@ -45,6 +48,9 @@ impl ValueFacts for NoFacts {
         None
     }
     fn ints(&self, _: ValueId) -> Option<Vec<i64>> {
+        None
+    }
+    fn dims(&self, _: ValueId) -> Option<Vec<Dim>> {
         None
     }
     fn constant(&self, _: &Graph, _: ValueId) -> Option<Tensor> {
@@ -191,6 +197,11 @@ impl<'a> Matcher<'a> {
         self.facts
             .dtype(v)
             .or_else(|| self.graph.value(v).ty.as_ref().and_then(|t| t.elem()))
+    }
+
+    /// The elements of a small integer tensor as dims (see [`ValueFacts::dims`]).
+    pub fn dims_value(&self, v: ValueId) -> Option<Vec<Dim>> {
+        self.facts.dims(v)
     }
 
     pub fn is_f32(&self, v: ValueId) -> bool {

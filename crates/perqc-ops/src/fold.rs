@@ -27,6 +27,10 @@ impl ValueFacts for ShapeMap {
         self.get(v)?.known_ints()
     }
 
+    fn dims(&self, v: ValueId) -> Option<Vec<Dim>> {
+        self.get(v)?.dims_value()
+    }
+
     fn default_opset(&self) -> Option<i64> {
         self.default_opset
     }

@@ -11,7 +11,10 @@
 //! torch's SDPA decomposition also scales both factors, `MatMul(Mul(q, a), Mul(kᵀ, b))`
 //! with scalars `a = b = c^½`, where the others scale the product: that spelling reads as
 //! scale `a·b` (equal up to the rounding of the two products, as the summation order is),
-//! and the guard as `zero_masked_rows = 1`, the ONNX Attention behaviour.
+//! and the guard as `zero_masked_rows = 1`, the ONNX Attention behaviour. The dynamo
+//! exporter's kᵀ is `Reshape(Transpose(Reshape(k, [-1, L, D]), [0, 2, 1]), [B, H, D, L])`
+//! (the heads flattened into the batch): read as `Transpose(k, [0, 1, 3, 2])` when both
+//! shapes say exactly that.
 //!
 //! `Mul` by a constant scalar `c` (either operand order; or `Div` by `1/c`) and `Add` of
 //! the mask are optional (neither: scale 1); the `Cast`s are no-ops (to the type they
@@ -56,11 +59,13 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     }
     let (p, v) = m.two(end)?;
     let sc = scores(m, p)?;
-    let mask = sc.mask;
     let (q, kt) = match sc.split {
         Some(qk) => qk,
         None => m.two(sc.qk)?,
     };
+    if let Some(k) = flat_transpose(m, kt) {
+        return fused(m, end, &sc, q, (k, k.into()), v, Patch::new());
+    }
     let t = m.sole_op(kt, "Transpose")?;
     // kᵀ = Transpose(x, perm) of some layout x of k: k itself is x transposed by `perm`
     // with its last two entries swapped (the identity when x is k).
@@ -70,41 +75,93 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     }
     perm.swap(2, 3);
     let x = m.input(t, 0)?;
-    let k_layout = (perm != [0, 1, 2, 3]).then_some(perm);
-    // (kᵀ has k's rank and element type, for the checks below.)
-    let k = if k_layout.is_some() { kt } else { x };
+    let mut patch = Patch::new();
+    let k = if perm == [0, 1, 2, 3] {
+        (x, x.into())
+    } else {
+        // k in its own layout, read through kᵀ (the same rank and element type).
+        let spec = NodeSpec::new("Transpose").attr("perm", AttrValue::Ints(perm));
+        (
+            kt,
+            patch.insert(end, spec, [Some(x.into())], &["attention_k"])[0],
+        )
+    };
+    fused(m, end, &sc, q, k, v, patch)
+}
+
+/// The canonical node at `end` reading q, k and v, when the kernel handles their ranks;
+/// grouped key/value heads are read where they are shared. `k` is `(a value with k's rank
+/// and element type, what the node reads)`: k itself, or kᵀ and a new layout of k that
+/// `patch` inserts.
+fn fused(
+    m: &Matcher<'_>,
+    end: NodeId,
+    sc: &Scores,
+    q: ValueId,
+    (k_like, k): (ValueId, PatchValue),
+    v: ValueId,
+    mut patch: Patch,
+) -> Option<Patch> {
     // Ranks the kernel handles; a mask of higher rank would have broadcast the scores up.
-    if [q, k, v]
+    if [q, k_like, v]
         .iter()
         .any(|&x| m.rank(x) != Some(4) || !m.is_f32(x))
-        || mask.is_some_and(|mk| m.rank(mk).is_none_or(|r| r > 4))
+        || sc.mask.is_some_and(|mk| m.rank(mk).is_none_or(|r| r > 4))
     {
         return None;
     }
     // Grouped-query attention: read the shared K/V heads instead of their copies.
-    let (k, v) = match (ungroup(m, k), ungroup(m, v)) {
-        (Some((k, gk)), Some((v, gv))) if gk == gv && k_layout.is_none() => (k, v),
-        _ => (k, v),
+    let k_old = match k {
+        PatchValue::Old(k) => Some(k),
+        PatchValue::New(_) => None,
     };
-    let mut patch = Patch::new();
-    let k: PatchValue = match k_layout {
-        None => k.into(),
-        Some(perm) => {
-            let spec = NodeSpec::new("Transpose").attr("perm", AttrValue::Ints(perm));
-            patch.insert(end, spec, [Some(x.into())], &["attention_k"])[0]
-        }
+    let (k, v) = match (k_old.and_then(|k| ungroup(m, k)), ungroup(m, v)) {
+        (Some((k, gk)), Some((v, gv))) if gk == gv => (k.into(), v),
+        _ => (k, v),
     };
     patch.set_op(
         end,
-        attention_spec(&sc),
+        attention_spec(sc),
         [
             Some(q.into()),
             Some(k),
             Some(v.into()),
-            mask.map(Into::into),
+            sc.mask.map(Into::into),
         ],
     );
     Some(patch)
+}
+
+/// torch's dynamo spelling of `kᵀ` in SDPA: `Reshape(Transpose(Reshape(k, [-1, L, D]),
+/// [0, 2, 1]), [B, H, D, L])` for k `[B, H, L, D]`, the heads flattened into the batch for a
+/// 3-d transpose. Returns k when the two shapes say exactly that (symbols included).
+fn flat_transpose(m: &Matcher<'_>, kt: ValueId) -> Option<ValueId> {
+    let outer = m.sole_op(kt, "Reshape")?;
+    let t = m.sole_op(m.input(outer, 0)?, "Transpose")?;
+    if m.node(t).attr_ints("perm")? != [0, 2, 1] {
+        return None;
+    }
+    let inner = m.sole_op(m.input(t, 0)?, "Reshape")?;
+    let k = m.input(inner, 0)?;
+    let ks = m.shape(k)?;
+    let (s1, s2) = (
+        m.dims_value(m.input(inner, 1)?)?,
+        m.dims_value(m.input(outer, 1)?)?,
+    );
+    let allowzero = |r: NodeId| m.node(r).attr_int("allowzero").unwrap_or(0);
+    (ks.len() == 4
+        && s1.len() == 3
+        && s1[0] == Dim::Known(-1)
+        && same(&s1[1], &ks[2])
+        && same(&s1[2], &ks[3])
+        && s2.len() == 4
+        && [(0, 0), (1, 1), (2, 3), (3, 2)]
+            .iter()
+            .all(|&(a, b)| same(&s2[a], &ks[b]) && s2[a] != Dim::Known(0))
+        && ks.iter().all(|d| *d != Dim::Known(0))
+        && allowzero(inner) == 0
+        && allowzero(outer) == 0)
+        .then_some(k)
 }
 
 /// The canonical node: `scale`, `softcap` when there is one (0: none, no attribute), and

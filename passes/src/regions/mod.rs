@@ -19,6 +19,13 @@
 //! Each region says which transform kinds are legal and, where one is not, why: a barrier
 //! where the channels escape (then nothing is legal), an op between that commutes only
 //! with some kinds, or per-channel parameters (a norm's gamma) that are not uniform.
+//!
+//! Online-only regions (`Region::online_only`) have no sources: the linears reading an
+//! attention output whose value heads nothing may transform, either because the op table
+//! says so of the op that produced it (GroupQueryAttention's packed heads) or because an
+//! `attention_vo` region met a barrier (values that are the graph's KV cache). A transform
+//! computed before those linears is still exact there. A node whose results only reach
+//! `Shape`/`Size` reads none of the channels' data; the trace passes it by.
 
 mod scale;
 mod trace;
@@ -977,8 +984,7 @@ fn online_region(env: &Env<'_>, node: NodeId) -> Option<Region> {
         at: Some(env.node_label(node)),
         reason: rh.reason.to_string(),
     };
-    let r = online_from(env, node, rh.output, rh.axis, rh.head_dim, cause)?;
-    Some(r)
+    online_from(env, node, rh.output, rh.axis, rh.head_dim, cause)
 }
 
 /// The online-only regions at the sinks of a value/output region `blocked` that a barrier
