@@ -14,10 +14,11 @@
 //! position tables; one on the residual stream would keep `center-stream` from it.
 //!
 //! Check: default domain, one input, `Cast`'s `to` is the input's known element type, and `y`
-//! is not a graph output (its name is part of the interface).
+//! is not a graph output (its name is part of the interface) nor read inside a subgraph
+//! (which names it).
 
 use super::Pattern;
-use perqc_ir::{DType, Matcher, NodeId, Patch};
+use perqc_ir::{DType, Matcher, NodeId, Operand, Patch};
 
 pub static PATTERN: Pattern = Pattern {
     name: "forward-identity",
@@ -35,7 +36,14 @@ fn rewrite(m: &Matcher<'_>, end: NodeId) -> Option<Patch> {
     if !(m.is_op(end, "Identity") || noop_cast) {
         return None;
     }
-    if m.graph.outputs.contains(&y) || n.inputs().len() != 1 {
+    // A subgraph reads an outer value by its name: a captured result keeps its node.
+    let captured = m
+        .graph
+        .value(y)
+        .uses()
+        .iter()
+        .any(|u| matches!(u.operand, Operand::Capture(_)));
+    if m.graph.outputs.contains(&y) || n.inputs().len() != 1 || captured {
         return None;
     }
     let mut p = Patch::new();
