@@ -246,3 +246,61 @@ fn released_pages_read_back_unchanged() {
         );
     }
 }
+
+#[test]
+fn spilled_payloads_are_mapped_and_read_back_unchanged() {
+    // `FileMaps::spill` moves heap payloads (here: the float16 fixture's weights after
+    // `upcast-half`) into a mapped temporary file: the model serializes to the same bytes
+    // before and after, every large payload is then in the maps, and releasing its pages
+    // reads the same again.
+    let mut loaded = perqc_onnx::load(&fixture("hf/qwen2_kv_fp16.onnx")).unwrap();
+    perqc_passes::canonicalize(&mut loaded.model).unwrap();
+    let before = perqc_onnx::to_bytes(&loaded.model);
+    let large = |m: &perqc_ir::Model| -> Vec<perqc_ir::ValueId> {
+        m.graph
+            .initializers
+            .iter()
+            .copied()
+            .filter(|&v| {
+                m.graph
+                    .value(v)
+                    .tensor
+                    .as_ref()
+                    .unwrap()
+                    .raw_bytes()
+                    .unwrap()
+                    .len()
+                    >= 4096
+            })
+            .collect()
+    };
+    let heap = large(&loaded.model)
+        .into_iter()
+        .filter(|&v| {
+            let t = loaded.model.graph.value(v).tensor.as_ref().unwrap();
+            loaded.files.locate(t).is_none()
+        })
+        .count();
+    assert!(heap > 0, "the upcast weights are heap copies");
+    let moved = loaded.files.spill(&mut loaded.model, 4096).unwrap();
+    assert!(moved > 0);
+    assert!(
+        perqc_onnx::to_bytes(&loaded.model) == before,
+        "payloads changed"
+    );
+    let g = &loaded.model.graph;
+    for v in large(&loaded.model) {
+        let t = g.value(v).tensor.as_ref().unwrap();
+        assert!(loaded.files.locate(t).is_some(), "`{}` not mapped", t.name);
+        loaded.release(t);
+    }
+    assert!(
+        perqc_onnx::to_bytes(&loaded.model) == before,
+        "payloads changed after release"
+    );
+    assert_eq!(
+        loaded.files.spill(&mut loaded.model, 4096).unwrap(),
+        0,
+        "nothing left"
+    );
+}

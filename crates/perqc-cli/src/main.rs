@@ -250,7 +250,7 @@ fn compile(args: CompileArgs) -> Result<()> {
             eprintln!("warning: {w}");
         }
     }
-    let (mut model, files) = (loaded.model, loaded.files);
+    let (mut model, mut files) = (loaded.model, loaded.files);
     let load_time = t.elapsed();
     let mut manager = PassManager::new();
     let mut calib_time = None;
@@ -261,6 +261,15 @@ fn compile(args: CompileArgs) -> Result<()> {
         let canonical = perqc_passes::canonicalize(&mut model)
             .with_context(|| format!("{}: canonicalizing", input.display()))?;
         if canonical.counter("half-tensors-upcast") > 0 {
+            // The upcast weights are heap copies: mapped from a temporary file instead, their
+            // pages go back once the calibration session has copied them, as the f32 model
+            // file's do.
+            files.spill(&mut model, 1 << 16).with_context(|| {
+                format!(
+                    "{}: moving the upcast weights to a temporary file",
+                    input.display()
+                )
+            })?;
             notes.push(format!(
                 "a float16/bfloat16 model: computed, calibrated and quantized in float32 ({} half tensors upcast); its {} half inputs and {} half outputs keep their type through Casts",
                 canonical.counter("half-tensors-upcast"),

@@ -107,6 +107,59 @@ impl FileMaps {
         }
     }
 
+    /// Moves the payloads of `model`'s initializers that live on the heap (rewritten after
+    /// loading: half weights upcast to f32) and hold at least `min_bytes` into one unlinked
+    /// temporary file, mapped read-only and added to these maps, so that
+    /// [`FileMaps::release`] gives their pages back as it does the model file's (a
+    /// calibration session copies the weights it runs on; without this the heap copy and
+    /// the session's stay resident together). The values are the same bytes. Returns how
+    /// many bytes moved.
+    pub fn spill(&mut self, model: &mut Model, min_bytes: usize) -> std::io::Result<usize> {
+        use std::io::Write;
+        let g = &mut model.graph;
+        let heap: Vec<ValueId> = g
+            .values()
+            .filter(|(_, v)| v.def() == ValueDef::Initializer)
+            .filter_map(|(id, v)| {
+                let t = v.tensor.as_ref()?;
+                let TensorData::Raw(b) = &t.data else {
+                    return None;
+                };
+                (b.len() >= min_bytes && self.locate(t).is_none()).then_some(id)
+            })
+            .collect();
+        if heap.is_empty() {
+            return Ok(0);
+        }
+        // Each payload starts on a page, so releasing one never touches another.
+        let mut file = std::io::BufWriter::new(tempfile::tempfile()?);
+        let mut spans = Vec::with_capacity(heap.len());
+        let mut at = 0usize;
+        for &v in &heap {
+            let TensorData::Raw(b) = &g.value(v).tensor.as_ref().expect("filtered").data else {
+                unreachable!("filtered");
+            };
+            let start = at.div_ceil(PAGE) * PAGE;
+            file.write_all(&vec![0u8; start - at])?;
+            file.write_all(b)?;
+            spans.push((start, start + b.len()));
+            at = start + b.len();
+        }
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        // SAFETY: a private, unlinked file nobody else writes; read-only map.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file)? });
+        for (&v, &(start, end)) in heap.iter().zip(&spans) {
+            let payload = Bytes::from_owner(MappedPayload {
+                map: map.clone(),
+                start,
+                end,
+            });
+            g.value_mut(v).tensor.as_mut().expect("filtered").data = TensorData::Raw(payload);
+        }
+        self.maps.push(map);
+        Ok(spans.iter().map(|(s, e)| e - s).sum())
+    }
+
     /// Drops the resident pages wholly inside `range` (see [`FileMaps::release`]).
     pub fn release_range(&self, range: MappedRange) {
         if let Some(map) = self.maps.get(range.map)
