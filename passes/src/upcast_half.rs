@@ -128,6 +128,11 @@ pub fn upcast(model: &mut Model) -> Result<Upcast, PassError> {
         }
     }
     let interface: Vec<ValueId> = g.inputs.iter().chain(&g.outputs).copied().collect();
+    // Half values come from somewhere the graph shows (an input's or value's declared type,
+    // a stored tensor, a cast to half): without one there is nothing to do.
+    if !any_half(g) {
+        return Ok(done);
+    }
     // The outputs' element types as the model has them: declared, else inferred (before
     // anything changes).
     let inferred = perqc_ops::infer_model(model).ok();
@@ -143,9 +148,6 @@ pub fn upcast(model: &mut Model) -> Result<Upcast, PassError> {
                 .or_else(|| inferred.as_ref()?.dtype(o))
         })
         .collect();
-    if !output_types.iter().flatten().any(|&d| is_half(d)) && !any_half(g) {
-        return Ok(done);
-    }
 
     // Initializers (a graph output keeps its declared type: left as it is).
     let inits: Vec<ValueId> = g
