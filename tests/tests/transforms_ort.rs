@@ -29,6 +29,9 @@ const PIPELINES: [(&str, &str); 6] = [
     ),
 ];
 
+/// The recipe's exact transforms in its order (a random permutation: no calibration data).
+const RECIPE: &str = "permute(method=random,seed=1,block=32),center-stream,fold-norms(rotatable-only=true),rotate,online-hadamard(block=32)";
+
 fn emit(fixture_name: &str, tag: &str, pipeline: &str) {
     emit_within(fixture_name, tag, pipeline, 1e-4);
 }
@@ -255,10 +258,7 @@ fn kv_decoder_online_head_rotation() {
 fn layer_norm_streams_centered_and_rotated() {
     const CENTERED: [(&str, &str); 2] = [
         ("center_rotate", "center-stream,fold-norms,rotate"),
-        (
-            "center_chain",
-            "permute(method=random,seed=1,block=32),center-stream,fold-norms(rotatable-only=true),rotate,online-hadamard(block=32)",
-        ),
+        ("center_chain", RECIPE),
     ];
     for name in [
         "hf/gpt2.onnx",
@@ -313,7 +313,6 @@ fn layer_norm_streams_centered_and_rotated() {
 fn kv_cache_exports_online_head_rotation() {
     use ndarray::{ArrayD, IxDyn};
     use perqc_runtime::{RtTensor, Session, SessionOptions};
-    const RECIPE: &str = "permute(method=random,seed=1,block=32),center-stream,fold-norms(rotatable-only=true),rotate,online-hadamard(block=32)";
     for name in [
         "hf/qwen2_kv.onnx",
         "hf/gpt2_kv.onnx",
@@ -405,7 +404,6 @@ fn sdpa_export() {
 }
 
 fn sdpa_case(name: &str) {
-    const RECIPE: &str = "permute(method=random,seed=1,block=32),center-stream,fold-norms(rotatable-only=true),rotate,online-hadamard(block=32)";
     for (tag, p) in PIPELINES {
         emit(name, tag, p);
     }
