@@ -282,7 +282,10 @@ fn spilled_payloads_are_mapped_and_read_back_unchanged() {
         })
         .count();
     assert!(heap > 0, "the upcast weights are heap copies");
-    let moved = loaded.files.spill(&mut loaded.model, 4096).unwrap();
+    let moved = loaded
+        .files
+        .spill(&mut loaded.model, 4096, &std::env::temp_dir())
+        .unwrap();
     assert!(moved > 0);
     assert!(
         perqc_onnx::to_bytes(&loaded.model) == before,
@@ -299,7 +302,10 @@ fn spilled_payloads_are_mapped_and_read_back_unchanged() {
         "payloads changed after release"
     );
     assert_eq!(
-        loaded.files.spill(&mut loaded.model, 4096).unwrap(),
+        loaded
+            .files
+            .spill(&mut loaded.model, 4096, &std::env::temp_dir())
+            .unwrap(),
         0,
         "nothing left"
     );

@@ -264,7 +264,13 @@ fn compile(args: CompileArgs) -> Result<()> {
             // The upcast weights are heap copies: mapped from a temporary file instead, their
             // pages go back once the calibration session has copied them, as the f32 model
             // file's do.
-            files.spill(&mut model, 1 << 16).with_context(|| {
+            // Next to the output, on a disk the output fits on (a tmpfs would keep them in
+            // memory).
+            let dir = match output.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            files.spill(&mut model, 1 << 16, &dir).with_context(|| {
                 format!(
                     "{}: moving the upcast weights to a temporary file",
                     input.display()

@@ -109,12 +109,18 @@ impl FileMaps {
 
     /// Moves the payloads of `model`'s initializers that live on the heap (rewritten after
     /// loading: half weights upcast to f32) and hold at least `min_bytes` into one unlinked
-    /// temporary file, mapped read-only and added to these maps, so that
+    /// temporary file in `dir` (on disk: a tmpfs would keep them in memory), mapped
+    /// read-only and added to these maps, so that
     /// [`FileMaps::release`] gives their pages back as it does the model file's (a
     /// calibration session copies the weights it runs on; without this the heap copy and
     /// the session's stay resident together). The values are the same bytes. Returns how
     /// many bytes moved.
-    pub fn spill(&mut self, model: &mut Model, min_bytes: usize) -> std::io::Result<usize> {
+    pub fn spill(
+        &mut self,
+        model: &mut Model,
+        min_bytes: usize,
+        dir: &Path,
+    ) -> std::io::Result<usize> {
         use std::io::Write;
         let g = &mut model.graph;
         let heap: Vec<ValueId> = g
@@ -132,7 +138,7 @@ impl FileMaps {
             return Ok(0);
         }
         // Each payload starts on a page, so releasing one never touches another.
-        let mut file = std::io::BufWriter::new(tempfile::tempfile()?);
+        let mut file = std::io::BufWriter::new(tempfile::tempfile_in(dir)?);
         let mut spans = Vec::with_capacity(heap.len());
         let mut at = 0usize;
         for &v in &heap {
