@@ -256,8 +256,15 @@ pub fn upcast(model: &mut Model) -> Result<Upcast, PassError> {
                 n.name, n.op_type
             )));
         }
-        let others: Vec<ValueId> = n.outputs().iter().skip(1).flatten().copied().collect();
-        if others.iter().any(|v| g.outputs.contains(v)) {
+        // The other results, by slot (an omitted optional result is `None`).
+        let others: Vec<(usize, ValueId)> = n
+            .outputs()
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter_map(|(k, v)| Some((k, (*v)?)))
+            .collect();
+        if others.iter().any(|(_, v)| g.outputs.contains(v)) {
             return Err(err(format!(
                 "node `{}` ({}) writes several graph outputs, `{oname}` in float16",
                 n.name, n.op_type
@@ -285,9 +292,9 @@ pub fn upcast(model: &mut Model) -> Result<Upcast, PassError> {
         let c = g
             .insert_node_before(node, copy, &inputs, &names)
             .map_err(|e| err(e.to_string()))?;
-        for (k, v) in others.iter().enumerate() {
-            let w = g.node(c).output(k + 1).expect("same results");
-            g.replace_all_uses(*v, w);
+        for &(k, v) in &others {
+            let w = g.node(c).output(k).expect("the copy has the same results");
+            g.replace_all_uses(v, w);
         }
         g.truncate_outputs(node, 1)
             .map_err(|e| err(e.to_string()))?;
