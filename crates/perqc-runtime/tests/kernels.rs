@@ -333,6 +333,39 @@ fn attention_ref_capped(
     y
 }
 
+/// A bool mask `[B, 1, S, L]` keeping about four keys in five, with query row 3 masked
+/// everywhere, and its additive form (0 where kept, -inf where masked) by
+/// (batch, head, row, key).
+fn mask_with_dead_row(
+    b: usize,
+    s: usize,
+    l: usize,
+) -> (RtTensor, impl Fn(usize, usize, usize, usize) -> f32) {
+    let keep: Vec<bool> = (0..b * s * l)
+        .map(|x| (x * 7919) % 5 != 0 && (x / l) % s != 3)
+        .collect();
+    let mb = RtTensor::Bool(
+        ArrayD::from_shape_vec(IxDyn(&[b, 1, s, l]), keep.clone())
+            .unwrap()
+            .into_shared(),
+    );
+    let additive = move |bi: usize, _: usize, i: usize, j: usize| {
+        if keep[(bi * s + i) * l + j] {
+            0.0
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    (mb, additive)
+}
+
+/// What ONNX Attention gives where the Softmax chain gives NaN (a row masked everywhere): 0.
+fn nan_to_zero(want: &[f64]) -> Vec<f64> {
+    want.iter()
+        .map(|&y| if y.is_nan() { 0.0 } else { y })
+        .collect()
+}
+
 fn assert_close_nan(got: &[f32], want: &[f64], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (n, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -419,21 +452,7 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
 
     // Bool mask [B, 1, S, L] with one fully masked row: 0 for ONNX Attention, NaN (as
     // Softmax of all -inf) for ai.perqc::Attention, the canonical form of exported chains.
-    let keep: Vec<bool> = (0..b * s * l)
-        .map(|x| (x * 7919) % 5 != 0 && (x / l) % s != 3)
-        .collect();
-    let mb = RtTensor::Bool(
-        ArrayD::from_shape_vec(IxDyn(&[b, 1, s, l]), keep.clone())
-            .unwrap()
-            .into_shared(),
-    );
-    let m_keep = |bi: usize, _: usize, i: usize, j: usize| {
-        if keep[(bi * s + i) * l + j] {
-            0.0
-        } else {
-            f32::NEG_INFINITY
-        }
-    };
+    let (mb, m_keep) = mask_with_dead_row(b, s, l);
     let want_nan = attention_ref(&qv, &kv, &vv, dims, scale, &m_keep);
     let got = {
         let (q, k, v) = (
@@ -446,10 +465,7 @@ fn attention_matches_reference_with_masks_gqa_and_non_finite_values() {
     };
     assert_close_nan(&got, &want_nan, "bool mask, canonical (Softmax) semantics");
     let got = run_with(&qv, &kv, &vv, Some(&mb), attrs(), 2);
-    let want_zero: Vec<f64> = want_nan
-        .iter()
-        .map(|&y| if y.is_nan() { 0.0 } else { y })
-        .collect();
+    let want_zero = nan_to_zero(&want_nan);
     assert!(want_nan.iter().any(|y| y.is_nan()));
     assert_close_nan(&got, &want_zero, "bool mask, ONNX semantics");
 
@@ -554,29 +570,12 @@ fn attention_softcap_matches_reference() {
     assert_close_nan(&got, &want, "is_causal");
     // Bool mask [B, 1, S, L] with row 3 fully masked: a capped -inf would be -cap, but the
     // mask comes after the cap, so the row stays masked (0 in ONNX, NaN canonical).
-    let keep: Vec<bool> = (0..b * s * l)
-        .map(|x| (x * 7919) % 5 != 0 && (x / l) % s != 3)
-        .collect();
-    let mb = RtTensor::Bool(
-        ArrayD::from_shape_vec(IxDyn(&[b, 1, s, l]), keep.clone())
-            .unwrap()
-            .into_shared(),
-    );
-    let m_keep = |bi: usize, _: usize, i: usize, j: usize| {
-        if keep[(bi * s + i) * l + j] {
-            0.0
-        } else {
-            f32::NEG_INFINITY
-        }
-    };
+    let (mb, m_keep) = mask_with_dead_row(b, s, l);
     let want_nan = attention_ref_capped(&qv, &kv, &vv, dims, scale, cap, &m_keep);
     assert!(want_nan.iter().any(|y| y.is_nan()));
     let got = run_on(&qv, &kv, Some(&mb), attrs(), canon, 2);
     assert_close_nan(&got, &want_nan, "bool mask, canonical");
-    let want_zero: Vec<f64> = want_nan
-        .iter()
-        .map(|&y| if y.is_nan() { 0.0 } else { y })
-        .collect();
+    let want_zero = nan_to_zero(&want_nan);
     let got = run_on(&qv, &kv, Some(&mb), attrs(), "", 2);
     assert_close_nan(&got, &want_zero, "bool mask, ONNX");
     // Operands of norm 1e16: |scale · q·k| may reach 1e32, past the bound under which dead
