@@ -37,6 +37,7 @@
 //! `lower` has no ONNX spelling for the ops: export the graph before this pass.
 
 use crate::Dce;
+use crate::canonicalize::is_online_hadamard;
 use perqc_ir::{
     AttrValue, DType, Matcher, Model, NodeId, NodeSpec, OptionError, Pass, PassContext, PassError,
     PassOptions, PassOutcome, Patch, PatchValue, Tensor, ValueId,
@@ -393,7 +394,7 @@ fn rewrite(m: &Matcher<'_>, act: &Activation) -> Option<(Patch, u64, u64)> {
 fn rotated_input(m: &Matcher<'_>, x: ValueId) -> Option<(ValueId, ValueId)> {
     let had = m.producer(x)?;
     let n = m.node(had);
-    if n.domain != PERQC_DOMAIN || n.op_type != "Hadamard" || !m.single_reader(x) {
+    if !is_online_hadamard(n) || !m.single_reader(x) {
         return None;
     }
     let (x0, h) = (n.input(0)?, n.input(1)?);

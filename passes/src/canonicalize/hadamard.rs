@@ -26,6 +26,12 @@ use perqc_ir::{DType, Dim, Matcher, NodeId, Patch, ValueId};
 use perqc_ops::PERQC_DOMAIN;
 use perqc_ops::facts::Mono;
 
+/// Whether `n` is the online block rotation `ai.perqc::Hadamard` (this pattern's result, and
+/// what `transform` inserts for an online rotation).
+pub fn is_online_hadamard(n: &perqc_ir::Node) -> bool {
+    n.domain == PERQC_DOMAIN && n.op_type == "Hadamard"
+}
+
 pub static PATTERN: Pattern = Pattern {
     name: "fuse-hadamard",
     description: "Reshape(MatMul(Reshape(x, [.., f/b, b]), H [b, b] constant), [.., f]) -> ai.perqc::Hadamard",

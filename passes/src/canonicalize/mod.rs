@@ -19,6 +19,7 @@ pub mod fake_quantize;
 pub mod gather_table;
 pub mod gelu;
 pub mod hadamard;
+pub use hadamard::is_online_hadamard;
 pub mod identity;
 pub mod layer_norm;
 pub mod linear;

@@ -30,6 +30,7 @@
 mod scale;
 mod trace;
 
+use crate::canonicalize::is_online_hadamard;
 use perqc_ir::{Analysis, Model, NodeId, PassError, ValueId};
 use perqc_ops::channel::ChannelFlow;
 use std::collections::HashMap;
@@ -259,9 +260,6 @@ fn describe(b: &Blocker) -> String {
         None => b.reason.clone(),
     }
 }
-
-/// How an online Hadamard (`ai.perqc::Hadamard`) is labelled in a [`Blocker`]'s `at`.
-const ONLINE_HADAMARD: &str = "ai.perqc::Hadamard";
 
 /// The op type of a place written `` Op `name` ``.
 pub fn op_of(at: &str) -> &str {
@@ -850,10 +848,16 @@ fn classify_part(
     let invariant_ends = ends.iter().any(|&id| chan(t, id).is_some());
     t.invariant_ends = ends;
 
+    // Channels stopped at an online Hadamard were transformed where they stopped (R2 online
+    // on an output projection's input), not skipped: such a stop is no reason to report.
+    let mut online_stops: Vec<Blocker> = Vec::new();
     let blockers = std::mem::take(&mut t.blockers);
-    for (b, ids) in &blockers {
+    for (b, node, ids) in &blockers {
         if touches(t, ids) {
             barriers.push(b.clone());
+            if node.is_some_and(|n| is_online_hadamard(env.graph.node(n))) {
+                online_stops.push(b.clone());
+            }
         }
     }
     t.blockers = blockers;
@@ -865,14 +869,9 @@ fn classify_part(
         (false, _) if sums_streams && !sinks.is_empty() => RegionKind::Residual,
         (false, false) => RegionKind::Mlp,
         _ => {
-            // Channels stopped at an online Hadamard were transformed where they stopped (R2
-            // online on an output projection's input), not skipped: nothing to report.
             let at_nodes: Vec<Blocker> = barriers
                 .into_iter()
-                .filter(|b| {
-                    b.at.as_deref()
-                        .is_some_and(|at| op_of(at) != ONLINE_HADAMARD)
-                })
+                .filter(|b| b.at.is_some() && !online_stops.contains(b))
                 .collect();
             if at_nodes.is_empty() {
                 return Err(None);

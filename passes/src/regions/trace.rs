@@ -95,8 +95,9 @@ pub(super) struct Trace {
     pub ports: Vec<(ValueId, Axes)>,
     pub nodes: Vec<NodeId>,
     pub head_ports: Vec<HeadPort>,
-    /// Barriers, with the ids of the port that hit each.
-    pub blockers: Vec<(Blocker, Vec<u32>)>,
+    /// Barriers, with the node each is at (none: a graph input or output) and the ids of
+    /// the port that hit it.
+    pub blockers: Vec<(Blocker, Option<NodeId>, Vec<u32>)>,
     /// Ops between sources and sinks that rule out permutations or rotations, in the order
     /// found, with the ids they see (scales: [`super::scale`]).
     pub limits: Vec<Limit>,
@@ -318,10 +319,12 @@ impl Trace {
         match self
             .blockers
             .iter_mut()
-            .find(|(b, _)| b.at == at && b.reason == reason)
+            .find(|(b, n, _)| *n == node && b.reason == reason)
         {
-            Some((_, seen)) => seen.extend_from_slice(ids),
-            None => self.blockers.push((Blocker { at, reason }, ids.to_vec())),
+            Some((_, _, seen)) => seen.extend_from_slice(ids),
+            None => self
+                .blockers
+                .push((Blocker { at, reason }, node, ids.to_vec())),
         }
     }
 
