@@ -686,6 +686,8 @@ fn quantization_errors_come_first() {
         ),
         (&["--target", "ort"][..], "weight-only"),
         (&["--rounding", "gptq"][..], "needs calibration data"),
+        (&["--gptq-input-error", "1"][..], "needs GPTQ rounding"),
+        (&["--gptq-input-error", "0"][..], "not none or a ridge"),
         (&["--clip", "1.5"][..], "clip ratio"),
     ] {
         let mut all = vec![m.as_str(), "-o", out.to_str().unwrap()];

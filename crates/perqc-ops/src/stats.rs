@@ -6,7 +6,9 @@
 //!
 //! Per channel c over all rows r: count, sum |x|, max |x|, sum x^2, and a quantile sketch of
 //! |x|. On request: per-block second moments M_k = sum_r x_{r,B_k} x_{r,B_k}^T (b x b, for
-//! blocks B_k of `b` consecutive channels) and the full Gram matrix G = X^T X (for GPTQ).
+//! blocks B_k of `b` consecutive channels), the full Gram matrix G = X^T X (for GPTQ) and,
+//! for a per-token quantizer Q read by linears, the cross product E = (X - Q(X))^T Q(X) of
+//! its rounding error with its output (GPTQ's correction for a quantized input).
 //!
 //! The runtime's `ChannelObserver` (perqc-runtime, `observe.rs`) feeds these from a running
 //! session; passes receive them through `perqc_passes::calibration::Calibration`.
@@ -47,6 +49,9 @@ pub struct StatsOptions {
     pub block_moments: Option<usize>,
     /// Accumulate the full Gram matrix X^T X.
     pub gram: bool,
+    /// Accumulate E = (X - Q(X))^T Q(X) for this per-token quantizer Q, computed here with
+    /// the runtime's `FakeQuantize` arithmetic (so Q(X) is what the linears read).
+    pub quant_error: Option<crate::quant::TokenQuant>,
     /// Keep every `n`-th row seen (rows 0, n, 2n, ... in arrival order) whole: a fixed,
     /// deterministic subsample for searches that need actual rows (a clip ratio chosen on
     /// output error). 0 keeps none.
@@ -83,6 +88,7 @@ pub struct ChannelStats {
     hist_scale: Vec<f64>,
     block: Option<(usize, Vec<f64>)>,
     gram: Option<Array2<f64>>,
+    quant_error: Option<(crate::quant::TokenQuant, Array2<f64>)>,
     sample_every: usize,
     /// The kept rows, row-major `[kept, channels]`.
     samples: Vec<f32>,
@@ -110,6 +116,9 @@ impl ChannelStats {
             hist_scale: vec![1.0; channels],
             block,
             gram: opts.gram.then(|| Array2::zeros((channels, channels))),
+            quant_error: opts
+                .quant_error
+                .map(|q| (q, Array2::zeros((channels, channels)))),
             sample_every: opts.sample_every,
             samples: Vec::new(),
             profile_every: opts.profile_every,
@@ -131,6 +140,12 @@ impl ChannelStats {
         }
         for r in kept(self.rows, rows, self.profile_every) {
             push_profile(x.row(r), &mut self.profiles);
+        }
+        if let Some((q, e)) = &mut self.quant_error {
+            let mut xq = x.as_standard_layout().into_owned();
+            let flat = xq.as_slice_mut().expect("a fresh row-major copy");
+            crate::quant::fake_quantize_rows(flat, c, *q);
+            cross_update((&x - &xq).view(), xq.view(), e);
         }
         self.rows += rows as u64;
         for row in x.axis_iter(Axis(0)) {
@@ -267,6 +282,9 @@ impl ChannelStats {
                 *v /= s[i] * s[j];
             }
         }
+        // Rounding does not commute with a channel scale: the error of the scaled values
+        // is not known from these sums.
+        self.quant_error = None;
         Ok(())
     }
 
@@ -287,6 +305,12 @@ impl ChannelStats {
     /// The Gram matrix X^T X, if requested.
     pub fn gram(&self) -> Option<&Array2<f64>> {
         self.gram.as_ref()
+    }
+
+    /// E = (X - Q(X))^T Q(X) for [`StatsOptions::quant_error`]'s quantizer Q, if requested
+    /// (and no channel division came after).
+    pub fn quant_error_cross(&self) -> Option<&Array2<f64>> {
+        self.quant_error.as_ref().map(|(_, e)| e)
     }
 
     /// The rows kept by `sample_every`, `[kept, channels]` (empty if none were asked for).
@@ -434,6 +458,24 @@ fn gram_update(x: ArrayView2<f32>, acc: &mut Array2<f64>) {
     });
 }
 
+/// `acc += Aᵀ B` for batches `a`, `b` (`[rows, c]` each): the product in f32 by the
+/// MatMul kernel on the current rayon pool (an explicit split: 1 and 2 threads give the
+/// same bits), then summed into the f64 accumulator row by row in parallel.
+fn cross_update(a: ArrayView2<f32>, b: ArrayView2<f32>, acc: &mut Array2<f64>) {
+    use rayon::prelude::*;
+    let c = a.ncols();
+    if c == 0 {
+        return;
+    }
+    let prod = crate::kernels::linalg::matmul_2d(a.t(), b, rayon::current_num_threads());
+    let prod = prod.as_slice().expect("a fresh row-major product");
+    acc.as_slice_mut()
+        .expect("the accumulator is standard layout")
+        .par_chunks_mut(c)
+        .zip(prod.par_chunks(c))
+        .for_each(|(d, p)| d.iter_mut().zip(p).for_each(|(d, &v)| *d += f64::from(v)));
+}
+
 /// The histogram bin of |x| = `a`.
 fn bin(a: f32) -> usize {
     let smallest = f32::from_bits(((MIN_EXP + 127) as u32) << 23); // 2^MIN_EXP
@@ -512,6 +554,7 @@ mod tests {
             gram: true,
             sample_every: 3,
             profile_every: 4,
+            quant_error: None,
         };
         let mut s = ChannelStats::new(channels, &opts).unwrap();
         for batch in &batches {
@@ -596,6 +639,7 @@ mod tests {
             gram: true,
             sample_every: 2,
             profile_every: 3,
+            quant_error: None,
         };
         let x = data(91, channels, 3);
         for s in [
@@ -692,6 +736,55 @@ mod tests {
                 assert_eq!(got[[i, j]].to_bits(), got[[j, i]].to_bits());
             }
         }
+    }
+
+    /// E = (X − Q(X))ᵀ Q(X) over batches, Q the runtime's per-token quantizer; the blocks
+    /// (300 channels: three, the last partial) in a thread pool of one or two give the same
+    /// bits; a channel division drops it.
+    #[test]
+    fn quant_error_cross_matches_the_product() {
+        let c = 300;
+        let q = crate::quant::TokenQuant {
+            bits: 4,
+            symmetric: false,
+            clip: 0.9,
+        };
+        let opts = StatsOptions {
+            quant_error: Some(q),
+            ..Default::default()
+        };
+        let batches: Vec<Array2<f32>> = (0..3).map(|i| data(40 + i, c, 9 + i as u64)).collect();
+        let mut want = Array2::<f64>::zeros((c, c));
+        for b in &batches {
+            let mut xq = b.clone();
+            crate::quant::fake_quantize_rows(xq.as_slice_mut().unwrap(), c, q);
+            let (x64, q64) = (b.mapv(f64::from), xq.mapv(f64::from));
+            want += &(&x64 - &q64).t().dot(&q64);
+        }
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut s = ChannelStats::new(c, &opts).unwrap();
+                for b in &batches {
+                    s.update(b.view()).unwrap();
+                }
+                s
+            })
+        };
+        let s = run(1);
+        let got = s.quant_error_cross().unwrap();
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        for (g, w) in got.iter().zip(want.iter()) {
+            assert!((g - w).abs() <= 1e-5 * scale, "{g} vs {w}");
+        }
+        assert_eq!(got, run(2).quant_error_cross().unwrap());
+        let mut divided = s.clone();
+        divided.divide_channels(&vec![2.0; c]).unwrap();
+        assert!(divided.quant_error_cross().is_none());
     }
 
     #[test]

@@ -102,13 +102,13 @@ multiversion! {
 /// by every linear that reads one input (q/k/v, gate/up), so it is computed once for them.
 #[derive(Clone, Debug)]
 pub struct GptqFactor {
-    n: usize,
+    pub(crate) n: usize,
     /// Input columns that never fired (`H_ii == 0`): their weights are zeroed.
     dead: Vec<usize>,
     /// Processing order of the columns.
-    perm: Vec<usize>,
+    pub(crate) perm: Vec<usize>,
     /// Upper Cholesky factor of the damped `H^-1`, in processing order, row-major `n x n`.
-    u: Vec<f64>,
+    pub(crate) u: Vec<f64>,
 }
 
 impl GptqFactor {

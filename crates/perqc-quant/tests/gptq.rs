@@ -6,8 +6,8 @@ mod common;
 use common::{Rng, correlated_x, fmt, hessian, int, output_err};
 use ndarray::{Array2, ArrayView2};
 use perqc_quant::{
-    Format, GptqOptions, Granularity, QWeight, QuantError, QuantSpec, ScaleSearch, gptq,
-    quantize_rtn,
+    Format, GptqOptions, Granularity, InputErrorFit, QWeight, QuantError, QuantSpec, ScaleSearch,
+    gptq, quantize_rtn,
 };
 
 fn setup(seed: u64, rows: usize, cols: usize) -> (Array2<f32>, Array2<f64>) {
@@ -289,5 +289,100 @@ fn shared_factor_equals_per_linear_gptq() {
     assert!(matches!(
         perqc_quant::gptq_with(narrow.view(), &f, &spec, &opts),
         Err(QuantError::Shape(_))
+    ));
+}
+
+/// Per-row asymmetric 4-bit fake quantization (a stand-in for the per-token activation
+/// quantizer): the input a quantized linear reads.
+fn quantize_rows(x: &Array2<f32>) -> Array2<f32> {
+    let mut q = x.clone();
+    for mut row in q.rows_mut() {
+        let lo = row.iter().fold(0f32, |m, &v| m.min(v));
+        let hi = row.iter().fold(0f32, |m, &v| m.max(v));
+        let s = ((hi - lo) / 15.0).max(1e-8);
+        let z = (-lo / s).round();
+        row.mapv_inplace(|v| ((v / s).round() + z).clamp(0.0, 15.0) * s - z * s);
+    }
+    q
+}
+
+/// `A⁻¹` of a small symmetric positive definite matrix, by Gauss-Jordan elimination.
+fn naive_inverse(a: &Array2<f64>) -> Array2<f64> {
+    let n = a.nrows();
+    let mut m = ndarray::concatenate![ndarray::Axis(1), a.clone(), Array2::eye(n)];
+    for c in 0..n {
+        let p = m[[c, c]];
+        m.row_mut(c).mapv_inplace(|v| v / p);
+        for r in 0..n {
+            if r != c {
+                let f = m[[r, c]];
+                let pivot = m.row(c).to_owned();
+                m.row_mut(r).zip_mut_with(&pivot, |v, &p| *v -= f * p);
+            }
+        }
+    }
+    m.slice(ndarray::s![.., n..]).to_owned()
+}
+
+/// The target for a quantized input is `W + W E (H + λ mean(diag H) I)⁻¹` (`E = (X − X̃)ᵀ
+/// X̃`, `H = X̃ᵀ X̃`), `W` itself when `E = 0`, and GPTQ of it gives a lower
+/// error against the float output `X Wᵀ` than GPTQ of `W`.
+#[test]
+fn input_error_target_fits_the_float_output() {
+    let mut rng = Rng(51);
+    // 200 rows: a full task of 144 rows and a partial one; 300 columns: two whole blocks
+    // of 128 and a partial one in the triangular products.
+    let (rows, cols) = (200, 300);
+    let x = correlated_x(&mut rng, 4096, cols);
+    let w = rng.matrix(rows, cols, |r| r.normal() * 0.05);
+    let xq = quantize_rows(&x);
+    let (x64, xq64) = (x.mapv(f64::from), xq.mapv(f64::from));
+    let h = hessian(xq.view());
+    let e = (&x64 - &xq64).t().dot(&xq64);
+    let opts = GptqOptions::default();
+    let f = perqc_quant::GptqFactor::new(h.view(), &opts).unwrap();
+
+    let ridge = 0.05;
+    let fit = InputErrorFit::new(h.view(), e.view(), ridge).unwrap();
+    // 200 rows: a full task of rows and a partial one.
+    let target = fit.target(w.view()).unwrap();
+    let mean = (0..cols).map(|i| h[[i, i]]).sum::<f64>() / cols as f64;
+    let damped = &h + &(Array2::<f64>::eye(cols) * (ridge * mean));
+    let w64 = w.mapv(f64::from);
+    let want = &w64 + &w64.dot(&e).dot(&naive_inverse(&damped));
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (a, b) in target.iter().zip(&want) {
+        assert!((f64::from(*a) - b).abs() <= 1e-4 * scale, "{a} vs {b}");
+    }
+
+    let zero = Array2::<f64>::zeros((cols, cols));
+    let same = InputErrorFit::new(h.view(), zero.view(), ridge).unwrap();
+    assert_eq!(same.target(w.view()).unwrap(), w);
+
+    // ‖X Wᵀ − X̃ Ŵᵀ‖² for each rounding.
+    let float_out = x64.dot(&w64.t());
+    let err = |q: &QWeight| {
+        let out = xq64.dot(&q.dequantize().mapv(f64::from).t());
+        (&float_out - &out).mapv(|v| v * v).sum()
+    };
+    let spec = int(4, true, Granularity::Channel, ScaleSearch::Mse);
+    let plain = err(&perqc_quant::gptq_with(w.view(), &f, &spec, &opts).unwrap());
+    let aimed = err(&perqc_quant::gptq_with(target.view(), &f, &spec, &opts).unwrap());
+    eprintln!("error against the float output: plain {plain:.4}, aimed {aimed:.4}");
+    assert!(aimed < 0.9 * plain, "aimed {aimed} vs plain {plain}");
+
+    let narrow = Array2::<f32>::zeros((4, cols - 1));
+    assert!(matches!(
+        fit.target(narrow.view()),
+        Err(QuantError::Shape(_))
+    ));
+    let small = Array2::<f64>::zeros((cols - 1, cols - 1));
+    assert!(matches!(
+        InputErrorFit::new(h.view(), small.view(), ridge),
+        Err(QuantError::Shape(_))
+    ));
+    assert!(matches!(
+        InputErrorFit::new(h.view(), e.view(), 0.0),
+        Err(QuantError::Options(_))
     ));
 }

@@ -75,6 +75,7 @@ fn streamed_statistics_equal_exact_ones() {
         gram: true,
         sample_every: 5,
         profile_every: 7,
+        quant_error: None,
     };
     let mut streamed = ChannelObserver::new(names.clone(), opts);
     let mut stored = Store {

@@ -22,7 +22,8 @@
 //! `aclip=1.0`, `head=false`, `embed=false` (the token embedding table too), `skip=PAT|PAT`
 //! (`*` globs on node or weight names; with `embed=true` also on lookup tables and their
 //! Gathers),
-//! `rounding=rtn|gptq`, `target=qdq|ort`.
+//! `rounding=rtn|gptq`, `gptqerr=none|R` (GPTQ aims at the float output, the activation
+//! quantizer's rounding included, with ridge R), `target=qdq|ort`.
 
 pub mod activations;
 pub mod sites;
@@ -79,6 +80,11 @@ pub struct QuantConfig {
     pub skip: Vec<String>,
     pub rounding: Rounding,
     pub gptq: GptqOptions,
+    /// GPTQ aims at the float output `x Wᵀ`, not `Q(x) Wᵀ`: the weight is first moved to
+    /// the ridge fit on the quantized input ([`perqc_quant::InputErrorFit`]), from the
+    /// calibration's `(X − Q(X))ᵀ Q(X)` of each group's input. The value is the ridge,
+    /// relative to the mean of `diag(H)` like GPTQ's damping; `None`: off.
+    pub gptq_input_error: Option<f64>,
     pub target: Target,
 }
 
@@ -104,6 +110,7 @@ impl Default for QuantConfig {
             skip: Vec::new(),
             rounding: Rounding::Rtn,
             gptq: GptqOptions::default(),
+            gptq_input_error: None,
             target: Target::Qdq,
         }
     }
@@ -358,6 +365,25 @@ impl Quantizer {
                     })?,
             ),
         };
+        // With an activation quantizer, what moves GPTQ's target to the float output: from
+        // (X − Q(X))ᵀ Q(X) of its input and the Hessian, once for the group's linears.
+        let input_error = match (hessian, &group.act, self.config.gptq_input_error) {
+            (Some(h), Some(_), Some(ridge)) => {
+                let e = calib
+                    .and_then(|c| c.get(&group.input))
+                    .and_then(|s| s.quant_error_cross())
+                    .ok_or_else(|| {
+                        format!(
+                            "GPTQ on the float output needs the quantizer error product of `{}` (calibrate with quant_error statistics)",
+                            group.input
+                        )
+                    })?;
+                let fit = perqc_quant::InputErrorFit::new(h.view(), e.view(), ridge)
+                    .map_err(|e| format!("{}: {e}", self.sites[group.sites[0]].name))?;
+                Some(fit)
+            }
+            _ => None,
+        };
         let floats: Vec<Array2<f32>> = group
             .sites
             .iter()
@@ -374,9 +400,12 @@ impl Quantizer {
             .par_iter()
             .zip(&floats)
             .map(|(&i, w)| {
-                match &factor {
-                    None => perqc_quant::quantize_rtn(w.view(), &spec),
-                    Some(f) => perqc_quant::gptq_with(w.view(), f, &spec, &gptq),
+                match (&factor, &input_error) {
+                    (None, _) => perqc_quant::quantize_rtn(w.view(), &spec),
+                    (Some(f), None) => perqc_quant::gptq_with(w.view(), f, &spec, &gptq),
+                    (Some(f), Some(fit)) => fit
+                        .target(w.view())
+                        .and_then(|t| perqc_quant::gptq_with(t.view(), f, &spec, &gptq)),
                 }
                 .map_err(|e| format!("{}: {e}", self.sites[i].name))
             })
@@ -533,7 +562,7 @@ impl std::fmt::Debug for Quantizer {
 
 impl Quantize {
     pub const NAME: &'static str = "quantize";
-    pub const DESCRIPTION: &'static str = "quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, embed=false, skip=PAT|PAT, rounding=rtn|gptq, target=qdq|ort";
+    pub const DESCRIPTION: &'static str = "quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, embed=false, skip=PAT|PAT, rounding=rtn|gptq, gptqerr=none|R, target=qdq|ort";
 
     pub fn new(config: QuantConfig) -> Quantize {
         Quantize { config }
@@ -542,7 +571,7 @@ impl Quantize {
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&[
             "wbits", "wsym", "wgroup", "wscale", "format", "abits", "asym", "aclip", "head",
-            "embed", "skip", "rounding", "target",
+            "embed", "skip", "rounding", "gptqerr", "target",
         ])?;
         let invalid = |name: &str, value: &str, expected: &str| OptionError::Invalid {
             pass: Self::NAME.to_string(),
@@ -608,6 +637,15 @@ impl Quantize {
         c.rounding = match opts.choice_or("rounding", &["rtn", "gptq"], "rtn")? {
             "gptq" => Rounding::Gptq,
             _ => Rounding::Rtn,
+        };
+        c.gptq_input_error = match opts.get("gptqerr").unwrap_or("none") {
+            "none" => None,
+            r => Some(
+                r.parse()
+                    .ok()
+                    .filter(|v: &f64| v.is_finite() && *v > 0.0)
+                    .ok_or_else(|| invalid("gptqerr", r, "none or a ridge > 0"))?,
+            ),
         };
         c.target = match opts.choice_or("target", &["qdq", "ort"], "qdq")? {
             "ort" => Target::Ort,
