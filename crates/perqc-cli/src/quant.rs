@@ -233,9 +233,6 @@ impl QuantArgs {
                     })?,
             ),
         };
-        if c.gptq_input_error.is_some() && (c.rounding != Rounding::Gptq || c.act.is_none()) {
-            bail!("--gptq-input-error needs GPTQ rounding and activation quantizers");
-        }
         c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(c)
     }
@@ -390,7 +387,7 @@ pub fn run(
                 true => samples.clone(),
                 false => StatsOptions::default(),
             };
-            if config.gptq_input_error.is_some() && config.rounding == Rounding::Gptq {
+            if config.gptq_input_error.is_some() {
                 opts.quant_error = Some(act.quant);
             }
             watch.push((group.input.clone(), opts));

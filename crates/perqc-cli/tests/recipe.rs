@@ -513,6 +513,28 @@ fn default_job_quantizes_and_reports() {
     // 14 weights, and 4 activation quantizers a layer (q/k/v, o, gate/up and down read
     // one each) in 2 layers.
     assert_eq!(dq, 14 + 8, "weights and activations dequantized");
+    // GPTQ fitted to the float output moves the weights before they are rounded.
+    let fitted = dir.join("fitted.onnx");
+    let (ok, err) = perqc(&[
+        &s(&fixture("llama_ts.onnx")),
+        "-o",
+        &s(&fitted),
+        "--calib-text",
+        &s(&fixture("tiny_text.txt")),
+        "--tokenizer",
+        &s(&fixture("tiny_tokenizer.json")),
+        "--calib-seqs",
+        "2",
+        "--calib-len",
+        "64",
+        "--gptq-input-error",
+        "1",
+    ]);
+    assert!(ok && err.contains("quantize: 14 linears"), "{err}");
+    assert_ne!(
+        std::fs::read(&fitted).unwrap(),
+        std::fs::read(&out).unwrap()
+    );
     // Without calibration data: round to nearest, and it says so.
     let (ok, err) = perqc(&[&s(&fixture("llama_ts.onnx")), "-o", &s(&out)]);
     assert!(
@@ -686,7 +708,10 @@ fn quantization_errors_come_first() {
         ),
         (&["--target", "ort"][..], "weight-only"),
         (&["--rounding", "gptq"][..], "needs calibration data"),
-        (&["--gptq-input-error", "1"][..], "needs GPTQ rounding"),
+        (
+            &["--gptq-input-error", "1"][..],
+            "needs GPTQ rounding and activation",
+        ),
         (&["--gptq-input-error", "0"][..], "not none or a ridge"),
         (&["--clip", "1.5"][..], "clip ratio"),
     ] {

@@ -135,6 +135,19 @@ impl QuantConfig {
                 ));
             }
         }
+        if let Some(r) = self.gptq_input_error {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(format!(
+                    "the GPTQ fit's ridge must be finite and > 0, not {r}"
+                ));
+            }
+            if self.rounding != Rounding::Gptq || self.act.is_none() {
+                return Err(
+                    "the GPTQ fit to the float output needs GPTQ rounding and activation quantizers"
+                        .into(),
+                );
+            }
+        }
         if self.target == Target::Ort {
             if self.act.is_some() {
                 return Err(
