@@ -448,21 +448,26 @@ fn default_job_quantizes_and_reports() {
     let dir = scratch("recipe", "quantize");
     let out = dir.join("q.onnx");
     let report = dir.join("report.json");
-    let (ok, err) = perqc(&[
-        &s(&fixture("llama_ts.onnx")),
-        "-o",
-        &s(&out),
-        "--calib-text",
-        &s(&fixture("tiny_text.txt")),
-        "--tokenizer",
-        &s(&fixture("tiny_tokenizer.json")),
-        "--calib-seqs",
-        "2",
-        "--calib-len",
-        "64",
-        "--report",
-        &s(&report),
-    ]);
+    // The default job on two short calibration windows, writing `out`, plus `extra`.
+    let job = |out: &std::path::Path, extra: &[&str]| {
+        let (model, out) = (s(&fixture("llama_ts.onnx")), s(out));
+        let (text, tok) = (
+            s(&fixture("tiny_text.txt")),
+            s(&fixture("tiny_tokenizer.json")),
+        );
+        let mut args = vec![model.as_str(), "-o", &out, "--calib-text", &text];
+        args.extend([
+            "--tokenizer",
+            &tok,
+            "--calib-seqs",
+            "2",
+            "--calib-len",
+            "64",
+        ]);
+        args.extend_from_slice(extra);
+        perqc(&args)
+    };
+    let (ok, err) = job(&out, &["--report", &s(&report)]);
     assert!(ok, "{err}");
     for want in [
         "quantize: 14 linears",
@@ -515,21 +520,7 @@ fn default_job_quantizes_and_reports() {
     assert_eq!(dq, 14 + 8, "weights and activations dequantized");
     // GPTQ fitted to the float output moves the weights before they are rounded.
     let fitted = dir.join("fitted.onnx");
-    let (ok, err) = perqc(&[
-        &s(&fixture("llama_ts.onnx")),
-        "-o",
-        &s(&fitted),
-        "--calib-text",
-        &s(&fixture("tiny_text.txt")),
-        "--tokenizer",
-        &s(&fixture("tiny_tokenizer.json")),
-        "--calib-seqs",
-        "2",
-        "--calib-len",
-        "64",
-        "--gptq-input-error",
-        "1",
-    ]);
+    let (ok, err) = job(&fitted, &["--gptq-input-error", "1"]);
     assert!(ok && err.contains("quantize: 14 linears"), "{err}");
     assert_ne!(
         std::fs::read(&fitted).unwrap(),

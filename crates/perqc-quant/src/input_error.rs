@@ -99,7 +99,7 @@ impl InputErrorFit {
                 let rc = src.len() / n;
                 // Z = W E.
                 let mut z = vec![0f32; rc * n];
-                product((rc, n, n), &mut z, n, (src, n, 1), (e, n, 1));
+                product((rc, n, n), &mut z, n, (src, n, 1), (e, n, 1), false);
                 // Y = Z Uᵀ: column block J reads rows j0.. of Uᵀ (U is upper triangular).
                 let mut y = vec![0f32; rc * n];
                 for j0 in (0..n).step_by(BLOCK) {
@@ -110,18 +110,20 @@ impl InputErrorFit {
                         n,
                         (&z[j0..], n, 1),
                         (&u[j0 * n + j0..], 1, n),
+                        false,
                     );
                 }
                 // W' = W + Y U: column block J reads rows ..j1 of U.
                 dst.copy_from_slice(src);
                 for j0 in (0..n).step_by(BLOCK) {
                     let j1 = (j0 + BLOCK).min(n);
-                    accumulate(
+                    product(
                         (rc, j1 - j0, j1),
                         &mut dst[j0..],
                         n,
                         (&y, n, 1),
                         (&u[j0..], n, 1),
+                        true,
                     );
                 }
             });
@@ -132,31 +134,10 @@ impl InputErrorFit {
 /// A strided f32 operand: element `(i, j)` at `data[i * rs + j * cs]`.
 type Operand<'a> = (&'a [f32], usize, usize);
 
-/// `dst (m x n, row stride dst_rs) = lhs (m x k) · rhs (k x n)`.
+/// `dst (m x n, row stride dst_rs) [+]= lhs (m x k) · rhs (k x n)` (`add`: accumulate), one
+/// single-threaded `gemm` call; the operands' extents are checked (a violation is a bug in
+/// this module and panics).
 fn product(
-    dims: (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: Operand,
-    rhs: Operand,
-) {
-    gemm_f32(dims, dst, dst_rs, lhs, rhs, false);
-}
-
-/// `dst (m x n, row stride dst_rs) += lhs (m x k) · rhs (k x n)`.
-fn accumulate(
-    dims: (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: Operand,
-    rhs: Operand,
-) {
-    gemm_f32(dims, dst, dst_rs, lhs, rhs, true);
-}
-
-/// One single-threaded `gemm` call; the operands' extents are checked (a violation is a bug
-/// in this module and panics).
-fn gemm_f32(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
