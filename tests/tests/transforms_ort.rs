@@ -32,6 +32,27 @@ const PIPELINES: [(&str, &str); 6] = [
 /// The recipe's exact transforms in its order (a random permutation: no calibration data).
 const RECIPE: &str = "permute(method=random,seed=1,block=32),center-stream,fold-norms(rotatable-only=true),rotate,online-hadamard(block=32)";
 
+/// Runs [`RECIPE`] on `model` and returns the report with its counts of residual streams
+/// rotated, value/output heads rotated (`heads`: the counter's name, folded or online), mlp
+/// regions permuted and online Hadamards.
+fn run_recipe(
+    model: &mut perqc_ir::Model,
+    name: &str,
+    heads: &str,
+) -> (perqc_ir::Report, (u64, u64, u64, u64)) {
+    let mut p = perqc_passes::registry().build(RECIPE).expect("pipeline");
+    let report = PassManager::new()
+        .run(model, &mut p, &mut RunOptions::default())
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let counts = (
+        report.counter("rotate", "residual-rotated"),
+        report.counter("rotate", heads),
+        report.counter("permute", "regions-permuted"),
+        report.counter("online-hadamard", "regions-rotated"),
+    );
+    (report, counts)
+}
+
 fn emit(fixture_name: &str, tag: &str, pipeline: &str) {
     emit_within(fixture_name, tag, pipeline, 1e-4);
 }
@@ -332,17 +353,9 @@ fn kv_cache_exports_online_head_rotation() {
         let session =
             |m: &perqc_ir::Model| Session::with_options(m, &SessionOptions { threads: 2 });
         let before = session(&model).expect("session");
-        let mut p = perqc_passes::registry().build(RECIPE).expect("pipeline");
-        let report = PassManager::new()
-            .run(&mut model, &mut p, &mut RunOptions::default())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (report, counts) = run_recipe(&mut model, name, "heads-rotated-online");
         assert_eq!(
-            (
-                report.counter("rotate", "residual-rotated"),
-                report.counter("rotate", "heads-rotated-online"),
-                report.counter("permute", "regions-permuted"),
-                report.counter("online-hadamard", "regions-rotated"),
-            ),
+            counts,
             (1, 2, 2, 2),
             "{name}: R1, R2 online per layer, mlp permutations and Hadamards\n{report}"
         );
@@ -421,18 +434,6 @@ fn sdpa_case(name: &str) {
         [Some(1), Some(1)],
         "{name}: both layers' attention fused"
     );
-    let mut p = perqc_passes::registry().build(RECIPE).expect("pipeline");
-    let report = PassManager::new()
-        .run(&mut model, &mut p, &mut RunOptions::default())
-        .expect("runs");
-    assert_eq!(
-        (
-            report.counter("rotate", "residual-rotated"),
-            report.counter("rotate", "heads-rotated"),
-            report.counter("permute", "regions-permuted"),
-            report.counter("online-hadamard", "regions-rotated"),
-        ),
-        (1, 2, 2, 2),
-        "{name}: {report}"
-    );
+    let (report, counts) = run_recipe(&mut model, name, "heads-rotated");
+    assert_eq!(counts, (1, 2, 2, 2), "{name}: {report}");
 }
