@@ -518,14 +518,30 @@ fn default_job_quantizes_and_reports() {
     // 14 weights, and 4 activation quantizers a layer (q/k/v, o, gate/up and down read
     // one each) in 2 layers.
     assert_eq!(dq, 14 + 8, "weights and activations dequantized");
-    // GPTQ fitted to the float output moves the weights before they are rounded.
+    // GPTQ fitted to the float output moves the weights before they are rounded, and the
+    // file says it was.
     let fitted = dir.join("fitted.onnx");
     let (ok, err) = job(&fitted, &["--gptq-input-error", "1"]);
     assert!(ok && err.contains("quantize: 14 linears"), "{err}");
-    assert_ne!(
-        std::fs::read(&fitted).unwrap(),
-        std::fs::read(&out).unwrap()
+    let fitted = perqc_onnx::load(&fitted).expect("loads").model;
+    assert!(
+        fitted
+            .metadata
+            .iter()
+            .any(|(_, v)| v.contains("rounding Gptq on the float output (ridge 1)")),
+        "{:?}",
+        fitted.metadata
     );
+    let weights = |m: &perqc_ir::Model| -> Vec<Vec<u8>> {
+        m.graph
+            .nodes()
+            .filter(|(_, n)| n.op_type == "DequantizeLinear")
+            .filter_map(|(_, n)| m.graph.const_tensor(n.input(0)?))
+            .map(|t| t.raw_bytes().unwrap().to_vec())
+            .collect()
+    };
+    assert_eq!(weights(&m).len(), 14);
+    assert_ne!(weights(&fitted), weights(&m));
     // Without calibration data: round to nearest, and it says so.
     let (ok, err) = perqc(&[&s(&fixture("llama_ts.onnx")), "-o", &s(&out)]);
     assert!(

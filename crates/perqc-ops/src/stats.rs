@@ -50,7 +50,8 @@ pub struct StatsOptions {
     /// Accumulate the full Gram matrix X^T X.
     pub gram: bool,
     /// Accumulate E = (X - Q(X))^T Q(X) for this per-token quantizer Q, computed here with
-    /// the runtime's `FakeQuantize` arithmetic (so Q(X) is what the linears read).
+    /// the runtime's `FakeQuantize` arithmetic (so Q(X) is what the linears read), over a
+    /// stratified sample of each batch's rows (`quant_error_rows`), in f32.
     pub quant_error: Option<crate::quant::TokenQuant>,
     /// Keep every `n`-th row seen (rows 0, n, 2n, ... in arrival order) whole: a fixed,
     /// deterministic subsample for searches that need actual rows (a clip ratio chosen on
@@ -88,7 +89,7 @@ pub struct ChannelStats {
     hist_scale: Vec<f64>,
     block: Option<(usize, Vec<f64>)>,
     gram: Option<Array2<f64>>,
-    quant_error: Option<(crate::quant::TokenQuant, Array2<f64>)>,
+    quant_error: Option<(crate::quant::TokenQuant, Array2<f32>)>,
     sample_every: usize,
     /// The kept rows, row-major `[kept, channels]`.
     samples: Vec<f32>,
@@ -142,10 +143,9 @@ impl ChannelStats {
             push_profile(x.row(r), &mut self.profiles);
         }
         if let Some((q, e)) = &mut self.quant_error {
-            let mut xq = x.as_standard_layout().into_owned();
-            let flat = xq.as_slice_mut().expect("a fresh row-major copy");
-            crate::quant::fake_quantize_rows(flat, c, *q);
-            cross_update((&x - &xq).view(), xq.view(), e);
+            let (residual, xq) = quant_error_rows(x, *q);
+            let threads = rayon::current_num_threads();
+            crate::kernels::linalg::matmul_2d_add(residual.t(), xq.view(), e, threads);
         }
         self.rows += rows as u64;
         for row in x.axis_iter(Axis(0)) {
@@ -309,7 +309,7 @@ impl ChannelStats {
 
     /// E = (X - Q(X))^T Q(X) for [`StatsOptions::quant_error`]'s quantizer Q, if requested
     /// (and no channel division came after).
-    pub fn quant_error_cross(&self) -> Option<&Array2<f64>> {
+    pub fn quant_error_cross(&self) -> Option<&Array2<f32>> {
         self.quant_error.as_ref().map(|(_, e)| e)
     }
 
@@ -458,22 +458,55 @@ fn gram_update(x: ArrayView2<f32>, acc: &mut Array2<f64>) {
     });
 }
 
-/// `acc += Aᵀ B` for batches `a`, `b` (`[rows, c]` each): the product in f32 by the
-/// MatMul kernel on the current rayon pool (an explicit split: 1 and 2 threads give the
-/// same bits), then summed into the f64 accumulator row by row in parallel.
-fn cross_update(a: ArrayView2<f32>, b: ArrayView2<f32>, acc: &mut Array2<f64>) {
-    use rayon::prelude::*;
-    let c = a.ncols();
-    if c == 0 {
-        return;
+/// The `rows / QE_TOP` rows of a batch with the largest quantizer steps are all in `E`'s
+/// sample, with weight 1.
+const QE_TOP: usize = 8;
+/// Of the other rows, every `QE_STRIDE`-th (in row order) is in it, with weight
+/// `QE_STRIDE`.
+const QE_STRIDE: usize = 2;
+
+/// The rows `E = (X − Q(X))ᵀ Q(X)` is summed over, as `(w_t (x_t − Q(x_t)), Q(x_t))`: a
+/// stratified sample of the batch. Row t's term scales as its quantizer step squared, and
+/// a few tokens (the first of a sequence, delimiters) have steps tens of times the
+/// median, so those rows are all kept (the `rows / QE_TOP` largest steps, ties by row
+/// order) and the rest are sampled systematically, each kept row standing for
+/// `QE_STRIDE`. The choice depends on the batch alone, not on the thread count.
+fn quant_error_rows(x: ArrayView2<f32>, q: crate::quant::TokenQuant) -> (Array2<f32>, Array2<f32>) {
+    let (rows, c) = x.dim();
+    let x = x.as_standard_layout();
+    let flat = x.as_slice().expect("standard layout");
+    let step = |r: usize| q.params(&flat[r * c..(r + 1) * c]).0;
+    let mut order: Vec<(f32, usize)> = (0..rows).map(|r| (step(r), r)).collect();
+    let n_top = rows / QE_TOP;
+    // Largest step first; NaN steps (a row with a NaN) sort last, ties by row.
+    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut weight = vec![0f32; rows];
+    for &(_, r) in &order[..n_top] {
+        weight[r] = 1.0;
     }
-    let prod = crate::kernels::linalg::matmul_2d(a.t(), b, rayon::current_num_threads());
-    let prod = prod.as_slice().expect("a fresh row-major product");
-    acc.as_slice_mut()
-        .expect("the accumulator is standard layout")
-        .par_chunks_mut(c)
-        .zip(prod.par_chunks(c))
-        .for_each(|(d, p)| d.iter_mut().zip(p).for_each(|(d, &v)| *d += f64::from(v)));
+    let mut rank = 0usize;
+    for w in weight.iter_mut() {
+        if *w == 0.0 {
+            if rank.is_multiple_of(QE_STRIDE) {
+                *w = QE_STRIDE as f32;
+            }
+            rank += 1;
+        }
+    }
+    let kept: Vec<usize> = (0..rows).filter(|&r| weight[r] > 0.0).collect();
+    let mut xq = Array2::<f32>::zeros((kept.len(), c));
+    for (dst, &r) in xq.outer_iter_mut().zip(&kept) {
+        dst.into_slice()
+            .expect("row-major")
+            .copy_from_slice(&flat[r * c..(r + 1) * c]);
+    }
+    let mut residual = xq.clone();
+    crate::quant::fake_quantize_rows(xq.as_slice_mut().expect("row-major"), c, q);
+    for ((mut d, qr), &r) in residual.outer_iter_mut().zip(xq.outer_iter()).zip(&kept) {
+        let w = weight[r];
+        d.iter_mut().zip(qr).for_each(|(d, &v)| *d = (*d - v) * w);
+    }
+    (residual, xq)
 }
 
 /// The histogram bin of |x| = `a`.
@@ -738,11 +771,11 @@ mod tests {
         }
     }
 
-    /// E = (X − Q(X))ᵀ Q(X) over batches, Q the runtime's per-token quantizer; the blocks
-    /// (300 channels: three, the last partial) in a thread pool of one or two give the same
-    /// bits; a channel division drops it.
+    /// E = (X − Q(X))ᵀ Q(X) over batches, Q the runtime's per-token quantizer, on the
+    /// stratified sample of rows; a thread pool of one or two gives the same bits; a
+    /// channel division drops it.
     #[test]
-    fn quant_error_cross_matches_the_product() {
+    fn quant_error_cross_sums_the_stratified_sample() {
         let c = 300;
         let q = crate::quant::TokenQuant {
             bits: 4,
@@ -753,13 +786,40 @@ mod tests {
             quant_error: Some(q),
             ..Default::default()
         };
-        let batches: Vec<Array2<f32>> = (0..3).map(|i| data(40 + i, c, 9 + i as u64)).collect();
+        // Rows of different sizes, as tokens are: row r scaled by 1 + (5 r mod 13).
+        let batches: Vec<Array2<f32>> = (0..3)
+            .map(|i| {
+                let mut b = data(40 + i, c, 9 + i as u64);
+                for (r, mut row) in b.outer_iter_mut().enumerate() {
+                    row *= 1.0 + ((5 * r) % 13) as f32;
+                }
+                b
+            })
+            .collect();
+        // The sample, chosen naively: the rows / 8 largest steps with weight 1, then every
+        // 2nd of the other rows in order with weight 2; the sum in f64.
         let mut want = Array2::<f64>::zeros((c, c));
         for b in &batches {
-            let mut xq = b.clone();
-            crate::quant::fake_quantize_rows(xq.as_slice_mut().unwrap(), c, q);
-            let (x64, q64) = (b.mapv(f64::from), xq.mapv(f64::from));
-            want += &(&x64 - &q64).t().dot(&q64);
+            let rows = b.nrows();
+            let step = |r: usize| q.params(b.row(r).as_slice().unwrap()).0;
+            let mut by_step: Vec<usize> = (0..rows).collect();
+            by_step.sort_by(|&i, &j| step(j).total_cmp(&step(i)).then(i.cmp(&j)));
+            let top = &by_step[..rows / 8];
+            let rest: Vec<usize> = (0..rows).filter(|r| !top.contains(r)).collect();
+            let picked = top
+                .iter()
+                .map(|&r| (r, 1.0))
+                .chain(rest.iter().step_by(2).map(|&r| (r, 2.0)));
+            for (r, w) in picked {
+                let mut xq = b.row(r).to_vec();
+                crate::quant::fake_quantize_rows(&mut xq, c, q);
+                for i in 0..c {
+                    let d = w * (f64::from(b[[r, i]]) - f64::from(xq[i]));
+                    for j in 0..c {
+                        want[[i, j]] += d * f64::from(xq[j]);
+                    }
+                }
+            }
         }
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -779,7 +839,7 @@ mod tests {
         let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
         assert!(scale > 0.0);
         for (g, w) in got.iter().zip(want.iter()) {
-            assert!((g - w).abs() <= 1e-5 * scale, "{g} vs {w}");
+            assert!((f64::from(*g) - w).abs() <= 1e-5 * scale, "{g} vs {w}");
         }
         assert_eq!(got, run(2).quant_error_cross().unwrap());
         let mut divided = s.clone();

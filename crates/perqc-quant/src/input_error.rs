@@ -20,7 +20,7 @@
 //! computes (columns in their own order). `E = 0` (an input the quantizer leaves alone)
 //! gives `W' = W`.
 //!
-//! Precision: `E` and `U` are accumulated and factored in f64 and applied in f32: the
+//! Precision: `U` is factored in f64, `E` summed in f32, both applied in f32: the
 //! correction `W E H⁻¹` is a fraction of `W`, which is f32 anyway.
 
 use ndarray::{Array2, ArrayView2};
@@ -48,11 +48,12 @@ pub struct InputErrorFit {
 }
 
 impl InputErrorFit {
-    /// From `h = X̃ᵀ X̃` and `e = (X − X̃)ᵀ X̃` (`n x n`, f64, sums over the same rows) and
-    /// the ridge `λ` (> 0, relative to the mean of `diag(h)`).
+    /// From `h = X̃ᵀ X̃` (f64) and `e = (X − X̃)ᵀ X̃` (f32; `n x n`, sums over the same rows,
+    /// or `e` over a sample of them scaled to stand for all) and the ridge `λ` (> 0,
+    /// relative to the mean of `diag(h)`).
     pub fn new(
         h: ArrayView2<'_, f64>,
-        e: ArrayView2<'_, f64>,
+        e: ArrayView2<'_, f32>,
         ridge: f64,
     ) -> Result<InputErrorFit, QuantError> {
         let n = h.nrows();
@@ -76,7 +77,7 @@ impl InputErrorFit {
         let factor = GptqFactor::new(h, &opts)?;
         Ok(InputErrorFit {
             n,
-            e: e.iter().map(|&v| v as f32).collect(),
+            e: e.iter().copied().collect(),
             u: factor.u.iter().map(|&v| v as f32).collect(),
         })
     }

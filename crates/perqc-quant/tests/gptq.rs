@@ -338,7 +338,8 @@ fn input_error_target_fits_the_float_output() {
     let xq = quantize_rows(&x);
     let (x64, xq64) = (x.mapv(f64::from), xq.mapv(f64::from));
     let h = hessian(xq.view());
-    let e = (&x64 - &xq64).t().dot(&xq64);
+    let e64 = (&x64 - &xq64).t().dot(&xq64);
+    let e = e64.mapv(|v| v as f32);
     let opts = GptqOptions::default();
     let f = perqc_quant::GptqFactor::new(h.view(), &opts).unwrap();
 
@@ -349,13 +350,13 @@ fn input_error_target_fits_the_float_output() {
     let mean = (0..cols).map(|i| h[[i, i]]).sum::<f64>() / cols as f64;
     let damped = &h + &(Array2::<f64>::eye(cols) * (ridge * mean));
     let w64 = w.mapv(f64::from);
-    let want = &w64 + &w64.dot(&e).dot(&naive_inverse(&damped));
+    let want = &w64 + &w64.dot(&e64).dot(&naive_inverse(&damped));
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
     for (a, b) in target.iter().zip(&want) {
         assert!((f64::from(*a) - b).abs() <= 1e-4 * scale, "{a} vs {b}");
     }
 
-    let zero = Array2::<f64>::zeros((cols, cols));
+    let zero = Array2::<f32>::zeros((cols, cols));
     let same = InputErrorFit::new(h.view(), zero.view(), ridge).unwrap();
     assert_eq!(same.target(w.view()).unwrap(), w);
 
@@ -376,7 +377,7 @@ fn input_error_target_fits_the_float_output() {
         fit.target(narrow.view()),
         Err(QuantError::Shape(_))
     ));
-    let small = Array2::<f64>::zeros((cols - 1, cols - 1));
+    let small = Array2::<f32>::zeros((cols - 1, cols - 1));
     assert!(matches!(
         InputErrorFit::new(h.view(), small.view(), ridge),
         Err(QuantError::Shape(_))

@@ -78,10 +78,10 @@ fn matmul_broadcasts_and_promotes_vectors() {
 
 /// The offline product (`matmul_2d`, calibration searches) splits as MatMul does: a
 /// transposed right operand, 1 and 2 threads bitwise equal, the f64 reference within
-/// round-off.
+/// round-off; `matmul_2d_add` adds the product to what its output holds.
 #[test]
 fn matmul_2d_of_views_is_exact_and_deterministic() {
-    use perqc_ops::kernels::linalg::matmul_2d;
+    use perqc_ops::kernels::linalg::{matmul_2d, matmul_2d_add};
     for (m, k, n) in [(256, 96, 200), (5, 7, 3), (0, 4, 6)] {
         let a = ndarray::Array2::from_shape_vec((m, k), noise(m * k, 5)).unwrap();
         let w = ndarray::Array2::from_shape_vec((n, k), noise(n * k, 6)).unwrap();
@@ -99,6 +99,27 @@ fn matmul_2d_of_views_is_exact_and_deterministic() {
             assert!(
                 (got as f64 - want).abs() < 1e-4,
                 "[{i},{j}]: {got} vs {want}"
+            );
+        }
+        // Twice the product, summed in place: 1 and 2 threads alike, and 2 x within round-off.
+        let twice = |t: usize| {
+            let mut acc = ndarray::Array2::<f32>::zeros((m, n));
+            pool(t).install(|| {
+                matmul_2d_add(a.view(), w.t(), &mut acc, t);
+                matmul_2d_add(a.view(), w.t(), &mut acc, t);
+            });
+            acc
+        };
+        let sum = twice(2);
+        assert_eq!(
+            twice(1),
+            sum,
+            "{m}x{k}x{n}: the sum depends on the thread count"
+        );
+        for (s, p) in sum.iter().zip(&two) {
+            assert!(
+                (s - 2.0 * p).abs() <= 1e-5 * p.abs().max(1.0),
+                "{s} vs 2 x {p}"
             );
         }
     }

@@ -380,8 +380,8 @@ impl Quantizer {
         };
         // With an activation quantizer, what moves GPTQ's target to the float output: from
         // (X − Q(X))ᵀ Q(X) of its input and the Hessian, once for the group's linears.
-        let input_error = match (hessian, &group.act, self.config.gptq_input_error) {
-            (Some(h), Some(_), Some(ridge)) => {
+        let error = match (hessian, &group.act, self.config.gptq_input_error) {
+            (Some(_), Some(_), Some(ridge)) => {
                 let e = calib
                     .and_then(|c| c.get(&group.input))
                     .and_then(|s| s.quant_error_cross())
@@ -391,9 +391,7 @@ impl Quantizer {
                             group.input
                         )
                     })?;
-                let fit = perqc_quant::InputErrorFit::new(h.view(), e.view(), ridge)
-                    .map_err(|e| format!("{}: {e}", self.sites[group.sites[0]].name))?;
-                Some(fit)
+                Some((e, ridge))
             }
             _ => None,
         };
@@ -403,26 +401,45 @@ impl Quantizer {
             .map(|&i| weights::float_weight(&model.graph, &self.sites[i]))
             .collect::<Result<_, _>>()?;
         let (spec, gptq) = (self.config.weights, self.config.gptq);
+        let name = &self.sites[group.sites[0]].name;
+        // GPTQ's targets under the fit: computed, and the fit's factor dropped, before GPTQ
+        // factors the Hessian, so that the two n x n factorizations are never in memory at
+        // once (on SmolLM2's first layers, where the compile's peak is).
+        let targets: Option<Vec<Array2<f32>>> = match (hessian, error) {
+            (Some(h), Some((e, ridge))) => {
+                let fit = perqc_quant::InputErrorFit::new(h.view(), e.view(), ridge)
+                    .map_err(|e| format!("{name}: {e}"))?;
+                let targets = group
+                    .sites
+                    .par_iter()
+                    .zip(&floats)
+                    .map(|(&i, w)| {
+                        fit.target(w.view())
+                            .map_err(|e| format!("{}: {e}", self.sites[i].name))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Some(targets)
+            }
+            _ => None,
+        };
         // The linears of a group read one input: one Hessian, factored once.
         let factor = hessian
             .map(|h| perqc_quant::GptqFactor::new(h.view(), &gptq))
             .transpose()
-            .map_err(|e| format!("{}: {e}", self.sites[group.sites[0]].name))?;
+            .map_err(|e| format!("{name}: {e}"))?;
         let quantized: Vec<QWeight> = group
             .sites
             .par_iter()
-            .zip(&floats)
+            .zip(targets.as_ref().unwrap_or(&floats))
             .map(|(&i, w)| {
-                match (&factor, &input_error) {
-                    (None, _) => perqc_quant::quantize_rtn(w.view(), &spec),
-                    (Some(f), None) => perqc_quant::gptq_with(w.view(), f, &spec, &gptq),
-                    (Some(f), Some(fit)) => fit
-                        .target(w.view())
-                        .and_then(|t| perqc_quant::gptq_with(t.view(), f, &spec, &gptq)),
+                match &factor {
+                    None => perqc_quant::quantize_rtn(w.view(), &spec),
+                    Some(f) => perqc_quant::gptq_with(w.view(), f, &spec, &gptq),
                 }
                 .map_err(|e| format!("{}: {e}", self.sites[i].name))
             })
             .collect::<Result<_, _>>()?;
+        drop(targets);
         // The clip ratio, on the sampled rows of the input.
         let samples = calib
             .filter(|_| self.config.clip_search && group.act.is_some())
@@ -524,9 +541,15 @@ impl Quantizer {
             None => "a16".into(),
         };
         let text = format!(
-            "w: {}; {act}; rounding {:?}{}",
+            "w: {}; {act}; rounding {:?}{}{}",
             c.weights,
             c.rounding,
+            match c.gptq_input_error {
+                Some(r) if c.rounding == Rounding::Gptq => {
+                    format!(" on the float output (ridge {r})")
+                }
+                _ => String::new(),
+            },
             if c.embedding {
                 "; embedding quantized"
             } else {

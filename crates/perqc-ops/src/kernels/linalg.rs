@@ -131,36 +131,62 @@ pub(super) unsafe fn gemm_par(
 /// threads agree bitwise). For offline work on whole matrices (calibration searches); the
 /// graph's MatMul goes through [`matmul`]. Panics if the inner dimensions differ.
 pub fn matmul_2d(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, threads: usize) -> Array2<f32> {
+    let mut out = Array2::<f32>::zeros((a.nrows(), b.ncols()));
+    product_2d(a, b, &mut out, 0.0, threads);
+    out
+}
+
+/// `dst += a · b`, split as [`matmul_2d`] (1 and 2 threads agree bitwise): a running sum of
+/// products without a fresh output per term. Panics if the shapes do not fit or `dst` is
+/// not in standard layout.
+pub fn matmul_2d_add(
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    dst: &mut Array2<f32>,
+    threads: usize,
+) {
+    product_2d(a, b, dst, 1.0, threads)
+}
+
+/// `dst = dst_scale · dst + a · b` (`dst` read only when `dst_scale != 0`).
+fn product_2d(
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    dst: &mut Array2<f32>,
+    dst_scale: f32,
+    threads: usize,
+) {
     let ((m, k), (k2, n)) = (a.dim(), b.dim());
     assert_eq!(k, k2, "matmul_2d: inner dimensions {k} and {k2} differ");
-    let mut out = Array2::<f32>::zeros((m, n));
+    assert_eq!(dst.dim(), (m, n), "matmul_2d: the output is not {m} x {n}");
+    assert!(
+        dst.is_standard_layout(),
+        "matmul_2d: the output is not row-major"
+    );
     if m * n == 0 || k == 0 {
-        return out;
+        return;
     }
     let mat = |v: &ArrayView2<'_, f32>| Mat {
         ptr: v.as_ptr(),
         rs: v.strides()[0],
         cs: v.strides()[1],
     };
-    // Safety: the views are live m x k and k x n matrices with these strides; `out` is a
-    // fresh row-major m x n buffer.
+    // Safety: the views are live m x k and k x n matrices with these strides; `dst` is a
+    // row-major m x n buffer borrowed mutably, so it overlaps neither.
     unsafe {
         gemm_par(
             (m, n, k),
-            out.as_mut_ptr(),
+            dst.as_mut_ptr(),
             n,
             mat(&a),
             mat(&b),
-            0.0,
+            dst_scale,
             1.0,
             threads.max(1),
         )
     };
-    out
 }
 
-/// MatMul with numpy semantics: 1-d operands are promoted (and the added axis removed from
-/// the result); leading (batch) axes broadcast.
 pub fn matmul(ctx: &KernelCtx<'_>, inputs: In) -> Out {
     let (a, b) = (req_f32(inputs, 0)?, req_f32(inputs, 1)?);
     let (a1, b1) = (a.ndim() == 1, b.ndim() == 1);
