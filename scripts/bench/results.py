@@ -83,8 +83,8 @@ ROWS = [
     (f"W4A4 GPTQ + clip, b = {b}, block R1 and R2, MassDiff", ["--rotation", "block", "--block-size", str(b)], "")
     for b in (16, 32)
 ] + [
-    # GPTQ fitted to the float output (docs/quantization.md): better, but over the default's
-    # compile budget, so not the default.
+    # GPTQ fitted to the float output (docs/quantization.md): better, but with too little
+    # margin in the default's compile budget to be the default.
     (f"W4A4 GPTQ on the float output + clip, {what}", args + ["--gptq-input-error", "1"], "")
     for what, args in (
         ("full rotation", ["--block-size", "full"]),
