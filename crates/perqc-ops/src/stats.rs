@@ -478,7 +478,7 @@ fn quant_error_rows(x: ArrayView2<f32>, q: crate::quant::TokenQuant) -> (Array2<
     let step = |r: usize| q.params(&flat[r * c..(r + 1) * c]).0;
     let mut order: Vec<(f32, usize)> = (0..rows).map(|r| (step(r), r)).collect();
     let n_top = rows / QE_TOP;
-    // Largest step first; NaN steps (a row with a NaN) sort last, ties by row.
+    // Largest step first, ties by row (`params` skips NaNs, so a step is never NaN).
     order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut weight = vec![0f32; rows];
     for &(_, r) in &order[..n_top] {
