@@ -34,6 +34,7 @@ use activations::ActQuant;
 use ndarray::Array2;
 use perqc_ir::{Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
 use perqc_ops::quant::TokenQuant;
+use perqc_ops::stats::ChannelStats;
 use perqc_quant::{Format, GptqOptions, Granularity, QWeight, QuantSpec, ScaleSearch};
 use rayon::prelude::*;
 use sites::Site;
@@ -366,34 +367,13 @@ impl Quantizer {
         let group = &self.groups[g];
         let hessian = match self.config.rounding {
             Rounding::Rtn => None,
-            Rounding::Gptq => Some(
-                calib
-                    .and_then(|c| c.get(&group.output))
-                    .and_then(|s| s.gram())
-                    .ok_or_else(|| {
-                        format!(
-                            "GPTQ needs the Gram matrix of `{}` (calibrate with gram statistics)",
-                            group.output
-                        )
-                    })?,
-            ),
-        };
-        // With an activation quantizer, what moves GPTQ's target to the float output: from
-        // (X − Q(X))ᵀ Q(X) of its input and the Hessian, once for the group's linears.
-        let error = match (hessian, &group.act, self.config.gptq_input_error) {
-            (Some(_), Some(_), Some(ridge)) => {
-                let e = calib
-                    .and_then(|c| c.get(&group.input))
-                    .and_then(|s| s.quant_error_cross())
-                    .ok_or_else(|| {
-                        format!(
-                            "GPTQ on the float output needs the quantizer error product of `{}` (calibrate with quant_error statistics)",
-                            group.input
-                        )
-                    })?;
-                Some((e, ridge))
-            }
-            _ => None,
+            Rounding::Gptq => Some(calibrated(
+                calib,
+                &group.output,
+                ChannelStats::gram,
+                "GPTQ needs the Gram matrix",
+                "gram",
+            )?),
         };
         let floats: Vec<Array2<f32>> = group
             .sites
@@ -402,26 +382,36 @@ impl Quantizer {
             .collect::<Result<_, _>>()?;
         let (spec, gptq) = (self.config.weights, self.config.gptq);
         let name = &self.sites[group.sites[0]].name;
-        // GPTQ's targets under the fit: computed, and the fit's factor dropped, before GPTQ
-        // factors the Hessian, so that the two n x n factorizations are never in memory at
-        // once (on SmolLM2's first layers, where the compile's peak is).
-        let targets: Option<Vec<Array2<f32>>> = match (hessian, error) {
-            (Some(h), Some((e, ridge))) => {
-                let fit = perqc_quant::InputErrorFit::new(h.view(), e.view(), ridge)
-                    .map_err(|e| format!("{name}: {e}"))?;
-                let targets = group
-                    .sites
-                    .par_iter()
-                    .zip(&floats)
-                    .map(|(&i, w)| {
-                        fit.target(w.view())
-                            .map_err(|e| format!("{}: {e}", self.sites[i].name))
-                    })
-                    .collect::<Result<_, _>>()?;
-                Some(targets)
-            }
-            _ => None,
-        };
+        // With an activation quantizer, GPTQ's targets moved to the float output: from
+        // (X − Q(X))ᵀ Q(X) of the input and the Hessian, once for the group's linears. The
+        // fit's factor is dropped before GPTQ factors the Hessian, so that the two n x n
+        // factorizations are never in memory at once (on SmolLM2's first layers, where the
+        // compile's peak is).
+        let targets: Option<Vec<Array2<f32>>> =
+            match (hessian, &group.act, self.config.gptq_input_error) {
+                (Some(h), Some(_), Some(ridge)) => {
+                    let e = calibrated(
+                        calib,
+                        &group.input,
+                        ChannelStats::quant_error_cross,
+                        "GPTQ on the float output needs the quantizer error product",
+                        "quant_error",
+                    )?;
+                    let fit = perqc_quant::InputErrorFit::new(h.view(), e.view(), ridge)
+                        .map_err(|e| format!("{name}: {e}"))?;
+                    let targets = group
+                        .sites
+                        .par_iter()
+                        .zip(&floats)
+                        .map(|(&i, w)| {
+                            fit.target(w.view())
+                                .map_err(|e| format!("{}: {e}", self.sites[i].name))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    Some(targets)
+                }
+                _ => None,
+            };
         // The linears of a group read one input: one Hessian, factored once.
         let factor = hessian
             .map(|h| perqc_quant::GptqFactor::new(h.view(), &gptq))
@@ -560,6 +550,21 @@ impl Quantizer {
         model.metadata.push((QUANTIZED_KEY.to_string(), text));
         Ok(())
     }
+}
+
+/// What calibration observed of `value` (`pick`), or the error "`need` of `value`
+/// (calibrate with `stats` statistics)".
+fn calibrated<'a, T>(
+    calib: Option<&'a Calibration>,
+    value: &str,
+    pick: impl Fn(&'a ChannelStats) -> Option<&'a T>,
+    need: &str,
+    stats: &str,
+) -> Result<&'a T, String> {
+    calib
+        .and_then(|c| c.get(value))
+        .and_then(pick)
+        .ok_or_else(|| format!("{need} of `{value}` (calibrate with {stats} statistics)"))
 }
 
 /// SQNR (dB) of `q` against the float weight `w` (`[N, K]`), row by row without a
