@@ -188,7 +188,7 @@ mod tests {
         lower               turn canonical ai.perqc ops back into ops of the model's opset (before export)
         online-hadamard     rotate each mlp region's sink input by a block Hadamard computed in the graph, its transpose folded into the sink (exact); options block=B|full, signs=SEED
         permute             fold calibrated channel permutations into the weights (exact); options method=massdiff|tokenmax|zigzag|absmax|random|identity, seed=N, block=B, mlp=true, residual=false, heads=false
-        quantize            quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, embed=false, skip=PAT|PAT, rounding=rtn|gptq, gptqerr=none|R, target=qdq|ort
+        quantize            quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, embed=false, skip=PAT|PAT, rounding=rtn|gptq, gptqerr=none|online|all, gptqridge=1, target=qdq|ort
         rotate              fold Hadamard rotations into the residual stream (R1) and per-head value/output weights (R2) (exact); options residual=full|block|none, block=B, heads=full|block|none, signs=SEED, core=M
         smooth              divide each mlp region's sink input by calibrated channel scales a^alpha / w^(1-alpha), folded into up_proj and down_proj (exact); method=search picks (alpha, statistic) per region by the down_proj's quantized error on sampled rows; train=STEPS refines log s by Adam (lr=0.01) with a straight-through estimator on half the sampled rows, within 8x of the start, keeping the scales best on the other half; options method=max|quantile|search, alpha=0.5, q=0.999, train=0, lr=0.01, and for the error: permute=massdiff, block=32|full|none, wbits=4, abits=4|none
         tie-head            let the LM head read the embedding table when its weight is M E^T for a small M (a tied embedding stored twice, or untied by the norm fold and residual rotation): Linear(x, M) then Linear(E, transB=1), the head's own table dropped (exact to f32 round-off)
@@ -213,5 +213,21 @@ mod tests {
             r.build("dce,topo-sort").unwrap().to_string(),
             "dce,topo-sort"
         );
+        // The fit to the float output names where, the ridge is its own option.
+        assert!(
+            r.build("quantize(rounding=gptq,gptqerr=online,gptqridge=0.5)")
+                .is_ok()
+        );
+        for (bad, want) in [
+            ("quantize(rounding=gptq,gptqerr=1)", "none, online, all"),
+            (
+                "quantize(rounding=gptq,gptqerr=all,gptqridge=0)",
+                "a ridge > 0",
+            ),
+            ("quantize(gptqerr=online)", "needs GPTQ rounding"),
+        ] {
+            let err = r.build(bad).unwrap_err().to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
     }
 }

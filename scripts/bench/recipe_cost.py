@@ -19,7 +19,9 @@ quantize rtn"); with --quantize also
   quantize:      perqc MODEL -o OUT --calib-text TEXT --tokenizer TOK   (the default W4A4 recipe:
                  GPTQ and the clip search; goal <= 3x eval)
   quantize rtn:  the same with --rounding rtn (the clip search on; goal <= 1.5x eval)
-  quantize fit:  the default with --gptq-input-error 1 (GPTQ aimed at the float output)
+  quantize fit all:  the default with --gptq-input-error all (GPTQ aimed at the float output at
+                 every quantized input, not only at those an online Hadamard computes)
+  quantize no fit:  the default with --gptq-input-error none (plain GPTQ)
   quantize calib-float:  the default with --calib-float (the calibration stages run the
                  already-quantized linears on the float kernels, not the integer ones)
   quantize q-stats, quantize rtn q-stats:  the two above with --permute-stats quantized
@@ -124,9 +126,11 @@ if a.quantize:
     commands["quantize"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.q.onnx")] + calib
     commands["quantize rtn"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.rtn.onnx"),
                                 "--rounding", "rtn"] + calib
-    # The default plus GPTQ's fit to the float output (docs/quantization.md).
-    commands["quantize fit"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.fit.onnx"),
-                                "--gptq-input-error", "1"] + calib
+    # GPTQ's fit to the float output (docs/quantization.md) at every input, and nowhere.
+    commands["quantize fit all"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.fit.onnx"),
+                                    "--gptq-input-error", "all"] + calib
+    commands["quantize no fit"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.nofit.onnx"),
+                                   "--gptq-input-error", "none"] + calib
     # The default with the quantized prefix of the calibration stages on the float kernels.
     commands["quantize calib-float"] = [perqc, model, "-o", os.path.join(out_dir, "smollm2.qf.onnx"),
                                         "--calib-float"] + calib

@@ -83,9 +83,10 @@ ROWS = [
     (f"W4A4 GPTQ + clip, b = {b}, block R1 and R2, MassDiff", ["--rotation", "block", "--block-size", str(b)], "")
     for b in (16, 32)
 ] + [
-    # GPTQ fitted to the float output (docs/quantization.md): better, but with too little
-    # margin in the default's compile budget to be the default.
-    (f"W4A4 GPTQ on the float output + clip, {what}", args + ["--gptq-input-error", "1"], "")
+    # GPTQ fitted to the float output (docs/quantization.md) at every quantized input, and
+    # nowhere: the default fits the down_projs' inputs alone.
+    (f"W4A4 GPTQ + clip, fit {scope}, {what}", args + ["--gptq-input-error", flag], "")
+    for scope, flag in (("at every input", "all"), ("nowhere", "none"))
     for what, args in (
         ("full rotation", ["--block-size", "full"]),
         ("b = 32, MassDiff", []),
@@ -233,6 +234,9 @@ if out_md != "-" and a.update and os.path.exists(out_md):
     # New rows go after the table's last row.
     last = max((i for i, l in enumerate(text) if l.startswith("| ")), default=len(text) - 1)
     text[last + 1:last + 1] = [fresh[n] for n in fresh if n not in done]
+    # Rows the script no longer has go.
+    names = {name for name, _, _ in ROWS} | {"config"}
+    text = [l for l in text if not (l.startswith("| ") and l.split("|")[1].strip() not in names)]
     text.append("")
     text.append(f"Rows re-measured by `results.py --update --rows {a.rows}`: {', '.join(fresh)}; {header}")
     tmp = out_md + ".tmp"
@@ -257,7 +261,8 @@ ppl" is the native runtime's float kernels (`perqc eval --no-int`; the integer p
 
 Every row runs `perqc MODEL -o OUT --calib-text handbook.txt --tokenizer tokenizer.json` plus the
 arguments in the last column (defaults: `--preset w4a4 --rotation full --block-size 32 --permute
-massdiff --hadamard-core 144`, GPTQ and the activation clip search).
+massdiff --hadamard-core 144`, GPTQ and the activation clip search, GPTQ fitted to the float output
+at the inputs the online Hadamard computes, `--gptq-input-error online`).
 
 {table}
 """

@@ -11,7 +11,9 @@ use clap::Args;
 use perqc_ir::Model;
 use perqc_ops::quant::TokenQuant;
 use perqc_passes::permute::Permute;
-use perqc_passes::quantize::{QuantConfig, Quantizer, Rounding, SiteReport, Target};
+use perqc_passes::quantize::{
+    FitScope, InputErrorFitting, QuantConfig, Quantizer, Rounding, SiteReport, Target,
+};
 use perqc_passes::regions::{Region, RegionKind, Regions, TransformKind};
 use perqc_quant::{Format, Granularity, ScaleSearch};
 use perqc_runtime::StatsOptions;
@@ -49,14 +51,18 @@ pub struct QuantArgs {
     /// Weight rounding: rtn or gptq (default gptq with calibration data, else rtn).
     #[arg(long, value_name = "HOW", value_parser = ["rtn", "gptq"])]
     pub rounding: Option<String>,
-    /// GPTQ aims at each linear's float output: before rounding, the weight moves to the
-    /// ridge fit of `x Wᵀ` on the quantized input `Q(x)`, so the rounding also makes up for
-    /// the activation quantizer's error where it can (docs/quantization.md). The value is
-    /// the ridge, relative to the mean of the Hessian's diagonal (1 is the measured choice),
-    /// or none. Needs GPTQ and activation quantizers. Off by default: it lowers perplexity,
-    /// but the compile takes about 1.4x as long, over the default's budget.
-    #[arg(long, value_name = "RIDGE|none")]
+    /// Where GPTQ aims at the linear's float output: before rounding, the weight moves to
+    /// the ridge fit of `x Wᵀ` on the quantized input `Q(x)`, so the rounding also makes up
+    /// for the activation quantizer's error where it can (docs/quantization.md). online (the
+    /// default with GPTQ and activation quantizers): the inputs an online Hadamard computes,
+    /// before down_proj; all: every quantized input (about 1.2x the compile time of online);
+    /// none.
+    #[arg(long, value_name = "WHERE", value_parser = ["online", "all", "none"])]
     pub gptq_input_error: Option<String>,
+    /// The ridge of that fit, relative to the mean of the Hessian's diagonal (1 is the
+    /// measured choice).
+    #[arg(long, value_name = "R")]
+    pub gptq_ridge: Option<f64>,
     /// Activation clip ratio: search (per quantizer, on calibration output error; the
     /// default with calibration data), none (1.0) or a fixed ratio in (0, 1].
     #[arg(long, value_name = "HOW")]
@@ -222,17 +228,21 @@ impl QuantArgs {
         if c.clip_search && c.act.is_none() {
             c.clip_search = false;
         }
-        c.gptq_input_error = match self.gptq_input_error.as_deref() {
-            None | Some("none") => None,
-            Some(r) => Some(
-                r.parse()
-                    .ok()
-                    .filter(|v: &f64| v.is_finite() && *v > 0.0)
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("--gptq-input-error: `{r}` is not none or a ridge > 0")
-                    })?,
-            ),
+        let ridge = self.gptq_ridge.unwrap_or(1.0);
+        if !(ridge.is_finite() && ridge > 0.0) {
+            bail!("--gptq-ridge: {ridge} is not a ridge > 0");
+        }
+        let scope = match self.gptq_input_error.as_deref() {
+            // By default wherever it applies (GPTQ and activation quantizers).
+            None if c.rounding == Rounding::Gptq && c.act.is_some() => Some(FitScope::Online),
+            Some("online") => Some(FitScope::Online),
+            Some("all") => Some(FitScope::All),
+            _ => None,
         };
+        if scope.is_none() && self.gptq_ridge.is_some() {
+            bail!("--gptq-ridge applies to the GPTQ fit to the float output, which is off");
+        }
+        c.gptq_input_error = scope.map(|scope| InputErrorFitting { scope, ridge });
         c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(c)
     }
@@ -387,7 +397,7 @@ pub fn run(
                 true => samples.clone(),
                 false => StatsOptions::default(),
             };
-            if config.gptq_input_error.is_some() {
+            if group.fit {
                 opts.quant_error = Some(act.quant);
             }
             watch.push((group.input.clone(), opts));
@@ -594,6 +604,7 @@ pub fn report_json(reports: &[SiteReport], probe: Option<&Table>) -> String {
                 "weight_sqnr_db": r.weight_sqnr,
                 "output_sqnr_db": r.output_sqnr,
                 "clip": r.clip,
+                "fit_to_float_output": r.fitted,
             });
             if let Some(t) = probe {
                 let by_stage: serde_json::Map<String, serde_json::Value> = t
@@ -658,8 +669,9 @@ pub fn summary_text(s: &QuantSummary, probe: Option<&Table>) -> String {
     };
     let w = mean(&|r| Some(r.weight_sqnr)).unwrap_or(f64::NAN);
     let o = mean(&|r| r.output_sqnr);
+    let fitted = s.reports.iter().filter(|r| r.fitted).count();
     out.push_str(&format!(
-        "quantize: {n} linears; SQNR mean: weights {w:.1} dB{}; calibration {:.2?} in {} stages (kept between stages: {:.0} MiB{}), rounding {:.2?}\n",
+        "quantize: {n} linears; SQNR mean: weights {w:.1} dB{}; calibration {:.2?} in {} stages (kept between stages: {:.0} MiB{}), rounding {:.2?}{}\n",
         o.map(|o| format!(", outputs {o:.1} dB on calibration rows")).unwrap_or_default(),
         s.calibration,
         s.runs,
@@ -669,7 +681,11 @@ pub fn summary_text(s: &QuantSummary, probe: Option<&Table>) -> String {
         } else {
             ""
         },
-        s.rounding
+        s.rounding,
+        match fitted {
+            0 => String::new(),
+            f => format!(" (GPTQ aimed at the float output: {f} linears)"),
+        }
     ));
     let key = |r: &SiteReport| r.output_sqnr.unwrap_or(r.weight_sqnr);
     let mut worst: Vec<&SiteReport> = s.reports.iter().collect();

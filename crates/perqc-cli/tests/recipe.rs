@@ -485,6 +485,12 @@ fn default_job_quantizes_and_reports() {
         rows.iter()
             .all(|r| r["rounding"] == "gptq" && r["output_sqnr_db"].is_f64())
     );
+    // The fit to the float output: the down_projs' inputs, which the online Hadamard
+    // computes.
+    for r in rows {
+        let down = r["linear"].as_str().unwrap().contains("down_proj");
+        assert_eq!(r["fit_to_float_output"], down, "{r}");
+    }
     // The probe: every linear's output SQNR without and with the transforms, printed by
     // layer kind; the transforms change what every linear reads but the lm_head (not
     // quantized), so the two stages differ for (nearly) every linear.
@@ -518,30 +524,76 @@ fn default_job_quantizes_and_reports() {
     // 14 weights, and 4 activation quantizers a layer (q/k/v, o, gate/up and down read
     // one each) in 2 layers.
     assert_eq!(dq, 14 + 8, "weights and activations dequantized");
-    // GPTQ fitted to the float output moves the weights before they are rounded, and the
-    // file says it was.
-    let fitted = dir.join("fitted.onnx");
-    let (ok, err) = job(&fitted, &["--gptq-input-error", "1"]);
-    assert!(ok && err.contains("quantize: 14 linears"), "{err}");
-    let fitted = perqc_onnx::load(&fitted).expect("loads").model;
-    assert!(
-        fitted
-            .metadata
-            .iter()
-            .any(|(_, v)| v.contains("rounding Gptq on the float output (ridge 1)")),
-        "{:?}",
-        fitted.metadata
+    // GPTQ fitted to the float output moves the weights before they are rounded: by
+    // default the down_projs' alone (the inputs the online Hadamard computes), with `all`
+    // every linear's; the file says where.
+    let says = |m: &perqc_ir::Model, what: &str| {
+        assert!(
+            m.metadata.iter().any(|(_, v)| v.contains(what)),
+            "{what}: {:?}",
+            m.metadata
+        )
+    };
+    says(
+        &m,
+        "rounding Gptq on the float output at online inputs (ridge 1)",
     );
-    let weights = |m: &perqc_ir::Model| -> Vec<Vec<u8>> {
+    // Each linear's packed weight codes, by the name of the linear reading them, in graph
+    // order.
+    let weights = |m: &perqc_ir::Model| -> Vec<(String, Vec<u8>)> {
         m.graph
             .nodes()
             .filter(|(_, n)| n.op_type == "DequantizeLinear")
-            .filter_map(|(_, n)| m.graph.const_tensor(n.input(0)?))
-            .map(|t| t.raw_bytes().unwrap().to_vec())
+            .filter_map(|(_, n)| {
+                let t = m.graph.const_tensor(n.input(0)?)?;
+                let reader = m.graph.value(n.output(0)?).uses().first()?.node;
+                Some((
+                    m.graph.node(reader).name.clone(),
+                    t.raw_bytes().unwrap().to_vec(),
+                ))
+            })
             .collect()
     };
+    // Calibration runs on the quantized prefix, so a moved weight moves every later one:
+    // the linears before the first that differs are where the two compiles agree.
+    let first_moved = |a: &perqc_ir::Model, b: &perqc_ir::Model| -> (usize, String) {
+        let (wa, wb) = (weights(a), weights(b));
+        assert_eq!(wa.len(), wb.len());
+        let i = wa
+            .iter()
+            .zip(&wb)
+            .position(|(x, y)| x != y)
+            .expect("a weight moved");
+        (i, wa[i].0.clone())
+    };
     assert_eq!(weights(&m).len(), 14);
-    assert_ne!(weights(&fitted), weights(&m));
+    let other = dir.join("other.onnx");
+    let (ok, err) = job(&other, &["--gptq-input-error", "none"]);
+    assert!(ok && err.contains("quantize: 14 linears"), "{err}");
+    let plain = perqc_onnx::load(&other).expect("loads").model;
+    assert!(
+        !plain
+            .metadata
+            .iter()
+            .any(|(_, v)| v.contains("float output"))
+    );
+    let (i, name) = first_moved(&m, &plain);
+    assert!(
+        i >= 4 && name.contains("layers.0/mlp/down_proj"),
+        "{i}: {name}"
+    );
+    let (ok, err) = job(
+        &other,
+        &["--gptq-input-error", "all", "--gptq-ridge", "0.5"],
+    );
+    assert!(ok, "{err}");
+    let all = perqc_onnx::load(&other).expect("loads").model;
+    says(
+        &all,
+        "rounding Gptq on the float output at all inputs (ridge 0.5)",
+    );
+    let (i, name) = first_moved(&all, &plain);
+    assert!(i == 0 && name.contains("layers.0/self_attn"), "{i}: {name}");
     // Without calibration data: round to nearest, and it says so.
     let (ok, err) = perqc(&[&s(&fixture("llama_ts.onnx")), "-o", &s(&out)]);
     assert!(
@@ -661,6 +713,15 @@ fn layer_by_layer_transforms_build_the_pipelines_graph() {
         "{err}"
     );
     assert_eq!(layerwise, float);
+    // GPTQ's fit to the float output finds the online rotations placed layer by layer too:
+    // the two down_projs, as on the pipeline's route.
+    for stats in ["quantized", "float"] {
+        let (_, err) = run("gptq.onnx", &["--permute-stats", stats]);
+        assert!(
+            err.contains("(GPTQ aimed at the float output: 2 linears)"),
+            "{stats}: {err}"
+        );
+    }
     // TokenMax's profiles come from the quantized prefix too.
     let (_, err) = run(
         "tokenmax.onnx",
@@ -716,10 +777,14 @@ fn quantization_errors_come_first() {
         (&["--target", "ort"][..], "weight-only"),
         (&["--rounding", "gptq"][..], "needs calibration data"),
         (
-            &["--gptq-input-error", "1"][..],
+            &["--gptq-input-error", "online"][..],
             "needs GPTQ rounding and activation",
         ),
-        (&["--gptq-input-error", "0"][..], "not none or a ridge"),
+        (&["--gptq-ridge", "0"][..], "not a ridge > 0"),
+        (
+            &["--gptq-input-error", "none", "--gptq-ridge", "2"][..],
+            "which is off",
+        ),
         (&["--clip", "1.5"][..], "clip ratio"),
     ] {
         let mut all = vec![m.as_str(), "-o", out.to_str().unwrap()];

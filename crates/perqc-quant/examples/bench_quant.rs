@@ -1,17 +1,20 @@
 //! Times RTN (max and MSE scale search) and GPTQ on the linear shapes of SmolLM2-135M
 //! (hidden 576, 3 KV heads of 64, MLP 1536, 30 layers), on random data.
 //!
-//!     cargo run --release -p perqc-quant --example bench_quant [-- ROUNDS [rtn|gptq]]
+//!     cargo run --release -p perqc-quant --example bench_quant [-- ROUNDS [rtn|gptq|fit]]
 //!
 //! RTN: all 210 linears of the model per round. GPTQ: each of one layer's 7 linears, with
 //! `H = X^T X` from 2048 random calibration rows whose columns have log-normal scales.
+//! fit (only when asked for): GPTQ's fit to the float output on down_proj's shape, its ridge
+//! factor and its target, next to GPTQ's own factor of the same `H`.
 //! Prints the median over ROUNDS rounds (default 5).
 
 use std::time::Instant;
 
 use ndarray::Array2;
 use perqc_quant::{
-    Format, GptqOptions, Granularity, QuantSpec, ScaleSearch, gptq, quantize_rtn, sqnr_db,
+    Format, GptqFactor, GptqOptions, Granularity, InputErrorFit, QuantSpec, ScaleSearch, gptq,
+    quantize_rtn, sqnr_db,
 };
 
 const SHAPES: [(&str, usize, usize); 7] = [
@@ -107,6 +110,10 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let only = std::env::args().nth(2).unwrap_or_default();
+    if only == "fit" {
+        fit_bench(rounds);
+        return;
+    }
     println!(
         "rayon threads: {}, rounds: {rounds}",
         rayon::current_num_threads()
@@ -194,4 +201,31 @@ fn main() {
         }
         println!("    layer total           {:>8.1} ms", total * 1e3);
     }
+}
+
+/// `InputErrorFit::new` and `target` on down_proj (576 x 1536, ridge 1), and
+/// `GptqFactor::new` of the same `H`.
+fn fit_bench(rounds: usize) {
+    let mut rng = Rng(7);
+    let h = hessian(&mut rng, 1536, 2048);
+    let e = Array2::from_shape_fn((1536, 1536), |_| (rng.normal() * 0.01) as f32);
+    let w = weight(&mut rng, 576, 1536);
+    let (mut factor, mut target, mut gptq_factor) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let fit = InputErrorFit::new(h.view(), e.view(), 1.0).unwrap();
+        factor.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::hint::black_box(fit.target(w.view()).unwrap());
+        target.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::hint::black_box(GptqFactor::new(h.view(), &GptqOptions::default()).unwrap());
+        gptq_factor.push(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "fit to the float output, down_proj [576 x 1536], median wall time:\n  ridge factor {:.1} ms, target {:.1} ms (GPTQ's factor of the same H: {:.1} ms)",
+        median(factor) * 1e3,
+        median(target) * 1e3,
+        median(gptq_factor) * 1e3
+    );
 }

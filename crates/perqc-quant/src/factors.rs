@@ -22,7 +22,7 @@
 //! ‖S_x^½‖_F`).
 
 use crate::error::QuantError;
-use crate::linalg::{Op, cholesky_lower, gemm_f64};
+use crate::linalg::{Op, cholesky_lower, gemm_into};
 use crate::spd::sym_eigenvalues;
 use ndarray::ArrayView2;
 
@@ -127,7 +127,7 @@ pub fn alignment_bound(gram: &[f64], w: ArrayView2<f32>) -> Result<AlignmentBoun
     let (b, m) = if n <= k {
         // W S Wᵀ.
         let mut t = vec![0f64; n * k];
-        gemm_f64(
+        gemm_into(
             (n, k, k),
             &mut t,
             k,
@@ -141,7 +141,7 @@ pub fn alignment_bound(gram: &[f64], w: ArrayView2<f32>) -> Result<AlignmentBoun
             1.0,
         );
         let mut b = vec![0f64; n * n];
-        gemm_f64(
+        gemm_into(
             (n, n, k),
             &mut b,
             n,
@@ -182,9 +182,9 @@ pub fn alignment_bound(gram: &[f64], w: ArrayView2<f32>) -> Result<AlignmentBoun
             }
         }
         let mut g = vec![0f64; k * k];
-        gemm_f64((k, k, n), &mut g, k, wt, wop, false, 1.0);
+        gemm_into((k, k, n), &mut g, k, wt, wop, false, 1.0);
         let mut t = vec![0f64; k * k];
-        gemm_f64(
+        gemm_into(
             (k, k, k),
             &mut t,
             k,
@@ -202,7 +202,7 @@ pub fn alignment_bound(gram: &[f64], w: ArrayView2<f32>) -> Result<AlignmentBoun
             1.0,
         );
         let mut b = vec![0f64; k * k];
-        gemm_f64(
+        gemm_into(
             (k, k, k),
             &mut b,
             k,

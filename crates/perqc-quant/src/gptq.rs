@@ -300,7 +300,7 @@ pub fn gptq_with(
                         rs: n,
                         cs: 1,
                     };
-                    linalg::gemm_f64((rc, n - i2, bc), &mut wc[i2..], n, lhs, rhs, true, -1.0);
+                    linalg::gemm_into((rc, n - i2, bc), &mut wc[i2..], n, lhs, rhs, true, -1.0);
                 }
             }
             // Codes back in column order.

@@ -1,6 +1,8 @@
-//! Dense f64 linear algebra for GPTQ: a checked `gemm` wrapper, a blocked Cholesky
-//! factorization and a blocked inverse of a lower-triangular matrix, and from them the
-//! upper Cholesky factor of an inverse ([`inverse_upper_factor`]). No LAPACK.
+//! Dense linear algebra for GPTQ and its fit to the float output: a checked `gemm` wrapper,
+//! a blocked Cholesky factorization and a blocked inverse of a lower-triangular matrix, and
+//! from them the upper Cholesky factor of an inverse ([`inverse_upper_factor`]). No LAPACK.
+//! f64 for GPTQ; the factorization is generic ([`Real`]) so the well-conditioned ridge of
+//! [`crate::InputErrorFit`] runs at f32's rate.
 //!
 //! Matrices are row-major `n x n` slices. Each parallel step hands every output block to
 //! exactly one sequential `gemm` call (`Parallelism::None`) with a partition that depends
@@ -13,6 +15,11 @@ use rayon::prelude::*;
 /// inside a block is `O(n * NB^2)`).
 const NB: usize = 64;
 
+/// The element types: f32 and f64 (`gemm` dispatches on them).
+pub(crate) trait Real: num_traits::Float + Send + Sync + 'static {}
+impl Real for f32 {}
+impl Real for f64 {}
+
 /// Elements spanned by a `rows x cols` view with strides `rs`, `cs`.
 fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     if rows == 0 || cols == 0 {
@@ -24,8 +31,8 @@ fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
 
 /// A strided read-only operand: element `(i, j)` at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-pub(crate) struct Op<'a> {
-    pub data: &'a [f64],
+pub(crate) struct Op<'a, T = f64> {
+    pub data: &'a [T],
     pub rs: usize,
     pub cs: usize,
 }
@@ -34,14 +41,14 @@ pub(crate) struct Op<'a> {
 /// (k x n)`; `dst` is read only when `accumulate`. Bounds are checked (a violation is a
 /// bug in this crate and panics), then one single-threaded `gemm` call computes it.
 #[allow(clippy::too_many_arguments)] // the three operands and the product's scalars
-pub(crate) fn gemm_f64(
+pub(crate) fn gemm_into<T: Real>(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f64],
+    dst: &mut [T],
     dst_rs: usize,
-    lhs: Op<'_>,
-    rhs: Op<'_>,
+    lhs: Op<'_, T>,
+    rhs: Op<'_, T>,
     accumulate: bool,
-    beta: f64,
+    beta: T,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -61,7 +68,7 @@ pub(crate) fn gemm_f64(
     if k == 0 {
         if !accumulate {
             for row in dst.chunks_mut(dst_rs).take(m) {
-                row[..n].fill(0.0);
+                row[..n].fill(T::zero());
             }
         }
         return;
@@ -83,7 +90,7 @@ pub(crate) fn gemm_f64(
             rhs.data.as_ptr(),
             rhs.cs as isize,
             rhs.rs as isize,
-            1.0,
+            T::one(),
             beta,
             false,
             false,
@@ -99,25 +106,25 @@ pub(crate) fn gemm_f64(
 /// block, solve the panel below it against `L11^T` (rows in parallel), then subtract
 /// `L21 L21^T` from the trailing lower trapezoid with one `gemm` per block row (in
 /// parallel). `Err(j)` names the first pivot that is not positive and finite.
-pub(crate) fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), usize> {
+pub(crate) fn cholesky_lower<T: Real>(a: &mut [T], n: usize) -> Result<(), usize> {
     assert_eq!(a.len(), n * n);
     for k0 in (0..n).step_by(NB) {
         let k1 = (k0 + NB).min(n);
         let kb = k1 - k0;
         for j in k0..k1 {
             let d = a[j * n + j];
-            if !(d > 0.0 && d.is_finite()) {
+            if !(d > T::zero() && d.is_finite()) {
                 return Err(j);
             }
             let l = d.sqrt();
             a[j * n + j] = l;
             for i in j + 1..k1 {
-                a[i * n + j] /= l;
+                a[i * n + j] = a[i * n + j] / l;
             }
             for i in j + 1..k1 {
                 let lij = a[i * n + j];
                 for c in j + 1..=i {
-                    a[i * n + c] -= lij * a[c * n + j];
+                    a[i * n + c] = a[i * n + c] - lij * a[c * n + j];
                 }
             }
         }
@@ -125,7 +132,7 @@ pub(crate) fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), usize> {
             break;
         }
         // lt[j][l] = L11[l][j]: column j of L11 made contiguous for the panel solve.
-        let mut lt = vec![0f64; kb * kb];
+        let mut lt = vec![T::zero(); kb * kb];
         for j in 0..kb {
             for l in j..kb {
                 lt[j * kb + l] = a[(k0 + l) * n + k0 + j];
@@ -138,12 +145,12 @@ pub(crate) fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), usize> {
                 let v = x[j] / lt[j * kb + j];
                 x[j] = v;
                 for (xl, &t) in x[j + 1..].iter_mut().zip(&lt[j * kb + j + 1..(j + 1) * kb]) {
-                    *xl -= v * t;
+                    *xl = *xl - v * t;
                 }
             }
         });
         let m = n - k1;
-        let mut p = vec![0f64; m * kb];
+        let mut p = vec![T::zero(); m * kb];
         for (i, dst) in p.chunks_exact_mut(kb).enumerate() {
             dst.copy_from_slice(&a[(k1 + i) * n + k0..][..kb]);
         }
@@ -164,14 +171,14 @@ pub(crate) fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), usize> {
                     rs: 1,
                     cs: kb,
                 };
-                gemm_f64(
+                gemm_into(
                     (rows, r0 + rows, kb),
                     &mut chunk[k1..],
                     n,
                     lhs,
                     rhs,
                     true,
-                    -1.0,
+                    -T::one(),
                 );
             });
     }
@@ -180,15 +187,15 @@ pub(crate) fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), usize> {
 
 /// Inverse of the `kb x kb` lower-triangular block of `l` at `(o, o)`, by forward
 /// substitution, row-major `kb x kb` (zeros above the diagonal).
-fn small_lower_inverse(l: &[f64], n: usize, o: usize, kb: usize) -> Vec<f64> {
+pub(crate) fn small_lower_inverse<T: Real>(l: &[T], n: usize, o: usize, kb: usize) -> Vec<T> {
     let at = |r: usize, c: usize| l[(o + r) * n + o + c];
-    let mut x = vec![0f64; kb * kb];
+    let mut x = vec![T::zero(); kb * kb];
     for c in 0..kb {
-        x[c * kb + c] = 1.0 / at(c, c);
+        x[c * kb + c] = T::one() / at(c, c);
         for r in c + 1..kb {
-            let mut s = 0.0;
+            let mut s = T::zero();
             for q in c..r {
-                s += at(r, q) * x[q * kb + c];
+                s = s + at(r, q) * x[q * kb + c];
             }
             x[r * kb + c] = -s / at(r, r);
         }
@@ -232,7 +239,7 @@ pub(crate) fn lower_inverse_each(l: &[f64], n: usize, mut f: impl FnMut(usize, u
                     rs: w,
                     cs: 1,
                 };
-                gemm_f64((h, w, i0 - j0), &mut t, w, lhs, rhs, false, 1.0);
+                gemm_into((h, w, i0 - j0), &mut t, w, lhs, rhs, false, 1.0);
                 let lhs = Op {
                     data: dinv_i,
                     rs: h,
@@ -243,7 +250,7 @@ pub(crate) fn lower_inverse_each(l: &[f64], n: usize, mut f: impl FnMut(usize, u
                     rs: w,
                     cs: 1,
                 };
-                gemm_f64((h, w, h), rest, w, lhs, rhs, false, -1.0);
+                gemm_into((h, w, h), rest, w, lhs, rhs, false, -1.0);
             }
             s
         })

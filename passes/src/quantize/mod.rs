@@ -22,8 +22,9 @@
 //! `aclip=1.0`, `head=false`, `embed=false` (the token embedding table too), `skip=PAT|PAT`
 //! (`*` globs on node or weight names; with `embed=true` also on lookup tables and their
 //! Gathers),
-//! `rounding=rtn|gptq`, `gptqerr=none|R` (GPTQ aims at the float output, the activation
-//! quantizer's rounding included, with ridge R), `target=qdq|ort`.
+//! `rounding=rtn|gptq`, `gptqerr=none|online|all` (GPTQ aims at the float output, the
+//! activation quantizer's rounding included, at the inputs an online Hadamard computes or at
+//! every quantized input), `gptqridge=1` (its ridge), `target=qdq|ort`.
 
 pub mod activations;
 pub mod sites;
@@ -81,12 +82,39 @@ pub struct QuantConfig {
     pub skip: Vec<String>,
     pub rounding: Rounding,
     pub gptq: GptqOptions,
-    /// GPTQ aims at the float output `x Wᵀ`, not `Q(x) Wᵀ`: the weight is first moved to
-    /// the ridge fit on the quantized input ([`perqc_quant::InputErrorFit`]), from the
-    /// calibration's `(X − Q(X))ᵀ Q(X)` of each group's input. The value is the ridge,
-    /// relative to the mean of `diag(H)` like GPTQ's damping; `None`: off.
-    pub gptq_input_error: Option<f64>,
+    /// GPTQ aims at the float output `x Wᵀ`, not `Q(x) Wᵀ`, for the groups it names: the
+    /// weight is first moved to the ridge fit on the quantized input
+    /// ([`perqc_quant::InputErrorFit`]), from the calibration's `(X − Q(X))ᵀ Q(X)` of the
+    /// group's input. `None`: off.
+    pub gptq_input_error: Option<InputErrorFitting>,
     pub target: Target,
+}
+
+/// Where GPTQ aims at the float output, and the fit's ridge.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InputErrorFitting {
+    pub scope: FitScope,
+    /// Relative to the mean of `diag(H)`, like GPTQ's damping; finite and > 0.
+    pub ridge: f64,
+}
+
+/// Which groups' weights are fitted to the float output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FitScope {
+    /// Inputs an online Hadamard computes (PeRQ's rotation before down_proj): the 4-bit
+    /// quantizer errs most there, and the fit gains most (docs/quantization.md).
+    Online,
+    /// Every input with an activation quantizer.
+    All,
+}
+
+impl FitScope {
+    pub fn name(self) -> &'static str {
+        match self {
+            FitScope::Online => "online",
+            FitScope::All => "all",
+        }
+    }
 }
 
 impl Default for QuantConfig {
@@ -136,7 +164,7 @@ impl QuantConfig {
                 ));
             }
         }
-        if let Some(r) = self.gptq_input_error {
+        if let Some(InputErrorFitting { ridge: r, .. }) = self.gptq_input_error {
             if !(r.is_finite() && r > 0.0) {
                 return Err(format!(
                     "the GPTQ fit's ridge must be finite and > 0, not {r}"
@@ -224,6 +252,10 @@ pub struct Group {
     /// GPTQ's Hessian is its Gram matrix.
     pub output: String,
     pub act: Option<ActQuant>,
+    /// GPTQ aims this group's weights at the float output (set with its quantizer, by
+    /// [`QuantConfig::gptq_input_error`]'s scope): calibrate its input's
+    /// `(X − Q(X))ᵀ Q(X)` too.
+    pub fit: bool,
 }
 
 /// What one linear got.
@@ -240,6 +272,8 @@ pub struct SiteReport {
     pub output_sqnr: Option<f64>,
     /// The clip ratio of the activation quantizer it reads, if any.
     pub clip: Option<f32>,
+    /// GPTQ aimed its weight at the float output ([`Group::fit`]).
+    pub fitted: bool,
 }
 
 /// A model being quantized: sites selected and grouped by the activation they read; each
@@ -280,6 +314,7 @@ impl Quantizer {
                     input: name.clone(),
                     output: name,
                     act: None,
+                    fit: false,
                 }
             })
             .collect::<Vec<_>>();
@@ -323,6 +358,16 @@ impl Quantizer {
         match self.config.act {
             Some(q) => {
                 let a = activations::insert(graph, &self.sites, &group.sites, q)?;
+                let online = graph
+                    .value(a.input)
+                    .producer()
+                    .is_some_and(|(n, _)| crate::canonicalize::is_online_hadamard(graph.node(n)));
+                group.fit = self.config.rounding == Rounding::Gptq
+                    && match self.config.gptq_input_error.map(|f| f.scope) {
+                        Some(FitScope::All) => true,
+                        Some(FitScope::Online) => online,
+                        None => false,
+                    };
                 group.input = graph.value(a.input).name.clone();
                 group.output = graph.value(a.output).name.clone();
                 group.act = Some(a);
@@ -387,31 +432,30 @@ impl Quantizer {
         // fit's factor is dropped before GPTQ factors the Hessian, so that the two n x n
         // factorizations are never in memory at once (on SmolLM2's first layers, where the
         // compile's peak is).
-        let targets: Option<Vec<Array2<f32>>> =
-            match (hessian, &group.act, self.config.gptq_input_error) {
-                (Some(h), Some(_), Some(ridge)) => {
-                    let e = calibrated(
-                        calib,
-                        &group.input,
-                        ChannelStats::quant_error_cross,
-                        "GPTQ on the float output needs the quantizer error product",
-                        "quant_error",
-                    )?;
-                    let fit = perqc_quant::InputErrorFit::new(h.view(), e.view(), ridge)
-                        .map_err(|e| format!("{name}: {e}"))?;
-                    let targets = group
-                        .sites
-                        .par_iter()
-                        .zip(&floats)
-                        .map(|(&i, w)| {
-                            fit.target(w.view())
-                                .map_err(|e| format!("{}: {e}", self.sites[i].name))
-                        })
-                        .collect::<Result<_, _>>()?;
-                    Some(targets)
-                }
-                _ => None,
-            };
+        let targets: Option<Vec<Array2<f32>>> = match (hessian, self.config.gptq_input_error) {
+            (Some(h), Some(InputErrorFitting { ridge, .. })) if group.fit => {
+                let e = calibrated(
+                    calib,
+                    &group.input,
+                    ChannelStats::quant_error_cross,
+                    "GPTQ on the float output needs the quantizer error product",
+                    "quant_error",
+                )?;
+                let fit = perqc_quant::InputErrorFit::new(h.view(), e.view(), ridge)
+                    .map_err(|e| format!("{name}: {e}"))?;
+                let targets = group
+                    .sites
+                    .par_iter()
+                    .zip(&floats)
+                    .map(|(&i, w)| {
+                        fit.target(w.view())
+                            .map_err(|e| format!("{}: {e}", self.sites[i].name))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Some(targets)
+            }
+            _ => None,
+        };
         // The linears of a group read one input: one Hessian, factored once.
         let factor = hessian
             .map(|h| perqc_quant::GptqFactor::new(h.view(), &gptq))
@@ -429,6 +473,7 @@ impl Quantizer {
                 .map_err(|e| format!("{}: {e}", self.sites[i].name))
             })
             .collect::<Result<_, _>>()?;
+        let fitted = targets.is_some();
         drop(targets);
         // The clip ratio, on the sampled rows of the input.
         let samples = calib
@@ -480,6 +525,7 @@ impl Quantizer {
                 weight_sqnr: weight_sqnr(w, q),
                 output_sqnr: out,
                 clip: group.act.as_ref().map(|a| a.quant.clip),
+                fitted,
             });
         }
         Ok(reports)
@@ -535,8 +581,12 @@ impl Quantizer {
             c.weights,
             c.rounding,
             match c.gptq_input_error {
-                Some(r) if c.rounding == Rounding::Gptq => {
-                    format!(" on the float output (ridge {r})")
+                Some(f) if c.rounding == Rounding::Gptq => {
+                    format!(
+                        " on the float output at {} inputs (ridge {})",
+                        f.scope.name(),
+                        f.ridge
+                    )
                 }
                 _ => String::new(),
             },
@@ -603,7 +653,7 @@ impl std::fmt::Debug for Quantizer {
 
 impl Quantize {
     pub const NAME: &'static str = "quantize";
-    pub const DESCRIPTION: &'static str = "quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, embed=false, skip=PAT|PAT, rounding=rtn|gptq, gptqerr=none|R, target=qdq|ort";
+    pub const DESCRIPTION: &'static str = "quantize linear weights (packed codes + DequantizeLinear, or MatMulNBits) and their inputs per token (FakeQuantize); options wbits=4, wsym=true, wgroup=channel|tensor|G, wscale=mse|max, format=int|fp4|mxfp4|mxint8, abits=4|none, asym=true, aclip=1, head=false, embed=false, skip=PAT|PAT, rounding=rtn|gptq, gptqerr=none|online|all, gptqridge=1, target=qdq|ort";
 
     pub fn new(config: QuantConfig) -> Quantize {
         Quantize { config }
@@ -611,8 +661,21 @@ impl Quantize {
 
     pub fn from_options(opts: &PassOptions) -> Result<Box<dyn Pass>, OptionError> {
         opts.allow_only(&[
-            "wbits", "wsym", "wgroup", "wscale", "format", "abits", "asym", "aclip", "head",
-            "embed", "skip", "rounding", "gptqerr", "target",
+            "wbits",
+            "wsym",
+            "wgroup",
+            "wscale",
+            "format",
+            "abits",
+            "asym",
+            "aclip",
+            "head",
+            "embed",
+            "skip",
+            "rounding",
+            "gptqerr",
+            "gptqridge",
+            "target",
         ])?;
         let invalid = |name: &str, value: &str, expected: &str| OptionError::Invalid {
             pass: Self::NAME.to_string(),
@@ -679,15 +742,16 @@ impl Quantize {
             "gptq" => Rounding::Gptq,
             _ => Rounding::Rtn,
         };
-        c.gptq_input_error = match opts.get("gptqerr").unwrap_or("none") {
-            "none" => None,
-            r => Some(
-                r.parse()
-                    .ok()
-                    .filter(|v: &f64| v.is_finite() && *v > 0.0)
-                    .ok_or_else(|| invalid("gptqerr", r, "none or a ridge > 0"))?,
-            ),
+        let scope = match opts.choice_or("gptqerr", &["none", "online", "all"], "none")? {
+            "online" => Some(FitScope::Online),
+            "all" => Some(FitScope::All),
+            _ => None,
         };
+        let ridge: f64 = opts.parse_or("gptqridge", "a ridge > 0", 1.0)?;
+        if !(ridge.is_finite() && ridge > 0.0) {
+            return Err(invalid("gptqridge", &ridge.to_string(), "a ridge > 0"));
+        }
+        c.gptq_input_error = scope.map(|scope| InputErrorFitting { scope, ridge });
         c.target = match opts.choice_or("target", &["qdq", "ort"], "qdq")? {
             "ort" => Target::Ort,
             _ => Target::Qdq,
