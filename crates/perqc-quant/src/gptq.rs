@@ -116,30 +116,11 @@ impl GptqFactor {
     /// `opts` (the damping retries of the module doc).
     pub fn new(h: ArrayView2<'_, f64>, opts: &GptqOptions) -> Result<GptqFactor, QuantError> {
         check_options(opts)?;
-        let n = h.nrows();
-        if h.ncols() != n {
-            return Err(QuantError::Shape(format!(
-                "hessian is {} x {}, not square",
-                h.nrows(),
-                h.ncols()
-            )));
-        }
-        for ((r, c), &v) in h.indexed_iter() {
-            if c <= r && !v.is_finite() {
-                return Err(QuantError::NonFiniteHessian {
-                    row: r,
-                    col: c,
-                    value: v,
-                });
-            }
-        }
+        let n = checked_hessian(h)?;
 
         // 1. Dead columns.
-        let mut diag: Vec<f64> = (0..n).map(|i| h[[i, i]]).collect();
-        let dead: Vec<usize> = (0..n).filter(|&i| diag[i] == 0.0).collect();
-        for &i in &dead {
-            diag[i] = 1.0;
-        }
+        let dead: Vec<usize> = (0..n).filter(|&i| h[[i, i]] == 0.0).collect();
+        let diag = live_diagonal(h);
 
         // 3. Column order.
         let mut perm: Vec<usize> = (0..n).collect();
@@ -184,6 +165,37 @@ impl GptqFactor {
         };
         Ok(GptqFactor { n, dead, perm, u })
     }
+}
+
+/// The size of `h`, checked square with a finite lower triangle (the part GPTQ and the fit
+/// to the float output read).
+pub(crate) fn checked_hessian(h: ArrayView2<'_, f64>) -> Result<usize, QuantError> {
+    let n = h.nrows();
+    if h.ncols() != n {
+        return Err(QuantError::Shape(format!(
+            "hessian is {} x {}, not square",
+            h.nrows(),
+            h.ncols()
+        )));
+    }
+    for ((r, c), &v) in h.indexed_iter() {
+        if c <= r && !v.is_finite() {
+            return Err(QuantError::NonFiniteHessian {
+                row: r,
+                col: c,
+                value: v,
+            });
+        }
+    }
+    Ok(n)
+}
+
+/// `diag(h)` with an input that never fired (`H_ii == 0`) counted as 1: what the damping's
+/// mean and the column order read.
+pub(crate) fn live_diagonal(h: ArrayView2<'_, f64>) -> Vec<f64> {
+    (0..h.nrows())
+        .map(|i| if h[[i, i]] == 0.0 { 1.0 } else { h[[i, i]] })
+        .collect()
 }
 
 fn check_options(opts: &GptqOptions) -> Result<(), QuantError> {

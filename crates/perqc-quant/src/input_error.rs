@@ -33,6 +33,7 @@ use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
 use crate::error::QuantError;
+use crate::gptq::{checked_hessian, live_diagonal};
 use crate::linalg::{self, Op};
 use crate::rtn::contiguous;
 
@@ -67,14 +68,7 @@ impl<'a> InputErrorFit<'a> {
         e: ArrayView2<'a, f32>,
         ridge: f64,
     ) -> Result<InputErrorFit<'a>, QuantError> {
-        let n = h.nrows();
-        if h.ncols() != n {
-            return Err(QuantError::Shape(format!(
-                "hessian is {} x {}, not square",
-                h.nrows(),
-                h.ncols()
-            )));
-        }
+        let n = checked_hessian(h)?;
         if e.dim() != (n, n) {
             return Err(QuantError::Shape(format!(
                 "input error is {} x {}, the hessian {n} x {n}",
@@ -87,18 +81,7 @@ impl<'a> InputErrorFit<'a> {
                 "ridge = {ridge} is not allowed; allowed: a finite value > 0"
             )));
         }
-        for ((r, c), &v) in h.indexed_iter() {
-            if c <= r && !v.is_finite() {
-                return Err(QuantError::NonFiniteHessian {
-                    row: r,
-                    col: c,
-                    value: v,
-                });
-            }
-        }
-        let diag: Vec<f64> = (0..n)
-            .map(|i| if h[[i, i]] == 0.0 { 1.0 } else { h[[i, i]] })
-            .collect();
+        let diag = live_diagonal(h);
         let shift = ridge * diag.iter().sum::<f64>() / n.max(1) as f64;
         let mut l = vec![0f32; n * n];
         l.par_chunks_mut(n.max(1)).enumerate().for_each(|(r, row)| {
