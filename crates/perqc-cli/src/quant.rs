@@ -55,7 +55,7 @@ pub struct QuantArgs {
     /// the ridge fit of `x Wᵀ` on the quantized input `Q(x)`, so the rounding also makes up
     /// for the activation quantizer's error where it can (docs/quantization.md). online (the
     /// default with GPTQ and activation quantizers): the inputs an online Hadamard computes,
-    /// before down_proj; all: every quantized input (about 1.2x the compile time of online);
+    /// before down_proj; all: every quantized input (about 1.1x the compile time of online);
     /// none.
     #[arg(long, value_name = "WHERE", value_parser = ["online", "all", "none"])]
     pub gptq_input_error: Option<String>,
