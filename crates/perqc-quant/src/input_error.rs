@@ -42,7 +42,7 @@ use crate::rtn::contiguous;
 /// rows (SmolLM2's 576 rows: four tasks).
 const ROWS_PER_TASK: usize = 144;
 
-/// Columns per block of the triangular solves.
+/// Columns per block of the triangular solves ([`linalg::solve_right_cholesky`]).
 const BLOCK: usize = 128;
 
 /// What moves the weights of the linears reading one quantized input to their target:
@@ -94,13 +94,7 @@ impl<'a> InputErrorFit<'a> {
             pivot,
             tried: vec![ridge],
         })?;
-        let dinv = (0..n.div_ceil(BLOCK))
-            .into_par_iter()
-            .map(|b| {
-                let j0 = b * BLOCK;
-                linalg::small_lower_inverse(&l, n, j0, BLOCK.min(n - j0))
-            })
-            .collect();
+        let dinv = linalg::diagonal_block_inverses(&l, n, BLOCK);
         Ok(InputErrorFit {
             n,
             e: match e.to_slice() {
@@ -139,46 +133,8 @@ impl<'a> InputErrorFit<'a> {
                     false,
                     1.0,
                 );
-                let mut x = vec![0f32; rc * n];
-                let mut t = vec![0f32; rc * BLOCK];
-                let blocks = self.dinv.len();
-                // Forward, X Lᵀ = Z: X_J = (Z_J − X_{<J} L_{J,<J}ᵀ) L_JJ⁻ᵀ.
-                for (b, dinv) in self.dinv.iter().enumerate() {
-                    let (j0, wd) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
-                    copy_block(&mut t, &z[j0..], n, (rc, wd));
-                    if j0 > 0 {
-                        linalg::gemm_into(
-                            (rc, wd, j0),
-                            &mut t,
-                            wd,
-                            op(&x, n, 1),
-                            op(&l[j0 * n..], 1, n),
-                            true,
-                            -1.0,
-                        );
-                    }
-                    let d = op(dinv, 1, wd);
-                    linalg::gemm_into((rc, wd, wd), &mut x[j0..], n, op(&t, wd, 1), d, false, 1.0);
-                }
-                // Backward, Y L = X, into `z`: Y_J = (X_J − Y_{>J} L_{>J,J}) L_JJ⁻¹.
-                for b in (0..blocks).rev() {
-                    let (j0, wd) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
-                    let j1 = j0 + wd;
-                    copy_block(&mut t, &x[j0..], n, (rc, wd));
-                    if j1 < n {
-                        linalg::gemm_into(
-                            (rc, wd, n - j1),
-                            &mut t,
-                            wd,
-                            op(&z[j1..], n, 1),
-                            op(&l[j1 * n + j0..], n, 1),
-                            true,
-                            -1.0,
-                        );
-                    }
-                    let d = op(&self.dinv[b], wd, 1);
-                    linalg::gemm_into((rc, wd, wd), &mut z[j0..], n, op(&t, wd, 1), d, false, 1.0);
-                }
+                // Y = Z H_λ⁻¹, in place.
+                linalg::solve_right_cholesky(&mut z, rc, n, l, &self.dinv, BLOCK);
                 for ((d, &s), &y) in dst.iter_mut().zip(src).zip(&z) {
                     *d = s + y;
                 }
@@ -190,11 +146,4 @@ impl<'a> InputErrorFit<'a> {
 /// An f32 operand with row stride `rs` and column stride `cs`.
 fn op(data: &[f32], rs: usize, cs: usize) -> Op<'_, f32> {
     Op { data, rs, cs }
-}
-
-/// `t` (`rc x wd`, row-major) ← the `rc x wd` block at the start of `src` (row stride `n`).
-fn copy_block(t: &mut [f32], src: &[f32], n: usize, (rc, wd): (usize, usize)) {
-    for (r, row) in t.chunks_exact_mut(wd).take(rc).enumerate() {
-        row.copy_from_slice(&src[r * n..r * n + wd]);
-    }
 }
