@@ -25,7 +25,9 @@ crate::kernels::vmath::multiversion! {
             let a = v.abs();
             *sa += a as f64;
             *sq += (v as f64) * (v as f64);
-            *mx = if a > *mx { a } else { *mx };
+            // `max` keeps the other operand when one is NaN; a select here compiles to
+            // a masked store per vector, several times slower.
+            *mx = mx.max(a);
         }
     }
 }
@@ -387,6 +389,7 @@ fn gram_update(x: ArrayView2<f32>, acc: &mut Array2<f64>) {
     if c == 0 {
         return;
     }
+    assert_eq!(acc.dim(), (c, c), "the accumulator is c x c");
     let nb = c.div_ceil(GRAM_BLOCK);
     let tasks: Vec<(usize, usize)> = (0..nb).flat_map(|i| (0..=i).map(move |j| (i, j))).collect();
     let span = |b: usize| {
@@ -395,14 +398,18 @@ fn gram_update(x: ArrayView2<f32>, acc: &mut Array2<f64>) {
             ((b + 1) * GRAM_BLOCK).min(c) - b * GRAM_BLOCK,
         )
     };
-    let blocks: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(i, j)| {
+    let acc = AccPtr(
+        acc.as_slice_mut()
+            .expect("the accumulator is standard layout")
+            .as_mut_ptr(),
+    );
+    tasks.par_iter().for_each_init(
+        || vec![0f32; GRAM_BLOCK * GRAM_BLOCK],
+        |out, &(i, j)| {
             let ((r0, m), (c0, n)) = (span(i), span(j));
-            let mut out = vec![0f32; m * n];
             let base = x.as_ptr();
             // Safety: lhs is Xᵀ rows r0..r0+m (x[k, r0 + r] at base + k·c + r0 + r), rhs is
-            // X columns c0..c0+n, both inside `x`; `out` is m x n row-major.
+            // X columns c0..c0+n, both inside `x`; `out` holds m x n row-major.
             unsafe {
                 gemm::gemm(
                     m,
@@ -426,37 +433,38 @@ fn gram_update(x: ArrayView2<f32>, acc: &mut Array2<f64>) {
                     gemm::Parallelism::None,
                 );
             }
-            out
-        })
-        .collect();
-    // Row by row of the accumulator, in parallel: row r of block row I takes row r of the
-    // blocks (I, J) for J <= I and, mirrored, column r of the blocks (J, I) for J > I. Each
-    // element gets exactly one addition per batch. `blocks` is in task order, (I, J <= I)
-    // row by row: block (I, J) is at I (I + 1) / 2 + J.
-    let acc = acc
-        .as_slice_mut()
-        .expect("the accumulator is standard layout");
-    acc.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
-        let bi = r / GRAM_BLOCK;
-        let rr = r - bi * GRAM_BLOCK;
-        for bj in 0..nb {
-            let (c0, n) = span(bj);
-            let dst = &mut row[c0..c0 + n];
-            if bj <= bi {
-                let b = &blocks[bi * (bi + 1) / 2 + bj];
-                for (d, &v) in dst.iter_mut().zip(&b[rr * n..(rr + 1) * n]) {
+            // Block (i, j), j <= i, adds into acc[r0.., c0..] and, mirrored, into
+            // acc[c0.., r0..] (a diagonal block is whole: only the first). No other task
+            // writes either region, and each element gets exactly one addition per batch,
+            // which is what keeps the accumulator exactly symmetric.
+            let acc = &acc;
+            for r in 0..m {
+                // Safety: row r0 + r, columns c0..c0+n of the c x c accumulator.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(acc.0.add((r0 + r) * c + c0), n) };
+                for (d, &v) in dst.iter_mut().zip(&out[r * n..(r + 1) * n]) {
                     *d += f64::from(v);
                 }
-            } else {
-                let width = span(bi).1;
-                let b = &blocks[bj * (bj + 1) / 2 + bi];
-                for (q, d) in dst.iter_mut().enumerate() {
-                    *d += f64::from(b[q * width + rr]);
+            }
+            if i != j {
+                for q in 0..n {
+                    // Safety: row c0 + q, columns r0..r0+m, above the diagonal (c0 + n <= r0).
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(acc.0.add((c0 + q) * c + r0), m) };
+                    for (r, d) in dst.iter_mut().enumerate() {
+                        *d += f64::from(out[r * n + q]);
+                    }
                 }
             }
-        }
-    });
+        },
+    );
 }
+
+/// The Gram accumulator shared by the block tasks of [`gram_update`], each of which writes
+/// only its own block and that block's mirror image.
+struct AccPtr(*mut f64);
+// Safety: see `gram_update`: the tasks' regions are disjoint.
+unsafe impl Sync for AccPtr {}
 
 /// The `rows / QE_TOP` rows of a batch with the largest quantizer steps are all in `E`'s
 /// sample, with weight 1.

@@ -14,7 +14,7 @@ use std::time::Instant;
 use ndarray::Array2;
 use perqc_quant::{
     Format, GptqFactor, GptqOptions, Granularity, InputErrorFit, QuantSpec, ScaleSearch, gptq,
-    quantize_rtn, sqnr_db,
+    gptq_with, quantize_rtn, sqnr_db,
 };
 
 const SHAPES: [(&str, usize, usize); 7] = [
@@ -185,7 +185,7 @@ fn main() {
     ];
     for s in gspecs.iter().filter(|_| only != "rtn") {
         println!("  {s}, act_order, block 128:");
-        let mut total = 0.0;
+        let (mut total, mut columns) = (0.0, 0.0);
         for (&(name, r, c), w) in SHAPES.iter().zip(&weights) {
             let opts = GptqOptions::default();
             let times: Vec<f64> = (0..rounds)
@@ -195,11 +195,30 @@ fn main() {
                     t.elapsed().as_secs_f64()
                 })
                 .collect();
-            let m = median(times);
+            // The column loop alone, on a factor made once (the pipeline shares one per
+            // input: q/k/v, gate/up).
+            let factor = GptqFactor::new(h_of(c).view(), &opts).unwrap();
+            let loops: Vec<f64> = (0..rounds)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(gptq_with(w.view(), &factor, s, &opts).unwrap());
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            let (m, l) = (median(times), median(loops));
             total += m;
-            println!("    {name:<10} [{r:>4} x {c:>4}] {:>8.1} ms", m * 1e3);
+            columns += l;
+            println!(
+                "    {name:<10} [{r:>4} x {c:>4}] {:>8.1} ms   column loop {:>6.1} ms",
+                m * 1e3,
+                l * 1e3
+            );
         }
-        println!("    layer total           {:>8.1} ms", total * 1e3);
+        println!(
+            "    layer total           {:>8.1} ms   column loops {:>5.1} ms",
+            total * 1e3,
+            columns * 1e3
+        );
     }
 }
 

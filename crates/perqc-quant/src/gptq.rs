@@ -40,7 +40,6 @@ use crate::linalg::{self, Op};
 use crate::params::{self, Params};
 use crate::qweight::QWeight;
 use crate::rtn::contiguous;
-use crate::simd::multiversion;
 use crate::spec::QuantSpec;
 
 /// Rows per parallel task.
@@ -67,34 +66,179 @@ impl Default for GptqOptions {
     }
 }
 
-multiversion! {
-    /// Columns `i1..i2` of one row (processing order): quantize each column, record its
-    /// scaled error `(w_i - q_i) / U_ii` in `err`, and update the rest of the block,
-    /// `w_j -= err_i * U_ij` for `i < j < i2`.
-    #[allow(clippy::too_many_arguments)] // the row, its block and the shared state
-    fn block_row(
+/// Rows of a tile of [`block_tile`]: one f64 vector of AVX-512 (two of AVX2).
+const TILE: usize = 8;
+
+/// Columns `i1..i2` (processing order) of the tile's rows `r0..r0 + rows` (`rows <= TILE`):
+/// quantize each column, record its scaled error `(w_i - q_i) / U_ii` in `err` (row-major
+/// `rows x (i2 - i1)`), and update the rest of the block, `w_j -= err_i * U_ij` for `i < j <
+/// i2`. The tile holds the block's columns column-major, `tile[(j - i1) * TILE + r]`, so each
+/// update is one vector across the rows; every row sees the same operations in the same
+/// order as alone (a product, then a difference: no fused multiply-add), so the tiling
+/// changes no bit. Lanes past `rows` stay zero.
+#[allow(clippy::too_many_arguments)] // the tile, its block and the shared state
+fn block_tile(
+    grid: Grid,
+    params: &Params,
+    perm: &[usize],
+    u: &[f64],
+    span: (usize, usize, usize, usize),
+    tile: &mut [f64],
+    codes: &mut [i16],
+    err: &mut [f64],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Safety: the feature was just detected.
+            return unsafe {
+                x86::block_tile_avx512(grid, params, perm, u, span, tile, codes, err)
+            };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Safety: the feature was just detected.
+            return unsafe { x86::block_tile_avx2(grid, params, perm, u, span, tile, codes, err) };
+        }
+    }
+    block_tile_with(
+        grid,
+        params,
+        perm,
+        u,
+        span,
+        tile,
+        codes,
+        err,
+        |rest, u, e| {
+            for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
+                for (x, &e) in col.iter_mut().zip(e) {
+                    *x -= e * uij;
+                }
+            }
+        },
+    )
+}
+
+/// [`block_tile`] with the block update `update(rest, u, e)`: `rest[j TILE + r] -= e[r] *
+/// u[j]` for every column `j` of `rest` (written per level: left to itself, the compiler
+/// vectorizes across columns with gathers and scatters).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block_tile_with(
+    grid: Grid,
+    params: &Params,
+    perm: &[usize],
+    u: &[f64],
+    span: (usize, usize, usize, usize),
+    tile: &mut [f64],
+    codes: &mut [i16],
+    err: &mut [f64],
+    update: impl Fn(&mut [f64], &[f64], &[f64; TILE]),
+) {
+    let (r0, rows, i1, i2) = span;
+    let (n, bc) = (codes.len() / rows.max(1), i2 - i1);
+    for i in i1..i2 {
+        let k = i - i1;
+        let group = perm[i] / params.group;
+        let uii = u[i * n + i];
+        let mut e = [0f64; TILE];
+        for (r, e) in e.iter_mut().enumerate().take(rows) {
+            let gp = params.get(r0 + r, group);
+            let x = tile[k * TILE + r];
+            let code = grid.code(x as f32, gp);
+            codes[r * n + i] = code;
+            *e = (x - grid.value(code, gp) as f64) / uii;
+            err[r * bc + k] = *e;
+        }
+        update(
+            &mut tile[(k + 1) * TILE..],
+            &u[i * n + i + 1..i * n + i2],
+            &e,
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Grid, Params, TILE, block_tile_with};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block_tile_avx512(
         grid: Grid,
         params: &Params,
         perm: &[usize],
         u: &[f64],
-        span: (usize, usize, usize),
-        row: &mut [f64],
+        span: (usize, usize, usize, usize),
+        tile: &mut [f64],
         codes: &mut [i16],
         err: &mut [f64],
     ) {
-        let (row_index, i1, i2) = span;
-        let n = row.len();
-        for i in i1..i2 {
-            let gp = params.get(row_index, perm[i] / params.group);
-            let x = row[i];
-            let code = grid.code(x as f32, gp);
-            codes[i] = code;
-            let e = (x - grid.value(code, gp) as f64) / u[i * n + i];
-            err[i - i1] = e;
-            for (x, &u) in row[i + 1..i2].iter_mut().zip(&u[i * n + i + 1..i * n + i2]) {
-                *x -= e * u;
-            }
-        }
+        block_tile_with(
+            grid,
+            params,
+            perm,
+            u,
+            span,
+            tile,
+            codes,
+            err,
+            |rest, u, e| {
+                // Safety: `e` and every column are TILE = 8 f64.
+                unsafe {
+                    let ev = _mm512_loadu_pd(e.as_ptr());
+                    for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
+                        let p = col.as_mut_ptr();
+                        let x = _mm512_loadu_pd(p);
+                        _mm512_storeu_pd(
+                            p,
+                            _mm512_sub_pd(x, _mm512_mul_pd(ev, _mm512_set1_pd(uij))),
+                        );
+                    }
+                }
+            },
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block_tile_avx2(
+        grid: Grid,
+        params: &Params,
+        perm: &[usize],
+        u: &[f64],
+        span: (usize, usize, usize, usize),
+        tile: &mut [f64],
+        codes: &mut [i16],
+        err: &mut [f64],
+    ) {
+        block_tile_with(
+            grid,
+            params,
+            perm,
+            u,
+            span,
+            tile,
+            codes,
+            err,
+            |rest, u, e| {
+                // Safety: `e` and every column are TILE = 8 f64, two vectors of 4.
+                unsafe {
+                    let (e0, e1) = (
+                        _mm256_loadu_pd(e.as_ptr()),
+                        _mm256_loadu_pd(e.as_ptr().add(4)),
+                    );
+                    for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
+                        let p = col.as_mut_ptr();
+                        let b = _mm256_set1_pd(uij);
+                        let (x0, x1) = (_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4)));
+                        _mm256_storeu_pd(p, _mm256_sub_pd(x0, _mm256_mul_pd(e0, b)));
+                        _mm256_storeu_pd(p.add(4), _mm256_sub_pd(x1, _mm256_mul_pd(e1, b)));
+                    }
+                }
+            },
+        )
     }
 }
 
@@ -286,19 +430,29 @@ pub fn gptq_with(
             }
             let mut cp = vec![0i16; rc * n];
             let mut err = vec![0f64; rc * block];
+            let mut tile = vec![0f64; block * TILE];
             for i1 in (0..n).step_by(block) {
                 let i2 = (i1 + block).min(n);
                 let bc = i2 - i1;
-                for r in 0..rc {
-                    block_row(
+                for t0 in (0..rc).step_by(TILE) {
+                    let rows = TILE.min(rc - t0);
+                    let tile = &mut tile[..bc * TILE];
+                    tile.fill(0.0);
+                    for r in 0..rows {
+                        let src = &wc[(t0 + r) * n + i1..(t0 + r) * n + i2];
+                        for (k, &v) in src.iter().enumerate() {
+                            tile[k * TILE + r] = v;
+                        }
+                    }
+                    block_tile(
                         grid,
                         &params,
                         perm,
                         u,
-                        (r0 + r, i1, i2),
-                        &mut wc[r * n..(r + 1) * n],
-                        &mut cp[r * n..(r + 1) * n],
-                        &mut err[r * bc..(r + 1) * bc],
+                        (r0 + t0, rows, i1, i2),
+                        tile,
+                        &mut cp[t0 * n..(t0 + rows) * n],
+                        &mut err[t0 * bc..(t0 + rows) * bc],
                     );
                 }
                 if i2 < n {
@@ -331,4 +485,133 @@ pub fn gptq_with(
         zero_points: params.zps,
         spec: *spec,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Format, Granularity, ScaleSearch};
+
+    fn lcg(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    }
+
+    /// Every level of the block step (AVX-512, AVX2, portable, as the CPU runs them)
+    /// gives the same codes, errors and updated tile, bit for bit, on a partial tile.
+    #[test]
+    fn block_tile_levels_agree_bitwise() {
+        let (n, rows, i1, i2) = (40, 5, 3, 37);
+        let mut seed = 7;
+        let w: Vec<f32> = (0..rows * n).map(|_| lcg(&mut seed) as f32).collect();
+        let spec = QuantSpec {
+            bits: 4,
+            signed: true,
+            symmetric: false,
+            granularity: Granularity::Group(8),
+            format: Format::Int,
+            scale: ScaleSearch::Max,
+        };
+        let params = params::compute(&w, rows, n, &spec).unwrap();
+        let grid = Grid::of(&spec);
+        let perm: Vec<usize> = (0..n).rev().collect();
+        // An upper-triangular U with a positive diagonal.
+        let u: Vec<f64> = (0..n * n)
+            .map(|k| match (k / n, k % n) {
+                (r, c) if r == c => 1.0 + lcg(&mut seed).abs(),
+                (r, c) if c > r => lcg(&mut seed) * 0.3,
+                _ => 0.0,
+            })
+            .collect();
+        let bc = i2 - i1;
+        let fresh = || {
+            let mut tile = vec![0f64; bc * TILE];
+            for r in 0..rows {
+                for k in 0..bc {
+                    tile[k * TILE + r] = f64::from(w[r * n + perm[i1 + k]]);
+                }
+            }
+            (tile, vec![0i16; rows * n], vec![0f64; rows * bc])
+        };
+        let span = (0, rows, i1, i2);
+        let (mut tile, mut codes, mut err) = fresh();
+        block_tile_with(
+            grid,
+            &params,
+            &perm,
+            &u,
+            span,
+            &mut tile,
+            &mut codes,
+            &mut err,
+            |rest, u, e| {
+                for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
+                    for (x, &e) in col.iter_mut().zip(e) {
+                        *x -= e * uij;
+                    }
+                }
+            },
+        );
+        assert!(err.iter().any(|&e| e != 0.0));
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        #[cfg(target_arch = "x86_64")]
+        {
+            type Level = fn(
+                Grid,
+                &Params,
+                &[usize],
+                &[f64],
+                (usize, usize, usize, usize),
+                &mut [f64],
+                &mut [i16],
+                &mut [f64],
+            );
+            let mut levels: Vec<(&str, Level)> = Vec::new();
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                levels.push(("avx512", |g, p, pm, u, s, t, c, e| unsafe {
+                    x86::block_tile_avx512(g, p, pm, u, s, t, c, e)
+                }));
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                levels.push(("avx2", |g, p, pm, u, s, t, c, e| unsafe {
+                    x86::block_tile_avx2(g, p, pm, u, s, t, c, e)
+                }));
+            }
+            for (name, level) in levels {
+                let (mut t2, mut c2, mut e2) = fresh();
+                level(grid, &params, &perm, &u, span, &mut t2, &mut c2, &mut e2);
+                assert_eq!(c2, codes, "{name}: codes");
+                assert_eq!(bits(&e2), bits(&err), "{name}: errors");
+                assert_eq!(bits(&t2), bits(&tile), "{name}: tile");
+            }
+        }
+        // Each row alone (one lane) gives what it gives in the tile.
+        for r in 0..rows {
+            let mut one = vec![0f64; bc * TILE];
+            for k in 0..bc {
+                one[k * TILE] = f64::from(w[r * n + perm[i1 + k]]);
+            }
+            let (mut c1, mut e1) = (vec![0i16; n], vec![0f64; bc]);
+            block_tile(
+                grid,
+                &params,
+                &perm,
+                &u,
+                (r, 1, i1, i2),
+                &mut one,
+                &mut c1,
+                &mut e1,
+            );
+            assert_eq!(c1[i1..i2], codes[r * n + i1..r * n + i2], "row {r}: codes");
+            assert_eq!(
+                bits(&e1),
+                bits(&err[r * bc..(r + 1) * bc]),
+                "row {r}: errors"
+            );
+        }
+    }
 }
