@@ -30,7 +30,7 @@
 //! Parallelism: rows are cut into chunks of [`ROW_CHUNK`] rows (a partition of the row
 //! count alone), processed in parallel, each with sequential gemm calls; so results are the
 //! same for any number of threads. Within a chunk, a block's column loop runs on tiles of
-//! [`TILE`] rows, one vector across the rows per update (each row's arithmetic is what it
+//! 8 rows (`TILE`), one vector across the rows per update (each row's arithmetic is what it
 //! would be alone).
 
 use ndarray::ArrayView2;
