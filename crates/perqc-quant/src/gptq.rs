@@ -91,14 +91,16 @@ fn block_tile(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // Safety: the feature was just detected.
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+            // Safety: the features were just detected.
             return unsafe {
                 x86::block_tile_avx512(grid, params, perm, u, span, tile, codes, err)
             };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // Safety: the feature was just detected.
+        if avx2 {
+            // Safety: the features were just detected.
             return unsafe { x86::block_tile_avx2(grid, params, perm, u, span, tile, codes, err) };
         }
     }
@@ -571,14 +573,14 @@ mod tests {
                 &mut [f64],
             );
             let mut levels: Vec<(&str, Level)> = Vec::new();
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
                 levels.push(("avx512", |g, p, pm, u, s, t, c, e| unsafe {
                     x86::block_tile_avx512(g, p, pm, u, s, t, c, e)
                 }));
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if avx2 {
                 levels.push(("avx2", |g, p, pm, u, s, t, c, e| unsafe {
                     x86::block_tile_avx2(g, p, pm, u, s, t, c, e)
                 }));
