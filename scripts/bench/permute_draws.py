@@ -24,6 +24,11 @@ calibration text (characters [0, 200000): about 44k tokens, so 0, 8192, 16384, 2
 32768 are five disjoint draws), passed as --calib-ids. With --keep the perplexities are cached in DIR/draws.json and reused.
 --model compiles another export of SmolLM2 (say the KV-cache one, docs/quantization.md) instead
 of BENCH_DIR/smollm2/model.onnx; the cache key does not name it, so give it its own --keep.
+--native also scores every file with `perqc eval` (the integer plan) and `perqc eval --no-int`
+(perqc's float kernels on the same graph), same protocol, and prints a second table: per
+draw the three perplexities and each perqc plan's difference from ONNX Runtime, then the
+mean signed and mean absolute differences over all draws (how far the rounding chaos moves
+equally valid summation orders apart, docs/runtime.md).
 BENCH_DIR defaults to $PERQC_BENCH_DIR, else ~/.cache/perqc-bench (scripts/bench-setup).
 Prints a markdown table.
 """
@@ -45,6 +50,8 @@ ap.add_argument("--keep", default=None)
 ap.add_argument("--args", default="")
 ap.add_argument("--offsets", default=None)
 ap.add_argument("--model", default=None)
+ap.add_argument("--native", action="store_true",
+                help="also score each file with perqc eval, integer plan and --no-int")
 a = ap.parse_args()
 
 model = a.model or os.path.join(a.bench, "smollm2", "model.onnx")
@@ -80,7 +87,8 @@ def ppl(b, method, draw):
         key = f"{b}/{method}/{draw}"
         calib = ["--calib-text", text, "--tokenizer", tok, "--permute-seqs", str(draw)]
     key += f"/{a.args}" if a.args else ""
-    if key not in cache:
+    native = [key + "/perqc-int", key + "/perqc-float"] if a.native else []
+    if any(k not in cache for k in [key] + native):
         out = os.path.join(work, "draw.onnx")
         subprocess.run([a.perqc, model, "-o", out] + calib +
                        ["--block-size", str(b), "--permute", method] + a.args.split(),
@@ -89,6 +97,12 @@ def ppl(b, method, draw):
                             "--windows", "16", "--threads", "2"],
                            check=True, capture_output=True, text=True)
         cache[key] = float(r.stdout.strip().splitlines()[-1].split("=")[1])
+        for k, extra in zip(native, [[], ["--no-int"]]):
+            r = subprocess.run([a.perqc, "eval", out, "--tokenizer", tok, "--text", text,
+                                "--skip-chars", "200000", "--windows", "16"] + extra,
+                               check=True, capture_output=True, text=True)
+            line = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("ppl=")][-1]
+            cache[k] = float(line.split("=")[1])
         os.remove(out)
         with open(cache_path + ".tmp", "w") as f:
             json.dump(cache, f, indent=1)
@@ -110,3 +124,25 @@ for b in a.blocks.split(","):  # sizes, or "full" (one Hadamard; no permutation)
         mean = math.exp(sum(math.log(p) for p in draws) / len(draws))
         print(f"| {b} | {method} | " + " | ".join(f"{p:.2f}" for p in draws) + f" | {mean:.2f} |",
               flush=True)
+
+if a.native:
+    print()
+    print("| b | method | draw | ONNX Runtime | perqc integer plan | perqc --no-int |")
+    print("|---|---|---|---|---|---|")
+    diffs = {"int": [], "float": []}
+    for b in a.blocks.split(","):
+        for method in a.methods.split(","):
+            for d, head in zip(draws_of, heads):
+                key = f"{b}/{method}/" + (f"offset{d[1]}" if isinstance(d, tuple) else f"{d}")
+                key += f"/{a.args}" if a.args else ""
+                o, i, f = cache[key], cache[key + "/perqc-int"], cache[key + "/perqc-float"]
+                diffs["int"].append(i / o - 1)
+                diffs["float"].append(f / o - 1)
+                print(f"| {b} | {method} | {head} | {o:.4f} | {i:.4f} ({100 * (i / o - 1):+.2f}%) "
+                      f"| {f:.4f} ({100 * (f / o - 1):+.2f}%) |")
+    for plan, ds in diffs.items():
+        print(f"perqc {plan} plan against ONNX Runtime over {len(ds)} files: mean "
+              f"{100 * sum(ds) / len(ds):+.2f}%, mean |difference| "
+              f"{100 * sum(abs(x) for x in ds) / len(ds):.2f}%, largest "
+              f"{100 * max(ds, key=abs):+.2f}%, within 1%: {sum(abs(x) <= 0.01 for x in ds)}, "
+              f"within 0.5%: {sum(abs(x) <= 0.005 for x in ds)}")

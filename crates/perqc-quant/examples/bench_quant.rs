@@ -4,7 +4,9 @@
 //!     cargo run --release -p perqc-quant --example bench_quant [-- ROUNDS [rtn|gptq|fit]]
 //!
 //! RTN: all 210 linears of the model per round. GPTQ: each of one layer's 7 linears, with
-//! `H = X^T X` from 2048 random calibration rows whose columns have log-normal scales.
+//! `H = X^T X` from 2048 random calibration rows whose columns have log-normal scales; also
+//! the column loop alone (`gptq_with` on a factor made once, as the pipeline shares one per
+//! input), the rest being the factor.
 //! fit (only when asked for): GPTQ's fit to the float output on down_proj's shape, its ridge
 //! factor and its target, next to GPTQ's own factor of the same `H`.
 //! Prints the median over ROUNDS rounds (default 5).
