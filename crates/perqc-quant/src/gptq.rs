@@ -167,83 +167,55 @@ mod x86 {
     use super::{Grid, Params, TILE, block_tile_with};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn block_tile_avx512(
-        grid: Grid,
-        params: &Params,
-        perm: &[usize],
-        u: &[f64],
-        span: (usize, usize, usize, usize),
-        tile: &mut [f64],
-        codes: &mut [i16],
-        err: &mut [f64],
-    ) {
-        block_tile_with(
-            grid,
-            params,
-            perm,
-            u,
-            span,
-            tile,
-            codes,
-            err,
-            |rest, u, e| {
-                // Safety: `e` and every column are TILE = 8 f64.
-                unsafe {
-                    let ev = _mm512_loadu_pd(e.as_ptr());
-                    for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
-                        let p = col.as_mut_ptr();
-                        let x = _mm512_loadu_pd(p);
-                        _mm512_storeu_pd(
-                            p,
-                            _mm512_sub_pd(x, _mm512_mul_pd(ev, _mm512_set1_pd(uij))),
-                        );
-                    }
-                }
-            },
-        )
+    /// `block_tile` compiled for `$features`, with `$update` as its block update.
+    macro_rules! level {
+        ($name:ident, $features:literal, |$rest:ident, $u:ident, $e:ident| $update:block) => {
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) fn $name(
+                grid: Grid,
+                params: &Params,
+                perm: &[usize],
+                u: &[f64],
+                span: (usize, usize, usize, usize),
+                tile: &mut [f64],
+                codes: &mut [i16],
+                err: &mut [f64],
+            ) {
+                let update = |$rest: &mut [f64], $u: &[f64], $e: &[f64; TILE]| $update;
+                block_tile_with(grid, params, perm, u, span, tile, codes, err, update)
+            }
+        };
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn block_tile_avx2(
-        grid: Grid,
-        params: &Params,
-        perm: &[usize],
-        u: &[f64],
-        span: (usize, usize, usize, usize),
-        tile: &mut [f64],
-        codes: &mut [i16],
-        err: &mut [f64],
-    ) {
-        block_tile_with(
-            grid,
-            params,
-            perm,
-            u,
-            span,
-            tile,
-            codes,
-            err,
-            |rest, u, e| {
-                // Safety: `e` and every column are TILE = 8 f64, two vectors of 4.
-                unsafe {
-                    let (e0, e1) = (
-                        _mm256_loadu_pd(e.as_ptr()),
-                        _mm256_loadu_pd(e.as_ptr().add(4)),
-                    );
-                    for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
-                        let p = col.as_mut_ptr();
-                        let b = _mm256_set1_pd(uij);
-                        let (x0, x1) = (_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4)));
-                        _mm256_storeu_pd(p, _mm256_sub_pd(x0, _mm256_mul_pd(e0, b)));
-                        _mm256_storeu_pd(p.add(4), _mm256_sub_pd(x1, _mm256_mul_pd(e1, b)));
-                    }
-                }
-            },
-        )
-    }
+    level!(block_tile_avx512, "avx512f,avx2,fma", |rest, u, e| {
+        // Safety: `e` and every column are TILE = 8 f64.
+        unsafe {
+            let ev = _mm512_loadu_pd(e.as_ptr());
+            for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
+                let p = col.as_mut_ptr();
+                let x = _mm512_loadu_pd(p);
+                _mm512_storeu_pd(p, _mm512_sub_pd(x, _mm512_mul_pd(ev, _mm512_set1_pd(uij))));
+            }
+        }
+    });
+
+    level!(block_tile_avx2, "avx2,fma", |rest, u, e| {
+        // Safety: `e` and every column are TILE = 8 f64, two vectors of 4.
+        unsafe {
+            let (e0, e1) = (
+                _mm256_loadu_pd(e.as_ptr()),
+                _mm256_loadu_pd(e.as_ptr().add(4)),
+            );
+            for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
+                let p = col.as_mut_ptr();
+                let b = _mm256_set1_pd(uij);
+                let (x0, x1) = (_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4)));
+                _mm256_storeu_pd(p, _mm256_sub_pd(x0, _mm256_mul_pd(e0, b)));
+                _mm256_storeu_pd(p.add(4), _mm256_sub_pd(x1, _mm256_mul_pd(e1, b)));
+            }
+        }
+    });
 }
 
 /// What GPTQ derives from the Hessian alone (steps 1, 3 and 4 of the module doc): shared
