@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import tempfile
 
@@ -78,15 +79,19 @@ def calib_ids(offset):
     return path
 
 
+def key_of(b, method, draw):
+    """The cache key of one compile's ONNX Runtime perplexity."""
+    d = f"offset{draw[1]}" if isinstance(draw, tuple) else f"{draw}"
+    return f"{b}/{method}/{d}" + (f"/{a.args}" if a.args else "")
+
+
 def ppl(b, method, draw):
     """ppl of one compile; `draw` is a --permute-seqs value, or ("offset", N)."""
     if isinstance(draw, tuple):
-        key = f"{b}/{method}/offset{draw[1]}"
         calib = ["--calib-ids", calib_ids(draw[1])]
     else:
-        key = f"{b}/{method}/{draw}"
         calib = ["--calib-text", text, "--tokenizer", tok, "--permute-seqs", str(draw)]
-    key += f"/{a.args}" if a.args else ""
+    key = key_of(b, method, draw)
     native = [key + "/perqc-int", key + "/perqc-float"] if a.native else []
     if any(k not in cache for k in [key] + native):
         out = os.path.join(work, "draw.onnx")
@@ -129,20 +134,32 @@ if a.native:
     print()
     print("| b | method | draw | ONNX Runtime | perqc integer plan | perqc --no-int |")
     print("|---|---|---|---|---|---|")
-    diffs = {"int": [], "float": []}
+    pairs = {"perqc int plan against ONNX Runtime": [],
+             "perqc float plan against ONNX Runtime": [],
+             "perqc int plan against perqc float plan": []}
+    means = []
     for b in a.blocks.split(","):
         for method in a.methods.split(","):
+            cols = []
             for d, head in zip(draws_of, heads):
-                key = f"{b}/{method}/" + (f"offset{d[1]}" if isinstance(d, tuple) else f"{d}")
-                key += f"/{a.args}" if a.args else ""
+                key = key_of(b, method, d)
                 o, i, f = cache[key], cache[key + "/perqc-int"], cache[key + "/perqc-float"]
-                diffs["int"].append(i / o - 1)
-                diffs["float"].append(f / o - 1)
+                cols.append((o, i, f))
+                for ds, r in zip(pairs.values(), [i / o, f / o, i / f]):
+                    ds.append(r - 1)
                 print(f"| {b} | {method} | {head} | {o:.4f} | {i:.4f} ({100 * (i / o - 1):+.2f}%) "
                       f"| {f:.4f} ({100 * (f / o - 1):+.2f}%) |")
-    for plan, ds in diffs.items():
-        print(f"perqc {plan} plan against ONNX Runtime over {len(ds)} files: mean "
+            g = [math.exp(sum(math.log(c[j]) for c in cols) / len(cols)) for j in range(3)]
+            means.append(f"| {b} | {method} | geometric mean | {g[0]:.2f} | {g[1]:.2f} "
+                         f"({100 * (g[1] / g[0] - 1):+.2f}%) | {g[2]:.2f} ({100 * (g[2] / g[0] - 1):+.2f}%; "
+                         f"int plan {100 * (g[1] / g[2] - 1):+.2f}% from it) |")
+    for line in means:
+        print(line)
+    for name, ds in pairs.items():
+        print(f"{name} over {len(ds)} files: mean "
               f"{100 * sum(ds) / len(ds):+.2f}%, mean |difference| "
-              f"{100 * sum(abs(x) for x in ds) / len(ds):.2f}%, largest "
+              f"{100 * sum(abs(x) for x in ds) / len(ds):.2f}%, standard deviation "
+              f"{100 * statistics.stdev(ds):.2f}% (standard error of the mean "
+              f"{100 * statistics.stdev(ds) / math.sqrt(len(ds)):.2f}%), largest "
               f"{100 * max(ds, key=abs):+.2f}%, within 1%: {sum(abs(x) <= 0.01 for x in ds)}, "
               f"within 0.5%: {sum(abs(x) <= 0.005 for x in ds)}")

@@ -113,14 +113,17 @@ fn block_tile(
         tile,
         codes,
         err,
-        |rest, u, e| {
-            for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
-                for (x, &e) in col.iter_mut().zip(e) {
-                    *x -= e * uij;
-                }
-            }
-        },
+        update_portable,
     )
+}
+
+/// The block update of [`block_tile_with`] in plain code (the portable level).
+fn update_portable(rest: &mut [f64], u: &[f64], e: &[f64; TILE]) {
+    for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
+        for (x, &e) in col.iter_mut().zip(e) {
+            *x -= e * uij;
+        }
+    }
 }
 
 /// [`block_tile`] with the block update `update(rest, u, e)`: `rest[j TILE + r] -= e[r] *
@@ -522,13 +525,7 @@ mod tests {
             &mut tile,
             &mut codes,
             &mut err,
-            |rest, u, e| {
-                for (col, &uij) in rest.chunks_exact_mut(TILE).zip(u) {
-                    for (x, &e) in col.iter_mut().zip(e) {
-                        *x -= e * uij;
-                    }
-                }
-            },
+            update_portable,
         );
         assert!(err.iter().any(|&e| e != 0.0));
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
