@@ -31,9 +31,12 @@ if not os.access(exe, os.X_OK):
 
 m = onnx.load(a.model)
 pat = re.compile(a.pattern)
-taps = [o for n in m.graph.node for o in n.output if pat.search(o)]
+# Only float values are compared (a pattern may also match shapes and integer codes).
+types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(m).graph.value_info}
+taps = [o for n in m.graph.node for o in n.output
+        if pat.search(o) and types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
 if not taps:
-    sys.exit(f"{a.model}: no node output matches {a.pattern!r}")
+    sys.exit(f"{a.model}: no float node output matches {a.pattern!r}")
 for t in taps:
     m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
 
