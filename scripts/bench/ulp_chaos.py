@@ -3,7 +3,7 @@
 
 usage: scripts/bench/ulp_chaos.py MODEL TOKENIZER TEXT [--seeds 8] [--tensor NAME]
            [--fraction 1.0] [--skip-chars 200000] [--windows 16] [--threads 2]
-           [--perqc BIN] [--spelling reciprocal-as-div,split-k]
+           [--perqc BIN [--perqc-plans int,float,as-is]] [--spelling reciprocal-as-div,split-k]
 
 Two equally valid float programs for the same graph (another summation order, another exp)
 differ by round-off. At 4 bits such a difference moves a value across a rounding boundary now
@@ -21,12 +21,13 @@ round-off: the difference is what one runtime gives for two spellings of one gra
 - split-k: every MatMul with a constant or dequantized 2-D weight of even K becomes the sum of
   the products of its two halves along K (another summation order in every linear).
 
-With --perqc, each copy is also scored by `perqc eval` (the integer plan) and `perqc eval
---no-int`, so the spread of ONNX Runtime against itself sits beside perqc's against ONNX
+With --perqc, each copy is also scored by `perqc eval`'s plans (--perqc-plans: int, the
+integer plan; float, `--no-int`; as-is, `--as-is`, every op on its own kernel), so the spread of ONNX Runtime against itself sits beside perqc's against ONNX
 Runtime on the same files.
 
-Prints one line per seed and then, per column, the mean, the mean |difference|, the standard
-deviation and the largest |difference| against the unperturbed file under ONNX Runtime.
+Prints one line per seed, then the relative differences summarized (mean, mean |difference|,
+standard deviation and its standard error, largest, how many within 0.5% and 1%): ONNX Runtime on
+each copy against the file, and every other column against ONNX Runtime on the same copy.
 """
 import argparse
 import math
@@ -94,7 +95,7 @@ def reciprocal_as_div(out):
     return count
 
 
-def weight_rows(m, name, prod, inits):
+def weight_rows(name, prod, inits):
     """K of a 2-D weight: an initializer, or a DequantizeLinear of one (None otherwise)."""
     while name in prod and prod[name].op_type == "DequantizeLinear":
         name = prod[name].input[0]
@@ -110,7 +111,7 @@ def split_k(out):
     h = onnx.helper
     nodes, count = [], 0
     for n in out.graph.node:
-        k = weight_rows(out, n.input[1], prod, inits) if n.op_type == "MatMul" else None
+        k = weight_rows(n.input[1], prod, inits) if n.op_type == "MatMul" else None
         if not k or k % 2:
             nodes.append(n)
             continue
@@ -160,11 +161,13 @@ def ort_ppl(model_bytes, ids, seq, windows, threads):
     return math.exp(total / count)
 
 
-def perqc_ppl(perqc, path, a, no_int):
+PLANS = {"int": [], "float": ["--no-int"], "as-is": ["--as-is"]}
+
+
+def perqc_ppl(perqc, path, a, plan):
     cmd = [perqc, "eval", path, "-q", "--tokenizer", a.tokenizer, "--text", a.text,
            "--skip-chars", str(a.skip_chars), "--windows", str(a.windows), "--threads", str(a.threads)]
-    if no_int:
-        cmd.append("--no-int")
+    cmd += PLANS[plan]
     r = subprocess.run(cmd, capture_output=True, text=True)
     found = re.findall(r"ppl[= ]+([0-9.]+)", r.stdout + r.stderr)
     if r.returncode != 0 or not found:
@@ -177,7 +180,7 @@ def summary(label, rel):
     sd = rel.std(ddof=1) if len(rel) > 1 else float("nan")
     print(f"{label}: mean {rel.mean():+.2f}%, mean |d| {np.abs(rel).mean():.2f}%, "
           f"sd {sd:.2f}% (SE {sd / math.sqrt(len(rel)):.2f}%), largest |d| {np.abs(rel).max():.2f}%, "
-          f"within 0.5% on {int((np.abs(rel) <= 0.5).sum())} of {len(rel)}")
+          f"within 0.5% / 1% on {int((np.abs(rel) <= 0.5).sum())} / {int((np.abs(rel) <= 1).sum())} of {len(rel)}")
 
 
 def main():
@@ -194,10 +197,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--spelling", help="also score each copy after these round-off-only rewrites "
                     "(comma-separated): " + ", ".join(SPELLINGS))
-    ap.add_argument("--perqc", help="also score every copy with this perqc binary (integer and float plans)")
+    ap.add_argument("--perqc", help="also score every copy with this perqc binary")
+    ap.add_argument("--perqc-plans", default="int,float",
+                    help="perqc eval's plans to score with (comma-separated): " + ", ".join(PLANS))
     a = ap.parse_args()
     if a.seeds < 1 or not 0 < a.fraction <= 1:
         sys.exit("--seeds must be at least 1 and --fraction in (0, 1]")
+    plans = a.perqc_plans.split(",") if a.perqc else []
+    for p in plans:
+        if p not in PLANS:
+            sys.exit(f"--perqc-plans {p!r}: not one of {', '.join(PLANS)}")
     spellings = a.spelling.split(",") if a.spelling else []
     for s in spellings:
         if s not in SPELLINGS:
@@ -228,8 +237,8 @@ def main():
                 path = os.path.join(d, "copy.onnx")
                 with open(path, "wb") as f:
                     f.write(blob)
-                row["int"] = perqc_ppl(a.perqc, path, a, False)
-                row["float"] = perqc_ppl(a.perqc, path, a, True)
+                for plan in plans:
+                    row[plan] = perqc_ppl(a.perqc, path, a, plan)
             rows.append(row)
             print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
 
@@ -239,9 +248,9 @@ def main():
     if spellings:
         summary(f"ORT, respelled ({a.spelling}) - ORT on the same copy",
                 [r["ort-respelled"] / r["ort"] - 1 for r in rows])
-    if a.perqc:
-        for k, label in (("int", "perqc integer plan"), ("float", "perqc --no-int")):
-            summary(f"{label} - ORT on the same copy", [r[k] / r["ort"] - 1 for r in rows])
+    for plan in plans:
+        summary(f"perqc eval {' '.join(PLANS[plan]) or '(integer plan)'} - ORT on the same copy",
+                [r[plan] / r["ort"] - 1 for r in rows])
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ pub struct EvalArgs {
     /// them per token to 8 bits.
     #[arg(long)]
     no_int: bool,
+    /// Run every op of the graph on its own kernel: no canonicalization (the fused attention,
+    /// RMS norm and SiLU kernels) and no integer plan. Slower; for telling what a fused kernel
+    /// changes from what the graph computes. A half-precision model needs the canonical graph.
+    #[arg(long, conflicts_with = "no_int")]
+    as_is: bool,
     /// No progress bar.
     #[arg(short, long)]
     quiet: bool,
@@ -68,8 +73,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     perqc_runtime::trim_allocator();
     let mut loaded = perqc_onnx::load(&args.model)?;
     // The canonical graph runs exported attention, RMS norm and SiLU chains as one op each.
-    perqc_passes::canonicalize(&mut loaded.model)
-        .with_context(|| format!("{}: canonicalize", args.model.display()))?;
+    if !args.as_is {
+        perqc_passes::canonicalize(&mut loaded.model)
+            .with_context(|| format!("{}: canonicalize", args.model.display()))?;
+    }
     // A half model (computed in f32 since canonicalize) is scored on its logits before the
     // boundary Cast rounds them to half.
     if let Some(m) = perqc_passes::upcast_half::with_f32_outputs(&loaded.model) {
@@ -84,14 +91,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "FakeQuantize" | "DequantizeLinear" | "MatMulNBits"
         )
     });
-    if !args.no_int && level == perqc_ops::kernels::igemm::Level::Scalar && quantized && !args.quiet
-    {
+    let int = !args.no_int && !args.as_is;
+    if int && level == perqc_ops::kernels::igemm::Level::Scalar && quantized && !args.quiet {
         eprintln!(
             "note: no SIMD level of the integer kernels (AVX2 or AVX-512) on this CPU or \
              under PERQC_INT_LEVEL; the quantized linears run on the float kernels"
         );
     }
-    if !args.no_int && level != perqc_ops::kernels::igemm::Level::Scalar {
+    if int && level != perqc_ops::kernels::igemm::Level::Scalar {
         let fused = perqc_passes::fuse_int_linear(&mut loaded.model)
             .with_context(|| format!("{}: fuse-int-linear", args.model.display()))?;
         if fused.counter("fused") > 0 && !args.quiet {

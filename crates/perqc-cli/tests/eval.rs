@@ -308,8 +308,9 @@ fn fewer_windows_than_asked_are_reported() {
     );
 }
 
-/// A W4A4 file scored on the integer kernels (the default) and on the float kernels
-/// (`--no-int`): the run says which, and the two perplexities agree (the fixture's
+/// A W4A4 file scored on the integer kernels (the default), on the float kernels
+/// (`--no-int`) and op by op without canonicalization (`--as-is`): the run says which, and
+/// the three perplexities agree (the fixture's
 /// weights are random, so no code flips matter at this size; on SmolLM2 the two differ
 /// by 0.05-0.4%, see docs/runtime.md).
 #[test]
@@ -354,7 +355,7 @@ fn integer_plan_and_float_plan_agree() {
         args.extend_from_slice(extra);
         perqc(&args)
     };
-    let (int, float) = (run(&[]), run(&["--no-int"]));
+    let (int, float, as_is) = (run(&[]), run(&["--no-int"]), run(&["--as-is"]));
     let said = String::from_utf8_lossy(&int.stderr);
     let simd =
         perqc_ops::kernels::igemm::Level::detect() != perqc_ops::kernels::igemm::Level::Scalar;
@@ -366,10 +367,16 @@ fn integer_plan_and_float_plan_agree() {
     } else {
         assert!(said.contains("run on the float kernels"), "{said}");
     }
-    assert!(!String::from_utf8_lossy(&float.stderr).contains("integer kernels"));
-    let (a, b) = (ppl(&int), ppl(&float));
+    for plain in [&float, &as_is] {
+        assert!(!String::from_utf8_lossy(&plain.stderr).contains("integer kernels"));
+    }
+    let (a, b, c) = (ppl(&int), ppl(&float), ppl(&as_is));
     assert!(
         (a - b).abs() <= 1e-3 * b,
         "integer plan {a} vs float plan {b}"
+    );
+    assert!(
+        (c - b).abs() <= 1e-4 * b,
+        "op by op {c} vs canonical float plan {b}"
     );
 }
