@@ -7,7 +7,9 @@
  * How: ARCH_SET_CPUID(0) makes CPUID fault in this thread and every thread it starts (the
  * kernel's CPUID faulting, `cpuid_fault` in /proc/cpuinfo). The SIGSEGV handler checks that
  * the faulting instruction is CPUID (0F A2), runs the real one with faulting briefly off,
- * clears the feature bits below and steps over it. Any other SIGSEGV gets the default action.
+ * clears the feature bits below and steps over it. A program's own SIGSEGV handler (rustc
+ * installs one) is kept aside, not installed: `sigaction` and `signal` are interposed for
+ * SIGSEGV, and any fault that is not CPUID goes to that handler, or to the default action.
  *
  * Hidden (CPUID leaf 7): AVX-512 (every subset), AMX, AVX-VNNI, AVX-IFMA and the AVX
  * VNNI-INT8/INT16 and NE-CONVERT extensions. Kept: AVX, AVX2, FMA, F16C, BMI1/2.
@@ -16,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -45,12 +48,53 @@ static void mask(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
     }
 }
 
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+
+static sigaction_fn real_sigaction(void) {
+    static sigaction_fn f;
+    if (!f)
+        f = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    return f;
+}
+
+/* The program's SIGSEGV action, which it believes installed. */
+static struct sigaction program_action = {.sa_handler = SIG_DFL};
+
+int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
+    if (sig != SIGSEGV)
+        return real_sigaction()(sig, act, old);
+    if (old)
+        *old = program_action;
+    if (act)
+        program_action = *act;
+    return 0;
+}
+
+sighandler_t signal(int sig, sighandler_t handler) {
+    struct sigaction act, old;
+    memset(&act, 0, sizeof act);
+    act.sa_handler = handler;
+    sigemptyset(&act.sa_mask);
+    act.sa_flags = SA_RESTART;
+    return sigaction(sig, &act, &old) == 0 ? old.sa_handler : SIG_ERR;
+}
+
 static void on_segv(int sig, siginfo_t *info, void *ctx) {
-    (void)info;
     greg_t *g = ((ucontext_t *)ctx)->uc_mcontext.gregs;
     const uint8_t *ip = (const uint8_t *)g[REG_RIP];
-    if (ip[0] != 0x0f || ip[1] != 0xa2) {
-        signal(sig, SIG_DFL); /* not ours: fault again with the default action */
+    if (ip == NULL || ip[0] != 0x0f || ip[1] != 0xa2) {
+        /* Not a CPUID: the program's handler, else the default action (the fault recurs). */
+        struct sigaction p = program_action;
+        if ((p.sa_flags & SA_SIGINFO) && p.sa_sigaction) {
+            p.sa_sigaction(sig, info, ctx);
+        } else if (p.sa_handler != SIG_DFL && p.sa_handler != SIG_IGN) {
+            p.sa_handler(sig);
+        } else {
+            struct sigaction dfl;
+            memset(&dfl, 0, sizeof dfl);
+            dfl.sa_handler = SIG_DFL;
+            real_sigaction()(sig, &dfl, NULL);
+        }
         return;
     }
     uint32_t leaf = (uint32_t)g[REG_RAX], sub = (uint32_t)g[REG_RCX], r[4];
@@ -69,9 +113,9 @@ __attribute__((constructor)) static void start(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_segv;
-    sa.sa_flags = SA_SIGINFO;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK; /* a thread's alternate stack, where it has one */
     sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGSEGV, &sa, NULL) != 0 || syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
+    if (real_sigaction()(SIGSEGV, &sa, NULL) != 0 || syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
         fprintf(stderr, "avx2_only: this CPU or kernel cannot make CPUID fault (no cpuid_fault)\n");
         exit(2);
     }

@@ -131,10 +131,15 @@ fn emit(name: &str, tag: &str, pipeline: &str) -> f64 {
     let y = first_output(&native, &x);
     assert!(y.iter().all(|v| v.is_finite()), "{name} {tag}: non-finite");
     // ...and as written (the lowered QDQ ops), which must agree with the fused kernels.
+    // The fused attention and the lowered MatMul/Softmax chain differ by f32 round-off,
+    // which can flip one 8-bit activation code (see the integer plan's margin below): on
+    // the encoder at the AVX2 level it does, 3.9e-3 (`scripts/bench/avx2-only cargo
+    // test`). 4-bit steps are 16x wider than that and have not flipped on any level.
     let y_lowered = first_output(&emitted, &x);
     let lowered_err = rel(&y, &y_lowered);
+    let lowered_margin = if tag.ends_with("a8") { 1e-2 } else { 1e-5 };
     assert!(
-        lowered_err < 1e-5,
+        lowered_err < lowered_margin,
         "{name} {tag}: fused vs lowered quantizers differ by {lowered_err:e}"
     );
     // ...and on the integer kernels, where the quantized linears have symmetric 4-bit
