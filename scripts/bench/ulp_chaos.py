@@ -146,12 +146,14 @@ def respelled(m, names):
     return out, counts
 
 
-def ort_ppl(model_bytes, ids, seq, windows, threads):
+def ort_ppl(model_bytes, path, ids, seq, windows, threads):
+    """Bench-protocol perplexity of a serialized model; `path` is the file it was read from
+    (a KV-cache graph's genai_config.json is looked up beside it)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
     feed = sess.get_inputs()[0].name
-    extra = cache_feeds(sess, "", seq)
+    extra = cache_feeds(sess, path, seq)
     total, count = 0.0, 0
     for w in range(windows):
         x = ids[w * seq:(w + 1) * seq]
@@ -227,12 +229,12 @@ def main():
         for seed in range(a.seeds + 1):
             p = perturbed(m, name, seed, a.fraction)
             blob = p.SerializeToString()
-            row = {"ort": ort_ppl(blob, ids, a.seq, a.windows, a.threads)}
+            row = {"ort": ort_ppl(blob, a.model, ids, a.seq, a.windows, a.threads)}
             if spellings:
                 q, counts = respelled(p, spellings)
                 if seed == 0:
                     print("--spelling: " + ", ".join(f"{k} at {v} sites" for k, v in counts.items()), flush=True)
-                row["ort-respelled"] = ort_ppl(q.SerializeToString(), ids, a.seq, a.windows, a.threads)
+                row["ort-respelled"] = ort_ppl(q.SerializeToString(), a.model, ids, a.seq, a.windows, a.threads)
             if a.perqc:
                 path = os.path.join(d, "copy.onnx")
                 with open(path, "wb") as f:
