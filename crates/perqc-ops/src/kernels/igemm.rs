@@ -38,7 +38,8 @@
 //! `colsum[b, n]`). `vpmaddubsw` adds two `u·c` products in i16 with saturation; they
 //! are at most 2·15·128 = 3840, so it never saturates here.
 //!
-//! **Packed weight layout** (fixed, the same for every level): columns in panels of
+//! **Packed weight layout** (fixed, the same for every level; AVX2 reads each panel
+//! unpacked, [`Level::operand`]): columns in panels of
 //! [`NR`] = 32, K padded with zeros (`u = 8`) to a multiple of [`KG`] = 4; per panel and
 //! group of 4 k, 64 bytes: byte `4·l + j` holds `u[k0 + j, c0 + l]` in its low nibble and
 //! `u[k0 + j, c0 + 16 + l]` in its high nibble (l in 0..16). A 64-byte load is then two
@@ -141,6 +142,52 @@ impl Level {
             _ => false,
         }
     }
+
+    /// The weight operand the level's tile reads, made from one panel's packed groups
+    /// once per panel: the packed bytes themselves, or for AVX2 the nibbles unpacked to
+    /// bytes ([`unpack_panel`]). AVX2 has no 8-bit dot product, so its tile issues two
+    /// instructions per `vpmaddubsw`; unpacking in the tile as well (three more per group
+    /// and row half) left it at 65% of the instruction's rate. Unpacked once, the panel
+    /// is reused by every row block (m / MR of them) from a per-call buffer of
+    /// `2 · GROUP_BYTES` per group (48 KiB at K = 1536): the resident weights stay packed.
+    pub fn operand(self, packed: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Level::Avx2 => std::borrow::Cow::Owned(unpack_panel(packed)),
+            _ => std::borrow::Cow::Borrowed(packed),
+        }
+    }
+
+    /// Bytes per group of K in [`Level::operand`].
+    pub fn operand_group_bytes(self) -> usize {
+        match self {
+            Level::Avx2 => UNPACKED_GROUP_BYTES,
+            _ => GROUP_BYTES,
+        }
+    }
+}
+
+/// Bytes per group of [`unpack_panel`]'s layout.
+pub const UNPACKED_GROUP_BYTES: usize = 2 * GROUP_BYTES;
+
+/// A panel's groups with one weight per byte, laid out for 256-bit loads: per group,
+/// for each half h of the 64 packed bytes (bytes `32h .. 32h + 32`), their low nibbles
+/// then their high nibbles, 32 bytes each. Byte `b` of a half keeps its lane (`b / 4`) and
+/// its k (`b % 4`), so a 32-byte vector is one operand of the packed layout's nibble
+/// vectors: low nibbles are columns `8h + b / 4`, high nibbles `16 + 8h + b / 4`.
+pub fn unpack_panel(packed: &[u8]) -> Vec<u8> {
+    debug_assert_eq!(packed.len() % GROUP_BYTES, 0);
+    let mut out = vec![0u8; packed.len() * 2];
+    for (src, dst) in packed
+        .chunks_exact(GROUP_BYTES / 2)
+        .zip(out.chunks_exact_mut(GROUP_BYTES))
+    {
+        let (lo, hi) = dst.split_at_mut(GROUP_BYTES / 2);
+        for ((&byte, l), h) in src.iter().zip(lo).zip(hi) {
+            *l = byte & 0x0f;
+            *h = byte >> 4;
+        }
+    }
+    out
 }
 
 /// K rounded up to whole groups.
@@ -387,7 +434,8 @@ unsafe impl Sync for SendPtr {}
 unsafe fn panel(ops: &Operands<'_>, tail: &[i8], p: usize, out: SendPtr, level: Level) {
     let groups = ops.k.div_ceil(KG);
     let kp = groups * KG;
-    let w = &ops.weights[p * groups * GROUP_BYTES..(p + 1) * groups * GROUP_BYTES];
+    let packed = &ops.weights[p * groups * GROUP_BYTES..(p + 1) * groups * GROUP_BYTES];
+    let w = level.operand(packed);
     let c0 = p * NR;
     let cols = (ops.n - c0).min(NR);
     let mut col_sum = [0i32; NR];
@@ -402,7 +450,7 @@ unsafe fn panel(ops: &Operands<'_>, tail: &[i8], p: usize, out: SendPtr, level: 
         } else {
             tail
         };
-        unsafe { tile(level, a, kp, w, &mut acc) };
+        unsafe { tile(level, a, kp, &w, &mut acc) };
         for (i, acc_row) in acc.iter().enumerate().take((ops.m - r0).min(MR)) {
             let r = r0 + i;
             // Safety: row r < m, columns c0 .. c0 + cols < n.
@@ -427,7 +475,8 @@ crate::kernels::vmath::multiversion! {
 /// `acc[i][l] = Σ_k u[k, l] · c[i, k]` over the groups in `w` at `level` (overwrites acc).
 ///
 /// # Safety
-/// `level` available; `a` holds `MR` rows of stride `kp` covering `w`'s groups.
+/// `level` available; `w` is the level's operand ([`Level::operand`]); `a` holds `MR` rows
+/// of stride `kp` covering `w`'s groups.
 #[inline(always)]
 unsafe fn tile(level: Level, a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
     match level {
@@ -466,6 +515,8 @@ unsafe fn grouped_panel(
     let per = ops.group / KG;
     let nb = scale_groups(ops.k, ops.group);
     let w = &ops.weights[p * groups * GROUP_BYTES..(p + 1) * groups * GROUP_BYTES];
+    let operand = level.operand(w);
+    let group_bytes = level.operand_group_bytes();
     let c0 = p * NR;
     let cols = (ops.n - c0).min(NR);
     // This panel's column sums and scales per group, padding columns 0.
@@ -502,17 +553,21 @@ unsafe fn grouped_panel(
         match level {
             #[cfg(target_arch = "x86_64")]
             Level::Avx512Vnni => unsafe {
-                x86::grouped_avx512vnni(a, kp, w, per, &rc, &zcorr, &col_sum, &col_scale, &mut f)
+                x86::grouped_avx512vnni(
+                    a, kp, &operand, per, &rc, &zcorr, &col_sum, &col_scale, &mut f,
+                )
             },
             #[cfg(target_arch = "x86_64")]
             Level::Avx512Bw => unsafe {
-                x86::grouped_avx512bw(a, kp, w, per, &rc, &zcorr, &col_sum, &col_scale, &mut f)
+                x86::grouped_avx512bw(
+                    a, kp, &operand, per, &rc, &zcorr, &col_sum, &col_scale, &mut f,
+                )
             },
             _ => {
                 let mut acc = [[0i32; NR]; MR];
                 for (b, rc) in rc.iter().enumerate() {
                     let (g0, g1) = (b * per, ((b + 1) * per).min(groups));
-                    let w = &w[g0 * GROUP_BYTES..g1 * GROUP_BYTES];
+                    let w = &operand[g0 * group_bytes..g1 * group_bytes];
                     unsafe { tile(level, &a[g0 * KG..], kp, w, &mut acc) };
                     add_group(&acc, rc, &zcorr, &col_sum[b], &col_scale[b], &mut f);
                 }
@@ -572,7 +627,7 @@ fn tile_scalar(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{GROUP_BYTES, KG, MR, NR};
+    use super::{GROUP_BYTES, KG, MR, NR, UNPACKED_GROUP_BYTES};
     use std::arch::x86_64::*;
 
     /// Four code bytes of row `i`, group `g`, as one 32-bit lane value.
@@ -800,30 +855,34 @@ mod x86 {
         _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     });
 
-    /// AVX2 tile: the layout and row halves of [`tile256`], but the i16 pair sums of
-    /// `vpmaddubsw` are added in i16 over [`I16_GROUPS`] groups before one `vpmaddwd` by 1
-    /// widens them into the i32 accumulators: half the multiplies of widening every group
-    /// (AVX2 has no 8-bit dot product; `vpmaddubsw` and `vpmaddwd` share the multiply
-    /// ports). Exact, so the same integers as every other level: a pair sum is at most
-    /// 2·15·128 = 3840 in magnitude (u <= 15, |c| <= 128), and 8 of them at most 30720 <
-    /// 2^15, so neither the saturating pair sum nor the wrapping i16 add ever overflows.
+    /// AVX2 tile on the unpacked operand ([`super::unpack_panel`]; the columns and row
+    /// halves of [`tile256`]): the i16 pair sums of `vpmaddubsw` are added in i16 over
+    /// [`I16_GROUPS`] groups before one `vpmaddwd` by 1 widens them into the i32
+    /// accumulators: half the multiplies of widening every group (AVX2 has no 8-bit dot
+    /// product; `vpmaddubsw` and `vpmaddwd` share the multiply ports). Exact, so the same
+    /// integers as every other level: a pair sum is at most 2·15·128 = 3840 in magnitude
+    /// (u <= 15, |c| <= 128), and 8 of them at most 30720 < 2^15, so neither the
+    /// saturating pair sum nor the wrapping i16 add ever overflows.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn tile_avx2(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
-        let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         const HALF: usize = MR / 2;
         for half in 0..2 {
             for rows in [0..HALF, HALF..MR] {
                 let mut lo = [_mm256_setzero_si256(); HALF];
                 let mut hi = [_mm256_setzero_si256(); HALF];
-                for (ci, chunk) in w.chunks(I16_GROUPS * GROUP_BYTES).enumerate() {
+                for (ci, chunk) in w.chunks(I16_GROUPS * UNPACKED_GROUP_BYTES).enumerate() {
                     let mut lo16 = [_mm256_setzero_si256(); HALF];
                     let mut hi16 = [_mm256_setzero_si256(); HALF];
-                    for (gi, block) in chunk.chunks_exact(GROUP_BYTES).enumerate() {
+                    for (gi, block) in chunk.chunks_exact(UNPACKED_GROUP_BYTES).enumerate() {
                         let g = ci * I16_GROUPS + gi;
-                        let v = unsafe { _mm256_loadu_si256(block.as_ptr().add(32 * half).cast()) };
-                        let u0 = _mm256_and_si256(v, mask);
-                        let u1 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+                        let (u0, u1) = unsafe {
+                            let at = block.as_ptr().add(64 * half);
+                            (
+                                _mm256_loadu_si256(at.cast()),
+                                _mm256_loadu_si256(at.add(32).cast()),
+                            )
+                        };
                         for (j, i) in rows.clone().enumerate() {
                             let c = _mm256_set1_epi32(unsafe { lane(a, kp, i, g) });
                             lo16[j] = _mm256_add_epi16(lo16[j], _mm256_maddubs_epi16(u0, c));
@@ -1189,7 +1248,7 @@ mod tests {
                 .collect();
             let (mut want, mut got) = ([[0; NR]; MR], [[0; NR]; MR]);
             unsafe {
-                x86::tile_avx2(&a, kp, &w, &mut want);
+                x86::tile_avx2(&a, kp, &unpack_panel(&w), &mut want);
                 x86::tile_vnni256_evex(&a, kp, &w, &mut got);
             }
             assert_eq!(got, want, "{groups} groups");
@@ -1222,7 +1281,7 @@ mod tests {
                 let (mut want, mut got) = ([[0; NR]; MR], [[0; NR]; MR]);
                 unsafe {
                     x86::tile_avx2_widened(&a, kp, w, &mut want);
-                    x86::tile_avx2(&a, kp, w, &mut got);
+                    x86::tile_avx2(&a, kp, &unpack_panel(w), &mut got);
                 }
                 assert_eq!(got, want, "{groups} groups");
                 if Level::Avx512Bw.available() {
@@ -1235,6 +1294,7 @@ mod tests {
                 }
             }
             let mut got = [[0; NR]; MR];
+            let w_max = unpack_panel(&w_max);
             unsafe { x86::tile_avx2(&vec![-128i8; MR * kp], kp, &w_max, &mut got) };
             assert_eq!(got[0][0], -128 * 15 * kp as i32, "{groups} groups");
         }
