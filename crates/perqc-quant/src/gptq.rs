@@ -71,50 +71,54 @@ impl Default for GptqOptions {
 /// Rows of a tile of [`block_tile`]: one f64 vector of AVX-512 (two of AVX2).
 const TILE: usize = 8;
 
-/// Columns `i1..i2` (processing order) of the tile's rows `r0..r0 + rows` (`rows <= TILE`):
-/// quantize each column, record its scaled error `(w_i - q_i) / U_ii` in `err` (row-major
-/// `rows x (i2 - i1)`), and update the rest of the block, `w_j -= err_i * U_ij` for `i < j <
-/// i2`. The tile holds the block's columns column-major, `tile[(j - i1) * TILE + r]`, so each
-/// update is one vector across the rows; every row sees the same operations in the same
-/// order as alone (a product, then a difference: no fused multiply-add), so the tiling
-/// changes no bit. Lanes past `rows` stay zero.
-#[allow(clippy::too_many_arguments)] // the tile, its block and the shared state
-fn block_tile(
+/// What one call of [`block_tile`] reads: the weight's quantizer, the processing order, the
+/// factor `U` (row-major `n x n`, processing order) and which rows and columns it covers.
+#[derive(Clone, Copy)]
+struct BlockStep<'a> {
     grid: Grid,
-    params: &Params,
-    perm: &[usize],
-    u: &[f64],
-    span: (usize, usize, usize, usize),
-    tile: &mut [f64],
-    codes: &mut [i16],
-    err: &mut [f64],
-) {
+    params: &'a Params,
+    perm: &'a [usize],
+    u: &'a [f64],
+    /// First weight row of the tile (for its quantizer parameters).
+    r0: usize,
+    /// Rows in the tile, at most [`TILE`].
+    rows: usize,
+    /// The block's columns, `i1..i2` in processing order.
+    i1: usize,
+    i2: usize,
+}
+
+/// What one call of [`block_tile`] writes.
+struct TileOut<'a> {
+    /// The block's columns of the tile's rows, column-major: `tile[(j - i1) * TILE + r]`.
+    tile: &'a mut [f64],
+    /// The rows' codes, row-major `rows x n` (columns `i1..i2` written).
+    codes: &'a mut [i16],
+    /// The scaled errors, row-major `rows x (i2 - i1)`.
+    err: &'a mut [f64],
+}
+
+/// Columns `i1..i2` (processing order) of the tile's rows `r0..r0 + rows` (`rows <= TILE`):
+/// quantize each column, record its scaled error `(w_i - q_i) / U_ii` in `err`, and update
+/// the rest of the block, `w_j -= err_i * U_ij` for `i < j < i2`. The tile is column-major,
+/// so each update is one vector across the rows; every row sees the same operations in the
+/// same order as alone (a product, then a difference: no fused multiply-add), so the tiling
+/// changes no bit. Lanes past `rows` stay zero.
+fn block_tile(step: &BlockStep<'_>, out: TileOut<'_>) {
     #[cfg(target_arch = "x86_64")]
     {
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
         if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
             // Safety: the features were just detected.
-            return unsafe {
-                x86::block_tile_avx512(grid, params, perm, u, span, tile, codes, err)
-            };
+            return unsafe { x86::block_tile_avx512(step, out) };
         }
         if avx2 {
             // Safety: the features were just detected.
-            return unsafe { x86::block_tile_avx2(grid, params, perm, u, span, tile, codes, err) };
+            return unsafe { x86::block_tile_avx2(step, out) };
         }
     }
-    block_tile_with(
-        grid,
-        params,
-        perm,
-        u,
-        span,
-        tile,
-        codes,
-        err,
-        update_portable,
-    )
+    block_tile_with(step, out, update_portable)
 }
 
 /// The block update of [`block_tile_with`] in plain code (the portable level).
@@ -130,19 +134,22 @@ fn update_portable(rest: &mut [f64], u: &[f64], e: &[f64; TILE]) {
 /// u[j]` for every column `j` of `rest` (written per level: left to itself, the compiler
 /// vectorizes across columns with gathers and scatters).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn block_tile_with(
-    grid: Grid,
-    params: &Params,
-    perm: &[usize],
-    u: &[f64],
-    span: (usize, usize, usize, usize),
-    tile: &mut [f64],
-    codes: &mut [i16],
-    err: &mut [f64],
+    step: &BlockStep<'_>,
+    out: TileOut<'_>,
     update: impl Fn(&mut [f64], &[f64], &[f64; TILE]),
 ) {
-    let (r0, rows, i1, i2) = span;
+    let &BlockStep {
+        grid,
+        params,
+        perm,
+        u,
+        r0,
+        rows,
+        i1,
+        i2,
+    } = step;
+    let TileOut { tile, codes, err } = out;
     let (n, bc) = (codes.len() / rows.max(1), i2 - i1);
     for i in i1..i2 {
         let k = i - i1;
@@ -167,26 +174,16 @@ fn block_tile_with(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Grid, Params, TILE, block_tile_with};
+    use super::{BlockStep, TILE, TileOut, block_tile_with};
     use std::arch::x86_64::*;
 
     /// `block_tile` compiled for `$features`, with `$update` as its block update.
     macro_rules! level {
         ($name:ident, $features:literal, |$rest:ident, $u:ident, $e:ident| $update:block) => {
             #[target_feature(enable = $features)]
-            #[allow(clippy::too_many_arguments)]
-            pub(super) fn $name(
-                grid: Grid,
-                params: &Params,
-                perm: &[usize],
-                u: &[f64],
-                span: (usize, usize, usize, usize),
-                tile: &mut [f64],
-                codes: &mut [i16],
-                err: &mut [f64],
-            ) {
+            pub(super) fn $name(step: &BlockStep<'_>, out: TileOut<'_>) {
                 let update = |$rest: &mut [f64], $u: &[f64], $e: &[f64; TILE]| $update;
-                block_tile_with(grid, params, perm, u, span, tile, codes, err, update)
+                block_tile_with(step, out, update)
             }
         };
     }
@@ -423,15 +420,23 @@ pub fn gptq_with(
                             tile[k * TILE + r] = v;
                         }
                     }
-                    block_tile(
+                    let step = BlockStep {
                         grid,
-                        &params,
+                        params: &params,
                         perm,
                         u,
-                        (r0 + t0, rows, i1, i2),
-                        tile,
-                        &mut cp[t0 * n..(t0 + rows) * n],
-                        &mut err[t0 * bc..(t0 + rows) * bc],
+                        r0: r0 + t0,
+                        rows,
+                        i1,
+                        i2,
+                    };
+                    block_tile(
+                        &step,
+                        TileOut {
+                            tile,
+                            codes: &mut cp[t0 * n..(t0 + rows) * n],
+                            err: &mut err[t0 * bc..(t0 + rows) * bc],
+                        },
                     );
                 }
                 if i2 < n {
@@ -514,52 +519,46 @@ mod tests {
             }
             (tile, vec![0i16; rows * n], vec![0f64; rows * bc])
         };
-        let span = (0, rows, i1, i2);
-        let (mut tile, mut codes, mut err) = fresh();
-        block_tile_with(
+        let step = BlockStep {
             grid,
-            &params,
-            &perm,
-            &u,
-            span,
-            &mut tile,
-            &mut codes,
-            &mut err,
-            update_portable,
-        );
+            params: &params,
+            perm: &perm,
+            u: &u,
+            r0: 0,
+            rows,
+            i1,
+            i2,
+        };
+        fn out(b: &mut (Vec<f64>, Vec<i16>, Vec<f64>)) -> TileOut<'_> {
+            TileOut {
+                tile: &mut b.0,
+                codes: &mut b.1,
+                err: &mut b.2,
+            }
+        }
+        let mut portable = fresh();
+        block_tile_with(&step, out(&mut portable), update_portable);
+        let (tile, codes, err) = &portable;
         assert!(err.iter().any(|&e| e != 0.0));
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         #[cfg(target_arch = "x86_64")]
         {
-            type Level = fn(
-                Grid,
-                &Params,
-                &[usize],
-                &[f64],
-                (usize, usize, usize, usize),
-                &mut [f64],
-                &mut [i16],
-                &mut [f64],
-            );
+            type Level = fn(&BlockStep<'_>, TileOut<'_>);
             let mut levels: Vec<(&str, Level)> = Vec::new();
             let avx2 = std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma");
             if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
-                levels.push(("avx512", |g, p, pm, u, s, t, c, e| unsafe {
-                    x86::block_tile_avx512(g, p, pm, u, s, t, c, e)
-                }));
+                levels.push(("avx512", |s, o| unsafe { x86::block_tile_avx512(s, o) }));
             }
             if avx2 {
-                levels.push(("avx2", |g, p, pm, u, s, t, c, e| unsafe {
-                    x86::block_tile_avx2(g, p, pm, u, s, t, c, e)
-                }));
+                levels.push(("avx2", |s, o| unsafe { x86::block_tile_avx2(s, o) }));
             }
             for (name, level) in levels {
-                let (mut t2, mut c2, mut e2) = fresh();
-                level(grid, &params, &perm, &u, span, &mut t2, &mut c2, &mut e2);
-                assert_eq!(c2, codes, "{name}: codes");
-                assert_eq!(bits(&e2), bits(&err), "{name}: errors");
-                assert_eq!(bits(&t2), bits(&tile), "{name}: tile");
+                let mut got = fresh();
+                level(&step, out(&mut got));
+                assert_eq!(&got.1, codes, "{name}: codes");
+                assert_eq!(bits(&got.2), bits(err), "{name}: errors");
+                assert_eq!(bits(&got.0), bits(tile), "{name}: tile");
             }
         }
         // Each row alone (one lane) gives what it gives in the tile.
@@ -569,15 +568,18 @@ mod tests {
                 one[k * TILE] = f64::from(w[r * n + perm[i1 + k]]);
             }
             let (mut c1, mut e1) = (vec![0i16; n], vec![0f64; bc]);
+            let one_row = BlockStep {
+                r0: r,
+                rows: 1,
+                ..step
+            };
             block_tile(
-                grid,
-                &params,
-                &perm,
-                &u,
-                (r, 1, i1, i2),
-                &mut one,
-                &mut c1,
-                &mut e1,
+                &one_row,
+                TileOut {
+                    tile: &mut one,
+                    codes: &mut c1,
+                    err: &mut e1,
+                },
             );
             assert_eq!(c1[i1..i2], codes[r * n + i1..r * n + i2], "row {r}: codes");
             assert_eq!(
