@@ -38,8 +38,8 @@
 //! `colsum[b, n]`). `vpmaddubsw` adds two `u·c` products in i16 with saturation; they
 //! are at most 2·15·128 = 3840, so it never saturates here.
 //!
-//! **Packed weight layout** (fixed, the same for every level; AVX2 reads each panel
-//! unpacked, [`Level::operand`]): columns in panels of
+//! **Packed weight layout** (fixed, the same for every level; AVX2 may read a panel
+//! unpacked, [`Level::panel_weights`]): columns in panels of
 //! [`NR`] = 32, K padded with zeros (`u = 8`) to a multiple of [`KG`] = 4; per panel and
 //! group of 4 k, 64 bytes: byte `4·l + j` holds `u[k0 + j, c0 + l]` in its low nibble and
 //! `u[k0 + j, c0 + 16 + l]` in its high nibble (l in 0..16). A 64-byte load is then two
@@ -143,26 +143,48 @@ impl Level {
         }
     }
 
-    /// The weight operand the level's tile reads, made from one panel's packed groups
-    /// once per panel: the packed bytes themselves, or for AVX2 the nibbles unpacked to
-    /// bytes ([`unpack_panel`]). AVX2 has no 8-bit dot product, so its tile issues two
-    /// instructions per `vpmaddubsw`; unpacking in the tile as well (three more per group
-    /// and row half) left it at 65% of the instruction's rate. Unpacked once, the panel
-    /// is reused by every row block (m / MR of them) from a per-call buffer of
+    /// One panel's weights as the level's tile reads them for a product of `m` rows: the
+    /// packed bytes themselves, or for AVX2 with `m >= UNPACK_MIN_ROWS` the nibbles
+    /// unpacked to bytes ([`unpack_panel`]). AVX2 has no 8-bit dot product, so its tile
+    /// issues two instructions per `vpmaddubsw`; unpacking in the tile as well (three more
+    /// per group and row half) left it at 65% of the instruction's rate. Unpacked once,
+    /// the panel is reused by every row block (m / MR of them) from a per-call buffer of
     /// `2 · GROUP_BYTES` per group (48 KiB at K = 1536): the resident weights stay packed.
-    pub fn operand(self, packed: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-        match self {
-            Level::Avx2 => std::borrow::Cow::Owned(unpack_panel(packed)),
-            _ => std::borrow::Cow::Borrowed(packed),
+    /// With few rows the copy costs more than it saves (docs/runtime.md), so they read
+    /// the packed bytes.
+    pub fn panel_weights(self, packed: &[u8], m: usize) -> PanelWeights<'_> {
+        if self == Level::Avx2 && m >= UNPACK_MIN_ROWS {
+            PanelWeights {
+                bytes: std::borrow::Cow::Owned(unpack_panel(packed)),
+                unpacked: true,
+            }
+        } else {
+            PanelWeights {
+                bytes: std::borrow::Cow::Borrowed(packed),
+                unpacked: false,
+            }
         }
     }
+}
 
-    /// Bytes per group of K in [`Level::operand`].
-    pub fn operand_group_bytes(self) -> usize {
-        match self {
-            Level::Avx2 => UNPACKED_GROUP_BYTES,
-            _ => GROUP_BYTES,
-        }
+/// Rows from which the AVX2 level unpacks its panels ([`Level::panel_weights`]).
+pub const UNPACK_MIN_ROWS: usize = 64;
+
+/// One panel's weights, packed or unpacked ([`Level::panel_weights`]).
+pub struct PanelWeights<'a> {
+    bytes: std::borrow::Cow<'a, [u8]>,
+    unpacked: bool,
+}
+
+impl PanelWeights<'_> {
+    /// Groups `g0..g1` of the panel (4 k each).
+    fn groups(&self, g0: usize, g1: usize) -> &[u8] {
+        let per = if self.unpacked {
+            UNPACKED_GROUP_BYTES
+        } else {
+            GROUP_BYTES
+        };
+        &self.bytes[g0 * per..g1 * per]
     }
 }
 
@@ -435,7 +457,7 @@ unsafe fn panel(ops: &Operands<'_>, tail: &[i8], p: usize, out: SendPtr, level: 
     let groups = ops.k.div_ceil(KG);
     let kp = groups * KG;
     let packed = &ops.weights[p * groups * GROUP_BYTES..(p + 1) * groups * GROUP_BYTES];
-    let w = level.operand(packed);
+    let w = level.panel_weights(packed, ops.m);
     let c0 = p * NR;
     let cols = (ops.n - c0).min(NR);
     let mut col_sum = [0i32; NR];
@@ -450,7 +472,7 @@ unsafe fn panel(ops: &Operands<'_>, tail: &[i8], p: usize, out: SendPtr, level: 
         } else {
             tail
         };
-        unsafe { tile(level, a, kp, &w, &mut acc) };
+        unsafe { tile(level, a, kp, &w.bytes, w.unpacked, &mut acc) };
         for (i, acc_row) in acc.iter().enumerate().take((ops.m - r0).min(MR)) {
             let r = r0 + i;
             // Safety: row r < m, columns c0 .. c0 + cols < n.
@@ -475,17 +497,27 @@ crate::kernels::vmath::multiversion! {
 /// `acc[i][l] = Σ_k u[k, l] · c[i, k]` over the groups in `w` at `level` (overwrites acc).
 ///
 /// # Safety
-/// `level` available; `w` is the level's operand ([`Level::operand`]); `a` holds `MR` rows
-/// of stride `kp` covering `w`'s groups.
+/// `level` available; `w` holds packed groups, or with `unpacked` (AVX2 only) the
+/// [`unpack_panel`] layout; `a` holds `MR` rows of stride `kp` covering `w`'s groups.
 #[inline(always)]
-unsafe fn tile(level: Level, a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
+unsafe fn tile(
+    level: Level,
+    a: &[i8],
+    kp: usize,
+    w: &[u8],
+    unpacked: bool,
+    acc: &mut [[i32; NR]; MR],
+) {
+    debug_assert!(!unpacked || level == Level::Avx2);
     match level {
         Level::Scalar => {
             *acc = [[0; NR]; MR];
             tile_scalar(a, kp, w, acc)
         }
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { x86::tile_avx2(a, kp, w, acc) },
+        Level::Avx2 if unpacked => unsafe { x86::tile_avx2::<true>(a, kp, w, acc) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { x86::tile_avx2::<false>(a, kp, w, acc) },
         #[cfg(target_arch = "x86_64")]
         Level::AvxVnni => unsafe { x86::tile_avxvnni(a, kp, w, acc) },
         #[cfg(target_arch = "x86_64")]
@@ -515,8 +547,7 @@ unsafe fn grouped_panel(
     let per = ops.group / KG;
     let nb = scale_groups(ops.k, ops.group);
     let w = &ops.weights[p * groups * GROUP_BYTES..(p + 1) * groups * GROUP_BYTES];
-    let operand = level.operand(w);
-    let group_bytes = level.operand_group_bytes();
+    let panel_w = level.panel_weights(w, ops.m);
     let c0 = p * NR;
     let cols = (ops.n - c0).min(NR);
     // This panel's column sums and scales per group, padding columns 0.
@@ -553,22 +584,19 @@ unsafe fn grouped_panel(
         match level {
             #[cfg(target_arch = "x86_64")]
             Level::Avx512Vnni => unsafe {
-                x86::grouped_avx512vnni(
-                    a, kp, &operand, per, &rc, &zcorr, &col_sum, &col_scale, &mut f,
-                )
+                x86::grouped_avx512vnni(a, kp, w, per, &rc, &zcorr, &col_sum, &col_scale, &mut f)
             },
             #[cfg(target_arch = "x86_64")]
             Level::Avx512Bw => unsafe {
-                x86::grouped_avx512bw(
-                    a, kp, &operand, per, &rc, &zcorr, &col_sum, &col_scale, &mut f,
-                )
+                x86::grouped_avx512bw(a, kp, w, per, &rc, &zcorr, &col_sum, &col_scale, &mut f)
             },
             _ => {
                 let mut acc = [[0i32; NR]; MR];
                 for (b, rc) in rc.iter().enumerate() {
                     let (g0, g1) = (b * per, ((b + 1) * per).min(groups));
-                    let w = &operand[g0 * group_bytes..g1 * group_bytes];
-                    unsafe { tile(level, &a[g0 * KG..], kp, w, &mut acc) };
+                    let w = panel_w.groups(g0, g1);
+                    let unpacked = panel_w.unpacked;
+                    unsafe { tile(level, &a[g0 * KG..], kp, w, unpacked, &mut acc) };
                     add_group(&acc, rc, &zcorr, &col_sum[b], &col_scale[b], &mut f);
                 }
             }
@@ -855,33 +883,53 @@ mod x86 {
         _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     });
 
-    /// AVX2 tile on the unpacked operand ([`super::unpack_panel`]; the columns and row
-    /// halves of [`tile256`]): the i16 pair sums of `vpmaddubsw` are added in i16 over
-    /// [`I16_GROUPS`] groups before one `vpmaddwd` by 1 widens them into the i32
-    /// accumulators: half the multiplies of widening every group (AVX2 has no 8-bit dot
-    /// product; `vpmaddubsw` and `vpmaddwd` share the multiply ports). Exact, so the same
-    /// integers as every other level: a pair sum is at most 2·15·128 = 3840 in magnitude
-    /// (u <= 15, |c| <= 128), and 8 of them at most 30720 < 2^15, so neither the
+    /// AVX2 tile (the columns and row halves of [`tile256`]), on packed groups or, with
+    /// `UNPACKED`, on [`super::unpack_panel`]'s layout (two loads per group and row half
+    /// instead of a load and three operations). The i16 pair sums of `vpmaddubsw` are
+    /// added in i16 over [`I16_GROUPS`] groups before one `vpmaddwd` by 1 widens them into
+    /// the i32 accumulators: half the multiplies of widening every group (AVX2 has no
+    /// 8-bit dot product; `vpmaddubsw` and `vpmaddwd` share the multiply ports). Exact, so
+    /// the same integers as every other level: a pair sum is at most 2·15·128 = 3840 in
+    /// magnitude (u <= 15, |c| <= 128), and 8 of them at most 30720 < 2^15, so neither the
     /// saturating pair sum nor the wrapping i16 add ever overflows.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn tile_avx2(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
+    pub(super) unsafe fn tile_avx2<const UNPACKED: bool>(
+        a: &[i8],
+        kp: usize,
+        w: &[u8],
+        acc: &mut [[i32; NR]; MR],
+    ) {
+        let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
+        let group_bytes = if UNPACKED {
+            UNPACKED_GROUP_BYTES
+        } else {
+            GROUP_BYTES
+        };
         const HALF: usize = MR / 2;
         for half in 0..2 {
             for rows in [0..HALF, HALF..MR] {
                 let mut lo = [_mm256_setzero_si256(); HALF];
                 let mut hi = [_mm256_setzero_si256(); HALF];
-                for (ci, chunk) in w.chunks(I16_GROUPS * UNPACKED_GROUP_BYTES).enumerate() {
+                for (ci, chunk) in w.chunks(I16_GROUPS * group_bytes).enumerate() {
                     let mut lo16 = [_mm256_setzero_si256(); HALF];
                     let mut hi16 = [_mm256_setzero_si256(); HALF];
-                    for (gi, block) in chunk.chunks_exact(UNPACKED_GROUP_BYTES).enumerate() {
+                    for (gi, block) in chunk.chunks_exact(group_bytes).enumerate() {
                         let g = ci * I16_GROUPS + gi;
                         let (u0, u1) = unsafe {
-                            let at = block.as_ptr().add(64 * half);
-                            (
-                                _mm256_loadu_si256(at.cast()),
-                                _mm256_loadu_si256(at.add(32).cast()),
-                            )
+                            if UNPACKED {
+                                let at = block.as_ptr().add(64 * half);
+                                (
+                                    _mm256_loadu_si256(at.cast()),
+                                    _mm256_loadu_si256(at.add(32).cast()),
+                                )
+                            } else {
+                                let v = _mm256_loadu_si256(block.as_ptr().add(32 * half).cast());
+                                (
+                                    _mm256_and_si256(v, mask),
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
+                                )
+                            }
                         };
                         for (j, i) in rows.clone().enumerate() {
                             let c = _mm256_set1_epi32(unsafe { lane(a, kp, i, g) });
@@ -1248,7 +1296,7 @@ mod tests {
                 .collect();
             let (mut want, mut got) = ([[0; NR]; MR], [[0; NR]; MR]);
             unsafe {
-                x86::tile_avx2(&a, kp, &unpack_panel(&w), &mut want);
+                x86::tile_avx2::<false>(&a, kp, &w, &mut want);
                 x86::tile_vnni256_evex(&a, kp, &w, &mut got);
             }
             assert_eq!(got, want, "{groups} groups");
@@ -1281,9 +1329,12 @@ mod tests {
                 let (mut want, mut got) = ([[0; NR]; MR], [[0; NR]; MR]);
                 unsafe {
                     x86::tile_avx2_widened(&a, kp, w, &mut want);
-                    x86::tile_avx2(&a, kp, &unpack_panel(w), &mut got);
+                    x86::tile_avx2::<false>(&a, kp, w, &mut got);
                 }
                 assert_eq!(got, want, "{groups} groups");
+                let mut unpacked = [[0; NR]; MR];
+                unsafe { x86::tile_avx2::<true>(&a, kp, &unpack_panel(w), &mut unpacked) };
+                assert_eq!(unpacked, want, "unpacked, {groups} groups");
                 if Level::Avx512Bw.available() {
                     let (mut want, mut got) = ([[0; NR]; MR], [[0; NR]; MR]);
                     unsafe {
@@ -1294,8 +1345,7 @@ mod tests {
                 }
             }
             let mut got = [[0; NR]; MR];
-            let w_max = unpack_panel(&w_max);
-            unsafe { x86::tile_avx2(&vec![-128i8; MR * kp], kp, &w_max, &mut got) };
+            unsafe { x86::tile_avx2::<false>(&vec![-128i8; MR * kp], kp, &w_max, &mut got) };
             assert_eq!(got[0][0], -128 * 15 * kp as i32, "{groups} groups");
         }
     }
@@ -1312,7 +1362,10 @@ mod tests {
             (17, 64, 32),
             (8, 96, 70),
             (33, 200, 65),
+            // At least UNPACK_MIN_ROWS: AVX2 reads unpacked panels (fewer rows: packed).
+            (65, 72, 40),
         ];
+        assert!(shapes.iter().any(|s| s.0 >= UNPACK_MIN_ROWS));
         let quantizers = [
             TokenQuant {
                 bits: 4,
