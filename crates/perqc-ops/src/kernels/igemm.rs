@@ -152,7 +152,7 @@ impl Level {
     /// `2 · GROUP_BYTES` per group (48 KiB at K = 1536): the resident weights stay packed.
     /// With few rows the copy costs more than it saves (docs/runtime.md), so they read
     /// the packed bytes.
-    pub fn panel_weights(self, packed: &[u8], m: usize) -> PanelWeights<'_> {
+    fn panel_weights(self, packed: &[u8], m: usize) -> PanelWeights<'_> {
         if self == Level::Avx2 && m >= UNPACK_MIN_ROWS {
             PanelWeights {
                 bytes: std::borrow::Cow::Owned(unpack_panel(packed)),
@@ -171,7 +171,7 @@ impl Level {
 pub const UNPACK_MIN_ROWS: usize = 64;
 
 /// One panel's weights, packed or unpacked ([`Level::panel_weights`]).
-pub struct PanelWeights<'a> {
+struct PanelWeights<'a> {
     bytes: std::borrow::Cow<'a, [u8]>,
     unpacked: bool,
 }
@@ -189,14 +189,14 @@ impl PanelWeights<'_> {
 }
 
 /// Bytes per group of [`unpack_panel`]'s layout.
-pub const UNPACKED_GROUP_BYTES: usize = 2 * GROUP_BYTES;
+const UNPACKED_GROUP_BYTES: usize = 2 * GROUP_BYTES;
 
 /// A panel's groups with one weight per byte, laid out for 256-bit loads: per group,
 /// for each half h of the 64 packed bytes (bytes `32h .. 32h + 32`), their low nibbles
 /// then their high nibbles, 32 bytes each. Byte `b` of a half keeps its lane (`b / 4`) and
 /// its k (`b % 4`), so a 32-byte vector is one operand of the packed layout's nibble
 /// vectors: low nibbles are columns `8h + b / 4`, high nibbles `16 + 8h + b / 4`.
-pub fn unpack_panel(packed: &[u8]) -> Vec<u8> {
+fn unpack_panel(packed: &[u8]) -> Vec<u8> {
     debug_assert_eq!(packed.len() % GROUP_BYTES, 0);
     let mut out = vec![0u8; packed.len() * 2];
     for (src, dst) in packed
