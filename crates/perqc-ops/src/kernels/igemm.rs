@@ -38,8 +38,8 @@
 //! `colsum[b, n]`). `vpmaddubsw` adds two `u·c` products in i16 with saturation; they
 //! are at most 2·15·128 = 3840, so it never saturates here.
 //!
-//! **Packed weight layout** (fixed, the same for every level; AVX2 may read a panel
-//! unpacked, [`Level::panel_weights`]): columns in panels of
+//! **Packed weight layout** (fixed, the same for every level; AVX2 reads a panel of a
+//! product of many rows unpacked, see `Level::panel_weights`): columns in panels of
 //! [`NR`] = 32, K padded with zeros (`u = 8`) to a multiple of [`KG`] = 4; per panel and
 //! group of 4 k, 64 bytes: byte `4·l + j` holds `u[k0 + j, c0 + l]` in its low nibble and
 //! `u[k0 + j, c0 + 16 + l]` in its high nibble (l in 0..16). A 64-byte load is then two
@@ -168,7 +168,7 @@ impl Level {
 }
 
 /// Rows from which the AVX2 level unpacks its panels ([`Level::panel_weights`]).
-pub const UNPACK_MIN_ROWS: usize = 64;
+const UNPACK_MIN_ROWS: usize = 64;
 
 /// One panel's weights, packed or unpacked ([`Level::panel_weights`]).
 struct PanelWeights<'a> {
