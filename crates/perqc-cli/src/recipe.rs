@@ -87,6 +87,12 @@ pub struct RecipeArgs {
     /// otherwise.
     #[arg(long, value_name = "M", default_value_t = 144)]
     pub hadamard_core: usize,
+    /// Randomize R1's and R2's Hadamards as `H · diag(s)` with random signs `s` from this
+    /// seed (QuaRot's randomized Hadamard). Off by default: on SmolLM2 twelve seeds gave
+    /// RTN 1.07-2.6x the perplexity of the plain matrix, and GPTQ the same within its
+    /// spread (docs/quantization.md)
+    #[arg(long, value_name = "SEED")]
+    pub rotation_signs: Option<u64>,
     /// Run the original and the transformed model natively on calibration windows (or
     /// fixed ids without calibration data) and fail if the logits differ by more than
     /// --verify-tol relative (max abs error / max abs value).
@@ -414,13 +420,17 @@ impl RecipeArgs {
     /// block that does not split the width or the head gives the full rotation there, and
     /// so does `--block-size full`, `b` = `None`).
     fn rotations(&self, passes: &mut Vec<String>, b: Option<usize>) {
+        let core = self.hadamard_core;
+        let signs = self
+            .rotation_signs
+            .map(|s| format!(",signs={s}"))
+            .unwrap_or_default();
         match (self.rotation.as_str(), b) {
             ("none", _) => {}
             ("block", Some(b)) => passes.push(format!(
-                "rotate(residual=block,heads=block,block={b},core={})",
-                self.hadamard_core
+                "rotate(residual=block,heads=block,block={b},core={core}{signs})"
             )),
-            _ => passes.push(format!("rotate(residual=full,core={})", self.hadamard_core)),
+            _ => passes.push(format!("rotate(residual=full,core={core}{signs})")),
         }
     }
 
@@ -460,6 +470,9 @@ impl RecipeArgs {
             bail!(
                 "--rotation block permutes the residual stream from the float model's statistics: use --permute-stats float"
             );
+        }
+        if self.rotation == "none" && self.rotation_signs.is_some() {
+            bail!("--rotation-signs randomizes R1 and R2: it does nothing with --rotation none");
         }
         if self.cat.0.is_some() && layerwise {
             bail!(

@@ -97,6 +97,11 @@ fn calibrated_recipe_verifies_and_writes_a_model() {
             &["--rotation", "block", "--block-size", "8"][..],
             "rotate(residual=block,heads=block,block=8,core=144)",
         ),
+        // Randomized Hadamards stay exact.
+        (
+            &["--rotation-signs", "7"][..],
+            "rotate(residual=full,core=144,signs=7)",
+        ),
     ] {
         let mut args = vec![
             s(&fixture("llama_dynamo.onnx")),
@@ -427,6 +432,9 @@ fn recipe_errors_say_what_to_change() {
         assert!(ok == ok_want && err.contains(want), "{size}: {err}");
     }
     std::fs::remove_file(&out).unwrap();
+    let args = [&m, "-o", &s(&out), "--no-quantize", "--rotation", "none"];
+    let (ok, err) = perqc(&[&args[..], &["--rotation-signs", "1"]].concat());
+    assert!(!ok && err.contains("--rotation-signs randomizes"), "{err}");
     // The residual permutation of a block R1 reads the float model's statistics.
     let mut args = vec![m.clone(), "-o".into(), s(&out)];
     args.extend(calib_args(2, 32));
