@@ -114,18 +114,30 @@ fn weight_gram_blocks(graph: &Graph, region: &Region, k: usize) -> Result<Vec<Ve
     Ok(out)
 }
 
-/// `T = diag(H_b, ..) · diag(M_1, ..)` as blocks of `max(k, b)`.
-fn compose(m: &[Vec<f64>], k: usize, dim: usize, rotation: Rotation) -> Result<ChannelOp, String> {
+/// The Hadamard block that follows CAT's blocks of `k` on a width of `dim` (`k` itself
+/// without a rotation), if the shapes fit: `k` and the Hadamard's block divide the width
+/// and one another.
+fn hadamard_block(dim: usize, k: usize, rotation: Rotation) -> Result<usize, String> {
+    if k == 0 || !dim.is_multiple_of(k) {
+        return Err(format!("k = {k} does not divide the width {dim}"));
+    }
     let b = match rotation {
-        Rotation::None => k,
+        Rotation::None => return Ok(k),
         Rotation::Block(b) => b,
         Rotation::Full => dim,
     };
+    ChannelOp::hadamard(dim, b, None).map_err(|e| e.to_string())?;
     if !(b.is_multiple_of(k) || k.is_multiple_of(b)) {
         return Err(format!(
             "the Hadamard block {b} and the CAT block {k} must divide one another"
         ));
     }
+    Ok(b)
+}
+
+/// `T = diag(H_b, ..) · diag(M_1, ..)` as blocks of `max(k, b)`.
+fn compose(m: &[Vec<f64>], k: usize, dim: usize, rotation: Rotation) -> Result<ChannelOp, String> {
+    let b = hadamard_block(dim, k, rotation)?;
     let size = b.max(k);
     let per = size / k;
     let mut blocks = Vec::with_capacity(dim / size);
@@ -163,9 +175,7 @@ pub fn region_map(
     rotation: Rotation,
     damp: f64,
 ) -> Result<ChannelOp, String> {
-    if k == 0 || !region.dim.is_multiple_of(k) {
-        return Err(format!("k = {k} does not divide the width {}", region.dim));
-    }
+    hadamard_block(region.dim, k, rotation)?;
     let names = crate::permute::sink_activations(region);
     let [name] = names.as_slice() else {
         return Err(format!(
@@ -208,6 +218,18 @@ impl Pass for Cat {
 
     fn description(&self) -> &'static str {
         Self::DESCRIPTION
+    }
+
+    fn check(&self, model: &Model, ctx: &mut PassContext) -> Result<(), PassError> {
+        let regions = ctx.analysis::<Regions>(model)?;
+        for (i, region) in regions.regions.iter().enumerate() {
+            if region.kind == RegionKind::Mlp {
+                hadamard_block(region.dim, self.k, self.rotation).map_err(|e| {
+                    PassError::msg(format!("cat: region #{i} (mlp, d = {}): {e}", region.dim))
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {

@@ -41,6 +41,18 @@ impl OnlineHadamard {
         };
         Ok(Box::new(OnlineHadamard { block, signs }))
     }
+
+    /// That the block fits mlp region `i` (an error naming the region otherwise).
+    fn fits(&self, i: usize, region: &Region) -> Result<(), PassError> {
+        ChannelOp::hadamard(region.dim, self.block.unwrap_or(region.dim), self.signs)
+            .map(drop)
+            .map_err(|e| {
+                PassError::msg(format!(
+                    "online-hadamard: region #{i} (mlp, d = {}): {e}",
+                    region.dim
+                ))
+            })
+    }
 }
 
 /// Puts the block Hadamard of `block` channels (`None`: the whole width) in front of one
@@ -65,6 +77,16 @@ impl Pass for OnlineHadamard {
         Self::DESCRIPTION
     }
 
+    fn check(&self, model: &Model, ctx: &mut PassContext) -> Result<(), PassError> {
+        let regions = ctx.analysis::<Regions>(model)?;
+        for (i, region) in regions.regions.iter().enumerate() {
+            if region.kind == RegionKind::Mlp {
+                self.fits(i, region)?;
+            }
+        }
+        Ok(())
+    }
+
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
         if transform::already_applied(model, ctx, Self::NAME) {
             return Ok(PassOutcome::from_changed(false));
@@ -80,8 +102,7 @@ impl Pass for OnlineHadamard {
             }
             let what = format!("region #{i} (mlp, d = {})", region.dim);
             // A block that does not fit is an error; a region that refuses is a note.
-            ChannelOp::hadamard(region.dim, self.block.unwrap_or(region.dim), self.signs)
-                .map_err(|e| PassError::msg(format!("online-hadamard: {what}: {e}")))?;
+            self.fits(i, region)?;
             if !ctx.rewrite() {
                 break;
             }

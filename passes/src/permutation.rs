@@ -214,7 +214,7 @@ fn divisors(n: usize) -> Vec<usize> {
 }
 
 /// Checks that `block` splits `channels` into whole blocks.
-fn check_block(block: usize, channels: usize) -> Result<(), PermuteError> {
+pub(crate) fn check_block(block: usize, channels: usize) -> Result<(), PermuteError> {
     if block != 0 && channels.is_multiple_of(block) {
         return Ok(());
     }

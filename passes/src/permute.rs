@@ -25,7 +25,7 @@
 //! Counters: `regions-permuted`, `weights-rewritten`.
 
 use crate::calibration::Calibration;
-use crate::permutation::{PermuteMethod, permutation_from, permutation_from_profiles};
+use crate::permutation::{PermuteMethod, check_block, permutation_from, permutation_from_profiles};
 use crate::regions::{Region, RegionKind, Regions};
 use crate::transform::{self, ChannelOp, Placement};
 use perqc_ir::{Graph, Model, OptionError, Pass, PassContext, PassError, PassOptions, PassOutcome};
@@ -283,6 +283,33 @@ impl Permute {
     }
 
     /// The permutation of one region: per group (key/value head) if it has heads.
+    /// What `run` does with `region`: `Ok(true)` permutes it, `Ok(false)` passes over a
+    /// region of another kind (or one that takes online rotations only) in silence,
+    /// `Err(why)` skips it with a note.
+    fn selects(&self, region: &Region) -> Result<bool, String> {
+        if !self.kinds.contains(&region.kind) || region.online_only.is_some() {
+            return Ok(false);
+        }
+        if let Some(why) = region.why_not(crate::regions::TransformKind::Permutation) {
+            return Err(format!("no permutation: {why}"));
+        }
+        let b = self.block;
+        let splits = b < region.dim && region.dim.is_multiple_of(b);
+        if region.kind == RegionKind::Residual && self.method.uses_statistics() && !splits {
+            return Err(format!(
+                "no permutation: a block of {b} does not split it (its rotation is full)"
+            ));
+        }
+        Ok(true)
+    }
+
+    /// The channels one permutation covers (a head's within value/output regions, else the
+    /// region's) and the block within them.
+    fn group_and_block(&self, region: &Region) -> (usize, usize) {
+        let group = region.heads.map_or(region.dim, |h| h.head_dim);
+        (group, self.block.min(group))
+    }
+
     fn choose(&self, region: &Region, calib: Option<&Calibration>) -> Result<ChannelOp, String> {
         let calib = match self.method.uses_statistics() {
             true => Some(calib.ok_or(
@@ -295,8 +322,7 @@ impl Permute {
             Some(calib) => masses(region, calib)?,
             None => (vec![0.0; region.dim], vec![0.0; region.dim]),
         };
-        let group = region.heads.map_or(region.dim, |h| h.head_dim);
-        let block = self.block.min(group);
+        let (group, block) = self.group_and_block(region);
         let profiles = match self.method.uses_profiles() {
             true => Some(sink_profiles(
                 region,
@@ -398,6 +424,11 @@ impl Permute {
     }
 }
 
+/// How notes and errors name region `i`.
+fn describe(i: usize, region: &Region) -> String {
+    format!("region #{i} ({}, d = {})", region.kind.as_str(), region.dim)
+}
+
 impl Pass for Permute {
     fn name(&self) -> &'static str {
         Self::NAME
@@ -405,6 +436,19 @@ impl Pass for Permute {
 
     fn description(&self) -> &'static str {
         Self::DESCRIPTION
+    }
+
+    fn check(&self, model: &Model, ctx: &mut PassContext) -> Result<(), PassError> {
+        let regions = ctx.analysis::<Regions>(model)?;
+        for (i, region) in regions.regions.iter().enumerate() {
+            if self.selects(region) == Ok(true) {
+                let (group, block) = self.group_and_block(region);
+                check_block(block, group).map_err(|e| {
+                    PassError::msg(format!("permute: {}: {e}", describe(i, region)))
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
@@ -424,22 +468,14 @@ impl Pass for Permute {
         // choice can take a while per region), then the folds, in region order.
         let mut chosen: Vec<(String, &Region)> = Vec::new();
         for (i, region) in regions.regions.iter().enumerate() {
-            // Online-only regions (packed attention heads) take online rotations only.
-            if !self.kinds.contains(&region.kind) || region.online_only.is_some() {
-                continue;
-            }
-            let what = format!("region #{i} ({}, d = {})", region.kind.as_str(), region.dim);
-            if let Some(why) = region.why_not(crate::regions::TransformKind::Permutation) {
-                ctx.note(format!("{what}: no permutation: {why}"));
-                continue;
-            }
-            let b = self.block;
-            let splits = b < region.dim && region.dim.is_multiple_of(b);
-            if region.kind == RegionKind::Residual && self.method.uses_statistics() && !splits {
-                ctx.note(format!(
-                    "{what}: no permutation: a block of {b} does not split it (its rotation is full)"
-                ));
-                continue;
+            let what = describe(i, region);
+            match self.selects(region) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(why) => {
+                    ctx.note(format!("{what}: {why}"));
+                    continue;
+                }
             }
             if !ctx.rewrite() {
                 break;

@@ -242,6 +242,18 @@ fn compile(args: CompileArgs) -> Result<()> {
     let mut pipeline = registry
         .build(&passes)
         .map_err(|e| anyhow::anyhow!("--passes: {e}"))?;
+    // The CAT stage, run on its own calibration after the pipeline.
+    let cat_stage = match recipe
+        .then(|| args.recipe.cat_pipeline(quant_config.as_ref()))
+        .flatten()
+    {
+        Some(stage) => Some(
+            registry
+                .build(&stage)
+                .map_err(|e| anyhow::anyhow!("--cat: {e}"))?,
+        ),
+        None => None,
+    };
 
     let t = Instant::now();
     let loaded = perqc_onnx::load(&input)?;
@@ -288,6 +300,13 @@ fn compile(args: CompileArgs) -> Result<()> {
         if let Some(c) = &quant_config {
             c.select(&model)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+        }
+        // So is what the passes cannot do on this model (a block that does not divide a
+        // width).
+        for stage in std::iter::once(&pipeline).chain(&cat_stage) {
+            stage
+                .check(&model)
+                .with_context(|| input.display().to_string())?;
         }
         let t = Instant::now();
         // The calibration session copies the weights; their mapped pages go back as it does.
@@ -346,13 +365,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     // and tie-head after quantization.
     let mut late: Vec<(&str, perqc_ir::Report)> = Vec::new();
     // CAT: its statistics are of the inputs as the first stage left them.
-    if let Some(stage) = recipe
-        .then(|| args.recipe.cat_pipeline(quant_config.as_ref()))
-        .flatten()
-    {
-        let mut cat = registry
-            .build(&stage)
-            .map_err(|e| anyhow::anyhow!("--cat: {e}"))?;
+    if let Some(mut cat) = cat_stage {
         drop(manager);
         perqc_runtime::trim_allocator();
         perqc_runtime::tune_allocator();

@@ -803,6 +803,40 @@ fn quantization_errors_come_first() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert!(!out.exists(), "{args:?}: no output on failure");
     }
+    // Blocks that do not fit the model's widths fail before the calibration, from the
+    // passes' checks (`Pass::check`), not when the pass would run.
+    let calib = calib_args(2, 32);
+    for (args, want) in [
+        (
+            &["--block-size", "7"][..],
+            "pass `permute` (#1) cannot run on this model: permute: region #3 (mlp, d = 192): block size 7 does not divide 192 channels",
+        ),
+        (
+            &["--block-size", "7", "--permute", "identity"][..],
+            "pass `online-hadamard` (#4) cannot run on this model: online-hadamard: region #3 (mlp, d = 192): a block of 7 does not divide 192 channels",
+        ),
+        (
+            &["--block-size", "7", "--rounding", "rtn", "--clip", "none"][..],
+            "block size 7 does not divide 192",
+        ),
+        (
+            &["--cat", "block(k=7)"][..],
+            "pass `cat` (#1) cannot run on this model: cat: region #3 (mlp, d = 192): k = 7 does not divide the width 192",
+        ),
+        (
+            &["--cat", "block(k=64)", "--block-size", "12"][..],
+            "the Hadamard block 12 and the CAT block 64 must divide one another",
+        ),
+    ] {
+        let mut all = vec![m.as_str(), "-o", out.to_str().unwrap()];
+        all.extend(calib.iter().map(String::as_str));
+        all.extend_from_slice(args);
+        let (ok, err) = perqc(&all);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?}: no output on failure");
+    }
 }
 
 /// Where R1 cannot apply (the Gemma-like decoder's post-norms), the recipe folds none of the

@@ -117,6 +117,16 @@ pub trait Pass {
         &[]
     }
 
+    /// Checks the pass's options against `model` as the pipeline receives it, before any
+    /// pass runs and before the caller's own work (calibration): what cannot work on this
+    /// model is an error here rather than minutes later. Read-only, so it may reject only
+    /// what no earlier pass changes (a region's width, not its weights). Default: nothing
+    /// to check.
+    fn check(&self, model: &Model, ctx: &mut PassContext) -> Result<(), PassError> {
+        let _ = (model, ctx);
+        Ok(())
+    }
+
     /// Runs the pass. On error the model is left as the pass left it; the manager stops.
     fn run(&mut self, model: &mut Model, ctx: &mut PassContext) -> Result<PassOutcome, PassError>;
 }

@@ -33,6 +33,13 @@ pub enum RunError {
         index: usize,
         source: PassError,
     },
+    /// [`Pipeline::check`]: the pass's options do not fit the model; nothing ran.
+    #[error("pass `{pass}` (#{index}) cannot run on this model: {source}")]
+    Check {
+        pass: String,
+        index: usize,
+        source: PassError,
+    },
     #[error("pass `{pass}` (#{index}) broke an IR invariant: {source}")]
     Verify {
         pass: String,

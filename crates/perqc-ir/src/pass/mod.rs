@@ -242,6 +242,27 @@ mod tests {
         }
     }
 
+    /// Runs only on models of at most `max` nodes, which its check says.
+    struct Fits(usize);
+    impl Pass for Fits {
+        fn name(&self) -> &'static str {
+            "fits"
+        }
+        fn description(&self) -> &'static str {
+            "checks the model's size"
+        }
+        fn check(&self, m: &Model, _: &mut PassContext) -> Result<(), PassError> {
+            let n = m.graph.node_count();
+            if n > self.0 {
+                return Err(PassError::msg(format!("{n} nodes, more than {}", self.0)));
+            }
+            Ok(())
+        }
+        fn run(&mut self, _: &mut Model, _: &mut PassContext) -> Result<PassOutcome, PassError> {
+            Ok(PassOutcome::unchanged())
+        }
+    }
+
     fn registry() -> PassRegistry {
         let mut r = PassRegistry::new();
         r.register("noop", "does nothing", noop_factory)
@@ -279,6 +300,10 @@ mod tests {
             .register("ask", "reads an analysis and a resource", |o| {
                 o.allow_only(&[])?;
                 Ok(Box::new(Ask))
+            })
+            .register("fits", "checks the model's size", |o| {
+                o.allow_only(&["max"])?;
+                Ok(Box::new(Fits(o.parse_or("max", "a node count", 0)?)))
             });
         r
     }
@@ -295,7 +320,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "pipeline `zzzzzz`, column 1: unknown pass `zzzzzz`; known passes: noop, corrupt, \
-             make-fact, use-fact, break-fact, ask"
+             make-fact, use-fact, break-fact, ask, fits"
         );
     }
 
@@ -400,6 +425,30 @@ mod tests {
             .run(&mut m, &mut p, &mut opts)
             .unwrap_err();
         assert!(matches!(e, RunError::InvalidInput(_)), "{e}");
+    }
+
+    #[test]
+    fn checks_name_the_step_before_anything_runs() {
+        let r = registry();
+        let m = model();
+        let n = m.graph.node_count();
+        r.build(&format!("noop,fits(max={n})"))
+            .unwrap()
+            .check(&m)
+            .unwrap();
+        let e = r
+            .build(&format!("corrupt,fits(max={})", n - 1))
+            .unwrap()
+            .check(&m)
+            .unwrap_err();
+        assert!(matches!(e, RunError::Check { index: 2, .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "pass `fits` (#2) cannot run on this model: {n} nodes, more than {}",
+                n - 1
+            )
+        );
     }
 
     #[test]

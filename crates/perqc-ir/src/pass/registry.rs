@@ -234,6 +234,22 @@ impl Pipeline {
         self.steps.iter().map(|s| &s.spec)
     }
 
+    /// Runs every step's [`Pass::check`] on `model` (the input of the pipeline); the error
+    /// names the step.
+    pub fn check(&self, model: &crate::Model) -> Result<(), RunError> {
+        let mut ctx = PassContext::new(None);
+        for (i, step) in self.steps.iter().enumerate() {
+            step.pass
+                .check(model, &mut ctx)
+                .map_err(|source| RunError::Check {
+                    pass: step.pass.name().to_string(),
+                    index: i + 1,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Checks that each pass's required properties hold when it runs, given `initial`.
     pub fn check_properties(self, initial: &[Property]) -> Result<Pipeline, PipelineError> {
         // Property -> who established it (None: held initially).
