@@ -104,6 +104,11 @@ fn run_sqnr(args: InspectArgs) -> Result<()> {
     config
         .select(&model)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for stage in stages.iter().chain(&cat_stage) {
+        stage
+            .check(&model)
+            .with_context(|| path.display().to_string())?;
+    }
     let mut table = sqnr::Table::new(sqnr::probe(&config));
     let measure = |table: &mut sqnr::Table, label: &str, model: &perqc_ir::Model| {
         table

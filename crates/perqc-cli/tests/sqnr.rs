@@ -199,4 +199,17 @@ fn errors_name_what_is_missing() {
     assert!(!ok && err.contains("apply to the compile command"), "{err}");
     let (ok, _, err) = perqc(&["inspect", &m, "--sqnr", "--regions"]);
     assert!(!ok && err.contains("cannot be used with"), "{err}");
+    // A block that does not fit: before any measurement, one line.
+    let mut args = vec!["inspect".to_string(), m, "--sqnr".into()];
+    args.extend(calib());
+    args.extend(["--block-size".into(), "7".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = perqc(&args);
+    assert!(
+        !ok && err.trim().lines().count() == 1
+            && err.contains("cannot run on this model")
+            && err.contains("block size 7 does not divide 192"),
+        "{err}"
+    );
+    assert!(out.is_empty(), "{out}");
 }
