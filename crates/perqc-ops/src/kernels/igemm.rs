@@ -38,8 +38,8 @@
 //! `colsum[b, n]`). `vpmaddubsw` adds two `u·c` products in i16 with saturation; they
 //! are at most 2·15·128 = 3840, so it never saturates here.
 //!
-//! **Packed weight layout** (fixed, the same for every level; AVX2 reads a panel of a
-//! product of many rows unpacked, see `Level::panel_weights`): columns in panels of
+//! **Packed weight layout** (fixed, the same for every level; AVX2 and AVX-VNNI read a
+//! panel of a product of many rows unpacked, see `Level::panel_weights`): columns in panels of
 //! [`NR`] = 32, K padded with zeros (`u = 8`) to a multiple of [`KG`] = 4; per panel and
 //! group of 4 k, 64 bytes: byte `4·l + j` holds `u[k0 + j, c0 + l]` in its low nibble and
 //! `u[k0 + j, c0 + 16 + l]` in its high nibble (l in 0..16). A 64-byte load is then two
@@ -144,16 +144,18 @@ impl Level {
     }
 
     /// One panel's weights as the level's tile reads them for a product of `m` rows: the
-    /// packed bytes themselves, or for AVX2 with `m >= UNPACK_MIN_ROWS` the nibbles
-    /// unpacked to bytes ([`unpack_panel`]). AVX2 has no 8-bit dot product, so its tile
-    /// issues two instructions per `vpmaddubsw`; unpacking in the tile as well (three more
-    /// per group and row half) left it at 65% of the instruction's rate. Unpacked once,
-    /// the panel is reused by every row block (m / MR of them) from a per-call buffer of
+    /// packed bytes themselves, or for the 256-bit levels with `m >= UNPACK_MIN_ROWS` the
+    /// nibbles unpacked to bytes ([`unpack_panel`]). AVX2 has no 8-bit dot product, so its
+    /// tile issues two instructions per `vpmaddubsw`; unpacking in the tile as well (three
+    /// more per group and row half) left it at 65% of the instruction's rate. AVX-VNNI
+    /// needs the registers the unpacking takes: on unpacked weights its tile keeps twelve
+    /// accumulators in flight instead of eight (`tile256_unpacked`). Unpacked once, the
+    /// panel is reused by every row block (m / MR of them) from a per-call buffer of
     /// `2 · GROUP_BYTES` per group (48 KiB at K = 1536): the resident weights stay packed.
     /// With few rows the copy costs more than it saves (docs/runtime.md), so they read
-    /// the packed bytes.
+    /// the packed bytes. The AVX-512 levels gain nothing from it (docs/runtime.md).
     fn panel_weights(self, packed: &[u8], m: usize) -> PanelWeights<'_> {
-        if self == Level::Avx2 && m >= UNPACK_MIN_ROWS {
+        if matches!(self, Level::Avx2 | Level::AvxVnni) && m >= UNPACK_MIN_ROWS {
             PanelWeights {
                 bytes: std::borrow::Cow::Owned(unpack_panel(packed)),
                 unpacked: true,
@@ -167,7 +169,7 @@ impl Level {
     }
 }
 
-/// Rows from which the AVX2 level unpacks its panels ([`Level::panel_weights`]).
+/// Rows from which the 256-bit levels unpack their panels ([`Level::panel_weights`]).
 const UNPACK_MIN_ROWS: usize = 64;
 
 /// One panel's weights, packed or unpacked ([`Level::panel_weights`]).
@@ -497,7 +499,7 @@ crate::kernels::vmath::multiversion! {
 /// `acc[i][l] = Σ_k u[k, l] · c[i, k]` over the groups in `w` at `level` (overwrites acc).
 ///
 /// # Safety
-/// `level` available; `w` holds packed groups, or with `unpacked` (AVX2 only) the
+/// `level` available; `w` holds packed groups, or with `unpacked` (AVX2, AVX-VNNI) the
 /// [`unpack_panel`] layout; `a` holds `MR` rows of stride `kp` covering `w`'s groups.
 #[inline(always)]
 unsafe fn tile(
@@ -508,7 +510,7 @@ unsafe fn tile(
     unpacked: bool,
     acc: &mut [[i32; NR]; MR],
 ) {
-    debug_assert!(!unpacked || level == Level::Avx2);
+    debug_assert!(!unpacked || matches!(level, Level::Avx2 | Level::AvxVnni));
     match level {
         Level::Scalar => {
             *acc = [[0; NR]; MR];
@@ -518,6 +520,8 @@ unsafe fn tile(
         Level::Avx2 if unpacked => unsafe { x86::tile_avx2::<true>(a, kp, w, acc) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { x86::tile_avx2::<false>(a, kp, w, acc) },
+        #[cfg(target_arch = "x86_64")]
+        Level::AvxVnni if unpacked => unsafe { x86::tile_avxvnni_unpacked(a, kp, w, acc) },
         #[cfg(target_arch = "x86_64")]
         Level::AvxVnni => unsafe { x86::tile_avxvnni(a, kp, w, acc) },
         #[cfg(target_arch = "x86_64")]
@@ -867,6 +871,79 @@ mod x86 {
     tile256!(tile_avxvnni, "avx2,avxvnni", |acc, u, c| {
         _mm256_dpbusd_avx_epi32(acc, u, c)
     });
+
+    /// 256-bit tile on [`super::unpack_panel`]'s layout for a one-instruction dot product.
+    /// `vpdpbusd` has a latency of about five cycles and two issue ports, so ten
+    /// accumulators are in flight at its rate; [`tile256`]'s eight (four rows, two vectors)
+    /// leave it latency-bound. With the weights unpacked no mask or packed vector takes a
+    /// register, so rows 0..6 run with twelve accumulators per column half, and rows 6..8
+    /// with eight over both halves (four weight vectors).
+    macro_rules! tile256_unpacked {
+        ($name:ident, $features:literal, $dot:expr) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(a: &[i8], kp: usize, w: &[u8], acc: &mut [[i32; NR]; MR]) {
+                let dot = $dot;
+                const WIDE: usize = 6;
+                for half in 0..2 {
+                    let mut lo = [_mm256_setzero_si256(); WIDE];
+                    let mut hi = [_mm256_setzero_si256(); WIDE];
+                    for (g, block) in w.chunks_exact(UNPACKED_GROUP_BYTES).enumerate() {
+                        let (u0, u1) = unsafe {
+                            let at = block.as_ptr().add(64 * half);
+                            (
+                                _mm256_loadu_si256(at.cast()),
+                                _mm256_loadu_si256(at.add(32).cast()),
+                            )
+                        };
+                        for i in 0..WIDE {
+                            let c = _mm256_set1_epi32(unsafe { lane(a, kp, i, g) });
+                            lo[i] = dot(lo[i], u0, c);
+                            hi[i] = dot(hi[i], u1, c);
+                        }
+                    }
+                    for i in 0..WIDE {
+                        unsafe {
+                            let base = acc[i].as_mut_ptr().add(8 * half);
+                            _mm256_storeu_si256(base.cast(), lo[i]);
+                            _mm256_storeu_si256(base.add(16).cast(), hi[i]);
+                        }
+                    }
+                }
+                // Rows 6..8: [lo half 0, hi half 0, lo half 1, hi half 1] per row.
+                let mut v = [[_mm256_setzero_si256(); 4]; MR - WIDE];
+                for (g, block) in w.chunks_exact(UNPACKED_GROUP_BYTES).enumerate() {
+                    let u: [__m256i; 4] = std::array::from_fn(|q| unsafe {
+                        _mm256_loadu_si256(block.as_ptr().add(32 * q).cast())
+                    });
+                    for (j, row) in v.iter_mut().enumerate() {
+                        let c = _mm256_set1_epi32(unsafe { lane(a, kp, WIDE + j, g) });
+                        for q in 0..4 {
+                            row[q] = dot(row[q], u[q], c);
+                        }
+                    }
+                }
+                for (j, row) in v.iter().enumerate() {
+                    for (q, &r) in row.iter().enumerate() {
+                        // Vector q holds columns 8·(q / 2) + 16·(q % 2) onwards.
+                        unsafe {
+                            let base = acc[WIDE + j].as_mut_ptr().add(8 * (q / 2) + 16 * (q % 2));
+                            _mm256_storeu_si256(base.cast(), r);
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    tile256_unpacked!(tile_avxvnni_unpacked, "avx2,avxvnni", |acc, u, c| {
+        _mm256_dpbusd_avx_epi32(acc, u, c)
+    });
+    #[cfg(test)]
+    tile256_unpacked!(
+        tile_vnni256_evex_unpacked,
+        "avx2,avx512vnni,avx512vl",
+        |acc, u, c| { _mm256_dpbusd_epi32(acc, u, c) }
+    );
     // The same 256-bit `vpdpbusd` in its EVEX encoding, for testing the tile above on
     // CPUs that have AVX-512 VNNI but not AVX-VNNI (AMD Zen 4, Xeons before Sapphire Rapids).
     #[cfg(test)]
@@ -1276,9 +1353,10 @@ mod tests {
         }
     }
 
-    /// The 256-bit `vpdpbusd` tile equals the AVX2 tile, checked through the instruction's
-    /// EVEX twin where the CPU lacks AVX-VNNI itself (`every_level_matches_the_reference`
-    /// covers the VEX one where it has it).
+    /// The 256-bit `vpdpbusd` tiles, on packed and on unpacked panels, equal the AVX2
+    /// tile, checked through the instruction's EVEX twin where the CPU lacks AVX-VNNI
+    /// itself, and in its VEX form where it has it (`every_level_matches_the_reference`
+    /// covers the VEX tiles inside the product too).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vnni256_tile_equals_avx2_tile() {
@@ -1294,6 +1372,7 @@ mod tests {
             let w: Vec<u8> = (0..groups * GROUP_BYTES)
                 .map(|_| lcg(&mut st) as u8)
                 .collect();
+            let unpacked = unpack_panel(&w);
             let (mut want, mut got) = ([[0; NR]; MR], [[0; NR]; MR]);
             unsafe {
                 x86::tile_avx2::<false>(&a, kp, &w, &mut want);
@@ -1301,6 +1380,14 @@ mod tests {
             }
             assert_eq!(got, want, "{groups} groups");
             assert!(want.iter().flatten().any(|&v| v != 0));
+            let mut got = [[0; NR]; MR];
+            unsafe { x86::tile_vnni256_evex_unpacked(&a, kp, &unpacked, &mut got) };
+            assert_eq!(got, want, "unpacked, {groups} groups");
+            if Level::AvxVnni.available() {
+                let mut got = [[0; NR]; MR];
+                unsafe { x86::tile_avxvnni_unpacked(&a, kp, &unpacked, &mut got) };
+                assert_eq!(got, want, "AVX-VNNI unpacked, {groups} groups");
+            }
         }
     }
 
@@ -1362,7 +1449,8 @@ mod tests {
             (17, 64, 32),
             (8, 96, 70),
             (33, 200, 65),
-            // At least UNPACK_MIN_ROWS: AVX2 reads unpacked panels (fewer rows: packed).
+            // At least UNPACK_MIN_ROWS: AVX2 and AVX-VNNI read unpacked panels (fewer rows:
+            // packed).
             (65, 72, 40),
         ];
         assert!(shapes.iter().any(|s| s.0 >= UNPACK_MIN_ROWS));
