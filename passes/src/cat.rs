@@ -126,7 +126,7 @@ fn hadamard_block(dim: usize, k: usize, rotation: Rotation) -> Result<usize, Str
         Rotation::Block(b) => b,
         Rotation::Full => dim,
     };
-    ChannelOp::hadamard(dim, b, None).map_err(|e| e.to_string())?;
+    ChannelOp::hadamard_fits(dim, b)?;
     if !(b.is_multiple_of(k) || k.is_multiple_of(b)) {
         return Err(format!(
             "the Hadamard block {b} and the CAT block {k} must divide one another"

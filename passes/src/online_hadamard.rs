@@ -44,14 +44,12 @@ impl OnlineHadamard {
 
     /// That the block fits mlp region `i` (an error naming the region otherwise).
     fn fits(&self, i: usize, region: &Region) -> Result<(), PassError> {
-        ChannelOp::hadamard(region.dim, self.block.unwrap_or(region.dim), self.signs)
-            .map(drop)
-            .map_err(|e| {
-                PassError::msg(format!(
-                    "online-hadamard: region #{i} (mlp, d = {}): {e}",
-                    region.dim
-                ))
-            })
+        ChannelOp::hadamard_fits(region.dim, self.block.unwrap_or(region.dim)).map_err(|e| {
+            PassError::msg(format!(
+                "online-hadamard: region #{i} (mlp, d = {}): {e}",
+                region.dim
+            ))
+        })
     }
 }
 

@@ -155,6 +155,16 @@ impl ChannelOp {
         ChannelOp::hadamard_with_core(dim, block, None, signs)
     }
 
+    /// Whether [`ChannelOp::hadamard`] builds `dim / block` blocks of `block`, without
+    /// building them (an order of thousands is a matrix of millions of entries); its error
+    /// where not.
+    pub fn hadamard_fits(dim: usize, block: usize) -> Result<(), String> {
+        if block > 0 && dim.is_multiple_of(block) && perqc_ops::hadamard::constructible(block) {
+            return Ok(());
+        }
+        ChannelOp::hadamard(dim, block, None).map(drop)
+    }
+
     /// [`ChannelOp::hadamard`] with the block's Hadamard matrix built from core order
     /// `core` (`perqc_ops::hadamard::hadamard_with_core`); `None`: the default construction.
     pub fn hadamard_with_core(
@@ -1276,6 +1286,21 @@ mod tests {
     /// Hadamard times the signs, for pure Sylvester, pure core and mixed orders; `apply`
     /// equals the f64 product rounded once to f32 (within one f32 ulp of it) on both panel
     /// layouts, with partial panels.
+    /// The cheap check agrees with building the map, error message included.
+    #[test]
+    fn hadamard_fits_as_hadamard_builds() {
+        for dim in [1, 6, 12, 64, 96, 192, 576, 1536] {
+            for block in [0, 1, 2, 3, 4, 7, 8, 12, 20, 32, 64, 96, 128, 576, 1536] {
+                let built = ChannelOp::hadamard(dim, block, None).map(drop);
+                assert_eq!(
+                    ChannelOp::hadamard_fits(dim, block),
+                    built,
+                    "{dim} / {block}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn hadamard_apply_is_the_rounded_dense_product() {
         for (order, want_s) in [(1, 1), (2, 2), (12, 1), (24, 2), (64, 64), (576, 16)] {
