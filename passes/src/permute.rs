@@ -282,7 +282,6 @@ impl Permute {
         self.method
     }
 
-    /// The permutation of one region: per group (key/value head) if it has heads.
     /// What `run` does with `region`: `Ok(true)` permutes it, `Ok(false)` passes over a
     /// region of another kind (or one that takes online rotations only) in silence,
     /// `Err(why)` skips it with a note.
@@ -310,6 +309,7 @@ impl Permute {
         (group, self.block.min(group))
     }
 
+    /// The permutation of one region: per group (key/value head) if it has heads.
     fn choose(&self, region: &Region, calib: Option<&Calibration>) -> Result<ChannelOp, String> {
         let calib = match self.method.uses_statistics() {
             true => Some(calib.ok_or(
