@@ -73,7 +73,21 @@ impl Rotate {
         let signs = transform::seed_option(opts, "signs")?;
         let core = match opts.get("core") {
             None => None,
-            Some(_) => Some(opts.parse_or("core", "a Hadamard core order", 0usize)?),
+            Some(v) => {
+                let m = opts.parse_or("core", "a Hadamard core order", 0usize)?;
+                // No width has a core of an order with no Hadamard matrix.
+                if !perqc_ops::hadamard::constructible(m) {
+                    return Err(OptionError::Invalid {
+                        pass: Self::NAME.into(),
+                        option: "core".into(),
+                        value: v.into(),
+                        expected:
+                            "the order of a Hadamard matrix perqc builds (1, 2 or a multiple of 4)"
+                                .into(),
+                    });
+                }
+                Some(m)
+            }
         };
         Ok(Box::new(Rotate {
             residual,

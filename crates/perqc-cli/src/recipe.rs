@@ -83,8 +83,9 @@ pub struct RecipeArgs {
     pub rotation: String,
     /// Core order of the residual rotation's Hadamard matrix (`H_M ⊗ Sylvester(d / M)`;
     /// for d = 576: 36, 72, 144, 288 or 576). Default 144 (= 12 ⊗ 12), the best of the five
-    /// on SmolLM2 (docs/results.md), where the width has it; the library's construction
-    /// otherwise.
+    /// on SmolLM2 with RTN (docs/results.md; with GPTQ the five are within 4%), where the
+    /// width has it; the library's construction otherwise (with a note where the width has
+    /// other cores). An order with no Hadamard matrix at all is an error.
     #[arg(long, value_name = "M", default_value_t = 144)]
     pub hadamard_core: usize,
     /// Randomize R1's and R2's Hadamards as `H · diag(s)` with random signs `s` from this
@@ -469,6 +470,12 @@ impl RecipeArgs {
         if self.rotation == "block" && layerwise && self.permutes() {
             bail!(
                 "--rotation block permutes the residual stream from the float model's statistics: use --permute-stats float"
+            );
+        }
+        if !perqc_ops::hadamard::constructible(self.hadamard_core) {
+            bail!(
+                "--hadamard-core {}: no Hadamard matrix of that order (orders are 1, 2 and multiples of 4; 576 has cores 36, 72, 144, 288 and 576)",
+                self.hadamard_core
             );
         }
         if self.rotation == "none" && self.rotation_signs.is_some() {

@@ -435,6 +435,20 @@ fn recipe_errors_say_what_to_change() {
     let args = [&m, "-o", &s(&out), "--no-quantize", "--rotation", "none"];
     let (ok, err) = perqc(&[&args[..], &["--rotation-signs", "1"]].concat());
     assert!(!ok && err.contains("--rotation-signs randomizes"), "{err}");
+    // A core no width has is an error; one this width lacks falls back (the default 144
+    // on the fixture's 64 channels).
+    let args = [&m, "-o", &s(&out), "--no-quantize", "--hadamard-core", "6"];
+    let (ok, err) = perqc(&args);
+    assert!(
+        !ok && err.contains("--hadamard-core 6: no Hadamard matrix of that order"),
+        "{err}"
+    );
+    let (ok, err) = perqc(&[&m, "-o", &s(&out), "--passes", "rotate(core=6)"]);
+    assert!(
+        !ok && err.contains("is not the order of a Hadamard matrix"),
+        "{err}"
+    );
+    assert!(!out.exists(), "no output on failure");
     // The residual permutation of a block R1 reads the float model's statistics.
     let mut args = vec![m.clone(), "-o".into(), s(&out)];
     args.extend(calib_args(2, 32));
